@@ -1,0 +1,182 @@
+//! The admin listener: metrics, health and the operator API.
+//!
+//! Endpoints (on `admin.addr`, loopback by default):
+//! - `GET /metrics`: Prometheus text exposition.
+//! - `GET /healthz`: 200 while the process serves requests.
+//! - `GET /readyz`: 200 once the store is open and every listener is bound,
+//!   503 before that and while shutting down.
+//! - `GET /api/destinations`: pending depth, oldest age and dead letters per destination.
+//! - `GET /api/dead-letters/{destination}?limit=N`: dead letters, oldest first (default 100).
+//! - `POST /api/dead-letters/{destination}/replay[?id=MSG_ID]`: moves dead
+//!   letters (all, or one) back into the destination's queue.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::delivery::Wakers;
+use crate::metrics::Metrics;
+use crate::store::{now_ms, Store};
+
+pub struct Admin {
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    pub wakers: Wakers,
+    /// Configured destination names (metrics cover these plus any the store still holds).
+    pub destinations: Vec<String>,
+    pub ready: Arc<AtomicBool>,
+}
+
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let admin = admin.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(admin.handle(req).await) }
+            });
+            let _ = watcher.watch(builder.serve_connection(TokioIo::new(stream), svc)).await;
+        });
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(Duration::from_secs(1), graceful.shutdown()).await;
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
+    respond(status, "application/json", v.to_string())
+}
+
+fn query_params(req: &Request<Incoming>) -> HashMap<String, String> {
+    req.uri()
+        .query()
+        .map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default()
+}
+
+impl Admin {
+    fn all_destinations(&self) -> Vec<String> {
+        let mut names = self.destinations.clone();
+        for d in self.store.known_destinations() {
+            if !names.contains(&d) {
+                names.push(d);
+            }
+        }
+        names
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let path = req.uri().path().to_string();
+        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        match (req.method(), segments.as_slice()) {
+            (&Method::GET, ["metrics"]) => respond(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                self.metrics.render(&self.store, &self.all_destinations()),
+            ),
+            (&Method::GET, ["healthz"]) => respond(StatusCode::OK, "text/plain", "ok\n"),
+            (&Method::GET, ["readyz"]) => {
+                if self.ready.load(Ordering::SeqCst) && !self.store.is_closed() {
+                    respond(StatusCode::OK, "text/plain", "ready\n")
+                } else {
+                    respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
+                }
+            }
+            (&Method::GET, ["api", "destinations"]) => {
+                let now = now_ms();
+                let list: Vec<_> = self
+                    .all_destinations()
+                    .iter()
+                    .map(|d| {
+                        let s = self.store.stats(d);
+                        serde_json::json!({
+                            "name": d,
+                            "configured": self.destinations.contains(d),
+                            "pending": s.depth,
+                            "oldest_age_seconds": s.oldest_received_ms.map(|t| now.saturating_sub(t) as f64 / 1000.0),
+                            "dead_letters": s.dead,
+                        })
+                    })
+                    .collect();
+                json(StatusCode::OK, serde_json::json!({ "destinations": list }))
+            }
+            (&Method::GET, ["api", "dead-letters", dest]) => {
+                let limit = query_params(&req).get("limit").and_then(|l| l.parse().ok()).unwrap_or(100usize);
+                match self.store.dead_letters(dest, limit) {
+                    Ok(list) => {
+                        let items: Vec<_> = list
+                            .iter()
+                            .map(|e| {
+                                serde_json::json!({
+                                    "id": self.store.external_id(e.id),
+                                    "attempts": e.record.attempts,
+                                    "dead_at_ms": e.record.dead_at_ms,
+                                    "last_status": (e.record.last_status != 0).then_some(e.record.last_status),
+                                    "reason": e.record.reason,
+                                })
+                            })
+                            .collect();
+                        json(StatusCode::OK, serde_json::json!({ "destination": dest, "dead_letters": items }))
+                    }
+                    Err(e) => json(StatusCode::INTERNAL_SERVER_ERROR, serde_json::json!({ "error": e.to_string() })),
+                }
+            }
+            (&Method::POST, ["api", "dead-letters", dest, "replay"]) => {
+                if !self.destinations.iter().any(|d| d == dest) {
+                    return json(StatusCode::NOT_FOUND, serde_json::json!({ "error": "unknown destination" }));
+                }
+                let only = match query_params(&req).get("id") {
+                    Some(id) => match self.store.parse_external_id(id) {
+                        Some(id) => Some(id),
+                        None => return json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": "not a message id of this store" })),
+                    },
+                    None => None,
+                };
+                match self.store.replay_dead(dest, only).await {
+                    Ok(n) => {
+                        self.wakers.wake(dest);
+                        tracing::info!(destination = %dest, replayed = n, "dead letters replayed");
+                        json(StatusCode::OK, serde_json::json!({ "replayed": n }))
+                    }
+                    Err(e) => json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({ "error": e.to_string() })),
+                }
+            }
+            _ => json(StatusCode::NOT_FOUND, serde_json::json!({ "error": "not found" })),
+        }
+    }
+}

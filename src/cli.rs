@@ -1,0 +1,51 @@
+//! Command-line interface: `switchboard run` and `switchboard check`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::LogFormat;
+
+/// Store-and-forward webhook fan-out relay: one callback URL in, durable
+/// at-least-once delivery to every configured destination out.
+#[derive(Debug, Parser)]
+#[command(name = "switchboard", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the relay until SIGTERM or SIGINT.
+    Run {
+        /// Configuration file (TOML); `SWITCHBOARD_*` variables override it.
+        #[arg(short, long, env = "SWITCHBOARD_CONFIG", value_name = "PATH")]
+        config: PathBuf,
+        /// Log format; overrides `log.format` from the file.
+        #[arg(long, value_enum)]
+        log_format: Option<CliLogFormat>,
+    },
+    /// Validate a configuration and print it resolved (defaults filled in,
+    /// secrets masked). Exits non-zero if it is invalid.
+    Check {
+        /// Configuration file (TOML); `SWITCHBOARD_*` variables override it.
+        #[arg(short, long, env = "SWITCHBOARD_CONFIG", value_name = "PATH")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum CliLogFormat {
+    Human,
+    Json,
+}
+
+impl From<CliLogFormat> for LogFormat {
+    fn from(f: CliLogFormat) -> Self {
+        match f {
+            CliLogFormat::Human => LogFormat::Human,
+            CliLogFormat::Json => LogFormat::Json,
+        }
+    }
+}

@@ -1,0 +1,347 @@
+//! Delivery: one scheduler per destination, forwarding stored messages.
+//!
+//! Each destination gets its own [`Worker`]: its own task, its own HTTP client
+//! (and so connection pool), its own concurrency limit. A dead or slow
+//! destination only fills its own slots and grows its own queue; nothing it
+//! does can delay another destination.
+//!
+//! The scheduler wakes when ingress signals new work ([`Wakers`]), when the
+//! earliest pending entry falls due, or when an attempt finishes. It leases due
+//! entries from the store (in memory only: a crash simply makes them due again)
+//! and runs each attempt as a task bounded by the destination's timeout. The
+//! attempt's result is classified and decided on by [`crate::retry`]; the
+//! decision is written back in one store transaction. A retry is a queue entry
+//! with a later due time, never a task sleeping with the message in memory.
+//!
+//! Forwarded request: `POST` to the destination URL with the original body
+//! bytes and the original end-to-end headers (Content-Type, User-Agent, ...;
+//! hop-by-hop headers, Host and Content-Length are never forwarded), plus:
+//! - `webhook-id` and `x-switchboard-id`: the message id, identical across
+//!   retries and destinations (`webhook-id` is left as the sender's if the
+//!   sender set one, so upstream Standard Webhooks signatures still verify);
+//! - `x-switchboard-attempt`: 1 for the first attempt, counting up;
+//! - `x-forwarded-for`: the sender's chain plus the address we saw.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Destination;
+use crate::metrics::Metrics;
+use crate::retry::{Action, Cause, Outcome, TransportError};
+use crate::store::{now_ms, DeadRecord, Lease, QueueRecord, Store};
+
+type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// How much of a destination's response body we read (and discard) so the
+/// connection can be reused; beyond this the connection is dropped.
+const MAX_RESPONSE_BODY: usize = 64 * 1024;
+
+/// How long a scheduler waits before retrying after a store read failed.
+const STORE_ERROR_PAUSE: Duration = Duration::from_secs(1);
+
+/// Per-destination wake-up signals, shared by ingress, admin and workers.
+#[derive(Clone, Default)]
+pub struct Wakers(Arc<HashMap<Arc<str>, Arc<Notify>>>);
+
+impl Wakers {
+    pub fn new(destinations: &[Arc<Destination>]) -> Wakers {
+        Wakers(Arc::new(destinations.iter().map(|d| (d.name.clone(), Arc::new(Notify::new()))).collect()))
+    }
+
+    pub fn wake(&self, destination: &str) {
+        if let Some(n) = self.0.get(destination) {
+            n.notify_one();
+        }
+    }
+
+    fn get(&self, destination: &str) -> Arc<Notify> {
+        self.0.get(destination).cloned().unwrap_or_default()
+    }
+}
+
+/// Builds the HTTP(S) client for one destination.
+fn build_client(dest: &Destination) -> anyhow::Result<HttpClient> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(dest.connect_timeout));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))?
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(dest.concurrency)
+        .build(https))
+}
+
+/// One destination's scheduler and its attempts.
+pub struct Worker {
+    dest: Arc<Destination>,
+    store: Store,
+    metrics: Arc<Metrics>,
+    client: HttpClient,
+    wake: Arc<Notify>,
+}
+
+impl Worker {
+    pub fn new(dest: Arc<Destination>, store: Store, metrics: Arc<Metrics>, wakers: &Wakers) -> anyhow::Result<Worker> {
+        let client = build_client(&dest)?;
+        let wake = wakers.get(&dest.name);
+        Ok(Worker { dest, store, metrics, client, wake })
+    }
+
+    /// Runs until `shutdown`, then waits up to `grace` for attempts in flight;
+    /// any still running are abandoned (their entries stay pending).
+    pub async fn run(self, shutdown: CancellationToken, grace: Duration) {
+        let this = Arc::new(self);
+        let name = this.dest.name.clone();
+        let limit = this.dest.concurrency;
+        let mut inflight: HashSet<u64> = HashSet::new();
+        let mut tasks: JoinSet<()> = JoinSet::new();
+        let mut task_ids: HashMap<tokio::task::Id, u64> = HashMap::new();
+        loop {
+            let mut deadline = None;
+            if inflight.len() < limit {
+                match this.store.due(&name, now_ms(), limit - inflight.len(), &inflight) {
+                    Ok(due) => {
+                        for lease in due.leases {
+                            inflight.insert(lease.id);
+                            let id = lease.id;
+                            let w = this.clone();
+                            let handle = tasks.spawn(async move { w.attempt(lease).await });
+                            task_ids.insert(handle.id(), id);
+                        }
+                        if inflight.len() < limit {
+                            deadline = due.next_due_ms.map(instant_at);
+                        }
+                    }
+                    Err(e) => {
+                        this.metrics.store_errors.inc();
+                        tracing::error!(destination = %name, error = %e, "cannot read the delivery queue");
+                        deadline = Some(tokio::time::Instant::now() + STORE_ERROR_PAUSE);
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = this.wake.notified() => {}
+                Some(done) = tasks.join_next_with_id() => {
+                    let task = match &done { Ok((task, ())) => *task, Err(e) => e.id() };
+                    if let Err(e) = done {
+                        tracing::error!(destination = %name, error = %e, "delivery attempt task failed");
+                    }
+                    if let Some(id) = task_ids.remove(&task) {
+                        inflight.remove(&id);
+                    }
+                }
+                _ = sleep_until(deadline), if deadline.is_some() => {}
+            }
+        }
+        if !tasks.is_empty() {
+            tracing::info!(destination = %name, in_flight = tasks.len(), "waiting for deliveries in flight");
+            if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await.is_err() {
+                tracing::warn!(destination = %name, abandoned = tasks.len(), "grace period over; abandoned attempts stay pending");
+                tasks.shutdown().await;
+            }
+        }
+    }
+
+    /// One attempt: load, send, classify, decide, record.
+    async fn attempt(&self, lease: Lease) {
+        let name: &str = &self.dest.name;
+        let msg = match self.store.load(lease.id) {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                tracing::error!(destination = name, id = %self.store.external_id(lease.id), "queue entry without a message; dropping it");
+                if let Err(e) = self.store.drop_orphan(name, &lease) {
+                    self.store_failed(&e);
+                }
+                return;
+            }
+            Err(e) => {
+                self.store_failed(&e);
+                return;
+            }
+        };
+        let attempt = lease.record.attempts.saturating_add(1);
+        let started = Instant::now();
+        let outcome = self.send(&msg, lease.id, attempt).await;
+        let m = &self.metrics;
+        m.delivery_duration.with_label_values(&[name]).observe(started.elapsed().as_secs_f64());
+        m.delivery_attempts.with_label_values(&[name, result_label(&outcome)]).inc();
+
+        let now = now_ms();
+        let age = Duration::from_millis(now.saturating_sub(msg.received_ms));
+        let result = match self.dest.retry.decide(attempt, &outcome, age) {
+            Action::Done => {
+                m.deliveries.with_label_values(&[name, "delivered"]).inc();
+                m.delivery_lag.with_label_values(&[name]).observe(age.as_secs_f64());
+                tracing::debug!(destination = name, id = %self.store.external_id(lease.id), attempt, "delivered");
+                self.store.delivered(name, &lease)
+            }
+            Action::RetryAfter(delay) => {
+                m.deliveries.with_label_values(&[name, "retried"]).inc();
+                tracing::info!(destination = name, id = %self.store.external_id(lease.id), attempt, reason = outcome.reason(), retry_in = %humantime::format_duration(round_ms(delay)), "delivery failed; will retry");
+                let record = QueueRecord {
+                    attempts: attempt,
+                    last_status: outcome.status().unwrap_or(0),
+                    last_error: outcome.reason().to_string(),
+                };
+                self.store.reschedule(name, &lease, now + delay.as_millis() as u64, &record)
+            }
+            Action::DeadLetter { reason } => {
+                m.deliveries.with_label_values(&[name, "dead_lettered"]).inc();
+                tracing::warn!(destination = name, id = %self.store.external_id(lease.id), attempt, reason = %reason, "delivery moved to the dead-letter store");
+                let record = DeadRecord { attempts: attempt, dead_at_ms: now, last_status: outcome.status().unwrap_or(0), reason };
+                self.store.dead_letter(name, &lease, &record)
+            }
+        };
+        if let Err(e) = result {
+            self.store_failed(&e);
+        }
+    }
+
+    fn store_failed(&self, e: &crate::store::StoreError) {
+        self.metrics.store_errors.inc();
+        tracing::error!(destination = %self.dest.name, error = %e, "store update after a delivery attempt failed; the delivery will be repeated");
+    }
+
+    /// Sends one attempt and classifies its result. Never logs the URL (it
+    /// may carry a token in its path or query).
+    async fn send(&self, msg: &crate::store::MessageRecord, id: u64, attempt: u32) -> Outcome {
+        let req = match self.build_request(msg, id, attempt) {
+            Ok(r) => r,
+            Err(e) => return Outcome::Permanent { status: 0, reason: format!("cannot build request: {e}") },
+        };
+        let deadline = tokio::time::Instant::now() + self.dest.timeout;
+        let resp = match tokio::time::timeout_at(deadline, self.client.request(req)).await {
+            Err(_) => return Outcome::transport(TransportError::Timeout, &format!("no response within {}", humantime::format_duration(self.dest.timeout))),
+            Ok(Err(e)) => {
+                let kind = if e.is_connect() { TransportError::Connect } else { TransportError::Io };
+                return Outcome::transport(kind, &error_chain(&e));
+            }
+            Ok(Ok(resp)) => resp,
+        };
+        let status = resp.status().as_u16();
+        let retry_after = resp.headers().get(http::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        // Drain (a bounded amount of) the body so the connection can be pooled;
+        // the status alone decides the outcome.
+        let _ = tokio::time::timeout_at(deadline, Limited::new(resp.into_body(), MAX_RESPONSE_BODY).collect()).await;
+        Outcome::classify(status, retry_after.as_deref(), &self.dest.retry.retry_on, SystemTime::now())
+    }
+
+    fn build_request(&self, msg: &crate::store::MessageRecord, id: u64, attempt: u32) -> Result<http::Request<Full<Bytes>>, http::Error> {
+        let mut req = http::Request::post(self.dest.url.clone()).body(Full::new(msg.body.clone()))?;
+        let headers = req.headers_mut();
+        let mut forwarded_for: Option<Vec<u8>> = None;
+        for (name, value) in &msg.headers {
+            let (Ok(name), Ok(value)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_maybe_shared(value.clone())) else {
+                continue;
+            };
+            if crate::ingress::is_hop_by_hop(&name) {
+                continue;
+            }
+            if name == "x-forwarded-for" {
+                let prev = forwarded_for.get_or_insert_with(Vec::new);
+                if !prev.is_empty() {
+                    prev.extend_from_slice(b", ");
+                }
+                prev.extend_from_slice(value.as_bytes());
+                continue;
+            }
+            headers.append(name, value);
+        }
+        if !msg.peer.is_empty() {
+            let chain = forwarded_for.get_or_insert_with(Vec::new);
+            if !chain.is_empty() {
+                chain.extend_from_slice(b", ");
+            }
+            chain.extend_from_slice(msg.peer.as_bytes());
+        }
+        if let Some(chain) = forwarded_for {
+            if let Ok(v) = HeaderValue::from_bytes(&chain) {
+                headers.insert("x-forwarded-for", v);
+            }
+        }
+        let ext = HeaderValue::from_str(&self.store.external_id(id))?;
+        if !headers.contains_key("webhook-id") {
+            headers.insert("webhook-id", ext.clone());
+        }
+        headers.insert("x-switchboard-id", ext);
+        headers.insert("x-switchboard-attempt", HeaderValue::from(attempt));
+        if let Some(auth) = &self.dest.basic_auth {
+            use base64::Engine;
+            let token = base64::engine::general_purpose::STANDARD.encode(auth.expose());
+            let mut v = HeaderValue::from_str(&format!("Basic {token}"))?;
+            v.set_sensitive(true);
+            headers.insert(http::header::AUTHORIZATION, v);
+        }
+        Ok(req)
+    }
+}
+
+fn result_label(o: &Outcome) -> &'static str {
+    let status = match o {
+        Outcome::Delivered { .. } => return "2xx",
+        Outcome::Retryable { cause: Cause::Transport(t), .. } => return t.as_str(),
+        Outcome::Retryable { cause: Cause::Status(s), .. } | Outcome::Permanent { status: s, .. } => *s,
+    };
+    match status {
+        0 => "request",
+        100..=399 => "other",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+fn round_ms(d: Duration) -> Duration {
+    Duration::from_millis(d.as_millis() as u64)
+}
+
+/// The error and its causes on one line, bounded in length.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    if s.len() > 300 {
+        let mut end = 300;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+/// The tokio instant corresponding to unix time `ms` (now, if in the past).
+fn instant_at(ms: u64) -> tokio::time::Instant {
+    let now = now_ms();
+    tokio::time::Instant::now() + Duration::from_millis(ms.saturating_sub(now))
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

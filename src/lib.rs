@@ -1,0 +1,139 @@
+//! Switchboard: a store-and-forward webhook fan-out relay.
+//!
+//! One callback URL in; every callback persisted (fsync'd) before it is
+//! acknowledged, then delivered at least once to every configured destination,
+//! each with its own queue, retries and dead letters.
+//!
+//! Modules:
+//! - [`config`]: TOML + environment loading (figment) and validation.
+//! - [`ingress`]: the HTTP listeners senders call.
+//! - [`store`]: the durable sled store (messages, due queues, dead letters).
+//! - [`delivery`]: one scheduler per destination, forwarding stored messages.
+//! - [`retry`]: outcome classification and the pure retry policy.
+//! - [`metrics`]: every Prometheus series.
+//! - [`admin`]: metrics, health and the operator API.
+//! - [`shutdown`]: signal handling.
+//! - [`cli`]: command-line interface (used by `main.rs`).
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod delivery;
+pub mod ingress;
+pub mod metrics;
+pub mod retry;
+pub mod shutdown;
+pub mod store;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::delivery::{Wakers, Worker};
+use crate::metrics::Metrics;
+use crate::store::{Store, StoreOptions};
+
+/// Already-bound sockets for [`run`]: tests bind `127.0.0.1:0` themselves.
+pub struct Listeners {
+    pub ingress: Vec<TcpListener>,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds every address the configuration names.
+    pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
+        let mut ingress = Vec::new();
+        for addr in &config.listeners {
+            let l = TcpListener::bind(addr).await.with_context(|| format!("binding ingress listener {addr}"))?;
+            ingress.push(l);
+        }
+        let admin = TcpListener::bind(config.admin)
+            .await
+            .with_context(|| format!("binding admin listener {}", config.admin))?;
+        Ok(Listeners { ingress, admin })
+    }
+}
+
+/// Runs the relay until `shutdown` is cancelled, then drains: listeners stop
+/// accepting, requests and deliveries in flight get `config.grace_period` to
+/// finish, and the store is flushed and closed.
+pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let flush_metrics = metrics.clone();
+    let store = Store::open(
+        &config.store.path,
+        StoreOptions { max_bytes: config.store.max_bytes, cache_bytes: None },
+        move |took, ok| {
+            flush_metrics.store_flushes.with_label_values(&[if ok { "ok" } else { "error" }]).inc();
+            flush_metrics.store_flush_duration.observe(took.as_secs_f64());
+        },
+    )
+    .with_context(|| format!("opening store {}", config.store.path.display()))?;
+
+    let names: Vec<String> = config.destinations.iter().map(|d| d.name.to_string()).collect();
+    for orphan in store.known_destinations().into_iter().filter(|d| !names.contains(d)) {
+        let s = store.stats(&orphan);
+        tracing::warn!(destination = %orphan, pending = s.depth, dead_letters = s.dead,
+            "store holds deliveries for a destination that is no longer configured; they are kept, not delivered");
+    }
+
+    let tracker = TaskTracker::new();
+    let wakers = Wakers::new(&config.destinations);
+    for dest in &config.destinations {
+        let worker = Worker::new(dest.clone(), store.clone(), metrics.clone(), &wakers)
+            .with_context(|| format!("setting up destination {}", dest.name))?;
+        tracker.spawn(worker.run(shutdown.clone(), config.grace_period));
+    }
+
+    let ingress = Arc::new(ingress::Ingress {
+        routes: config::route_table(&config.routes),
+        config: config.ingress.clone(),
+        store: store.clone(),
+        metrics: metrics.clone(),
+        wakers: wakers.clone(),
+    });
+    let connections = Arc::new(Semaphore::new(config.ingress.max_connections));
+    for listener in listeners.ingress {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(addr = %addr, "ingress listening");
+        }
+        tracker.spawn(ingress::serve(listener, ingress.clone(), connections.clone(), shutdown.clone(), config.grace_period));
+    }
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin = Arc::new(admin::Admin {
+        store: store.clone(),
+        metrics: metrics.clone(),
+        wakers,
+        destinations: names,
+        ready: ready.clone(),
+    });
+    if let Ok(addr) = listeners.admin.local_addr() {
+        tracing::info!(addr = %addr, "admin listening");
+    }
+    tracker.spawn(admin::serve(listeners.admin, admin, shutdown.clone()));
+    tracker.close();
+    ready.store(true, Ordering::SeqCst);
+    tracing::info!(store = %config.store.path.display(), routes = config.routes.len(), destinations = config.destinations.len(), "switchboard started");
+
+    shutdown.cancelled().await;
+    ready.store(false, Ordering::SeqCst);
+    tracing::info!(grace = %humantime::format_duration(config.grace_period), "shutting down");
+    // Every task bounds its own drain by the grace period; the margin covers
+    // the final bookkeeping after it.
+    let margin = std::time::Duration::from_secs(2);
+    if tokio::time::timeout(config.grace_period + margin, tracker.wait()).await.is_err() {
+        tracing::warn!("tasks still running after the grace period; closing the store anyway");
+    }
+    store.close().await.context("closing store")?;
+    tracing::info!("store flushed and closed; bye");
+    Ok(())
+}

@@ -1,0 +1,72 @@
+//! The `switchboard` binary: parse the command line, load the configuration,
+//! set up logging and signals, and hand over to [`switchboard::run`].
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use switchboard::cli::{Cli, Command};
+use switchboard::config::{Config, LogFormat};
+use tokio_util::sync::CancellationToken;
+
+/// Exit status for an invalid configuration (sysexits' EX_CONFIG).
+const EXIT_CONFIG: u8 = 78;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match Config::load_raw(&config).and_then(|raw| {
+            let printed = raw.to_masked_toml();
+            raw.validate(&config).map(|_| printed)
+        }) {
+            Ok(printed) => {
+                println!("# {}: valid", config.display());
+                print!("{printed}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Run { config, log_format } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            init_logging(log_format.map(Into::into).unwrap_or(config.log.format), &config.log.level);
+            match run(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "switchboard stopped with an error");
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn run(config: Config) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let listeners = switchboard::Listeners::bind(&config).await?;
+        let shutdown = CancellationToken::new();
+        switchboard::shutdown::on_signals(shutdown.clone())?;
+        switchboard::run(config, listeners, shutdown).await
+    })
+}

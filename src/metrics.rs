@@ -1,0 +1,199 @@
+//! Prometheus metrics: every series the relay exports is defined here.
+//!
+//! Naming: `switchboard_<name>_<unit>`, `_total` for counters. Labels are
+//! bounded: a configured route path (or `unmatched`), a configured destination
+//! name, an outcome or status code. Never a URL, an id or a body value.
+//!
+//! Each relay owns its own [`Registry`] (no global state), so tests can run
+//! several relays in one process.
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::store::{now_ms, Store};
+
+/// Latency buckets from 100 µs to 60 s (persist, attempt and lag share them).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Lag reaches hours when a destination is down, so its buckets go further.
+const LAG_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0,
+    86400.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    pub ingress_requests: IntCounterVec,
+    pub ingress_persist: Histogram,
+    pub ingress_connections: IntGauge,
+    pub deliveries: IntCounterVec,
+    pub delivery_attempts: IntCounterVec,
+    pub delivery_duration: HistogramVec,
+    pub delivery_lag: HistogramVec,
+    pub queue_depth: GaugeVec,
+    pub queue_oldest_age: GaugeVec,
+    pub dead_letters: GaugeVec,
+    pub store_bytes: IntGauge,
+    pub store_max_bytes: IntGauge,
+    pub store_disk_bytes: IntGauge,
+    pub store_flushes: IntCounterVec,
+    pub store_flush_duration: Histogram,
+    pub up: Gauge,
+    pub store_errors: IntCounter,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric definition is static and valid");
+    r.register(Box::new(c.clone())).expect("metric names are unique");
+    c
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let g = GaugeVec::new(Opts::new(name, help), labels).expect("metric definition is static and valid");
+    r.register(Box::new(g.clone())).expect("metric names are unique");
+    g
+}
+
+fn int_gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("metric definition is static and valid");
+    r.register(Box::new(g.clone())).expect("metric names are unique");
+    g
+}
+
+fn histogram_vec(r: &Registry, name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)
+        .expect("metric definition is static and valid");
+    r.register(Box::new(h.clone())).expect("metric names are unique");
+    h
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+        .expect("metric definition is static and valid");
+    r.register(Box::new(h.clone())).expect("metric names are unique");
+    h
+}
+
+impl Metrics {
+    // The `expect`s above only fire on a programming error in this file (an
+    // invalid or duplicate static name), which every test run would catch.
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let up = Gauge::new("switchboard_up", "1 while the relay is running").expect("static metric");
+        r.register(Box::new(up.clone())).expect("metric names are unique");
+        up.set(1.0);
+        #[cfg(target_os = "linux")]
+        {
+            let pc = prometheus::process_collector::ProcessCollector::for_self();
+            let _ = r.register(Box::new(pc));
+        }
+        let store_errors = IntCounter::new(
+            "switchboard_store_errors_total",
+            "Store operations that failed (delivery bookkeeping; ingress failures show as 503s)",
+        )
+        .expect("static metric");
+        r.register(Box::new(store_errors.clone())).expect("metric names are unique");
+        Metrics {
+            ingress_requests: counter_vec(
+                &r,
+                "switchboard_ingress_requests_total",
+                "Ingress requests by route and response status code",
+                &["route", "code"],
+            ),
+            ingress_persist: histogram(
+                &r,
+                "switchboard_ingress_persist_seconds",
+                "Time from a complete request body to a durable write (fsync included)",
+                LATENCY_BUCKETS,
+            ),
+            ingress_connections: int_gauge(&r, "switchboard_ingress_connections", "Open ingress connections"),
+            deliveries: counter_vec(
+                &r,
+                "switchboard_deliveries_total",
+                "Settled delivery attempts by destination and outcome (delivered, retried, dead_lettered)",
+                &["destination", "outcome"],
+            ),
+            delivery_attempts: counter_vec(
+                &r,
+                "switchboard_delivery_attempts_total",
+                "Delivery attempts by destination and result (2xx, 4xx, 5xx, connect, timeout, io)",
+                &["destination", "result"],
+            ),
+            delivery_duration: histogram_vec(
+                &r,
+                "switchboard_delivery_duration_seconds",
+                "Duration of one delivery attempt",
+                &["destination"],
+                LATENCY_BUCKETS,
+            ),
+            delivery_lag: histogram_vec(
+                &r,
+                "switchboard_delivery_lag_seconds",
+                "Time from receiving a message to delivering it",
+                &["destination"],
+                LAG_BUCKETS,
+            ),
+            queue_depth: gauge_vec(
+                &r,
+                "switchboard_queue_depth",
+                "Pending deliveries per destination",
+                &["destination"],
+            ),
+            queue_oldest_age: gauge_vec(
+                &r,
+                "switchboard_queue_oldest_age_seconds",
+                "Age of the oldest pending delivery per destination (0 when empty)",
+                &["destination"],
+            ),
+            dead_letters: gauge_vec(
+                &r,
+                "switchboard_dead_letters",
+                "Deliveries in the dead-letter store per destination",
+                &["destination"],
+            ),
+            store_bytes: int_gauge(&r, "switchboard_store_bytes", "Bytes of stored messages (what store.max_bytes limits)"),
+            store_max_bytes: int_gauge(&r, "switchboard_store_max_bytes", "Configured store.max_bytes (0: no limit)"),
+            store_disk_bytes: int_gauge(&r, "switchboard_store_disk_bytes", "Size of the store's files on disk"),
+            store_flushes: counter_vec(&r, "switchboard_store_flushes_total", "Store flushes (group commits) by result", &["result"]),
+            store_flush_duration: histogram(
+                &r,
+                "switchboard_store_flush_seconds",
+                "Duration of one store flush (fsync)",
+                LATENCY_BUCKETS,
+            ),
+            up,
+            store_errors,
+            registry: r,
+        }
+    }
+
+    /// Refreshes the gauges computed from the store, then encodes everything.
+    pub fn render(&self, store: &Store, destinations: &[String]) -> String {
+        let now = now_ms();
+        for d in destinations {
+            let s = store.stats(d);
+            self.queue_depth.with_label_values(&[d]).set(s.depth as f64);
+            let age = s.oldest_received_ms.map(|t| now.saturating_sub(t) as f64 / 1000.0).unwrap_or(0.0);
+            self.queue_oldest_age.with_label_values(&[d]).set(age);
+            self.dead_letters.with_label_values(&[d]).set(s.dead as f64);
+        }
+        self.store_bytes.set(store.bytes() as i64);
+        self.store_max_bytes.set(store.max_bytes().unwrap_or(0) as i64);
+        self.store_disk_bytes.set(store.disk_bytes() as i64);
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::warn!(error = %e, "cannot encode metrics");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

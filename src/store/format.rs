@@ -1,0 +1,329 @@
+//! The on-disk format: every key and record the store writes, in one place.
+//!
+//! Format version 1 (recorded under `meta/format`):
+//!
+//! | tree       | key                                        | value                  |
+//! |------------|--------------------------------------------|------------------------|
+//! | `meta`     | `format`                                   | u32 BE version         |
+//! | `meta`     | `uid`                                      | 8 random bytes         |
+//! | `meta`     | `last_id`                                  | u64 BE                 |
+//! | `messages` | message id, u64 BE                         | [`MessageRecord`]      |
+//! | `refs`     | message id, u64 BE                         | u32 BE count of queue and dead entries naming it |
+//! | `queue`    | destination, 0x00, due ms u64 BE, id u64 BE | [`QueueRecord`]       |
+//! | `dead`     | destination, 0x00, id u64 BE                | [`DeadRecord`]        |
+//!
+//! A message id is `received_ms << 16 | sequence`, so ids sort by arrival and
+//! carry their own receive time. Destination names never contain 0x00
+//! (config validation allows only `[A-Za-z0-9_-]`), so `name ++ 0x00` is a
+//! prefix that no other destination's keys share.
+//!
+//! Every record starts with a version byte; a decoder rejects versions it does
+//! not know instead of guessing. All integers are big-endian.
+
+use bytes::Bytes;
+
+pub const FORMAT_VERSION: u32 = 1;
+const RECORD_V1: u8 = 1;
+
+/// Bits of a message id below the millisecond timestamp.
+pub const ID_SEQ_BITS: u32 = 16;
+
+pub fn id_received_ms(id: u64) -> u64 {
+    id >> ID_SEQ_BITS
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("corrupt {what}: {detail}")]
+pub struct DecodeError {
+    pub what: &'static str,
+    pub detail: String,
+}
+
+fn bad(what: &'static str, detail: impl Into<String>) -> DecodeError {
+    DecodeError { what, detail: detail.into() }
+}
+
+/// A stored callback: where it came in, its headers and its exact body bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageRecord {
+    pub received_ms: u64,
+    pub route: String,
+    /// The sender's address as the relay saw it (IP only), or empty.
+    pub peer: String,
+    /// End-to-end request headers in arrival order (hop-by-hop ones removed).
+    pub headers: Vec<(String, Bytes)>,
+    pub body: Bytes,
+}
+
+impl MessageRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let headers_len: usize = self.headers.iter().map(|(n, v)| 6 + n.len() + v.len()).sum();
+        let mut out = Vec::with_capacity(1 + 8 + 2 + self.route.len() + 1 + self.peer.len() + 2 + headers_len + self.body.len());
+        out.push(RECORD_V1);
+        out.extend_from_slice(&self.received_ms.to_be_bytes());
+        put_str16(&mut out, &self.route);
+        let peer = &self.peer.as_bytes()[..self.peer.len().min(255)];
+        out.push(peer.len() as u8);
+        out.extend_from_slice(peer);
+        let count = self.headers.len().min(u16::MAX as usize);
+        out.extend_from_slice(&(count as u16).to_be_bytes());
+        for (name, value) in self.headers.iter().take(count) {
+            put_str16(&mut out, name);
+            out.extend_from_slice(&(value.len() as u32).to_be_bytes());
+            out.extend_from_slice(value);
+        }
+        out.extend_from_slice(&self.body);
+        out
+    }
+
+    /// Decodes a record; `raw` is the value as stored (shared, not copied, for the body).
+    pub fn decode(raw: Bytes) -> Result<MessageRecord, DecodeError> {
+        const WHAT: &str = "message record";
+        let mut r = Reader { buf: &raw, pos: 0, what: WHAT };
+        let version = r.u8()?;
+        if version != RECORD_V1 {
+            return Err(bad(WHAT, format!("unknown record version {version}")));
+        }
+        let received_ms = r.u64()?;
+        let route = r.str16()?;
+        let peer_len = r.u8()? as usize;
+        let peer = String::from_utf8(r.take(peer_len)?.to_vec()).map_err(|_| bad(WHAT, "peer is not UTF-8"))?;
+        let count = r.u16()? as usize;
+        let mut headers = Vec::with_capacity(count);
+        for _ in 0..count {
+            let name = r.str16()?;
+            let len = r.u32()? as usize;
+            let start = r.pos;
+            r.take(len)?;
+            headers.push((name, raw.slice(start..start + len)));
+        }
+        let body = raw.slice(r.pos..);
+        Ok(MessageRecord { received_ms, route, peer, headers, body })
+    }
+}
+
+/// A pending delivery's state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueRecord {
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// Status of the last attempt, 0 if none or no status line.
+    pub last_status: u16,
+    pub last_error: String,
+}
+
+impl QueueRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(1 + 4 + 2 + 2 + self.last_error.len());
+        out.push(RECORD_V1);
+        out.extend_from_slice(&self.attempts.to_be_bytes());
+        out.extend_from_slice(&self.last_status.to_be_bytes());
+        put_str16(&mut out, &self.last_error);
+        out
+    }
+
+    pub fn decode(raw: &[u8]) -> Result<QueueRecord, DecodeError> {
+        const WHAT: &str = "queue record";
+        let mut r = Reader { buf: raw, pos: 0, what: WHAT };
+        let version = r.u8()?;
+        if version != RECORD_V1 {
+            return Err(bad(WHAT, format!("unknown record version {version}")));
+        }
+        Ok(QueueRecord { attempts: r.u32()?, last_status: r.u16()?, last_error: r.str16()? })
+    }
+}
+
+/// A delivery that was given up on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadRecord {
+    pub attempts: u32,
+    pub dead_at_ms: u64,
+    pub last_status: u16,
+    pub reason: String,
+}
+
+impl DeadRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(1 + 4 + 8 + 2 + 2 + self.reason.len());
+        out.push(RECORD_V1);
+        out.extend_from_slice(&self.attempts.to_be_bytes());
+        out.extend_from_slice(&self.dead_at_ms.to_be_bytes());
+        out.extend_from_slice(&self.last_status.to_be_bytes());
+        put_str16(&mut out, &self.reason);
+        out
+    }
+
+    pub fn decode(raw: &[u8]) -> Result<DeadRecord, DecodeError> {
+        const WHAT: &str = "dead-letter record";
+        let mut r = Reader { buf: raw, pos: 0, what: WHAT };
+        let version = r.u8()?;
+        if version != RECORD_V1 {
+            return Err(bad(WHAT, format!("unknown record version {version}")));
+        }
+        Ok(DeadRecord { attempts: r.u32()?, dead_at_ms: r.u64()?, last_status: r.u16()?, reason: r.str16()? })
+    }
+}
+
+pub fn dest_prefix(dest: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(dest.len() + 1);
+    k.extend_from_slice(dest.as_bytes());
+    k.push(0);
+    k
+}
+
+pub fn queue_key(dest: &str, due_ms: u64, id: u64) -> Vec<u8> {
+    let mut k = dest_prefix(dest);
+    k.extend_from_slice(&due_ms.to_be_bytes());
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// Splits a queue key into (destination, due ms, message id).
+pub fn parse_queue_key(key: &[u8]) -> Result<(&str, u64, u64), DecodeError> {
+    let (dest, rest) = split_dest(key, "queue key")?;
+    if rest.len() != 16 {
+        return Err(bad("queue key", format!("expected 16 bytes after the destination, found {}", rest.len())));
+    }
+    Ok((dest, be_u64(&rest[..8]), be_u64(&rest[8..])))
+}
+
+pub fn dead_key(dest: &str, id: u64) -> Vec<u8> {
+    let mut k = dest_prefix(dest);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+pub fn parse_dead_key(key: &[u8]) -> Result<(&str, u64), DecodeError> {
+    let (dest, rest) = split_dest(key, "dead-letter key")?;
+    if rest.len() != 8 {
+        return Err(bad("dead-letter key", "expected 8 bytes after the destination"));
+    }
+    Ok((dest, be_u64(rest)))
+}
+
+fn split_dest<'a>(key: &'a [u8], what: &'static str) -> Result<(&'a str, &'a [u8]), DecodeError> {
+    let nul = key.iter().position(|b| *b == 0).ok_or_else(|| bad(what, "no destination separator"))?;
+    let dest = std::str::from_utf8(&key[..nul]).map_err(|_| bad(what, "destination is not UTF-8"))?;
+    Ok((dest, &key[nul + 1..]))
+}
+
+pub fn id_key(id: u64) -> [u8; 8] {
+    id.to_be_bytes()
+}
+
+pub fn parse_id_key(key: &[u8]) -> Result<u64, DecodeError> {
+    if key.len() != 8 {
+        return Err(bad("message key", format!("expected 8 bytes, found {}", key.len())));
+    }
+    Ok(be_u64(key))
+}
+
+pub fn encode_count(n: u32) -> [u8; 4] {
+    n.to_be_bytes()
+}
+
+pub fn decode_count(raw: &[u8]) -> Result<u32, DecodeError> {
+    let arr: [u8; 4] = raw.try_into().map_err(|_| bad("reference count", "expected 4 bytes"))?;
+    Ok(u32::from_be_bytes(arr))
+}
+
+pub fn decode_u64(raw: &[u8], what: &'static str) -> Result<u64, DecodeError> {
+    let arr: [u8; 8] = raw.try_into().map_err(|_| bad(what, "expected 8 bytes"))?;
+    Ok(u64::from_be_bytes(arr))
+}
+
+fn be_u64(b: &[u8]) -> u64 {
+    let mut arr = [0u8; 8];
+    arr.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(arr)
+}
+
+fn put_str16(out: &mut Vec<u8>, s: &str) {
+    // Longer strings are cut at a char boundary: they are route paths, header
+    // names and error texts, which ingress and delivery keep short anyway.
+    let mut end = s.len().min(u16::MAX as usize);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    out.extend_from_slice(&(end as u16).to_be_bytes());
+    out.extend_from_slice(&s.as_bytes()[..end]);
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        let end = self.pos.checked_add(n).filter(|e| *e <= self.buf.len()).ok_or_else(|| bad(self.what, "truncated"))?;
+        let s = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(be_u64(self.take(8)?))
+    }
+    fn str16(&mut self) -> Result<String, DecodeError> {
+        let len = self.u16()? as usize;
+        let b = self.take(len)?;
+        String::from_utf8(b.to_vec()).map_err(|_| bad(self.what, "string is not UTF-8"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_round_trip() {
+        let m = MessageRecord {
+            received_ms: 1_700_000_000_123,
+            route: "/thingspace/CarrierService".into(),
+            peer: "3.87.163.45".into(),
+            headers: vec![("content-type".into(), Bytes::from_static(b"application/json")), ("x-bin".into(), Bytes::from_static(&[0xff, 0x00]))],
+            body: Bytes::from_static(b"\x00\x01binary\xff"),
+        };
+        let raw = Bytes::from(m.encode());
+        assert_eq!(MessageRecord::decode(raw).expect("decode"), m);
+    }
+
+    #[test]
+    fn truncated_and_unknown_versions_are_errors_not_panics() {
+        let m = MessageRecord { received_ms: 1, route: "/a".into(), peer: String::new(), headers: vec![("h".into(), Bytes::from_static(b"v"))], body: Bytes::new() };
+        let raw = m.encode();
+        for cut in 0..raw.len() - 1 {
+            // Every strict prefix shorter than the header section must fail cleanly.
+            let _ = MessageRecord::decode(Bytes::copy_from_slice(&raw[..cut]));
+        }
+        let mut v2 = raw.clone();
+        v2[0] = 2;
+        assert!(MessageRecord::decode(Bytes::from(v2)).is_err());
+        assert!(QueueRecord::decode(&[]).is_err());
+        assert!(DeadRecord::decode(&[9, 0]).is_err());
+    }
+
+    #[test]
+    fn keys_round_trip_and_sort_by_due_time() {
+        let a = queue_key("app", 5, 99);
+        let b = queue_key("app", 6, 1);
+        assert!(a < b);
+        assert_eq!(parse_queue_key(&a).expect("parse"), ("app", 5, 99));
+        assert!(parse_queue_key(b"app").is_err());
+        assert_eq!(parse_dead_key(&dead_key("audit", 7)).expect("parse"), ("audit", 7));
+        // "app" keys never fall inside the "app2" prefix range and vice versa.
+        assert!(!queue_key("app2", 0, 0).starts_with(&dest_prefix("app")));
+    }
+}

@@ -1,0 +1,620 @@
+//! The durable store: messages, per-destination due queues and dead letters.
+//!
+//! Only this module touches sled. Its interface is deliberately narrow (append,
+//! sync, lease due work, settle a delivery, dead letters, stats) so another
+//! engine could stand behind it. The on-disk format is defined in [`format`].
+//!
+//! Invariants:
+//! - [`Store::append`] writes a message, its reference count and one queue
+//!   entry per destination in one sled transaction: all or nothing.
+//! - Nothing is durable until [`Store::sync`] returns `Ok`; ingress
+//!   acknowledges only after that (group commit, see [`commit`]).
+//! - A queue entry leaves the queue only by being delivered, rescheduled
+//!   (delete + insert) or moved to `dead`, each in one transaction. A crash at
+//!   any point leaves it pending: at-least-once delivery.
+//! - `refs[id]` counts the queue and dead entries naming message `id`; the
+//!   message is deleted in the same transaction that drops the count to 0.
+//! - Settling writes (delivered, retried, dead-lettered) are not fsync'd one by
+//!   one: losing one to a crash means a duplicate delivery, never a loss. They
+//!   are flushed by the next group commit or by the idle ticker.
+
+mod commit;
+pub mod format;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+use self::commit::{CommitError, GroupCommit};
+pub use self::format::{DeadRecord, DecodeError, MessageRecord, QueueRecord};
+use self::format::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store is full: {used} of max_bytes {limit} in use")]
+    Full { used: u64, limit: u64 },
+    #[error("store flush to disk failed")]
+    FlushFailed,
+    #[error("store is closed")]
+    Closed,
+    #[error("cannot open store at {path}: {source}")]
+    Open { path: PathBuf, source: sled::Error },
+    #[error("store at {path} has format version {found}; this build reads version {expected} (data left untouched)")]
+    Version { path: PathBuf, found: u32, expected: u32 },
+    #[error("store at {path} holds data but no format marker; refusing to use it (data left untouched)")]
+    Unmarked { path: PathBuf },
+    #[error("store I/O error: {0}")]
+    Io(#[from] sled::Error),
+    #[error(transparent)]
+    Corrupt(#[from] DecodeError),
+}
+
+impl StoreError {
+    /// Whether the condition may clear by itself (full, flush failure), so a
+    /// sender should retry later.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Full { .. } | StoreError::FlushFailed | StoreError::Io(_))
+    }
+}
+
+impl From<CommitError> for StoreError {
+    fn from(e: CommitError) -> Self {
+        match e {
+            CommitError::FlushFailed => StoreError::FlushFailed,
+            CommitError::Closed => StoreError::Closed,
+        }
+    }
+}
+
+impl From<TransactionError<StoreError>> for StoreError {
+    fn from(e: TransactionError<StoreError>) -> Self {
+        match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => StoreError::Io(e),
+        }
+    }
+}
+
+/// Options for [`Store::open`].
+#[derive(Debug, Clone, Default)]
+pub struct StoreOptions {
+    /// Refuse new messages once stored message bytes reach this.
+    pub max_bytes: Option<u64>,
+    /// sled page cache size; `None` uses 32 MiB.
+    pub cache_bytes: Option<u64>,
+}
+
+/// A due queue entry handed to a delivery worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub due_ms: u64,
+    pub id: u64,
+    pub record: QueueRecord,
+}
+
+/// Result of [`Store::due`].
+#[derive(Debug, Default)]
+pub struct Due {
+    pub leases: Vec<Lease>,
+    /// Due time of the first pending entry not returned (and not skipped), if any.
+    pub next_due_ms: Option<u64>,
+}
+
+/// A dead-lettered delivery.
+#[derive(Debug, Clone)]
+pub struct DeadEntry {
+    pub id: u64,
+    pub record: DeadRecord,
+}
+
+/// Per-destination figures for metrics and the admin API.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DestStats {
+    pub depth: usize,
+    /// Receive time (unix ms) of the oldest pending message.
+    pub oldest_received_ms: Option<u64>,
+    pub dead: usize,
+}
+
+#[derive(Default)]
+struct DestIndex {
+    pending: BTreeSet<u64>,
+    dead: usize,
+}
+
+/// Cheap to clone; all clones share one database and one flusher.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    db: sled::Db,
+    meta: sled::Tree,
+    messages: sled::Tree,
+    refs: sled::Tree,
+    queue: sled::Tree,
+    dead: sled::Tree,
+    uid: String,
+    last_id: AtomicU64,
+    max_bytes: Option<u64>,
+    bytes: AtomicU64,
+    /// Settling writes made since the last flush (for the idle flush ticker).
+    dirty: AtomicBool,
+    closed: AtomicBool,
+    commit: Arc<GroupCommit>,
+    stop: Arc<AtomicBool>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    index: Mutex<HashMap<String, DestIndex>>,
+}
+
+/// How often settled deliveries are flushed when no ingress flush happens.
+const IDLE_FLUSH: Duration = Duration::from_millis(500);
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path`. Must run inside a tokio runtime:
+    /// it starts the flusher. `on_flush` observes each flush (duration, ok).
+    pub fn open(
+        path: &Path,
+        opts: StoreOptions,
+        on_flush: impl Fn(Duration, bool) + Send + 'static,
+    ) -> Result<Store, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::HighThroughput)
+            .cache_capacity(opts.cache_bytes.unwrap_or(32 * 1024 * 1024))
+            // Our flusher is the only one; sled's own background flusher would
+            // run concurrently with it (see commit.rs for why that is avoided).
+            .flush_every_ms(None)
+            .open()
+            .map_err(|source| StoreError::Open { path: path.to_path_buf(), source })?;
+        let meta = db.open_tree("meta")?;
+        check_format(path, &db, &meta)?;
+        let uid = match meta.get("uid")? {
+            Some(v) => v.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+            None => {
+                let bytes: [u8; 4] = rand::random();
+                meta.insert("uid", &bytes)?;
+                bytes.iter().map(|b| format!("{b:02x}")).collect()
+            }
+        };
+        let messages = db.open_tree("messages")?;
+        let refs = db.open_tree("refs")?;
+        let queue = db.open_tree("queue")?;
+        let dead = db.open_tree("dead")?;
+
+        // Rebuild the in-memory index and counters from what is on disk.
+        let mut last_id = match meta.get("last_id")? {
+            Some(v) => decode_u64(&v, "meta last_id")?,
+            None => 0,
+        };
+        let mut bytes = 0u64;
+        for item in messages.iter() {
+            let (k, v) = item?;
+            last_id = last_id.max(parse_id_key(&k)?);
+            bytes += v.len() as u64;
+        }
+        let mut index: HashMap<String, DestIndex> = HashMap::new();
+        for item in queue.iter() {
+            let (k, _) = item?;
+            let (dest, _, id) = parse_queue_key(&k)?;
+            index.entry(dest.to_string()).or_default().pending.insert(id);
+        }
+        for item in dead.iter() {
+            let (k, _) = item?;
+            let (dest, _) = parse_dead_key(&k)?;
+            index.entry(dest.to_string()).or_default().dead += 1;
+        }
+
+        let commit = GroupCommit::new();
+        let stop = Arc::new(AtomicBool::new(false));
+        let inner = Arc::new(Inner {
+            path: path.to_path_buf(),
+            db: db.clone(),
+            meta,
+            messages,
+            refs,
+            queue,
+            dead,
+            uid,
+            last_id: AtomicU64::new(last_id),
+            max_bytes: opts.max_bytes,
+            bytes: AtomicU64::new(bytes),
+            dirty: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            commit: commit.clone(),
+            stop: stop.clone(),
+            tasks: Mutex::new(Vec::new()),
+            index: Mutex::new(index),
+        });
+        let flusher = tokio::spawn(commit.clone().run(db, stop.clone(), on_flush));
+        let weak = Arc::downgrade(&inner);
+        let ticker = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(IDLE_FLUSH);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                if inner.stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                if inner.dirty.swap(false, Ordering::SeqCst) {
+                    inner.commit.poke();
+                }
+            }
+        });
+        if let Ok(mut tasks) = inner.tasks.lock() {
+            tasks.push(flusher);
+            tasks.push(ticker);
+        }
+        Ok(Store { inner })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// The external form of a message id (the `webhook-id` header): unique
+    /// across stores thanks to the store's random uid.
+    pub fn external_id(&self, id: u64) -> String {
+        format!("msg_{}{id:016x}", self.inner.uid)
+    }
+
+    /// Parses an external id back into the local id, if it is one of ours.
+    pub fn parse_external_id(&self, s: &str) -> Option<u64> {
+        let rest = s.strip_prefix("msg_")?.strip_prefix(self.inner.uid.as_str())?;
+        u64::from_str_radix(rest, 16).ok()
+    }
+
+    fn next_id(&self, received_ms: u64) -> u64 {
+        let floor = received_ms << ID_SEQ_BITS;
+        let mut last = self.inner.last_id.load(Ordering::Relaxed);
+        loop {
+            let id = floor.max(last + 1);
+            match self.inner.last_id.compare_exchange_weak(last, id, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return id,
+                Err(actual) => last = actual,
+            }
+        }
+    }
+
+    /// Writes a message and one queue entry per destination, atomically, due
+    /// now. Not durable until [`Store::sync`] returns.
+    pub fn append(&self, msg: &MessageRecord, destinations: &[Arc<str>]) -> Result<u64, StoreError> {
+        let inner = &self.inner;
+        if inner.closed.load(Ordering::SeqCst) {
+            return Err(StoreError::Closed);
+        }
+        let value = msg.encode();
+        if let Some(limit) = inner.max_bytes {
+            let used = inner.bytes.load(Ordering::Relaxed);
+            if used + value.len() as u64 > limit {
+                return Err(StoreError::Full { used, limit });
+            }
+        }
+        let id = self.next_id(msg.received_ms);
+        let key = id_key(id);
+        let count = encode_count(destinations.len() as u32);
+        let queued = QueueRecord::default().encode();
+        let keys: Vec<Vec<u8>> = destinations.iter().map(|d| queue_key(d, msg.received_ms, id)).collect();
+        (&inner.messages, &inner.refs, &inner.queue)
+            .transaction(|(m, r, q)| {
+                m.insert(&key, value.as_slice())?;
+                r.insert(&key, &count)?;
+                for k in &keys {
+                    q.insert(k.as_slice(), queued.as_slice())?;
+                }
+                Ok::<_, ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(StoreError::from)?;
+        inner.bytes.fetch_add(value.len() as u64, Ordering::Relaxed);
+        if let Ok(mut index) = inner.index.lock() {
+            for d in destinations {
+                index.entry(d.to_string()).or_default().pending.insert(id);
+            }
+        }
+        Ok(id)
+    }
+
+    /// Waits until everything written before this call is on disk.
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return Err(StoreError::Closed);
+        }
+        Ok(self.inner.commit.wait_durable().await?)
+    }
+
+    /// Up to `limit` entries of `dest` due at `now_ms`, oldest due first,
+    /// skipping ids in `skip` (those already being delivered).
+    pub fn due(&self, dest: &str, now_ms: u64, limit: usize, skip: &HashSet<u64>) -> Result<Due, StoreError> {
+        let mut due = Due::default();
+        for item in self.inner.queue.scan_prefix(dest_prefix(dest)) {
+            let (k, v) = item?;
+            let (_, due_ms, id) = parse_queue_key(&k)?;
+            if skip.contains(&id) {
+                continue;
+            }
+            if due_ms > now_ms || due.leases.len() >= limit {
+                due.next_due_ms = Some(due_ms);
+                break;
+            }
+            due.leases.push(Lease { due_ms, id, record: QueueRecord::decode(&v)? });
+        }
+        Ok(due)
+    }
+
+    /// The message `id`, if it is still stored.
+    pub fn load(&self, id: u64) -> Result<Option<MessageRecord>, StoreError> {
+        match self.inner.messages.get(id_key(id))? {
+            Some(v) => Ok(Some(MessageRecord::decode(Bytes::copy_from_slice(&v))?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Settles a lease as delivered: the entry leaves the queue and the
+    /// message is deleted if nothing else references it.
+    pub fn delivered(&self, dest: &str, lease: &Lease) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let qkey = queue_key(dest, lease.due_ms, lease.id);
+        let ikey = id_key(lease.id);
+        let freed = (&inner.messages, &inner.refs, &inner.queue)
+            .transaction(|(m, r, q)| {
+                if q.remove(qkey.as_slice())?.is_none() {
+                    return Ok(None);
+                }
+                Ok(Some(decref(m, r, &ikey)?))
+            })
+            .map_err(StoreError::from)?;
+        if let Some(freed) = freed {
+            inner.bytes.fetch_sub(freed, Ordering::Relaxed);
+            self.unindex_pending(dest, lease.id);
+        }
+        inner.dirty.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Moves a lease to a new due time with an updated record.
+    pub fn reschedule(&self, dest: &str, lease: &Lease, due_ms: u64, record: &QueueRecord) -> Result<(), StoreError> {
+        let old = queue_key(dest, lease.due_ms, lease.id);
+        let new = queue_key(dest, due_ms, lease.id);
+        let value = record.encode();
+        self.inner
+            .queue
+            .transaction(|q| {
+                if q.remove(old.as_slice())?.is_some() {
+                    q.insert(new.as_slice(), value.as_slice())?;
+                }
+                Ok::<_, ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(StoreError::from)?;
+        self.inner.dirty.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Moves a lease to the dead-letter store (the message stays referenced).
+    pub fn dead_letter(&self, dest: &str, lease: &Lease, record: &DeadRecord) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let qkey = queue_key(dest, lease.due_ms, lease.id);
+        let dkey = dead_key(dest, lease.id);
+        let value = record.encode();
+        let moved = (&inner.queue, &inner.dead)
+            .transaction(|(q, d)| {
+                if q.remove(qkey.as_slice())?.is_none() {
+                    return Ok(false);
+                }
+                d.insert(dkey.as_slice(), value.as_slice())?;
+                Ok::<_, ConflictableTransactionError<StoreError>>(true)
+            })
+            .map_err(StoreError::from)?;
+        if moved {
+            if let Ok(mut index) = inner.index.lock() {
+                let e = index.entry(dest.to_string()).or_default();
+                e.pending.remove(&lease.id);
+                e.dead += 1;
+            }
+        }
+        inner.dirty.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Drops a queue entry whose message is missing (should never happen;
+    /// kept so a damaged store cannot wedge a destination).
+    pub fn drop_orphan(&self, dest: &str, lease: &Lease) -> Result<(), StoreError> {
+        self.inner.queue.remove(queue_key(dest, lease.due_ms, lease.id))?;
+        self.unindex_pending(dest, lease.id);
+        Ok(())
+    }
+
+    fn unindex_pending(&self, dest: &str, id: u64) {
+        if let Ok(mut index) = self.inner.index.lock() {
+            if let Some(e) = index.get_mut(dest) {
+                e.pending.remove(&id);
+            }
+        }
+    }
+
+    /// Up to `limit` dead letters of `dest`, oldest message first.
+    pub fn dead_letters(&self, dest: &str, limit: usize) -> Result<Vec<DeadEntry>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.inner.dead.scan_prefix(dest_prefix(dest)).take(limit) {
+            let (k, v) = item?;
+            let (_, id) = parse_dead_key(&k)?;
+            out.push(DeadEntry { id, record: DeadRecord::decode(&v)? });
+        }
+        Ok(out)
+    }
+
+    /// Moves dead letters of `dest` back into its queue, due now, with a fresh
+    /// attempt count. `only` restricts it to one message. Returns how many.
+    pub async fn replay_dead(&self, dest: &str, only: Option<u64>) -> Result<usize, StoreError> {
+        let inner = &self.inner;
+        let now = now_ms();
+        let keys: Vec<u64> = match only {
+            Some(id) => vec![id],
+            None => {
+                let mut ids = Vec::new();
+                for item in inner.dead.scan_prefix(dest_prefix(dest)) {
+                    let (k, _) = item?;
+                    ids.push(parse_dead_key(&k)?.1);
+                }
+                ids
+            }
+        };
+        let queued = QueueRecord::default().encode();
+        let mut moved = 0;
+        for id in keys {
+            let dkey = dead_key(dest, id);
+            let qkey = queue_key(dest, now, id);
+            let done = (&inner.queue, &inner.dead)
+                .transaction(|(q, d)| {
+                    if d.remove(dkey.as_slice())?.is_none() {
+                        return Ok(false);
+                    }
+                    q.insert(qkey.as_slice(), queued.as_slice())?;
+                    Ok::<_, ConflictableTransactionError<StoreError>>(true)
+                })
+                .map_err(StoreError::from)?;
+            if done {
+                moved += 1;
+                if let Ok(mut index) = inner.index.lock() {
+                    let e = index.entry(dest.to_string()).or_default();
+                    e.pending.insert(id);
+                    e.dead = e.dead.saturating_sub(1);
+                }
+            }
+        }
+        // An operator action: make it durable before answering.
+        self.sync().await?;
+        Ok(moved)
+    }
+
+    pub fn stats(&self, dest: &str) -> DestStats {
+        let Ok(index) = self.inner.index.lock() else { return DestStats::default() };
+        match index.get(dest) {
+            Some(e) => DestStats {
+                depth: e.pending.len(),
+                oldest_received_ms: e.pending.first().map(|id| id_received_ms(*id)),
+                dead: e.dead,
+            },
+            None => DestStats::default(),
+        }
+    }
+
+    /// Destinations that have queue or dead entries (including ones no
+    /// longer configured).
+    pub fn known_destinations(&self) -> Vec<String> {
+        match self.inner.index.lock() {
+            Ok(index) => index.iter().filter(|(_, e)| !e.pending.is_empty() || e.dead > 0).map(|(k, _)| k.clone()).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Bytes of stored messages (what `max_bytes` limits).
+    pub fn bytes(&self) -> u64 {
+        self.inner.bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn max_bytes(&self) -> Option<u64> {
+        self.inner.max_bytes
+    }
+
+    /// Size of the database files on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        self.inner.db.size_on_disk().unwrap_or(0)
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::SeqCst)
+    }
+
+    /// Refuses further appends, flushes everything and stops the flusher.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        if inner.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        inner.meta.insert("last_id", &inner.last_id.load(Ordering::SeqCst).to_be_bytes())?;
+        inner.stop.store(true, Ordering::SeqCst);
+        inner.commit.poke();
+        let tasks = match inner.tasks.lock() {
+            Ok(mut t) => std::mem::take(&mut *t),
+            Err(_) => Vec::new(),
+        };
+        for t in tasks {
+            let _ = t.await;
+        }
+        // The flusher's last flush covered everything, but be explicit: this
+        // is the one flush a clean shutdown must not miss.
+        let db = inner.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|_| StoreError::FlushFailed)??;
+        Ok(())
+    }
+}
+
+/// Decrements `refs[key]`; at zero deletes the count and the message.
+/// Returns the message bytes freed.
+fn decref(
+    m: &sled::transaction::TransactionalTree,
+    r: &sled::transaction::TransactionalTree,
+    key: &[u8; 8],
+) -> Result<u64, ConflictableTransactionError<StoreError>> {
+    let count = match r.get(key)? {
+        Some(v) => decode_count(&v).map_err(|e| ConflictableTransactionError::Abort(e.into()))?,
+        None => 0,
+    };
+    if count <= 1 {
+        r.remove(key)?;
+        Ok(m.remove(key)?.map(|v| v.len() as u64).unwrap_or(0))
+    } else {
+        r.insert(key, &encode_count(count - 1))?;
+        Ok(0)
+    }
+}
+
+/// Checks (or, for a new store, writes) the format marker. Never deletes.
+fn check_format(path: &Path, db: &sled::Db, meta: &sled::Tree) -> Result<(), StoreError> {
+    match meta.get("format")? {
+        Some(v) => {
+            let found = match <[u8; 4]>::try_from(v.as_ref()) {
+                Ok(arr) => u32::from_be_bytes(arr),
+                Err(_) => return Err(StoreError::Corrupt(DecodeError { what: "format marker", detail: "expected 4 bytes".into() })),
+            };
+            if found != FORMAT_VERSION {
+                return Err(StoreError::Version { path: path.to_path_buf(), found, expected: FORMAT_VERSION });
+            }
+            Ok(())
+        }
+        None => {
+            for name in db.tree_names() {
+                if name.as_ref() == b"meta" {
+                    continue;
+                }
+                if !db.open_tree(&name)?.is_empty() {
+                    return Err(StoreError::Unmarked { path: path.to_path_buf() });
+                }
+            }
+            meta.insert("format", &FORMAT_VERSION.to_be_bytes())?;
+            db.flush()?;
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
