@@ -83,10 +83,7 @@ fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
 }
 
 fn query_params(req: &Request<Incoming>) -> HashMap<String, String> {
-    req.uri()
-        .query()
-        .map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect())
-        .unwrap_or_default()
+    req.uri().query().map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default()
 }
 
 impl Admin {
@@ -163,7 +160,12 @@ impl Admin {
                 let only = match query_params(&req).get("id") {
                     Some(id) => match self.store.parse_external_id(id) {
                         Some(id) => Some(id),
-                        None => return json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": "not a message id of this store" })),
+                        None => {
+                            return json(
+                                StatusCode::BAD_REQUEST,
+                                serde_json::json!({ "error": "not a message id of this store" }),
+                            )
+                        }
                     },
                     None => None,
                 };

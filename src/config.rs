@@ -24,14 +24,7 @@ use serde::{Deserialize, Serialize};
 
 /// Top-level keys the environment may override. Other `SWITCHBOARD_*` variables
 /// (e.g. `SWITCHBOARD_CONFIG`, used by the CLI) are not configuration keys.
-const ENV_SECTIONS: &[&str] = &[
-    "store",
-    "ingress",
-    "admin",
-    "log",
-    "shutdown",
-    "destinations",
-];
+const ENV_SECTIONS: &[&str] = &["store", "ingress", "admin", "log", "shutdown", "destinations"];
 
 /// A configuration problem: the file, the key and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,10 +118,7 @@ pub struct RawStore {
 
 impl Default for RawStore {
     fn default() -> Self {
-        RawStore {
-            path: default_store_path(),
-            max_bytes: 0,
-        }
+        RawStore { path: default_store_path(), max_bytes: 0 }
     }
 }
 
@@ -200,9 +190,7 @@ pub struct RawAdmin {
 
 impl Default for RawAdmin {
     fn default() -> Self {
-        RawAdmin {
-            addr: default_admin_addr(),
-        }
+        RawAdmin { addr: default_admin_addr() }
     }
 }
 
@@ -229,10 +217,7 @@ pub struct RawLog {
 
 impl Default for RawLog {
     fn default() -> Self {
-        RawLog {
-            format: LogFormat::Human,
-            level: default_log_level(),
-        }
+        RawLog { format: LogFormat::Human, level: default_log_level() }
     }
 }
 
@@ -249,9 +234,7 @@ pub struct RawShutdown {
 
 impl Default for RawShutdown {
     fn default() -> Self {
-        RawShutdown {
-            grace_period: default_grace(),
-        }
+        RawShutdown { grace_period: default_grace() }
     }
 }
 
@@ -420,12 +403,10 @@ impl Config {
                 }],
             });
         }
-        let env = Env::prefixed("SWITCHBOARD_")
-            .split("__")
-            .filter(|key| {
-                let top = key.as_str().split('.').next().unwrap_or_default();
-                ENV_SECTIONS.contains(&top)
-            });
+        let env = Env::prefixed("SWITCHBOARD_").split("__").filter(|key| {
+            let top = key.as_str().split('.').next().unwrap_or_default();
+            ENV_SECTIONS.iter().any(|s| s.eq_ignore_ascii_case(top))
+        });
         Figment::new()
             .merge(Toml::file_exact(path))
             .merge(env)
@@ -446,9 +427,21 @@ fn from_figment(path: &Path, err: figment::Error) -> ConfigError {
             if key.is_empty() {
                 key = "(top level)".into();
             }
-            let mut message = e.kind.to_string();
-            if let Some(figment::Source::Custom(s)) = e.metadata.as_ref().and_then(|m| m.source.as_ref())
-            {
+            let mut message = match &e.kind {
+                figment::error::Kind::UnknownField(field, expected) => {
+                    if e.path.last() != Some(field) {
+                        key = if key == "(top level)" { field.clone() } else { format!("{key}.{field}") };
+                    }
+                    format!("unknown key `{field}` (expected one of: {})", expected.join(", "))
+                }
+                figment::error::Kind::MissingField(field) if e.path.last().map(String::as_str) != Some(field) => {
+                    key = if key == "(top level)" { field.to_string() } else { format!("{key}.{field}") };
+                    "required key is missing".to_string()
+                }
+                figment::error::Kind::MissingField(_) => "required key is missing".to_string(),
+                other => other.to_string(),
+            };
+            if let Some(figment::Source::Custom(s)) = e.metadata.as_ref().and_then(|m| m.source.as_ref()) {
                 message.push_str(&format!(" (from {s})"));
             } else if e.metadata.as_ref().is_some_and(|m| m.name.contains("environment")) {
                 message.push_str(" (from environment)");
@@ -456,10 +449,7 @@ fn from_figment(path: &Path, err: figment::Error) -> ConfigError {
             Problem { key, message }
         })
         .collect();
-    ConfigError {
-        file: path.to_path_buf(),
-        problems,
-    }
+    ConfigError { file: path.to_path_buf(), problems }
 }
 
 /// Collects problems during validation.
@@ -467,10 +457,7 @@ struct Problems(Vec<Problem>);
 
 impl Problems {
     fn add(&mut self, key: impl Into<String>, message: impl Into<String>) {
-        self.0.push(Problem {
-            key: key.into(),
-            message: message.into(),
-        });
+        self.0.push(Problem { key: key.into(), message: message.into() });
     }
 }
 
@@ -478,21 +465,14 @@ fn parse_addr(p: &mut Problems, key: &str, addr: &str) -> Option<SocketAddr> {
     match addr.parse::<SocketAddr>() {
         Ok(a) => Some(a),
         Err(_) => {
-            p.add(
-                key,
-                format!("invalid socket address {addr:?} (expected IP:PORT, e.g. \"127.0.0.1:9001\")"),
-            );
+            p.add(key, format!("invalid socket address {addr:?} (expected IP:PORT, e.g. \"127.0.0.1:9001\")"));
             None
         }
     }
 }
 
 fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 impl RawConfig {
@@ -524,10 +504,7 @@ impl RawConfig {
         }
 
         if self.listeners.is_empty() {
-            p.add(
-                "listeners",
-                "no listeners: add at least one [[listeners]] with an addr",
-            );
+            p.add("listeners", "no listeners: add at least one [[listeners]] with an addr");
         }
         let mut listeners = Vec::new();
         for (i, l) in self.listeners.iter().enumerate() {
@@ -540,11 +517,12 @@ impl RawConfig {
         }
         let admin = parse_addr(&mut p, "admin.addr", &self.admin.addr);
         if let Some(a) = admin {
-            if a.port() != 0 && listeners.iter().any(|l| l.port() == a.port() && (l.ip() == a.ip() || l.ip().is_unspecified() || a.ip().is_unspecified())) {
-                p.add(
-                    "admin.addr",
-                    format!("admin and ingress listener on the same address {a}"),
-                );
+            if a.port() != 0
+                && listeners.iter().any(|l| {
+                    l.port() == a.port() && (l.ip() == a.ip() || l.ip().is_unspecified() || a.ip().is_unspecified())
+                })
+            {
+                p.add("admin.addr", format!("admin and ingress listener on the same address {a}"));
             }
         }
 
@@ -559,10 +537,7 @@ impl RawConfig {
         for (name, d) in &self.destinations {
             let key = format!("destinations.{name}");
             if !valid_name(name) {
-                p.add(
-                    &key,
-                    "destination names use only letters, digits, '-' and '_' (at most 64)",
-                );
+                p.add(&key, "destination names use only letters, digits, '-' and '_' (at most 64)");
                 continue;
             }
             if let Some(dest) = validate_destination(&mut p, &key, name, d) {
@@ -614,15 +589,10 @@ impl RawConfig {
         }
 
         if !p.0.is_empty() {
-            return Err(ConfigError {
-                file: file.to_path_buf(),
-                problems: p.0,
-            });
+            return Err(ConfigError { file: file.to_path_buf(), problems: p.0 });
         }
         // Every `parse_addr` above succeeded, or a problem was recorded.
-        let Some(admin) = admin else {
-            unreachable!("admin address problems are reported above")
-        };
+        let Some(admin) = admin else { unreachable!("admin address problems are reported above") };
         Ok(Config {
             source: file.to_path_buf(),
             store: StoreConfig {
@@ -667,12 +637,7 @@ fn mask_url_userinfo(url: &str) -> String {
     }
 }
 
-fn validate_destination(
-    p: &mut Problems,
-    key: &str,
-    name: &str,
-    d: &RawDestination,
-) -> Option<Destination> {
+fn validate_destination(p: &mut Problems, key: &str, name: &str, d: &RawDestination) -> Option<Destination> {
     let before = p.0.len();
     let parsed = match url::Url::parse(&d.url) {
         Ok(u) => Some(u),
@@ -685,10 +650,7 @@ fn validate_destination(
     let mut uri = None;
     if let Some(mut u) = parsed {
         if u.scheme() != "http" && u.scheme() != "https" {
-            p.add(
-                format!("{key}.url"),
-                format!("unsupported URL scheme {:?} (use http or https)", u.scheme()),
-            );
+            p.add(format!("{key}.url"), format!("unsupported URL scheme {:?} (use http or https)", u.scheme()));
         } else if u.host_str().is_none_or(str::is_empty) {
             p.add(format!("{key}.url"), "URL has no host");
         } else {
@@ -759,17 +721,12 @@ fn validate_destination(
 }
 
 fn percent_decode(s: &str) -> String {
-    percent_encoding::percent_decode_str(s)
-        .decode_utf8_lossy()
-        .into_owned()
+    percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned()
 }
 
 /// Lookup from route path to route, for ingress.
 pub fn route_table(routes: &[Route]) -> HashMap<String, Arc<Route>> {
-    routes
-        .iter()
-        .map(|r| (r.path.clone(), Arc::new(r.clone())))
-        .collect()
+    routes.iter().map(|r| (r.path.clone(), Arc::new(r.clone()))).collect()
 }
 
 #[cfg(test)]

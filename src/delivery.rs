@@ -208,7 +208,12 @@ impl Worker {
             Action::DeadLetter { reason } => {
                 m.deliveries.with_label_values(&[name, "dead_lettered"]).inc();
                 tracing::warn!(destination = name, id = %self.store.external_id(lease.id), attempt, reason = %reason, "delivery moved to the dead-letter store");
-                let record = DeadRecord { attempts: attempt, dead_at_ms: now, last_status: outcome.status().unwrap_or(0), reason };
+                let record = DeadRecord {
+                    attempts: attempt,
+                    dead_at_ms: now,
+                    last_status: outcome.status().unwrap_or(0),
+                    reason,
+                };
                 self.store.dead_letter(name, &lease, &record)
             }
         };
@@ -231,7 +236,12 @@ impl Worker {
         };
         let deadline = tokio::time::Instant::now() + self.dest.timeout;
         let resp = match tokio::time::timeout_at(deadline, self.client.request(req)).await {
-            Err(_) => return Outcome::transport(TransportError::Timeout, &format!("no response within {}", humantime::format_duration(self.dest.timeout))),
+            Err(_) => {
+                return Outcome::transport(
+                    TransportError::Timeout,
+                    &format!("no response within {}", humantime::format_duration(self.dest.timeout)),
+                )
+            }
             Ok(Err(e)) => {
                 let kind = if e.is_connect() { TransportError::Connect } else { TransportError::Io };
                 return Outcome::transport(kind, &error_chain(&e));
@@ -239,19 +249,27 @@ impl Worker {
             Ok(Ok(resp)) => resp,
         };
         let status = resp.status().as_u16();
-        let retry_after = resp.headers().get(http::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let retry_after =
+            resp.headers().get(http::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).map(str::to_owned);
         // Drain (a bounded amount of) the body so the connection can be pooled;
         // the status alone decides the outcome.
         let _ = tokio::time::timeout_at(deadline, Limited::new(resp.into_body(), MAX_RESPONSE_BODY).collect()).await;
         Outcome::classify(status, retry_after.as_deref(), &self.dest.retry.retry_on, SystemTime::now())
     }
 
-    fn build_request(&self, msg: &crate::store::MessageRecord, id: u64, attempt: u32) -> Result<http::Request<Full<Bytes>>, http::Error> {
+    fn build_request(
+        &self,
+        msg: &crate::store::MessageRecord,
+        id: u64,
+        attempt: u32,
+    ) -> Result<http::Request<Full<Bytes>>, http::Error> {
         let mut req = http::Request::post(self.dest.url.clone()).body(Full::new(msg.body.clone()))?;
         let headers = req.headers_mut();
         let mut forwarded_for: Option<Vec<u8>> = None;
         for (name, value) in &msg.headers {
-            let (Ok(name), Ok(value)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_maybe_shared(value.clone())) else {
+            let (Ok(name), Ok(value)) =
+                (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_maybe_shared(value.clone()))
+            else {
                 continue;
             };
             if crate::ingress::is_hop_by_hop(&name) {

@@ -105,7 +105,13 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(addr = %addr, "ingress listening");
         }
-        tracker.spawn(ingress::serve(listener, ingress.clone(), connections.clone(), shutdown.clone(), config.grace_period));
+        tracker.spawn(ingress::serve(
+            listener,
+            ingress.clone(),
+            connections.clone(),
+            shutdown.clone(),
+            config.grace_period,
+        ));
     }
 
     let ready = Arc::new(AtomicBool::new(false));

@@ -155,10 +155,19 @@ impl Metrics {
                 "Deliveries in the dead-letter store per destination",
                 &["destination"],
             ),
-            store_bytes: int_gauge(&r, "switchboard_store_bytes", "Bytes of stored messages (what store.max_bytes limits)"),
+            store_bytes: int_gauge(
+                &r,
+                "switchboard_store_bytes",
+                "Bytes of stored messages (what store.max_bytes limits)",
+            ),
             store_max_bytes: int_gauge(&r, "switchboard_store_max_bytes", "Configured store.max_bytes (0: no limit)"),
             store_disk_bytes: int_gauge(&r, "switchboard_store_disk_bytes", "Size of the store's files on disk"),
-            store_flushes: counter_vec(&r, "switchboard_store_flushes_total", "Store flushes (group commits) by result", &["result"]),
+            store_flushes: counter_vec(
+                &r,
+                "switchboard_store_flushes_total",
+                "Store flushes (group commits) by result",
+                &["result"],
+            ),
             store_flush_duration: histogram(
                 &r,
                 "switchboard_store_flush_seconds",

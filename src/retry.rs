@@ -291,6 +291,6 @@ mod tests {
             Action::RetryAfter(Duration::from_secs(5))
         );
         // The next attempt would land past max_age.
-        assert!(matches!(p.decide(1, &retryable(None), Duration::from_secs(99)), Action::DeadLetter { .. }));
+        assert!(matches!(p.decide(1, &retryable(None), Duration::from_millis(99_500)), Action::DeadLetter { .. }));
     }
 }

@@ -58,7 +58,8 @@ pub struct MessageRecord {
 impl MessageRecord {
     pub fn encode(&self) -> Vec<u8> {
         let headers_len: usize = self.headers.iter().map(|(n, v)| 6 + n.len() + v.len()).sum();
-        let mut out = Vec::with_capacity(1 + 8 + 2 + self.route.len() + 1 + self.peer.len() + 2 + headers_len + self.body.len());
+        let mut out =
+            Vec::with_capacity(1 + 8 + 2 + self.route.len() + 1 + self.peer.len() + 2 + headers_len + self.body.len());
         out.push(RECORD_V1);
         out.extend_from_slice(&self.received_ms.to_be_bytes());
         put_str16(&mut out, &self.route);
@@ -257,7 +258,8 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
-        let end = self.pos.checked_add(n).filter(|e| *e <= self.buf.len()).ok_or_else(|| bad(self.what, "truncated"))?;
+        let end =
+            self.pos.checked_add(n).filter(|e| *e <= self.buf.len()).ok_or_else(|| bad(self.what, "truncated"))?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -293,7 +295,10 @@ mod tests {
             received_ms: 1_700_000_000_123,
             route: "/thingspace/CarrierService".into(),
             peer: "3.87.163.45".into(),
-            headers: vec![("content-type".into(), Bytes::from_static(b"application/json")), ("x-bin".into(), Bytes::from_static(&[0xff, 0x00]))],
+            headers: vec![
+                ("content-type".into(), Bytes::from_static(b"application/json")),
+                ("x-bin".into(), Bytes::from_static(&[0xff, 0x00])),
+            ],
             body: Bytes::from_static(b"\x00\x01binary\xff"),
         };
         let raw = Bytes::from(m.encode());
@@ -302,7 +307,13 @@ mod tests {
 
     #[test]
     fn truncated_and_unknown_versions_are_errors_not_panics() {
-        let m = MessageRecord { received_ms: 1, route: "/a".into(), peer: String::new(), headers: vec![("h".into(), Bytes::from_static(b"v"))], body: Bytes::new() };
+        let m = MessageRecord {
+            received_ms: 1,
+            route: "/a".into(),
+            peer: String::new(),
+            headers: vec![("h".into(), Bytes::from_static(b"v"))],
+            body: Bytes::new(),
+        };
         let raw = m.encode();
         for cut in 0..raw.len() - 1 {
             // Every strict prefix shorter than the header section must fail cleanly.

@@ -32,8 +32,8 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
 use self::commit::{CommitError, GroupCommit};
-pub use self::format::{DeadRecord, DecodeError, MessageRecord, QueueRecord};
 use self::format::*;
+pub use self::format::{DeadRecord, DecodeError, MessageRecord, QueueRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -151,6 +151,7 @@ struct Inner {
     closed: AtomicBool,
     commit: Arc<GroupCommit>,
     stop: Arc<AtomicBool>,
+    ticker_stop: tokio_util::sync::CancellationToken,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     index: Mutex<HashMap<String, DestIndex>>,
 }
@@ -159,10 +160,7 @@ struct Inner {
 const IDLE_FLUSH: Duration = Duration::from_millis(500);
 
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 impl Store {
@@ -238,20 +236,22 @@ impl Store {
             closed: AtomicBool::new(false),
             commit: commit.clone(),
             stop: stop.clone(),
+            ticker_stop: tokio_util::sync::CancellationToken::new(),
             tasks: Mutex::new(Vec::new()),
             index: Mutex::new(index),
         });
         let flusher = tokio::spawn(commit.clone().run(db, stop.clone(), on_flush));
         let weak = Arc::downgrade(&inner);
+        let ticker_stop = inner.ticker_stop.clone();
         let ticker = tokio::spawn(async move {
             let mut tick = tokio::time::interval(IDLE_FLUSH);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
-                let Some(inner) = weak.upgrade() else { return };
-                if inner.stop.load(Ordering::SeqCst) {
-                    return;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = ticker_stop.cancelled() => return,
                 }
+                let Some(inner) = weak.upgrade() else { return };
                 if inner.dirty.swap(false, Ordering::SeqCst) {
                     inner.commit.poke();
                 }
@@ -518,7 +518,9 @@ impl Store {
     /// longer configured).
     pub fn known_destinations(&self) -> Vec<String> {
         match self.inner.index.lock() {
-            Ok(index) => index.iter().filter(|(_, e)| !e.pending.is_empty() || e.dead > 0).map(|(k, _)| k.clone()).collect(),
+            Ok(index) => {
+                index.iter().filter(|(_, e)| !e.pending.is_empty() || e.dead > 0).map(|(k, _)| k.clone()).collect()
+            }
             Err(_) => Vec::new(),
         }
     }
@@ -549,6 +551,7 @@ impl Store {
         }
         inner.meta.insert("last_id", &inner.last_id.load(Ordering::SeqCst).to_be_bytes())?;
         inner.stop.store(true, Ordering::SeqCst);
+        inner.ticker_stop.cancel();
         inner.commit.poke();
         let tasks = match inner.tasks.lock() {
             Ok(mut t) => std::mem::take(&mut *t),
@@ -560,9 +563,7 @@ impl Store {
         // The flusher's last flush covered everything, but be explicit: this
         // is the one flush a clean shutdown must not miss.
         let db = inner.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(|_| StoreError::FlushFailed)??;
+        tokio::task::spawn_blocking(move || db.flush()).await.map_err(|_| StoreError::FlushFailed)??;
         Ok(())
     }
 }
@@ -593,7 +594,12 @@ fn check_format(path: &Path, db: &sled::Db, meta: &sled::Tree) -> Result<(), Sto
         Some(v) => {
             let found = match <[u8; 4]>::try_from(v.as_ref()) {
                 Ok(arr) => u32::from_be_bytes(arr),
-                Err(_) => return Err(StoreError::Corrupt(DecodeError { what: "format marker", detail: "expected 4 bytes".into() })),
+                Err(_) => {
+                    return Err(StoreError::Corrupt(DecodeError {
+                        what: "format marker",
+                        detail: "expected 4 bytes".into(),
+                    }))
+                }
             };
             if found != FORMAT_VERSION {
                 return Err(StoreError::Version { path: path.to_path_buf(), found, expected: FORMAT_VERSION });
