@@ -114,11 +114,18 @@ pub struct RawStore {
     /// Upper bound on the bytes of stored messages; 0 means no limit.
     #[serde(default)]
     pub max_bytes: u64,
+    /// Refuse callbacks while the store's filesystem has less free space; 0 disables.
+    #[serde(default = "default_min_free_bytes")]
+    pub min_free_bytes: u64,
+}
+
+fn default_min_free_bytes() -> u64 {
+    64 * 1024 * 1024
 }
 
 impl Default for RawStore {
     fn default() -> Self {
-        RawStore { path: default_store_path(), max_bytes: 0 }
+        RawStore { path: default_store_path(), max_bytes: 0, min_free_bytes: default_min_free_bytes() }
     }
 }
 
@@ -354,6 +361,7 @@ pub struct Config {
 pub struct StoreConfig {
     pub path: PathBuf,
     pub max_bytes: Option<u64>,
+    pub min_free_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -598,6 +606,7 @@ impl RawConfig {
             store: StoreConfig {
                 path: self.store.path,
                 max_bytes: (self.store.max_bytes > 0).then_some(self.store.max_bytes),
+                min_free_bytes: (self.store.min_free_bytes > 0).then_some(self.store.min_free_bytes),
             },
             ingress: IngressConfig {
                 max_body: self.ingress.max_body,

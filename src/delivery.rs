@@ -113,11 +113,19 @@ impl Worker {
         let name = this.dest.name.clone();
         let limit = this.dest.concurrency;
         let mut inflight: HashSet<u64> = HashSet::new();
-        let mut tasks: JoinSet<()> = JoinSet::new();
+        let mut tasks: JoinSet<bool> = JoinSet::new();
         let mut task_ids: HashMap<tokio::task::Id, u64> = HashMap::new();
+        // After a store failure, leasing pauses: the failed entries are still
+        // due, and re-sending them at full speed would only repeat the failure.
+        let mut paused_until: Option<tokio::time::Instant> = None;
         loop {
             let mut deadline = None;
-            if inflight.len() < limit {
+            if paused_until.is_some_and(|p| p <= tokio::time::Instant::now()) {
+                paused_until = None;
+            }
+            if let Some(p) = paused_until {
+                deadline = Some(p);
+            } else if inflight.len() < limit {
                 match this.store.due(&name, now_ms(), limit - inflight.len(), &inflight) {
                     Ok(due) => {
                         for lease in due.leases {
@@ -134,7 +142,8 @@ impl Worker {
                     Err(e) => {
                         this.metrics.store_errors.inc();
                         tracing::error!(destination = %name, error = %e, "cannot read the delivery queue");
-                        deadline = Some(tokio::time::Instant::now() + STORE_ERROR_PAUSE);
+                        paused_until = Some(tokio::time::Instant::now() + STORE_ERROR_PAUSE);
+                        deadline = paused_until;
                     }
                 }
             }
@@ -142,9 +151,11 @@ impl Worker {
                 _ = shutdown.cancelled() => break,
                 _ = this.wake.notified() => {}
                 Some(done) = tasks.join_next_with_id() => {
-                    let task = match &done { Ok((task, ())) => *task, Err(e) => e.id() };
-                    if let Err(e) = done {
-                        tracing::error!(destination = %name, error = %e, "delivery attempt task failed");
+                    let task = match &done { Ok((task, _)) => *task, Err(e) => e.id() };
+                    match done {
+                        Ok((_, true)) => {}
+                        Ok((_, false)) => paused_until = Some(tokio::time::Instant::now() + STORE_ERROR_PAUSE),
+                        Err(e) => tracing::error!(destination = %name, error = %e, "delivery attempt task failed"),
                     }
                     if let Some(id) = task_ids.remove(&task) {
                         inflight.remove(&id);
@@ -162,8 +173,9 @@ impl Worker {
         }
     }
 
-    /// One attempt: load, send, classify, decide, record.
-    async fn attempt(&self, lease: Lease) {
+    /// One attempt: load, send, classify, decide, record. Returns false when
+    /// the store could not be read or updated.
+    async fn attempt(&self, lease: Lease) -> bool {
         let name: &str = &self.dest.name;
         let msg = match self.store.load(lease.id) {
             Ok(Some(m)) => m,
@@ -171,12 +183,13 @@ impl Worker {
                 tracing::error!(destination = name, id = %self.store.external_id(lease.id), "queue entry without a message; dropping it");
                 if let Err(e) = self.store.drop_orphan(name, &lease) {
                     self.store_failed(&e);
+                    return false;
                 }
-                return;
+                return true;
             }
             Err(e) => {
                 self.store_failed(&e);
-                return;
+                return false;
             }
         };
         let attempt = lease.record.attempts.saturating_add(1);
@@ -219,7 +232,9 @@ impl Worker {
         };
         if let Err(e) = result {
             self.store_failed(&e);
+            return false;
         }
+        true
     }
 
     fn store_failed(&self, e: &crate::store::StoreError) {

@@ -70,7 +70,11 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let flush_metrics = metrics.clone();
     let store = Store::open(
         &config.store.path,
-        StoreOptions { max_bytes: config.store.max_bytes, cache_bytes: None },
+        StoreOptions {
+            max_bytes: config.store.max_bytes,
+            min_free_bytes: config.store.min_free_bytes,
+            cache_bytes: None,
+        },
         move |took, ok| {
             flush_metrics.store_flushes.with_label_values(&[if ok { "ok" } else { "error" }]).inc();
             flush_metrics.store_flush_duration.observe(took.as_secs_f64());

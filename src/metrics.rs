@@ -40,6 +40,7 @@ pub struct Metrics {
     pub store_bytes: IntGauge,
     pub store_max_bytes: IntGauge,
     pub store_disk_bytes: IntGauge,
+    pub store_free_bytes: IntGauge,
     pub store_flushes: IntCounterVec,
     pub store_flush_duration: Histogram,
     pub up: Gauge,
@@ -162,6 +163,11 @@ impl Metrics {
             ),
             store_max_bytes: int_gauge(&r, "switchboard_store_max_bytes", "Configured store.max_bytes (0: no limit)"),
             store_disk_bytes: int_gauge(&r, "switchboard_store_disk_bytes", "Size of the store's files on disk"),
+            store_free_bytes: int_gauge(
+                &r,
+                "switchboard_store_free_bytes",
+                "Free space on the store's filesystem (ingress refuses below store.min_free_bytes)",
+            ),
             store_flushes: counter_vec(
                 &r,
                 "switchboard_store_flushes_total",
@@ -193,6 +199,7 @@ impl Metrics {
         self.store_bytes.set(store.bytes() as i64);
         self.store_max_bytes.set(store.max_bytes().unwrap_or(0) as i64);
         self.store_disk_bytes.set(store.disk_bytes() as i64);
+        self.store_free_bytes.set(store.free_bytes().min(i64::MAX as u64) as i64);
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             tracing::warn!(error = %e, "cannot encode metrics");

@@ -39,6 +39,8 @@ pub use self::format::{DeadRecord, DecodeError, MessageRecord, QueueRecord};
 pub enum StoreError {
     #[error("store is full: {used} of max_bytes {limit} in use")]
     Full { used: u64, limit: u64 },
+    #[error("disk nearly full: {free} bytes free on the store's filesystem, min_free_bytes is {min}")]
+    DiskFull { free: u64, min: u64 },
     #[error("store flush to disk failed")]
     FlushFailed,
     #[error("store is closed")]
@@ -59,7 +61,10 @@ impl StoreError {
     /// Whether the condition may clear by itself (full, flush failure), so a
     /// sender should retry later.
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Full { .. } | StoreError::FlushFailed | StoreError::Io(_))
+        matches!(
+            self,
+            StoreError::Full { .. } | StoreError::DiskFull { .. } | StoreError::FlushFailed | StoreError::Io(_)
+        )
     }
 }
 
@@ -88,6 +93,11 @@ pub struct StoreOptions {
     pub max_bytes: Option<u64>,
     /// sled page cache size; `None` uses 32 MiB.
     pub cache_bytes: Option<u64>,
+    /// Refuse new messages while the store's filesystem has less free space
+    /// than this. sled turns an out-of-space write error into a permanent
+    /// failure of the open database, so the relay must stop *before* the disk
+    /// is full; the headroom also keeps delivery bookkeeping writable.
+    pub min_free_bytes: Option<u64>,
 }
 
 /// A due queue entry handed to a delivery worker.
@@ -146,6 +156,10 @@ struct Inner {
     last_id: AtomicU64,
     max_bytes: Option<u64>,
     bytes: AtomicU64,
+    min_free_bytes: Option<u64>,
+    /// Free bytes on the store's filesystem and when that was read (unix ms).
+    free: AtomicU64,
+    free_read_ms: AtomicU64,
     /// Settling writes made since the last flush (for the idle flush ticker).
     dirty: AtomicBool,
     closed: AtomicBool,
@@ -232,6 +246,9 @@ impl Store {
             last_id: AtomicU64::new(last_id),
             max_bytes: opts.max_bytes,
             bytes: AtomicU64::new(bytes),
+            min_free_bytes: opts.min_free_bytes,
+            free: AtomicU64::new(free_space(path).unwrap_or(u64::MAX)),
+            free_read_ms: AtomicU64::new(now_ms()),
             dirty: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             commit: commit.clone(),
@@ -299,6 +316,12 @@ impl Store {
         if inner.closed.load(Ordering::SeqCst) {
             return Err(StoreError::Closed);
         }
+        if let Some(min) = inner.min_free_bytes {
+            let free = self.free_bytes();
+            if free < min {
+                return Err(StoreError::DiskFull { free, min });
+            }
+        }
         let value = msg.encode();
         if let Some(limit) = inner.max_bytes {
             let used = inner.bytes.load(Ordering::Relaxed);
@@ -328,6 +351,23 @@ impl Store {
             }
         }
         Ok(id)
+    }
+
+    /// Free bytes on the store's filesystem, re-read at most every 100 ms
+    /// (one `statvfs` per 100 ms keeps it off the per-request cost).
+    pub fn free_bytes(&self) -> u64 {
+        const REFRESH_MS: u64 = 100;
+        let inner = &self.inner;
+        let now = now_ms();
+        let last = inner.free_read_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= REFRESH_MS
+            && inner.free_read_ms.compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+        {
+            if let Some(free) = free_space(&inner.path) {
+                inner.free.store(free, Ordering::Relaxed);
+            }
+        }
+        inner.free.load(Ordering::Relaxed)
     }
 
     /// Waits until everything written before this call is on disk.
@@ -566,6 +606,12 @@ impl Store {
         tokio::task::spawn_blocking(move || db.flush()).await.map_err(|_| StoreError::FlushFailed)??;
         Ok(())
     }
+}
+
+/// Bytes available to unprivileged writers on the filesystem holding `path`.
+fn free_space(path: &Path) -> Option<u64> {
+    let st = nix::sys::statvfs::statvfs(path).ok()?;
+    Some((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
 }
 
 /// Decrements `refs[key]`; at zero deletes the count and the message.

@@ -131,8 +131,9 @@ fn max_bytes_refuses_then_accepts_after_deletion() {
     rt().block_on(async {
         let dir = tempfile::tempdir().expect("tempdir");
         let one = msg(&"x".repeat(100)).encode().len() as u64;
-        let store = Store::open(dir.path(), StoreOptions { max_bytes: Some(one * 2), cache_bytes: None }, |_, _| {})
-            .expect("open");
+        let store =
+            Store::open(dir.path(), StoreOptions { max_bytes: Some(one * 2), ..StoreOptions::default() }, |_, _| {})
+                .expect("open");
         store.append(&msg(&"x".repeat(100)), &dests(&["a"])).expect("first");
         store.append(&msg(&"x".repeat(100)), &dests(&["a"])).expect("second");
         let err = store.append(&msg(&"x".repeat(100)), &dests(&["a"])).expect_err("full");

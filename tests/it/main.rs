@@ -2,5 +2,7 @@
 
 mod binary;
 mod config;
+mod hostile;
+mod promises;
 mod relay;
 mod support;

@@ -5,7 +5,6 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -49,6 +48,8 @@ pub enum Reply {
     StatusWith(u16, Vec<(&'static str, String)>),
     /// Never answer (the connection stays open until the test ends).
     Hang,
+    /// Drop the connection without an answer (after reading the request).
+    Reset,
 }
 
 type Script = Arc<dyn Fn(usize, &Received) -> Reply + Send + Sync>;
@@ -108,13 +109,14 @@ impl TestReceiver {
                                     s2.cancelled().await;
                                     (503, vec![])
                                 }
+                                Reply::Reset => return Err(std::io::Error::other("scripted reset")),
                             };
                             let mut resp = http::Response::new(Full::new(Bytes::from_static(b"ok")));
                             *resp.status_mut() = http::StatusCode::from_u16(status).expect("status");
                             for (k, v) in headers {
                                 resp.headers_mut().insert(k, v.parse().expect("header"));
                             }
-                            Ok::<_, Infallible>(resp)
+                            Ok::<_, std::io::Error>(resp)
                         }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
