@@ -66,7 +66,8 @@ fn run(config: Config) -> anyhow::Result<()> {
     runtime.block_on(async {
         let listeners = switchboard::Listeners::bind(&config).await?;
         let shutdown = CancellationToken::new();
-        switchboard::shutdown::on_signals(shutdown.clone())?;
+        let reload = std::sync::Arc::new(tokio::sync::Notify::new());
+        switchboard::shutdown::on_signals(shutdown.clone(), reload)?;
         switchboard::run(config, listeners, shutdown).await
     })
 }

@@ -2,6 +2,7 @@
 
 mod binary;
 mod config;
+mod deploy;
 mod hostile;
 mod promises;
 mod relay;

@@ -177,6 +177,7 @@ async fn kill9_under_load_loses_nothing_acknowledged() {
     // Drain: every acknowledged sequence number reaches every destination.
     let drain = Duration::from_secs(120);
     let mut duplicates = 0;
+    let mut per_destination = Vec::new();
     let mut lost = 0;
     for (name, r) in [("healthy", &healthy), ("flaky", &flaky), ("late", &late)] {
         let got = r
@@ -187,7 +188,9 @@ async fn kill9_under_load_loses_nothing_acknowledged() {
             .await;
         let s = seqs(&got);
         lost += acked.iter().filter(|q| !s.contains_key(q)).count();
-        duplicates += s.values().map(|c| c - 1).sum::<usize>();
+        let dups = s.values().map(|c| c - 1).sum::<usize>();
+        duplicates += dups;
+        per_destination.push(format!("{name}={dups}"));
         if name == "healthy" {
             // A healthy destination gets a message again only after a crash:
             // at most once per kill.
@@ -196,8 +199,9 @@ async fn kill9_under_load_loses_nothing_acknowledged() {
         }
     }
     println!(
-        "crash summary: cycles={cycles} acked={} refused={refused} lost={lost} duplicates={duplicates} elapsed={:.1}s",
+        "crash summary: cycles={cycles} acked={} refused={refused} lost={lost} duplicates={duplicates} ({}) elapsed={:.1}s",
         acked.len(),
+        per_destination.join(" "),
         started.elapsed().as_secs_f64()
     );
     assert_eq!(lost, 0);
