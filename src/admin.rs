@@ -1,6 +1,8 @@
 //! The admin listener: metrics, health and the operator API.
 //!
-//! Endpoints (on `admin.addr`, loopback by default):
+//! Endpoints (on `admin.addr`, loopback by default; with `admin.token` set,
+//! all but `/healthz` and `/readyz` need `Authorization: Bearer <token>`;
+//! `admin.tls` serves them over HTTPS):
 //! - `GET /metrics`: Prometheus text exposition.
 //! - `GET /healthz`: 200 while the process serves requests.
 //! - `GET /readyz`: 200 once the store is open and every listener is bound,
@@ -38,9 +40,17 @@ pub struct Admin {
     /// Configured destination names (metrics cover these plus any the store still holds).
     pub destinations: Vec<String>,
     pub ready: Arc<AtomicBool>,
+    /// Bearer token for everything but /healthz and /readyz.
+    pub token: Option<crate::config::Secret>,
 }
 
-pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<crate::tls::CertStore>,
+    admin: Arc<Admin>,
+    shutdown: CancellationToken,
+) {
+    let acceptor = tls.map(|t| tokio_rustls::TlsAcceptor::from(t.server_config()));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
     let graceful = GracefulShutdown::new();
@@ -59,12 +69,22 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
         let admin = admin.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
+        let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let admin = admin.clone();
                 async move { Ok::<_, Infallible>(admin.handle(req).await) }
             });
-            let _ = watcher.watch(builder.serve_connection(TokioIo::new(stream), svc)).await;
+            match acceptor {
+                None => {
+                    let _ = watcher.watch(builder.serve_connection(TokioIo::new(stream), svc)).await;
+                }
+                Some(acceptor) => {
+                    if let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                        let _ = watcher.watch(builder.serve_connection(TokioIo::new(tls), svc)).await;
+                    }
+                }
+            }
         });
     }
     drop(listener);
@@ -97,9 +117,27 @@ impl Admin {
         names
     }
 
+    fn authorized(&self, req: &Request<Incoming>) -> bool {
+        use subtle::ConstantTimeEq;
+        let Some(token) = &self.token else { return true };
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        token.expose().as_bytes().ct_eq(given.as_bytes()).into()
+    }
+
     async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let path = req.uri().path().to_string();
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let open = matches!(segments.as_slice(), ["healthz"] | ["readyz"]);
+        if !open && !self.authorized(&req) {
+            let mut resp = json(StatusCode::UNAUTHORIZED, serde_json::json!({ "error": "bearer token required" }));
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return resp;
+        }
         match (req.method(), segments.as_slice()) {
             (&Method::GET, ["metrics"]) => respond(
                 StatusCode::OK,

@@ -81,6 +81,38 @@ impl Serialize for Secret {
     }
 }
 
+/// A secret as written in the file: a literal, `env:NAME` or `file:/path`.
+/// Printing shows references as written and literals masked.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct SecretString(pub String);
+
+impl fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_reference() {
+            write!(f, "{:?}", self.0)
+        } else {
+            f.write_str("\"***\"")
+        }
+    }
+}
+
+impl SecretString {
+    fn is_reference(&self) -> bool {
+        self.0.starts_with("env:") || self.0.starts_with("file:")
+    }
+}
+
+impl Serialize for SecretString {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.is_reference() {
+            s.serialize_str(&self.0)
+        } else {
+            s.serialize_str("***")
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Raw configuration: exactly what the file says, with defaults filled in.
 // ---------------------------------------------------------------------------
@@ -104,6 +136,113 @@ pub struct RawConfig {
     pub routes: Vec<RawRoute>,
     #[serde(default)]
     pub destinations: BTreeMap<String, RawDestination>,
+    #[serde(default)]
+    pub check: RawCheck,
+}
+
+/// Settings used only by `switchboard check`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCheck {
+    /// Ports a sender can register (ThingSpace's by default): `check` warns
+    /// about ingress listeners elsewhere. Single ports or "a-b" ranges.
+    #[serde(default = "default_public_ports")]
+    pub public_ports: Vec<String>,
+}
+
+impl Default for RawCheck {
+    fn default() -> Self {
+        RawCheck { public_ports: default_public_ports() }
+    }
+}
+
+fn default_public_ports() -> Vec<String> {
+    ["80", "443", "9001-9006", "50551-50559", "28200-28220"].map(String::from).to_vec()
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// Exactly one of the members may be set.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_fields: Option<RawBodyFields>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub basic: Option<RawBasic>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<RawHeaderAuth>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hmac: Option<RawHmac>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBodyFields {
+    pub username: SecretString,
+    pub passwords: Vec<SecretString>,
+    #[serde(default = "default_username_field")]
+    pub username_field: String,
+    #[serde(default = "default_password_field")]
+    pub password_field: String,
+}
+
+fn default_username_field() -> String {
+    "username".into()
+}
+fn default_password_field() -> String {
+    "password".into()
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBasic {
+    pub username: SecretString,
+    pub passwords: Vec<SecretString>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHeaderAuth {
+    pub name: String,
+    pub values: Vec<SecretString>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHmac {
+    #[serde(default = "default_hmac_scheme")]
+    pub scheme: crate::auth::HmacScheme,
+    /// Signature header (defaults: plain none, stripe `Stripe-Signature`,
+    /// standard-webhooks `webhook-signature`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    #[serde(default)]
+    pub prefix: String,
+    #[serde(default = "default_hmac_encoding")]
+    pub encoding: crate::auth::Encoding,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp_header: Option<String>,
+    #[serde(default = "default_tolerance", with = "humantime_serde")]
+    pub tolerance: Duration,
+    pub secrets: Vec<SecretString>,
+}
+
+fn default_hmac_scheme() -> crate::auth::HmacScheme {
+    crate::auth::HmacScheme::Plain
+}
+fn default_hmac_encoding() -> crate::auth::Encoding {
+    crate::auth::Encoding::Hex
+}
+fn default_tolerance() -> Duration {
+    Duration::from_secs(300)
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -186,6 +325,14 @@ fn default_retry_after() -> Duration {
 #[serde(deny_unknown_fields)]
 pub struct RawListener {
     pub addr: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<RawTls>,
+    /// Peers whose `X-Forwarded-For` / `Forwarded` headers are believed.
+    #[serde(default)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Client addresses this listener accepts (empty: all).
+    #[serde(default)]
+    pub allow_ips: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -193,11 +340,16 @@ pub struct RawListener {
 pub struct RawAdmin {
     #[serde(default = "default_admin_addr")]
     pub addr: String,
+    /// Bearer token required for everything but /healthz and /readyz.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<SecretString>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<RawTls>,
 }
 
 impl Default for RawAdmin {
     fn default() -> Self {
-        RawAdmin { addr: default_admin_addr() }
+        RawAdmin { addr: default_admin_addr(), token: None, tls: None }
     }
 }
 
@@ -257,6 +409,11 @@ pub struct RawRoute {
     /// Overrides `ingress.max_body` for this route.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_body: Option<u64>,
+    /// Client addresses allowed on this route (empty: all).
+    #[serde(default)]
+    pub allow_ips: Vec<ipnet::IpNet>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<RawAuth>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -272,6 +429,9 @@ pub struct RawDestination {
     /// Extra 4xx statuses to treat as retryable (408 and 429 always are).
     #[serde(default)]
     pub retry_on: Vec<u16>,
+    /// Top-level JSON fields removed from the body before forwarding here.
+    #[serde(default)]
+    pub strip_body_fields: Vec<String>,
     #[serde(default)]
     pub retry: RawRetry,
 }
@@ -349,12 +509,27 @@ pub struct Config {
     pub source: PathBuf,
     pub store: StoreConfig,
     pub ingress: IngressConfig,
-    pub listeners: Vec<SocketAddr>,
-    pub admin: SocketAddr,
+    pub listeners: Vec<Listener>,
+    pub admin: AdminConfig,
     pub log: RawLog,
     pub grace_period: Duration,
     pub routes: Vec<Route>,
     pub destinations: Vec<Arc<Destination>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub addr: SocketAddr,
+    pub tls: Option<crate::tls::TlsFiles>,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub allow_ips: Vec<ipnet::IpNet>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub addr: SocketAddr,
+    pub token: Option<Secret>,
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 #[derive(Debug, Clone)]
@@ -379,6 +554,8 @@ pub struct Route {
     pub path: String,
     pub destinations: Vec<Arc<str>>,
     pub max_body: u64,
+    pub allow_ips: Vec<ipnet::IpNet>,
+    pub auth: Option<Arc<crate::auth::Auth>>,
 }
 
 #[derive(Debug, Clone)]
@@ -391,6 +568,7 @@ pub struct Destination {
     pub timeout: Duration,
     pub connect_timeout: Duration,
     pub concurrency: usize,
+    pub strip_body_fields: Vec<String>,
     pub retry: crate::retry::RetryPolicy,
 }
 
@@ -514,19 +692,27 @@ impl RawConfig {
         if self.listeners.is_empty() {
             p.add("listeners", "no listeners: add at least one [[listeners]] with an addr");
         }
-        let mut listeners = Vec::new();
+        let mut listeners: Vec<Listener> = Vec::new();
         for (i, l) in self.listeners.iter().enumerate() {
+            let tls = l.tls.as_ref().and_then(|t| validate_tls(&mut p, &format!("listeners[{i}].tls"), t));
             if let Some(a) = parse_addr(&mut p, &format!("listeners[{i}].addr"), &l.addr) {
-                if a.port() != 0 && listeners.contains(&a) {
+                if a.port() != 0 && listeners.iter().any(|x| x.addr == a) {
                     p.add(format!("listeners[{i}].addr"), format!("duplicate listener address {a}"));
                 }
-                listeners.push(a);
+                listeners.push(Listener {
+                    addr: a,
+                    tls,
+                    trusted_proxies: l.trusted_proxies.clone(),
+                    allow_ips: l.allow_ips.clone(),
+                });
             }
         }
+        let admin_tls = self.admin.tls.as_ref().and_then(|t| validate_tls(&mut p, "admin.tls", t));
+        let admin_token = self.admin.token.as_ref().and_then(|t| resolve(&mut p, "admin.token", t));
         let admin = parse_addr(&mut p, "admin.addr", &self.admin.addr);
         if let Some(a) = admin {
             if a.port() != 0
-                && listeners.iter().any(|l| {
+                && listeners.iter().map(|l| l.addr).any(|l| {
                     l.port() == a.port() && (l.ip() == a.ip() || l.ip().is_unspecified() || a.ip().is_unspecified())
                 })
             {
@@ -589,10 +775,13 @@ impl RawConfig {
             if r.max_body == Some(0) {
                 p.add(format!("{key}.max_body"), "must be greater than 0");
             }
+            let auth = r.auth.as_ref().and_then(|a| validate_auth(&mut p, &format!("{key}.auth"), a)).map(Arc::new);
             routes.push(Route {
                 path: r.path.clone(),
                 destinations: r.destinations.iter().map(|d| Arc::from(d.as_str())).collect(),
                 max_body: r.max_body.unwrap_or(self.ingress.max_body),
+                allow_ips: r.allow_ips.clone(),
+                auth,
             });
         }
 
@@ -617,7 +806,7 @@ impl RawConfig {
                 retry_after: self.ingress.retry_after,
             },
             listeners,
-            admin,
+            admin: AdminConfig { addr: admin, token: admin_token, tls: admin_tls },
             log: self.log,
             grace_period: self.shutdown.grace_period,
             routes,
@@ -716,6 +905,7 @@ fn validate_destination(p: &mut Problems, key: &str, name: &str, d: &RawDestinat
         timeout: d.timeout,
         connect_timeout: d.connect_timeout,
         concurrency: d.concurrency,
+        strip_body_fields: d.strip_body_fields.clone(),
         retry: crate::retry::RetryPolicy {
             initial: r.initial,
             max_interval: r.max_interval,
@@ -727,6 +917,154 @@ fn validate_destination(p: &mut Problems, key: &str, name: &str, d: &RawDestinat
             retry_on: d.retry_on.clone(),
         },
     })
+}
+
+fn resolve(p: &mut Problems, key: &str, raw: &SecretString) -> Option<Secret> {
+    match crate::auth::resolve_secret(&raw.0) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            p.add(key, e);
+            None
+        }
+    }
+}
+
+fn resolve_all(p: &mut Problems, key: &str, raw: &[SecretString]) -> Vec<Secret> {
+    if raw.is_empty() {
+        p.add(key, "at least one value is required");
+    }
+    raw.iter().enumerate().filter_map(|(i, r)| resolve(p, &format!("{key}[{i}]"), r)).collect()
+}
+
+fn header_name(p: &mut Problems, key: &str, name: &str) -> Option<http::HeaderName> {
+    match http::HeaderName::from_bytes(name.as_bytes()) {
+        Ok(h) => Some(h),
+        Err(_) => {
+            p.add(key, format!("invalid header name {name:?}"));
+            None
+        }
+    }
+}
+
+fn validate_tls(p: &mut Problems, key: &str, t: &RawTls) -> Option<crate::tls::TlsFiles> {
+    let files = crate::tls::TlsFiles { cert: t.cert.clone(), key: t.key.clone() };
+    match crate::tls::load(&files) {
+        Ok(_) => Some(files),
+        Err(e) => {
+            p.add(key, e.to_string());
+            None
+        }
+    }
+}
+
+fn validate_auth(p: &mut Problems, key: &str, a: &RawAuth) -> Option<crate::auth::Auth> {
+    use crate::auth::{Auth, HmacAuth, HmacScheme};
+    let set = [a.body_fields.is_some(), a.basic.is_some(), a.header.is_some(), a.hmac.is_some()];
+    if set.iter().filter(|x| **x).count() != 1 {
+        p.add(key, "set exactly one of body_fields, basic, header, hmac");
+        return None;
+    }
+    let before = p.0.len();
+    let auth = if let Some(b) = &a.body_fields {
+        Auth::BodyFields {
+            username_field: b.username_field.clone(),
+            password_field: b.password_field.clone(),
+            username: resolve(p, &format!("{key}.body_fields.username"), &b.username).unwrap_or_default(),
+            passwords: resolve_all(p, &format!("{key}.body_fields.passwords"), &b.passwords),
+        }
+    } else if let Some(b) = &a.basic {
+        Auth::Basic {
+            username: resolve(p, &format!("{key}.basic.username"), &b.username).unwrap_or_default(),
+            passwords: resolve_all(p, &format!("{key}.basic.passwords"), &b.passwords),
+        }
+    } else if let Some(h) = &a.header {
+        let name = header_name(p, &format!("{key}.header.name"), &h.name);
+        let values = resolve_all(p, &format!("{key}.header.values"), &h.values);
+        Auth::Header { name: name?, values }
+    } else if let Some(h) = &a.hmac {
+        let k = format!("{key}.hmac");
+        let default_header = match h.scheme {
+            HmacScheme::Plain => None,
+            HmacScheme::Stripe => Some("stripe-signature"),
+            HmacScheme::StandardWebhooks => Some("webhook-signature"),
+        };
+        let Some(header) = h.header.as_deref().or(default_header) else {
+            p.add(format!("{k}.header"), "the plain scheme needs the signature header name");
+            return None;
+        };
+        let header = header_name(p, &format!("{k}.header"), header);
+        let timestamp_header =
+            h.timestamp_header.as_deref().and_then(|t| header_name(p, &format!("{k}.timestamp_header"), t));
+        let mut secrets = Vec::new();
+        for (i, s) in resolve_all(p, &format!("{k}.secrets"), &h.secrets).into_iter().enumerate() {
+            let raw = s.expose();
+            if h.scheme == HmacScheme::StandardWebhooks {
+                use base64::Engine;
+                match base64::engine::general_purpose::STANDARD.decode(raw.strip_prefix("whsec_").unwrap_or(raw)) {
+                    Ok(k) => secrets.push(k),
+                    Err(_) => p.add(format!("{k}.secrets[{i}]"), "not a base64 Standard Webhooks secret (whsec_...)"),
+                }
+            } else {
+                secrets.push(raw.as_bytes().to_vec());
+            }
+        }
+        Auth::Hmac(HmacAuth {
+            scheme: h.scheme,
+            header: header?,
+            prefix: h.prefix.clone(),
+            encoding: h.encoding,
+            timestamp_header,
+            tolerance: h.tolerance,
+            secrets,
+        })
+    } else {
+        return None;
+    };
+    (p.0.len() == before).then_some(auth)
+}
+
+/// Parses "80" or "9001-9006".
+fn parse_port_range(s: &str) -> Option<(u16, u16)> {
+    match s.split_once('-') {
+        Some((a, b)) => Some((a.trim().parse().ok()?, b.trim().parse().ok()?)),
+        None => {
+            let p = s.trim().parse().ok()?;
+            Some((p, p))
+        }
+    }
+}
+
+impl RawConfig {
+    /// Things `check` warns about without failing: exposure risks.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        let ranges: Vec<(u16, u16)> = self.check.public_ports.iter().filter_map(|r| parse_port_range(r)).collect();
+        for (i, s) in self.check.public_ports.iter().enumerate() {
+            if parse_port_range(s).is_none() {
+                w.push(format!("check.public_ports[{i}]: {s:?} is not a port or a range like \"9001-9006\""));
+            }
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            let Ok(addr) = l.addr.parse::<SocketAddr>() else { continue };
+            let loopback = addr.ip().is_loopback();
+            if !loopback && !ranges.iter().any(|(a, b)| (*a..=*b).contains(&addr.port())) {
+                w.push(format!(
+                    "listeners[{i}].addr: port {} is not one a sender can register (check.public_ports: {})",
+                    addr.port(),
+                    self.check.public_ports.join(", ")
+                ));
+            }
+            if !loopback && l.tls.is_none() {
+                w.push(format!("listeners[{i}]: plain HTTP on non-loopback address {addr}: credentials in callbacks travel in clear text"));
+            }
+        }
+        if let Ok(addr) = self.admin.addr.parse::<SocketAddr>() {
+            if !addr.ip().is_loopback() && self.admin.token.is_none() {
+                w.push(format!("admin.addr: {addr} is not loopback and admin.token is not set: anyone who can reach it can read metrics and replay dead letters"));
+            }
+        }
+        w
+    }
 }
 
 fn percent_decode(s: &str) -> String {

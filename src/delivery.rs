@@ -14,7 +14,8 @@
 //! with a later due time, never a task sleeping with the message in memory.
 //!
 //! Forwarded request: `POST` to the destination URL with the original body
-//! bytes and the original end-to-end headers (Content-Type, User-Agent, ...;
+//! bytes (minus `strip_body_fields`, if the destination sets them) and the
+//! original end-to-end headers (Content-Type, User-Agent, ...;
 //! hop-by-hop headers, Host and Content-Length are never forwarded), plus:
 //! - `webhook-id` and `x-switchboard-id`: the message id, identical across
 //!   retries and destinations (`webhook-id` is left as the sender's if the
@@ -278,7 +279,7 @@ impl Worker {
         id: u64,
         attempt: u32,
     ) -> Result<http::Request<Full<Bytes>>, http::Error> {
-        let mut req = http::Request::post(self.dest.url.clone()).body(Full::new(msg.body.clone()))?;
+        let mut req = http::Request::post(self.dest.url.clone()).body(Full::new(self.body_for(msg)))?;
         let headers = req.headers_mut();
         let mut forwarded_for: Option<Vec<u8>> = None;
         for (name, value) in &msg.headers {
@@ -326,6 +327,33 @@ impl Worker {
             headers.insert(http::header::AUTHORIZATION, v);
         }
         Ok(req)
+    }
+}
+
+impl Worker {
+    /// The body as this destination gets it: the original bytes, or with the
+    /// `strip_body_fields` removed when it is a JSON object. Stripping
+    /// re-encodes the JSON compactly (field order kept); a body that is not a
+    /// JSON object goes out unchanged and is counted.
+    fn body_for(&self, msg: &crate::store::MessageRecord) -> Bytes {
+        if self.dest.strip_body_fields.is_empty() {
+            return msg.body.clone();
+        }
+        match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&msg.body) {
+            Ok(mut map) => {
+                for f in &self.dest.strip_body_fields {
+                    map.shift_remove(f);
+                }
+                match serde_json::to_vec(&map) {
+                    Ok(v) => Bytes::from(v),
+                    Err(_) => msg.body.clone(),
+                }
+            }
+            Err(_) => {
+                self.metrics.strip_skipped.with_label_values(&[&self.dest.name]).inc();
+                msg.body.clone()
+            }
+        }
     }
 }
 

@@ -8,6 +8,8 @@
 //! | situation                                   | status |
 //! |---------------------------------------------|--------|
 //! | unknown path                                | 404    |
+//! | client address not in the listener's or route's `allow_ips` | 403 |
+//! | sender authentication failed (route `auth`) | 401    |
 //! | method other than POST on a route           | 405 + `Allow: POST` |
 //! | `Content-Length` over the route's limit     | 413, before reading the body |
 //! | body grows over the limit while read        | 413    |
@@ -20,14 +22,19 @@
 //! `max_connections` connections are served at once across all listeners;
 //! further connections wait in the kernel's accept queue.
 //!
+//! The client address is the TCP peer, or, when the peer is one of the
+//! listener's `trusted_proxies`, the rightmost untrusted `X-Forwarded-For` /
+//! `Forwarded` hop. Header-only authentication (basic, header) runs before
+//! the body is read; body-based (body_fields, hmac) right after.
+//!
 //! Invariant: ingress never talks to a downstream. It writes to the store and
 //! wakes the destinations' schedulers, nothing more.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
@@ -41,6 +48,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth;
 use crate::config::{IngressConfig, Route};
 use crate::delivery::Wakers;
 use crate::metrics::Metrics;
@@ -82,10 +90,19 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
+/// Per-listener settings the handler needs.
+#[derive(Clone, Default)]
+pub struct ListenerCtx {
+    pub tls: Option<crate::tls::CertStore>,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub allow_ips: Vec<ipnet::IpNet>,
+}
+
 /// Accepts connections on `listener` until `shutdown`, then lets requests in
 /// flight finish for up to `grace`.
 pub async fn serve(
     listener: TcpListener,
+    ctx: ListenerCtx,
     ingress: Arc<Ingress>,
     connections: Arc<Semaphore>,
     shutdown: CancellationToken,
@@ -104,6 +121,8 @@ pub async fn serve(
         .max_concurrent_streams(64)
         .max_header_list_size(MAX_HEAD_BYTES as u32)
         .keep_alive_interval(Duration::from_secs(30));
+    let acceptor = ctx.tls.as_ref().map(|t| tokio_rustls::TlsAcceptor::from(t.server_config()));
+    let ctx = Arc::new(ctx);
     let graceful = GracefulShutdown::new();
     let local = listener.local_addr().ok();
     loop {
@@ -129,18 +148,38 @@ pub async fn serve(
         let ingress = ingress.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
+        let acceptor = acceptor.clone();
+        let ctx = ctx.clone();
         tokio::spawn(async move {
             let _permit = permit;
             ingress.metrics.ingress_connections.inc();
             let svc = {
                 let ingress = ingress.clone();
                 service_fn(move |req| {
-                    let ingress = ingress.clone();
-                    async move { Ok::<_, Infallible>(ingress.handle(req, peer).await) }
+                    let (ingress, ctx) = (ingress.clone(), ctx.clone());
+                    async move { Ok::<_, Infallible>(ingress.handle(req, peer, &ctx).await) }
                 })
             };
-            let conn = builder.serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = watcher.watch(conn).await {
+            let result = match acceptor {
+                None => watcher.watch(builder.serve_connection(TokioIo::new(stream), svc)).await,
+                Some(acceptor) => {
+                    // The handshake shares the header timeout: a client that
+                    // opens a connection and never finishes it is cut off too.
+                    let hs = tokio::time::timeout(ingress.config.header_read_timeout, acceptor.accept(stream)).await;
+                    match hs {
+                        Ok(Ok(tls)) => watcher.watch(builder.serve_connection(TokioIo::new(tls), svc)).await,
+                        Ok(Err(e)) => {
+                            tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
+                            Ok(())
+                        }
+                        Err(_) => {
+                            tracing::debug!(peer = %peer, "TLS handshake timed out");
+                            Ok(())
+                        }
+                    }
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
             }
             ingress.metrics.ingress_connections.dec();
@@ -165,21 +204,38 @@ fn error(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
 }
 
 impl Ingress {
-    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr, ctx: &ListenerCtx) -> Response<Full<Bytes>> {
         let Some(route) = self.routes.get(req.uri().path()).cloned() else {
             self.metrics.ingress_requests.with_label_values(&["unmatched", "404"]).inc();
             return error(StatusCode::NOT_FOUND, "no route for this path");
         };
-        let resp = self.accept(req, peer, &route).await;
+        let client = auth::client_ip(peer.ip().to_canonical(), req.headers(), &ctx.trusted_proxies);
+        let resp = if !auth::allowed(client, &ctx.allow_ips) || !auth::allowed(client, &route.allow_ips) {
+            self.metrics.ingress_rejected.with_label_values(&[&route.path, "ip_not_allowed"]).inc();
+            error(StatusCode::FORBIDDEN, "source address not allowed")
+        } else {
+            self.accept(req, client, &route).await
+        };
         self.metrics.ingress_requests.with_label_values(&[&route.path, resp.status().as_str()]).inc();
         resp
     }
 
-    async fn accept(&self, req: Request<Incoming>, peer: SocketAddr, route: &Route) -> Response<Full<Bytes>> {
+    fn unauthorized(&self, route: &Route, r: &auth::Rejection) -> Response<Full<Bytes>> {
+        self.metrics.ingress_rejected.with_label_values(&[&route.path, r.label]).inc();
+        error(StatusCode::UNAUTHORIZED, r.reason)
+    }
+
+    async fn accept(&self, req: Request<Incoming>, client: IpAddr, route: &Route) -> Response<Full<Bytes>> {
         if req.method() != Method::POST {
             let mut resp = error(StatusCode::METHOD_NOT_ALLOWED, "only POST is accepted on this route");
             resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
             return resp;
+        }
+        // Header-only checks run before reading a byte of the body.
+        if let Some(a) = route.auth.as_deref().filter(|a| !a.needs_body()) {
+            if let Err(r) = a.check(req.headers(), &[], SystemTime::now()) {
+                return close(self.unauthorized(route, &r));
+            }
         }
         let limit = route.max_body;
         if let Some(len) = req.headers().get(header::CONTENT_LENGTH) {
@@ -197,12 +253,17 @@ impl Ingress {
             Ok(Err(_)) => return close(error(StatusCode::BAD_REQUEST, "malformed request body")),
             Ok(Ok(collected)) => collected.to_bytes(),
         };
+        if let Some(a) = route.auth.as_deref().filter(|a| a.needs_body()) {
+            if let Err(r) = a.check(&parts.headers, &body, SystemTime::now()) {
+                return self.unauthorized(route, &r);
+            }
+        }
 
         let headers = stored_headers(&parts.headers);
         let record = MessageRecord {
             received_ms: now_ms(),
             route: route.path.clone(),
-            peer: peer.ip().to_canonical().to_string(),
+            peer: client.to_string(),
             headers,
             body,
         };

@@ -6,7 +6,9 @@
 //!
 //! Modules:
 //! - [`config`]: TOML + environment loading (figment) and validation.
-//! - [`ingress`]: the HTTP listeners senders call.
+//! - [`ingress`]: the HTTP(S) listeners senders call.
+//! - [`auth`]: sender authentication, source allowlists, trusted proxies.
+//! - [`tls`]: rustls listeners with certificate hot reload.
 //! - [`store`]: the durable sled store (messages, due queues, dead letters).
 //! - [`delivery`]: one scheduler per destination, forwarding stored messages.
 //! - [`retry`]: outcome classification and the pure retry policy.
@@ -18,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod delivery;
@@ -26,13 +29,14 @@ pub mod metrics;
 pub mod retry;
 pub mod shutdown;
 pub mod store;
+pub mod tls;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -42,6 +46,7 @@ use crate::metrics::Metrics;
 use crate::store::{Store, StoreOptions};
 
 /// Already-bound sockets for [`run`]: tests bind `127.0.0.1:0` themselves.
+/// `ingress[i]` serves `config.listeners[i]` (its TLS, proxies, allowlist).
 pub struct Listeners {
     pub ingress: Vec<TcpListener>,
     pub admin: TcpListener,
@@ -51,13 +56,14 @@ impl Listeners {
     /// Binds every address the configuration names.
     pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
         let mut ingress = Vec::new();
-        for addr in &config.listeners {
+        for l in &config.listeners {
+            let addr = l.addr;
             let l = TcpListener::bind(addr).await.with_context(|| format!("binding ingress listener {addr}"))?;
             ingress.push(l);
         }
-        let admin = TcpListener::bind(config.admin)
+        let admin = TcpListener::bind(config.admin.addr)
             .await
-            .with_context(|| format!("binding admin listener {}", config.admin))?;
+            .with_context(|| format!("binding admin listener {}", config.admin.addr))?;
         Ok(Listeners { ingress, admin })
     }
 }
@@ -66,7 +72,45 @@ impl Listeners {
 /// accepting, requests and deliveries in flight get `config.grace_period` to
 /// finish, and the store is flushed and closed.
 pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
+    run_with_reload(config, listeners, shutdown, Arc::new(Notify::new())).await
+}
+
+/// [`run`], with `reload` woken (e.g. on SIGHUP) to re-read TLS certificates.
+pub async fn run_with_reload(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+    reload: Arc<Notify>,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        listeners.ingress.len() == config.listeners.len(),
+        "{} ingress sockets for {} configured listeners",
+        listeners.ingress.len(),
+        config.listeners.len()
+    );
     let metrics = Arc::new(Metrics::new());
+    // Certificates first: a listener that cannot serve TLS must stop start-up.
+    let mut certs: Vec<(String, tls::CertStore)> = Vec::new();
+    let mut ctxs = Vec::new();
+    for l in &config.listeners {
+        let tls = match &l.tls {
+            Some(files) => {
+                let store = tls::CertStore::open(files.clone()).with_context(|| format!("listener {}", l.addr))?;
+                certs.push((l.addr.to_string(), store.clone()));
+                Some(store)
+            }
+            None => None,
+        };
+        ctxs.push(ingress::ListenerCtx { tls, trusted_proxies: l.trusted_proxies.clone(), allow_ips: l.allow_ips.clone() });
+    }
+    let admin_tls = match &config.admin.tls {
+        Some(files) => {
+            let store = tls::CertStore::open(files.clone()).context("admin listener")?;
+            certs.push(("admin".to_string(), store.clone()));
+            Some(store)
+        }
+        None => None,
+    };
     let flush_metrics = metrics.clone();
     let store = Store::open(
         &config.store.path,
@@ -105,17 +149,24 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         wakers: wakers.clone(),
     });
     let connections = Arc::new(Semaphore::new(config.ingress.max_connections));
-    for listener in listeners.ingress {
+    for (listener, ctx) in listeners.ingress.into_iter().zip(ctxs) {
         if let Ok(addr) = listener.local_addr() {
-            tracing::info!(addr = %addr, "ingress listening");
+            tracing::info!(addr = %addr, tls = ctx.tls.is_some(), "ingress listening");
         }
         tracker.spawn(ingress::serve(
             listener,
+            ctx,
             ingress.clone(),
             connections.clone(),
             shutdown.clone(),
             config.grace_period,
         ));
+    }
+    for (name, store) in &certs {
+        metrics.tls_expiry.with_label_values(&[name]).set(store.not_after() as f64);
+    }
+    if !certs.is_empty() {
+        tracker.spawn(watch_certificates(certs, metrics.clone(), reload, shutdown.clone()));
     }
 
     let ready = Arc::new(AtomicBool::new(false));
@@ -125,11 +176,12 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         wakers,
         destinations: names,
         ready: ready.clone(),
+        token: config.admin.token.clone(),
     });
     if let Ok(addr) = listeners.admin.local_addr() {
         tracing::info!(addr = %addr, "admin listening");
     }
-    tracker.spawn(admin::serve(listeners.admin, admin, shutdown.clone()));
+    tracker.spawn(admin::serve(listeners.admin, admin_tls, admin, shutdown.clone()));
     tracker.close();
     ready.store(true, Ordering::SeqCst);
     tracing::info!(store = %config.store.path.display(), routes = config.routes.len(), destinations = config.destinations.len(), "switchboard started");
@@ -146,4 +198,37 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     store.close().await.context("closing store")?;
     tracing::info!("store flushed and closed; bye");
     Ok(())
+}
+
+/// Reloads certificates on `reload` (SIGHUP) and when their files change.
+/// A failed reload keeps the certificate in use and says why.
+async fn watch_certificates(
+    certs: Vec<(String, tls::CertStore)>,
+    metrics: Arc<Metrics>,
+    reload: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let forced = tokio::select! {
+            _ = reload.notified() => true,
+            _ = tokio::time::sleep(tls::WATCH_INTERVAL) => false,
+            _ = shutdown.cancelled() => return,
+        };
+        for (name, store) in &certs {
+            if !forced && !store.changed_on_disk() {
+                continue;
+            }
+            match store.reload() {
+                Ok(()) => {
+                    metrics.tls_reloads.with_label_values(&[name, "ok"]).inc();
+                    metrics.tls_expiry.with_label_values(&[name]).set(store.not_after() as f64);
+                    tracing::info!(listener = %name, files = ?store.files(), "certificate reloaded");
+                }
+                Err(e) => {
+                    metrics.tls_reloads.with_label_values(&[name, "error"]).inc();
+                    tracing::warn!(listener = %name, error = %e, "certificate reload failed; keeping the current certificate");
+                }
+            }
+        }
+    }
 }

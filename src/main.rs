@@ -16,9 +16,13 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => match Config::load_raw(&config).and_then(|raw| {
             let printed = raw.to_masked_toml();
-            raw.validate(&config).map(|_| printed)
+            let warnings = raw.warnings();
+            raw.validate(&config).map(|_| (printed, warnings))
         }) {
-            Ok(printed) => {
+            Ok((printed, warnings)) => {
+                for w in &warnings {
+                    eprintln!("warning: {w}");
+                }
                 println!("# {}: valid", config.display());
                 print!("{printed}");
                 ExitCode::SUCCESS
@@ -67,7 +71,7 @@ fn run(config: Config) -> anyhow::Result<()> {
         let listeners = switchboard::Listeners::bind(&config).await?;
         let shutdown = CancellationToken::new();
         let reload = std::sync::Arc::new(tokio::sync::Notify::new());
-        switchboard::shutdown::on_signals(shutdown.clone(), reload)?;
-        switchboard::run(config, listeners, shutdown).await
+        switchboard::shutdown::on_signals(shutdown.clone(), reload.clone())?;
+        switchboard::run_with_reload(config, listeners, shutdown, reload).await
     })
 }

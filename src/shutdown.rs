@@ -21,7 +21,7 @@ pub fn on_signals(token: CancellationToken, reload: Arc<Notify>) -> std::io::Res
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
             tracing::info!(signal = "SIGHUP", "reload requested");
-            reload.notify_waiters();
+            reload.notify_one();
         }
     });
     tokio::spawn(async move {
