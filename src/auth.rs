@@ -186,7 +186,8 @@ impl HmacAuth {
                 .ok_or(bad.clone())?;
                 let ok = match &self.timestamp_header {
                     Some(th) => {
-                        let ts = header_str(headers, th).ok_or(reject("missing_credentials", "signature timestamp missing"))?;
+                        let ts = header_str(headers, th)
+                            .ok_or(reject("missing_credentials", "signature timestamp missing"))?;
                         self.fresh(ts, now)?;
                         self.verify(&[ts.trim().as_bytes(), b".", body], &sig)
                     }
@@ -314,12 +315,24 @@ mod tests {
         let trusted = [net("10.0.0.0/8")];
         let h = headers(&[("x-forwarded-for", "1.1.1.1, 3.87.163.45, 10.0.0.7")]);
         // Untrusted peer: headers ignored.
-        assert_eq!(client_ip("192.0.2.9".parse().expect("ip"), &h, &trusted), "192.0.2.9".parse::<IpAddr>().expect("ip"));
+        assert_eq!(
+            client_ip("192.0.2.9".parse().expect("ip"), &h, &trusted),
+            "192.0.2.9".parse::<IpAddr>().expect("ip")
+        );
         // Trusted peer: rightmost untrusted hop, not the (forgeable) leftmost.
-        assert_eq!(client_ip("10.1.1.1".parse().expect("ip"), &h, &trusted), "3.87.163.45".parse::<IpAddr>().expect("ip"));
+        assert_eq!(
+            client_ip("10.1.1.1".parse().expect("ip"), &h, &trusted),
+            "3.87.163.45".parse::<IpAddr>().expect("ip")
+        );
         let fwd = headers(&[("forwarded", "for=192.0.2.60;proto=https, for=\"[2001:db8::1]:443\"")]);
-        assert_eq!(client_ip("10.1.1.1".parse().expect("ip"), &fwd, &trusted), "2001:db8::1".parse::<IpAddr>().expect("ip"));
-        assert_eq!(client_ip("10.1.1.1".parse().expect("ip"), &HeaderMap::new(), &trusted), "10.1.1.1".parse::<IpAddr>().expect("ip"));
+        assert_eq!(
+            client_ip("10.1.1.1".parse().expect("ip"), &fwd, &trusted),
+            "2001:db8::1".parse::<IpAddr>().expect("ip")
+        );
+        assert_eq!(
+            client_ip("10.1.1.1".parse().expect("ip"), &HeaderMap::new(), &trusted),
+            "10.1.1.1".parse::<IpAddr>().expect("ip")
+        );
     }
 
     #[test]
@@ -352,16 +365,29 @@ mod tests {
         assert_eq!(plain.check(&good, b"{\"a\":2}", now).map_err(|r| r.label), Err("bad_signature"));
         assert_eq!(plain.check(&HeaderMap::new(), body, now).map_err(|r| r.label), Err("missing_credentials"));
 
-        let stripe = HmacAuth { scheme: HmacScheme::Stripe, header: HeaderName::from_static("stripe-signature"), ..plain.clone() };
+        let stripe = HmacAuth {
+            scheme: HmacScheme::Stripe,
+            header: HeaderName::from_static("stripe-signature"),
+            ..plain.clone()
+        };
         let sig: String = mac(&key, &[b"1700000000", b".", body]).iter().map(|b| format!("{b:02x}")).collect();
         let h = headers(&[("stripe-signature", &format!("t=1700000000,v1={sig}"))]);
         assert_eq!(stripe.check(&h, body, now), Ok(()));
         let late = now + Duration::from_secs(3600);
         assert_eq!(stripe.check(&h, body, late).map_err(|r| r.label), Err("stale_timestamp"));
 
-        let sw = HmacAuth { scheme: HmacScheme::StandardWebhooks, header: HeaderName::from_static("webhook-signature"), ..plain };
-        let sig = base64::engine::general_purpose::STANDARD.encode(mac(&key, &[b"msg_1", b".", b"1700000000", b".", body]));
-        let h = headers(&[("webhook-id", "msg_1"), ("webhook-timestamp", "1700000000"), ("webhook-signature", &format!("v1,bm9wZQ== v1,{sig}"))]);
+        let sw = HmacAuth {
+            scheme: HmacScheme::StandardWebhooks,
+            header: HeaderName::from_static("webhook-signature"),
+            ..plain
+        };
+        let sig =
+            base64::engine::general_purpose::STANDARD.encode(mac(&key, &[b"msg_1", b".", b"1700000000", b".", body]));
+        let h = headers(&[
+            ("webhook-id", "msg_1"),
+            ("webhook-timestamp", "1700000000"),
+            ("webhook-signature", &format!("v1,bm9wZQ== v1,{sig}")),
+        ]);
         assert_eq!(sw.check(&h, body, now), Ok(()));
     }
 

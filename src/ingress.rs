@@ -260,13 +260,8 @@ impl Ingress {
         }
 
         let headers = stored_headers(&parts.headers);
-        let record = MessageRecord {
-            received_ms: now_ms(),
-            route: route.path.clone(),
-            peer: client.to_string(),
-            headers,
-            body,
-        };
+        let record =
+            MessageRecord { received_ms: now_ms(), route: route.path.clone(), peer: client.to_string(), headers, body };
         let started = Instant::now();
         let id = match self.store.append(&record, &route.destinations) {
             Ok(id) => id,

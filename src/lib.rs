@@ -101,7 +101,11 @@ pub async fn run_with_reload(
             }
             None => None,
         };
-        ctxs.push(ingress::ListenerCtx { tls, trusted_proxies: l.trusted_proxies.clone(), allow_ips: l.allow_ips.clone() });
+        ctxs.push(ingress::ListenerCtx {
+            tls,
+            trusted_proxies: l.trusted_proxies.clone(),
+            allow_ips: l.allow_ips.clone(),
+        });
     }
     let admin_tls = match &config.admin.tls {
         Some(files) => {

@@ -23,15 +23,18 @@ pub struct RelayProcess {
 impl RelayProcess {
     /// Starts `switchboard run` on `config` and waits for its listening lines.
     pub async fn start(config: &Path) -> RelayProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-            .args(["run", "--log-format", "json", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn switchboard");
+        Self::start_with_env(config, &[]).await
+    }
+
+    /// Like [`RelayProcess::start`], with extra environment variables.
+    pub async fn start_with_env(config: &Path, env: &[(&str, &str)]) -> RelayProcess {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchboard"));
+        cmd.args(["run", "--log-format", "json", "--config"]).arg(config).env("RUST_LOG", "info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child =
+            cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn switchboard");
         let stderr = child.stderr.take().expect("stderr");
         let logs: Arc<Mutex<Vec<String>>> = Arc::default();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
@@ -90,6 +93,10 @@ impl RelayProcess {
             assert!(tokio::time::Instant::now() < deadline, "relay did not exit within {within:?}");
             tokio::time::sleep(POLL).await;
         }
+    }
+
+    pub fn child_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     pub fn logs(&self) -> String {

@@ -6,4 +6,5 @@ mod deploy;
 mod hostile;
 mod promises;
 mod relay;
+mod security;
 mod support;

@@ -191,6 +191,8 @@ pub async fn dead_addr() -> SocketAddr {
 /// The relay, in process, on port 0 listeners, with a store in a temp dir.
 pub struct TestRelay {
     pub ingress: SocketAddr,
+    /// One per configured listener, in order (`ingress` is the first).
+    pub ingress_all: Vec<SocketAddr>,
     pub admin: SocketAddr,
     pub dir: Arc<tempfile::TempDir>,
     pub config_path: PathBuf,
@@ -218,17 +220,35 @@ impl TestRelay {
 
     /// Starts on an existing directory (to restart on the same store).
     pub async fn start_in(dir: Arc<tempfile::TempDir>, toml: &str) -> TestRelay {
+        Self::start_with_reload(dir, toml, Arc::new(Notify::new())).await
+    }
+
+    /// Starts with a reload trigger (what SIGHUP does in the binary).
+    pub async fn start_with_reload(dir: Arc<tempfile::TempDir>, toml: &str, reload: Arc<Notify>) -> TestRelay {
         let (config_path, config) = write_config(dir.path(), toml);
-        let ingress = TcpListener::bind("127.0.0.1:0").await.expect("bind ingress");
+        let mut ingress = Vec::new();
+        for _ in &config.listeners {
+            ingress.push(TcpListener::bind("127.0.0.1:0").await.expect("bind ingress"));
+        }
+        let ingress_all: Vec<SocketAddr> = ingress.iter().map(|l| l.local_addr().expect("addr")).collect();
         let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
-        let (ingress_addr, admin_addr) = (ingress.local_addr().expect("addr"), admin.local_addr().expect("addr"));
+        let admin_addr = admin.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(switchboard::run(
+        let task = tokio::spawn(switchboard::run_with_reload(
             config,
-            switchboard::Listeners { ingress: vec![ingress], admin },
+            switchboard::Listeners { ingress, admin },
             shutdown.clone(),
+            reload,
         ));
-        TestRelay { ingress: ingress_addr, admin: admin_addr, dir, config_path, shutdown, task: Some(task) }
+        TestRelay {
+            ingress: ingress_all[0],
+            ingress_all,
+            admin: admin_addr,
+            dir,
+            config_path,
+            shutdown,
+            task: Some(task),
+        }
     }
 
     pub fn url(&self, path: &str) -> String {

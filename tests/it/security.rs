@@ -1,0 +1,576 @@
+//! Putting the ingress on the internet: real TLS (a throwaway CA and leaf
+//! certificates made here with rcgen, a client that trusts only that CA),
+//! certificate reload, source allowlists, sender authentication, credential
+//! stripping, admin token, and no secret in logs or `check` output.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::binary::{write, RelayProcess};
+use crate::support::*;
+
+/// A test CA that issues leaf certificates for 127.0.0.1 / localhost.
+struct Ca {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl Ca {
+    fn new() -> Ca {
+        let key = rcgen::KeyPair::generate().expect("ca key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, "Switchboard Test CA");
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+        let cert = params.self_signed(&key).expect("ca cert");
+        Ca { cert, key }
+    }
+
+    /// Issues a leaf with serial `serial` for `key` (generated if None).
+    /// Returns (chain PEM: leaf + CA, key PEM).
+    fn leaf(&self, serial: u64, key: Option<rcgen::KeyPair>) -> (String, String) {
+        let key = key.unwrap_or_else(|| rcgen::KeyPair::generate().expect("leaf key"));
+        let mut params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).expect("params");
+        params.serial_number = Some(rcgen::SerialNumber::from(serial));
+        params.distinguished_name.push(rcgen::DnType::CommonName, format!("switchboard-test-{serial}"));
+        let cert = params.signed_by(&key, &self.cert, &self.key).expect("leaf cert");
+        (format!("{}{}", cert.pem(), self.cert.pem()), key.serialize_pem())
+    }
+
+    fn roots(&self) -> rustls::RootCertStore {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from(self.cert.der().to_vec())).expect("add CA");
+        roots
+    }
+}
+
+fn write_pair(dir: &Path, name: &str, (chain, key): &(String, String)) -> (PathBuf, PathBuf) {
+    let cert = dir.join(format!("{name}.crt"));
+    let keyp = dir.join(format!("{name}.key"));
+    std::fs::write(&cert, chain).expect("write cert");
+    std::fs::write(&keyp, key).expect("write key");
+    (cert, keyp)
+}
+
+/// A TLS client trusting only `ca`, for one protocol version and ALPN list.
+fn client_config(
+    ca: &Ca,
+    version: &'static rustls::SupportedProtocolVersion,
+    alpn: &[&[u8]],
+) -> Arc<rustls::ClientConfig> {
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[version])
+        .expect("versions")
+        .with_root_certificates(ca.roots())
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    // Every connection does a full handshake, so it shows the certificate
+    // served now (a resumed session would report the one it started with).
+    cfg.resumption = rustls::client::Resumption::disabled();
+    Arc::new(cfg)
+}
+
+type Tls = tokio_rustls::client::TlsStream<TcpStream>;
+
+async fn connect_tls(addr: SocketAddr, cfg: Arc<rustls::ClientConfig>) -> Tls {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = ServerName::try_from("localhost").expect("name");
+    tokio::time::timeout(WAIT, tokio_rustls::TlsConnector::from(cfg).connect(name, tcp))
+        .await
+        .expect("handshake in time")
+        .expect("handshake")
+}
+
+/// Serial number of the certificate the server presented.
+fn served_serial(tls: &Tls) -> u64 {
+    let certs = tls.get_ref().1.peer_certificates().expect("peer certs");
+    let (_, cert) = x509_parser::parse_x509_certificate(&certs[0]).expect("x509");
+    let bytes = cert.raw_serial();
+    bytes.iter().fold(0u64, |acc, b| (acc << 8) | *b as u64)
+}
+
+/// An HTTP/1.1 connection over `tls`; keeps it open for several requests.
+async fn h1(tls: Tls) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.expect("h1 handshake");
+    tokio::spawn(conn);
+    send
+}
+
+async fn post_on(
+    send: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    path: &str,
+    body: &'static [u8],
+) -> u16 {
+    send.ready().await.expect("ready");
+    let req = http::Request::post(path)
+        .header("host", "localhost")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(body)))
+        .expect("request");
+    let resp = tokio::time::timeout(WAIT, send.send_request(req)).await.expect("in time").expect("response");
+    let status = resp.status().as_u16();
+    let _ = resp.into_body().collect().await;
+    status
+}
+
+fn tls_config(dest: &str, cert: &Path, key: &Path) -> String {
+    config(&[("a", dest, "")]).replace(
+        "[[listeners]]\naddr = \"127.0.0.1:0\"\n",
+        &format!(
+            "[[listeners]]\naddr = \"127.0.0.1:0\"\n[[listeners]]\naddr = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
+            cert.display(),
+            key.display()
+        ),
+    )
+}
+
+#[tokio::test]
+async fn https_with_tls12_tls13_and_h2_next_to_plain_http() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = write_pair(dir.path(), "leaf", &ca.leaf(1, None));
+    let r = TestReceiver::ok().await;
+    let relay = TestRelay::start(&tls_config(&r.url("/a"), &cert, &key)).await;
+    let (plain, https) = (relay.ingress_all[0], relay.ingress_all[1]);
+
+    assert_eq!(post(&format!("http://{plain}/in"), "application/json", "{\"via\":\"http\"}").await.0, 200);
+
+    for (version, want) in [
+        (&rustls::version::TLS12, rustls::ProtocolVersion::TLSv1_2),
+        (&rustls::version::TLS13, rustls::ProtocolVersion::TLSv1_3),
+    ] {
+        let tls = connect_tls(https, client_config(&ca, version, &[b"http/1.1"])).await;
+        assert_eq!(tls.get_ref().1.protocol_version(), Some(want));
+        let mut send = h1(tls).await;
+        assert_eq!(post_on(&mut send, "/in", b"{\"via\":\"https\"}").await, 200);
+    }
+
+    // HTTP/2 negotiated by ALPN.
+    let tls = connect_tls(https, client_config(&ca, &rustls::version::TLS13, &[b"h2", b"http/1.1"])).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await.expect("h2");
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("https://localhost:{}/in", https.port()))
+        .body(Full::new(Bytes::from_static(b"{\"via\":\"h2\"}")))
+        .expect("request");
+    let resp = send.send_request(req).await.expect("h2 response");
+    assert_eq!((resp.version(), resp.status().as_u16()), (http::Version::HTTP_2, 200));
+
+    // A client that does not trust our CA fails the handshake.
+    let other = Ca::new();
+    let tcp = TcpStream::connect(https).await.expect("connect");
+    let refused = tokio_rustls::TlsConnector::from(client_config(&other, &rustls::version::TLS13, &[]))
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await;
+    assert!(refused.is_err());
+
+    let got = r.wait_for(4, WAIT).await;
+    let vias: Vec<String> = got.iter().map(|x| String::from_utf8_lossy(&x.body).into_owned()).collect();
+    assert!(
+        vias.iter().filter(|b| b.contains("https")).count() == 2 && vias.iter().any(|b| b.contains("h2")),
+        "{vias:?}"
+    );
+    let m = relay.metrics().await;
+    assert!(m.contains("switchboard_tls_certificate_expiry_timestamp_seconds{listener=\"127.0.0.1:0\"}"), "{m}");
+}
+
+#[tokio::test]
+async fn rsa_pkcs1_and_ec_sec1_keys_load_and_bad_files_are_config_errors() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl").args(args).current_dir(dir.path()).output().expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    // RSA, written as PKCS#1 ("BEGIN RSA PRIVATE KEY").
+    openssl(&["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", "rsa8.pem"]);
+    openssl(&["pkey", "-in", "rsa8.pem", "-traditional", "-out", "rsa1.pem"]);
+    let rsa8 = std::fs::read_to_string(dir.path().join("rsa8.pem")).expect("read");
+    let rsa_key = rcgen::KeyPair::from_pem_and_sign_algo(&rsa8, &rcgen::PKCS_RSA_SHA256).expect("rsa key");
+    let (chain, _) = ca.leaf(10, Some(rsa_key));
+    std::fs::write(dir.path().join("rsa.crt"), &chain).expect("write");
+    assert!(std::fs::read_to_string(dir.path().join("rsa1.pem")).expect("read").contains("BEGIN RSA PRIVATE KEY"));
+    // ECDSA, written as SEC1 ("BEGIN EC PRIVATE KEY").
+    let (ec_chain, ec_key) = ca.leaf(11, None);
+    std::fs::write(dir.path().join("ec.crt"), &ec_chain).expect("write");
+    std::fs::write(dir.path().join("ec8.pem"), &ec_key).expect("write");
+    openssl(&["ec", "-in", "ec8.pem", "-out", "ec1.pem"]);
+    assert!(std::fs::read_to_string(dir.path().join("ec1.pem")).expect("read").contains("BEGIN EC PRIVATE KEY"));
+
+    for (cert, key) in [("rsa.crt", "rsa1.pem"), ("rsa.crt", "rsa8.pem"), ("ec.crt", "ec1.pem"), ("ec.crt", "ec8.pem")]
+    {
+        let files = switchboard::tls::TlsFiles { cert: dir.path().join(cert), key: dir.path().join(key) };
+        let loaded = switchboard::tls::load(&files).unwrap_or_else(|e| panic!("{cert} + {key}: {e}"));
+        assert!(loaded.not_after > 0);
+    }
+    // An RSA certificate serves real handshakes too.
+    let r = TestReceiver::ok().await;
+    let relay =
+        TestRelay::start(&tls_config(&r.url("/a"), &dir.path().join("rsa.crt"), &dir.path().join("rsa1.pem"))).await;
+    let tls = connect_tls(relay.ingress_all[1], client_config(&ca, &rustls::version::TLS12, &[])).await;
+    assert_eq!(served_serial(&tls), 10);
+
+    // Mismatched and unreadable files are config errors naming the file.
+    let mismatched = tls_config("http://127.0.0.1:1/", &dir.path().join("rsa.crt"), &dir.path().join("ec1.pem"));
+    let path = write(dir.path(), &mismatched);
+    let err = switchboard::config::Config::load(&path).expect_err("mismatch").to_string();
+    assert!(err.contains("listeners[1].tls") && err.contains("rsa.crt") && err.contains("ec1.pem"), "{err}");
+    let missing = tls_config("http://127.0.0.1:1/", &dir.path().join("nope.crt"), &dir.path().join("ec1.pem"));
+    let path = write(dir.path(), &missing);
+    let err = switchboard::config::Config::load(&path).expect_err("missing").to_string();
+    assert!(err.contains("nope.crt"), "{err}");
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "-----BEGIN PRIVATE KEY-----\nnot base64!\n-----END PRIVATE KEY-----\n").expect("write");
+    let path = write(dir.path(), &tls_config("http://127.0.0.1:1/", &dir.path().join("ec.crt"), &garbage));
+    let err = switchboard::config::Config::load(&path).expect_err("garbage key").to_string();
+    assert!(err.contains("garbage.pem") && !err.contains("not base64"), "{err}");
+}
+
+#[tokio::test]
+async fn certificate_reload_on_signal_and_on_file_change_keeps_connections() {
+    let ca = Ca::new();
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let (cert, key) = write_pair(dir.path(), "live", &ca.leaf(100, None));
+    let r = TestReceiver::ok().await;
+    let reload = Arc::new(tokio::sync::Notify::new());
+    let relay = TestRelay::start_with_reload(dir.clone(), &tls_config(&r.url("/a"), &cert, &key), reload.clone()).await;
+    let https = relay.ingress_all[1];
+    let cfg = client_config(&ca, &rustls::version::TLS13, &[]);
+
+    let old = connect_tls(https, cfg.clone()).await;
+    assert_eq!(served_serial(&old), 100);
+    let mut kept = h1(old).await;
+    assert_eq!(post_on(&mut kept, "/in", b"{}").await, 200);
+
+    // 1. Replace the files and signal (SIGHUP in the binary).
+    write_pair(dir.path(), "live", &ca.leaf(101, None));
+    reload.notify_one();
+    wait_for_serial(https, &cfg, 101).await;
+    assert_eq!(post_on(&mut kept, "/in", b"{}").await, 200, "the open keep-alive connection still works");
+
+    // 2. Replace the files only: the watcher notices.
+    write_pair(dir.path(), "live", &ca.leaf(102, None));
+    wait_for_serial(https, &cfg, 102).await;
+
+    // 3. A broken replacement keeps the old certificate.
+    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n").expect("write");
+    reload.notify_one();
+    relay
+        .wait_metrics("a failed reload", |m| {
+            metric(m, "switchboard_tls_reloads_total{listener=\"127.0.0.1:0\",result=\"error\"}") >= 1.0
+        })
+        .await;
+    let tls = connect_tls(https, cfg.clone()).await;
+    assert_eq!(served_serial(&tls), 102);
+    assert_eq!(post_on(&mut kept, "/in", b"{}").await, 200);
+}
+
+async fn wait_for_serial(addr: SocketAddr, cfg: &Arc<rustls::ClientConfig>, serial: u64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let tls = connect_tls(addr, cfg.clone()).await;
+        let got = served_serial(&tls);
+        if got == serial {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still serving serial {got}, want {serial}");
+        tokio::time::sleep(POLL * 5).await;
+    }
+}
+
+#[tokio::test]
+async fn binary_reloads_certificate_on_sighup() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = write_pair(dir.path(), "live", &ca.leaf(200, None));
+    let toml = format!(
+        "[store]\npath = \"{{store}}\"\n[[listeners]]\naddr = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n[admin]\naddr = \"127.0.0.1:0\"\n[[routes]]\npath = \"/in\"\ndestinations = [\"a\"]\n[destinations.a]\nurl = \"http://127.0.0.1:1/\"\n",
+        cert.display(),
+        key.display()
+    );
+    let path = write(dir.path(), &toml);
+    let mut relay = RelayProcess::start(&path).await;
+    let cfg = client_config(&ca, &rustls::version::TLS12, &[]);
+    assert_eq!(served_serial(&connect_tls(relay.ingress, cfg.clone()).await), 200);
+    write_pair(dir.path(), "live", &ca.leaf(201, None));
+    relay.signal(nix::sys::signal::Signal::SIGHUP);
+    let logs = relay.logs.clone();
+    let served = tokio::spawn(async move { wait_for_serial(relay.ingress, &cfg, 201).await });
+    if let Err(e) = served.await {
+        panic!("{e}; logs:\n{}", logs.lock().expect("lock").join("\n"));
+    }
+    assert!(relay.child_running(), "SIGHUP must not stop the relay");
+}
+
+/// Posts from a specific loopback source address (127.0.0.0/8 all reach us).
+async fn post_from(src: &str, addr: SocketAddr, headers: &[(&str, &str)], body: &'static str) -> u16 {
+    let sock = TcpSocket::new_v4().expect("socket");
+    sock.bind(format!("{src}:0").parse().expect("src")).expect("bind source");
+    let stream = sock.connect(addr).await.expect("connect");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+    tokio::spawn(conn);
+    let mut req = http::Request::post("/in").header("host", "x").header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp =
+        send.send_request(req.body(Full::new(Bytes::from_static(body.as_bytes()))).expect("req")).await.expect("resp");
+    resp.status().as_u16()
+}
+
+#[tokio::test]
+async fn allowlists_with_and_without_trusted_proxies() {
+    let r = TestReceiver::ok().await;
+    let toml = config(&[("a", &r.url("/a"), "")])
+        .replace(
+            "destinations = [\"a\"]\n",
+            "destinations = [\"a\"]\nallow_ips = [\"127.0.0.10/32\", \"3.87.163.45/32\", \"2001:db8::/32\"]\n",
+        )
+        .replace(
+            "[[listeners]]\naddr = \"127.0.0.1:0\"\n",
+            "[[listeners]]\naddr = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.20/32\"]\n",
+        );
+    let relay = TestRelay::start(&toml).await;
+    let a = relay.ingress;
+    assert_eq!(post_from("127.0.0.10", a, &[], "{\"n\":1}").await, 200, "allowed source");
+    assert_eq!(post_from("127.0.0.11", a, &[], "{\"n\":2}").await, 403, "source not in allow_ips");
+    // Spoofed X-Forwarded-For from an untrusted peer is ignored.
+    assert_eq!(post_from("127.0.0.11", a, &[("x-forwarded-for", "3.87.163.45")], "{\"n\":3}").await, 403);
+    // The trusted proxy's header is believed: rightmost untrusted hop.
+    assert_eq!(post_from("127.0.0.20", a, &[("x-forwarded-for", "9.9.9.9, 3.87.163.45")], "{\"n\":4}").await, 200);
+    assert_eq!(post_from("127.0.0.20", a, &[("x-forwarded-for", "3.87.163.45, 9.9.9.9")], "{\"n\":5}").await, 403);
+    assert_eq!(post_from("127.0.0.20", a, &[("forwarded", "for=\"[2001:db8::7]:1234\"")], "{\"n\":6}").await, 200);
+    assert_eq!(post_from("127.0.0.20", a, &[], "{\"n\":7}").await, 403, "the proxy itself is not allowed");
+
+    let got = r.wait_for(3, WAIT).await;
+    let mut bodies: Vec<_> = got.iter().map(|x| String::from_utf8_lossy(&x.body).into_owned()).collect();
+    bodies.sort();
+    assert_eq!(bodies, ["{\"n\":1}", "{\"n\":4}", "{\"n\":6}"], "refused requests were not persisted");
+    let fwd = got.iter().find(|x| x.body.as_ref() == b"{\"n\":4}").expect("n4");
+    assert_eq!(fwd.header("x-forwarded-for").as_deref(), Some("9.9.9.9, 3.87.163.45, 3.87.163.45"));
+    let m = relay.metrics().await;
+    assert_eq!(metric(&m, "switchboard_ingress_rejected_total{reason=\"ip_not_allowed\",route=\"/in\"}"), 4.0, "{m}");
+}
+
+fn auth_config(dest: &str, auth: &str) -> String {
+    config(&[("a", dest, "")]).replace("destinations = [\"a\"]\n", &format!("destinations = [\"a\"]\n{auth}\n"))
+}
+
+#[tokio::test]
+async fn body_fields_auth_with_rotation_and_the_real_sample() {
+    // The current password comes from a file reference, the previous one inline.
+    let secrets = tempfile::tempdir().expect("tempdir");
+    let pw = secrets.path().join("ts-password");
+    std::fs::write(&pw, "pwd\n").expect("write");
+    let r = TestReceiver::ok().await;
+    let relay = TestRelay::start(&auth_config(
+        &r.url("/a"),
+        &format!(
+            "[routes.auth.body_fields]\nusername = \"user\"\npasswords = [\"file:{}\", \"previous-secret\"]",
+            pw.display()
+        ),
+    ))
+    .await;
+    let url = relay.url("/in");
+    let sample = sample("niddservice-uplink.json");
+    assert_eq!(post(&url, "application/json", sample.clone()).await.0, 200, "the real sample authenticates");
+    let rotated = String::from_utf8_lossy(&sample).replace("\"pwd\"", "\"previous-secret\"");
+    assert_eq!(post(&url, "application/json", rotated).await.0, 200, "the previous password is still accepted");
+    let wrong = String::from_utf8_lossy(&sample).replace("\"pwd\"", "\"guess\"");
+    let (status, _, body) = post(&url, "application/json", wrong).await;
+    assert_eq!(status, 401);
+    assert!(String::from_utf8_lossy(&body).contains("wrong credentials"));
+    let (status, _, body) = post(&url, "application/json", "{\"requestId\":\"x\"}").await;
+    assert_eq!(status, 401);
+    assert!(String::from_utf8_lossy(&body).contains("missing"));
+    let (status, _, body) = post(&url, "text/xml", "<soap:Envelope/>").await;
+    assert_eq!(status, 401);
+    assert!(String::from_utf8_lossy(&body).contains("JSON"), "{}", String::from_utf8_lossy(&body));
+    let wrong_user = String::from_utf8_lossy(&sample).replace("\"user\"", "\"other\"");
+    assert_eq!(post(&url, "application/json", wrong_user).await.0, 401);
+
+    assert_eq!(r.wait_for(2, WAIT).await.len(), 2);
+    let m = relay.metrics().await;
+    assert_eq!(metric(&m, "switchboard_ingress_rejected_total{reason=\"bad_credentials\",route=\"/in\"}"), 2.0);
+    assert_eq!(metric(&m, "switchboard_ingress_rejected_total{reason=\"not_json\",route=\"/in\"}"), 1.0);
+    assert_eq!(metric(&m, "switchboard_ingress_rejected_total{reason=\"missing_credentials\",route=\"/in\"}"), 1.0);
+    assert_eq!(r.count(), 2, "nothing refused was persisted");
+}
+
+#[tokio::test]
+async fn basic_header_and_hmac_auth() {
+    use base64::Engine;
+    use hmac::Mac;
+    let r = TestReceiver::ok().await;
+
+    let relay = TestRelay::start(&auth_config(
+        &r.url("/a"),
+        "[routes.auth.basic]\nusername = \"ts\"\npasswords = [\"new\", \"old\"]",
+    ))
+    .await;
+    let url = relay.url("/in");
+    let basic =
+        |u: &str, p: &str| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}")));
+    assert_eq!(request("POST", &url, &[("authorization", &basic("ts", "new"))], "{}").await.0, 200);
+    assert_eq!(request("POST", &url, &[("authorization", &basic("ts", "old"))], "{}").await.0, 200);
+    assert_eq!(request("POST", &url, &[("authorization", &basic("ts", "bad"))], "{}").await.0, 401);
+    assert_eq!(request("POST", &url, &[], "{}").await.0, 401);
+    drop(relay);
+
+    let relay = TestRelay::start(&auth_config(
+        &r.url("/a"),
+        "[routes.auth.header]\nname = \"X-Callback-Secret\"\nvalues = [\"s3cret\"]",
+    ))
+    .await;
+    let url = relay.url("/in");
+    assert_eq!(request("POST", &url, &[("x-callback-secret", "s3cret")], "{}").await.0, 200);
+    assert_eq!(request("POST", &url, &[("x-callback-secret", "nope")], "{}").await.0, 401);
+    assert_eq!(request("POST", &url, &[], "{}").await.0, 401);
+    drop(relay);
+
+    let relay = TestRelay::start(&auth_config(
+        &r.url("/a"),
+        "[routes.auth.hmac]\nheader = \"X-Hub-Signature-256\"\nprefix = \"sha256=\"\nsecrets = [\"hooksecret\"]",
+    ))
+    .await;
+    let url = relay.url("/in");
+    let body = "{\"event\":\"location\"}";
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"hooksecret").expect("key");
+    mac.update(body.as_bytes());
+    let sig: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(request("POST", &url, &[("x-hub-signature-256", &format!("sha256={sig}"))], body).await.0, 200);
+    assert_eq!(
+        request("POST", &url, &[("x-hub-signature-256", &format!("sha256={sig}"))], "{\"event\":\"tampered\"}").await.0,
+        401
+    );
+    assert_eq!(request("POST", &url, &[], body).await.0, 401);
+    assert_eq!(r.wait_for(4, WAIT).await.len(), 4);
+}
+
+#[tokio::test]
+async fn strip_body_fields_only_for_the_destination_that_asks() {
+    let stripped = TestReceiver::ok().await;
+    let original = TestReceiver::ok().await;
+    let relay = TestRelay::start(&config(&[
+        ("app", &stripped.url("/app"), "strip_body_fields = [\"username\", \"password\"]"),
+        ("audit", &original.url("/audit"), ""),
+    ]))
+    .await;
+    let sample = sample("niddservice-uplink.json");
+    assert_eq!(post(&relay.url("/in"), "application/json", sample.clone()).await.0, 200);
+    assert_eq!(post(&relay.url("/in"), "text/xml", "<not-json/>").await.0, 200);
+    let app = stripped.wait_for(2, WAIT).await;
+    let audit = original.wait_for(2, WAIT).await;
+    let a: serde_json::Value = serde_json::from_slice(&app[0].body).expect("json");
+    assert!(a.get("username").is_none() && a.get("password").is_none(), "{a}");
+    let orig: serde_json::Value = serde_json::from_slice(&sample).expect("json");
+    assert_eq!(a["requestId"], orig["requestId"]);
+    assert_eq!(a["niddResponse"], orig["niddResponse"]);
+    assert_eq!(audit[0].body, sample, "the other destination gets the original bytes");
+    assert_eq!(&app[1].body[..], b"<not-json/>", "non-JSON is forwarded unchanged");
+    let m = relay.metrics().await;
+    assert_eq!(metric(&m, "switchboard_strip_skipped_total{destination=\"app\"}"), 1.0);
+}
+
+#[tokio::test]
+async fn admin_token_protects_all_but_health() {
+    let r = TestReceiver::ok().await;
+    let toml = config(&[("a", &r.url("/a"), "")])
+        .replace("[admin]\naddr = \"127.0.0.1:0\"\n", "[admin]\naddr = \"127.0.0.1:0\"\ntoken = \"admintok\"\n");
+    let relay = TestRelay::start(&toml).await;
+    assert_eq!(get(&relay.admin_url("/healthz")).await.0, 200);
+    assert_eq!(get(&relay.admin_url("/readyz")).await.0, 200);
+    assert_eq!(get(&relay.admin_url("/metrics")).await.0, 401);
+    assert_eq!(request("GET", &relay.admin_url("/metrics"), &[("authorization", "Bearer wrong")], "").await.0, 401);
+    assert_eq!(request("GET", &relay.admin_url("/metrics"), &[("authorization", "Bearer admintok")], "").await.0, 200);
+    assert_eq!(request("POST", &relay.admin_url("/api/dead-letters/a/replay"), &[], "").await.0, 401);
+}
+
+#[tokio::test]
+async fn secrets_never_reach_logs_or_check_output() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = TestReceiver::ok().await;
+    let toml = config(&[("a", &r.url("/a"), "strip_body_fields = [\"password\"]")])
+        .replace("destinations = [\"a\"]\n", "destinations = [\"a\"]\n[routes.auth.body_fields]\nusername = \"user\"\npasswords = [\"env:SB_TEST_SECRET_PW\", \"inline-old-Secret-77\"]\n")
+        .replace("[admin]\naddr = \"127.0.0.1:0\"\n", "[admin]\naddr = \"0.0.0.0:0\"\ntoken = \"admin-Token-55\"\n");
+    let path = write(dir.path(), &toml);
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("SB_TEST_SECRET_PW", "env-Secret-99")
+        .output()
+        .expect("check");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    for secret in ["env-Secret-99", "inline-old-Secret-77", "admin-Token-55"] {
+        assert!(!text.contains(secret), "check printed {secret}: {text}");
+    }
+    assert!(text.contains("env:SB_TEST_SECRET_PW"), "references are shown as written: {text}");
+    assert!(!text.contains("warning: admin.addr"), "a token is set: no admin warning: {text}");
+
+    // Run with debug logs, send right and wrong credentials.
+    let relay =
+        RelayProcess::start_with_env(&path, &[("RUST_LOG", "debug"), ("SB_TEST_SECRET_PW", "env-Secret-99")]).await;
+    let good = "{\"username\":\"user\",\"password\":\"env-Secret-99\",\"n\":1}";
+    let bad = "{\"username\":\"user\",\"password\":\"wrong-Guess-11\",\"n\":2}";
+    assert_eq!(post(&relay.url("/in"), "application/json", good).await.0, 200);
+    assert_eq!(post(&relay.url("/in"), "application/json", bad).await.0, 401);
+    assert_eq!(
+        post(&relay.url("/in"), "application/json", "{\"username\":\"user\",\"password\":\"inline-old-Secret-77\"}")
+            .await
+            .0,
+        200
+    );
+    r.wait_for(2, WAIT).await;
+    let (status, _, metrics) =
+        request("GET", &relay.admin_url("/metrics"), &[("authorization", "Bearer admin-Token-55")], "").await;
+    assert_eq!(status, 200);
+    let logs = relay.logs();
+    assert!(logs.len() > 100, "debug logs were captured");
+    for secret in ["env-Secret-99", "inline-old-Secret-77", "admin-Token-55", "wrong-Guess-11"] {
+        assert!(!logs.contains(secret), "logs contain {secret}");
+        assert!(!String::from_utf8_lossy(&metrics).contains(secret), "metrics contain {secret}");
+    }
+    drop(relay);
+}
+
+#[test]
+fn check_warns_about_ports_and_plain_http_but_passes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = config(&[("a", "http://127.0.0.1:1/", "")]).replace(
+        "[[listeners]]\naddr = \"127.0.0.1:0\"\n",
+        "[[listeners]]\naddr = \"0.0.0.0:8080\"\n[[listeners]]\naddr = \"0.0.0.0:9001\"\n",
+    );
+    let path = write(dir.path(), &toml);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .expect("check");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("listeners[0].addr: port 8080 is not one a sender can register"), "{stderr}");
+    assert!(!stderr.contains("listeners[1].addr: port"), "9001 is a ThingSpace port: {stderr}");
+    assert!(stderr.contains("listeners[1]: plain HTTP on non-loopback"), "{stderr}");
+
+    let custom = toml.replace("[[routes]]", "[check]\npublic_ports = [\"8000-8100\"]\n[[routes]]");
+    let path = write(dir.path(), &custom);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .expect("check");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("port 8080"), "{stderr}");
+    assert!(stderr.contains("port 9001"), "{stderr}");
+}
