@@ -168,6 +168,9 @@ pub async fn run_with_reload(
     }
     for (name, store) in &certs {
         metrics.tls_expiry.with_label_values(&[name]).set(store.not_after() as f64);
+        // Both outcomes exist from the start, so increase() sees the first one.
+        metrics.tls_reloads.with_label_values(&[name, "ok"]);
+        metrics.tls_reloads.with_label_values(&[name, "error"]);
     }
     if !certs.is_empty() {
         tracker.spawn(watch_certificates(certs, metrics.clone(), reload, shutdown.clone()));

@@ -97,12 +97,28 @@ async fn alert_rules_and_dashboard_use_only_exported_metric_names() {
     // and a dead letter.
     let ok = TestReceiver::ok().await;
     let bad = TestReceiver::scripted(|n, _| if n == 0 { Reply::Status(500) } else { Reply::Status(400) }).await;
-    let relay = TestRelay::start(&config(&[
+    let ca = crate::security::Ca::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = crate::security::write_pair(dir.path(), "leaf", &ca.leaf(1, None));
+    let toml = config(&[
         ("ok", &ok.url("/ok"), ""),
         ("bad", &bad.url("/bad"), "[destinations.bad.retry]\ninitial = \"10ms\""),
-    ]))
-    .await;
+    ])
+    .replace(
+        "[[listeners]]\naddr = \"127.0.0.1:0\"\n",
+        &format!(
+            "[[listeners]]\naddr = \"127.0.0.1:0\"\n[[listeners]]\naddr = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let toml = toml.replace(
+        "[destinations.ok]",
+        "[[routes]]\npath = \"/guarded\"\ndestinations = [\"ok\"]\nallow_ips = [\"10.0.0.0/8\"]\n[destinations.ok]",
+    );
+    let relay = TestRelay::start(&toml).await;
     assert_eq!(post(&relay.url("/in"), "application/json", "{}").await.0, 200);
+    assert_eq!(post(&relay.url("/guarded"), "application/json", "{}").await.0, 403);
     let exposition = relay
         .wait_metrics("a delivery and a dead letter", |m| {
             metric(m, "switchboard_deliveries_total{destination=\"ok\",outcome=\"delivered\"}") == 1.0

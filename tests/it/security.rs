@@ -17,13 +17,13 @@ use crate::binary::{write, RelayProcess};
 use crate::support::*;
 
 /// A test CA that issues leaf certificates for 127.0.0.1 / localhost.
-struct Ca {
+pub struct Ca {
     cert: rcgen::Certificate,
     key: rcgen::KeyPair,
 }
 
 impl Ca {
-    fn new() -> Ca {
+    pub fn new() -> Ca {
         let key = rcgen::KeyPair::generate().expect("ca key");
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -35,7 +35,7 @@ impl Ca {
 
     /// Issues a leaf with serial `serial` for `key` (generated if None).
     /// Returns (chain PEM: leaf + CA, key PEM).
-    fn leaf(&self, serial: u64, key: Option<rcgen::KeyPair>) -> (String, String) {
+    pub fn leaf(&self, serial: u64, key: Option<rcgen::KeyPair>) -> (String, String) {
         let key = key.unwrap_or_else(|| rcgen::KeyPair::generate().expect("leaf key"));
         let mut params =
             rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).expect("params");
@@ -52,7 +52,7 @@ impl Ca {
     }
 }
 
-fn write_pair(dir: &Path, name: &str, (chain, key): &(String, String)) -> (PathBuf, PathBuf) {
+pub fn write_pair(dir: &Path, name: &str, (chain, key): &(String, String)) -> (PathBuf, PathBuf) {
     let cert = dir.join(format!("{name}.crt"));
     let keyp = dir.join(format!("{name}.key"));
     std::fs::write(&cert, chain).expect("write cert");
@@ -573,4 +573,61 @@ fn check_warns_about_ports_and_plain_http_but_passes() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("port 8080"), "{stderr}");
     assert!(stderr.contains("port 9001"), "{stderr}");
+}
+
+/// The configuration contract from the HTTPS issue, exactly as written
+/// except for the two certificate paths (which must exist to validate).
+const CONTRACT: &str = r#"
+[[listeners]]
+addr = "0.0.0.0:9443"
+tls = { cert = "/etc/switchboard/fullchain.pem", key = "/etc/switchboard/privkey.pem" }
+trusted_proxies = ["10.0.0.0/8"]
+
+[[routes]]
+path = "/thingspace/CarrierService"
+destinations = ["app", "audit"]
+allow_ips = ["3.87.163.45/32", "3.91.119.203/32", "127.0.0.0/8"]
+[routes.auth.body_fields]
+username = "acct-0252012345"
+passwords = ["env:TS_CALLBACK_PASSWORD", "previous-secret"]
+
+[destinations.app]
+url = "https://app.internal.example/callbacks"
+strip_body_fields = ["username", "password"]
+
+[destinations.audit]
+url = "http://127.0.0.1:8082/audit"
+"#;
+
+#[test]
+fn the_issue_config_contract_loads_as_written() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = write_pair(dir.path(), "fullchain", &ca.leaf(7, None));
+    let text = CONTRACT
+        .replace("/etc/switchboard/fullchain.pem", &cert.display().to_string())
+        .replace("/etc/switchboard/privkey.pem", &key.display().to_string());
+    let path = dir.path().join("contract.toml");
+    std::fs::write(&path, text).expect("write");
+    let run = |env: &[(&str, &str)]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"));
+        cmd.args(["check", "-c"]).arg(&path).env_remove("TS_CALLBACK_PASSWORD");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("check")
+    };
+    let out = run(&[("TS_CALLBACK_PASSWORD", "current-secret")]);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    assert!(!text.contains("current-secret") && !text.contains("previous-secret"), "{text}");
+    // Without the variable: a config error naming the key and the variable, not a value.
+    let out = run(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr
+            .contains("routes[0].auth.body_fields.passwords[0]: environment variable TS_CALLBACK_PASSWORD is not set"),
+        "{stderr}"
+    );
 }
