@@ -432,6 +432,9 @@ pub struct RawDestination {
     /// Top-level JSON fields removed from the body before forwarding here.
     #[serde(default)]
     pub strip_body_fields: Vec<String>,
+    /// Accept and queue for this destination, but deliver nothing (maintenance).
+    #[serde(default)]
+    pub paused: bool,
     #[serde(default)]
     pub retry: RawRetry,
 }
@@ -569,6 +572,7 @@ pub struct Destination {
     pub connect_timeout: Duration,
     pub concurrency: usize,
     pub strip_body_fields: Vec<String>,
+    pub paused: bool,
     pub retry: crate::retry::RetryPolicy,
 }
 
@@ -906,6 +910,7 @@ fn validate_destination(p: &mut Problems, key: &str, name: &str, d: &RawDestinat
         connect_timeout: d.connect_timeout,
         concurrency: d.concurrency,
         strip_body_fields: d.strip_body_fields.clone(),
+        paused: d.paused,
         retry: crate::retry::RetryPolicy {
             initial: r.initial,
             max_interval: r.max_interval,

@@ -112,6 +112,11 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken, grace: Duration) {
         let this = Arc::new(self);
         let name = this.dest.name.clone();
+        if this.dest.paused {
+            tracing::info!(destination = %name, "destination paused: messages are queued, not delivered");
+            shutdown.cancelled().await;
+            return;
+        }
         let limit = this.dest.concurrency;
         let mut inflight: HashSet<u64> = HashSet::new();
         let mut tasks: JoinSet<bool> = JoinSet::new();
