@@ -99,7 +99,8 @@ impl Receiver {
                             Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                    let _ =
+                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
                 });
             }
         });
@@ -126,7 +127,8 @@ fn sent_at_us(body: &[u8]) -> Option<u64> {
 
 /// A 1 KiB JSON body shaped like a ThingSpace callback.
 fn body(epoch: Instant) -> Bytes {
-    let head = format!("{{\"t\":{:020},\"username\":\"\",\"password\":\"\",\"requestId\":\"", epoch.elapsed().as_micros());
+    let head =
+        format!("{{\"t\":{:020},\"username\":\"\",\"password\":\"\",\"requestId\":\"", epoch.elapsed().as_micros());
     let mut s = head;
     while s.len() < 1024 - 3 {
         s.push('x');
@@ -220,7 +222,14 @@ async fn send(send: &mut Sender, addr: SocketAddr, path: &str, body: Bytes) -> A
 
 /// Closed loop: `conns` connections, each sending back to back for `dur`
 /// (or until `max` requests in all).
-async fn closed_loop(addr: SocketAddr, path: &str, conns: usize, dur: Duration, max: u64, epoch: Instant) -> LoadResult {
+async fn closed_loop(
+    addr: SocketAddr,
+    path: &str,
+    conns: usize,
+    dur: Duration,
+    max: u64,
+    epoch: Instant,
+) -> LoadResult {
     let started = Instant::now();
     let deadline = started + dur;
     let sent = Arc::new(AtomicU64::new(0));
@@ -343,7 +352,9 @@ impl Relay {
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
                 let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
-                if let (Some(msg), Some(addr)) = (v["message"].as_str(), v["addr"].as_str().and_then(|a| a.parse().ok())) {
+                if let (Some(msg), Some(addr)) =
+                    (v["message"].as_str(), v["addr"].as_str().and_then(|a| a.parse().ok()))
+                {
                     let _ = tx.send((msg.to_string(), addr));
                 }
             }
@@ -436,7 +447,12 @@ async fn bench(s: Settings) -> AnyResult<()> {
         let _ = std::fs::create_dir_all(&d);
         d
     };
-    println!("switchboard benchmark ({} mode): {} s per run, {} connections, 1 KiB JSON bodies, loopback only", if s.quick { "quick" } else { "full" }, s.run.as_secs(), s.connections);
+    println!(
+        "switchboard benchmark ({} mode): {} s per run, {} connections, 1 KiB JSON bodies, loopback only",
+        if s.quick { "quick" } else { "full" },
+        s.run.as_secs(),
+        s.connections
+    );
     println!("| {:<34} | figures |", "run");
     println!("|{}|---------|", "-".repeat(36));
 
@@ -445,7 +461,13 @@ async fn bench(s: Settings) -> AnyResult<()> {
     let ceiling = closed_loop(ceiling_addr, "/in", s.connections, s.run, u64::MAX, epoch).await;
     row(
         "1. ceiling (no persistence)",
-        &format!("{:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms", ceiling.rps(), ceiling.pct(0.5), ceiling.pct(0.99), ceiling.pct(0.999)),
+        &format!(
+            "{:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms",
+            ceiling.rps(),
+            ceiling.pct(0.5),
+            ceiling.pct(0.99),
+            ceiling.pct(0.999)
+        ),
     );
 
     // 2. Durable ingest, destination paused.
@@ -474,7 +496,14 @@ async fn bench(s: Settings) -> AnyResult<()> {
     let fixed = open_loop(relay.ingress, "/in", 1000, s.run, epoch).await;
     row(
         "3. ack latency at 1000 req/s (open)",
-        &format!("{} ok, {} failed, p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms", fixed.ok, fixed.errors, fixed.pct(0.5), fixed.pct(0.99), fixed.pct(0.999)),
+        &format!(
+            "{} ok, {} failed, p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms",
+            fixed.ok,
+            fixed.errors,
+            fixed.pct(0.5),
+            fixed.pct(0.99),
+            fixed.pct(0.999)
+        ),
     );
     let fixed_peak = relay.peak_mb();
     relay.stop();

@@ -8,7 +8,6 @@
 //! | `meta`     | `uid`                                      | 8 random bytes         |
 //! | `meta`     | `last_id`                                  | u64 BE                 |
 //! | `messages` | message id, u64 BE                         | [`MessageRecord`]      |
-//! | `refs`     | message id, u64 BE                         | u32 BE count of queue and dead entries naming it |
 //! | `queue`    | destination, 0x00, due ms u64 BE, id u64 BE | [`QueueRecord`]       |
 //! | `dead`     | destination, 0x00, id u64 BE                | [`DeadRecord`]        |
 //!
@@ -217,15 +216,6 @@ pub fn parse_id_key(key: &[u8]) -> Result<u64, DecodeError> {
         return Err(bad("message key", format!("expected 8 bytes, found {}", key.len())));
     }
     Ok(be_u64(key))
-}
-
-pub fn encode_count(n: u32) -> [u8; 4] {
-    n.to_be_bytes()
-}
-
-pub fn decode_count(raw: &[u8]) -> Result<u32, DecodeError> {
-    let arr: [u8; 4] = raw.try_into().map_err(|_| bad("reference count", "expected 4 bytes"))?;
-    Ok(u32::from_be_bytes(arr))
 }
 
 pub fn decode_u64(raw: &[u8], what: &'static str) -> Result<u64, DecodeError> {

@@ -5,15 +5,19 @@
 //! engine could stand behind it. The on-disk format is defined in [`format`].
 //!
 //! Invariants:
-//! - [`Store::append`] writes a message, its reference count and one queue
-//!   entry per destination in one sled transaction: all or nothing.
+//! - [`Store::append`] writes a message and one queue entry per destination
+//!   in one sled transaction: all or nothing.
 //! - Nothing is durable until [`Store::sync`] returns `Ok`; ingress
 //!   acknowledges only after that (group commit, see [`commit`]).
 //! - A queue entry leaves the queue only by being delivered, rescheduled
 //!   (delete + insert) or moved to `dead`, each in one transaction. A crash at
 //!   any point leaves it pending: at-least-once delivery.
-//! - `refs[id]` counts the queue and dead entries naming message `id`; the
-//!   message is deleted in the same transaction that drops the count to 0.
+//! - A message is referenced by its queue and dead entries. The count lives in
+//!   memory (rebuilt from the queue and dead trees at open, so it cannot drift
+//!   from disk); the last settle removes the entry and the message in one
+//!   transaction. A message found with no references at open is deleted.
+//!   Operations on one message are serialized by a striped lock, so the count
+//!   and the trees change together.
 //! - Settling writes (delivered, retried, dead-lettered) are not fsync'd one by
 //!   one: losing one to a crash means a duplicate delivery, never a loss. They
 //!   are flushed by the next group commit or by the idle ticker.
@@ -149,7 +153,6 @@ struct Inner {
     db: sled::Db,
     meta: sled::Tree,
     messages: sled::Tree,
-    refs: sled::Tree,
     queue: sled::Tree,
     dead: sled::Tree,
     uid: String,
@@ -168,7 +171,12 @@ struct Inner {
     ticker_stop: tokio_util::sync::CancellationToken,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     index: Mutex<HashMap<String, DestIndex>>,
+    /// Queue + dead entries per message id, striped by id.
+    refs: Vec<Mutex<HashMap<u64, u32>>>,
 }
+
+/// Lock stripes for per-message reference counts.
+const REF_STRIPES: usize = 64;
 
 /// How often settled deliveries are flushed when no ingress flush happens.
 const IDLE_FLUSH: Duration = Duration::from_millis(500);
@@ -185,15 +193,31 @@ impl Store {
         opts: StoreOptions,
         on_flush: impl Fn(Duration, bool) + Send + 'static,
     ) -> Result<Store, StoreError> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(path)
             .mode(sled::Mode::HighThroughput)
             .cache_capacity(opts.cache_bytes.unwrap_or(32 * 1024 * 1024))
             // Our flusher is the only one; sled's own background flusher would
             // run concurrently with it (see commit.rs for why that is avoided).
-            .flush_every_ms(None)
-            .open()
-            .map_err(|source| StoreError::Open { path: path.to_path_buf(), source })?;
+            .flush_every_ms(None);
+        // sled releases its file lock from its I/O threads shortly after the
+        // last handle is dropped, so reopening in the same process (a restart
+        // in tests, or after a supervisor-less in-process restart) can find it
+        // still held for a moment. A lock held by another process stays held
+        // and is reported after the wait.
+        let lock_wait = std::time::Instant::now();
+        let db = loop {
+            match config.open() {
+                Ok(db) => break db,
+                Err(e)
+                    if e.to_string().contains("could not acquire lock")
+                        && lock_wait.elapsed() < Duration::from_secs(2) =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(source) => return Err(StoreError::Open { path: path.to_path_buf(), source }),
+            }
+        };
         let meta = db.open_tree("meta")?;
         check_format(path, &db, &meta)?;
         let uid = match meta.get("uid")? {
@@ -205,7 +229,6 @@ impl Store {
             }
         };
         let messages = db.open_tree("messages")?;
-        let refs = db.open_tree("refs")?;
         let queue = db.open_tree("queue")?;
         let dead = db.open_tree("dead")?;
 
@@ -214,22 +237,45 @@ impl Store {
             Some(v) => decode_u64(&v, "meta last_id")?,
             None => 0,
         };
-        let mut bytes = 0u64;
-        for item in messages.iter() {
-            let (k, v) = item?;
-            last_id = last_id.max(parse_id_key(&k)?);
-            bytes += v.len() as u64;
-        }
         let mut index: HashMap<String, DestIndex> = HashMap::new();
+        let refs: Vec<Mutex<HashMap<u64, u32>>> = (0..REF_STRIPES).map(|_| Mutex::default()).collect();
+        let mut counts: HashMap<u64, u32> = HashMap::new();
         for item in queue.iter() {
             let (k, _) = item?;
             let (dest, _, id) = parse_queue_key(&k)?;
             index.entry(dest.to_string()).or_default().pending.insert(id);
+            *counts.entry(id).or_default() += 1;
         }
         for item in dead.iter() {
             let (k, _) = item?;
-            let (dest, _) = parse_dead_key(&k)?;
+            let (dest, id) = parse_dead_key(&k)?;
             index.entry(dest.to_string()).or_default().dead += 1;
+            *counts.entry(id).or_default() += 1;
+        }
+        let mut bytes = 0u64;
+        let mut unreferenced = Vec::new();
+        for item in messages.iter() {
+            let (k, v) = item?;
+            let id = parse_id_key(&k)?;
+            last_id = last_id.max(id);
+            if counts.contains_key(&id) {
+                bytes += v.len() as u64;
+            } else {
+                unreferenced.push(k);
+            }
+        }
+        // Left by a crash between a last settle's parts in older layouts, or
+        // by manual surgery: nothing can ever deliver these, so they go.
+        if !unreferenced.is_empty() {
+            tracing::info!(count = unreferenced.len(), "removing stored messages no delivery refers to");
+            for k in unreferenced {
+                messages.remove(k)?;
+            }
+        }
+        for (id, n) in counts {
+            if let Ok(mut stripe) = refs[(id as usize) % REF_STRIPES].lock() {
+                stripe.insert(id, n);
+            }
         }
 
         let commit = GroupCommit::new();
@@ -239,7 +285,6 @@ impl Store {
             db: db.clone(),
             meta,
             messages,
-            refs,
             queue,
             dead,
             uid,
@@ -256,6 +301,7 @@ impl Store {
             ticker_stop: tokio_util::sync::CancellationToken::new(),
             tasks: Mutex::new(Vec::new()),
             index: Mutex::new(index),
+            refs,
         });
         let flusher = tokio::spawn(commit.clone().run(db, stop.clone(), on_flush));
         let weak = Arc::downgrade(&inner);
@@ -331,19 +377,23 @@ impl Store {
         }
         let id = self.next_id(msg.received_ms);
         let key = id_key(id);
-        let count = encode_count(destinations.len() as u32);
         let queued = QueueRecord::default().encode();
         let keys: Vec<Vec<u8>> = destinations.iter().map(|d| queue_key(d, msg.received_ms, id)).collect();
-        (&inner.messages, &inner.refs, &inner.queue)
-            .transaction(|(m, r, q)| {
-                m.insert(&key, value.as_slice())?;
-                r.insert(&key, &count)?;
-                for k in &keys {
-                    q.insert(k.as_slice(), queued.as_slice())?;
-                }
-                Ok::<_, ConflictableTransactionError<StoreError>>(())
-            })
-            .map_err(StoreError::from)?;
+        {
+            // Held across the write: a worker may lease the new entry at once,
+            // and its settle must see the count.
+            let mut refs = self.refs_of(id);
+            (&inner.messages, &inner.queue)
+                .transaction(|(m, q)| {
+                    m.insert(&key, value.as_slice())?;
+                    for k in &keys {
+                        q.insert(k.as_slice(), queued.as_slice())?;
+                    }
+                    Ok::<_, ConflictableTransactionError<StoreError>>(())
+                })
+                .map_err(StoreError::from)?;
+            refs.insert(id, destinations.len() as u32);
+        }
         inner.bytes.fetch_add(value.len() as u64, Ordering::Relaxed);
         if let Ok(mut index) = inner.index.lock() {
             for d in destinations {
@@ -405,22 +455,45 @@ impl Store {
         }
     }
 
+    fn refs_of(&self, id: u64) -> std::sync::MutexGuard<'_, HashMap<u64, u32>> {
+        let stripe = &self.inner.refs[(id as usize) % REF_STRIPES];
+        // A poisoned stripe only means a panic elsewhere while holding it; the
+        // map itself is still consistent (every update is a single insert).
+        stripe.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Settles a lease as delivered: the entry leaves the queue and the
     /// message is deleted if nothing else references it.
     pub fn delivered(&self, dest: &str, lease: &Lease) -> Result<(), StoreError> {
         let inner = &self.inner;
         let qkey = queue_key(dest, lease.due_ms, lease.id);
-        let ikey = id_key(lease.id);
-        let freed = (&inner.messages, &inner.refs, &inner.queue)
-            .transaction(|(m, r, q)| {
-                if q.remove(qkey.as_slice())?.is_none() {
-                    return Ok(None);
-                }
-                Ok(Some(decref(m, r, &ikey)?))
-            })
-            .map_err(StoreError::from)?;
-        if let Some(freed) = freed {
-            inner.bytes.fetch_sub(freed, Ordering::Relaxed);
+        let mut refs = self.refs_of(lease.id);
+        let count = refs.get(&lease.id).copied().unwrap_or(0);
+        let removed = if count <= 1 {
+            // The last reference: the entry and the message go together.
+            let ikey = id_key(lease.id);
+            let freed = (&inner.messages, &inner.queue)
+                .transaction(|(m, q)| {
+                    if q.remove(qkey.as_slice())?.is_none() {
+                        return Ok(None);
+                    }
+                    Ok(Some(m.remove(&ikey)?.map(|v| v.len() as u64).unwrap_or(0)))
+                })
+                .map_err(StoreError::from)?;
+            if let Some(freed) = freed {
+                inner.bytes.fetch_sub(freed, Ordering::Relaxed);
+                refs.remove(&lease.id);
+            }
+            freed.is_some()
+        } else {
+            let removed = inner.queue.remove(qkey)?.is_some();
+            if removed {
+                refs.insert(lease.id, count - 1);
+            }
+            removed
+        };
+        drop(refs);
+        if removed {
             self.unindex_pending(dest, lease.id);
         }
         inner.dirty.store(true, Ordering::SeqCst);
@@ -474,7 +547,14 @@ impl Store {
     /// Drops a queue entry whose message is missing (should never happen;
     /// kept so a damaged store cannot wedge a destination).
     pub fn drop_orphan(&self, dest: &str, lease: &Lease) -> Result<(), StoreError> {
-        self.inner.queue.remove(queue_key(dest, lease.due_ms, lease.id))?;
+        let mut refs = self.refs_of(lease.id);
+        if self.inner.queue.remove(queue_key(dest, lease.due_ms, lease.id))?.is_some() {
+            match refs.get(&lease.id).copied() {
+                Some(n) if n > 1 => refs.insert(lease.id, n - 1),
+                _ => refs.remove(&lease.id),
+            };
+        }
+        drop(refs);
         self.unindex_pending(dest, lease.id);
         Ok(())
     }
@@ -612,26 +692,6 @@ impl Store {
 fn free_space(path: &Path) -> Option<u64> {
     let st = nix::sys::statvfs::statvfs(path).ok()?;
     Some((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
-}
-
-/// Decrements `refs[key]`; at zero deletes the count and the message.
-/// Returns the message bytes freed.
-fn decref(
-    m: &sled::transaction::TransactionalTree,
-    r: &sled::transaction::TransactionalTree,
-    key: &[u8; 8],
-) -> Result<u64, ConflictableTransactionError<StoreError>> {
-    let count = match r.get(key)? {
-        Some(v) => decode_count(&v).map_err(|e| ConflictableTransactionError::Abort(e.into()))?,
-        None => 0,
-    };
-    if count <= 1 {
-        r.remove(key)?;
-        Ok(m.remove(key)?.map(|v| v.len() as u64).unwrap_or(0))
-    } else {
-        r.insert(key, &encode_count(count - 1))?;
-        Ok(0)
-    }
 }
 
 /// Checks (or, for a new store, writes) the format marker. Never deletes.

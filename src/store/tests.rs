@@ -127,6 +127,25 @@ fn unmarked_or_corrupt_store_is_refused_without_wiping() {
 }
 
 #[test]
+fn unreferenced_messages_are_removed_at_open() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = open(dir.path());
+            let id = store.append(&msg("orphan"), &dests(&["a"])).expect("append");
+            // Simulate a crash that kept the message but lost its queue entry.
+            let lease = all_due(&store, "a").remove(0);
+            store.inner.queue.remove(queue_key("a", lease.due_ms, id)).expect("remove");
+            store.append(&msg("kept"), &dests(&["a"])).expect("append");
+            store.close().await.expect("close");
+        }
+        let store = open(dir.path());
+        assert_eq!(store.inner.messages.len(), 1);
+        assert_eq!(store.bytes(), msg("kept").encode().len() as u64);
+    });
+}
+
+#[test]
 fn max_bytes_refuses_then_accepts_after_deletion() {
     rt().block_on(async {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -243,8 +262,22 @@ fn check(store: &Store, model: &Model) -> Result<(), TestCaseError> {
         store.inner.messages.iter().keys().map(|k| parse_id_key(&k.expect("key")).expect("id")).collect();
     let live: BTreeSet<u64> = model.messages.keys().copied().filter(|id| model.referenced(*id)).collect();
     prop_assert_eq!(&stored, &live);
-    let refs: usize = store.inner.refs.len();
-    prop_assert_eq!(refs, live.len(), "one reference count per stored message");
+    let mut refs: BTreeMap<u64, u32> = BTreeMap::new();
+    for stripe in &store.inner.refs {
+        refs.extend(stripe.lock().expect("lock").iter().map(|(k, v)| (*k, *v)));
+    }
+    let mut want_refs: BTreeMap<u64, u32> = BTreeMap::new();
+    for p in model.pending.values() {
+        for id in p.keys() {
+            *want_refs.entry(*id).or_default() += 1;
+        }
+    }
+    for d in model.dead.values() {
+        for id in d {
+            *want_refs.entry(*id).or_default() += 1;
+        }
+    }
+    prop_assert_eq!(refs, want_refs, "reference counts match the queue and dead entries");
     let bytes: u64 = live.iter().map(|id| model.messages[id]).sum();
     prop_assert_eq!(store.bytes(), bytes);
     Ok(())
