@@ -272,3 +272,22 @@ async fn metrics_and_health_endpoints() {
     let (status, _, _) = get(&relay.admin_url("/readyz")).await;
     assert_eq!(status, 200);
 }
+
+#[tokio::test]
+async fn paused_destination_queues_without_delivering_and_resumes_after_restart() {
+    let dir = std::sync::Arc::new(tempfile::tempdir().expect("tempdir"));
+    let active = TestReceiver::ok().await;
+    let held = TestReceiver::ok().await;
+    let paused = config(&[("active", &active.url("/a"), ""), ("held", &held.url("/h"), "paused = true")]);
+    let relay = TestRelay::start_in(dir.clone(), &paused).await;
+    assert_eq!(post(&relay.url("/in"), "application/json", "{\"p\":1}").await.0, 200);
+    active.wait_for(1, WAIT).await;
+    relay.wait_metrics("one queued for held", |m| metric(m, "switchboard_queue_depth{destination=\"held\"}") == 1.0).await;
+    assert_eq!(held.count(), 0, "a paused destination gets nothing");
+    relay.stop().await.expect("stop");
+
+    let resumed = config(&[("active", &active.url("/a"), ""), ("held", &held.url("/h"), "")]);
+    let _relay = TestRelay::start_in(dir, &resumed).await;
+    let got = held.wait_for(1, WAIT).await;
+    assert_eq!(&got[0].body[..], b"{\"p\":1}");
+}
