@@ -36,6 +36,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
 use self::commit::{CommitError, GroupCommit};
+
 use self::format::*;
 pub use self::format::{DeadRecord, DecodeError, MessageRecord, QueueRecord};
 
@@ -303,7 +304,9 @@ impl Store {
             index: Mutex::new(index),
             refs,
         });
-        let flusher = tokio::spawn(commit.clone().run(db, stop.clone(), on_flush));
+        let durability = commit::Durability::open(path)
+            .map_err(|e| StoreError::Open { path: path.to_path_buf(), source: sled::Error::Io(e) })?;
+        let flusher = tokio::spawn(commit.clone().run(db, durability, stop.clone(), on_flush));
         let weak = Arc::downgrade(&inner);
         let ticker_stop = inner.ticker_stop.clone();
         let ticker = tokio::spawn(async move {

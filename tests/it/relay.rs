@@ -282,7 +282,9 @@ async fn paused_destination_queues_without_delivering_and_resumes_after_restart(
     let relay = TestRelay::start_in(dir.clone(), &paused).await;
     assert_eq!(post(&relay.url("/in"), "application/json", "{\"p\":1}").await.0, 200);
     active.wait_for(1, WAIT).await;
-    relay.wait_metrics("one queued for held", |m| metric(m, "switchboard_queue_depth{destination=\"held\"}") == 1.0).await;
+    relay
+        .wait_metrics("one queued for held", |m| metric(m, "switchboard_queue_depth{destination=\"held\"}") == 1.0)
+        .await;
     assert_eq!(held.count(), 0, "a paused destination gets nothing");
     relay.stop().await.expect("stop");
 
