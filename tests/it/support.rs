@@ -142,19 +142,7 @@ impl TestReceiver {
 
     /// Waits until at least `n` requests arrived, failing after `within`.
     pub async fn wait_for(&self, n: usize, within: Duration) -> Vec<Received> {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let got = self.received();
-            if got.len() >= n {
-                return got;
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                panic!("receiver {} got {} requests, expected {n} within {within:?}", self.addr, self.count());
-            }
-        }
+        self.wait_until(within, &format!("{n} requests"), |got| got.len() >= n).await
     }
 
     /// Waits until `pred` holds for the received list.
