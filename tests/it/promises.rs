@@ -63,10 +63,13 @@ impl Load {
                         return;
                     }
                     let Some(target) = *addr.borrow_and_update() else {
-                        if addr.changed().await.is_err() {
-                            return;
+                        // No relay right now: wait for the next one, but look
+                        // at `stop` every 50 ms (regression: a sender parked
+                        // here forever hung `finish` once the relay was gone).
+                        match tokio::time::timeout(Duration::from_millis(50), addr.changed()).await {
+                            Ok(Err(_)) => return,
+                            Ok(Ok(())) | Err(_) => continue,
                         }
-                        continue;
                     };
                     let seq = s * 1_000_000 + i;
                     let body = format!("{{\"seq\":{seq},\"pad\":\"{}\"}}", "p".repeat(200));
