@@ -2,14 +2,21 @@
 //!
 //! Format version 1 (recorded under `meta/format`):
 //!
-//! | tree       | key                                        | value                  |
-//! |------------|--------------------------------------------|------------------------|
-//! | `meta`     | `format`                                   | u32 BE version         |
-//! | `meta`     | `uid`                                      | 8 random bytes         |
-//! | `meta`     | `last_id`                                  | u64 BE                 |
-//! | `messages` | message id, u64 BE                         | [`MessageRecord`]      |
-//! | `queue`    | destination, 0x00, due ms u64 BE, id u64 BE | [`QueueRecord`]       |
-//! | `dead`     | destination, 0x00, id u64 BE                | [`DeadRecord`]        |
+//! | tree       | key                                  | value                              |
+//! |------------|--------------------------------------|------------------------------------|
+//! | `meta`     | `format`                             | u32 BE version                     |
+//! | `meta`     | `uid`                                | 4 random bytes                     |
+//! | `meta`     | `last_id`                            | u64 BE                             |
+//! | `messages` | message id, u64 BE                   | [`MessageRecord`] with its destinations |
+//! | `state`    | destination, 0x00, message id u64 BE | [`StateRecord`]: retry, done or dead |
+//!
+//! A message's deliveries are its record's destination list: one key, one
+//! insert, so a message and its pending deliveries are written atomically.
+//! A destination with no `state` entry is pending since the message arrived;
+//! `Retry` holds its next due time and attempt count; `Done` and `Dead` end
+//! it. Every state change is a single insert of one key: atomic without a
+//! transaction (sled 0.34 writes and syncs its log on every transaction
+//! commit, which made them the relay's bottleneck).
 //!
 //! A message id is `received_ms << 16 | sequence`, so ids sort by arrival and
 //! carry their own receive time. Destination names never contain 0x00
@@ -55,16 +62,33 @@ pub struct MessageRecord {
 }
 
 impl MessageRecord {
+    /// Encodes the record without destinations (see [`MessageRecord::encode_for`]).
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_for::<&str>(&[])
+    }
+
+    /// Encodes the record with the destinations it is to be delivered to.
+    pub fn encode_for<D: AsRef<str>>(&self, destinations: &[D]) -> Vec<u8> {
         let headers_len: usize = self.headers.iter().map(|(n, v)| 6 + n.len() + v.len()).sum();
-        let mut out =
-            Vec::with_capacity(1 + 8 + 2 + self.route.len() + 1 + self.peer.len() + 2 + headers_len + self.body.len());
+        let dests_len: usize = destinations.iter().map(|d| 1 + d.as_ref().len()).sum();
+        let mut out = Vec::with_capacity(
+            1 + 8 + 2 + self.route.len() + 1 + self.peer.len() + 1 + dests_len + 2 + headers_len + self.body.len(),
+        );
         out.push(RECORD_V1);
         out.extend_from_slice(&self.received_ms.to_be_bytes());
         put_str16(&mut out, &self.route);
         let peer = &self.peer.as_bytes()[..self.peer.len().min(255)];
         out.push(peer.len() as u8);
         out.extend_from_slice(peer);
+        // Destination names are at most 64 bytes (config validation) and a
+        // route lists at most a handful.
+        let count = destinations.len().min(255);
+        out.push(count as u8);
+        for d in destinations.iter().take(count) {
+            let d = &d.as_ref().as_bytes()[..d.as_ref().len().min(255)];
+            out.push(d.len() as u8);
+            out.extend_from_slice(d);
+        }
         let count = self.headers.len().min(u16::MAX as usize);
         out.extend_from_slice(&(count as u16).to_be_bytes());
         for (name, value) in self.headers.iter().take(count) {
@@ -88,6 +112,11 @@ impl MessageRecord {
         let route = r.str16()?;
         let peer_len = r.u8()? as usize;
         let peer = String::from_utf8(r.take(peer_len)?.to_vec()).map_err(|_| bad(WHAT, "peer is not UTF-8"))?;
+        let dests = r.u8()? as usize;
+        for _ in 0..dests {
+            let len = r.u8()? as usize;
+            r.take(len)?;
+        }
         let count = r.u16()? as usize;
         let mut headers = Vec::with_capacity(count);
         for _ in 0..count {
@@ -99,6 +128,80 @@ impl MessageRecord {
         }
         let body = raw.slice(r.pos..);
         Ok(MessageRecord { received_ms, route, peer, headers, body })
+    }
+}
+
+/// The destinations a stored message is to be delivered to.
+pub fn record_destinations(raw: &[u8]) -> Result<Vec<String>, DecodeError> {
+    const WHAT: &str = "message record";
+    let mut r = Reader { buf: raw, pos: 0, what: WHAT };
+    let version = r.u8()?;
+    if version != RECORD_V1 {
+        return Err(bad(WHAT, format!("unknown record version {version}")));
+    }
+    let _received = r.u64()?;
+    let _route = r.str16()?;
+    let peer_len = r.u8()? as usize;
+    r.take(peer_len)?;
+    let n = r.u8()? as usize;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let len = r.u8()? as usize;
+        out.push(String::from_utf8(r.take(len)?.to_vec()).map_err(|_| bad(WHAT, "destination is not UTF-8"))?);
+    }
+    Ok(out)
+}
+
+/// Where one destination's delivery of one message stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateRecord {
+    /// Pending, due at `due_ms`, after `record.attempts` failed attempts.
+    Retry {
+        due_ms: u64,
+        record: QueueRecord,
+    },
+    Done,
+    Dead(DeadRecord),
+}
+
+const STATE_RETRY: u8 = 1;
+const STATE_DONE: u8 = 2;
+const STATE_DEAD: u8 = 3;
+
+impl StateRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![RECORD_V1];
+        match self {
+            StateRecord::Retry { due_ms, record } => {
+                out.push(STATE_RETRY);
+                out.extend_from_slice(&due_ms.to_be_bytes());
+                out.extend_from_slice(&record.encode());
+            }
+            StateRecord::Done => out.push(STATE_DONE),
+            StateRecord::Dead(d) => {
+                out.push(STATE_DEAD);
+                out.extend_from_slice(&d.encode());
+            }
+        }
+        out
+    }
+
+    pub fn decode(raw: &[u8]) -> Result<StateRecord, DecodeError> {
+        const WHAT: &str = "delivery state";
+        let mut r = Reader { buf: raw, pos: 0, what: WHAT };
+        let version = r.u8()?;
+        if version != RECORD_V1 {
+            return Err(bad(WHAT, format!("unknown record version {version}")));
+        }
+        match r.u8()? {
+            STATE_RETRY => {
+                let due_ms = r.u64()?;
+                Ok(StateRecord::Retry { due_ms, record: QueueRecord::decode(&raw[r.pos..])? })
+            }
+            STATE_DONE => Ok(StateRecord::Done),
+            STATE_DEAD => Ok(StateRecord::Dead(DeadRecord::decode(&raw[r.pos..])?)),
+            k => Err(bad(WHAT, format!("unknown state kind {k}"))),
+        }
     }
 }
 
@@ -185,6 +288,15 @@ pub fn parse_queue_key(key: &[u8]) -> Result<(&str, u64, u64), DecodeError> {
         return Err(bad("queue key", format!("expected 16 bytes after the destination, found {}", rest.len())));
     }
     Ok((dest, be_u64(&rest[..8]), be_u64(&rest[8..])))
+}
+
+/// Key of a `state` entry: destination, 0x00, message id.
+pub fn state_key(dest: &str, id: u64) -> Vec<u8> {
+    dead_key(dest, id)
+}
+
+pub fn parse_state_key(key: &[u8]) -> Result<(&str, u64), DecodeError> {
+    parse_dead_key(key)
 }
 
 pub fn dead_key(dest: &str, id: u64) -> Vec<u8> {
@@ -291,8 +403,24 @@ mod tests {
             ],
             body: Bytes::from_static(b"\x00\x01binary\xff"),
         };
-        let raw = Bytes::from(m.encode());
-        assert_eq!(MessageRecord::decode(raw).expect("decode"), m);
+        let raw = Bytes::from(m.encode_for(&["app", "audit"]));
+        assert_eq!(MessageRecord::decode(raw.clone()).expect("decode"), m);
+        assert_eq!(record_destinations(&raw).expect("destinations"), ["app", "audit"]);
+    }
+
+    #[test]
+    fn state_round_trip() {
+        for st in [
+            StateRecord::Retry {
+                due_ms: 77,
+                record: QueueRecord { attempts: 3, last_status: 503, last_error: "http 503".into() },
+            },
+            StateRecord::Done,
+            StateRecord::Dead(DeadRecord { attempts: 9, dead_at_ms: 5, last_status: 400, reason: "http 400".into() }),
+        ] {
+            assert_eq!(StateRecord::decode(&st.encode()).expect("decode"), st);
+        }
+        assert!(StateRecord::decode(&[1, 9]).is_err());
     }
 
     #[test]

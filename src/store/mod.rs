@@ -5,40 +5,41 @@
 //! engine could stand behind it. The on-disk format is defined in [`format`].
 //!
 //! Invariants:
-//! - [`Store::append`] writes a message and one queue entry per destination
-//!   in one sled transaction: all or nothing.
+//! - [`Store::append`] writes a message *with its destination list* as one
+//!   key: a message and its pending deliveries are written atomically, by a
+//!   single insert (no sled transaction: sled 0.34 writes and syncs its log on
+//!   every transaction commit, which capped throughput).
 //! - Nothing is durable until [`Store::sync`] returns `Ok`; ingress
 //!   acknowledges only after that (group commit, see [`commit`]).
-//! - A queue entry leaves the queue only by being delivered, rescheduled
-//!   (delete + insert) or moved to `dead`, each in one transaction. A crash at
-//!   any point leaves it pending: at-least-once delivery.
-//! - A message is referenced by its queue and dead entries. The count lives in
-//!   memory (rebuilt from the queue and dead trees at open, so it cannot drift
-//!   from disk); the last settle removes the entry and the message in one
-//!   transaction. A message found with no references at open is deleted.
-//!   Operations on one message are serialized by a striped lock, so the count
-//!   and the trees change together.
-//! - Settling writes (delivered, retried, dead-lettered) are not fsync'd one by
-//!   one: losing one to a crash means a duplicate delivery, never a loss. They
-//!   are flushed by the next group commit or by the idle ticker.
+//! - A delivery's state changes by one insert of its `state` key (retry,
+//!   done, dead). It is pending until a `Done` or `Dead` state is written; a
+//!   crash at any point leaves it pending or settled, never lost.
+//! - The last delivery of a message deletes the message first, then its
+//!   state keys; state keys left behind by a crash in between name a message
+//!   that no longer exists and are removed at open.
+//! - Due queues, reference counts and per-destination figures live in
+//!   memory, rebuilt from `messages` and `state` at open, so they cannot
+//!   drift from disk. Operations on one message are serialized by a striped
+//!   lock; the disk is written first, memory updated after success.
+//! - Settling writes are not fsync'd one by one: losing one to a crash means
+//!   a duplicate delivery, never a loss. They are flushed by the next group
+//!   commit or by the idle ticker.
 
 mod commit;
 pub mod format;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::Transactional;
 
 use self::commit::{CommitError, GroupCommit};
 
 use self::format::*;
-pub use self::format::{DeadRecord, DecodeError, MessageRecord, QueueRecord};
+pub use self::format::{DeadRecord, DecodeError, MessageRecord, QueueRecord, StateRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -78,15 +79,6 @@ impl From<CommitError> for StoreError {
         match e {
             CommitError::FlushFailed => StoreError::FlushFailed,
             CommitError::Closed => StoreError::Closed,
-        }
-    }
-}
-
-impl From<TransactionError<StoreError>> for StoreError {
-    fn from(e: TransactionError<StoreError>) -> Self {
-        match e {
-            TransactionError::Abort(e) => e,
-            TransactionError::Storage(e) => StoreError::Io(e),
         }
     }
 }
@@ -137,8 +129,12 @@ pub struct DestStats {
     pub dead: usize,
 }
 
+/// One destination's deliveries, in memory.
 #[derive(Default)]
 struct DestIndex {
+    /// Pending deliveries by (due ms, message id).
+    due: BTreeMap<(u64, u64), QueueRecord>,
+    /// The same message ids, for the oldest-pending figure.
     pending: BTreeSet<u64>,
     dead: usize,
 }
@@ -154,8 +150,7 @@ struct Inner {
     db: sled::Db,
     meta: sled::Tree,
     messages: sled::Tree,
-    queue: sled::Tree,
-    dead: sled::Tree,
+    state: sled::Tree,
     uid: String,
     last_id: AtomicU64,
     max_bytes: Option<u64>,
@@ -172,7 +167,7 @@ struct Inner {
     ticker_stop: tokio_util::sync::CancellationToken,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     index: Mutex<HashMap<String, DestIndex>>,
-    /// Queue + dead entries per message id, striped by id.
+    /// Pending + dead deliveries per message id, striped by id.
     refs: Vec<Mutex<HashMap<u64, u32>>>,
 }
 
@@ -230,53 +225,65 @@ impl Store {
             }
         };
         let messages = db.open_tree("messages")?;
-        let queue = db.open_tree("queue")?;
-        let dead = db.open_tree("dead")?;
+        let state = db.open_tree("state")?;
 
-        // Rebuild the in-memory index and counters from what is on disk.
+        // Rebuild the in-memory queues and counts from what is on disk.
         let mut last_id = match meta.get("last_id")? {
             Some(v) => decode_u64(&v, "meta last_id")?,
             None => 0,
         };
+        let mut states: HashMap<(String, u64), StateRecord> = HashMap::new();
+        for item in state.iter() {
+            let (k, v) = item?;
+            let (dest, id) = parse_state_key(&k)?;
+            states.insert((dest.to_string(), id), StateRecord::decode(&v)?);
+        }
         let mut index: HashMap<String, DestIndex> = HashMap::new();
         let refs: Vec<Mutex<HashMap<u64, u32>>> = (0..REF_STRIPES).map(|_| Mutex::default()).collect();
-        let mut counts: HashMap<u64, u32> = HashMap::new();
-        for item in queue.iter() {
-            let (k, _) = item?;
-            let (dest, _, id) = parse_queue_key(&k)?;
-            index.entry(dest.to_string()).or_default().pending.insert(id);
-            *counts.entry(id).or_default() += 1;
-        }
-        for item in dead.iter() {
-            let (k, _) = item?;
-            let (dest, id) = parse_dead_key(&k)?;
-            index.entry(dest.to_string()).or_default().dead += 1;
-            *counts.entry(id).or_default() += 1;
-        }
         let mut bytes = 0u64;
-        let mut unreferenced = Vec::new();
+        let mut finished = Vec::new();
         for item in messages.iter() {
             let (k, v) = item?;
             let id = parse_id_key(&k)?;
             last_id = last_id.max(id);
-            if counts.contains_key(&id) {
-                bytes += v.len() as u64;
+            let mut count = 0u32;
+            for dest in record_destinations(&v)? {
+                let e = index.entry(dest.clone()).or_default();
+                match states.remove(&(dest, id)) {
+                    Some(StateRecord::Done) => continue,
+                    Some(StateRecord::Dead(_)) => e.dead += 1,
+                    Some(StateRecord::Retry { due_ms, record }) => {
+                        e.due.insert((due_ms, id), record);
+                        e.pending.insert(id);
+                    }
+                    None => {
+                        e.due.insert((id_received_ms(id), id), QueueRecord::default());
+                        e.pending.insert(id);
+                    }
+                }
+                count += 1;
+            }
+            if count == 0 {
+                finished.push(k);
             } else {
-                unreferenced.push(k);
+                bytes += v.len() as u64;
+                if let Ok(mut stripe) = refs[(id as usize) % REF_STRIPES].lock() {
+                    stripe.insert(id, count);
+                }
             }
         }
-        // Left by a crash between a last settle's parts in older layouts, or
-        // by manual surgery: nothing can ever deliver these, so they go.
-        if !unreferenced.is_empty() {
-            tracing::info!(count = unreferenced.len(), "removing stored messages no delivery refers to");
-            for k in unreferenced {
-                messages.remove(k)?;
+        // Messages every destination is done with, and states of messages
+        // already deleted: both left by a crash in the middle of a last settle.
+        for k in finished {
+            let id = parse_id_key(&k)?;
+            if let Some(v) = messages.remove(&k)? {
+                for dest in record_destinations(&v)? {
+                    state.remove(state_key(&dest, id))?;
+                }
             }
         }
-        for (id, n) in counts {
-            if let Ok(mut stripe) = refs[(id as usize) % REF_STRIPES].lock() {
-                stripe.insert(id, n);
-            }
+        for (dest, id) in states.keys() {
+            state.remove(state_key(dest, *id))?;
         }
 
         let commit = GroupCommit::new();
@@ -286,8 +293,7 @@ impl Store {
             db: db.clone(),
             meta,
             messages,
-            queue,
-            dead,
+            state,
             uid,
             last_id: AtomicU64::new(last_id),
             max_bytes: opts.max_bytes,
@@ -358,8 +364,8 @@ impl Store {
         }
     }
 
-    /// Writes a message and one queue entry per destination, atomically, due
-    /// now. Not durable until [`Store::sync`] returns.
+    /// Writes a message for `destinations`, pending for each and due now,
+    /// in one insert. Not durable until [`Store::sync`] returns.
     pub fn append(&self, msg: &MessageRecord, destinations: &[Arc<str>]) -> Result<u64, StoreError> {
         let inner = &self.inner;
         if inner.closed.load(Ordering::SeqCst) {
@@ -371,7 +377,7 @@ impl Store {
                 return Err(StoreError::DiskFull { free, min });
             }
         }
-        let value = msg.encode();
+        let value = msg.encode_for(destinations);
         if let Some(limit) = inner.max_bytes {
             let used = inner.bytes.load(Ordering::Relaxed);
             if used + value.len() as u64 > limit {
@@ -379,31 +385,31 @@ impl Store {
             }
         }
         let id = self.next_id(msg.received_ms);
-        let key = id_key(id);
-        let queued = QueueRecord::default().encode();
-        let keys: Vec<Vec<u8>> = destinations.iter().map(|d| queue_key(d, msg.received_ms, id)).collect();
+        let len = value.len() as u64;
         {
-            // Held across the write: a worker may lease the new entry at once,
-            // and its settle must see the count.
             let mut refs = self.refs_of(id);
-            (&inner.messages, &inner.queue)
-                .transaction(|(m, q)| {
-                    m.insert(&key, value.as_slice())?;
-                    for k in &keys {
-                        q.insert(k.as_slice(), queued.as_slice())?;
-                    }
-                    Ok::<_, ConflictableTransactionError<StoreError>>(())
-                })
-                .map_err(StoreError::from)?;
+            inner.messages.insert(id_key(id), value)?;
             refs.insert(id, destinations.len() as u32);
         }
-        inner.bytes.fetch_add(value.len() as u64, Ordering::Relaxed);
-        if let Ok(mut index) = inner.index.lock() {
-            for d in destinations {
-                index.entry(d.to_string()).or_default().pending.insert(id);
-            }
+        inner.bytes.fetch_add(len, Ordering::Relaxed);
+        let mut index = self.index();
+        for d in destinations {
+            let e = index.entry(d.to_string()).or_default();
+            e.due.insert((msg.received_ms, id), QueueRecord::default());
+            e.pending.insert(id);
         }
         Ok(id)
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, HashMap<String, DestIndex>> {
+        // Every update under this lock is a few map operations that cannot
+        // panic midway, so a poisoned lock still guards a consistent map.
+        self.inner.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `lease` is still pending as leased (not settled or moved since).
+    fn is_current(&self, dest: &str, lease: &Lease) -> bool {
+        self.index().get(dest).is_some_and(|e| e.due.contains_key(&(lease.due_ms, lease.id)))
     }
 
     /// Free bytes on the store's filesystem, re-read at most every 100 ms
@@ -435,9 +441,9 @@ impl Store {
     /// skipping ids in `skip` (those already being delivered).
     pub fn due(&self, dest: &str, now_ms: u64, limit: usize, skip: &HashSet<u64>) -> Result<Due, StoreError> {
         let mut due = Due::default();
-        for item in self.inner.queue.scan_prefix(dest_prefix(dest)) {
-            let (k, v) = item?;
-            let (_, due_ms, id) = parse_queue_key(&k)?;
+        let index = self.index();
+        let Some(e) = index.get(dest) else { return Ok(due) };
+        for (&(due_ms, id), record) in &e.due {
             if skip.contains(&id) {
                 continue;
             }
@@ -445,7 +451,7 @@ impl Store {
                 due.next_due_ms = Some(due_ms);
                 break;
             }
-            due.leases.push(Lease { due_ms, id, record: QueueRecord::decode(&v)? });
+            due.leases.push(Lease { due_ms, id, record: record.clone() });
         }
         Ok(due)
     }
@@ -465,118 +471,104 @@ impl Store {
         stripe.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Settles a lease as delivered: the entry leaves the queue and the
-    /// message is deleted if nothing else references it.
-    pub fn delivered(&self, dest: &str, lease: &Lease) -> Result<(), StoreError> {
-        let inner = &self.inner;
-        let qkey = queue_key(dest, lease.due_ms, lease.id);
-        let mut refs = self.refs_of(lease.id);
-        let count = refs.get(&lease.id).copied().unwrap_or(0);
-        let removed = if count <= 1 {
-            // The last reference: the entry and the message go together.
-            let ikey = id_key(lease.id);
-            let freed = (&inner.messages, &inner.queue)
-                .transaction(|(m, q)| {
-                    if q.remove(qkey.as_slice())?.is_none() {
-                        return Ok(None);
-                    }
-                    Ok(Some(m.remove(&ikey)?.map(|v| v.len() as u64).unwrap_or(0)))
-                })
-                .map_err(StoreError::from)?;
-            if let Some(freed) = freed {
-                inner.bytes.fetch_sub(freed, Ordering::Relaxed);
-                refs.remove(&lease.id);
-            }
-            freed.is_some()
-        } else {
-            let removed = inner.queue.remove(qkey)?.is_some();
-            if removed {
-                refs.insert(lease.id, count - 1);
-            }
-            removed
-        };
-        drop(refs);
-        if removed {
-            self.unindex_pending(dest, lease.id);
+    /// Removes a settled lease from the in-memory queue.
+    fn unqueue(&self, dest: &str, lease: &Lease) {
+        if let Some(e) = self.index().get_mut(dest) {
+            e.due.remove(&(lease.due_ms, lease.id));
+            e.pending.remove(&lease.id);
         }
-        inner.dirty.store(true, Ordering::SeqCst);
+    }
+
+    /// Drops one reference to message `id`; the last one deletes the message
+    /// (first) and every state key of it (after). Caller holds `refs`.
+    fn release(&self, refs: &mut HashMap<u64, u32>, dest: &str, id: u64) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let count = refs.get(&id).copied().unwrap_or(0);
+        if count > 1 {
+            inner.state.insert(state_key(dest, id), StateRecord::Done.encode())?;
+            refs.insert(id, count - 1);
+            return Ok(());
+        }
+        if let Some(v) = inner.messages.remove(id_key(id))? {
+            inner.bytes.fetch_sub(v.len() as u64, Ordering::Relaxed);
+            for d in record_destinations(&v)? {
+                inner.state.remove(state_key(&d, id))?;
+            }
+        }
+        refs.remove(&id);
+        Ok(())
+    }
+
+    /// Settles a lease as delivered; the message is deleted when no other
+    /// destination still needs it.
+    pub fn delivered(&self, dest: &str, lease: &Lease) -> Result<(), StoreError> {
+        let mut refs = self.refs_of(lease.id);
+        if !self.is_current(dest, lease) {
+            return Ok(());
+        }
+        self.release(&mut refs, dest, lease.id)?;
+        self.unqueue(dest, lease);
+        drop(refs);
+        self.inner.dirty.store(true, Ordering::SeqCst);
         Ok(())
     }
 
     /// Moves a lease to a new due time with an updated record.
     pub fn reschedule(&self, dest: &str, lease: &Lease, due_ms: u64, record: &QueueRecord) -> Result<(), StoreError> {
-        let old = queue_key(dest, lease.due_ms, lease.id);
-        let new = queue_key(dest, due_ms, lease.id);
-        let value = record.encode();
-        self.inner
-            .queue
-            .transaction(|q| {
-                if q.remove(old.as_slice())?.is_some() {
-                    q.insert(new.as_slice(), value.as_slice())?;
-                }
-                Ok::<_, ConflictableTransactionError<StoreError>>(())
-            })
-            .map_err(StoreError::from)?;
+        let _refs = self.refs_of(lease.id);
+        if !self.is_current(dest, lease) {
+            return Ok(());
+        }
+        let st = StateRecord::Retry { due_ms, record: record.clone() };
+        self.inner.state.insert(state_key(dest, lease.id), st.encode())?;
+        if let Some(e) = self.index().get_mut(dest) {
+            e.due.remove(&(lease.due_ms, lease.id));
+            e.due.insert((due_ms, lease.id), record.clone());
+        }
         self.inner.dirty.store(true, Ordering::SeqCst);
         Ok(())
     }
 
     /// Moves a lease to the dead-letter store (the message stays referenced).
     pub fn dead_letter(&self, dest: &str, lease: &Lease, record: &DeadRecord) -> Result<(), StoreError> {
-        let inner = &self.inner;
-        let qkey = queue_key(dest, lease.due_ms, lease.id);
-        let dkey = dead_key(dest, lease.id);
-        let value = record.encode();
-        let moved = (&inner.queue, &inner.dead)
-            .transaction(|(q, d)| {
-                if q.remove(qkey.as_slice())?.is_none() {
-                    return Ok(false);
-                }
-                d.insert(dkey.as_slice(), value.as_slice())?;
-                Ok::<_, ConflictableTransactionError<StoreError>>(true)
-            })
-            .map_err(StoreError::from)?;
-        if moved {
-            if let Ok(mut index) = inner.index.lock() {
-                let e = index.entry(dest.to_string()).or_default();
-                e.pending.remove(&lease.id);
-                e.dead += 1;
-            }
+        let _refs = self.refs_of(lease.id);
+        if !self.is_current(dest, lease) {
+            return Ok(());
         }
-        inner.dirty.store(true, Ordering::SeqCst);
+        self.inner.state.insert(state_key(dest, lease.id), StateRecord::Dead(record.clone()).encode())?;
+        if let Some(e) = self.index().get_mut(dest) {
+            e.due.remove(&(lease.due_ms, lease.id));
+            e.pending.remove(&lease.id);
+            e.dead += 1;
+        }
+        self.inner.dirty.store(true, Ordering::SeqCst);
         Ok(())
     }
 
-    /// Drops a queue entry whose message is missing (should never happen;
-    /// kept so a damaged store cannot wedge a destination).
+    /// Drops a lease whose message is missing (should never happen; kept so
+    /// a damaged store cannot wedge a destination).
     pub fn drop_orphan(&self, dest: &str, lease: &Lease) -> Result<(), StoreError> {
         let mut refs = self.refs_of(lease.id);
-        if self.inner.queue.remove(queue_key(dest, lease.due_ms, lease.id))?.is_some() {
-            match refs.get(&lease.id).copied() {
-                Some(n) if n > 1 => refs.insert(lease.id, n - 1),
-                _ => refs.remove(&lease.id),
-            };
-        }
-        drop(refs);
-        self.unindex_pending(dest, lease.id);
+        self.inner.state.remove(state_key(dest, lease.id))?;
+        match refs.get(&lease.id).copied() {
+            Some(n) if n > 1 => refs.insert(lease.id, n - 1),
+            _ => refs.remove(&lease.id),
+        };
+        self.unqueue(dest, lease);
         Ok(())
-    }
-
-    fn unindex_pending(&self, dest: &str, id: u64) {
-        if let Ok(mut index) = self.inner.index.lock() {
-            if let Some(e) = index.get_mut(dest) {
-                e.pending.remove(&id);
-            }
-        }
     }
 
     /// Up to `limit` dead letters of `dest`, oldest message first.
     pub fn dead_letters(&self, dest: &str, limit: usize) -> Result<Vec<DeadEntry>, StoreError> {
         let mut out = Vec::new();
-        for item in self.inner.dead.scan_prefix(dest_prefix(dest)).take(limit) {
+        for item in self.inner.state.scan_prefix(dest_prefix(dest)) {
+            if out.len() >= limit {
+                break;
+            }
             let (k, v) = item?;
-            let (_, id) = parse_dead_key(&k)?;
-            out.push(DeadEntry { id, record: DeadRecord::decode(&v)? });
+            if let StateRecord::Dead(record) = StateRecord::decode(&v)? {
+                out.push(DeadEntry { id: parse_state_key(&k)?.1, record });
+            }
         }
         Ok(out)
     }
@@ -584,41 +576,30 @@ impl Store {
     /// Moves dead letters of `dest` back into its queue, due now, with a fresh
     /// attempt count. `only` restricts it to one message. Returns how many.
     pub async fn replay_dead(&self, dest: &str, only: Option<u64>) -> Result<usize, StoreError> {
-        let inner = &self.inner;
-        let now = now_ms();
-        let keys: Vec<u64> = match only {
+        let ids: Vec<u64> = match only {
             Some(id) => vec![id],
-            None => {
-                let mut ids = Vec::new();
-                for item in inner.dead.scan_prefix(dest_prefix(dest)) {
-                    let (k, _) = item?;
-                    ids.push(parse_dead_key(&k)?.1);
-                }
-                ids
-            }
+            None => self.dead_letters(dest, usize::MAX)?.into_iter().map(|e| e.id).collect(),
         };
-        let queued = QueueRecord::default().encode();
+        let now = now_ms();
         let mut moved = 0;
-        for id in keys {
-            let dkey = dead_key(dest, id);
-            let qkey = queue_key(dest, now, id);
-            let done = (&inner.queue, &inner.dead)
-                .transaction(|(q, d)| {
-                    if d.remove(dkey.as_slice())?.is_none() {
-                        return Ok(false);
-                    }
-                    q.insert(qkey.as_slice(), queued.as_slice())?;
-                    Ok::<_, ConflictableTransactionError<StoreError>>(true)
-                })
-                .map_err(StoreError::from)?;
-            if done {
-                moved += 1;
-                if let Ok(mut index) = inner.index.lock() {
-                    let e = index.entry(dest.to_string()).or_default();
-                    e.pending.insert(id);
-                    e.dead = e.dead.saturating_sub(1);
-                }
+        for id in ids {
+            let _refs = self.refs_of(id);
+            let key = state_key(dest, id);
+            let is_dead = match self.inner.state.get(&key)? {
+                Some(v) => matches!(StateRecord::decode(&v)?, StateRecord::Dead(_)),
+                None => false,
+            };
+            if !is_dead {
+                continue;
             }
+            let st = StateRecord::Retry { due_ms: now, record: QueueRecord::default() };
+            self.inner.state.insert(key, st.encode())?;
+            let mut index = self.index();
+            let e = index.entry(dest.to_string()).or_default();
+            e.due.insert((now, id), QueueRecord::default());
+            e.pending.insert(id);
+            e.dead = e.dead.saturating_sub(1);
+            moved += 1;
         }
         // An operator action: make it durable before answering.
         self.sync().await?;
@@ -626,7 +607,7 @@ impl Store {
     }
 
     pub fn stats(&self, dest: &str) -> DestStats {
-        let Ok(index) = self.inner.index.lock() else { return DestStats::default() };
+        let index = self.index();
         match index.get(dest) {
             Some(e) => DestStats {
                 depth: e.pending.len(),

@@ -127,21 +127,28 @@ fn unmarked_or_corrupt_store_is_refused_without_wiping() {
 }
 
 #[test]
-fn unreferenced_messages_are_removed_at_open() {
+fn leftovers_of_an_interrupted_last_settle_are_removed_at_open() {
     rt().block_on(async {
         let dir = tempfile::tempdir().expect("tempdir");
-        {
+        let (done_id, kept_id) = {
             let store = open(dir.path());
-            let id = store.append(&msg("orphan"), &dests(&["a"])).expect("append");
-            // Simulate a crash that kept the message but lost its queue entry.
-            let lease = all_due(&store, "a").remove(0);
-            store.inner.queue.remove(queue_key("a", lease.due_ms, id)).expect("remove");
-            store.append(&msg("kept"), &dests(&["a"])).expect("append");
+            let done_id = store.append(&msg("all done"), &dests(&["a"])).expect("append");
+            let kept_id = store.append(&msg("kept"), &dests(&["a", "b"])).expect("append");
+            // A crash after every destination was marked done but before the
+            // message was deleted, and one after the message was deleted but
+            // before its state keys were.
+            store.inner.state.insert(state_key("a", done_id), StateRecord::Done.encode()).expect("insert");
+            store.inner.state.insert(state_key("b", 424242), StateRecord::Done.encode()).expect("insert");
             store.close().await.expect("close");
-        }
+            (done_id, kept_id)
+        };
         let store = open(dir.path());
-        assert_eq!(store.inner.messages.len(), 1);
-        assert_eq!(store.bytes(), msg("kept").encode().len() as u64);
+        assert!(store.load(done_id).expect("load").is_none());
+        assert!(store.load(kept_id).expect("load").is_some());
+        assert_eq!(store.inner.state.len(), 0, "no stale state keys");
+        assert_eq!(store.bytes(), msg("kept").encode_for(&["a", "b"]).len() as u64);
+        assert_eq!(store.stats("a").depth, 1);
+        assert_eq!(store.stats("b").depth, 1);
     });
 }
 
@@ -149,7 +156,7 @@ fn unreferenced_messages_are_removed_at_open() {
 fn max_bytes_refuses_then_accepts_after_deletion() {
     rt().block_on(async {
         let dir = tempfile::tempdir().expect("tempdir");
-        let one = msg(&"x".repeat(100)).encode().len() as u64;
+        let one = msg(&"x".repeat(100)).encode_for(&["a"]).len() as u64;
         let store =
             Store::open(dir.path(), StoreOptions { max_bytes: Some(one * 2), ..StoreOptions::default() }, |_, _| {})
                 .expect("open");
@@ -300,7 +307,7 @@ proptest! {
                         let m = msg(&"z".repeat(len));
                         let id = store.append(&m, &dests(&names)).expect("append");
                         store.sync().await.expect("sync");
-                        model.messages.insert(id, m.encode().len() as u64);
+                        model.messages.insert(id, m.encode_for(&names).len() as u64);
                         for n in names {
                             model.pending.entry(n).or_default().insert(id, 0);
                         }
