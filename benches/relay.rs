@@ -514,8 +514,9 @@ async fn bench(s: Settings) -> AnyResult<()> {
     let fixed_peak = relay.peak_mb();
     relay.stop();
 
-    // 4. Fan-out to 3 healthy destinations.
+    // 4. Fan-out to 3 healthy destinations: saturating, then at a fixed rate.
     let (fan, fan_peak) = fan_out(&s, &fresh_dir(), false, epoch).await?;
+    fan_out_fixed(&s, &fresh_dir(), 6000, epoch).await?;
     // 5. Isolation: one of the three black-holed.
     let (iso, iso_peak) = fan_out(&s, &fresh_dir(), true, epoch).await?;
     row(
@@ -585,6 +586,45 @@ async fn fan_out(s: &Settings, dir: &Path, black_hole: bool, epoch: Instant) -> 
     let peak = relay.peak_mb();
     relay.stop();
     Ok((result, peak))
+}
+
+/// Fan-out ×3 with ingest held at `rate` msg/s (open loop): do deliveries
+/// keep up, and with what lag?
+async fn fan_out_fixed(s: &Settings, dir: &Path, rate: u64, epoch: Instant) -> AnyResult<()> {
+    let rs = [
+        Receiver::start(Mode::Ok, epoch).await?,
+        Receiver::start(Mode::Ok, epoch).await?,
+        Receiver::start(Mode::Ok, epoch).await?,
+    ];
+    let extra = "concurrency = 32";
+    let relay =
+        Relay::start(dir, &[("a", rs[0].url(), extra), ("b", rs[1].url(), extra), ("c", rs[2].url(), extra)]).await?;
+    let load = open_loop(relay.ingress, "/in", rate, s.run, epoch).await;
+    let secs = load.elapsed.as_secs_f64();
+    let delivered: u64 = rs.iter().map(|r| r.count.load(Ordering::Relaxed)).sum();
+    let depth = relay.metric("switchboard_queue_depth{destination=\"a\"}").await;
+    let caught =
+        wait_until(Duration::from_secs(60), || rs.iter().all(|r| r.count.load(Ordering::Relaxed) >= load.ok)).await;
+    let mut lags: Vec<u32> = Vec::new();
+    for r in &rs {
+        lags.extend(r.lags_us.lock().map(|v| v.clone()).unwrap_or_default());
+    }
+    row(
+        &format!("4b. fan-out x3 at {rate} msg/s (open)"),
+        &format!(
+            "ingest {:.0} msg/s ({} failed), deliveries {:.0}/s, queue depth (a) at end {:.0}, caught up {}, lag p50 {:.1} ms, p99 {:.1} ms, ack p99 {:.2} ms",
+            load.ok as f64 / secs,
+            load.errors,
+            delivered as f64 / secs,
+            depth,
+            caught.map(|d| format!("{:.2} s after", d.as_secs_f64())).unwrap_or_else(|| "not within 60 s".into()),
+            percentile(&mut lags.clone(), 0.5),
+            percentile(&mut lags, 0.99),
+            load.pct(0.99)
+        ),
+    );
+    relay.stop();
+    Ok(())
 }
 
 async fn backlog(s: &Settings, dir: &Path, epoch: Instant) -> AnyResult<()> {
