@@ -386,6 +386,17 @@ impl Relay {
             .unwrap_or(0)
     }
 
+    /// CPU seconds (user + system) the relay has used so far.
+    fn cpu_secs(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the ")" that ends the command name; utime and stime are
+        // the 14th and 15th fields of the line, in clock ticks (100 Hz here).
+        let rest = stat.rsplit(')').next().unwrap_or_default();
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        (ticks(11) + ticks(12)) / 100.0
+    }
+
     fn rss_mb(&self) -> f64 {
         self.rss_kib("VmRSS:") as f64 / 1024.0
     }
@@ -479,19 +490,23 @@ async fn bench(s: Settings) -> AnyResult<()> {
     // 2. Durable ingest, destination paused.
     let relay = Relay::start(&fresh_dir(), &[("paused", "http://127.0.0.1:1/".into(), "paused = true")]).await?;
     let idle = relay.rss_mb();
+    let cpu0 = relay.cpu_secs();
     let ingest = closed_loop(relay.ingress, "/in", s.connections, s.run, u64::MAX, epoch).await;
+    let ingest_cpu = (relay.cpu_secs() - cpu0) / ingest.elapsed.as_secs_f64();
     let flushes = relay.metric("switchboard_store_flushes_total{result=\"ok\"}").await;
     row(
         "2. durable ingest (fsync, 64 conns)",
         &format!(
-            "{:.0} req/s ({:.0} % of ceiling), p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms, {} non-2xx, {:.1} acks per fsync",
+            "{:.0} req/s ({:.0} % of ceiling), p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms, {} non-2xx, {:.1} acks per fsync, relay CPU {:.0} % of one core ({:.0} us per request)",
             ingest.rps(),
             100.0 * ingest.rps() / ceiling.rps(),
             ingest.pct(0.5),
             ingest.pct(0.99),
             ingest.pct(0.999),
             ingest.errors,
-            ingest.ok as f64 / flushes.max(1.0)
+            ingest.ok as f64 / flushes.max(1.0),
+            ingest_cpu * 100.0,
+            ingest_cpu * 1e6 / ingest.rps().max(1.0)
         ),
     );
     let ingest_peak = relay.peak_mb();
@@ -599,8 +614,10 @@ async fn fan_out_fixed(s: &Settings, dir: &Path, rate: u64, epoch: Instant) -> A
     let extra = "concurrency = 32";
     let relay =
         Relay::start(dir, &[("a", rs[0].url(), extra), ("b", rs[1].url(), extra), ("c", rs[2].url(), extra)]).await?;
+    let cpu0 = relay.cpu_secs();
     let load = open_loop(relay.ingress, "/in", rate, s.run, epoch).await;
     let secs = load.elapsed.as_secs_f64();
+    let cpu = (relay.cpu_secs() - cpu0) / secs;
     let delivered: u64 = rs.iter().map(|r| r.count.load(Ordering::Relaxed)).sum();
     let depth = relay.metric("switchboard_queue_depth{destination=\"a\"}").await;
     let caught =
@@ -612,7 +629,7 @@ async fn fan_out_fixed(s: &Settings, dir: &Path, rate: u64, epoch: Instant) -> A
     row(
         &format!("4b. fan-out x3 at {rate} msg/s (open)"),
         &format!(
-            "ingest {:.0} msg/s ({} failed), deliveries {:.0}/s, queue depth (a) at end {:.0}, caught up {}, lag p50 {:.1} ms, p99 {:.1} ms, ack p99 {:.2} ms",
+            "ingest {:.0} msg/s ({} failed), deliveries {:.0}/s, queue depth (a) at end {:.0}, caught up {}, lag p50 {:.1} ms, p99 {:.1} ms, ack p99 {:.2} ms, relay CPU {:.0} % of one core",
             load.ok as f64 / secs,
             load.errors,
             delivered as f64 / secs,
@@ -620,7 +637,8 @@ async fn fan_out_fixed(s: &Settings, dir: &Path, rate: u64, epoch: Instant) -> A
             caught.map(|d| format!("{:.2} s after", d.as_secs_f64())).unwrap_or_else(|| "not within 60 s".into()),
             percentile(&mut lags.clone(), 0.5),
             percentile(&mut lags, 0.99),
-            load.pct(0.99)
+            load.pct(0.99),
+            cpu * 100.0
         ),
     );
     relay.stop();
