@@ -274,41 +274,17 @@ pub fn dest_prefix(dest: &str) -> Vec<u8> {
     k
 }
 
-pub fn queue_key(dest: &str, due_ms: u64, id: u64) -> Vec<u8> {
-    let mut k = dest_prefix(dest);
-    k.extend_from_slice(&due_ms.to_be_bytes());
-    k.extend_from_slice(&id.to_be_bytes());
-    k
-}
-
-/// Splits a queue key into (destination, due ms, message id).
-pub fn parse_queue_key(key: &[u8]) -> Result<(&str, u64, u64), DecodeError> {
-    let (dest, rest) = split_dest(key, "queue key")?;
-    if rest.len() != 16 {
-        return Err(bad("queue key", format!("expected 16 bytes after the destination, found {}", rest.len())));
-    }
-    Ok((dest, be_u64(&rest[..8]), be_u64(&rest[8..])))
-}
-
 /// Key of a `state` entry: destination, 0x00, message id.
 pub fn state_key(dest: &str, id: u64) -> Vec<u8> {
-    dead_key(dest, id)
+    let mut k = dest_prefix(dest);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
 }
 
 pub fn parse_state_key(key: &[u8]) -> Result<(&str, u64), DecodeError> {
-    parse_dead_key(key)
-}
-
-pub fn dead_key(dest: &str, id: u64) -> Vec<u8> {
-    let mut k = dest_prefix(dest);
-    k.extend_from_slice(&id.to_be_bytes());
-    k
-}
-
-pub fn parse_dead_key(key: &[u8]) -> Result<(&str, u64), DecodeError> {
-    let (dest, rest) = split_dest(key, "dead-letter key")?;
+    let (dest, rest) = split_dest(key, "state key")?;
     if rest.len() != 8 {
-        return Err(bad("dead-letter key", "expected 8 bytes after the destination"));
+        return Err(bad("state key", "expected 8 bytes after the destination"));
     }
     Ok((dest, be_u64(rest)))
 }
@@ -445,14 +421,11 @@ mod tests {
     }
 
     #[test]
-    fn keys_round_trip_and_sort_by_due_time() {
-        let a = queue_key("app", 5, 99);
-        let b = queue_key("app", 6, 1);
-        assert!(a < b);
-        assert_eq!(parse_queue_key(&a).expect("parse"), ("app", 5, 99));
-        assert!(parse_queue_key(b"app").is_err());
-        assert_eq!(parse_dead_key(&dead_key("audit", 7)).expect("parse"), ("audit", 7));
+    fn state_keys_round_trip_and_do_not_collide_across_destinations() {
+        assert_eq!(parse_state_key(&state_key("audit", 7)).expect("parse"), ("audit", 7));
+        assert!(parse_state_key(b"app").is_err());
         // "app" keys never fall inside the "app2" prefix range and vice versa.
-        assert!(!queue_key("app2", 0, 0).starts_with(&dest_prefix("app")));
+        assert!(!state_key("app2", 0).starts_with(&dest_prefix("app")));
+        assert!(state_key("app", 1) < state_key("app", 2), "a destination's keys sort by message id");
     }
 }
