@@ -435,6 +435,10 @@ pub struct RawDestination {
     /// Accept and queue for this destination, but deliver nothing (maintenance).
     #[serde(default)]
     pub paused: bool,
+    /// Extra CA certificates (PEM) trusted for this destination, on top of
+    /// the public web roots: for internal CAs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
     #[serde(default)]
     pub retry: RawRetry,
 }
@@ -573,6 +577,8 @@ pub struct Destination {
     pub concurrency: usize,
     pub strip_body_fields: Vec<String>,
     pub paused: bool,
+    /// Extra trusted CA certificates, already loaded.
+    pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
     pub retry: crate::retry::RetryPolicy,
 }
 
@@ -899,6 +905,15 @@ fn validate_destination(p: &mut Problems, key: &str, name: &str, d: &RawDestinat
     if r.max_age.is_zero() {
         p.add(format!("{key}.retry.max_age"), "must be greater than 0");
     }
+    let mut extra_roots = Vec::new();
+    if let Some(ca) = &d.ca_file {
+        use rustls::pki_types::pem::PemObject;
+        match rustls::pki_types::CertificateDer::pem_file_iter(ca).and_then(|it| it.collect::<Result<Vec<_>, _>>()) {
+            Ok(certs) if !certs.is_empty() => extra_roots = certs,
+            Ok(_) => p.add(format!("{key}.ca_file"), format!("no PEM certificate in {}", ca.display())),
+            Err(e) => p.add(format!("{key}.ca_file"), format!("cannot read {}: {e}", ca.display())),
+        }
+    }
     if p.0.len() != before {
         return None;
     }
@@ -911,6 +926,7 @@ fn validate_destination(p: &mut Problems, key: &str, name: &str, d: &RawDestinat
         concurrency: d.concurrency,
         strip_body_fields: d.strip_body_fields.clone(),
         paused: d.paused,
+        extra_roots,
         retry: crate::retry::RetryPolicy {
             initial: r.initial,
             max_interval: r.max_interval,

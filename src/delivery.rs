@@ -77,8 +77,16 @@ fn build_client(dest: &Destination) -> anyhow::Result<HttpClient> {
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(dest.connect_timeout));
+    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    for cert in &dest.extra_roots {
+        roots.add(cert.clone())?;
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))?
+        .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .enable_http2()

@@ -18,7 +18,7 @@ use crate::support::*;
 
 /// A test CA that issues leaf certificates for 127.0.0.1 / localhost.
 pub struct Ca {
-    cert: rcgen::Certificate,
+    pub cert: rcgen::Certificate,
     key: rcgen::KeyPair,
 }
 
@@ -630,4 +630,90 @@ fn the_issue_config_contract_loads_as_written() {
             .contains("routes[0].auth.body_fields.passwords[0]: environment variable TS_CALLBACK_PASSWORD is not set"),
         "{stderr}"
     );
+}
+
+/// An HTTPS receiver on 127.0.0.1:0 serving `chain`/`key`; counts requests.
+async fn tls_receiver(chain_and_key: &(String, String)) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use rustls::pki_types::pem::PemObject;
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(chain_and_key.0.as_bytes()).collect::<Result<_, _>>().expect("certs");
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(chain_and_key.1.as_bytes()).expect("key");
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = count.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, c) = (acceptor.clone(), c.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let c = c.clone();
+                    async move {
+                        let _ = req.into_body().collect().await;
+                        c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, count)
+}
+
+#[tokio::test]
+async fn https_destination_with_an_internal_ca_and_refusal_without_it() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_pem = dir.path().join("internal-ca.pem");
+    std::fs::write(&ca_pem, ca.cert.pem()).expect("write ca");
+    let (addr, count) = tls_receiver(&ca.leaf(300, None)).await;
+    let url = format!("https://localhost:{}/cb", addr.port());
+    let relay = TestRelay::start(&config(&[
+        ("trusting", &url, &format!("ca_file = \"{}\"", ca_pem.display())),
+        ("untrusting", &url, "[destinations.untrusting.retry]\ninitial = \"50ms\""),
+    ]))
+    .await;
+    assert_eq!(post(&relay.url("/in"), "application/json", "{\"tls\":1}").await.0, 200);
+    relay
+        .wait_metrics("delivery over HTTPS and a refused handshake", |m| {
+            metric(m, "switchboard_deliveries_total{destination=\"trusting\",outcome=\"delivered\"}") == 1.0
+                && metric(m, "switchboard_delivery_attempts_total{destination=\"untrusting\",result=\"connect\"}")
+                    >= 1.0
+        })
+        .await;
+    assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1, "only the destination trusting the CA got through");
+}
+
+#[tokio::test]
+async fn admin_listener_over_tls() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = write_pair(dir.path(), "admin", &ca.leaf(400, None));
+    let toml = config(&[("a", "http://127.0.0.1:1/", "")]).replace(
+        "[admin]\naddr = \"127.0.0.1:0\"\n",
+        &format!(
+            "[admin]\naddr = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let relay = TestRelay::start(&toml).await;
+    let tls = connect_tls(relay.admin, client_config(&ca, &rustls::version::TLS13, &[b"http/1.1"])).await;
+    assert_eq!(served_serial(&tls), 400);
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.expect("handshake");
+    tokio::spawn(conn);
+    let req = http::Request::get("/healthz").header("host", "localhost").body(Full::new(Bytes::new())).expect("req");
+    let resp = send.send_request(req).await.expect("response");
+    assert_eq!(resp.status(), 200);
 }
