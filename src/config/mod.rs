@@ -1,0 +1,330 @@
+//! Configuration: loading, layering and validation.
+//!
+//! Loading happens in two stages, as STYLE.md asks:
+//! 1. figment merges the built-in defaults, the TOML file and `SWITCHBOARD_`
+//!    environment variables (`__` separates nesting levels, so
+//!    `SWITCHBOARD_STORE__PATH=/data` sets `store.path`) into [`RawConfig`], whose
+//!    structs deny unknown fields.
+//! 2. [`RawConfig::validate`] turns that into the typed [`Config`] the relay runs
+//!    on, collecting *every* problem it finds, each naming the file and the key.
+//!
+//! The raw structs double as the documented shape: `switchboard check` prints
+//! them back (with defaults filled in and secrets masked).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+mod raw;
+mod validate;
+
+pub use self::raw::*;
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// Top-level keys the environment may override. Other `SWITCHBOARD_*` variables
+/// (e.g. `SWITCHBOARD_CONFIG`, used by the CLI) are not configuration keys.
+const ENV_SECTIONS: &[&str] = &["store", "ingress", "admin", "log", "shutdown", "destinations"];
+
+/// A configuration problem: the file, the key and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+/// Every problem found in one configuration file.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let file = self.file.display();
+        match self.problems.as_slice() {
+            [one] => write!(f, "invalid config {file}: {}: {}", one.key, one.message),
+            many => {
+                write!(f, "invalid config {file}: {} problems", many.len())?;
+                for p in many {
+                    write!(f, "\n  {}: {}", p.key, p.message)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A string that must never be printed: `Debug`, `Display` and `Serialize` show a mask.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("***")
+    }
+}
+
+/// A secret as written in the file: a literal, `env:NAME` or `file:/path`.
+/// Printing shows references as written and literals masked.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct SecretString(pub String);
+
+impl fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_reference() {
+            write!(f, "{:?}", self.0)
+        } else {
+            f.write_str("\"***\"")
+        }
+    }
+}
+
+impl SecretString {
+    fn is_reference(&self) -> bool {
+        self.0.starts_with("env:") || self.0.starts_with("file:")
+    }
+}
+
+impl Serialize for SecretString {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.is_reference() {
+            s.serialize_str(&self.0)
+        } else {
+            s.serialize_str("***")
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Validated configuration: what the relay runs on.
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this configuration came from (for messages).
+    pub source: PathBuf,
+    pub store: StoreConfig,
+    pub ingress: IngressConfig,
+    pub listeners: Vec<Listener>,
+    pub admin: AdminConfig,
+    pub log: RawLog,
+    pub grace_period: Duration,
+    pub routes: Vec<Route>,
+    pub destinations: Vec<Arc<Destination>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub addr: SocketAddr,
+    pub tls: Option<crate::tls::TlsFiles>,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub allow_ips: Vec<ipnet::IpNet>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub addr: SocketAddr,
+    pub token: Option<Secret>,
+    pub tls: Option<crate::tls::TlsFiles>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+    pub max_bytes: Option<u64>,
+    pub min_free_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct IngressConfig {
+    pub max_body: u64,
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub max_connections: usize,
+    pub max_headers: usize,
+    pub retry_after: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub path: String,
+    pub destinations: Vec<Arc<str>>,
+    pub max_body: u64,
+    pub allow_ips: Vec<ipnet::IpNet>,
+    pub auth: Option<Arc<crate::auth::Auth>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Destination {
+    pub name: Arc<str>,
+    /// The target URL without any userinfo (that moves to `basic_auth`).
+    pub url: http::Uri,
+    /// `user:password` taken from the URL, sent as HTTP Basic credentials.
+    pub basic_auth: Option<Secret>,
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    pub concurrency: usize,
+    pub strip_body_fields: Vec<String>,
+    pub paused: bool,
+    /// Extra trusted CA certificates, already loaded.
+    pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    pub retry: crate::retry::RetryPolicy,
+}
+
+impl Config {
+    /// Loads and validates `path`, with `SWITCHBOARD_` environment overrides.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_raw(path)?.validate(path)
+    }
+
+    /// Loads `path` with environment overrides into the raw (unvalidated) shape.
+    pub fn load_raw(path: &Path) -> Result<RawConfig, ConfigError> {
+        if !path.is_file() {
+            return Err(ConfigError {
+                file: path.to_path_buf(),
+                problems: vec![Problem {
+                    key: "(file)".into(),
+                    message: "cannot read file: not found or not a regular file".into(),
+                }],
+            });
+        }
+        let env = Env::prefixed("SWITCHBOARD_").split("__").filter(|key| {
+            let top = key.as_str().split('.').next().unwrap_or_default();
+            ENV_SECTIONS.iter().any(|s| s.eq_ignore_ascii_case(top))
+        });
+        Figment::new()
+            .merge(Toml::file_exact(path))
+            .merge(env)
+            .extract::<RawConfig>()
+            .map_err(|e| from_figment(path, e))
+    }
+
+    pub fn destination(&self, name: &str) -> Option<&Arc<Destination>> {
+        self.destinations.iter().find(|d| &*d.name == name)
+    }
+}
+
+fn from_figment(path: &Path, err: figment::Error) -> ConfigError {
+    let problems = err
+        .into_iter()
+        .map(|e| {
+            let mut key = e.path.join(".");
+            if key.is_empty() {
+                key = "(top level)".into();
+            }
+            let mut message = match &e.kind {
+                figment::error::Kind::UnknownField(field, expected) => {
+                    if e.path.last() != Some(field) {
+                        key = if key == "(top level)" { field.clone() } else { format!("{key}.{field}") };
+                    }
+                    format!("unknown key `{field}` (expected one of: {})", expected.join(", "))
+                }
+                figment::error::Kind::MissingField(field) if e.path.last().map(String::as_str) != Some(field) => {
+                    key = if key == "(top level)" { field.to_string() } else { format!("{key}.{field}") };
+                    "required key is missing".to_string()
+                }
+                figment::error::Kind::MissingField(_) => "required key is missing".to_string(),
+                other => other.to_string(),
+            };
+            if let Some(figment::Source::Custom(s)) = e.metadata.as_ref().and_then(|m| m.source.as_ref()) {
+                message.push_str(&format!(" (from {s})"));
+            } else if e.metadata.as_ref().is_some_and(|m| m.name.contains("environment")) {
+                message.push_str(" (from environment)");
+            }
+            Problem { key, message }
+        })
+        .collect();
+    ConfigError { file: path.to_path_buf(), problems }
+}
+
+/// Lookup from route path to route, for ingress.
+pub fn route_table(routes: &[Route]) -> HashMap<String, Arc<Route>> {
+    routes.iter().map(|r| (r.path.clone(), Arc::new(r.clone()))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(toml: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, toml).expect("write");
+        Config::load(&path)
+    }
+
+    const MINIMAL: &str = r#"
+[[listeners]]
+addr = "127.0.0.1:0"
+[[routes]]
+path = "/in"
+destinations = ["a"]
+[destinations.a]
+url = "http://127.0.0.1:1/x"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = load_str(MINIMAL).expect("valid");
+        assert_eq!(c.ingress.max_body, 1024 * 1024);
+        assert_eq!(c.destinations[0].concurrency, 8);
+        assert_eq!(c.destinations[0].timeout, Duration::from_secs(30));
+        assert_eq!(c.routes[0].max_body, 1024 * 1024);
+    }
+
+    #[test]
+    fn userinfo_moves_to_basic_auth_and_is_masked() {
+        let toml = MINIMAL.replace("http://127.0.0.1:1/x", "http://bob:s3cr%40t@127.0.0.1:1/x");
+        let c = load_str(&toml).expect("valid");
+        let d = &c.destinations[0];
+        assert_eq!(d.basic_auth.as_ref().map(Secret::expose), Some("bob:s3cr@t"));
+        assert_eq!(d.url.to_string(), "http://127.0.0.1:1/x");
+        assert!(!format!("{d:?}").contains("s3cr"));
+        let raw: RawConfig = toml::from_str(&toml).expect("raw");
+        let printed = raw.to_masked_toml();
+        assert!(!printed.contains("s3cr"), "{printed}");
+        assert!(printed.contains("bob:***@"), "{printed}");
+    }
+
+    #[test]
+    fn all_problems_are_reported_with_keys() {
+        let toml = r#"
+[[routes]]
+path = "/in"
+destinations = ["nope"]
+[destinations.a]
+url = "ftp://x/y"
+concurrency = 0
+"#;
+        let err = load_str(toml).expect_err("invalid");
+        let keys: Vec<_> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"listeners"), "{err}");
+        assert!(keys.contains(&"routes[0].destinations[0]"), "{err}");
+        assert!(keys.contains(&"destinations.a.url"), "{err}");
+        assert!(keys.contains(&"destinations.a.concurrency"), "{err}");
+        assert!(err.to_string().contains("c.toml"), "{err}");
+    }
+}

@@ -1,0 +1,401 @@
+//! The configuration file's shape: what TOML and `SWITCHBOARD_` variables may
+//! say, with every default. `deny_unknown_fields` everywhere, so a typo is an
+//! error naming the key. These structs are also what `switchboard check`
+//! prints (secrets masked); validation into typed values is in the parent.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::SecretString;
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub store: RawStore,
+    #[serde(default)]
+    pub ingress: RawIngress,
+    #[serde(default)]
+    pub listeners: Vec<RawListener>,
+    #[serde(default)]
+    pub admin: RawAdmin,
+    #[serde(default)]
+    pub log: RawLog,
+    #[serde(default)]
+    pub shutdown: RawShutdown,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+    #[serde(default)]
+    pub destinations: BTreeMap<String, RawDestination>,
+    #[serde(default)]
+    pub check: RawCheck,
+}
+
+/// Settings used only by `switchboard check`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCheck {
+    /// Ports a sender can register (ThingSpace's by default): `check` warns
+    /// about ingress listeners elsewhere. Single ports or "a-b" ranges.
+    #[serde(default = "default_public_ports")]
+    pub public_ports: Vec<String>,
+}
+
+impl Default for RawCheck {
+    fn default() -> Self {
+        RawCheck { public_ports: default_public_ports() }
+    }
+}
+
+fn default_public_ports() -> Vec<String> {
+    ["80", "443", "9001-9006", "50551-50559", "28200-28220"].map(String::from).to_vec()
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// Exactly one of the members may be set.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_fields: Option<RawBodyFields>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub basic: Option<RawBasic>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<RawHeaderAuth>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hmac: Option<RawHmac>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBodyFields {
+    pub username: SecretString,
+    pub passwords: Vec<SecretString>,
+    #[serde(default = "default_username_field")]
+    pub username_field: String,
+    #[serde(default = "default_password_field")]
+    pub password_field: String,
+}
+
+fn default_username_field() -> String {
+    "username".into()
+}
+fn default_password_field() -> String {
+    "password".into()
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBasic {
+    pub username: SecretString,
+    pub passwords: Vec<SecretString>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHeaderAuth {
+    pub name: String,
+    pub values: Vec<SecretString>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHmac {
+    #[serde(default = "default_hmac_scheme")]
+    pub scheme: crate::auth::HmacScheme,
+    /// Signature header (defaults: plain none, stripe `Stripe-Signature`,
+    /// standard-webhooks `webhook-signature`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    #[serde(default)]
+    pub prefix: String,
+    #[serde(default = "default_hmac_encoding")]
+    pub encoding: crate::auth::Encoding,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp_header: Option<String>,
+    #[serde(default = "default_tolerance", with = "humantime_serde")]
+    pub tolerance: Duration,
+    pub secrets: Vec<SecretString>,
+}
+
+fn default_hmac_scheme() -> crate::auth::HmacScheme {
+    crate::auth::HmacScheme::Plain
+}
+fn default_hmac_encoding() -> crate::auth::Encoding {
+    crate::auth::Encoding::Hex
+}
+fn default_tolerance() -> Duration {
+    Duration::from_secs(300)
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    #[serde(default = "default_store_path")]
+    pub path: PathBuf,
+    /// Upper bound on the bytes of stored messages; 0 means no limit.
+    #[serde(default)]
+    pub max_bytes: u64,
+    /// Refuse callbacks while the store's filesystem has less free space; 0 disables.
+    #[serde(default = "default_min_free_bytes")]
+    pub min_free_bytes: u64,
+}
+
+fn default_min_free_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        RawStore { path: default_store_path(), max_bytes: 0, min_free_bytes: default_min_free_bytes() }
+    }
+}
+
+fn default_store_path() -> PathBuf {
+    PathBuf::from("./data")
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIngress {
+    #[serde(default = "default_max_body")]
+    pub max_body: u64,
+    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    #[serde(default = "default_body_read_timeout", with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "default_max_headers")]
+    pub max_headers: usize,
+    #[serde(default = "default_retry_after", with = "humantime_serde")]
+    pub retry_after: Duration,
+}
+
+impl Default for RawIngress {
+    fn default() -> Self {
+        RawIngress {
+            max_body: default_max_body(),
+            header_read_timeout: default_header_read_timeout(),
+            body_read_timeout: default_body_read_timeout(),
+            max_connections: default_max_connections(),
+            max_headers: default_max_headers(),
+            retry_after: default_retry_after(),
+        }
+    }
+}
+
+fn default_max_body() -> u64 {
+    1024 * 1024
+}
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_body_read_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_max_headers() -> usize {
+    100
+}
+fn default_retry_after() -> Duration {
+    Duration::from_secs(5)
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    pub addr: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<RawTls>,
+    /// Peers whose `X-Forwarded-For` / `Forwarded` headers are believed.
+    #[serde(default)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Client addresses this listener accepts (empty: all).
+    #[serde(default)]
+    pub allow_ips: Vec<ipnet::IpNet>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    #[serde(default = "default_admin_addr")]
+    pub addr: String,
+    /// Bearer token required for everything but /healthz and /readyz.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<SecretString>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<RawTls>,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        RawAdmin { addr: default_admin_addr(), token: None, tls: None }
+    }
+}
+
+fn default_admin_addr() -> String {
+    "127.0.0.1:9090".to_string()
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    #[serde(default)]
+    pub format: LogFormat,
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog { format: LogFormat::Human, level: default_log_level() }
+    }
+}
+
+fn default_log_level() -> String {
+    "info".to_string()
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawShutdown {
+    #[serde(default = "default_grace", with = "humantime_serde")]
+    pub grace_period: Duration,
+}
+
+impl Default for RawShutdown {
+    fn default() -> Self {
+        RawShutdown { grace_period: default_grace() }
+    }
+}
+
+fn default_grace() -> Duration {
+    Duration::from_secs(20)
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub path: String,
+    pub destinations: Vec<String>,
+    /// Overrides `ingress.max_body` for this route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body: Option<u64>,
+    /// Client addresses allowed on this route (empty: all).
+    #[serde(default)]
+    pub allow_ips: Vec<ipnet::IpNet>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<RawAuth>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDestination {
+    pub url: String,
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// Extra 4xx statuses to treat as retryable (408 and 429 always are).
+    #[serde(default)]
+    pub retry_on: Vec<u16>,
+    /// Top-level JSON fields removed from the body before forwarding here.
+    #[serde(default)]
+    pub strip_body_fields: Vec<String>,
+    /// Accept and queue for this destination, but deliver nothing (maintenance).
+    #[serde(default)]
+    pub paused: bool,
+    /// Extra CA certificates (PEM) trusted for this destination, on top of
+    /// the public web roots: for internal CAs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub retry: RawRetry,
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_concurrency() -> usize {
+    8
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    #[serde(default = "default_initial", with = "humantime_serde")]
+    pub initial: Duration,
+    #[serde(default = "default_max_interval", with = "humantime_serde")]
+    pub max_interval: Duration,
+    #[serde(default = "default_multiplier")]
+    pub multiplier: f64,
+    #[serde(default = "default_jitter")]
+    pub jitter: f64,
+    /// 0 means no limit on attempts (then `max_age` bounds retries).
+    #[serde(default)]
+    pub max_attempts: u32,
+    #[serde(default = "default_max_age", with = "humantime_serde")]
+    pub max_age: Duration,
+    #[serde(default = "default_retry_after_cap", with = "humantime_serde")]
+    pub retry_after_cap: Duration,
+}
+
+impl Default for RawRetry {
+    fn default() -> Self {
+        RawRetry {
+            initial: default_initial(),
+            max_interval: default_max_interval(),
+            multiplier: default_multiplier(),
+            jitter: default_jitter(),
+            max_attempts: 0,
+            max_age: default_max_age(),
+            retry_after_cap: default_retry_after_cap(),
+        }
+    }
+}
+
+fn default_initial() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_max_interval() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_multiplier() -> f64 {
+    2.0
+}
+fn default_jitter() -> f64 {
+    0.2
+}
+fn default_max_age() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn default_retry_after_cap() -> Duration {
+    Duration::from_secs(3600)
+}

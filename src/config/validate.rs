@@ -1,0 +1,453 @@
+//! Validation: [`RawConfig`] into the typed [`Config`], collecting every
+//! problem with its key; plus the warnings `switchboard check` prints.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use super::*;
+
+/// Collects problems during validation.
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem { key: key.into(), message: message.into() });
+    }
+}
+
+fn parse_addr(p: &mut Problems, key: &str, addr: &str) -> Option<SocketAddr> {
+    match addr.parse::<SocketAddr>() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            p.add(key, format!("invalid socket address {addr:?} (expected IP:PORT, e.g. \"127.0.0.1:9001\")"));
+            None
+        }
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl RawConfig {
+    /// Validates into the typed configuration, reporting every problem found.
+    pub fn validate(self, file: &Path) -> Result<Config, ConfigError> {
+        let mut p = Problems(Vec::new());
+
+        if self.store.path.as_os_str().is_empty() {
+            p.add("store.path", "must not be empty");
+        }
+
+        let ing = &self.ingress;
+        if ing.max_body == 0 {
+            p.add("ingress.max_body", "must be greater than 0");
+        }
+        if ing.max_connections == 0 {
+            p.add("ingress.max_connections", "must be greater than 0");
+        }
+        if ing.max_headers == 0 {
+            p.add("ingress.max_headers", "must be greater than 0");
+        }
+        for (key, d) in [
+            ("ingress.header_read_timeout", ing.header_read_timeout),
+            ("ingress.body_read_timeout", ing.body_read_timeout),
+        ] {
+            if d.is_zero() {
+                p.add(key, "must be greater than 0");
+            }
+        }
+
+        if self.listeners.is_empty() {
+            p.add("listeners", "no listeners: add at least one [[listeners]] with an addr");
+        }
+        let mut listeners: Vec<Listener> = Vec::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            let tls = l.tls.as_ref().and_then(|t| validate_tls(&mut p, &format!("listeners[{i}].tls"), t));
+            if let Some(a) = parse_addr(&mut p, &format!("listeners[{i}].addr"), &l.addr) {
+                if a.port() != 0 && listeners.iter().any(|x| x.addr == a) {
+                    p.add(format!("listeners[{i}].addr"), format!("duplicate listener address {a}"));
+                }
+                listeners.push(Listener {
+                    addr: a,
+                    tls,
+                    trusted_proxies: l.trusted_proxies.clone(),
+                    allow_ips: l.allow_ips.clone(),
+                });
+            }
+        }
+        let admin_tls = self.admin.tls.as_ref().and_then(|t| validate_tls(&mut p, "admin.tls", t));
+        let admin_token = self.admin.token.as_ref().and_then(|t| resolve(&mut p, "admin.token", t));
+        let admin = parse_addr(&mut p, "admin.addr", &self.admin.addr);
+        if let Some(a) = admin {
+            if a.port() != 0
+                && listeners.iter().map(|l| l.addr).any(|l| {
+                    l.port() == a.port() && (l.ip() == a.ip() || l.ip().is_unspecified() || a.ip().is_unspecified())
+                })
+            {
+                p.add("admin.addr", format!("admin and ingress listener on the same address {a}"));
+            }
+        }
+
+        if self.shutdown.grace_period.is_zero() {
+            p.add("shutdown.grace_period", "must be greater than 0");
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            p.add("log.level", format!("invalid log filter {:?}", self.log.level));
+        }
+
+        let mut destinations = Vec::new();
+        for (name, d) in &self.destinations {
+            let key = format!("destinations.{name}");
+            if !valid_name(name) {
+                p.add(&key, "destination names use only letters, digits, '-' and '_' (at most 64)");
+                continue;
+            }
+            if let Some(dest) = validate_destination(&mut p, &key, name, d) {
+                destinations.push(Arc::new(dest));
+            }
+        }
+        if self.destinations.is_empty() {
+            p.add("destinations", "no destinations defined");
+        }
+
+        let known: HashSet<&str> = self.destinations.keys().map(String::as_str).collect();
+        let mut paths = HashSet::new();
+        let mut routes = Vec::new();
+        if self.routes.is_empty() {
+            p.add("routes", "no routes: add at least one [[routes]] with a path");
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            let key = format!("routes[{i}]");
+            if !r.path.starts_with('/') {
+                p.add(format!("{key}.path"), format!("route path {:?} must start with '/'", r.path));
+            } else if r.path.parse::<http::uri::PathAndQuery>().is_err() || r.path.contains('?') {
+                p.add(format!("{key}.path"), format!("route path {:?} is not a valid URL path", r.path));
+            }
+            if !paths.insert(r.path.as_str()) {
+                p.add(format!("{key}.path"), format!("duplicate route path {:?}", r.path));
+            }
+            if r.destinations.is_empty() {
+                p.add(format!("{key}.destinations"), "a route needs at least one destination");
+            }
+            let mut seen = HashSet::new();
+            for (j, d) in r.destinations.iter().enumerate() {
+                if !known.contains(d.as_str()) {
+                    p.add(
+                        format!("{key}.destinations[{j}]"),
+                        format!("unknown destination {d:?} (not defined under [destinations])"),
+                    );
+                } else if !seen.insert(d.as_str()) {
+                    p.add(format!("{key}.destinations[{j}]"), format!("destination {d:?} listed twice"));
+                }
+            }
+            if r.max_body == Some(0) {
+                p.add(format!("{key}.max_body"), "must be greater than 0");
+            }
+            let auth = r.auth.as_ref().and_then(|a| validate_auth(&mut p, &format!("{key}.auth"), a)).map(Arc::new);
+            routes.push(Route {
+                path: r.path.clone(),
+                destinations: r.destinations.iter().map(|d| Arc::from(d.as_str())).collect(),
+                max_body: r.max_body.unwrap_or(self.ingress.max_body),
+                allow_ips: r.allow_ips.clone(),
+                auth,
+            });
+        }
+
+        if !p.0.is_empty() {
+            return Err(ConfigError { file: file.to_path_buf(), problems: p.0 });
+        }
+        // Every `parse_addr` above succeeded, or a problem was recorded.
+        let Some(admin) = admin else { unreachable!("admin address problems are reported above") };
+        Ok(Config {
+            source: file.to_path_buf(),
+            store: StoreConfig {
+                path: self.store.path,
+                max_bytes: (self.store.max_bytes > 0).then_some(self.store.max_bytes),
+                min_free_bytes: (self.store.min_free_bytes > 0).then_some(self.store.min_free_bytes),
+            },
+            ingress: IngressConfig {
+                max_body: self.ingress.max_body,
+                header_read_timeout: self.ingress.header_read_timeout,
+                body_read_timeout: self.ingress.body_read_timeout,
+                max_connections: self.ingress.max_connections,
+                max_headers: self.ingress.max_headers,
+                retry_after: self.ingress.retry_after,
+            },
+            listeners,
+            admin: AdminConfig { addr: admin, token: admin_token, tls: admin_tls },
+            log: self.log,
+            grace_period: self.shutdown.grace_period,
+            routes,
+            destinations,
+        })
+    }
+
+    /// The configuration as TOML, secrets masked (for `switchboard check`).
+    pub fn to_masked_toml(&self) -> String {
+        let mut masked = self.clone();
+        for d in masked.destinations.values_mut() {
+            d.url = mask_url_userinfo(&d.url);
+        }
+        toml::to_string_pretty(&masked).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
+    }
+}
+
+/// Replaces the password in `user:password@` with `***`.
+fn mask_url_userinfo(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn validate_destination(p: &mut Problems, key: &str, name: &str, d: &RawDestination) -> Option<Destination> {
+    let before = p.0.len();
+    let parsed = match url::Url::parse(&d.url) {
+        Ok(u) => Some(u),
+        Err(e) => {
+            p.add(format!("{key}.url"), format!("invalid URL: {e}"));
+            None
+        }
+    };
+    let mut basic_auth = None;
+    let mut uri = None;
+    if let Some(mut u) = parsed {
+        if u.scheme() != "http" && u.scheme() != "https" {
+            p.add(format!("{key}.url"), format!("unsupported URL scheme {:?} (use http or https)", u.scheme()));
+        } else if u.host_str().is_none_or(str::is_empty) {
+            p.add(format!("{key}.url"), "URL has no host");
+        } else {
+            if !u.username().is_empty() || u.password().is_some() {
+                let user = percent_decode(u.username());
+                let pass = percent_decode(u.password().unwrap_or_default());
+                basic_auth = Some(Secret::new(format!("{user}:{pass}")));
+                let _ = u.set_username("");
+                let _ = u.set_password(None);
+            }
+            match u.as_str().parse::<http::Uri>() {
+                Ok(parsed) => uri = Some(parsed),
+                Err(e) => p.add(format!("{key}.url"), format!("invalid URL: {e}")),
+            }
+        }
+    }
+    if d.concurrency == 0 {
+        p.add(format!("{key}.concurrency"), "must be greater than 0");
+    }
+    if d.timeout.is_zero() {
+        p.add(format!("{key}.timeout"), "must be greater than 0");
+    }
+    if d.connect_timeout.is_zero() {
+        p.add(format!("{key}.connect_timeout"), "must be greater than 0");
+    }
+    for (i, s) in d.retry_on.iter().enumerate() {
+        if !(400..500).contains(s) {
+            p.add(format!("{key}.retry_on[{i}]"), format!("{s} is not a 4xx status (5xx are always retried)"));
+        }
+    }
+    let r = &d.retry;
+    if r.initial.is_zero() {
+        p.add(format!("{key}.retry.initial"), "must be greater than 0");
+    }
+    if r.max_interval < r.initial {
+        p.add(format!("{key}.retry.max_interval"), "must not be less than retry.initial");
+    }
+    if !(r.multiplier >= 1.0 && r.multiplier.is_finite()) {
+        p.add(format!("{key}.retry.multiplier"), "must be a number >= 1.0");
+    }
+    if !(0.0..1.0).contains(&r.jitter) {
+        p.add(format!("{key}.retry.jitter"), "must be in [0.0, 1.0)");
+    }
+    if r.max_age.is_zero() {
+        p.add(format!("{key}.retry.max_age"), "must be greater than 0");
+    }
+    let mut extra_roots = Vec::new();
+    if let Some(ca) = &d.ca_file {
+        use rustls::pki_types::pem::PemObject;
+        match rustls::pki_types::CertificateDer::pem_file_iter(ca).and_then(|it| it.collect::<Result<Vec<_>, _>>()) {
+            Ok(certs) if !certs.is_empty() => extra_roots = certs,
+            Ok(_) => p.add(format!("{key}.ca_file"), format!("no PEM certificate in {}", ca.display())),
+            Err(e) => p.add(format!("{key}.ca_file"), format!("cannot read {}: {e}", ca.display())),
+        }
+    }
+    if p.0.len() != before {
+        return None;
+    }
+    Some(Destination {
+        name: Arc::from(name),
+        url: uri?,
+        basic_auth,
+        timeout: d.timeout,
+        connect_timeout: d.connect_timeout,
+        concurrency: d.concurrency,
+        strip_body_fields: d.strip_body_fields.clone(),
+        paused: d.paused,
+        extra_roots,
+        retry: crate::retry::RetryPolicy {
+            initial: r.initial,
+            max_interval: r.max_interval,
+            multiplier: r.multiplier,
+            jitter: r.jitter,
+            max_attempts: (r.max_attempts > 0).then_some(r.max_attempts),
+            max_age: r.max_age,
+            retry_after_cap: r.retry_after_cap,
+            retry_on: d.retry_on.clone(),
+        },
+    })
+}
+
+fn resolve(p: &mut Problems, key: &str, raw: &SecretString) -> Option<Secret> {
+    match crate::auth::resolve_secret(&raw.0) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            p.add(key, e);
+            None
+        }
+    }
+}
+
+fn resolve_all(p: &mut Problems, key: &str, raw: &[SecretString]) -> Vec<Secret> {
+    if raw.is_empty() {
+        p.add(key, "at least one value is required");
+    }
+    raw.iter().enumerate().filter_map(|(i, r)| resolve(p, &format!("{key}[{i}]"), r)).collect()
+}
+
+fn header_name(p: &mut Problems, key: &str, name: &str) -> Option<http::HeaderName> {
+    match http::HeaderName::from_bytes(name.as_bytes()) {
+        Ok(h) => Some(h),
+        Err(_) => {
+            p.add(key, format!("invalid header name {name:?}"));
+            None
+        }
+    }
+}
+
+fn validate_tls(p: &mut Problems, key: &str, t: &RawTls) -> Option<crate::tls::TlsFiles> {
+    let files = crate::tls::TlsFiles { cert: t.cert.clone(), key: t.key.clone() };
+    match crate::tls::load(&files) {
+        Ok(_) => Some(files),
+        Err(e) => {
+            p.add(key, e.to_string());
+            None
+        }
+    }
+}
+
+fn validate_auth(p: &mut Problems, key: &str, a: &RawAuth) -> Option<crate::auth::Auth> {
+    use crate::auth::{Auth, HmacAuth, HmacScheme};
+    let set = [a.body_fields.is_some(), a.basic.is_some(), a.header.is_some(), a.hmac.is_some()];
+    if set.iter().filter(|x| **x).count() != 1 {
+        p.add(key, "set exactly one of body_fields, basic, header, hmac");
+        return None;
+    }
+    let before = p.0.len();
+    let auth = if let Some(b) = &a.body_fields {
+        Auth::BodyFields {
+            username_field: b.username_field.clone(),
+            password_field: b.password_field.clone(),
+            username: resolve(p, &format!("{key}.body_fields.username"), &b.username).unwrap_or_default(),
+            passwords: resolve_all(p, &format!("{key}.body_fields.passwords"), &b.passwords),
+        }
+    } else if let Some(b) = &a.basic {
+        Auth::Basic {
+            username: resolve(p, &format!("{key}.basic.username"), &b.username).unwrap_or_default(),
+            passwords: resolve_all(p, &format!("{key}.basic.passwords"), &b.passwords),
+        }
+    } else if let Some(h) = &a.header {
+        let name = header_name(p, &format!("{key}.header.name"), &h.name);
+        let values = resolve_all(p, &format!("{key}.header.values"), &h.values);
+        Auth::Header { name: name?, values }
+    } else if let Some(h) = &a.hmac {
+        let k = format!("{key}.hmac");
+        let default_header = match h.scheme {
+            HmacScheme::Plain => None,
+            HmacScheme::Stripe => Some("stripe-signature"),
+            HmacScheme::StandardWebhooks => Some("webhook-signature"),
+        };
+        let Some(header) = h.header.as_deref().or(default_header) else {
+            p.add(format!("{k}.header"), "the plain scheme needs the signature header name");
+            return None;
+        };
+        let header = header_name(p, &format!("{k}.header"), header);
+        let timestamp_header =
+            h.timestamp_header.as_deref().and_then(|t| header_name(p, &format!("{k}.timestamp_header"), t));
+        let mut secrets = Vec::new();
+        for (i, s) in resolve_all(p, &format!("{k}.secrets"), &h.secrets).into_iter().enumerate() {
+            let raw = s.expose();
+            if h.scheme == HmacScheme::StandardWebhooks {
+                use base64::Engine;
+                match base64::engine::general_purpose::STANDARD.decode(raw.strip_prefix("whsec_").unwrap_or(raw)) {
+                    Ok(k) => secrets.push(k),
+                    Err(_) => p.add(format!("{k}.secrets[{i}]"), "not a base64 Standard Webhooks secret (whsec_...)"),
+                }
+            } else {
+                secrets.push(raw.as_bytes().to_vec());
+            }
+        }
+        Auth::Hmac(HmacAuth {
+            scheme: h.scheme,
+            header: header?,
+            prefix: h.prefix.clone(),
+            encoding: h.encoding,
+            timestamp_header,
+            tolerance: h.tolerance,
+            secrets,
+        })
+    } else {
+        return None;
+    };
+    (p.0.len() == before).then_some(auth)
+}
+
+/// Parses "80" or "9001-9006".
+fn parse_port_range(s: &str) -> Option<(u16, u16)> {
+    match s.split_once('-') {
+        Some((a, b)) => Some((a.trim().parse().ok()?, b.trim().parse().ok()?)),
+        None => {
+            let p = s.trim().parse().ok()?;
+            Some((p, p))
+        }
+    }
+}
+
+impl RawConfig {
+    /// Things `check` warns about without failing: exposure risks.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        let ranges: Vec<(u16, u16)> = self.check.public_ports.iter().filter_map(|r| parse_port_range(r)).collect();
+        for (i, s) in self.check.public_ports.iter().enumerate() {
+            if parse_port_range(s).is_none() {
+                w.push(format!("check.public_ports[{i}]: {s:?} is not a port or a range like \"9001-9006\""));
+            }
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            let Ok(addr) = l.addr.parse::<SocketAddr>() else { continue };
+            let loopback = addr.ip().is_loopback();
+            if !loopback && !ranges.iter().any(|(a, b)| (*a..=*b).contains(&addr.port())) {
+                w.push(format!(
+                    "listeners[{i}].addr: port {} is not one a sender can register (check.public_ports: {})",
+                    addr.port(),
+                    self.check.public_ports.join(", ")
+                ));
+            }
+            if !loopback && l.tls.is_none() {
+                w.push(format!("listeners[{i}]: plain HTTP on non-loopback address {addr}: credentials in callbacks travel in clear text"));
+            }
+        }
+        if let Ok(addr) = self.admin.addr.parse::<SocketAddr>() {
+            if !addr.ip().is_loopback() && self.admin.token.is_none() {
+                w.push(format!("admin.addr: {addr} is not loopback and admin.token is not set: anyone who can reach it can read metrics and replay dead letters"));
+            }
+        }
+        w
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned()
+}
