@@ -11,6 +11,8 @@
 //! - `GET /api/dead-letters/{destination}?limit=N`: dead letters, oldest first (default 100).
 //! - `POST /api/dead-letters/{destination}/replay[?id=MSG_ID]`: moves dead
 //!   letters (all, or one) back into the destination's queue.
+//! - `DELETE /api/dead-letters/{destination}[?id=MSG_ID]`: deletes dead
+//!   letters (all, or one); messages nothing else needs are deleted too.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -189,6 +191,27 @@ impl Admin {
                         json(StatusCode::OK, serde_json::json!({ "destination": dest, "dead_letters": items }))
                     }
                     Err(e) => json(StatusCode::INTERNAL_SERVER_ERROR, serde_json::json!({ "error": e.to_string() })),
+                }
+            }
+            (&Method::DELETE, ["api", "dead-letters", dest]) => {
+                let only = match query_params(&req).get("id") {
+                    Some(id) => match self.store.parse_external_id(id) {
+                        Some(id) => Some(id),
+                        None => {
+                            return json(
+                                StatusCode::BAD_REQUEST,
+                                serde_json::json!({ "error": "not a message id of this store" }),
+                            )
+                        }
+                    },
+                    None => None,
+                };
+                match self.store.purge_dead(dest, only).await {
+                    Ok(n) => {
+                        tracing::info!(destination = %dest, purged = n, "dead letters deleted");
+                        json(StatusCode::OK, serde_json::json!({ "purged": n }))
+                    }
+                    Err(e) => json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({ "error": e.to_string() })),
                 }
             }
             (&Method::POST, ["api", "dead-letters", dest, "replay"]) => {

@@ -606,6 +606,34 @@ impl Store {
         Ok(moved)
     }
 
+    /// Deletes dead letters of `dest` (all, or the one `only` names): each
+    /// counts as settled, and a message nothing else needs is deleted.
+    /// Returns how many.
+    pub async fn purge_dead(&self, dest: &str, only: Option<u64>) -> Result<usize, StoreError> {
+        let ids: Vec<u64> = match only {
+            Some(id) => vec![id],
+            None => self.dead_letters(dest, usize::MAX)?.into_iter().map(|e| e.id).collect(),
+        };
+        let mut purged = 0;
+        for id in ids {
+            let mut refs = self.refs_of(id);
+            let is_dead = match self.inner.state.get(state_key(dest, id))? {
+                Some(v) => matches!(StateRecord::decode(&v)?, StateRecord::Dead(_)),
+                None => false,
+            };
+            if !is_dead {
+                continue;
+            }
+            self.release(&mut refs, dest, id)?;
+            if let Some(e) = self.index().get_mut(dest) {
+                e.dead = e.dead.saturating_sub(1);
+            }
+            purged += 1;
+        }
+        self.sync().await?;
+        Ok(purged)
+    }
+
     pub fn stats(&self, dest: &str) -> DestStats {
         let index = self.index();
         match index.get(dest) {

@@ -221,6 +221,7 @@ enum Op {
     Fail(usize, u64),
     Dead(usize),
     Replay(usize),
+    Purge(usize),
     Reopen,
 }
 
@@ -231,6 +232,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0usize..3, 1u64..1_000_000).prop_map(|(d, delay)| Op::Fail(d, delay)),
         1 => (0usize..3).prop_map(Op::Dead),
         1 => (0usize..3).prop_map(Op::Replay),
+        1 => (0usize..3).prop_map(Op::Purge),
         1 => Just(Op::Reopen),
     ]
 }
@@ -343,6 +345,12 @@ proptest! {
                         for id in ids {
                             model.pending.entry(dest).or_default().insert(id, 0);
                         }
+                    }
+                    Op::Purge(d) => {
+                        let dest = DESTS[d];
+                        let n = store.purge_dead(dest, None).await.expect("purge");
+                        let ids = std::mem::take(model.dead.entry(dest).or_default());
+                        prop_assert_eq!(n, ids.len());
                     }
                     Op::Reopen => {
                         store.close().await.expect("close");

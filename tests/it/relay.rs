@@ -293,3 +293,29 @@ async fn paused_destination_queues_without_delivering_and_resumes_after_restart(
     let got = held.wait_for(1, WAIT).await;
     assert_eq!(&got[0].body[..], b"{\"p\":1}");
 }
+
+#[tokio::test]
+async fn dead_letters_can_be_purged_and_the_message_is_then_deleted() {
+    let ok = TestReceiver::ok().await;
+    let refuses = TestReceiver::scripted(|_, _| Reply::Status(400)).await;
+    let relay = TestRelay::start(&config(&[("ok", &ok.url("/ok"), ""), ("no", &refuses.url("/no"), "")])).await;
+    let (status, _, body) = post(&relay.url("/in"), "application/json", "{\"x\":1}").await;
+    assert_eq!(status, 200);
+    let id = acked_id(&body);
+    let m = relay
+        .wait_metrics("one delivered, one dead", |m| {
+            metric(m, "switchboard_dead_letters{destination=\"no\"}") == 1.0
+                && metric(m, "switchboard_deliveries_total{destination=\"ok\",outcome=\"delivered\"}") == 1.0
+        })
+        .await;
+    assert!(metric(&m, "switchboard_store_bytes") > 0.0, "the dead letter keeps the message");
+    let (status, _, _) = request("DELETE", &relay.admin_url("/api/dead-letters/no?id=msg_nope"), &[], "").await;
+    assert_eq!(status, 400);
+    let (status, _, body) =
+        request("DELETE", &relay.admin_url(&format!("/api/dead-letters/no?id={id}")), &[], "").await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(&body[..], b"{\"purged\":1}");
+    let m = relay.metrics().await;
+    assert_eq!(metric(&m, "switchboard_dead_letters{destination=\"no\"}"), 0.0);
+    assert_eq!(metric(&m, "switchboard_store_bytes"), 0.0, "nothing needs the message any more");
+}
