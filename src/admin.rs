@@ -131,6 +131,16 @@ impl Admin {
         token.expose().as_bytes().ct_eq(given.as_bytes()).into()
     }
 
+    /// The optional `?id=MSG_ID` of a dead-letter operation.
+    fn only_id(&self, req: &Request<Incoming>) -> Result<Option<u64>, Response<Full<Bytes>>> {
+        match query_params(req).get("id") {
+            None => Ok(None),
+            Some(id) => self.store.parse_external_id(id).map(Some).ok_or_else(|| {
+                json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": "not a message id of this store" }))
+            }),
+        }
+    }
+
     async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let path = req.uri().path().to_string();
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
@@ -194,17 +204,9 @@ impl Admin {
                 }
             }
             (&Method::DELETE, ["api", "dead-letters", dest]) => {
-                let only = match query_params(&req).get("id") {
-                    Some(id) => match self.store.parse_external_id(id) {
-                        Some(id) => Some(id),
-                        None => {
-                            return json(
-                                StatusCode::BAD_REQUEST,
-                                serde_json::json!({ "error": "not a message id of this store" }),
-                            )
-                        }
-                    },
-                    None => None,
+                let only = match self.only_id(&req) {
+                    Ok(only) => only,
+                    Err(resp) => return resp,
                 };
                 match self.store.purge_dead(dest, only).await {
                     Ok(n) => {
@@ -218,17 +220,9 @@ impl Admin {
                 if !self.destinations.iter().any(|d| d == dest) {
                     return json(StatusCode::NOT_FOUND, serde_json::json!({ "error": "unknown destination" }));
                 }
-                let only = match query_params(&req).get("id") {
-                    Some(id) => match self.store.parse_external_id(id) {
-                        Some(id) => Some(id),
-                        None => {
-                            return json(
-                                StatusCode::BAD_REQUEST,
-                                serde_json::json!({ "error": "not a message id of this store" }),
-                            )
-                        }
-                    },
-                    None => None,
+                let only = match self.only_id(&req) {
+                    Ok(only) => only,
+                    Err(resp) => return resp,
                 };
                 match self.store.replay_dead(dest, only).await {
                     Ok(n) => {
