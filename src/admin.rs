@@ -132,11 +132,14 @@ impl Admin {
     }
 
     /// The optional `?id=MSG_ID` of a dead-letter operation.
-    fn only_id(&self, req: &Request<Incoming>) -> Result<Option<u64>, Response<Full<Bytes>>> {
+    fn only_id(&self, req: &Request<Incoming>) -> Result<Option<u64>, Box<Response<Full<Bytes>>>> {
         match query_params(req).get("id") {
             None => Ok(None),
             Some(id) => self.store.parse_external_id(id).map(Some).ok_or_else(|| {
-                json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": "not a message id of this store" }))
+                Box::new(json(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({ "error": "not a message id of this store" }),
+                ))
             }),
         }
     }
@@ -206,7 +209,7 @@ impl Admin {
             (&Method::DELETE, ["api", "dead-letters", dest]) => {
                 let only = match self.only_id(&req) {
                     Ok(only) => only,
-                    Err(resp) => return resp,
+                    Err(resp) => return *resp,
                 };
                 match self.store.purge_dead(dest, only).await {
                     Ok(n) => {
@@ -222,7 +225,7 @@ impl Admin {
                 }
                 let only = match self.only_id(&req) {
                     Ok(only) => only,
-                    Err(resp) => return resp,
+                    Err(resp) => return *resp,
                 };
                 match self.store.replay_dead(dest, only).await {
                     Ok(n) => {
