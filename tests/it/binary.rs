@@ -194,3 +194,18 @@ async fn sigterm_exits_zero_and_kill9_loses_nothing_acknowledged() {
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     drop(relay);
 }
+
+#[test]
+fn run_refuses_a_corrupt_or_foreign_store_and_leaves_it_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(dir.path(), &config(&[("a", "http://127.0.0.1:1/", "")]));
+    let store = dir.path().join("store");
+    std::fs::create_dir_all(&store).expect("mkdir");
+    std::fs::write(store.join("conf"), b"\xff\xfe not a sled config").expect("write");
+    std::fs::write(store.join("db"), vec![0x5au8; 8192]).expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_switchboard")).args(["run", "-c"]).arg(&path).output().expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started on a corrupt store: {stderr}");
+    assert!(stderr.contains("opening store") && stderr.contains(&*store.display().to_string()), "{stderr}");
+    assert_eq!(std::fs::read(store.join("db")).expect("still there"), vec![0x5au8; 8192], "never wiped");
+}
