@@ -4,7 +4,8 @@
 //! all but `/healthz` and `/readyz` need `Authorization: Bearer <token>`;
 //! `admin.tls` serves them over HTTPS):
 //! - `GET /metrics`: Prometheus text exposition.
-//! - `GET /healthz`: 200 while the process serves requests.
+//! - `GET /healthz`: 200 while the process serves requests and its store can
+//!   flush; 503 once flushes keep failing (a restart is what recovers sled).
 //! - `GET /readyz`: 200 once the store is open and every listener is bound,
 //!   503 before that and while shutting down.
 //! - `GET /api/destinations`: pending depth, oldest age and dead letters per destination.
@@ -159,7 +160,17 @@ impl Admin {
                 "text/plain; version=0.0.4",
                 self.metrics.render(&self.store, &self.all_destinations()),
             ),
-            (&Method::GET, ["healthz"]) => respond(StatusCode::OK, "text/plain", "ok\n"),
+            (&Method::GET, ["healthz"]) => {
+                if self.store.is_healthy() {
+                    respond(StatusCode::OK, "text/plain", "ok\n")
+                } else {
+                    respond(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        "store flushes are failing: restart needed\n",
+                    )
+                }
+            }
             (&Method::GET, ["readyz"]) => {
                 if self.ready.load(Ordering::SeqCst) && !self.store.is_closed() {
                     respond(StatusCode::OK, "text/plain", "ready\n")

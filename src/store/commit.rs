@@ -40,6 +40,8 @@ pub(crate) struct GroupCommit {
     started: AtomicU64,
     done: watch::Sender<Flushed>,
     wake: Notify,
+    /// Flushes that failed in a row (0 after any success).
+    failing: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,7 +102,7 @@ impl Durability {
 impl GroupCommit {
     pub(crate) fn new() -> Arc<GroupCommit> {
         let (done, _) = watch::channel(Flushed { generation: 0, ok: true });
-        Arc::new(GroupCommit { started: AtomicU64::new(0), done, wake: Notify::new() })
+        Arc::new(GroupCommit { started: AtomicU64::new(0), done, wake: Notify::new(), failing: AtomicU64::new(0) })
     }
 
     /// Waits until a flush that started after this call has completed.
@@ -150,6 +152,11 @@ impl GroupCommit {
                 }
             };
             on_flush(start.elapsed(), ok);
+            if ok {
+                self.failing.store(0, Ordering::SeqCst);
+            } else {
+                self.failing.fetch_add(1, Ordering::SeqCst);
+            }
             self.done.send_replace(Flushed { generation, ok });
             if stop.load(Ordering::SeqCst) {
                 // Anyone still waiting (or arriving later) is refused: their
@@ -158,6 +165,17 @@ impl GroupCommit {
                 return;
             }
         }
+    }
+
+    /// Counts a failed write toward the same streak as failed flushes (a
+    /// sled database with a sticky I/O error fails writes before any flush).
+    pub(crate) fn note_failure(&self) {
+        self.failing.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Flushes (and writes) that failed in a row, since the last good flush.
+    pub(crate) fn failing(&self) -> u64 {
+        self.failing.load(Ordering::SeqCst)
     }
 
     /// Wakes the flusher (used at shutdown so it notices `stop`).

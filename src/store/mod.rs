@@ -332,7 +332,10 @@ impl Store {
         let len = value.len() as u64;
         {
             let mut refs = self.refs_of(id);
-            inner.messages.insert(id_key(id), value)?;
+            if let Err(e) = inner.messages.insert(id_key(id), value) {
+                inner.commit.note_failure();
+                return Err(e.into());
+            }
             refs.insert(id, destinations.len() as u32);
         }
         inner.bytes.fetch_add(len, Ordering::Relaxed);
@@ -615,6 +618,17 @@ impl Store {
         self.inner.db.size_on_disk().unwrap_or(0)
     }
 
+    /// False once flushes keep failing. sled 0.34 makes an I/O error (such
+    /// as running out of disk, if something else filled it past
+    /// `min_free_bytes`) permanent for the open database; only reopening it,
+    /// i.e. restarting the process, recovers. `/healthz` reports this so a
+    /// supervisor (Kubernetes liveness probe) restarts the relay.
+    pub fn is_healthy(&self) -> bool {
+        // A few in a row: one failure may be a passing fault.
+        const FAILURES: u64 = 3;
+        self.inner.commit.failing() < FAILURES
+    }
+
     pub fn is_closed(&self) -> bool {
         self.inner.closed.load(Ordering::SeqCst)
     }
@@ -625,7 +639,9 @@ impl Store {
         if inner.closed.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
-        inner.meta.insert("last_id", &inner.last_id.load(Ordering::SeqCst).to_be_bytes())?;
+        // Best effort from here on: whatever fails, the flusher and ticker
+        // must stop so the database is released (a restart reopens it).
+        let saved = inner.meta.insert("last_id", &inner.last_id.load(Ordering::SeqCst).to_be_bytes());
         inner.stop.store(true, Ordering::SeqCst);
         inner.ticker_stop.cancel();
         inner.commit.poke();
@@ -640,6 +656,7 @@ impl Store {
         // is the one flush a clean shutdown must not miss.
         let db = inner.db.clone();
         tokio::task::spawn_blocking(move || db.flush()).await.map_err(|_| StoreError::FlushFailed)??;
+        saved?;
         Ok(())
     }
 }

@@ -395,3 +395,68 @@ async fn sigterm_under_load_finishes_in_flight_and_restart_delivers_all() {
     .await;
     println!("sigterm under load: acked={} refused={refused} stopped_in={stopped_in:?}", acked.len());
 }
+
+#[tokio::test]
+async fn disk_filled_by_someone_else_turns_healthz_red_and_a_restart_recovers() {
+    let fs = match Tmpfs::mount("32m") {
+        Ok(fs) => fs,
+        Err(why) => {
+            eprintln!("SKIPPED disk-filled-elsewhere test: cannot mount a tmpfs here ({why})");
+            return;
+        }
+    };
+    let down = dead_addr().await;
+    let store = fs.path().join("store");
+    // The guard is off (min_free_bytes = 0), as if another process filled the
+    // disk faster than the guard could see.
+    let toml = config(&[("d", &format!("http://{down}/d"), &fast("d"))]).replace(
+        "[store]\npath = \"{store}\"",
+        &format!("[store]\npath = \"{}\"\nmin_free_bytes = 0", store.display()),
+    );
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let relay = TestRelay::start_in(dir.clone(), &toml).await;
+    let mut acked = Vec::new();
+    for seq in 0..5u64 {
+        assert_eq!(post(&relay.url("/in"), "application/json", format!("{{\"seq\":{seq}}}")).await.0, 200);
+        acked.push(seq);
+    }
+    // Fill the filesystem to the last byte.
+    let ballast = fs.path().join("ballast");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&ballast).expect("ballast");
+        let chunk = vec![0u8; 64 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.write_all(&[0u8; 512]);
+    }
+    let mut saw_503 = false;
+    for seq in 100..200u64 {
+        let (status, _, _) =
+            post(&relay.url("/in"), "application/json", format!("{{\"seq\":{seq},\"p\":\"{}\"}}", "x".repeat(4000)))
+                .await;
+        assert_ne!(status, 200, "a 2xx while the store cannot write");
+        saw_503 |= status == 503;
+        if get(&relay.admin_url("/healthz")).await.0 == 503 {
+            break;
+        }
+    }
+    assert!(saw_503);
+    assert_eq!(get(&relay.admin_url("/healthz")).await.0, 503, "persistent flush failures show on /healthz");
+
+    // What a supervisor does: restart. With space back, the store recovers.
+    std::fs::remove_file(&ballast).expect("remove ballast");
+    let _ = relay.stop().await; // closing cannot flush; that is expected
+    let relay = TestRelay::start_in(dir, &toml).await;
+    assert_eq!(get(&relay.admin_url("/healthz")).await.0, 200);
+    assert_eq!(post(&relay.url("/in"), "application/json", "{\"seq\":7}").await.0, 200);
+    acked.push(7);
+    let dest = TestReceiver::on(
+        tokio::net::TcpListener::bind(down).await.expect("rebind"),
+        Arc::new(|_, _| Reply::Status(200)),
+    );
+    dest.wait_until(WAIT, "every acknowledged message", |got| {
+        let s = seqs(got);
+        acked.iter().all(|q| s.contains_key(q))
+    })
+    .await;
+}
