@@ -68,6 +68,7 @@ pub struct Ingress {
     pub store: Store,
     pub metrics: Arc<Metrics>,
     pub wakers: Wakers,
+    pub dedupe: crate::dedupe::Dedupe,
 }
 
 /// Headers that describe one connection, not the message: never stored or forwarded.
@@ -259,6 +260,13 @@ impl Ingress {
             }
         }
 
+        let dedupe_key = route.dedupe_window.map(|_| crate::dedupe::Dedupe::key(&route.path, &body));
+        if let Some(key) = &dedupe_key {
+            if let Some(id) = self.dedupe.lookup(key, Instant::now()) {
+                self.metrics.ingress_duplicates.with_label_values(&[&route.path]).inc();
+                return json_response(StatusCode::OK, serde_json::json!({ "id": id, "duplicate": true }));
+            }
+        }
         let headers = stored_headers(&parts.headers);
         let record =
             MessageRecord { received_ms: now_ms(), route: route.path.clone(), peer: client.to_string(), headers, body };
@@ -275,7 +283,11 @@ impl Ingress {
             return self.unavailable(&e);
         }
         self.metrics.ingress_persist.observe(started.elapsed().as_secs_f64());
-        json_response(StatusCode::OK, serde_json::json!({ "id": self.store.external_id(id) }))
+        let id = self.store.external_id(id);
+        if let (Some(key), Some(window)) = (dedupe_key, route.dedupe_window) {
+            self.dedupe.remember(key, id.clone(), Instant::now() + window);
+        }
+        json_response(StatusCode::OK, serde_json::json!({ "id": id }))
     }
 
     fn unavailable(&self, e: &crate::store::StoreError) -> Response<Full<Bytes>> {

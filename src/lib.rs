@@ -8,6 +8,7 @@
 //! - [`config`]: TOML + environment loading (figment) and validation.
 //! - [`ingress`]: the HTTP(S) listeners senders call.
 //! - [`auth`]: sender authentication, source allowlists, trusted proxies.
+//! - [`dedupe`]: opt-in inbound de-duplication of resent callbacks.
 //! - [`tls`]: rustls listeners with certificate hot reload.
 //! - [`store`]: the durable sled store (messages, due queues, dead letters).
 //! - [`delivery`]: one scheduler per destination, forwarding stored messages.
@@ -23,6 +24,7 @@ pub mod admin;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod dedupe;
 pub mod delivery;
 pub mod ingress;
 pub mod metrics;
@@ -151,6 +153,7 @@ pub async fn run_with_reload(
         store: store.clone(),
         metrics: metrics.clone(),
         wakers: wakers.clone(),
+        dedupe: dedupe::Dedupe::default(),
     });
     let connections = Arc::new(Semaphore::new(config.ingress.max_connections));
     for (listener, ctx) in listeners.ingress.into_iter().zip(ctxs) {

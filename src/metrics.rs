@@ -31,6 +31,7 @@ pub struct Metrics {
     pub ingress_persist: Histogram,
     pub ingress_connections: IntGauge,
     pub ingress_rejected: IntCounterVec,
+    pub ingress_duplicates: IntCounterVec,
     pub strip_skipped: IntCounterVec,
     pub tls_expiry: GaugeVec,
     pub tls_reloads: IntCounterVec,
@@ -121,6 +122,12 @@ impl Metrics {
                 "switchboard_ingress_rejected_total",
                 "Requests refused by source allowlist or sender authentication, by route and reason",
                 &["route", "reason"],
+            ),
+            ingress_duplicates: counter_vec(
+                &r,
+                "switchboard_ingress_duplicates_total",
+                "Requests answered with an earlier message's id (dedupe_window), by route",
+                &["route"],
             ),
             strip_skipped: counter_vec(
                 &r,

@@ -175,6 +175,7 @@ pub struct Route {
     pub max_body: u64,
     pub allow_ips: Vec<ipnet::IpNet>,
     pub auth: Option<Arc<crate::auth::Auth>>,
+    pub dedupe_window: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Clone)]

@@ -308,6 +308,11 @@ pub struct RawRoute {
     pub allow_ips: Vec<ipnet::IpNet>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<RawAuth>,
+    /// Answer a request whose body equals one accepted on this route within
+    /// this window with the first one's id, storing nothing (senders such as
+    /// ThingSpace resend callbacks they think were slow). Unset: off.
+    #[serde(default, with = "humantime_serde::option", skip_serializing_if = "Option::is_none")]
+    pub dedupe_window: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

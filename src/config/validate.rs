@@ -152,6 +152,7 @@ impl RawConfig {
                 max_body: r.max_body.unwrap_or(self.ingress.max_body),
                 allow_ips: r.allow_ips.clone(),
                 auth,
+                dedupe_window: r.dedupe_window.filter(|d| !d.is_zero()),
             });
         }
 

@@ -319,3 +319,31 @@ async fn dead_letters_can_be_purged_and_the_message_is_then_deleted() {
     assert_eq!(metric(&m, "switchboard_dead_letters{destination=\"no\"}"), 0.0);
     assert_eq!(metric(&m, "switchboard_store_bytes"), 0.0, "nothing needs the message any more");
 }
+
+#[tokio::test]
+async fn dedupe_window_answers_a_resent_callback_with_the_first_id_and_stores_it_once() {
+    let held = TestReceiver::ok().await;
+    let toml = config(&[("held", &held.url("/h"), "paused = true")])
+        .replace("destinations = [\"held\"]\n", "destinations = [\"held\"]\ndedupe_window = \"10m\"\n");
+    let relay = TestRelay::start(&toml).await;
+    let body = sample("carrierservice-fault.json");
+    let (s1, _, first) = post(&relay.url("/in"), "application/json", body.clone()).await;
+    let (s2, _, second) = post(&relay.url("/in"), "application/json", body.clone()).await;
+    assert_eq!((s1, s2), (200, 200));
+    assert_eq!(acked_id(&first), acked_id(&second), "the resend gets the first id");
+    let v: serde_json::Value = serde_json::from_slice(&second).expect("json");
+    assert_eq!(v["duplicate"], true);
+    let (s3, _, third) = post(&relay.url("/in"), "application/json", "{\"other\":1}").await;
+    assert_eq!(s3, 200);
+    assert_ne!(acked_id(&third), acked_id(&first));
+    let m = relay.metrics().await;
+    assert_eq!(metric(&m, "switchboard_queue_depth{destination=\"held\"}"), 2.0, "the resend was not stored");
+    assert_eq!(metric(&m, "switchboard_ingress_duplicates_total{route=\"/in\"}"), 1.0);
+
+    // Without a window, the same two requests are two messages.
+    let relay = TestRelay::start(&config(&[("held", &held.url("/h"), "paused = true")])).await;
+    assert_eq!(post(&relay.url("/in"), "application/json", body.clone()).await.0, 200);
+    assert_eq!(post(&relay.url("/in"), "application/json", body).await.0, 200);
+    let m = relay.metrics().await;
+    assert_eq!(metric(&m, "switchboard_queue_depth{destination=\"held\"}"), 2.0);
+}
