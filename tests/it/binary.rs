@@ -180,10 +180,7 @@ async fn sigterm_exits_zero_and_kill9_loses_nothing_acknowledged() {
     relay.kill9();
 
     // 3. Restart with the destination up: every acknowledged message arrives.
-    let dest = TestReceiver::on(
-        tokio::net::TcpListener::bind(down).await.expect("rebind"),
-        Arc::new(|_, _| Reply::Status(200)),
-    );
+    let dest = TestReceiver::ok_at(down).await;
     let relay = RelayProcess::start(&path).await;
     dest.wait_until(WAIT, "all 50 acknowledged ids", |got| {
         let seen = counts_by_header(got, "webhook-id");

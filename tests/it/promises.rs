@@ -35,6 +35,21 @@ fn seqs(received: &[Received]) -> HashMap<u64, usize> {
     m
 }
 
+/// Waits until `receiver` has every sequence number in `acked`.
+async fn wait_for_seqs<'a>(
+    receiver: &TestReceiver,
+    within: Duration,
+    what: &str,
+    acked: impl IntoIterator<Item = &'a u64> + Clone,
+) -> Vec<Received> {
+    receiver
+        .wait_until(within, what, |got| {
+            let s = seqs(got);
+            acked.clone().into_iter().all(|q| s.contains_key(q))
+        })
+        .await
+}
+
 /// Concurrent senders posting `{"seq": N}` bodies to whatever relay address
 /// is current, recording which sequence numbers got a 2xx.
 struct Load {
@@ -171,10 +186,7 @@ async fn kill9_under_load_loses_nothing_acknowledged() {
     let (acked, refused) = load.finish().await;
     let late = match late {
         Some(l) => l,
-        None => TestReceiver::on(
-            tokio::net::TcpListener::bind(late_addr).await.expect("rebind"),
-            Arc::new(|_, _| Reply::Status(200)),
-        ),
+        None => TestReceiver::ok_at(late_addr).await,
     };
 
     // Drain: every acknowledged sequence number reaches every destination.
@@ -298,15 +310,8 @@ async fn disk_full_refuses_with_503_keeps_delivering_and_recovers() {
     assert_eq!(get(&relay.admin_url("/healthz")).await.0, 200, "the relay stays up");
 
     // It keeps delivering what it has.
-    let dest = TestReceiver::on(
-        tokio::net::TcpListener::bind(down).await.expect("rebind"),
-        Arc::new(|_, _| Reply::Status(200)),
-    );
-    dest.wait_until(WAIT, "all acked delivered while the disk is full", |got| {
-        let s = seqs(got);
-        acked.iter().all(|q| s.contains_key(q))
-    })
-    .await;
+    let dest = TestReceiver::ok_at(down).await;
+    wait_for_seqs(&dest, WAIT, "all acked delivered while the disk is full", &acked).await;
 
     // Space returns: ingress accepts again by itself.
     std::fs::remove_file(&ballast).expect("remove ballast");
@@ -348,10 +353,7 @@ async fn outage_backlog_shows_in_metrics_and_drains_after_recovery() {
     assert!(age_before > 0.0, "oldest age rises during the outage");
 
     let recovered_at = Instant::now();
-    let dest = TestReceiver::on(
-        tokio::net::TcpListener::bind(down).await.expect("rebind"),
-        Arc::new(|_, _| Reply::Status(200)),
-    );
+    let dest = TestReceiver::ok_at(down).await;
     dest.wait_until(WAIT, "the whole backlog", |got| seqs(got).len() == n as usize).await;
     let took = recovered_at.elapsed();
     let m = relay
@@ -383,16 +385,9 @@ async fn sigterm_under_load_finishes_in_flight_and_restart_delivers_all() {
     addr_tx.send_replace(None);
     let (acked, refused) = load.finish().await;
 
-    let dest = TestReceiver::on(
-        tokio::net::TcpListener::bind(down).await.expect("rebind"),
-        Arc::new(|_, _| Reply::Status(200)),
-    );
+    let dest = TestReceiver::ok_at(down).await;
     let _relay = RelayProcess::start(&path).await;
-    dest.wait_until(WAIT, "every acked message", |got| {
-        let s = seqs(got);
-        acked.iter().all(|q| s.contains_key(q))
-    })
-    .await;
+    wait_for_seqs(&dest, WAIT, "every acked message", &acked).await;
     println!("sigterm under load: acked={} refused={refused} stopped_in={stopped_in:?}", acked.len());
 }
 
@@ -450,13 +445,6 @@ async fn disk_filled_by_someone_else_turns_healthz_red_and_a_restart_recovers() 
     assert_eq!(get(&relay.admin_url("/healthz")).await.0, 200);
     assert_eq!(post(&relay.url("/in"), "application/json", "{\"seq\":7}").await.0, 200);
     acked.push(7);
-    let dest = TestReceiver::on(
-        tokio::net::TcpListener::bind(down).await.expect("rebind"),
-        Arc::new(|_, _| Reply::Status(200)),
-    );
-    dest.wait_until(WAIT, "every acknowledged message", |got| {
-        let s = seqs(got);
-        acked.iter().all(|q| s.contains_key(q))
-    })
-    .await;
+    let dest = TestReceiver::ok_at(down).await;
+    wait_for_seqs(&dest, WAIT, "every acknowledged message", &acked).await;
 }

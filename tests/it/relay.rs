@@ -233,10 +233,7 @@ async fn full_store_answers_503_with_retry_after_and_accepts_again_once_drained(
     assert_eq!(status, 503);
 
     // Bring the destination up: the backlog drains and ingress accepts again.
-    let dest = TestReceiver::on(
-        tokio::net::TcpListener::bind(addr).await.expect("rebind"),
-        std::sync::Arc::new(|_, _| Reply::Status(200)),
-    );
+    let dest = TestReceiver::ok_at(addr).await;
     dest.wait_for(acked, WAIT).await;
     relay.wait_metrics("drained store", |m| metric(m, "switchboard_queue_depth{destination=\"d\"}") == 0.0).await;
     let (status, _, _) = post(&relay.url("/in"), "text/plain", body).await;

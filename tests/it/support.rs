@@ -128,6 +128,13 @@ impl TestReceiver {
         TestReceiver { addr, received, changed, stop }
     }
 
+    /// Brings a destination that was down up on its configured address,
+    /// answering 200 to everything.
+    pub async fn ok_at(addr: SocketAddr) -> TestReceiver {
+        let listener = TcpListener::bind(addr).await.expect("rebind the destination address");
+        Self::on(listener, Arc::new(|_, _| Reply::Status(200)))
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
