@@ -124,6 +124,7 @@ pub async fn run_with_reload(
             max_bytes: config.store.max_bytes,
             min_free_bytes: config.store.min_free_bytes,
             cache_bytes: None,
+            segment_bytes: None,
         },
         move |took, ok| {
             flush_metrics.store_flushes.with_label_values(&[if ok { "ok" } else { "error" }]).inc();

@@ -1,5 +1,9 @@
 //! Group commit: one flusher task, many waiters, one fsync covering them all.
 //!
+//! What one flush does is the store's business (write and sync the message
+//! log, then flush sled if settling writes are waiting); this module runs it
+//! and tells the waiters.
+//!
 //! A writer that needs durability calls [`GroupCommit::wait_durable`] *after*
 //! its write. It reads the number of flushes started so far, `n`, and waits for
 //! flush `n + 1` to finish. Flush `n + 1` starts after that read (the counter is
@@ -119,25 +123,23 @@ impl GroupCommit {
     }
 
     /// The flusher loop; returns when `stop` is set and it has been woken.
+    /// `flush` does the work of one group commit, on the blocking pool;
     /// `on_flush` observes each flush's duration and result (for metrics).
     pub(crate) async fn run(
         self: Arc<Self>,
-        db: sled::Db,
-        durability: Durability,
+        flush: impl FnMut() -> Result<(), String> + Send + 'static,
         stop: Arc<std::sync::atomic::AtomicBool>,
         on_flush: impl Fn(std::time::Duration, bool) + Send + 'static,
     ) {
-        let durability = Arc::new(Mutex::new(durability));
+        let flush = Arc::new(Mutex::new(flush));
         loop {
             self.wake.notified().await;
             let generation = self.started.fetch_add(1, Ordering::SeqCst) + 1;
-            let db2 = db.clone();
-            let dur = durability.clone();
+            let work = flush.clone();
             let start = Instant::now();
             let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
-                db2.flush().map_err(|e| e.to_string())?;
-                let mut d = dur.lock().map_err(|_| "durability state poisoned".to_string())?;
-                d.sync().map_err(|e| format!("fdatasync: {e}"))
+                let mut f = work.lock().map_err(|_| "flusher state poisoned".to_string())?;
+                (f)()
             })
             .await;
             let ok = match result {

@@ -1,22 +1,28 @@
 //! The on-disk format: every key and record the store writes, in one place.
 //!
-//! Format version 1 (recorded under `meta/format`):
+//! Format version 2 (recorded under `meta/format`). Message records are in
+//! the message log, `segments/seg-<seq>` (framing in [`super::segments`]);
+//! sled holds everything else:
 //!
-//! | tree       | key                                  | value                              |
-//! |------------|--------------------------------------|------------------------------------|
-//! | `meta`     | `format`                             | u32 BE version                     |
-//! | `meta`     | `uid`                                | 4 random bytes                     |
-//! | `meta`     | `last_id`                            | u64 BE                             |
-//! | `messages` | message id, u64 BE                   | [`MessageRecord`] with its destinations |
-//! | `state`    | destination, 0x00, message id u64 BE | [`StateRecord`]: retry, done or dead |
+//! | tree    | key                                  | value                              |
+//! |---------|--------------------------------------|------------------------------------|
+//! | `meta`  | `format`                             | u32 BE version                     |
+//! | `meta`  | `uid`                                | 4 random bytes                     |
+//! | `meta`  | `last_id`                            | u64 BE                             |
+//! | `state` | destination, 0x00, message id u64 BE | [`StateRecord`]: retry, done or dead |
+//! | `kept`  | message id, u64 BE                   | [`MessageRecord`] of a message with a dead letter |
 //!
-//! A message's deliveries are its record's destination list: one key, one
-//! insert, so a message and its pending deliveries are written atomically.
-//! A destination with no `state` entry is pending since the message arrived;
-//! `Retry` holds its next due time and attempt count; `Done` and `Dead` end
-//! it. Every state change is a single insert of one key: atomic without a
-//! transaction (sled 0.34 writes and syncs its log on every transaction
-//! commit, which made them the relay's bottleneck).
+//! A message's deliveries are its record's destination list: one frame,
+//! written and synced by one group commit, so a message and its pending
+//! deliveries appear atomically. A destination with no `state` entry is
+//! pending since the message arrived; `Retry` holds its next due time and
+//! attempt count; `Done` and `Dead` end it. Every state change is a single
+//! insert of one key (sled 0.34 writes and syncs its log on every
+//! transaction commit, which made transactions the relay's bottleneck).
+//! A copy in `kept` takes precedence over the message's frame in the log.
+//!
+//! Version 1 kept message records in a sled tree `messages`; such a store is
+//! refused (with its data left untouched) by this build.
 //!
 //! A message id is `received_ms << 16 | sequence`, so ids sort by arrival and
 //! carry their own receive time. Destination names never contain 0x00
@@ -28,7 +34,10 @@
 
 use bytes::Bytes;
 
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The message log's directory inside the store directory.
+pub const SEGMENTS_DIR: &str = "segments";
 const RECORD_V1: u8 = 1;
 
 /// Bits of a message id below the millisecond timestamp.

@@ -28,6 +28,7 @@
 mod commit;
 pub mod format;
 mod recover;
+mod segments;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -38,6 +39,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use self::commit::{CommitError, GroupCommit};
+use self::segments::{Loc, SegmentLog};
 
 use self::format::*;
 pub use self::format::{DeadRecord, DecodeError, MessageRecord, QueueRecord, StateRecord};
@@ -62,6 +64,14 @@ pub enum StoreError {
     Io(#[from] sled::Error),
     #[error(transparent)]
     Corrupt(#[from] DecodeError),
+    #[error("{0}")]
+    Log(String),
+}
+
+impl From<segments::LogError> for StoreError {
+    fn from(e: segments::LogError) -> Self {
+        StoreError::Log(e.to_string())
+    }
 }
 
 impl StoreError {
@@ -91,6 +101,9 @@ pub struct StoreOptions {
     pub max_bytes: Option<u64>,
     /// sled page cache size; `None` uses 32 MiB.
     pub cache_bytes: Option<u64>,
+    /// Size at which a segment of the message log is sealed; `None` uses
+    /// [`DEFAULT_SEGMENT_BYTES`]. Small values are for tests.
+    pub segment_bytes: Option<u64>,
     /// Refuse new messages while the store's filesystem has less free space
     /// than this. sled turns an out-of-space write error into a permanent
     /// failure of the open database, so the relay must stop *before* the disk
@@ -140,7 +153,69 @@ struct DestIndex {
     dead: usize,
 }
 
-/// Cheap to clone; all clones share one database and one flusher.
+/// Where a live message's record is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// Pushed, not flushed yet: only in the record cache.
+    Unplaced,
+    /// In a segment of the message log.
+    Log(Loc),
+    /// Copied into sled's `kept` tree (it has or had a dead letter), so it
+    /// does not pin a segment.
+    Kept,
+}
+
+/// A live message, in memory: where its record is and what still needs it.
+#[derive(Debug, Clone)]
+struct Msg {
+    place: Place,
+    /// The segment holding its frame, if flushed (a kept copy's original
+    /// may still be in the log).
+    origin: Option<u64>,
+    /// Stored record size (what `max_bytes` counts).
+    len: u64,
+    /// Deliveries pending (queued or retrying) and dead-lettered.
+    pending: u32,
+    dead: u32,
+}
+
+/// Records by id: every unflushed one (they can be read nowhere else) and
+/// recent flushed ones up to a budget, so deliveries rarely read the disk.
+#[derive(Default)]
+struct RecordCache {
+    map: BTreeMap<u64, Bytes>,
+    bytes: usize,
+    /// Ids up to this one are flushed and may be evicted.
+    flushed_upto: u64,
+}
+
+/// Budget of [`RecordCache`] beyond unflushed records.
+const RECORD_CACHE_BYTES: usize = 16 << 20;
+
+impl RecordCache {
+    fn insert(&mut self, id: u64, record: Bytes) {
+        self.bytes += record.len();
+        self.map.insert(id, record);
+        self.evict();
+    }
+
+    fn remove(&mut self, id: u64) {
+        if let Some(r) = self.map.remove(&id) {
+            self.bytes -= r.len();
+        }
+    }
+
+    fn evict(&mut self) {
+        while self.bytes > RECORD_CACHE_BYTES {
+            match self.map.first_key_value() {
+                Some((&id, _)) if id <= self.flushed_upto => self.remove(id),
+                _ => break,
+            }
+        }
+    }
+}
+
+/// Cheap to clone; all clones share one database, one log and one flusher.
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
@@ -150,8 +225,9 @@ struct Inner {
     path: PathBuf,
     db: sled::Db,
     meta: sled::Tree,
-    messages: sled::Tree,
     state: sled::Tree,
+    kept: sled::Tree,
+    log: SegmentLog,
     uid: String,
     last_id: AtomicU64,
     max_bytes: Option<u64>,
@@ -160,26 +236,42 @@ struct Inner {
     /// Free bytes on the store's filesystem and when that was read (unix ms).
     free: AtomicU64,
     free_read_ms: AtomicU64,
-    /// Settling writes made since the last flush (for the idle flush ticker).
-    dirty: AtomicBool,
+    /// sled writes made since the last sled flush.
+    sled_dirty: AtomicBool,
     closed: AtomicBool,
     commit: Arc<GroupCommit>,
     stop: Arc<AtomicBool>,
     ticker_stop: tokio_util::sync::CancellationToken,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     index: Mutex<HashMap<String, DestIndex>>,
-    /// Pending + dead deliveries per message id, striped by id.
-    refs: Vec<Mutex<HashMap<u64, u32>>>,
+    /// Live messages, striped by id. Operations on one message hold its stripe.
+    msgs: Vec<Mutex<HashMap<u64, Msg>>>,
+    cache: Mutex<RecordCache>,
+    /// Per segment: messages placed in it that are still live.
+    live: Mutex<BTreeMap<u64, u32>>,
+    /// Sealed segments no live message needs, waiting to be deleted.
+    unneeded: Mutex<BTreeSet<u64>>,
+    reclaim: Arc<tokio::sync::Notify>,
+    reclaiming: tokio::sync::Mutex<()>,
 }
 
-/// Lock stripes for per-message reference counts.
-const REF_STRIPES: usize = 64;
+/// Lock stripes for per-message state.
+const MSG_STRIPES: usize = 64;
+
+/// Default size at which a segment is sealed and a new one started.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 32 << 20;
 
 /// How often settled deliveries are flushed when no ingress flush happens.
 const IDLE_FLUSH: Duration = Duration::from_millis(500);
 
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section in this module is a few map or counter updates
+    // that cannot panic midway, so a poisoned lock still guards consistent data.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Store {
@@ -216,7 +308,8 @@ impl Store {
             }
         };
         let meta = db.open_tree("meta")?;
-        check_format(path, &db, &meta)?;
+        let log_dir = path.join(SEGMENTS_DIR);
+        check_format(path, &db, &meta, &log_dir)?;
         let uid = match meta.get("uid")? {
             Some(v) => v.iter().map(|b| format!("{b:02x}")).collect::<String>(),
             None => {
@@ -225,10 +318,11 @@ impl Store {
                 bytes.iter().map(|b| format!("{b:02x}")).collect()
             }
         };
-        let messages = db.open_tree("messages")?;
         let state = db.open_tree("state")?;
-
-        let recover::Rebuilt { index, refs, bytes, last_id } = recover::rebuild(&meta, &messages, &state)?;
+        let kept = db.open_tree("kept")?;
+        let segment_bytes = opts.segment_bytes.unwrap_or(DEFAULT_SEGMENT_BYTES).max(1);
+        let recover::Rebuilt { log, index, msgs, live, bytes, last_id } =
+            recover::rebuild(&log_dir, segment_bytes, &meta, &state, &kept)?;
 
         let commit = GroupCommit::new();
         let stop = Arc::new(AtomicBool::new(false));
@@ -236,8 +330,9 @@ impl Store {
             path: path.to_path_buf(),
             db: db.clone(),
             meta,
-            messages,
             state,
+            kept,
+            log,
             uid,
             last_id: AtomicU64::new(last_id),
             max_bytes: opts.max_bytes,
@@ -245,39 +340,79 @@ impl Store {
             min_free_bytes: opts.min_free_bytes,
             free: AtomicU64::new(free_space(path).unwrap_or(u64::MAX)),
             free_read_ms: AtomicU64::new(now_ms()),
-            dirty: AtomicBool::new(false),
+            sled_dirty: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             commit: commit.clone(),
             stop: stop.clone(),
             ticker_stop: tokio_util::sync::CancellationToken::new(),
             tasks: Mutex::new(Vec::new()),
             index: Mutex::new(index),
-            refs,
+            msgs,
+            cache: Mutex::new(RecordCache::default()),
+            live: Mutex::new(live),
+            unneeded: Mutex::new(BTreeSet::new()),
+            reclaim: Arc::new(tokio::sync::Notify::new()),
+            reclaiming: tokio::sync::Mutex::new(()),
         });
-        let durability = commit::Durability::open(path)
+        let mut durability = commit::Durability::open(path)
             .map_err(|e| StoreError::Open { path: path.to_path_buf(), source: sled::Error::Io(e) })?;
-        let flusher = tokio::spawn(commit.clone().run(db, durability, stop.clone(), on_flush));
         let weak = Arc::downgrade(&inner);
-        let ticker_stop = inner.ticker_stop.clone();
-        let ticker = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(IDLE_FLUSH);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = ticker_stop.cancelled() => return,
-                }
-                let Some(inner) = weak.upgrade() else { return };
-                if inner.dirty.swap(false, Ordering::SeqCst) {
-                    inner.commit.poke();
-                }
+        let flush = move || -> Result<(), String> {
+            let inner = weak.upgrade().ok_or("store dropped")?;
+            inner.flush_once(&mut durability)
+        };
+        let flusher = tokio::spawn(commit.clone().run(flush, stop.clone(), on_flush));
+        let ticker = tokio::spawn(Self::idle_ticker(Arc::downgrade(&inner), inner.ticker_stop.clone()));
+        let reclaimer =
+            tokio::spawn(Self::reclaimer(Arc::downgrade(&inner), inner.reclaim.clone(), inner.ticker_stop.clone()));
+        lock(&inner.tasks).extend([flusher, ticker, reclaimer]);
+        // Segments recovery found unneeded.
+        for seq in inner.log.sealed() {
+            if lock(&inner.live).get(&seq).copied().unwrap_or(0) == 0 {
+                lock(&inner.unneeded).insert(seq);
             }
-        });
-        if let Ok(mut tasks) = inner.tasks.lock() {
-            tasks.push(flusher);
-            tasks.push(ticker);
         }
+        inner.reclaim.notify_one();
         Ok(Store { inner })
+    }
+
+    /// Pokes the flusher when settling writes wait for a flush and no
+    /// ingress flush comes along.
+    async fn idle_ticker(weak: std::sync::Weak<Inner>, stop: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(IDLE_FLUSH);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.cancelled() => return,
+            }
+            let Some(inner) = weak.upgrade() else { return };
+            if inner.sled_dirty.load(Ordering::SeqCst) {
+                inner.commit.poke();
+            }
+        }
+    }
+
+    /// Deletes segments no live message needs, once the settling writes that
+    /// emptied them are durable (so a crash cannot bring back pending
+    /// deliveries whose records are gone).
+    async fn reclaimer(
+        weak: std::sync::Weak<Inner>,
+        wake: Arc<tokio::sync::Notify>,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            // Holds no reference to the store while it waits.
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = stop.cancelled() => return,
+            }
+            let Some(inner) = weak.upgrade() else { return };
+            if let Err(e) = inner.reclaim_unneeded().await {
+                tracing::error!(error = %e, "could not delete settled segments; retried at the next start");
+                return;
+            }
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -308,12 +443,16 @@ impl Store {
         }
     }
 
-    /// Writes a message for `destinations`, pending for each and due now,
-    /// in one insert. Not durable until [`Store::sync`] returns.
+    /// Queues a message for `destinations`, pending for each and due now.
+    /// Not durable until [`Store::sync`] returns.
     pub fn append(&self, msg: &MessageRecord, destinations: &[Arc<str>]) -> Result<u64, StoreError> {
         let inner = &self.inner;
         if inner.closed.load(Ordering::SeqCst) {
             return Err(StoreError::Closed);
+        }
+        if inner.log.is_broken() {
+            inner.commit.note_failure();
+            return Err(StoreError::FlushFailed);
         }
         if let Some(min) = inner.min_free_bytes {
             let free = self.free_bytes();
@@ -321,23 +460,27 @@ impl Store {
                 return Err(StoreError::DiskFull { free, min });
             }
         }
-        let value = msg.encode_for(destinations);
+        let record = Bytes::from(msg.encode_for(destinations));
+        let len = record.len() as u64;
         if let Some(limit) = inner.max_bytes {
             let used = inner.bytes.load(Ordering::Relaxed);
-            if used + value.len() as u64 > limit {
+            if used + len > limit {
                 return Err(StoreError::Full { used, limit });
             }
         }
-        let id = self.next_id(msg.received_ms);
-        let len = value.len() as u64;
-        {
-            let mut refs = self.refs_of(id);
-            if let Err(e) = inner.messages.insert(id_key(id), value) {
-                inner.commit.note_failure();
-                return Err(e.into());
-            }
-            refs.insert(id, destinations.len() as u32);
-        }
+        let count = destinations.len() as u32;
+        // The id is taken under the log's lock (ids in log order); the message
+        // is registered before anything can lease it.
+        let id = inner.log.push(
+            || {
+                let id = self.next_id(msg.received_ms);
+                lock(self.stripe(id))
+                    .insert(id, Msg { place: Place::Unplaced, origin: None, len, pending: count, dead: 0 });
+                lock(&inner.cache).insert(id, record.clone());
+                id
+            },
+            record.clone(),
+        );
         inner.bytes.fetch_add(len, Ordering::Relaxed);
         let mut index = self.index();
         for d in destinations {
@@ -348,10 +491,12 @@ impl Store {
         Ok(id)
     }
 
+    fn stripe(&self, id: u64) -> &Mutex<HashMap<u64, Msg>> {
+        &self.inner.msgs[(id as usize) % MSG_STRIPES]
+    }
+
     fn index(&self) -> std::sync::MutexGuard<'_, HashMap<String, DestIndex>> {
-        // Every update under this lock is a few map operations that cannot
-        // panic midway, so a poisoned lock still guards a consistent map.
-        self.inner.index.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.inner.index)
     }
 
     /// Whether `lease` is still pending as leased (not settled or moved since).
@@ -403,19 +548,26 @@ impl Store {
         Ok(due)
     }
 
-    /// The message `id`, if it is still stored.
-    pub fn load(&self, id: u64) -> Result<Option<MessageRecord>, StoreError> {
-        match self.inner.messages.get(id_key(id))? {
-            Some(v) => Ok(Some(MessageRecord::decode(Bytes::copy_from_slice(&v))?)),
-            None => Ok(None),
+    /// The stored bytes of message `id`'s record, if it is live.
+    fn record_bytes(&self, id: u64) -> Result<Option<Bytes>, StoreError> {
+        let Some(place) = lock(self.stripe(id)).get(&id).map(|m| m.place) else { return Ok(None) };
+        if let Some(r) = lock(&self.inner.cache).map.get(&id) {
+            return Ok(Some(r.clone()));
+        }
+        match place {
+            Place::Log(loc) => Ok(Some(self.inner.log.read(id, loc)?)),
+            Place::Kept => Ok(self.inner.kept.get(id_key(id))?.map(|v| Bytes::copy_from_slice(&v))),
+            // Placement and eviction happen in that order, under the flusher.
+            Place::Unplaced => Ok(lock(&self.inner.cache).map.get(&id).cloned()),
         }
     }
 
-    fn refs_of(&self, id: u64) -> std::sync::MutexGuard<'_, HashMap<u64, u32>> {
-        let stripe = &self.inner.refs[(id as usize) % REF_STRIPES];
-        // A poisoned stripe only means a panic elsewhere while holding it; the
-        // map itself is still consistent (every update is a single insert).
-        stripe.lock().unwrap_or_else(|p| p.into_inner())
+    /// The message `id`, if it is still stored.
+    pub fn load(&self, id: u64) -> Result<Option<MessageRecord>, StoreError> {
+        match self.record_bytes(id)? {
+            Some(raw) => Ok(Some(MessageRecord::decode(raw)?)),
+            None => Ok(None),
+        }
     }
 
     /// Removes a settled lease from the in-memory queue.
@@ -426,81 +578,140 @@ impl Store {
         }
     }
 
-    /// Drops one reference to message `id`; the last one deletes the message
-    /// (first) and every state key of it (after). Caller holds `refs`.
-    fn release(&self, refs: &mut HashMap<u64, u32>, dest: &str, id: u64) -> Result<(), StoreError> {
+    /// Settles one of message `id`'s deliveries to `dest` for good (`dead`:
+    /// the settled one was a dead letter). The caller holds the stripe.
+    ///
+    /// Each settle writes `Done`, which stays while the message's frame is
+    /// in the log (the reclaimer removes the state keys with the segment).
+    /// A kept copy nothing needs is deleted; if its original's segment is
+    /// gone, its state keys are deleted after it (a crash in between leaves
+    /// keys of a message that is nowhere, removed at open).
+    fn settle(&self, msgs: &mut HashMap<u64, Msg>, dest: &str, id: u64, dead: bool) -> Result<(), StoreError> {
         let inner = &self.inner;
-        let count = refs.get(&id).copied().unwrap_or(0);
-        if count > 1 {
+        let Some(m) = msgs.get(&id).cloned() else { return Ok(()) };
+        let (pending, dead_left) =
+            if dead { (m.pending, m.dead.saturating_sub(1)) } else { (m.pending.saturating_sub(1), m.dead) };
+        let finished = pending + dead_left == 0;
+        let in_log = m.place != Place::Kept || m.origin.is_some_and(|s| inner.log.has(s));
+        if !finished || in_log {
             inner.state.insert(state_key(dest, id), StateRecord::Done.encode())?;
-            refs.insert(id, count - 1);
+        }
+        inner.sled_dirty.store(true, Ordering::SeqCst);
+        if !finished {
+            if let Some(m) = msgs.get_mut(&id) {
+                m.pending = pending;
+                m.dead = dead_left;
+            }
             return Ok(());
         }
-        if let Some(v) = inner.messages.remove(id_key(id))? {
-            inner.bytes.fetch_sub(v.len() as u64, Ordering::Relaxed);
-            for d in record_destinations(&v)? {
-                inner.state.remove(state_key(&d, id))?;
+        match m.place {
+            Place::Kept => {
+                if let Some(v) = inner.kept.remove(id_key(id))? {
+                    if !in_log {
+                        for d in record_destinations(&v)? {
+                            inner.state.remove(state_key(&d, id))?;
+                        }
+                    }
+                }
             }
+            Place::Log(loc) => inner.segment_released(loc.seg),
+            Place::Unplaced => {}
         }
-        refs.remove(&id);
+        msgs.remove(&id);
+        lock(&inner.cache).remove(id);
+        inner.bytes.fetch_sub(m.len, Ordering::Relaxed);
         Ok(())
     }
 
     /// Settles a lease as delivered; the message is deleted when no other
     /// destination still needs it.
     pub fn delivered(&self, dest: &str, lease: &Lease) -> Result<(), StoreError> {
-        let mut refs = self.refs_of(lease.id);
+        let mut msgs = lock(self.stripe(lease.id));
         if !self.is_current(dest, lease) {
             return Ok(());
         }
-        self.release(&mut refs, dest, lease.id)?;
+        self.settle(&mut msgs, dest, lease.id, false)?;
         self.unqueue(dest, lease);
-        drop(refs);
-        self.inner.dirty.store(true, Ordering::SeqCst);
         Ok(())
     }
 
     /// Moves a lease to a new due time with an updated record.
     pub fn reschedule(&self, dest: &str, lease: &Lease, due_ms: u64, record: &QueueRecord) -> Result<(), StoreError> {
-        let _refs = self.refs_of(lease.id);
+        let _msgs = lock(self.stripe(lease.id));
         if !self.is_current(dest, lease) {
             return Ok(());
         }
         let st = StateRecord::Retry { due_ms, record: record.clone() };
         self.inner.state.insert(state_key(dest, lease.id), st.encode())?;
+        self.inner.sled_dirty.store(true, Ordering::SeqCst);
         if let Some(e) = self.index().get_mut(dest) {
             e.due.remove(&(lease.due_ms, lease.id));
             e.due.insert((due_ms, lease.id), record.clone());
         }
-        self.inner.dirty.store(true, Ordering::SeqCst);
         Ok(())
     }
 
-    /// Moves a lease to the dead-letter store (the message stays referenced).
+    /// Moves a lease to the dead-letter store. The message is copied into
+    /// sled first (if it is not there already), so a dead letter never pins
+    /// a segment of the log.
     pub fn dead_letter(&self, dest: &str, lease: &Lease, record: &DeadRecord) -> Result<(), StoreError> {
-        let _refs = self.refs_of(lease.id);
+        let inner = &self.inner;
+        let id = lease.id;
+        let mut msgs = lock(self.stripe(id));
         if !self.is_current(dest, lease) {
             return Ok(());
         }
-        self.inner.state.insert(state_key(dest, lease.id), StateRecord::Dead(record.clone()).encode())?;
+        let Some(m) = msgs.get(&id).cloned() else { return Ok(()) };
+        if m.place != Place::Kept {
+            let raw = match lock(&inner.cache).map.get(&id) {
+                Some(r) => r.clone(),
+                None => match m.place {
+                    Place::Log(loc) => inner.log.read(id, loc)?,
+                    _ => {
+                        return Err(StoreError::Corrupt(DecodeError {
+                            what: "record cache",
+                            detail: format!("message {id} missing"),
+                        }))
+                    }
+                },
+            };
+            inner.kept.insert(id_key(id), raw.as_ref())?;
+        }
+        inner.state.insert(state_key(dest, id), StateRecord::Dead(record.clone()).encode())?;
+        inner.sled_dirty.store(true, Ordering::SeqCst);
+        if let Some(e) = msgs.get_mut(&id) {
+            e.place = Place::Kept;
+            e.pending = e.pending.saturating_sub(1);
+            e.dead += 1;
+        }
+        if let Place::Log(loc) = m.place {
+            inner.segment_released(loc.seg);
+        }
+        drop(msgs);
         if let Some(e) = self.index().get_mut(dest) {
             e.due.remove(&(lease.due_ms, lease.id));
             e.pending.remove(&lease.id);
             e.dead += 1;
         }
-        self.inner.dirty.store(true, Ordering::SeqCst);
         Ok(())
     }
 
     /// Drops a lease whose message is missing (should never happen; kept so
     /// a damaged store cannot wedge a destination).
     pub fn drop_orphan(&self, dest: &str, lease: &Lease) -> Result<(), StoreError> {
-        let mut refs = self.refs_of(lease.id);
+        let mut msgs = lock(self.stripe(lease.id));
+        if !self.is_current(dest, lease) {
+            return Ok(());
+        }
         self.inner.state.remove(state_key(dest, lease.id))?;
-        match refs.get(&lease.id).copied() {
-            Some(n) if n > 1 => refs.insert(lease.id, n - 1),
-            _ => refs.remove(&lease.id),
-        };
+        if let Some(m) = msgs.get_mut(&lease.id) {
+            m.pending = m.pending.saturating_sub(1);
+            if m.pending + m.dead == 0 {
+                let len = m.len;
+                msgs.remove(&lease.id);
+                self.inner.bytes.fetch_sub(len, Ordering::Relaxed);
+            }
+        }
         self.unqueue(dest, lease);
         Ok(())
     }
@@ -520,6 +731,13 @@ impl Store {
         Ok(out)
     }
 
+    fn is_dead(&self, dest: &str, id: u64) -> Result<bool, StoreError> {
+        Ok(match self.inner.state.get(state_key(dest, id))? {
+            Some(v) => matches!(StateRecord::decode(&v)?, StateRecord::Dead(_)),
+            None => false,
+        })
+    }
+
     /// Moves dead letters of `dest` back into its queue, due now, with a fresh
     /// attempt count. `only` restricts it to one message. Returns how many.
     pub async fn replay_dead(&self, dest: &str, only: Option<u64>) -> Result<usize, StoreError> {
@@ -530,17 +748,18 @@ impl Store {
         let now = now_ms();
         let mut moved = 0;
         for id in ids {
-            let _refs = self.refs_of(id);
-            let key = state_key(dest, id);
-            let is_dead = match self.inner.state.get(&key)? {
-                Some(v) => matches!(StateRecord::decode(&v)?, StateRecord::Dead(_)),
-                None => false,
-            };
-            if !is_dead {
+            let mut msgs = lock(self.stripe(id));
+            if !self.is_dead(dest, id)? {
                 continue;
             }
             let st = StateRecord::Retry { due_ms: now, record: QueueRecord::default() };
-            self.inner.state.insert(key, st.encode())?;
+            self.inner.state.insert(state_key(dest, id), st.encode())?;
+            self.inner.sled_dirty.store(true, Ordering::SeqCst);
+            if let Some(m) = msgs.get_mut(&id) {
+                m.dead = m.dead.saturating_sub(1);
+                m.pending += 1;
+            }
+            drop(msgs);
             let mut index = self.index();
             let e = index.entry(dest.to_string()).or_default();
             e.due.insert((now, id), QueueRecord::default());
@@ -563,15 +782,12 @@ impl Store {
         };
         let mut purged = 0;
         for id in ids {
-            let mut refs = self.refs_of(id);
-            let is_dead = match self.inner.state.get(state_key(dest, id))? {
-                Some(v) => matches!(StateRecord::decode(&v)?, StateRecord::Dead(_)),
-                None => false,
-            };
-            if !is_dead {
+            let mut msgs = lock(self.stripe(id));
+            if !self.is_dead(dest, id)? {
                 continue;
             }
-            self.release(&mut refs, dest, id)?;
+            self.settle(&mut msgs, dest, id, true)?;
+            drop(msgs);
             if let Some(e) = self.index().get_mut(dest) {
                 e.dead = e.dead.saturating_sub(1);
             }
@@ -596,12 +812,7 @@ impl Store {
     /// Destinations that have queue or dead entries (including ones no
     /// longer configured).
     pub fn known_destinations(&self) -> Vec<String> {
-        match self.inner.index.lock() {
-            Ok(index) => {
-                index.iter().filter(|(_, e)| !e.pending.is_empty() || e.dead > 0).map(|(k, _)| k.clone()).collect()
-            }
-            Err(_) => Vec::new(),
-        }
+        self.index().iter().filter(|(_, e)| !e.pending.is_empty() || e.dead > 0).map(|(k, _)| k.clone()).collect()
     }
 
     /// Bytes of stored messages (what `max_bytes` limits).
@@ -613,16 +824,17 @@ impl Store {
         self.inner.max_bytes
     }
 
-    /// Size of the database files on disk.
+    /// Size of the store's files on disk (message log and sled).
     pub fn disk_bytes(&self) -> u64 {
-        self.inner.db.size_on_disk().unwrap_or(0)
+        self.inner.log.disk_bytes() + self.inner.db.size_on_disk().unwrap_or(0)
     }
 
-    /// False once flushes keep failing. sled 0.34 makes an I/O error (such
-    /// as running out of disk, if something else filled it past
-    /// `min_free_bytes`) permanent for the open database; only reopening it,
-    /// i.e. restarting the process, recovers. `/healthz` reports this so a
-    /// supervisor (Kubernetes liveness probe) restarts the relay.
+    /// False once flushes keep failing. A failed write or `fdatasync` of the
+    /// message log, like sled 0.34's I/O errors (such as running out of disk,
+    /// if something else filled it past `min_free_bytes`), is permanent for
+    /// the open store; only reopening it, i.e. restarting the process,
+    /// recovers. `/healthz` reports this so a supervisor (Kubernetes liveness
+    /// probe) restarts the relay.
     pub fn is_healthy(&self) -> bool {
         // A few in a row: one failure may be a passing fault.
         const FAILURES: u64 = 3;
@@ -642,13 +854,11 @@ impl Store {
         // Best effort from here on: whatever fails, the flusher and ticker
         // must stop so the database is released (a restart reopens it).
         let saved = inner.meta.insert("last_id", &inner.last_id.load(Ordering::SeqCst).to_be_bytes());
+        inner.sled_dirty.store(true, Ordering::SeqCst);
         inner.stop.store(true, Ordering::SeqCst);
         inner.ticker_stop.cancel();
         inner.commit.poke();
-        let tasks = match inner.tasks.lock() {
-            Ok(mut t) => std::mem::take(&mut *t),
-            Err(_) => Vec::new(),
-        };
+        let tasks = std::mem::take(&mut *lock(&inner.tasks));
         for t in tasks {
             let _ = t.await;
         }
@@ -661,6 +871,132 @@ impl Store {
     }
 }
 
+impl Inner {
+    /// Deletes the segments queued as unneeded, after making durable the
+    /// settling writes that emptied them. One run at a time.
+    async fn reclaim_unneeded(self: &Arc<Self>) -> Result<(), StoreError> {
+        let _one = self.reclaiming.lock().await;
+        let segs = std::mem::take(&mut *lock(&self.unneeded));
+        if segs.is_empty() {
+            return Ok(());
+        }
+        self.sled_dirty.store(true, Ordering::SeqCst);
+        self.commit.wait_durable().await?;
+        let inner = self.clone();
+        tokio::task::spawn_blocking(move || {
+            for seq in segs {
+                if let Err(e) = inner.delete_segment(seq) {
+                    tracing::error!(segment = seq, error = %e, "could not delete a settled segment; it is retried at the next start");
+                }
+            }
+        })
+        .await
+        .map_err(|_| StoreError::Closed)
+    }
+
+    /// One live message of segment `seq` is settled or moved out; the last
+    /// one hands a sealed segment to the reclaimer.
+    fn segment_released(&self, seq: u64) {
+        let mut live = lock(&self.live);
+        let left = match live.get_mut(&seq) {
+            Some(n) => {
+                *n = n.saturating_sub(1);
+                *n
+            }
+            None => 0,
+        };
+        if left == 0 {
+            live.remove(&seq);
+            drop(live);
+            if seq != self.log.current() {
+                lock(&self.unneeded).insert(seq);
+                self.reclaim.notify_one();
+            }
+        }
+    }
+
+    /// One group commit (flusher only): the log's new records are written and
+    /// synced, then sled's settling writes if there are any.
+    fn flush_once(&self, durability: &mut commit::Durability) -> Result<(), String> {
+        let placed = match self.log.flush() {
+            Ok(p) => p,
+            Err(e) => {
+                // Nothing pushed since the last good flush is acknowledged.
+                return Err(e.to_string());
+            }
+        };
+        if let (Some(&(last, _)), Some(&(_, first))) = (placed.records.last(), placed.records.first()) {
+            // Count every record as live before any becomes placed, so a
+            // delivery settling one meanwhile never sees the segment empty.
+            let seg = first.seg;
+            *lock(&self.live).entry(seg).or_default() += placed.records.len() as u32;
+            let mut gone = 0u32;
+            for (id, loc) in &placed.records {
+                match lock(&self.msgs[(*id as usize) % MSG_STRIPES]).get_mut(id) {
+                    Some(m) if m.place == Place::Unplaced => {
+                        m.place = Place::Log(*loc);
+                        m.origin = Some(loc.seg);
+                    }
+                    // Dead-lettered into `kept` before its flush.
+                    Some(m) => {
+                        m.origin = Some(loc.seg);
+                        gone += 1;
+                    }
+                    // Settled before its flush.
+                    None => gone += 1,
+                }
+            }
+            for _ in 0..gone {
+                self.segment_released(seg);
+            }
+            let mut cache = lock(&self.cache);
+            cache.flushed_upto = last;
+            cache.evict();
+        }
+        if let Some(sealed) = placed.sealed {
+            if !lock(&self.live).contains_key(&sealed) {
+                lock(&self.unneeded).insert(sealed);
+                self.reclaim.notify_one();
+            }
+        }
+        if self.sled_dirty.swap(false, Ordering::SeqCst) {
+            self.db.flush().map_err(|e| e.to_string())?;
+            durability.sync().map_err(|e| format!("fdatasync: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes segment `seq`, which no live message needs: the file first
+    /// (durably), then the state keys of its messages. A crash in between
+    /// leaves state keys of unknown messages, removed at open.
+    fn delete_segment(&self, seq: u64) -> Result<(), StoreError> {
+        if !self.log.has(seq) {
+            return Ok(());
+        }
+        let records = self.log.scan(seq)?;
+        let mut batch = sled::Batch::default();
+        for r in &records {
+            let place = lock(&self.msgs[(r.id as usize) % MSG_STRIPES]).get(&r.id).map(|m| m.place);
+            match place {
+                None => {}
+                // Dead-lettered: its copy in `kept` and its states live on.
+                Some(Place::Kept) => continue,
+                Some(_) => {
+                    tracing::error!(segment = seq, "segment still holds a live message; not deleted");
+                    return Ok(());
+                }
+            }
+            for d in record_destinations(&r.record)? {
+                batch.remove(state_key(&d, r.id));
+            }
+        }
+        self.log.remove(seq)?;
+        self.state.apply_batch(batch)?;
+        self.sled_dirty.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
 /// Bytes available to unprivileged writers on the filesystem holding `path`.
 fn free_space(path: &Path) -> Option<u64> {
     let st = nix::sys::statvfs::statvfs(path).ok()?;
@@ -668,7 +1004,7 @@ fn free_space(path: &Path) -> Option<u64> {
 }
 
 /// Checks (or, for a new store, writes) the format marker. Never deletes.
-fn check_format(path: &Path, db: &sled::Db, meta: &sled::Tree) -> Result<(), StoreError> {
+fn check_format(path: &Path, db: &sled::Db, meta: &sled::Tree, log_dir: &Path) -> Result<(), StoreError> {
     match meta.get("format")? {
         Some(v) => {
             let found = match <[u8; 4]>::try_from(v.as_ref()) {
@@ -693,6 +1029,10 @@ fn check_format(path: &Path, db: &sled::Db, meta: &sled::Tree) -> Result<(), Sto
                 if !db.open_tree(&name)?.is_empty() {
                     return Err(StoreError::Unmarked { path: path.to_path_buf() });
                 }
+            }
+            let logged = std::fs::read_dir(log_dir).map(|mut d| d.next().is_some()).unwrap_or(false);
+            if logged {
+                return Err(StoreError::Unmarked { path: path.to_path_buf() });
             }
             meta.insert("format", &FORMAT_VERSION.to_be_bytes())?;
             db.flush()?;

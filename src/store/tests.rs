@@ -15,6 +15,13 @@ fn open(path: &Path) -> Store {
     Store::open(path, StoreOptions::default(), |_, _| {}).expect("open store")
 }
 
+/// Segments of about two messages, so that rolling and deleting them is
+/// part of every longer operation sequence.
+fn open_small(path: &Path) -> Store {
+    Store::open(path, StoreOptions { segment_bytes: Some(700), ..StoreOptions::default() }, |_, _| {})
+        .expect("open store")
+}
+
 fn msg(body: &str) -> MessageRecord {
     MessageRecord {
         received_ms: now_ms(),
@@ -130,25 +137,44 @@ fn unmarked_or_corrupt_store_is_refused_without_wiping() {
 fn leftovers_of_an_interrupted_last_settle_are_removed_at_open() {
     rt().block_on(async {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (done_id, kept_id) = {
+        let (done_id, kept_id, dead_id) = {
             let store = open(dir.path());
             let done_id = store.append(&msg("all done"), &dests(&["a"])).expect("append");
             let kept_id = store.append(&msg("kept"), &dests(&["a", "b"])).expect("append");
-            // A crash after every destination was marked done but before the
-            // message was deleted, and one after the message was deleted but
-            // before its state keys were.
+            let dead_id = store.append(&msg("dead, then purged"), &dests(&["a"])).expect("append");
+            store.sync().await.expect("sync");
+            // Every destination done, but the crash came before the segment
+            // was deleted; a state key of a message whose segment was deleted;
+            // a kept copy whose last settle did not get to delete it.
             store.inner.state.insert(state_key("a", done_id), StateRecord::Done.encode()).expect("insert");
             store.inner.state.insert(state_key("b", 424242), StateRecord::Done.encode()).expect("insert");
+            store.inner.kept.insert(id_key(dead_id), msg("dead, then purged").encode_for(&["a"])).expect("insert");
+            store.inner.state.insert(state_key("a", dead_id), StateRecord::Done.encode()).expect("insert");
             store.close().await.expect("close");
-            (done_id, kept_id)
+            (done_id, kept_id, dead_id)
         };
         let store = open(dir.path());
         assert!(store.load(done_id).expect("load").is_none());
+        assert!(store.load(dead_id).expect("load").is_none());
         assert!(store.load(kept_id).expect("load").is_some());
-        assert_eq!(store.inner.state.len(), 0, "no stale state keys");
+        assert!(store.inner.kept.is_empty(), "finished kept copy removed");
+        assert!(store.inner.state.get(state_key("b", 424242)).expect("get").is_none(), "orphan state key removed");
         assert_eq!(store.bytes(), msg("kept").encode_for(&["a", "b"]).len() as u64);
         assert_eq!(store.stats("a").depth, 1);
         assert_eq!(store.stats("b").depth, 1);
+        // The old segment still holds a live message: it and its keys stay.
+        store.inner.reclaim_unneeded().await.expect("reclaim");
+        assert_eq!(store.inner.log.sealed().len(), 1);
+        assert!(store.inner.state.get(state_key("a", done_id)).expect("get").is_some());
+        // Once that message is delivered too, the segment and every key go.
+        for d in ["a", "b"] {
+            let lease = all_due(&store, d).remove(0);
+            store.delivered(d, &lease).expect("delivered");
+        }
+        store.inner.reclaim_unneeded().await.expect("reclaim");
+        assert!(store.inner.log.sealed().is_empty(), "settled segment deleted");
+        assert_eq!(store.inner.state.len(), 0, "no state keys left");
+        store.close().await.expect("close");
     });
 }
 
@@ -244,6 +270,8 @@ struct Model {
     dead: BTreeMap<&'static str, BTreeSet<u64>>,
     /// id -> encoded size
     messages: BTreeMap<u64, u64>,
+    /// id -> body length
+    bodies: BTreeMap<u64, usize>,
 }
 
 impl Model {
@@ -252,7 +280,7 @@ impl Model {
     }
 }
 
-fn check(store: &Store, model: &Model) -> Result<(), TestCaseError> {
+async fn check(store: &Store, model: &Model) -> Result<(), TestCaseError> {
     for d in DESTS {
         let leases = all_due(store, d);
         let ids: BTreeMap<u64, u32> = leases.iter().map(|l| (l.id, l.record.attempts)).collect();
@@ -266,14 +294,18 @@ fn check(store: &Store, model: &Model) -> Result<(), TestCaseError> {
         prop_assert_eq!(&dead, &model.dead.get(d).cloned().unwrap_or_default(), "dead letters of {}", d);
         prop_assert_eq!(stats.dead, dead.len());
     }
-    // No loss and no ghosts: exactly the referenced messages are stored.
-    let stored: BTreeSet<u64> =
-        store.inner.messages.iter().keys().map(|k| parse_id_key(&k.expect("key")).expect("id")).collect();
+    // No loss and no ghosts: exactly the referenced messages are stored,
+    // each loadable, with as many references as it has queue and dead entries.
+    let mut refs: BTreeMap<u64, u32> = BTreeMap::new();
+    for stripe in &store.inner.msgs {
+        refs.extend(stripe.lock().expect("lock").iter().map(|(k, m)| (*k, m.pending + m.dead)));
+    }
+    let stored: BTreeSet<u64> = refs.keys().copied().collect();
     let live: BTreeSet<u64> = model.messages.keys().copied().filter(|id| model.referenced(*id)).collect();
     prop_assert_eq!(&stored, &live);
-    let mut refs: BTreeMap<u64, u32> = BTreeMap::new();
-    for stripe in &store.inner.refs {
-        refs.extend(stripe.lock().expect("lock").iter().map(|(k, v)| (*k, *v)));
+    for id in &live {
+        let m = store.load(*id).expect("load").expect("live message loads");
+        prop_assert_eq!(m.body.len(), model.bodies[id], "body of {}", id);
     }
     let mut want_refs: BTreeMap<u64, u32> = BTreeMap::new();
     for p in model.pending.values() {
@@ -287,6 +319,33 @@ fn check(store: &Store, model: &Model) -> Result<(), TestCaseError> {
         }
     }
     prop_assert_eq!(refs, want_refs, "reference counts match the queue and dead entries");
+    // Disk: after reclaiming, only the current segment and segments with a
+    // live logged message remain, and every state key names a message that
+    // is in one of them or in `kept`.
+    store.inner.reclaim_unneeded().await.expect("reclaim");
+    let mut want_segs: BTreeSet<u64> = [store.inner.log.current()].into();
+    let mut present: HashSet<u64> = HashSet::new();
+    for stripe in &store.inner.msgs {
+        for m in stripe.lock().expect("lock").values() {
+            if let Place::Log(loc) = m.place {
+                want_segs.insert(loc.seg);
+            }
+        }
+    }
+    let on_disk: BTreeSet<u64> = store.inner.log.sealed().into_iter().chain([store.inner.log.current()]).collect();
+    prop_assert_eq!(&on_disk, &want_segs, "segments on disk");
+    for seg in store.inner.log.sealed() {
+        present.extend(store.inner.log.scan(seg).expect("scan").iter().map(|r| r.id));
+    }
+    present.extend(store.inner.log.scan(store.inner.log.current()).expect("scan").iter().map(|r| r.id));
+    for k in store.inner.kept.iter().keys() {
+        present.insert(parse_id_key(&k.expect("key")).expect("id"));
+    }
+    for k in store.inner.state.iter().keys() {
+        let k = k.expect("key");
+        let (_, id) = parse_state_key(&k).expect("state key");
+        prop_assert!(present.contains(&id), "state key of message {} that is nowhere", id);
+    }
     let bytes: u64 = live.iter().map(|id| model.messages[id]).sum();
     prop_assert_eq!(store.bytes(), bytes);
     Ok(())
@@ -300,7 +359,7 @@ proptest! {
         let rt = rt();
         let dir = tempfile::tempdir().expect("tempdir");
         rt.block_on(async {
-            let mut store = open(dir.path());
+            let mut store = open_small(dir.path());
             let mut model = Model::default();
             for op in ops {
                 match op {
@@ -310,6 +369,7 @@ proptest! {
                         let id = store.append(&m, &dests(&names)).expect("append");
                         store.sync().await.expect("sync");
                         model.messages.insert(id, m.encode_for(&names).len() as u64);
+                        model.bodies.insert(id, len);
                         for n in names {
                             model.pending.entry(n).or_default().insert(id, 0);
                         }
@@ -355,10 +415,10 @@ proptest! {
                     Op::Reopen => {
                         store.close().await.expect("close");
                         drop(store);
-                        store = open(dir.path());
+                        store = open_small(dir.path());
                     }
                 }
-                check(&store, &model)?;
+                check(&store, &model).await?;
             }
             Ok(())
         })?;

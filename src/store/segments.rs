@@ -1,0 +1,434 @@
+//! The message log: message records in append-only segment files.
+//!
+//! Ingress hands a record to [`SegmentLog::push`] (a vector push under a
+//! mutex, nothing else). The group commit's flusher calls
+//! [`SegmentLog::flush`]: it frames every record pushed since the last flush
+//! into one buffer, writes it with one `pwrite` at the end of the current
+//! segment, and `fdatasync`s it. One write and one sync cover every request
+//! of the batch, and no sled operation is on the ingress path.
+//!
+//! Layout: `<store>/segments/seg-<seq as 16 hex digits>`. A frame is
+//! `[u32 BE payload length][u32 BE CRC-32 of payload][payload]`, the payload
+//! being `[u64 BE message id][message record]` (see [`super::format`]).
+//!
+//! Invariants:
+//! - A batch is written to one segment. A new segment is created (and the
+//!   directory fsync'd) only between batches, once the current one reaches
+//!   the segment size. So a frame torn by a crash can only be in the last
+//!   segment that holds data, and every frame after it is from the same
+//!   unacknowledged batch: recovery truncates that tail. A bad frame anywhere
+//!   else is corruption, and the store refuses to open (data untouched).
+//! - Message ids are assigned under the same lock as the push, so frames are
+//!   in id order across the whole log.
+//! - After a failed write or sync the log refuses further flushes: after a
+//!   failed `fdatasync` the kernel may have dropped the dirty pages, so
+//!   nothing written since the last good sync can be trusted. A restart
+//!   (re-reading the log) is the only recovery; `/healthz` reports it.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+
+const FRAME_HEADER: u64 = 8;
+const ID_LEN: usize = 8;
+/// A frame longer than this is not a frame (bodies are limited far below).
+const MAX_PAYLOAD: u32 = 1 << 30;
+const PREFIX: &str = "seg-";
+
+/// Where a flushed record is: segment, offset of its frame, payload length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Loc {
+    pub seg: u64,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// What one flush wrote.
+#[derive(Debug, Default)]
+pub(crate) struct Placed {
+    /// Each record's id and location, in id order.
+    pub records: Vec<(u64, Loc)>,
+    /// A segment that this flush sealed (no record is written to it again).
+    pub sealed: Option<u64>,
+}
+
+/// A record found when reading a segment.
+pub(crate) struct Scanned {
+    pub id: u64,
+    pub loc: Loc,
+    pub record: Bytes,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LogError {
+    #[error("segment {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("segment {path} is corrupt at offset {offset}: {detail} (data left untouched)")]
+    Corrupt { path: PathBuf, offset: u64, detail: &'static str },
+    #[error("message log failed earlier; restart to recover")]
+    Broken,
+}
+
+struct Writer {
+    seq: u64,
+    file: Arc<File>,
+    len: u64,
+    /// Frame buffer, reused across flushes.
+    scratch: Vec<u8>,
+}
+
+pub(crate) struct SegmentLog {
+    dir: PathBuf,
+    segment_bytes: u64,
+    /// Records pushed since the last flush, in id order.
+    pending: Mutex<Vec<(u64, Bytes)>>,
+    /// Only the flusher (and open) touch this.
+    writer: Mutex<Writer>,
+    /// Every segment still on disk, for reads.
+    files: RwLock<BTreeMap<u64, Arc<File>>>,
+    /// The segment being written (mirrors `writer.seq`, readable without
+    /// waiting for a flush in progress).
+    current: AtomicU64,
+    disk_bytes: AtomicU64,
+    broken: AtomicBool,
+}
+
+fn seg_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("{PREFIX}{seq:016x}"))
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
+    move |source| LogError::Io { path: path.to_path_buf(), source }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), LogError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+}
+
+/// Parses the frames of one segment's bytes. Returns the records and, if the
+/// data ends in something that is not a whole valid frame, its offset.
+fn parse(seg: u64, data: &Bytes) -> (Vec<Scanned>, Option<(u64, &'static str)>) {
+    let mut out = Vec::new();
+    let mut pos = 0usize;
+    while pos < data.len() {
+        let bad = |detail| (pos as u64, detail);
+        let Some(header) = data.get(pos..pos + FRAME_HEADER as usize) else {
+            return (out, Some(bad("truncated frame header")));
+        };
+        let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+        let crc = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+        if len > MAX_PAYLOAD || (len as usize) < ID_LEN {
+            return (out, Some(bad("impossible frame length")));
+        }
+        let start = pos + FRAME_HEADER as usize;
+        let Some(payload) = data.get(start..start + len as usize) else {
+            return (out, Some(bad("truncated frame")));
+        };
+        if crc32fast::hash(payload) != crc {
+            return (out, Some(bad("checksum mismatch")));
+        }
+        let mut id = [0u8; ID_LEN];
+        id.copy_from_slice(&payload[..ID_LEN]);
+        out.push(Scanned {
+            id: u64::from_be_bytes(id),
+            loc: Loc { seg, offset: pos as u64, len },
+            record: data.slice(start + ID_LEN..start + len as usize),
+        });
+        pos = start + len as usize;
+    }
+    (out, None)
+}
+
+impl SegmentLog {
+    /// Opens the log in `dir` (created if missing), calling `each` for every
+    /// record in log order, and starts a new segment for writing. A torn tail
+    /// of the last segment holding data is cut off; a bad frame anywhere else
+    /// is an error.
+    pub(crate) fn open(
+        dir: &Path,
+        segment_bytes: u64,
+        mut each: impl FnMut(Scanned) -> Result<(), super::StoreError>,
+    ) -> Result<SegmentLog, super::StoreError> {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let mut seqs = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+            let name = entry.map_err(io_err(dir))?.file_name();
+            let Some(hex) = name.to_str().and_then(|n| n.strip_prefix(PREFIX)) else { continue };
+            if let Ok(seq) = u64::from_str_radix(hex, 16) {
+                seqs.push(seq);
+            }
+        }
+        seqs.sort_unstable();
+        let mut files = BTreeMap::new();
+        let mut disk_bytes = 0;
+        // Only the last segment with data may end in a torn frame.
+        let mut last_with_data = None;
+        for &seq in seqs.iter().rev() {
+            let path = seg_path(dir, seq);
+            if std::fs::metadata(&path).map_err(io_err(&path))?.len() > 0 {
+                last_with_data = Some(seq);
+                break;
+            }
+        }
+        for &seq in &seqs {
+            let path = seg_path(dir, seq);
+            let data = Bytes::from(std::fs::read(&path).map_err(io_err(&path))?);
+            let (records, bad) = parse(seq, &data);
+            let mut len = data.len() as u64;
+            if let Some((offset, detail)) = bad {
+                if Some(seq) != last_with_data {
+                    return Err(LogError::Corrupt { path, offset, detail }.into());
+                }
+                // Never acknowledged: the batch it belongs to was not synced.
+                tracing::warn!(segment = %path.display(), offset, detail, "cutting off a torn tail of the message log");
+                let f = OpenOptions::new().write(true).open(&path).map_err(io_err(&path))?;
+                f.set_len(offset).and_then(|_| f.sync_all()).map_err(io_err(&path))?;
+                len = offset;
+            }
+            drop(data);
+            for r in records {
+                each(r)?;
+            }
+            let file = File::open(&path).map_err(io_err(&path))?;
+            files.insert(seq, Arc::new(file));
+            disk_bytes += len;
+        }
+        let seq = seqs.last().map_or(1, |s| s + 1);
+        let path = seg_path(dir, seq);
+        let file =
+            Arc::new(OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(io_err(&path))?);
+        sync_dir(dir)?;
+        files.insert(seq, file.clone());
+        Ok(SegmentLog {
+            dir: dir.to_path_buf(),
+            segment_bytes,
+            pending: Mutex::new(Vec::new()),
+            writer: Mutex::new(Writer { seq, file, len: 0, scratch: Vec::new() }),
+            files: RwLock::new(files),
+            current: AtomicU64::new(seq),
+            disk_bytes: AtomicU64::new(disk_bytes),
+            broken: AtomicBool::new(false),
+        })
+    }
+
+    /// The segment being written (never deleted while it is).
+    pub(crate) fn current(&self) -> u64 {
+        self.current.load(Ordering::SeqCst)
+    }
+
+    /// Whether segment `seq` is still on disk.
+    pub(crate) fn has(&self, seq: u64) -> bool {
+        self.files.read().map(|f| f.contains_key(&seq)).unwrap_or(false)
+    }
+
+    /// Queues a record for the next flush; `make_id` runs under the queue's
+    /// lock, so ids are in log order.
+    pub(crate) fn push(&self, make_id: impl FnOnce() -> u64, record: Bytes) -> u64 {
+        // A panic cannot happen between the lock and the push; a poisoned
+        // lock still guards a consistent vector.
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let id = make_id();
+        pending.push((id, record));
+        id
+    }
+
+    /// Writes and syncs everything pushed so far (flusher only). Seals the
+    /// segment and starts the next one once it is full.
+    pub(crate) fn flush(&self) -> Result<Placed, LogError> {
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(LogError::Broken);
+        }
+        let batch = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut w = self.writer.lock().map_err(|_| LogError::Broken)?;
+        let mut placed = Placed { records: Vec::with_capacity(batch.len()), sealed: None };
+        if batch.is_empty() {
+            return Ok(placed);
+        }
+        let seq = w.seq;
+        let mut scratch = std::mem::take(&mut w.scratch);
+        scratch.clear();
+        for (id, record) in &batch {
+            let len = (ID_LEN + record.len()) as u32;
+            let offset = w.len + scratch.len() as u64;
+            let mut hasher = crc32fast::Hasher::new();
+            hasher.update(&id.to_be_bytes());
+            hasher.update(record);
+            scratch.extend_from_slice(&len.to_be_bytes());
+            scratch.extend_from_slice(&hasher.finalize().to_be_bytes());
+            scratch.extend_from_slice(&id.to_be_bytes());
+            scratch.extend_from_slice(record);
+            placed.records.push((*id, Loc { seg: seq, offset, len }));
+        }
+        let path = seg_path(&self.dir, seq);
+        let result = w.file.write_all_at(&scratch, w.len).and_then(|_| w.file.sync_data());
+        if let Err(e) = result {
+            self.broken.store(true, Ordering::SeqCst);
+            return Err(io_err(&path)(e));
+        }
+        w.len += scratch.len() as u64;
+        self.disk_bytes.fetch_add(scratch.len() as u64, Ordering::Relaxed);
+        // Keep a modest buffer for the next batch, not the largest ever seen.
+        if scratch.capacity() <= 4 << 20 {
+            w.scratch = scratch;
+        }
+        if w.len >= self.segment_bytes {
+            let next = seq + 1;
+            let path = seg_path(&self.dir, next);
+            let created = OpenOptions::new().read(true).write(true).create_new(true).open(&path);
+            let file = match created.map_err(io_err(&path)).and_then(|f| sync_dir(&self.dir).map(|_| f)) {
+                Ok(f) => Arc::new(f),
+                Err(e) => {
+                    self.broken.store(true, Ordering::SeqCst);
+                    return Err(e);
+                }
+            };
+            self.files.write().map_err(|_| LogError::Broken)?.insert(next, file.clone());
+            *w = Writer { seq: next, file, len: 0, scratch: std::mem::take(&mut w.scratch) };
+            self.current.store(next, Ordering::SeqCst);
+            placed.sealed = Some(seq);
+        }
+        Ok(placed)
+    }
+
+    /// Reads the record at `loc`, checking its frame.
+    pub(crate) fn read(&self, id: u64, loc: Loc) -> Result<Bytes, LogError> {
+        let path = seg_path(&self.dir, loc.seg);
+        let file = self.files.read().map_err(|_| LogError::Broken)?.get(&loc.seg).cloned();
+        let Some(file) = file else {
+            return Err(io_err(&path)(std::io::Error::new(std::io::ErrorKind::NotFound, "segment deleted")));
+        };
+        let mut buf = vec![0u8; FRAME_HEADER as usize + loc.len as usize];
+        file.read_exact_at(&mut buf, loc.offset).map_err(io_err(&path))?;
+        let data = Bytes::from(buf);
+        let (mut records, _) = parse(loc.seg, &data);
+        match records.pop() {
+            Some(r) if r.id == id && records.is_empty() => Ok(r.record),
+            _ => Err(LogError::Corrupt { path, offset: loc.offset, detail: "record does not match its index entry" }),
+        }
+    }
+
+    /// Every record of a (sealed) segment.
+    pub(crate) fn scan(&self, seq: u64) -> Result<Vec<Scanned>, LogError> {
+        let path = seg_path(&self.dir, seq);
+        let data = Bytes::from(std::fs::read(&path).map_err(io_err(&path))?);
+        let (records, bad) = parse(seq, &data);
+        match bad {
+            Some((offset, detail)) => Err(LogError::Corrupt { path, offset, detail }),
+            None => Ok(records),
+        }
+    }
+
+    /// Deletes a sealed segment and makes the deletion durable.
+    pub(crate) fn remove(&self, seq: u64) -> Result<(), LogError> {
+        let path = seg_path(&self.dir, seq);
+        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        self.files.write().map_err(|_| LogError::Broken)?.remove(&seq);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&path)(e)),
+        }
+        sync_dir(&self.dir)?;
+        self.disk_bytes.fetch_sub(len.min(self.disk_bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Segments on disk other than the one being written.
+    pub(crate) fn sealed(&self) -> Vec<u64> {
+        let current = self.current();
+        match self.files.read() {
+            Ok(files) => files.keys().copied().filter(|s| *s != current).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    pub(crate) fn disk_bytes(&self) -> u64 {
+        self.disk_bytes.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path, seen: &mut Vec<(u64, Bytes)>) -> Result<SegmentLog, super::super::StoreError> {
+        SegmentLog::open(dir, 64, |s| {
+            seen.push((s.id, s.record));
+            Ok(())
+        })
+    }
+
+    #[test]
+    fn records_survive_reopen_in_order_and_segments_roll() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut seen = Vec::new();
+        let log = open(dir.path(), &mut seen).expect("open");
+        let mut next = 0u64;
+        let mut sealed = Vec::new();
+        let mut locs = Vec::new();
+        for batch in 0..4 {
+            for i in 0..3 {
+                next += 1;
+                let id = next;
+                log.push(|| id, Bytes::from(format!("record {batch}.{i}")));
+            }
+            let placed = log.flush().expect("flush");
+            sealed.extend(placed.sealed);
+            locs.extend(placed.records);
+        }
+        assert!(!sealed.is_empty(), "64-byte segments roll");
+        for (id, loc) in &locs {
+            assert!(log.read(*id, *loc).expect("read").starts_with(b"record "));
+        }
+        assert!(log.read(locs[0].0 + 1, locs[0].1).is_err(), "a location that names another id is refused");
+        drop(log);
+        let log = open(dir.path(), &mut seen).expect("reopen");
+        assert_eq!(seen.iter().map(|(id, _)| *id).collect::<Vec<_>>(), (1..=12).collect::<Vec<_>>());
+        assert_eq!(seen[0].1, Bytes::from_static(b"record 0.0"));
+        assert!(!log.sealed().contains(&log.current()));
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_and_corruption_elsewhere_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut seen = Vec::new();
+        let log = open(dir.path(), &mut seen).expect("open");
+        // Frames of 56 bytes in 64-byte segments: the second flush seals
+        // segment 1, the third writes to segment 2.
+        for id in 1..=3u64 {
+            log.push(|| id, Bytes::from_static(b"0123456789012345678901234567890123456789"));
+            log.flush().expect("flush");
+        }
+        let first = log.sealed()[0];
+        let current = log.current();
+        assert_eq!((first, current), (1, 2));
+        drop(log);
+        // A crash in the middle of writing a frame to the last segment.
+        let last = seg_path(dir.path(), current);
+        let mut torn = std::fs::read(&last).expect("read");
+        torn.extend_from_slice(&[0, 0, 0, 40, 1, 2]);
+        std::fs::write(&last, &torn).expect("write");
+        let _ = open(dir.path(), &mut seen).expect("torn tail is cut");
+        assert_eq!(std::fs::metadata(&last).expect("meta").len(), (torn.len() - 6) as u64);
+        assert_eq!(seen.len(), 3);
+
+        // A flipped byte in an earlier segment is corruption.
+        let path = seg_path(dir.path(), first);
+        let mut data = std::fs::read(&path).expect("read");
+        let n = data.len();
+        data[n - 1] ^= 0xff;
+        std::fs::write(&path, &data).expect("write");
+        let err = open(dir.path(), &mut Vec::new()).err().expect("refused");
+        assert!(err.to_string().contains("checksum mismatch"), "{err}");
+        assert_eq!(std::fs::read(&path).expect("untouched"), data);
+    }
+}
