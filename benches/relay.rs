@@ -29,6 +29,8 @@ type AnyResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 struct Settings {
     quick: bool,
+    /// `--only 2,4`: run just these (for working on one figure).
+    only: Option<Vec<String>>,
     run: Duration,
     connections: usize,
     backlog: u64,
@@ -42,14 +44,27 @@ fn main() -> AnyResult<()> {
         return Ok(());
     }
     let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|list| list.split(',').map(|r| r.trim().to_string()).collect::<Vec<_>>());
     let settings = Settings {
         quick,
+        only,
         run: if quick { Duration::from_secs(2) } else { Duration::from_secs(10) },
         connections: 64,
         backlog: if quick { 2_000 } else { 200_000 },
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(bench(settings))
+}
+
+impl Settings {
+    fn wants(&self, run: &str) -> bool {
+        self.only.as_ref().is_none_or(|o| o.iter().any(|r| r == run))
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -284,28 +299,38 @@ async fn closed_loop(
 /// connections; latency counts from the scheduled send time, so a stall
 /// shows up in the tail (no coordinated omission).
 async fn open_loop(addr: SocketAddr, path: &str, rate: u64, dur: Duration, epoch: Instant) -> LoadResult {
+    // At most this many requests in flight (and connections open): a stall
+    // shows as latency (measured from the scheduled send time) and, past the
+    // timeout, as failures, instead of an ever-growing number of connections.
+    const MAX_IN_FLIGHT: usize = 512;
+    const TIMEOUT: Duration = Duration::from_secs(10);
     let pool: Arc<tokio::sync::Mutex<Vec<Sender>>> = Arc::default();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     let started = tokio::time::Instant::now();
     let total = (rate as f64 * dur.as_secs_f64()) as u64;
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..total {
         let at = started + Duration::from_secs_f64(i as f64 / rate as f64);
         tokio::time::sleep_until(at).await;
-        let (pool, path) = (pool.clone(), path.to_string());
+        let (pool, path, slots) = (pool.clone(), path.to_string(), slots.clone());
         tasks.spawn(async move {
-            let mut conn = match pool.lock().await.pop() {
-                Some(c) => c,
-                None => match connect(addr).await {
-                    Ok(c) => c,
-                    Err(_) => return (false, 0),
-                },
+            let attempt = async {
+                let Ok(_slot) = slots.acquire().await else { return false };
+                let mut conn = match pool.lock().await.pop() {
+                    Some(c) => c,
+                    None => match connect(addr).await {
+                        Ok(c) => c,
+                        Err(_) => return false,
+                    },
+                };
+                let ok = matches!(send(&mut conn, addr, &path, body(epoch)).await, Ok(true));
+                if ok {
+                    pool.lock().await.push(conn);
+                }
+                ok
             };
-            let ok = matches!(send(&mut conn, addr, &path, body(epoch)).await, Ok(true));
-            let lat = at.elapsed().as_micros() as u32;
-            if ok {
-                pool.lock().await.push(conn);
-            }
-            (ok, lat)
+            let ok = matches!(tokio::time::timeout(TIMEOUT, attempt).await, Ok(true));
+            (ok, at.elapsed().as_micros() as u32)
         });
     }
     let mut r = LoadResult::default();
@@ -422,6 +447,8 @@ impl Relay {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
+                // The next run should not pay for this one's disk writeback.
+                let _ = Command::new("sync").status();
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -473,85 +500,104 @@ async fn bench(s: Settings) -> AnyResult<()> {
     println!("| {:<34} | figures |", "run");
     println!("|{}|---------|", "-".repeat(36));
 
-    // 1. Ceiling.
-    let ceiling_addr = ceiling_server().await?;
-    let ceiling = closed_loop(ceiling_addr, "/in", s.connections, s.run, u64::MAX, epoch).await;
-    row(
-        "1. ceiling (no persistence)",
-        &format!(
-            "{:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms",
-            ceiling.rps(),
-            ceiling.pct(0.5),
-            ceiling.pct(0.99),
-            ceiling.pct(0.999)
-        ),
-    );
+    let (mut idle, mut ingest_peak, mut fixed_peak) = (0.0, 0.0, 0.0);
+    if s.wants("1") || s.wants("2") {
+        // 1. Ceiling.
+        let ceiling_addr = ceiling_server().await?;
+        let ceiling = closed_loop(ceiling_addr, "/in", s.connections, s.run, u64::MAX, epoch).await;
+        row(
+            "1. ceiling (no persistence)",
+            &format!(
+                "{:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms",
+                ceiling.rps(),
+                ceiling.pct(0.5),
+                ceiling.pct(0.99),
+                ceiling.pct(0.999)
+            ),
+        );
 
-    // 2. Durable ingest, destination paused.
-    let relay = Relay::start(&fresh_dir(), &[("paused", "http://127.0.0.1:1/".into(), "paused = true")]).await?;
-    let idle = relay.rss_mb();
-    let cpu0 = relay.cpu_secs();
-    let ingest = closed_loop(relay.ingress, "/in", s.connections, s.run, u64::MAX, epoch).await;
-    let ingest_cpu = (relay.cpu_secs() - cpu0) / ingest.elapsed.as_secs_f64();
-    let flushes = relay.metric("switchboard_store_flushes_total{result=\"ok\"}").await;
-    row(
-        "2. durable ingest (fsync, 64 conns)",
-        &format!(
-            "{:.0} req/s ({:.0} % of ceiling), p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms, {} non-2xx, {:.1} acks per fsync, relay CPU {:.0} % of one core ({:.0} us per request)",
-            ingest.rps(),
-            100.0 * ingest.rps() / ceiling.rps(),
-            ingest.pct(0.5),
-            ingest.pct(0.99),
-            ingest.pct(0.999),
-            ingest.errors,
-            ingest.ok as f64 / flushes.max(1.0),
-            ingest_cpu * 100.0,
-            ingest_cpu * 1e6 / ingest.rps().max(1.0)
-        ),
-    );
-    let ingest_peak = relay.peak_mb();
-    relay.stop();
-
-    // 3. Ack latency at a fixed rate.
-    let relay = Relay::start(&fresh_dir(), &[("paused", "http://127.0.0.1:1/".into(), "paused = true")]).await?;
-    let fixed = open_loop(relay.ingress, "/in", 1000, s.run, epoch).await;
-    row(
-        "3. ack latency at 1000 req/s (open)",
-        &format!(
-            "{} ok, {} failed, p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms",
-            fixed.ok,
-            fixed.errors,
-            fixed.pct(0.5),
-            fixed.pct(0.99),
-            fixed.pct(0.999)
-        ),
-    );
-    let fixed_peak = relay.peak_mb();
-    relay.stop();
+        // 2. Durable ingest, destination paused.
+        let relay = Relay::start(&fresh_dir(), &[("paused", "http://127.0.0.1:1/".into(), "paused = true")]).await?;
+        idle = relay.rss_mb();
+        let cpu0 = relay.cpu_secs();
+        let ingest = closed_loop(relay.ingress, "/in", s.connections, s.run, u64::MAX, epoch).await;
+        let ingest_cpu = (relay.cpu_secs() - cpu0) / ingest.elapsed.as_secs_f64();
+        let flushes = relay.metric("switchboard_store_flushes_total{result=\"ok\"}").await;
+        row(
+            "2. durable ingest (fsync, 64 conns)",
+            &format!(
+                "{:.0} req/s ({:.0} % of ceiling), p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms, {} non-2xx, {:.1} acks per fsync, relay CPU {:.0} % of one core ({:.0} us per request)",
+                ingest.rps(),
+                100.0 * ingest.rps() / ceiling.rps(),
+                ingest.pct(0.5),
+                ingest.pct(0.99),
+                ingest.pct(0.999),
+                ingest.errors,
+                ingest.ok as f64 / flushes.max(1.0),
+                ingest_cpu * 100.0,
+                ingest_cpu * 1e6 / ingest.rps().max(1.0)
+            ),
+        );
+        ingest_peak = relay.peak_mb();
+        relay.stop();
+    }
+    if s.wants("3") {
+        // 3. Ack latency at a fixed rate.
+        let relay = Relay::start(&fresh_dir(), &[("paused", "http://127.0.0.1:1/".into(), "paused = true")]).await?;
+        let fixed = open_loop(relay.ingress, "/in", 1000, s.run, epoch).await;
+        row(
+            "3. ack latency at 1000 req/s (open)",
+            &format!(
+                "{} ok, {} failed, p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms",
+                fixed.ok,
+                fixed.errors,
+                fixed.pct(0.5),
+                fixed.pct(0.99),
+                fixed.pct(0.999)
+            ),
+        );
+        fixed_peak = relay.peak_mb();
+        relay.stop();
+    }
 
     // 4. Fan-out to 3 healthy destinations: saturating, then at a fixed rate.
-    let (fan, fan_peak) = fan_out(&s, &fresh_dir(), false, epoch).await?;
-    fan_out_fixed(&s, &fresh_dir(), 6000, epoch).await?;
+    let (mut fan_peak, mut iso_peak) = (0.0, 0.0);
+    let mut fan_rate = 0.0;
+    if s.wants("4") || s.wants("5") {
+        let (fan, peak) = fan_out(&s, &fresh_dir(), false, epoch).await?;
+        fan_rate = fan.healthy_rate;
+        fan_peak = peak;
+    }
+    if s.wants("4b") {
+        fan_out_fixed(&s, &fresh_dir(), 6000, epoch).await?;
+    }
     // 5. Isolation: one of the three black-holed.
-    let (iso, iso_peak) = fan_out(&s, &fresh_dir(), true, epoch).await?;
-    row(
-        "5. isolation (1 of 3 black-holed)",
-        &format!(
-            "healthy deliveries {:.0}/s = {:.0} % of run 4 (ingest {:.0} msg/s)",
-            iso.healthy_rate,
-            100.0 * iso.healthy_rate / fan.healthy_rate.max(1.0),
-            iso.ingest_rate
-        ),
-    );
+    if s.wants("5") {
+        let (iso, peak) = fan_out(&s, &fresh_dir(), true, epoch).await?;
+        iso_peak = peak;
+        row(
+            "5. isolation (1 of 3 black-holed)",
+            &format!(
+                "healthy deliveries {:.0}/s = {:.0} % of run 4 (ingest {:.0} msg/s)",
+                iso.healthy_rate,
+                100.0 * iso.healthy_rate / fan_rate.max(1.0),
+                iso.ingest_rate
+            ),
+        );
+    }
 
-    // 6. Memory.
-    row(
-        "6. memory (relay RSS)",
-        &format!("idle {idle:.1} MB; peak: ingest {ingest_peak:.1}, fixed-rate {fixed_peak:.1}, fan-out {fan_peak:.1}, isolation {iso_peak:.1} MB"),
-    );
+    if s.wants("6") {
+        // 6. Memory.
+        row(
+            "6. memory (relay RSS)",
+            &format!("idle {idle:.1} MB; peak: ingest {ingest_peak:.1}, fixed-rate {fixed_peak:.1}, fan-out {fan_peak:.1}, isolation {iso_peak:.1} MB"),
+        );
+    }
 
     // 7. Backlog and recovery.
-    backlog(&s, &fresh_dir(), epoch).await?;
+    if s.wants("7") {
+        backlog(&s, &fresh_dir(), epoch).await?;
+    }
     println!("done in {:.0} s", epoch.elapsed().as_secs_f64());
     Ok(())
 }

@@ -974,7 +974,7 @@ impl Inner {
             return Ok(());
         }
         let records = self.log.scan(seq)?;
-        let mut batch = sled::Batch::default();
+        let mut keys = Vec::new();
         for r in &records {
             let place = lock(&self.msgs[(r.id as usize) % MSG_STRIPES]).get(&r.id).map(|m| m.place);
             match place {
@@ -987,11 +987,20 @@ impl Inner {
                 }
             }
             for d in record_destinations(&r.record)? {
-                batch.remove(state_key(&d, r.id));
+                keys.push(state_key(&d, r.id));
             }
         }
+        drop(records);
         self.log.remove(seq)?;
-        self.state.apply_batch(batch)?;
+        // Small batches: one batch holds sled's write lock for its whole
+        // length, and a segment's worth would stall every delivery.
+        for chunk in keys.chunks(128) {
+            let mut batch = sled::Batch::default();
+            for k in chunk {
+                batch.remove(k.as_slice());
+            }
+            self.state.apply_batch(batch)?;
+        }
         self.sled_dirty.store(true, Ordering::SeqCst);
         Ok(())
     }
