@@ -1,4 +1,4 @@
-//! Group commit: one flusher task, many waiters, one fsync covering them all.
+//! Group commit: one flusher thread, many waiters, one fsync covering them all.
 //!
 //! What one flush does is the store's business (write and sync the message
 //! log, then flush sled if settling writes are waiting); this module runs it
@@ -11,9 +11,9 @@
 //! the write: it covers it. While one flush runs, every writer that arrives
 //! queues behind the next one, so a burst of requests shares a single fsync.
 //!
-//! There is exactly one flusher because concurrent `sled::Db::flush_async`
-//! calls can deadlock (sled #1308, fixed upstream but never released); the
-//! blocking `flush` runs on the blocking pool.
+//! There is exactly one flusher, a thread of its own, because concurrent
+//! `sled::Db::flush_async` calls can deadlock (sled #1308, fixed upstream but
+//! never released).
 //!
 //! `sled::Db::flush` alone is not an fsync: on Linux, sled 0.34.7 makes its
 //! log "stable" with `sync_file_range`, which neither writes the file's
@@ -29,10 +29,10 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
 #[derive(Debug, Clone, Copy)]
 struct Flushed {
@@ -43,7 +43,9 @@ struct Flushed {
 pub(crate) struct GroupCommit {
     started: AtomicU64,
     done: watch::Sender<Flushed>,
-    wake: Notify,
+    /// Set when a flush is wanted; the flusher thread waits on `wanted`.
+    want: Mutex<bool>,
+    wanted: Condvar,
     /// Flushes that failed in a row (0 after any success).
     failing: AtomicU64,
 }
@@ -106,14 +108,20 @@ impl Durability {
 impl GroupCommit {
     pub(crate) fn new() -> Arc<GroupCommit> {
         let (done, _) = watch::channel(Flushed { generation: 0, ok: true });
-        Arc::new(GroupCommit { started: AtomicU64::new(0), done, wake: Notify::new(), failing: AtomicU64::new(0) })
+        Arc::new(GroupCommit {
+            started: AtomicU64::new(0),
+            done,
+            want: Mutex::new(false),
+            wanted: Condvar::new(),
+            failing: AtomicU64::new(0),
+        })
     }
 
     /// Waits until a flush that started after this call has completed.
     pub(crate) async fn wait_durable(&self) -> Result<(), CommitError> {
         let needed = self.started.load(Ordering::SeqCst) + 1;
         let mut rx = self.done.subscribe();
-        self.wake.notify_one();
+        self.poke();
         let flushed = *rx.wait_for(|f| f.generation >= needed).await.map_err(|_| CommitError::Closed)?;
         if flushed.ok {
             Ok(())
@@ -122,34 +130,30 @@ impl GroupCommit {
         }
     }
 
-    /// The flusher loop; returns when `stop` is set and it has been woken.
-    /// `flush` does the work of one group commit, on the blocking pool;
-    /// `on_flush` observes each flush's duration and result (for metrics).
-    pub(crate) async fn run(
-        self: Arc<Self>,
-        flush: impl FnMut() -> Result<(), String> + Send + 'static,
-        stop: Arc<std::sync::atomic::AtomicBool>,
-        on_flush: impl Fn(std::time::Duration, bool) + Send + 'static,
+    /// The flusher loop, run on its own thread (a handoff to the blocking
+    /// pool per flush cost two thread wakeups more). Returns when `stop` is
+    /// set and it has been woken, after one last flush. `flush` does the work
+    /// of one group commit; `on_flush` observes its duration and result.
+    pub(crate) fn run(
+        &self,
+        mut flush: impl FnMut() -> Result<(), String>,
+        stop: &std::sync::atomic::AtomicBool,
+        on_flush: impl Fn(std::time::Duration, bool),
     ) {
-        let flush = Arc::new(Mutex::new(flush));
         loop {
-            self.wake.notified().await;
-            let generation = self.started.fetch_add(1, Ordering::SeqCst) + 1;
-            let work = flush.clone();
-            let start = Instant::now();
-            let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
-                let mut f = work.lock().map_err(|_| "flusher state poisoned".to_string())?;
-                (f)()
-            })
-            .await;
-            let ok = match result {
-                Ok(Ok(())) => true,
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, "store flush failed; acknowledgements are refused until a flush succeeds");
-                    false
+            {
+                let mut want = self.want.lock().unwrap_or_else(|p| p.into_inner());
+                while !*want {
+                    want = self.wanted.wait(want).unwrap_or_else(|p| p.into_inner());
                 }
+                *want = false;
+            }
+            let generation = self.started.fetch_add(1, Ordering::SeqCst) + 1;
+            let start = Instant::now();
+            let ok = match flush() {
+                Ok(()) => true,
                 Err(e) => {
-                    tracing::error!(error = %e, "store flush task failed");
+                    tracing::error!(error = %e, "store flush failed; acknowledgements are refused until a flush succeeds");
                     false
                 }
             };
@@ -180,9 +184,13 @@ impl GroupCommit {
         self.failing.load(Ordering::SeqCst)
     }
 
-    /// Wakes the flusher (used at shutdown so it notices `stop`).
+    /// Asks the flusher for a flush (also used at shutdown so it notices `stop`).
     pub(crate) fn poke(&self) {
-        self.wake.notify_one();
+        let mut want = self.want.lock().unwrap_or_else(|p| p.into_inner());
+        if !*want {
+            *want = true;
+            self.wanted.notify_one();
+        }
     }
 }
 

@@ -243,6 +243,7 @@ struct Inner {
     stop: Arc<AtomicBool>,
     ticker_stop: tokio_util::sync::CancellationToken,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
     index: Mutex<HashMap<String, DestIndex>>,
     /// Live messages, striped by id. Operations on one message hold its stripe.
     msgs: Vec<Mutex<HashMap<u64, Msg>>>,
@@ -346,6 +347,7 @@ impl Store {
             stop: stop.clone(),
             ticker_stop: tokio_util::sync::CancellationToken::new(),
             tasks: Mutex::new(Vec::new()),
+            flusher: Mutex::new(None),
             index: Mutex::new(index),
             msgs,
             cache: Mutex::new(RecordCache::default()),
@@ -361,11 +363,16 @@ impl Store {
             let inner = weak.upgrade().ok_or("store dropped")?;
             inner.flush_once(&mut durability)
         };
-        let flusher = tokio::spawn(commit.clone().run(flush, stop.clone(), on_flush));
+        let (flusher_commit, flusher_stop) = (commit.clone(), stop.clone());
+        let flusher = std::thread::Builder::new()
+            .name("switchboard-flush".into())
+            .spawn(move || flusher_commit.run(flush, &flusher_stop, on_flush))
+            .map_err(|e| StoreError::Open { path: path.to_path_buf(), source: sled::Error::Io(e) })?;
+        *lock(&inner.flusher) = Some(flusher);
         let ticker = tokio::spawn(Self::idle_ticker(Arc::downgrade(&inner), inner.ticker_stop.clone()));
         let reclaimer =
             tokio::spawn(Self::reclaimer(Arc::downgrade(&inner), inner.reclaim.clone(), inner.ticker_stop.clone()));
-        lock(&inner.tasks).extend([flusher, ticker, reclaimer]);
+        lock(&inner.tasks).extend([ticker, reclaimer]);
         // Segments recovery found unneeded.
         for seq in inner.log.sealed() {
             if lock(&inner.live).get(&seq).copied().unwrap_or(0) == 0 {
@@ -861,6 +868,9 @@ impl Store {
         let tasks = std::mem::take(&mut *lock(&inner.tasks));
         for t in tasks {
             let _ = t.await;
+        }
+        if let Some(flusher) = lock(&inner.flusher).take() {
+            let _ = tokio::task::spawn_blocking(move || flusher.join()).await;
         }
         // The flusher's last flush covered everything, but be explicit: this
         // is the one flush a clean shutdown must not miss.
