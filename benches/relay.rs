@@ -43,6 +43,9 @@ fn main() -> AnyResult<()> {
         println!("switchboard benchmark: not run (use `cargo bench --bench relay [-- --quick]`)");
         return Ok(());
     }
+    if std::env::args().any(|a| a == "--ceiling-server") {
+        return ceiling_server_process();
+    }
     let quick = std::env::args().any(|a| a == "--quick");
     let args: Vec<String> = std::env::args().collect();
     let only = args
@@ -164,6 +167,35 @@ fn body(epoch: Instant) -> Bytes {
 // ---------------------------------------------------------------------------
 // Ceiling server: answers 200 at once, persists nothing.
 // ---------------------------------------------------------------------------
+
+/// The ceiling server as a process of its own, like the relay (same tokio
+/// defaults: one worker thread per core), so the two are measured alike. It
+/// prints its address and serves until its stdin closes.
+fn ceiling_server_process() -> AnyResult<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        let addr = ceiling_server().await?;
+        println!("{addr}");
+        tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin(), &mut std::io::sink())).await??;
+        Ok(())
+    })
+}
+
+/// Starts [`ceiling_server_process`]; it exits when the returned child is
+/// dropped (its stdin closes) or killed.
+fn spawn_ceiling_server() -> AnyResult<(Child, SocketAddr)> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["--bench", "--ceiling-server"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let out = child.stdout.take().ok_or("no stdout")?;
+    let mut line = String::new();
+    std::io::BufReader::new(out).read_line(&mut line)?;
+    let addr = line.trim().parse()?;
+    Ok((child, addr))
+}
 
 async fn ceiling_server() -> AnyResult<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -502,11 +534,25 @@ async fn bench(s: Settings) -> AnyResult<()> {
 
     let (mut idle, mut ingest_peak, mut fixed_peak) = (0.0, 0.0, 0.0);
     if s.wants("1") || s.wants("2") {
-        // 1. Ceiling.
-        let ceiling_addr = ceiling_server().await?;
+        // 1. Ceiling: a no-persistence server in a process of its own (the
+        // relay is one too); the in-process figure is printed for reference.
+        let inproc_addr = ceiling_server().await?;
+        let inproc = closed_loop(inproc_addr, "/in", s.connections, s.run, u64::MAX, epoch).await;
+        let (mut server, ceiling_addr) = spawn_ceiling_server()?;
         let ceiling = closed_loop(ceiling_addr, "/in", s.connections, s.run, u64::MAX, epoch).await;
+        let _ = server.kill();
+        let _ = server.wait();
         row(
-            "1. ceiling (no persistence)",
+            "1b. ceiling, server inside the harness",
+            &format!(
+                "{:.0} req/s, p50 {:.2} ms, p99 {:.2} ms (reference only: server and load share one runtime)",
+                inproc.rps(),
+                inproc.pct(0.5),
+                inproc.pct(0.99)
+            ),
+        );
+        row(
+            "1. ceiling (no persistence, own process)",
             &format!(
                 "{:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms",
                 ceiling.rps(),

@@ -239,11 +239,14 @@ struct Inner {
     /// sled writes made since the last sled flush.
     sled_dirty: AtomicBool,
     closed: AtomicBool,
+    /// Group commit of the message log (what ingress waits for).
     commit: Arc<GroupCommit>,
+    /// Group commit of sled (settling writes, dead letters, operator actions).
+    state_commit: Arc<GroupCommit>,
     stop: Arc<AtomicBool>,
     ticker_stop: tokio_util::sync::CancellationToken,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
-    flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
+    flushers: Mutex<Vec<std::thread::JoinHandle<()>>>,
     index: Mutex<HashMap<String, DestIndex>>,
     /// Live messages, striped by id. Operations on one message hold its stripe.
     msgs: Vec<Mutex<HashMap<u64, Msg>>>,
@@ -281,7 +284,7 @@ impl Store {
     pub fn open(
         path: &Path,
         opts: StoreOptions,
-        on_flush: impl Fn(Duration, bool) + Send + 'static,
+        on_flush: impl Fn(Duration, bool) + Send + Sync + 'static,
     ) -> Result<Store, StoreError> {
         let config = sled::Config::new()
             .path(path)
@@ -326,6 +329,7 @@ impl Store {
             recover::rebuild(&log_dir, segment_bytes, &meta, &state, &kept)?;
 
         let commit = GroupCommit::new();
+        let state_commit = GroupCommit::new();
         let stop = Arc::new(AtomicBool::new(false));
         let inner = Arc::new(Inner {
             path: path.to_path_buf(),
@@ -344,10 +348,11 @@ impl Store {
             sled_dirty: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             commit: commit.clone(),
+            state_commit: state_commit.clone(),
             stop: stop.clone(),
             ticker_stop: tokio_util::sync::CancellationToken::new(),
             tasks: Mutex::new(Vec::new()),
-            flusher: Mutex::new(None),
+            flushers: Mutex::new(Vec::new()),
             index: Mutex::new(index),
             msgs,
             cache: Mutex::new(RecordCache::default()),
@@ -358,17 +363,33 @@ impl Store {
         });
         let mut durability = commit::Durability::open(path)
             .map_err(|e| StoreError::Open { path: path.to_path_buf(), source: sled::Error::Io(e) })?;
+        // Two flusher threads: the log's (ingress acknowledgements wait for
+        // it, and only for it) and sled's (a sled flush can take long when
+        // many settling writes are dirty; acknowledgements must not wait).
+        let on_flush = Arc::new(on_flush);
         let weak = Arc::downgrade(&inner);
-        let flush = move || -> Result<(), String> {
+        let log_flush = move || -> Result<(), String> {
             let inner = weak.upgrade().ok_or("store dropped")?;
-            inner.flush_once(&mut durability)
+            inner.flush_log()
         };
-        let (flusher_commit, flusher_stop) = (commit.clone(), stop.clone());
-        let flusher = std::thread::Builder::new()
-            .name("switchboard-flush".into())
-            .spawn(move || flusher_commit.run(flush, &flusher_stop, on_flush))
-            .map_err(|e| StoreError::Open { path: path.to_path_buf(), source: sled::Error::Io(e) })?;
-        *lock(&inner.flusher) = Some(flusher);
+        let weak = Arc::downgrade(&inner);
+        let state_flush = move || -> Result<(), String> {
+            let inner = weak.upgrade().ok_or("store dropped")?;
+            inner.flush_state(&mut durability)
+        };
+        let observe = on_flush.clone();
+        let spawn = |name: &str, commit: Arc<GroupCommit>, flush: Box<dyn FnMut() -> Result<(), String> + Send>| {
+            let (stop, observe) = (stop.clone(), observe.clone());
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || commit.run(flush, &stop, |took, ok| observe(took, ok)))
+                .map_err(|e| StoreError::Open { path: path.to_path_buf(), source: sled::Error::Io(e) })
+        };
+        let flushers = vec![
+            spawn("switchboard-log", commit.clone(), Box::new(log_flush))?,
+            spawn("switchboard-sled", state_commit.clone(), Box::new(state_flush))?,
+        ];
+        *lock(&inner.flushers) = flushers;
         let ticker = tokio::spawn(Self::idle_ticker(Arc::downgrade(&inner), inner.ticker_stop.clone()));
         let reclaimer =
             tokio::spawn(Self::reclaimer(Arc::downgrade(&inner), inner.reclaim.clone(), inner.ticker_stop.clone()));
@@ -395,7 +416,7 @@ impl Store {
             }
             let Some(inner) = weak.upgrade() else { return };
             if inner.sled_dirty.load(Ordering::SeqCst) {
-                inner.commit.poke();
+                inner.state_commit.poke();
             }
         }
     }
@@ -534,6 +555,15 @@ impl Store {
             return Err(StoreError::Closed);
         }
         Ok(self.inner.commit.wait_durable().await?)
+    }
+
+    /// Waits until every sled write made before this call is on disk.
+    async fn sync_state(&self) -> Result<(), StoreError> {
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return Err(StoreError::Closed);
+        }
+        self.inner.sled_dirty.store(true, Ordering::SeqCst);
+        Ok(self.inner.state_commit.wait_durable().await?)
     }
 
     /// Up to `limit` entries of `dest` due at `now_ms`, oldest due first,
@@ -775,7 +805,7 @@ impl Store {
             moved += 1;
         }
         // An operator action: make it durable before answering.
-        self.sync().await?;
+        self.sync_state().await?;
         Ok(moved)
     }
 
@@ -800,7 +830,7 @@ impl Store {
             }
             purged += 1;
         }
-        self.sync().await?;
+        self.sync_state().await?;
         Ok(purged)
     }
 
@@ -845,7 +875,7 @@ impl Store {
     pub fn is_healthy(&self) -> bool {
         // A few in a row: one failure may be a passing fault.
         const FAILURES: u64 = 3;
-        self.inner.commit.failing() < FAILURES
+        self.inner.commit.failing() < FAILURES && self.inner.state_commit.failing() < FAILURES
     }
 
     pub fn is_closed(&self) -> bool {
@@ -865,13 +895,13 @@ impl Store {
         inner.stop.store(true, Ordering::SeqCst);
         inner.ticker_stop.cancel();
         inner.commit.poke();
+        inner.state_commit.poke();
         let tasks = std::mem::take(&mut *lock(&inner.tasks));
         for t in tasks {
             let _ = t.await;
         }
-        if let Some(flusher) = lock(&inner.flusher).take() {
-            let _ = tokio::task::spawn_blocking(move || flusher.join()).await;
-        }
+        let flushers = std::mem::take(&mut *lock(&inner.flushers));
+        let _ = tokio::task::spawn_blocking(move || flushers.into_iter().map(|t| t.join()).for_each(drop)).await;
         // The flusher's last flush covered everything, but be explicit: this
         // is the one flush a clean shutdown must not miss.
         let db = inner.db.clone();
@@ -891,7 +921,7 @@ impl Inner {
             return Ok(());
         }
         self.sled_dirty.store(true, Ordering::SeqCst);
-        self.commit.wait_durable().await?;
+        self.state_commit.wait_durable().await?;
         let inner = self.clone();
         tokio::task::spawn_blocking(move || {
             for seq in segs {
@@ -925,9 +955,9 @@ impl Inner {
         }
     }
 
-    /// One group commit (flusher only): the log's new records are written and
-    /// synced, then sled's settling writes if there are any.
-    fn flush_once(&self, durability: &mut commit::Durability) -> Result<(), String> {
+    /// One group commit of the log (its flusher thread only): the records
+    /// pushed since the last one are written and synced, then placed.
+    fn flush_log(&self) -> Result<(), String> {
         let placed = match self.log.flush() {
             Ok(p) => p,
             Err(e) => {
@@ -969,6 +999,11 @@ impl Inner {
                 self.reclaim.notify_one();
             }
         }
+        Ok(())
+    }
+
+    /// One group commit of sled (its flusher thread only), if it has writes.
+    fn flush_state(&self, durability: &mut commit::Durability) -> Result<(), String> {
         if self.sled_dirty.swap(false, Ordering::SeqCst) {
             self.db.flush().map_err(|e| e.to_string())?;
             durability.sync().map_err(|e| format!("fdatasync: {e}"))?;
