@@ -99,7 +99,8 @@ impl From<CommitError> for StoreError {
 pub struct StoreOptions {
     /// Refuse new messages once stored message bytes reach this.
     pub max_bytes: Option<u64>,
-    /// sled page cache size; `None` uses 32 MiB.
+    /// sled page cache size; `None` uses 8 MiB (sled holds only small
+    /// delivery-state keys and dead-lettered copies).
     pub cache_bytes: Option<u64>,
     /// Size at which a segment of the message log is sealed; `None` uses
     /// [`DEFAULT_SEGMENT_BYTES`]. Small values are for tests.
@@ -289,7 +290,7 @@ impl Store {
         let config = sled::Config::new()
             .path(path)
             .mode(sled::Mode::HighThroughput)
-            .cache_capacity(opts.cache_bytes.unwrap_or(32 * 1024 * 1024))
+            .cache_capacity(opts.cache_bytes.unwrap_or(8 * 1024 * 1024))
             // Our flusher is the only one; sled's own background flusher would
             // run concurrently with it (see commit.rs for why that is avoided).
             .flush_every_ms(None);
@@ -1018,24 +1019,25 @@ impl Inner {
         if !self.log.has(seq) {
             return Ok(());
         }
-        let records = self.log.scan(seq)?;
         let mut keys = Vec::new();
-        for r in &records {
+        let mut live = false;
+        self.log.scan(seq, |r| {
             let place = lock(&self.msgs[(r.id as usize) % MSG_STRIPES]).get(&r.id).map(|m| m.place);
             match place {
                 None => {}
                 // Dead-lettered: its copy in `kept` and its states live on.
-                Some(Place::Kept) => continue,
-                Some(_) => {
-                    tracing::error!(segment = seq, "segment still holds a live message; not deleted");
-                    return Ok(());
-                }
+                Some(Place::Kept) => return Ok(()),
+                Some(_) => live = true,
             }
-            for d in record_destinations(&r.record)? {
+            for d in record_destinations(r.record)? {
                 keys.push(state_key(&d, r.id));
             }
+            Ok(())
+        })?;
+        if live {
+            tracing::error!(segment = seq, "segment still holds a live message; not deleted");
+            return Ok(());
         }
-        drop(records);
         self.log.remove(seq)?;
         // Small batches: one batch holds sled's write lock for its whole
         // length, and a segment's worth would stall every delivery.

@@ -115,7 +115,7 @@ pub(super) fn rebuild(
             if let Some(m) = b.msgs[(r.id as usize) % MSG_STRIPES].get_mut(&r.id) {
                 m.origin = Some(r.loc.seg);
             }
-        } else if b.add(r.id, &r.record, Place::Log(r.loc))? {
+        } else if b.add(r.id, r.record, Place::Log(r.loc))? {
             *live.entry(r.loc.seg).or_default() += 1;
         }
         Ok(())

@@ -27,6 +27,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
+use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -57,11 +58,11 @@ pub(crate) struct Placed {
     pub sealed: Option<u64>,
 }
 
-/// A record found when reading a segment.
-pub(crate) struct Scanned {
+/// A record found when reading a segment (borrowed from the reader's buffer).
+pub(crate) struct Scanned<'a> {
     pub id: u64,
     pub loc: Loc,
-    pub record: Bytes,
+    pub record: &'a [u8],
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,38 +111,71 @@ fn sync_dir(dir: &Path) -> Result<(), LogError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
 }
 
-/// Parses the frames of one segment's bytes. Returns the records and, if the
-/// data ends in something that is not a whole valid frame, its offset.
-fn parse(seg: u64, data: &Bytes) -> (Vec<Scanned>, Option<(u64, &'static str)>) {
-    let mut out = Vec::new();
-    let mut pos = 0usize;
-    while pos < data.len() {
-        let bad = |detail| (pos as u64, detail);
-        let Some(header) = data.get(pos..pos + FRAME_HEADER as usize) else {
-            return (out, Some(bad("truncated frame header")));
-        };
-        let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
-        let crc = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
-        if len > MAX_PAYLOAD || (len as usize) < ID_LEN {
-            return (out, Some(bad("impossible frame length")));
-        }
-        let start = pos + FRAME_HEADER as usize;
-        let Some(payload) = data.get(start..start + len as usize) else {
-            return (out, Some(bad("truncated frame")));
-        };
-        if crc32fast::hash(payload) != crc {
-            return (out, Some(bad("checksum mismatch")));
-        }
-        let mut id = [0u8; ID_LEN];
-        id.copy_from_slice(&payload[..ID_LEN]);
-        out.push(Scanned {
-            id: u64::from_be_bytes(id),
-            loc: Loc { seg, offset: pos as u64, len },
-            record: data.slice(start + ID_LEN..start + len as usize),
-        });
-        pos = start + len as usize;
+/// Checks one frame: `header` is its 8 bytes, `payload` what follows.
+fn check_frame(header: [u8; 8], payload: &[u8]) -> Result<u64, &'static str> {
+    let crc = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+    if crc32fast::hash(payload) != crc {
+        return Err("checksum mismatch");
     }
-    (out, None)
+    let mut id = [0u8; ID_LEN];
+    id.copy_from_slice(&payload[..ID_LEN]);
+    Ok(u64::from_be_bytes(id))
+}
+
+fn frame_len(header: [u8; 8]) -> Result<u32, &'static str> {
+    let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+    if len > MAX_PAYLOAD || (len as usize) < ID_LEN {
+        return Err("impossible frame length");
+    }
+    Ok(len)
+}
+
+/// Reads the frames of segment `seq` at `path` in order, one at a time (a
+/// segment is never loaded whole), calling `f` for each. Returns the offset
+/// and reason of the first thing that is not a whole valid frame, if any.
+fn read_frames(
+    path: &Path,
+    seq: u64,
+    mut f: impl FnMut(Scanned<'_>) -> Result<(), super::StoreError>,
+) -> Result<Option<(u64, &'static str)>, super::StoreError> {
+    let file = File::open(path).map_err(io_err(path))?;
+    let mut r = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut payload = Vec::new();
+    let mut pos = 0u64;
+    loop {
+        let mut header = [0u8; 8];
+        let mut got = 0;
+        while got < header.len() {
+            match r.read(&mut header[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_err(path)(e).into()),
+            }
+        }
+        if got == 0 {
+            return Ok(None);
+        }
+        if got < header.len() {
+            return Ok(Some((pos, "truncated frame header")));
+        }
+        let len = match frame_len(header) {
+            Ok(len) => len,
+            Err(detail) => return Ok(Some((pos, detail))),
+        };
+        payload.resize(len as usize, 0);
+        match r.read_exact(&mut payload) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(Some((pos, "truncated frame"))),
+            Err(e) => return Err(io_err(path)(e).into()),
+        }
+        let id = match check_frame(header, &payload) {
+            Ok(id) => id,
+            Err(detail) => return Ok(Some((pos, detail))),
+        };
+        f(Scanned { id, loc: Loc { seg: seq, offset: pos, len }, record: &payload[ID_LEN..] })?;
+        pos += FRAME_HEADER + len as u64;
+    }
 }
 
 impl SegmentLog {
@@ -152,7 +186,7 @@ impl SegmentLog {
     pub(crate) fn open(
         dir: &Path,
         segment_bytes: u64,
-        mut each: impl FnMut(Scanned) -> Result<(), super::StoreError>,
+        mut each: impl FnMut(Scanned<'_>) -> Result<(), super::StoreError>,
     ) -> Result<SegmentLog, super::StoreError> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         let mut seqs = Vec::new();
@@ -177,9 +211,8 @@ impl SegmentLog {
         }
         for &seq in &seqs {
             let path = seg_path(dir, seq);
-            let data = Bytes::from(std::fs::read(&path).map_err(io_err(&path))?);
-            let (records, bad) = parse(seq, &data);
-            let mut len = data.len() as u64;
+            let bad = read_frames(&path, seq, &mut each)?;
+            let mut len = std::fs::metadata(&path).map_err(io_err(&path))?.len();
             if let Some((offset, detail)) = bad {
                 if Some(seq) != last_with_data {
                     return Err(LogError::Corrupt { path, offset, detail }.into());
@@ -189,10 +222,6 @@ impl SegmentLog {
                 let f = OpenOptions::new().write(true).open(&path).map_err(io_err(&path))?;
                 f.set_len(offset).and_then(|_| f.sync_all()).map_err(io_err(&path))?;
                 len = offset;
-            }
-            drop(data);
-            for r in records {
-                each(r)?;
             }
             let file = File::open(&path).map_err(io_err(&path))?;
             files.insert(seq, Arc::new(file));
@@ -304,22 +333,35 @@ impl SegmentLog {
         };
         let mut buf = vec![0u8; FRAME_HEADER as usize + loc.len as usize];
         file.read_exact_at(&mut buf, loc.offset).map_err(io_err(&path))?;
+        let mut header = [0u8; 8];
+        header.copy_from_slice(&buf[..FRAME_HEADER as usize]);
         let data = Bytes::from(buf);
-        let (mut records, _) = parse(loc.seg, &data);
-        match records.pop() {
-            Some(r) if r.id == id && records.is_empty() => Ok(r.record),
-            _ => Err(LogError::Corrupt { path, offset: loc.offset, detail: "record does not match its index entry" }),
+        let payload = &data[FRAME_HEADER as usize..];
+        let found = frame_len(header).and_then(|len| {
+            if len != loc.len {
+                return Err("frame length does not match its index entry");
+            }
+            check_frame(header, payload)
+        });
+        match found {
+            Ok(found) if found == id => Ok(data.slice(FRAME_HEADER as usize + ID_LEN..)),
+            Ok(_) => {
+                Err(LogError::Corrupt { path, offset: loc.offset, detail: "record does not match its index entry" })
+            }
+            Err(detail) => Err(LogError::Corrupt { path, offset: loc.offset, detail }),
         }
     }
 
-    /// Every record of a (sealed) segment.
-    pub(crate) fn scan(&self, seq: u64) -> Result<Vec<Scanned>, LogError> {
+    /// Reads every record of a (sealed) segment, one at a time.
+    pub(crate) fn scan(
+        &self,
+        seq: u64,
+        f: impl FnMut(Scanned<'_>) -> Result<(), super::StoreError>,
+    ) -> Result<(), super::StoreError> {
         let path = seg_path(&self.dir, seq);
-        let data = Bytes::from(std::fs::read(&path).map_err(io_err(&path))?);
-        let (records, bad) = parse(seq, &data);
-        match bad {
-            Some((offset, detail)) => Err(LogError::Corrupt { path, offset, detail }),
-            None => Ok(records),
+        match read_frames(&path, seq, f)? {
+            Some((offset, detail)) => Err(LogError::Corrupt { path, offset, detail }.into()),
+            None => Ok(()),
         }
     }
 
@@ -362,7 +404,7 @@ mod tests {
 
     fn open(dir: &Path, seen: &mut Vec<(u64, Bytes)>) -> Result<SegmentLog, super::super::StoreError> {
         SegmentLog::open(dir, 64, |s| {
-            seen.push((s.id, s.record));
+            seen.push((s.id, Bytes::copy_from_slice(s.record)));
             Ok(())
         })
     }
