@@ -11,14 +11,18 @@
 //! | `meta`  | `last_id`                            | u64 BE                             |
 //! | `state` | destination, 0x00, message id u64 BE | [`StateRecord`]: retry, done or dead |
 //! | `kept`  | message id, u64 BE                   | [`MessageRecord`] of a message with a dead letter |
+//! | `done-<seq>` | destination, 0x00, message id u64 BE | empty: delivered (message in segment `seq`) |
 //!
 //! A message's deliveries are its record's destination list: one frame,
 //! written and synced by one group commit, so a message and its pending
 //! deliveries appear atomically. A destination with no `state` entry is
 //! pending since the message arrived; `Retry` holds its next due time and
-//! attempt count; `Done` and `Dead` end it. Every state change is a single
-//! insert of one key (sled 0.34 writes and syncs its log on every
-//! transaction commit, which made transactions the relay's bottleneck).
+//! attempt count; `Done` and `Dead` end it. The `Done` of a message in the
+//! log is a key in its segment's `done-<seq>` tree instead, so deleting a
+//! segment drops its marks in one operation; a kept copy's `Done` is in
+//! `state`. Every state change is a single insert of one key (sled 0.34
+//! writes and syncs its log on every transaction commit, which made
+//! transactions the relay's bottleneck).
 //! A copy in `kept` takes precedence over the message's frame in the log.
 //!
 //! Version 1 kept message records in a sled tree `messages`; such a store is
@@ -35,6 +39,18 @@
 use bytes::Bytes;
 
 pub const FORMAT_VERSION: u32 = 2;
+
+/// The sled tree holding the `Done` marks (keys as in `state`, empty values)
+/// of messages whose frame is in segment `seq`; dropped with the segment.
+pub fn done_tree_name(seq: u64) -> String {
+    format!("done-{seq:016x}")
+}
+
+/// The segment a done tree belongs to, if `name` is one.
+pub fn parse_done_tree_name(name: &[u8]) -> Option<u64> {
+    let hex = std::str::from_utf8(name).ok()?.strip_prefix("done-")?;
+    u64::from_str_radix(hex, 16).ok()
+}
 
 /// The message log's directory inside the store directory.
 pub const SEGMENTS_DIR: &str = "segments";

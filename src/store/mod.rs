@@ -175,6 +175,8 @@ struct Msg {
     origin: Option<u64>,
     /// Stored record size (what `max_bytes` counts).
     len: u64,
+    /// Whether it has keys in `state` (a retry or a dead letter).
+    has_state: bool,
     /// Deliveries pending (queued or retrying) and dead-lettered.
     pending: u32,
     dead: u32,
@@ -254,6 +256,8 @@ struct Inner {
     cache: Mutex<RecordCache>,
     /// Per segment: messages placed in it that are still live.
     live: Mutex<BTreeMap<u64, u32>>,
+    /// Open done trees by segment.
+    done_trees: Mutex<BTreeMap<u64, sled::Tree>>,
     /// Sealed segments no live message needs, waiting to be deleted.
     unneeded: Mutex<BTreeSet<u64>>,
     reclaim: Arc<tokio::sync::Notify>,
@@ -327,7 +331,7 @@ impl Store {
         let kept = db.open_tree("kept")?;
         let segment_bytes = opts.segment_bytes.unwrap_or(DEFAULT_SEGMENT_BYTES).max(1);
         let recover::Rebuilt { log, index, msgs, live, bytes, last_id } =
-            recover::rebuild(&log_dir, segment_bytes, &meta, &state, &kept)?;
+            recover::rebuild(&db, &log_dir, segment_bytes, &meta, &state, &kept)?;
 
         let commit = GroupCommit::new();
         let state_commit = GroupCommit::new();
@@ -358,6 +362,7 @@ impl Store {
             msgs,
             cache: Mutex::new(RecordCache::default()),
             live: Mutex::new(live),
+            done_trees: Mutex::new(BTreeMap::new()),
             unneeded: Mutex::new(BTreeSet::new()),
             reclaim: Arc::new(tokio::sync::Notify::new()),
             reclaiming: tokio::sync::Mutex::new(()),
@@ -503,8 +508,10 @@ impl Store {
         let id = inner.log.push(
             || {
                 let id = self.next_id(msg.received_ms);
-                lock(self.stripe(id))
-                    .insert(id, Msg { place: Place::Unplaced, origin: None, len, pending: count, dead: 0 });
+                lock(self.stripe(id)).insert(
+                    id,
+                    Msg { place: Place::Unplaced, origin: None, has_state: false, len, pending: count, dead: 0 },
+                );
                 lock(&inner.cache).insert(id, record.clone());
                 id
             },
@@ -589,6 +596,12 @@ impl Store {
     /// The stored bytes of message `id`'s record, if it is live.
     fn record_bytes(&self, id: u64) -> Result<Option<Bytes>, StoreError> {
         let Some(place) = lock(self.stripe(id)).get(&id).map(|m| m.place) else { return Ok(None) };
+        self.record_at(id, place)
+    }
+
+    /// The record of message `id`, which is at `place` (the caller may hold
+    /// its stripe).
+    fn record_at(&self, id: u64, place: Place) -> Result<Option<Bytes>, StoreError> {
         if let Some(r) = lock(&self.inner.cache).map.get(&id) {
             return Ok(Some(r.clone()));
         }
@@ -619,20 +632,34 @@ impl Store {
     /// Settles one of message `id`'s deliveries to `dest` for good (`dead`:
     /// the settled one was a dead letter). The caller holds the stripe.
     ///
-    /// Each settle writes `Done`, which stays while the message's frame is
-    /// in the log (the reclaimer removes the state keys with the segment).
-    /// A kept copy nothing needs is deleted; if its original's segment is
-    /// gone, its state keys are deleted after it (a crash in between leaves
-    /// keys of a message that is nowhere, removed at open).
+    /// A message with a frame in the log gets its `Done` in that segment's
+    /// done tree, which is dropped with the segment (one operation, not a
+    /// removal per key). A kept copy's `Done` is in `state`; when nothing
+    /// needs it any more, its `Done`s move to its original's done tree (if
+    /// that segment is still there), then the copy and its `state` keys go.
+    /// A crash between any two steps leaves a `Done` in place or keys of a
+    /// message that is nowhere (removed at open), never a pending delivery.
     fn settle(&self, msgs: &mut HashMap<u64, Msg>, dest: &str, id: u64, dead: bool) -> Result<(), StoreError> {
         let inner = &self.inner;
         let Some(m) = msgs.get(&id).cloned() else { return Ok(()) };
         let (pending, dead_left) =
             if dead { (m.pending, m.dead.saturating_sub(1)) } else { (m.pending.saturating_sub(1), m.dead) };
         let finished = pending + dead_left == 0;
-        let in_log = m.place != Place::Kept || m.origin.is_some_and(|s| inner.log.has(s));
-        if !finished || in_log {
-            inner.state.insert(state_key(dest, id), StateRecord::Done.encode())?;
+        let key = state_key(dest, id);
+        match m.place {
+            Place::Log(loc) => {
+                inner.done_tree(loc.seg)?.insert(&key, &[])?;
+            }
+            // Its frame lands in the segment being written or the next one.
+            Place::Unplaced => {
+                let current = inner.log.current();
+                inner.done_tree(current)?.insert(&key, &[])?;
+                inner.done_tree(current + 1)?.insert(&key, &[])?;
+            }
+            Place::Kept if !finished => {
+                inner.state.insert(&key, StateRecord::Done.encode())?;
+            }
+            Place::Kept => {}
         }
         inner.sled_dirty.store(true, Ordering::SeqCst);
         if !finished {
@@ -644,16 +671,33 @@ impl Store {
         }
         match m.place {
             Place::Kept => {
-                if let Some(v) = inner.kept.remove(id_key(id))? {
-                    if !in_log {
-                        for d in record_destinations(&v)? {
+                if let Some(v) = inner.kept.get(id_key(id))? {
+                    let dests = record_destinations(&v)?;
+                    if let Some(origin) = m.origin.filter(|s| inner.log.has(*s)) {
+                        let done = inner.done_tree(origin)?;
+                        for d in &dests {
+                            done.insert(state_key(d, id), &[])?;
+                        }
+                    }
+                    inner.kept.remove(id_key(id))?;
+                    for d in &dests {
+                        inner.state.remove(state_key(d, id))?;
+                    }
+                }
+            }
+            Place::Log(_) | Place::Unplaced => {
+                if m.has_state {
+                    // Retry states of a delivered message are dead weight.
+                    if let Some(raw) = self.record_at(id, m.place)? {
+                        for d in record_destinations(&raw)? {
                             inner.state.remove(state_key(&d, id))?;
                         }
                     }
                 }
+                if let Place::Log(loc) = m.place {
+                    inner.segment_released(loc.seg);
+                }
             }
-            Place::Log(loc) => inner.segment_released(loc.seg),
-            Place::Unplaced => {}
         }
         msgs.remove(&id);
         lock(&inner.cache).remove(id);
@@ -675,12 +719,15 @@ impl Store {
 
     /// Moves a lease to a new due time with an updated record.
     pub fn reschedule(&self, dest: &str, lease: &Lease, due_ms: u64, record: &QueueRecord) -> Result<(), StoreError> {
-        let _msgs = lock(self.stripe(lease.id));
+        let mut msgs = lock(self.stripe(lease.id));
         if !self.is_current(dest, lease) {
             return Ok(());
         }
         let st = StateRecord::Retry { due_ms, record: record.clone() };
         self.inner.state.insert(state_key(dest, lease.id), st.encode())?;
+        if let Some(m) = msgs.get_mut(&lease.id) {
+            m.has_state = true;
+        }
         self.inner.sled_dirty.store(true, Ordering::SeqCst);
         if let Some(e) = self.index().get_mut(dest) {
             e.due.remove(&(lease.due_ms, lease.id));
@@ -713,12 +760,28 @@ impl Store {
                     }
                 },
             };
+            // Deliveries already done are marked in the segment's done tree,
+            // which goes with the segment: the kept copy needs its own marks.
+            let trees = match m.place {
+                Place::Log(loc) => vec![loc.seg],
+                _ => vec![inner.log.current(), inner.log.current() + 1],
+            };
+            for d in record_destinations(&raw)? {
+                let key = state_key(&d, id);
+                for seq in &trees {
+                    if inner.done_tree(*seq)?.contains_key(&key)? {
+                        inner.state.insert(&key, StateRecord::Done.encode())?;
+                        break;
+                    }
+                }
+            }
             inner.kept.insert(id_key(id), raw.as_ref())?;
         }
         inner.state.insert(state_key(dest, id), StateRecord::Dead(record.clone()).encode())?;
         inner.sled_dirty.store(true, Ordering::SeqCst);
         if let Some(e) = msgs.get_mut(&id) {
             e.place = Place::Kept;
+            e.has_state = true;
             e.pending = e.pending.saturating_sub(1);
             e.dead += 1;
         }
@@ -1013,43 +1076,31 @@ impl Inner {
     }
 
     /// Deletes segment `seq`, which no live message needs: the file first
-    /// (durably), then the state keys of its messages. A crash in between
-    /// leaves state keys of unknown messages, removed at open.
+    /// (durably), then its done tree, in one operation. A crash in between
+    /// leaves a done tree of a missing segment, dropped at open.
     fn delete_segment(&self, seq: u64) -> Result<(), StoreError> {
         if !self.log.has(seq) {
             return Ok(());
         }
-        let mut keys = Vec::new();
-        let mut live = false;
-        self.log.scan(seq, |r| {
-            let place = lock(&self.msgs[(r.id as usize) % MSG_STRIPES]).get(&r.id).map(|m| m.place);
-            match place {
-                None => {}
-                // Dead-lettered: its copy in `kept` and its states live on.
-                Some(Place::Kept) => return Ok(()),
-                Some(_) => live = true,
-            }
-            for d in record_destinations(r.record)? {
-                keys.push(state_key(&d, r.id));
-            }
-            Ok(())
-        })?;
-        if live {
+        if lock(&self.live).get(&seq).is_some_and(|n| *n > 0) {
             tracing::error!(segment = seq, "segment still holds a live message; not deleted");
             return Ok(());
         }
         self.log.remove(seq)?;
-        // Small batches: one batch holds sled's write lock for its whole
-        // length, and a segment's worth would stall every delivery.
-        for chunk in keys.chunks(128) {
-            let mut batch = sled::Batch::default();
-            for k in chunk {
-                batch.remove(k.as_slice());
-            }
-            self.state.apply_batch(batch)?;
-        }
+        lock(&self.done_trees).remove(&seq);
+        self.db.drop_tree(done_tree_name(seq))?;
         self.sled_dirty.store(true, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// The done tree of segment `seq` (opened once, then cached).
+    fn done_tree(&self, seq: u64) -> Result<sled::Tree, StoreError> {
+        if let Some(t) = lock(&self.done_trees).get(&seq) {
+            return Ok(t.clone());
+        }
+        let t = self.db.open_tree(done_tree_name(seq))?;
+        lock(&self.done_trees).insert(seq, t.clone());
+        Ok(t)
     }
 }
 

@@ -1,8 +1,9 @@
 //! Recovery at open: reads the message log and sled's `kept` copies, applies
-//! each delivery's `state`, and rebuilds the in-memory due queues, live
-//! messages, per-segment live counts and byte count. It removes only what a
-//! crash can leave behind: a kept copy every destination is done with, and
-//! state keys of messages that are in neither the log nor `kept`.
+//! each delivery's `state` and `Done` marks, and rebuilds the in-memory due
+//! queues, live messages, per-segment live counts and byte count. It removes
+//! only what a crash can leave behind: a kept copy every destination is done
+//! with, `state` keys of messages no longer live, done trees of deleted
+//! segments.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -23,6 +24,8 @@ pub(super) struct Rebuilt {
 
 struct Builder {
     states: HashMap<(String, u64), StateRecord>,
+    /// Messages with keys in `state` (whatever marks override them).
+    with_state: HashSet<u64>,
     index: HashMap<String, DestIndex>,
     msgs: Vec<HashMap<u64, Msg>>,
     bytes: u64,
@@ -62,12 +65,14 @@ impl Builder {
             Place::Log(loc) => Some(loc.seg),
             _ => None,
         };
-        self.msgs[(id as usize) % MSG_STRIPES].insert(id, Msg { place, origin, len, pending, dead });
+        let has_state = place == Place::Kept || self.with_state.contains(&id);
+        self.msgs[(id as usize) % MSG_STRIPES].insert(id, Msg { place, origin, has_state, len, pending, dead });
         Ok(true)
     }
 }
 
 pub(super) fn rebuild(
+    db: &sled::Db,
     log_dir: &Path,
     segment_bytes: u64,
     meta: &sled::Tree,
@@ -80,17 +85,30 @@ pub(super) fn rebuild(
     };
     let mut b = Builder {
         states: HashMap::new(),
+        with_state: HashSet::new(),
         index: HashMap::new(),
         msgs: (0..MSG_STRIPES).map(|_| HashMap::new()).collect(),
         bytes: 0,
     };
+    let mut state_keys = Vec::new();
     for item in state.iter() {
         let (k, v) = item?;
         let (dest, id) = parse_state_key(&k)?;
         b.states.insert((dest.to_string(), id), StateRecord::decode(&v)?);
+        b.with_state.insert(id);
+        state_keys.push((k, id));
     }
-    // Ids whose state keys must stay: in `kept`, or in a segment that stays.
-    let mut known: HashSet<u64> = HashSet::new();
+    // A `Done` mark ends a delivery whatever `state` says.
+    let mut done_trees = Vec::new();
+    for name in db.tree_names() {
+        let Some(seq) = parse_done_tree_name(&name) else { continue };
+        for k in db.open_tree(&name)?.iter().keys() {
+            let k = k?;
+            let (dest, id) = parse_state_key(&k)?;
+            b.states.insert((dest.to_string(), id), StateRecord::Done);
+        }
+        done_trees.push(seq);
+    }
     let mut kept_ids = HashSet::new();
     let mut finished_kept = Vec::new();
     for item in kept.iter() {
@@ -98,9 +116,7 @@ pub(super) fn rebuild(
         let id = parse_id_key(&k)?;
         last_id = last_id.max(id);
         kept_ids.insert(id);
-        if b.add(id, &v, Place::Kept)? {
-            known.insert(id);
-        } else {
+        if !b.add(id, &v, Place::Kept)? {
             finished_kept.push(id);
         }
     }
@@ -110,7 +126,6 @@ pub(super) fn rebuild(
     let mut live: BTreeMap<u64, u32> = BTreeMap::new();
     let log = SegmentLog::open(log_dir, segment_bytes, |r| {
         last_id = last_id.max(r.id);
-        known.insert(r.id);
         if kept_ids.contains(&r.id) {
             if let Some(m) = b.msgs[(r.id as usize) % MSG_STRIPES].get_mut(&r.id) {
                 m.origin = Some(r.loc.seg);
@@ -124,12 +139,20 @@ pub(super) fn rebuild(
     for id in finished_kept {
         kept.remove(id_key(id))?;
     }
-    // State keys of messages that are nowhere: left by a crash after a
-    // segment was deleted, or after a kept copy was.
-    let stale: Vec<Vec<u8>> =
-        b.states.keys().filter(|(_, id)| !known.contains(id)).map(|(dest, id)| state_key(dest, *id)).collect();
-    for k in stale {
-        state.remove(k)?;
+    // `state` keys of messages that are no longer live: left by a crash in
+    // the middle of a last settle (their `Done` marks are in place).
+    let live_ids: HashSet<u64> = b.msgs.iter().flat_map(|m| m.keys().copied()).collect();
+    for (k, id) in state_keys {
+        if !live_ids.contains(&id) {
+            state.remove(k)?;
+        }
+    }
+    // Done trees of deleted segments (a crash after the file went).
+    let present: HashSet<u64> = log.sealed().into_iter().chain([log.current()]).collect();
+    for seq in done_trees {
+        if !present.contains(&seq) {
+            db.drop_tree(done_tree_name(seq))?;
+        }
     }
     Ok(Rebuilt {
         log,

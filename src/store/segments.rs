@@ -352,19 +352,6 @@ impl SegmentLog {
         }
     }
 
-    /// Reads every record of a (sealed) segment, one at a time.
-    pub(crate) fn scan(
-        &self,
-        seq: u64,
-        f: impl FnMut(Scanned<'_>) -> Result<(), super::StoreError>,
-    ) -> Result<(), super::StoreError> {
-        let path = seg_path(&self.dir, seq);
-        match read_frames(&path, seq, f)? {
-            Some((offset, detail)) => Err(LogError::Corrupt { path, offset, detail }.into()),
-            None => Ok(()),
-        }
-    }
-
     /// Deletes a sealed segment and makes the deletion durable.
     pub(crate) fn remove(&self, seq: u64) -> Result<(), LogError> {
         let path = seg_path(&self.dir, seq);

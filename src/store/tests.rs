@@ -137,43 +137,49 @@ fn unmarked_or_corrupt_store_is_refused_without_wiping() {
 fn leftovers_of_an_interrupted_last_settle_are_removed_at_open() {
     rt().block_on(async {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (done_id, kept_id, dead_id) = {
+        let (done_id, kept_id, dead_id, seg) = {
             let store = open(dir.path());
             let done_id = store.append(&msg("all done"), &dests(&["a"])).expect("append");
             let kept_id = store.append(&msg("kept"), &dests(&["a", "b"])).expect("append");
             let dead_id = store.append(&msg("dead, then purged"), &dests(&["a"])).expect("append");
             store.sync().await.expect("sync");
+            let seg = store.inner.log.current();
             // Every destination done, but the crash came before the segment
-            // was deleted; a state key of a message whose segment was deleted;
-            // a kept copy whose last settle did not get to delete it.
-            store.inner.state.insert(state_key("a", done_id), StateRecord::Done.encode()).expect("insert");
+            // was deleted; a state key of a message that is nowhere; a kept
+            // copy whose last settle did not get to delete it.
+            store.inner.done_tree(seg).expect("tree").insert(state_key("a", done_id), &[]).expect("insert");
             store.inner.state.insert(state_key("b", 424242), StateRecord::Done.encode()).expect("insert");
             store.inner.kept.insert(id_key(dead_id), msg("dead, then purged").encode_for(&["a"])).expect("insert");
             store.inner.state.insert(state_key("a", dead_id), StateRecord::Done.encode()).expect("insert");
             store.close().await.expect("close");
-            (done_id, kept_id, dead_id)
+            (done_id, kept_id, dead_id, seg)
         };
         let store = open(dir.path());
         assert!(store.load(done_id).expect("load").is_none());
         assert!(store.load(dead_id).expect("load").is_none());
         assert!(store.load(kept_id).expect("load").is_some());
         assert!(store.inner.kept.is_empty(), "finished kept copy removed");
-        assert!(store.inner.state.get(state_key("b", 424242)).expect("get").is_none(), "orphan state key removed");
+        assert_eq!(store.inner.state.len(), 0, "state keys of messages not live removed");
         assert_eq!(store.bytes(), msg("kept").encode_for(&["a", "b"]).len() as u64);
         assert_eq!(store.stats("a").depth, 1);
         assert_eq!(store.stats("b").depth, 1);
-        // The old segment still holds a live message: it and its keys stay.
+        // The old segment still holds a live message: it and its marks stay.
         store.inner.reclaim_unneeded().await.expect("reclaim");
-        assert_eq!(store.inner.log.sealed().len(), 1);
-        assert!(store.inner.state.get(state_key("a", done_id)).expect("get").is_some());
-        // Once that message is delivered too, the segment and every key go.
+        assert_eq!(store.inner.log.sealed(), vec![seg]);
+        assert!(store.inner.done_tree(seg).expect("tree").contains_key(state_key("a", done_id)).expect("get"));
+        // Once that message is delivered too, the segment and its marks go.
         for d in ["a", "b"] {
             let lease = all_due(&store, d).remove(0);
             store.delivered(d, &lease).expect("delivered");
         }
         store.inner.reclaim_unneeded().await.expect("reclaim");
         assert!(store.inner.log.sealed().is_empty(), "settled segment deleted");
-        assert_eq!(store.inner.state.len(), 0, "no state keys left");
+        assert!(!store.inner.db.tree_names().iter().any(|n| parse_done_tree_name(n) == Some(seg)), "done tree dropped");
+        store.close().await.expect("close");
+        drop(store);
+        // Reopening after all that finds nothing pending.
+        let store = open(dir.path());
+        assert_eq!(store.stats("a").depth + store.stats("b").depth, 0);
         store.close().await.expect("close");
     });
 }
@@ -320,11 +326,11 @@ async fn check(store: &Store, model: &Model) -> Result<(), TestCaseError> {
     }
     prop_assert_eq!(refs, want_refs, "reference counts match the queue and dead entries");
     // Disk: after reclaiming, only the current segment and segments with a
-    // live logged message remain, and every state key names a message that
-    // is in one of them or in `kept`.
+    // live logged message remain; `state` keys belong to live messages; done
+    // trees to segments still there (or the next one).
     store.inner.reclaim_unneeded().await.expect("reclaim");
-    let mut want_segs: BTreeSet<u64> = [store.inner.log.current()].into();
-    let mut present: HashSet<u64> = HashSet::new();
+    let current = store.inner.log.current();
+    let mut want_segs: BTreeSet<u64> = [current].into();
     for stripe in &store.inner.msgs {
         for m in stripe.lock().expect("lock").values() {
             if let Place::Log(loc) = m.place {
@@ -332,25 +338,17 @@ async fn check(store: &Store, model: &Model) -> Result<(), TestCaseError> {
             }
         }
     }
-    let on_disk: BTreeSet<u64> = store.inner.log.sealed().into_iter().chain([store.inner.log.current()]).collect();
+    let on_disk: BTreeSet<u64> = store.inner.log.sealed().into_iter().chain([current]).collect();
     prop_assert_eq!(&on_disk, &want_segs, "segments on disk");
-    for seg in store.inner.log.sealed().into_iter().chain([store.inner.log.current()]) {
-        store
-            .inner
-            .log
-            .scan(seg, |r| {
-                present.insert(r.id);
-                Ok(())
-            })
-            .expect("scan");
-    }
-    for k in store.inner.kept.iter().keys() {
-        present.insert(parse_id_key(&k.expect("key")).expect("id"));
-    }
     for k in store.inner.state.iter().keys() {
         let k = k.expect("key");
         let (_, id) = parse_state_key(&k).expect("state key");
-        prop_assert!(present.contains(&id), "state key of message {} that is nowhere", id);
+        prop_assert!(stored.contains(&id), "state key of message {} that is not live", id);
+    }
+    for name in store.inner.db.tree_names() {
+        if let Some(seq) = parse_done_tree_name(&name) {
+            prop_assert!(on_disk.contains(&seq) || seq == current + 1, "done tree of deleted segment {}", seq);
+        }
     }
     let bytes: u64 = live.iter().map(|id| model.messages[id]).sum();
     prop_assert_eq!(store.bytes(), bytes);
