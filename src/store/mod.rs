@@ -661,7 +661,7 @@ impl Store {
             }
             Place::Kept => {}
         }
-        inner.sled_dirty.store(true, Ordering::SeqCst);
+        inner.sled_written();
         if !finished {
             if let Some(m) = msgs.get_mut(&id) {
                 m.pending = pending;
@@ -728,7 +728,7 @@ impl Store {
         if let Some(m) = msgs.get_mut(&lease.id) {
             m.has_state = true;
         }
-        self.inner.sled_dirty.store(true, Ordering::SeqCst);
+        self.inner.sled_written();
         if let Some(e) = self.index().get_mut(dest) {
             e.due.remove(&(lease.due_ms, lease.id));
             e.due.insert((due_ms, lease.id), record.clone());
@@ -778,7 +778,7 @@ impl Store {
             inner.kept.insert(id_key(id), raw.as_ref())?;
         }
         inner.state.insert(state_key(dest, id), StateRecord::Dead(record.clone()).encode())?;
-        inner.sled_dirty.store(true, Ordering::SeqCst);
+        inner.sled_written();
         if let Some(e) = msgs.get_mut(&id) {
             e.place = Place::Kept;
             e.has_state = true;
@@ -855,7 +855,7 @@ impl Store {
             }
             let st = StateRecord::Retry { due_ms: now, record: QueueRecord::default() };
             self.inner.state.insert(state_key(dest, id), st.encode())?;
-            self.inner.sled_dirty.store(true, Ordering::SeqCst);
+            self.inner.sled_written();
             if let Some(m) = msgs.get_mut(&id) {
                 m.dead = m.dead.saturating_sub(1);
                 m.pending += 1;
@@ -976,6 +976,16 @@ impl Store {
 }
 
 impl Inner {
+    /// Notes a sled write that should reach the disk soon: the first one
+    /// since the last sled flush asks for the next. (Settling writes are not
+    /// waited for, but the sooner they are durable, the fewer deliveries a
+    /// crash repeats.)
+    fn sled_written(&self) {
+        if !self.sled_dirty.swap(true, Ordering::SeqCst) {
+            self.state_commit.poke();
+        }
+    }
+
     /// Deletes the segments queued as unneeded, after making durable the
     /// settling writes that emptied them. One run at a time.
     async fn reclaim_unneeded(self: &Arc<Self>) -> Result<(), StoreError> {
@@ -1089,7 +1099,7 @@ impl Inner {
         self.log.remove(seq)?;
         lock(&self.done_trees).remove(&seq);
         self.db.drop_tree(done_tree_name(seq))?;
-        self.sled_dirty.store(true, Ordering::SeqCst);
+        self.sled_written();
         Ok(())
     }
 
