@@ -5,7 +5,7 @@
 //! `admin.tls` serves them over HTTPS):
 //! - `GET /metrics`: Prometheus text exposition.
 //! - `GET /healthz`: 200 while the process serves requests and its store can
-//!   flush; 503 once flushes keep failing (a restart is what recovers sled).
+//!   flush; 503 once flushes keep failing (a restart is what recovers the store).
 //! - `GET /readyz`: 200 once the store is open and every listener is bound,
 //!   503 before that and while shutting down.
 //! - `GET /api/destinations`: pending depth, oldest age and dead letters per destination.

@@ -10,7 +10,7 @@
 //! - [`auth`]: sender authentication, source allowlists, trusted proxies.
 //! - [`dedupe`]: opt-in inbound de-duplication of resent callbacks.
 //! - [`tls`]: rustls listeners with certificate hot reload.
-//! - [`store`]: the durable sled store (messages, due queues, dead letters).
+//! - [`store`]: the durable store (message log + sled: messages, due queues, dead letters).
 //! - [`delivery`]: one scheduler per destination, forwarding stored messages.
 //! - [`retry`]: outcome classification and the pure retry policy.
 //! - [`metrics`]: every Prometheus series.
