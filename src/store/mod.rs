@@ -148,7 +148,9 @@ pub struct DestStats {
 #[derive(Default)]
 struct DestIndex {
     /// Pending deliveries by (due ms, message id).
-    due: BTreeMap<(u64, u64), QueueRecord>,
+    /// `None` for a delivery never tried (most of them): 8 bytes instead
+    /// of a whole record per pending delivery.
+    due: BTreeMap<(u64, u64), Option<Box<QueueRecord>>>,
     /// The same message ids, for the oldest-pending figure.
     pending: BTreeSet<u64>,
     dead: usize,
@@ -521,7 +523,7 @@ impl Store {
         let mut index = self.index();
         for d in destinations {
             let e = index.entry(d.to_string()).or_default();
-            e.due.insert((msg.received_ms, id), QueueRecord::default());
+            e.due.insert((msg.received_ms, id), None);
             e.pending.insert(id);
         }
         Ok(id)
@@ -588,7 +590,7 @@ impl Store {
                 due.next_due_ms = Some(due_ms);
                 break;
             }
-            due.leases.push(Lease { due_ms, id, record: record.clone() });
+            due.leases.push(Lease { due_ms, id, record: record.as_deref().cloned().unwrap_or_default() });
         }
         Ok(due)
     }
@@ -731,7 +733,7 @@ impl Store {
         self.inner.sled_written();
         if let Some(e) = self.index().get_mut(dest) {
             e.due.remove(&(lease.due_ms, lease.id));
-            e.due.insert((due_ms, lease.id), record.clone());
+            e.due.insert((due_ms, lease.id), Some(Box::new(record.clone())));
         }
         Ok(())
     }
@@ -863,7 +865,7 @@ impl Store {
             drop(msgs);
             let mut index = self.index();
             let e = index.entry(dest.to_string()).or_default();
-            e.due.insert((now, id), QueueRecord::default());
+            e.due.insert((now, id), None);
             e.pending.insert(id);
             e.dead = e.dead.saturating_sub(1);
             moved += 1;

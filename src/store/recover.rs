@@ -11,7 +11,7 @@ use std::sync::Mutex;
 
 use super::format::*;
 use super::segments::SegmentLog;
-use super::{DestIndex, Msg, Place, QueueRecord, StateRecord, StoreError, MSG_STRIPES};
+use super::{DestIndex, Msg, Place, StateRecord, StoreError, MSG_STRIPES};
 
 pub(super) struct Rebuilt {
     pub log: SegmentLog,
@@ -45,12 +45,12 @@ impl Builder {
                     dead += 1;
                 }
                 Some(StateRecord::Retry { due_ms, record }) => {
-                    e.due.insert((*due_ms, id), record.clone());
+                    e.due.insert((*due_ms, id), Some(Box::new(record.clone())));
                     e.pending.insert(id);
                     pending += 1;
                 }
                 None => {
-                    e.due.insert((id_received_ms(id), id), QueueRecord::default());
+                    e.due.insert((id_received_ms(id), id), None);
                     e.pending.insert(id);
                     pending += 1;
                 }
