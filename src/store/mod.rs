@@ -25,8 +25,10 @@
 //!   a duplicate delivery, never a loss. They are flushed by the next group
 //!   commit or by the idle ticker.
 
+mod cache;
 mod commit;
 pub mod format;
+mod reclaim;
 mod recover;
 mod segments;
 
@@ -38,6 +40,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use self::cache::RecordCache;
 use self::commit::{CommitError, GroupCommit};
 use self::segments::{Loc, SegmentLog};
 
@@ -182,42 +185,6 @@ struct Msg {
     /// Deliveries pending (queued or retrying) and dead-lettered.
     pending: u32,
     dead: u32,
-}
-
-/// Records by id: every unflushed one (they can be read nowhere else) and
-/// recent flushed ones up to a budget, so deliveries rarely read the disk.
-#[derive(Default)]
-struct RecordCache {
-    map: BTreeMap<u64, Bytes>,
-    bytes: usize,
-    /// Ids up to this one are flushed and may be evicted.
-    flushed_upto: u64,
-}
-
-/// Budget of [`RecordCache`] beyond unflushed records.
-const RECORD_CACHE_BYTES: usize = 16 << 20;
-
-impl RecordCache {
-    fn insert(&mut self, id: u64, record: Bytes) {
-        self.bytes += record.len();
-        self.map.insert(id, record);
-        self.evict();
-    }
-
-    fn remove(&mut self, id: u64) {
-        if let Some(r) = self.map.remove(&id) {
-            self.bytes -= r.len();
-        }
-    }
-
-    fn evict(&mut self) {
-        while self.bytes > RECORD_CACHE_BYTES {
-            match self.map.first_key_value() {
-                Some((&id, _)) if id <= self.flushed_upto => self.remove(id),
-                _ => break,
-            }
-        }
-    }
 }
 
 /// Cheap to clone; all clones share one database, one log and one flusher.
@@ -977,6 +944,50 @@ impl Store {
     }
 }
 
+/// Bytes available to unprivileged writers on the filesystem holding `path`.
+fn free_space(path: &Path) -> Option<u64> {
+    let st = nix::sys::statvfs::statvfs(path).ok()?;
+    Some((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
+}
+
+/// Checks (or, for a new store, writes) the format marker. Never deletes.
+fn check_format(path: &Path, db: &sled::Db, meta: &sled::Tree, log_dir: &Path) -> Result<(), StoreError> {
+    match meta.get("format")? {
+        Some(v) => {
+            let found = match <[u8; 4]>::try_from(v.as_ref()) {
+                Ok(arr) => u32::from_be_bytes(arr),
+                Err(_) => {
+                    return Err(StoreError::Corrupt(DecodeError {
+                        what: "format marker",
+                        detail: "expected 4 bytes".into(),
+                    }))
+                }
+            };
+            if found != FORMAT_VERSION {
+                return Err(StoreError::Version { path: path.to_path_buf(), found, expected: FORMAT_VERSION });
+            }
+            Ok(())
+        }
+        None => {
+            for name in db.tree_names() {
+                if name.as_ref() == b"meta" {
+                    continue;
+                }
+                if !db.open_tree(&name)?.is_empty() {
+                    return Err(StoreError::Unmarked { path: path.to_path_buf() });
+                }
+            }
+            let logged = std::fs::read_dir(log_dir).map(|mut d| d.next().is_some()).unwrap_or(false);
+            if logged {
+                return Err(StoreError::Unmarked { path: path.to_path_buf() });
+            }
+            meta.insert("format", &FORMAT_VERSION.to_be_bytes())?;
+            db.flush()?;
+            Ok(())
+        }
+    }
+}
+
 impl Inner {
     /// Notes a sled write that should reach the disk soon: the first one
     /// since the last sled flush asks for the next. (Settling writes are not
@@ -985,49 +996,6 @@ impl Inner {
     fn sled_written(&self) {
         if !self.sled_dirty.swap(true, Ordering::SeqCst) {
             self.state_commit.poke();
-        }
-    }
-
-    /// Deletes the segments queued as unneeded, after making durable the
-    /// settling writes that emptied them. One run at a time.
-    async fn reclaim_unneeded(self: &Arc<Self>) -> Result<(), StoreError> {
-        let _one = self.reclaiming.lock().await;
-        let segs = std::mem::take(&mut *lock(&self.unneeded));
-        if segs.is_empty() {
-            return Ok(());
-        }
-        self.sled_dirty.store(true, Ordering::SeqCst);
-        self.state_commit.wait_durable().await?;
-        let inner = self.clone();
-        tokio::task::spawn_blocking(move || {
-            for seq in segs {
-                if let Err(e) = inner.delete_segment(seq) {
-                    tracing::error!(segment = seq, error = %e, "could not delete a settled segment; it is retried at the next start");
-                }
-            }
-        })
-        .await
-        .map_err(|_| StoreError::Closed)
-    }
-
-    /// One live message of segment `seq` is settled or moved out; the last
-    /// one hands a sealed segment to the reclaimer.
-    fn segment_released(&self, seq: u64) {
-        let mut live = lock(&self.live);
-        let left = match live.get_mut(&seq) {
-            Some(n) => {
-                *n = n.saturating_sub(1);
-                *n
-            }
-            None => 0,
-        };
-        if left == 0 {
-            live.remove(&seq);
-            drop(live);
-            if seq != self.log.current() {
-                lock(&self.unneeded).insert(seq);
-                self.reclaim.notify_one();
-            }
         }
     }
 
@@ -1085,78 +1053,6 @@ impl Inner {
             durability.sync().map_err(|e| format!("fdatasync: {e}"))?;
         }
         Ok(())
-    }
-
-    /// Deletes segment `seq`, which no live message needs: the file first
-    /// (durably), then its done tree, in one operation. A crash in between
-    /// leaves a done tree of a missing segment, dropped at open.
-    fn delete_segment(&self, seq: u64) -> Result<(), StoreError> {
-        if !self.log.has(seq) {
-            return Ok(());
-        }
-        if lock(&self.live).get(&seq).is_some_and(|n| *n > 0) {
-            tracing::error!(segment = seq, "segment still holds a live message; not deleted");
-            return Ok(());
-        }
-        self.log.remove(seq)?;
-        lock(&self.done_trees).remove(&seq);
-        self.db.drop_tree(done_tree_name(seq))?;
-        self.sled_written();
-        Ok(())
-    }
-
-    /// The done tree of segment `seq` (opened once, then cached).
-    fn done_tree(&self, seq: u64) -> Result<sled::Tree, StoreError> {
-        if let Some(t) = lock(&self.done_trees).get(&seq) {
-            return Ok(t.clone());
-        }
-        let t = self.db.open_tree(done_tree_name(seq))?;
-        lock(&self.done_trees).insert(seq, t.clone());
-        Ok(t)
-    }
-}
-
-/// Bytes available to unprivileged writers on the filesystem holding `path`.
-fn free_space(path: &Path) -> Option<u64> {
-    let st = nix::sys::statvfs::statvfs(path).ok()?;
-    Some((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
-}
-
-/// Checks (or, for a new store, writes) the format marker. Never deletes.
-fn check_format(path: &Path, db: &sled::Db, meta: &sled::Tree, log_dir: &Path) -> Result<(), StoreError> {
-    match meta.get("format")? {
-        Some(v) => {
-            let found = match <[u8; 4]>::try_from(v.as_ref()) {
-                Ok(arr) => u32::from_be_bytes(arr),
-                Err(_) => {
-                    return Err(StoreError::Corrupt(DecodeError {
-                        what: "format marker",
-                        detail: "expected 4 bytes".into(),
-                    }))
-                }
-            };
-            if found != FORMAT_VERSION {
-                return Err(StoreError::Version { path: path.to_path_buf(), found, expected: FORMAT_VERSION });
-            }
-            Ok(())
-        }
-        None => {
-            for name in db.tree_names() {
-                if name.as_ref() == b"meta" {
-                    continue;
-                }
-                if !db.open_tree(&name)?.is_empty() {
-                    return Err(StoreError::Unmarked { path: path.to_path_buf() });
-                }
-            }
-            let logged = std::fs::read_dir(log_dir).map(|mut d| d.next().is_some()).unwrap_or(false);
-            if logged {
-                return Err(StoreError::Unmarked { path: path.to_path_buf() });
-            }
-            meta.insert("format", &FORMAT_VERSION.to_be_bytes())?;
-            db.flush()?;
-            Ok(())
-        }
     }
 }
 
