@@ -1,7 +1,7 @@
 //! The on-disk format: every key and record the store writes, in one place.
 //!
 //! Format version 2 (recorded under `meta/format`). Message records are in
-//! the message log, `segments/seg-<seq>` (framing in [`super::segments`]);
+//! the message log, `segments/seg-<seq>` (framing in `segments.rs`);
 //! sled holds everything else:
 //!
 //! | tree    | key                                  | value                              |

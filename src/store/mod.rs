@@ -1,29 +1,30 @@
 //! The durable store: messages, per-destination due queues and dead letters.
 //!
-//! Only this module touches sled. Its interface is deliberately narrow (append,
-//! sync, lease due work, settle a delivery, dead letters, stats) so another
-//! engine could stand behind it. The on-disk format is defined in [`format`].
+//! Only this module touches the disk. Its interface is deliberately narrow
+//! (append, sync, lease due work, settle a delivery, dead letters, stats).
+//! The on-disk format is defined in [`format`] and `segments.rs`.
 //!
 //! Invariants:
-//! - [`Store::append`] writes a message *with its destination list* as one
-//!   key: a message and its pending deliveries are written atomically, by a
-//!   single insert (no sled transaction: sled 0.34 writes and syncs its log on
-//!   every transaction commit, which capped throughput).
+//! - [`Store::append`] queues a message *with its destination list* as one
+//!   record of the message log: a message and its pending deliveries become
+//!   durable together, in one CRC-checked frame. No sled operation.
 //! - Nothing is durable until [`Store::sync`] returns `Ok`; ingress
-//!   acknowledges only after that (group commit, see [`commit`]).
-//! - A delivery's state changes by one insert of its `state` key (retry,
-//!   done, dead). It is pending until a `Done` or `Dead` state is written; a
-//!   crash at any point leaves it pending or settled, never lost.
-//! - The last delivery of a message deletes the message first, then its
-//!   state keys; state keys left behind by a crash in between name a message
-//!   that no longer exists and are removed at open.
-//! - Due queues, reference counts and per-destination figures live in
-//!   memory, rebuilt from `messages` and `state` at open, so they cannot
+//!   acknowledges only after that (group commit of the log, see `commit.rs`).
+//! - A delivery's state changes by one sled insert: a `Done` mark (in the
+//!   done tree of the message's segment; a kept copy's in `state`), or a
+//!   `Retry`/`Dead` state in `state`. It is pending until marked done or
+//!   dead; a crash at any point leaves it pending or settled, never lost.
+//! - A segment is deleted once no live message is in it, after the settling
+//!   writes that emptied it are durable; its done tree goes after the file
+//!   (see `reclaim.rs`). A dead letter copies its message into `kept` first.
+//!   What a crash leaves in between is removed at open (see `recover.rs`).
+//! - Due queues, live messages, segment counts and per-destination figures
+//!   live in memory, rebuilt from the log and sled at open, so they cannot
 //!   drift from disk. Operations on one message are serialized by a striped
 //!   lock; the disk is written first, memory updated after success.
 //! - Settling writes are not fsync'd one by one: losing one to a crash means
-//!   a duplicate delivery, never a loss. They are flushed by the next group
-//!   commit or by the idle ticker.
+//!   a duplicate delivery, never a loss. sled's flusher starts as soon as one
+//!   is waiting.
 
 mod cache;
 mod commit;
