@@ -18,7 +18,7 @@ pub(super) struct RecordCache {
 }
 
 /// Budget of [`RecordCache`] beyond unflushed records.
-const RECORD_CACHE_BYTES: usize = 16 << 20;
+const RECORD_CACHE_BYTES: usize = 8 << 20;
 
 impl RecordCache {
     pub(super) fn insert(&mut self, id: u64, record: Bytes) {
