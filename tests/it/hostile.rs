@@ -213,39 +213,27 @@ async fn garbage_instead_of_http_gets_400() {
     still_serving(&relay).await;
 }
 
+/// Sends `POST <target>` with a 2-byte JSON body over a raw connection and
+/// returns the raw response.
+async fn post_raw_target(relay: &TestRelay, target: &str) -> String {
+    let req = format!("POST {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{{}}");
+    raw(relay.ingress, req.as_bytes(), WAIT).await
+}
+
 #[tokio::test]
 async fn odd_paths_and_long_uris() {
     let (relay, _r) = relay("").await;
     for path in ["/in/../in", "/../in", "/in%00", "/in/%2e%2e/in", "/in/"] {
-        let req = format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{{}}");
-        let resp = raw(relay.ingress, req.as_bytes(), WAIT).await;
+        let resp = post_raw_target(&relay, path).await;
         assert_eq!(status_of(&resp), Some(404), "{path}: {resp}");
     }
-    let long_path = format!("/{}", "a".repeat(10_000));
-    let resp = raw(
-        relay.ingress,
-        format!("POST {long_path} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{{}}").as_bytes(),
-        WAIT,
-    )
-    .await;
+    let resp = post_raw_target(&relay, &format!("/{}", "a".repeat(10_000))).await;
     assert_eq!(status_of(&resp), Some(404), "{resp}");
     // A query string does not change the route.
-    let long_query = format!("/in?{}", "q=1&".repeat(2_000));
-    let resp = raw(
-        relay.ingress,
-        format!("POST {long_query} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{{}}").as_bytes(),
-        WAIT,
-    )
-    .await;
+    let resp = post_raw_target(&relay, &format!("/in?{}", "q=1&".repeat(2_000))).await;
     assert_eq!(status_of(&resp), Some(200), "{resp}");
     // Beyond the 64 KiB head limit: refused outright.
-    let huge = format!("/in?{}", "q".repeat(70_000));
-    let resp = raw(
-        relay.ingress,
-        format!("POST {huge} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{{}}").as_bytes(),
-        WAIT,
-    )
-    .await;
+    let resp = post_raw_target(&relay, &format!("/in?{}", "q".repeat(70_000))).await;
     assert!(matches!(status_of(&resp), Some(414) | Some(431)), "{}", &resp[..resp.len().min(200)]);
     still_serving(&relay).await;
 }
