@@ -32,17 +32,29 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
-#[derive(Debug, Clone, Copy)]
-struct Flushed {
-    generation: u64,
-    ok: bool,
+/// The last finished flush, packed into one word so a waiter reads its
+/// generation and result together: `generation << 1 | ok`.
+fn pack(generation: u64, ok: bool) -> u64 {
+    (generation << 1) | u64::from(ok)
 }
+
+fn unpack(word: u64) -> (u64, bool) {
+    (word >> 1, word & 1 == 1)
+}
+
+/// Generation published when the flusher stops: every waiter is done (refused).
+const STOPPED: u64 = u64::MAX >> 1;
 
 pub(crate) struct GroupCommit {
     started: AtomicU64,
-    done: watch::Sender<Flushed>,
+    /// The last finished flush, see [`pack`].
+    done: AtomicU64,
+    /// Waiters by the parity of the generation they wait for. Waiters only
+    /// ever need the running flush or the next one, so finishing flush `g`
+    /// wakes exactly the waiters of `g` and leaves those of `g + 1` asleep.
+    waiters: [Notify; 2],
     /// Set when a flush is wanted; the flusher thread waits on `wanted`.
     want: Mutex<bool>,
     wanted: Condvar,
@@ -107,10 +119,10 @@ impl Durability {
 
 impl GroupCommit {
     pub(crate) fn new() -> Arc<GroupCommit> {
-        let (done, _) = watch::channel(Flushed { generation: 0, ok: true });
         Arc::new(GroupCommit {
             started: AtomicU64::new(0),
-            done,
+            done: AtomicU64::new(pack(0, true)),
+            waiters: [Notify::new(), Notify::new()],
             want: Mutex::new(false),
             wanted: Condvar::new(),
             failing: AtomicU64::new(0),
@@ -120,14 +132,30 @@ impl GroupCommit {
     /// Waits until a flush that started after this call has completed.
     pub(crate) async fn wait_durable(&self) -> Result<(), CommitError> {
         let needed = self.started.load(Ordering::SeqCst) + 1;
-        let mut rx = self.done.subscribe();
+        let slot = &self.waiters[(needed & 1) as usize];
+        // Registered before the check, so a flush finishing in between
+        // cannot be missed (`notify_waiters` reaches every `Notified`
+        // created before it, polled or not).
+        let notified = slot.notified();
+        tokio::pin!(notified);
         self.poke();
-        let flushed = *rx.wait_for(|f| f.generation >= needed).await.map_err(|_| CommitError::Closed)?;
-        if flushed.ok {
-            Ok(())
-        } else {
-            Err(CommitError::FlushFailed)
+        loop {
+            let (generation, ok) = unpack(self.done.load(Ordering::SeqCst));
+            if generation == STOPPED {
+                return Err(CommitError::Closed);
+            }
+            if generation >= needed {
+                return if ok { Ok(()) } else { Err(CommitError::FlushFailed) };
+            }
+            notified.as_mut().await;
+            notified.set(slot.notified());
         }
+    }
+
+    /// Publishes the end of flush `generation` and wakes its waiters.
+    fn finish(&self, generation: u64, ok: bool) {
+        self.done.store(pack(generation, ok), Ordering::SeqCst);
+        self.waiters[(generation & 1) as usize].notify_waiters();
     }
 
     /// The flusher loop, run on its own thread (a handoff to the blocking
@@ -163,11 +191,12 @@ impl GroupCommit {
             } else {
                 self.failing.fetch_add(1, Ordering::SeqCst);
             }
-            self.done.send_replace(Flushed { generation, ok });
+            self.finish(generation, ok);
             if stop.load(Ordering::SeqCst) {
                 // Anyone still waiting (or arriving later) is refused: their
                 // writes may not be covered by a flush that will never come.
-                self.done.send_replace(Flushed { generation: u64::MAX, ok: false });
+                self.done.store(pack(STOPPED, false), Ordering::SeqCst);
+                self.waiters.iter().for_each(Notify::notify_waiters);
                 return;
             }
         }
@@ -212,6 +241,71 @@ mod tests {
         std::fs::remove_file(dir.path().join("blobs/1")).expect("rm");
         d.sync().expect("sync after a blob was removed");
         assert_eq!(d.synced_blobs.len(), 1, "removed blobs are forgotten");
+    }
+
+    /// Every waiter returns, and only after a flush that began after its
+    /// write: `written` stands for the log, a flush "covers" what was
+    /// written when it began.
+    #[test]
+    fn every_waiter_is_woken_by_a_flush_that_covers_its_write() {
+        use std::sync::atomic::AtomicBool;
+        const WRITERS: u64 = 64;
+        const ROUNDS: u64 = 200;
+        let commit = GroupCommit::new();
+        let written = Arc::new(AtomicU64::new(0));
+        let covered = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let flusher = {
+            let (commit, written, covered, stop) = (commit.clone(), written.clone(), covered.clone(), stop.clone());
+            std::thread::spawn(move || {
+                commit.run(
+                    || {
+                        covered.fetch_max(written.load(Ordering::SeqCst), Ordering::SeqCst);
+                        Ok(())
+                    },
+                    &stop,
+                    |_, _| {},
+                )
+            })
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        rt.block_on(async {
+            let tasks: Vec<_> = (0..WRITERS)
+                .map(|_| {
+                    let (commit, written, covered) = (commit.clone(), written.clone(), covered.clone());
+                    tokio::spawn(async move {
+                        for _ in 0..ROUNDS {
+                            let mine = written.fetch_add(1, Ordering::SeqCst) + 1;
+                            commit.wait_durable().await.expect("flush ok");
+                            assert!(covered.load(Ordering::SeqCst) >= mine, "acknowledged before a covering flush");
+                        }
+                    })
+                })
+                .collect();
+            let all = futures_join(tasks);
+            tokio::time::timeout(std::time::Duration::from_secs(60), all).await.expect("a waiter was never woken");
+        });
+        stop.store(true, Ordering::SeqCst);
+        commit.poke();
+        flusher.join().expect("flusher");
+        assert_eq!(written.load(Ordering::SeqCst), WRITERS * ROUNDS);
+    }
+
+    async fn futures_join(tasks: Vec<tokio::task::JoinHandle<()>>) {
+        for t in tasks {
+            t.await.expect("writer task");
+        }
+    }
+
+    #[test]
+    fn waiters_after_stop_are_refused() {
+        use std::sync::atomic::AtomicBool;
+        let commit = GroupCommit::new();
+        let stop = AtomicBool::new(true);
+        commit.poke();
+        commit.run(|| Ok(()), &stop, |_, _| {});
+        let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        assert!(matches!(rt.block_on(commit.wait_durable()), Err(CommitError::Closed)));
     }
 
     #[test]

@@ -490,7 +490,11 @@ impl Store {
         inner.bytes.fetch_add(len, Ordering::Relaxed);
         let mut index = self.index();
         for d in destinations {
-            let e = index.entry(d.to_string()).or_default();
+            // Looked up by `&str` first: a `String` key only for a new destination.
+            let e = match index.get_mut(&**d) {
+                Some(e) => e,
+                None => index.entry(d.to_string()).or_default(),
+            };
             e.due.insert((msg.received_ms, id), None);
             e.pending.insert(id);
         }
