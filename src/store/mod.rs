@@ -222,7 +222,7 @@ struct Inner {
     flushers: Mutex<Vec<std::thread::JoinHandle<()>>>,
     index: Mutex<HashMap<String, DestIndex>>,
     /// Live messages, striped by id. Operations on one message hold its stripe.
-    msgs: Vec<Mutex<HashMap<u64, Msg>>>,
+    msgs: Vec<Mutex<BTreeMap<u64, Msg>>>,
     cache: Mutex<RecordCache>,
     /// Per segment: messages placed in it that are still live.
     live: Mutex<BTreeMap<u64, u32>>,
@@ -501,7 +501,7 @@ impl Store {
         Ok(id)
     }
 
-    fn stripe(&self, id: u64) -> &Mutex<HashMap<u64, Msg>> {
+    fn stripe(&self, id: u64) -> &Mutex<BTreeMap<u64, Msg>> {
         &self.inner.msgs[(id as usize) % MSG_STRIPES]
     }
 
@@ -613,7 +613,7 @@ impl Store {
     /// that segment is still there), then the copy and its `state` keys go.
     /// A crash between any two steps leaves a `Done` in place or keys of a
     /// message that is nowhere (removed at open), never a pending delivery.
-    fn settle(&self, msgs: &mut HashMap<u64, Msg>, dest: &str, id: u64, dead: bool) -> Result<(), StoreError> {
+    fn settle(&self, msgs: &mut BTreeMap<u64, Msg>, dest: &str, id: u64, dead: bool) -> Result<(), StoreError> {
         let inner = &self.inner;
         let Some(m) = msgs.get(&id).cloned() else { return Ok(()) };
         let (pending, dead_left) =

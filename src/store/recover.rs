@@ -16,7 +16,7 @@ use super::{DestIndex, Msg, Place, StateRecord, StoreError, MSG_STRIPES};
 pub(super) struct Rebuilt {
     pub log: SegmentLog,
     pub index: HashMap<String, DestIndex>,
-    pub msgs: Vec<Mutex<HashMap<u64, Msg>>>,
+    pub msgs: Vec<Mutex<BTreeMap<u64, Msg>>>,
     pub live: BTreeMap<u64, u32>,
     pub bytes: u64,
     pub last_id: u64,
@@ -27,7 +27,7 @@ struct Builder {
     /// Messages with keys in `state` (whatever marks override them).
     with_state: HashSet<u64>,
     index: HashMap<String, DestIndex>,
-    msgs: Vec<HashMap<u64, Msg>>,
+    msgs: Vec<BTreeMap<u64, Msg>>,
     bytes: u64,
 }
 
@@ -87,7 +87,7 @@ pub(super) fn rebuild(
         states: HashMap::new(),
         with_state: HashSet::new(),
         index: HashMap::new(),
-        msgs: (0..MSG_STRIPES).map(|_| HashMap::new()).collect(),
+        msgs: (0..MSG_STRIPES).map(|_| BTreeMap::new()).collect(),
         bytes: 0,
     };
     let mut state_keys = Vec::new();
