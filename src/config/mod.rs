@@ -328,4 +328,17 @@ concurrency = 0
         assert!(keys.contains(&"destinations.a.concurrency"), "{err}");
         assert!(err.to_string().contains("c.toml"), "{err}");
     }
+
+    /// A record must fit in one frame of the message log (1 GiB); a larger
+    /// body would be acknowledged and then make the log unreadable.
+    #[test]
+    fn max_body_beyond_what_the_store_takes_is_refused() {
+        let toml = MINIMAL.replace("[[routes]]", "[ingress]\nmax_body = 1073741824\n[[routes]]\nmax_body = 600000000");
+        let err = load_str(&toml).expect_err("invalid");
+        let keys: Vec<_> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["ingress.max_body", "routes[0].max_body"], "{err}");
+        assert!(err.to_string().contains("at most 536870912 bytes"), "{err}");
+        let at_limit = MINIMAL.replace("[[routes]]", "[ingress]\nmax_body = 536870912\n[[routes]]");
+        assert_eq!(load_str(&at_limit).expect("valid").routes[0].max_body, crate::store::MAX_BODY);
+    }
 }

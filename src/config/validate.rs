@@ -44,6 +44,9 @@ impl RawConfig {
         if ing.max_body == 0 {
             p.add("ingress.max_body", "must be greater than 0");
         }
+        if ing.max_body > crate::store::MAX_BODY {
+            p.add("ingress.max_body", format!("must be at most {} bytes (512 MiB)", crate::store::MAX_BODY));
+        }
         if ing.max_connections == 0 {
             p.add("ingress.max_connections", "must be greater than 0");
         }
@@ -144,6 +147,9 @@ impl RawConfig {
             }
             if r.max_body == Some(0) {
                 p.add(format!("{key}.max_body"), "must be greater than 0");
+            }
+            if r.max_body.is_some_and(|m| m > crate::store::MAX_BODY) {
+                p.add(format!("{key}.max_body"), format!("must be at most {} bytes (512 MiB)", crate::store::MAX_BODY));
             }
             let auth = r.auth.as_ref().and_then(|a| validate_auth(&mut p, &format!("{key}.auth"), a)).map(Arc::new);
             routes.push(Route {

@@ -34,6 +34,7 @@ mod recover;
 mod segments;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::num::NonZeroU64;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -47,6 +48,10 @@ use self::segments::{Loc, SegmentLog};
 
 use self::format::*;
 pub use self::format::{DeadRecord, DecodeError, MessageRecord, QueueRecord, StateRecord};
+
+/// Largest request body a route may accept (`max_body`): its record, with
+/// headers and framing, must stay within a log frame (1 GiB).
+pub const MAX_BODY: u64 = 512 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -70,6 +75,8 @@ pub enum StoreError {
     Corrupt(#[from] DecodeError),
     #[error("{0}")]
     Log(String),
+    #[error("message record of {0} bytes is larger than the store takes")]
+    TooLarge(usize),
 }
 
 impl From<segments::LogError> for StoreError {
@@ -168,25 +175,26 @@ enum Place {
     /// In a segment of the message log.
     Log(Loc),
     /// Copied into sled's `kept` tree (it has or had a dead letter), so it
-    /// does not pin a segment.
-    Kept,
+    /// does not pin a segment. Holds the segment of its original frame, if
+    /// it was flushed (its `Done` marks move there when it is settled).
+    Kept(Option<NonZeroU64>),
 }
 
 /// A live message, in memory: where its record is and what still needs it.
 #[derive(Debug, Clone)]
 struct Msg {
     place: Place,
-    /// The segment holding its frame, if flushed (a kept copy's original
-    /// may still be in the log).
-    origin: Option<u64>,
     /// Stored record size (what `max_bytes` counts).
-    len: u64,
+    len: u32,
     /// Whether it has keys in `state` (a retry or a dead letter).
     has_state: bool,
     /// Deliveries pending (queued or retrying) and dead-lettered.
     pending: u32,
     dead: u32,
 }
+
+// One per pending message: memory under a backlog is mostly these.
+const _: () = assert!(std::mem::size_of::<Msg>() <= 48);
 
 /// Cheap to clone; all clones share one database, one log and one flusher.
 #[derive(Clone)]
@@ -465,10 +473,10 @@ impl Store {
             }
         }
         let record = Bytes::from(msg.encode_for(destinations));
-        let len = record.len() as u64;
+        let len = recover::record_len(record.len())?;
         if let Some(limit) = inner.max_bytes {
             let used = inner.bytes.load(Ordering::Relaxed);
-            if used + len > limit {
+            if used + u64::from(len) > limit {
                 return Err(StoreError::Full { used, limit });
             }
         }
@@ -478,16 +486,14 @@ impl Store {
         let id = inner.log.push(
             || {
                 let id = self.next_id(msg.received_ms);
-                lock(self.stripe(id)).insert(
-                    id,
-                    Msg { place: Place::Unplaced, origin: None, has_state: false, len, pending: count, dead: 0 },
-                );
+                lock(self.stripe(id))
+                    .insert(id, Msg { place: Place::Unplaced, has_state: false, len, pending: count, dead: 0 });
                 lock(&inner.cache).insert(id, record.clone());
                 id
             },
             record.clone(),
         );
-        inner.bytes.fetch_add(len, Ordering::Relaxed);
+        inner.bytes.fetch_add(u64::from(len), Ordering::Relaxed);
         let mut index = self.index();
         for d in destinations {
             // Looked up by `&str` first: a `String` key only for a new destination.
@@ -581,7 +587,7 @@ impl Store {
         }
         match place {
             Place::Log(loc) => Ok(Some(self.inner.log.read(id, loc)?)),
-            Place::Kept => Ok(self.inner.kept.get(id_key(id))?.map(|v| Bytes::copy_from_slice(&v))),
+            Place::Kept(_) => Ok(self.inner.kept.get(id_key(id))?.map(|v| Bytes::copy_from_slice(&v))),
             // Placement and eviction happen in that order, under the flusher.
             Place::Unplaced => Ok(lock(&self.inner.cache).map.get(&id).cloned()),
         }
@@ -630,10 +636,10 @@ impl Store {
                 inner.done_tree(current)?.insert(&key, &[])?;
                 inner.done_tree(current + 1)?.insert(&key, &[])?;
             }
-            Place::Kept if !finished => {
+            Place::Kept(_) if !finished => {
                 inner.state.insert(&key, StateRecord::Done.encode())?;
             }
-            Place::Kept => {}
+            Place::Kept(_) => {}
         }
         inner.sled_written();
         if !finished {
@@ -644,10 +650,10 @@ impl Store {
             return Ok(());
         }
         match m.place {
-            Place::Kept => {
+            Place::Kept(origin) => {
                 if let Some(v) = inner.kept.get(id_key(id))? {
                     let dests = record_destinations(&v)?;
-                    if let Some(origin) = m.origin.filter(|s| inner.log.has(*s)) {
+                    if let Some(origin) = origin.map(NonZeroU64::get).filter(|s| inner.log.has(*s)) {
                         let done = inner.done_tree(origin)?;
                         for d in &dests {
                             done.insert(state_key(d, id), &[])?;
@@ -675,7 +681,7 @@ impl Store {
         }
         msgs.remove(&id);
         lock(&inner.cache).remove(id);
-        inner.bytes.fetch_sub(m.len, Ordering::Relaxed);
+        inner.bytes.fetch_sub(u64::from(m.len), Ordering::Relaxed);
         Ok(())
     }
 
@@ -721,7 +727,7 @@ impl Store {
             return Ok(());
         }
         let Some(m) = msgs.get(&id).cloned() else { return Ok(()) };
-        if m.place != Place::Kept {
+        if !matches!(m.place, Place::Kept(_)) {
             let raw = match lock(&inner.cache).map.get(&id) {
                 Some(r) => r.clone(),
                 None => match m.place {
@@ -754,7 +760,11 @@ impl Store {
         inner.state.insert(state_key(dest, id), StateRecord::Dead(record.clone()).encode())?;
         inner.sled_written();
         if let Some(e) = msgs.get_mut(&id) {
-            e.place = Place::Kept;
+            e.place = Place::Kept(match m.place {
+                Place::Log(loc) => NonZeroU64::new(loc.seg),
+                Place::Kept(origin) => origin,
+                Place::Unplaced => None,
+            });
             e.has_state = true;
             e.pending = e.pending.saturating_sub(1);
             e.dead += 1;
@@ -784,7 +794,7 @@ impl Store {
             if m.pending + m.dead == 0 {
                 let len = m.len;
                 msgs.remove(&lease.id);
-                self.inner.bytes.fetch_sub(len, Ordering::Relaxed);
+                self.inner.bytes.fetch_sub(u64::from(len), Ordering::Relaxed);
             }
         }
         self.unqueue(dest, lease);
@@ -1022,13 +1032,12 @@ impl Inner {
             let mut gone = 0u32;
             for (id, loc) in &placed.records {
                 match lock(&self.msgs[(*id as usize) % MSG_STRIPES]).get_mut(id) {
-                    Some(m) if m.place == Place::Unplaced => {
-                        m.place = Place::Log(*loc);
-                        m.origin = Some(loc.seg);
-                    }
+                    Some(m) if m.place == Place::Unplaced => m.place = Place::Log(*loc),
                     // Dead-lettered into `kept` before its flush.
                     Some(m) => {
-                        m.origin = Some(loc.seg);
+                        if let Place::Kept(origin) = &mut m.place {
+                            *origin = NonZeroU64::new(loc.seg);
+                        }
                         gone += 1;
                     }
                     // Settled before its flush.

@@ -6,6 +6,7 @@
 //! segments.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::num::NonZeroU64;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -59,14 +60,10 @@ impl Builder {
         if pending + dead == 0 {
             return Ok(false);
         }
-        let len = raw.len() as u64;
-        self.bytes += len;
-        let origin = match place {
-            Place::Log(loc) => Some(loc.seg),
-            _ => None,
-        };
-        let has_state = place == Place::Kept || self.with_state.contains(&id);
-        self.msgs[(id as usize) % MSG_STRIPES].insert(id, Msg { place, origin, has_state, len, pending, dead });
+        let len = record_len(raw.len())?;
+        self.bytes += u64::from(len);
+        let has_state = matches!(place, Place::Kept(_)) || self.with_state.contains(&id);
+        self.msgs[(id as usize) % MSG_STRIPES].insert(id, Msg { place, has_state, len, pending, dead });
         Ok(true)
     }
 }
@@ -116,7 +113,7 @@ pub(super) fn rebuild(
         let id = parse_id_key(&k)?;
         last_id = last_id.max(id);
         kept_ids.insert(id);
-        if !b.add(id, &v, Place::Kept)? {
+        if !b.add(id, &v, Place::Kept(None))? {
             finished_kept.push(id);
         }
     }
@@ -128,7 +125,9 @@ pub(super) fn rebuild(
         last_id = last_id.max(r.id);
         if kept_ids.contains(&r.id) {
             if let Some(m) = b.msgs[(r.id as usize) % MSG_STRIPES].get_mut(&r.id) {
-                m.origin = Some(r.loc.seg);
+                if let Place::Kept(origin) = &mut m.place {
+                    *origin = NonZeroU64::new(r.loc.seg);
+                }
             }
         } else if b.add(r.id, r.record, Place::Log(r.loc))? {
             *live.entry(r.loc.seg).or_default() += 1;
@@ -162,4 +161,10 @@ pub(super) fn rebuild(
         bytes: b.bytes,
         last_id,
     })
+}
+
+/// A record's size as kept in memory; a record that would not fit in a log
+/// frame (1 GiB, far above [`super::MAX_BODY`]) is refused.
+pub(super) fn record_len(len: usize) -> Result<u32, StoreError> {
+    u32::try_from(len).ok().filter(|l| *l <= super::segments::MAX_RECORD).ok_or(StoreError::TooLarge(len))
 }

@@ -39,6 +39,8 @@ const FRAME_HEADER: u64 = 8;
 const ID_LEN: usize = 8;
 /// A frame longer than this is not a frame (bodies are limited far below).
 const MAX_PAYLOAD: u32 = 1 << 30;
+/// The largest record a frame holds.
+pub(crate) const MAX_RECORD: u32 = MAX_PAYLOAD - ID_LEN as u32;
 const PREFIX: &str = "seg-";
 
 /// Where a flushed record is: segment, offset of its frame, payload length.
