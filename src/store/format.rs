@@ -331,6 +331,10 @@ pub fn parse_id_key(key: &[u8]) -> Result<u64, DecodeError> {
     Ok(be_u64(key))
 }
 
+/// `meta` key: where the message log ended at the last clean close
+/// (segment, offset; 16 bytes).
+pub const CLEAN_END: &str = "clean_end";
+
 pub fn decode_u64(raw: &[u8], what: &'static str) -> Result<u64, DecodeError> {
     let arr: [u8; 8] = raw.try_into().map_err(|_| bad(what, "expected 8 bytes"))?;
     Ok(u64::from_be_bytes(arr))

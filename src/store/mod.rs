@@ -950,6 +950,17 @@ impl Store {
         }
         let flushers = std::mem::take(&mut *lock(&inner.flushers));
         let _ = tokio::task::spawn_blocking(move || flushers.into_iter().map(|t| t.join()).for_each(drop)).await;
+        // The log's last flush is done: record where it ended, so the next
+        // open treats a bad frame before that point as damage, not as a torn
+        // write to cut. A permanent fact about that segment (the next open
+        // starts a new one), so it is never cleared.
+        if inner.commit.failing() == 0 && !inner.log.is_broken() {
+            if let Some((seg, end)) = inner.log.end() {
+                let mut v = seg.to_be_bytes().to_vec();
+                v.extend_from_slice(&end.to_be_bytes());
+                let _ = inner.meta.insert(CLEAN_END, v);
+            }
+        }
         // The flusher's last flush covered everything, but be explicit: this
         // is the one flush a clean shutdown must not miss.
         let db = inner.db.clone();

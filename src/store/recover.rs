@@ -121,7 +121,16 @@ pub(super) fn rebuild(
     // Every message with a frame keeps its state keys until its segment is
     // deleted (emptied segments are deleted by the reclaimer after open).
     let mut live: BTreeMap<u64, u32> = BTreeMap::new();
-    let log = SegmentLog::open(log_dir, segment_bytes, |r| {
+    let clean_end = match meta.get(CLEAN_END)? {
+        Some(v) if v.len() == 16 => {
+            Some((decode_u64(&v[..8], "meta clean_end")?, decode_u64(&v[8..], "meta clean_end")?))
+        }
+        Some(_) => {
+            return Err(StoreError::Corrupt(DecodeError { what: "meta clean_end", detail: "expected 16 bytes".into() }))
+        }
+        None => None,
+    };
+    let log = SegmentLog::open(log_dir, segment_bytes, clean_end, |r| {
         last_id = last_id.max(r.id);
         if kept_ids.contains(&r.id) {
             if let Some(m) = b.msgs[(r.id as usize) % MSG_STRIPES].get_mut(&r.id) {

@@ -18,6 +18,8 @@
 //!   segment that holds data, and every frame after it is from the same
 //!   unacknowledged batch: recovery truncates that tail. A bad frame anywhere
 //!   else is corruption, and the store refuses to open (data untouched).
+//!   After a clean close nothing can be torn: the store records where the
+//!   log ended ([`SegmentLog::end`]) and a bad frame before it is corruption.
 //! - Message ids are assigned under the same lock as the push, so frames are
 //!   in id order across the whole log.
 //! - After a failed write or sync the log refuses further flushes: after a
@@ -184,10 +186,13 @@ impl SegmentLog {
     /// Opens the log in `dir` (created if missing), calling `each` for every
     /// record in log order, and starts a new segment for writing. A torn tail
     /// of the last segment holding data is cut off; a bad frame anywhere else
-    /// is an error.
+    /// is an error. `clean_end` is where the log ended at its last clean
+    /// close ([`SegmentLog::end`]): a bad frame before that point is never a
+    /// torn write but damage, and is an error too.
     pub(crate) fn open(
         dir: &Path,
         segment_bytes: u64,
+        clean_end: Option<(u64, u64)>,
         mut each: impl FnMut(Scanned<'_>) -> Result<(), super::StoreError>,
     ) -> Result<SegmentLog, super::StoreError> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
@@ -216,7 +221,8 @@ impl SegmentLog {
             let bad = read_frames(&path, seq, &mut each)?;
             let mut len = std::fs::metadata(&path).map_err(io_err(&path))?.len();
             if let Some((offset, detail)) = bad {
-                if Some(seq) != last_with_data {
+                let closed_cleanly = clean_end.is_some_and(|(s, end)| s > seq || (s == seq && offset < end));
+                if Some(seq) != last_with_data || closed_cleanly {
                     return Err(LogError::Corrupt { path, offset, detail }.into());
                 }
                 // Never acknowledged: the batch it belongs to was not synced.
@@ -245,6 +251,12 @@ impl SegmentLog {
             disk_bytes: AtomicU64::new(disk_bytes),
             broken: AtomicBool::new(false),
         })
+    }
+
+    /// Where the frames written so far end: segment and offset. Recorded at
+    /// a clean close, so that the next open can tell damage from a torn write.
+    pub(crate) fn end(&self) -> Option<(u64, u64)> {
+        self.writer.lock().ok().map(|w| (w.seq, w.len))
     }
 
     /// The segment being written (never deleted while it is).
@@ -392,7 +404,15 @@ mod tests {
     use super::*;
 
     fn open(dir: &Path, seen: &mut Vec<(u64, Bytes)>) -> Result<SegmentLog, super::super::StoreError> {
-        SegmentLog::open(dir, 64, |s| {
+        open_after(dir, None, seen)
+    }
+
+    fn open_after(
+        dir: &Path,
+        clean_end: Option<(u64, u64)>,
+        seen: &mut Vec<(u64, Bytes)>,
+    ) -> Result<SegmentLog, super::super::StoreError> {
+        SegmentLog::open(dir, 64, clean_end, |s| {
             seen.push((s.id, Bytes::copy_from_slice(s.record)));
             Ok(())
         })
@@ -461,5 +481,37 @@ mod tests {
         let err = open(dir.path(), &mut Vec::new()).err().expect("refused");
         assert!(err.to_string().contains("checksum mismatch"), "{err}");
         assert_eq!(std::fs::read(&path).expect("untouched"), data);
+    }
+
+    /// After a clean close nothing can be torn: a bad frame in the last
+    /// segment is damage, and the store refuses to open instead of cutting
+    /// acknowledged records.
+    #[test]
+    fn after_a_clean_close_a_bad_last_frame_is_damage_not_a_torn_tail() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = open(dir.path(), &mut Vec::new()).expect("open");
+        for id in 1..=2u64 {
+            log.push(|| id, Bytes::from_static(b"0123456789"));
+        }
+        log.flush().expect("flush");
+        let end = log.end().expect("end");
+        let path = seg_path(dir.path(), end.0);
+        drop(log);
+        let mut data = std::fs::read(&path).expect("read");
+        let n = data.len();
+        data[n - 1] ^= 0xff;
+        std::fs::write(&path, &data).expect("write");
+
+        let err = open_after(dir.path(), Some(end), &mut Vec::new()).err().expect("refused");
+        assert!(err.to_string().contains("checksum mismatch"), "{err}");
+        assert_eq!(std::fs::read(&path).expect("untouched"), data);
+        // A marker from an earlier clean close says nothing about a later segment.
+        let err = open_after(dir.path(), Some((end.0 + 1, 0)), &mut Vec::new()).err().expect("refused");
+        assert!(err.to_string().contains("checksum mismatch"), "{err}");
+        // A marker of an earlier segment (a crash since) or none at all: the
+        // same bytes are a torn tail.
+        let mut seen = Vec::new();
+        let _ = open_after(dir.path(), Some((end.0 - 1, 0)), &mut seen).expect("cut");
+        assert_eq!(seen.len(), 1, "the first record survives, the torn second is cut");
     }
 }
