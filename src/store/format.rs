@@ -38,7 +38,7 @@
 
 use bytes::Bytes;
 
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 /// The sled tree holding the `Done` marks (keys as in `state`, empty values)
 /// of messages whose frame is in segment `seq`; dropped with the segment.

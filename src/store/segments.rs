@@ -9,7 +9,11 @@
 //!
 //! Layout: `<store>/segments/seg-<seq as 16 hex digits>`. A frame is
 //! `[u32 BE payload length][u32 BE CRC-32 of payload][payload]`, the payload
-//! being `[u64 BE message id][message record]` (see [`super::format`]).
+//! being `[u64 BE message id][message record]` (see [`super::format`]). Each
+//! batch starts with a batch header, `[u32 BE BATCH_MAGIC][u32 BE CRC-32 of
+//! the next 16 bytes][u64 BE batch number in the segment][u64 BE bytes of
+//! the frames that follow]`; its first word has the top bit set, which no
+//! frame length has.
 //!
 //! Invariants:
 //! - A batch is written to one segment. A new segment is created (and the
@@ -20,6 +24,10 @@
 //!   else is corruption, and the store refuses to open (data untouched).
 //!   After a clean close nothing can be torn: the store records where the
 //!   log ended ([`SegmentLog::end`]) and a bad frame before it is corruption.
+//!   After a crash, batch headers narrow what can be torn to the last batch:
+//!   a batch is written only once the one before it is synced, so a bad
+//!   frame in a batch followed by a valid header of the next batch is
+//!   corruption too. Only a bad frame in the last batch is cut.
 //! - Message ids are assigned under the same lock as the push, so frames are
 //!   in id order across the whole log.
 //! - After a failed write or sync the log refuses further flushes: after a
@@ -41,6 +49,9 @@ const FRAME_HEADER: u64 = 8;
 const ID_LEN: usize = 8;
 /// A frame longer than this is not a frame (bodies are limited far below).
 const MAX_PAYLOAD: u32 = 1 << 30;
+/// First word of a batch header (top bit set: never a frame length).
+const BATCH_MAGIC: u32 = 0xB47C_0001;
+const BATCH_HEADER: u64 = 24;
 /// The largest record a frame holds.
 pub(crate) const MAX_RECORD: u32 = MAX_PAYLOAD - ID_LEN as u32;
 const PREFIX: &str = "seg-";
@@ -83,6 +94,8 @@ struct Writer {
     seq: u64,
     file: Arc<File>,
     len: u64,
+    /// Batches written to this segment.
+    batches: u64,
     /// Frame buffer, reused across flushes.
     scratch: Vec<u8>,
 }
@@ -126,6 +139,52 @@ fn check_frame(header: [u8; 8], payload: &[u8]) -> Result<u64, &'static str> {
     Ok(u64::from_be_bytes(id))
 }
 
+/// A batch header: `number` and `len` (bytes of frames that follow).
+fn batch_header(number: u64, len: u64) -> [u8; BATCH_HEADER as usize] {
+    let mut h = [0u8; BATCH_HEADER as usize];
+    h[..4].copy_from_slice(&BATCH_MAGIC.to_be_bytes());
+    h[8..16].copy_from_slice(&number.to_be_bytes());
+    h[16..].copy_from_slice(&len.to_be_bytes());
+    let crc = crc32fast::hash(&h[8..]);
+    h[4..8].copy_from_slice(&crc.to_be_bytes());
+    h
+}
+
+/// Parses a batch header: `(number, len)`.
+fn parse_batch_header(h: &[u8; BATCH_HEADER as usize]) -> Result<(u64, u64), &'static str> {
+    if h[..4] != BATCH_MAGIC.to_be_bytes() {
+        return Err("unknown record type");
+    }
+    if crc32fast::hash(&h[8..]).to_be_bytes() != h[4..8] {
+        return Err("batch header checksum mismatch");
+    }
+    let mut n = [0u8; 8];
+    n.copy_from_slice(&h[8..16]);
+    let mut l = [0u8; 8];
+    l.copy_from_slice(&h[16..]);
+    Ok((u64::from_be_bytes(n), u64::from_be_bytes(l)))
+}
+
+/// Whether a valid header of batch `number` starts at `offset` of `path`.
+fn batch_header_at(path: &Path, offset: u64, number: u64) -> Result<bool, LogError> {
+    let file = File::open(path).map_err(io_err(path))?;
+    let mut h = [0u8; BATCH_HEADER as usize];
+    match file.read_exact_at(&mut h, offset) {
+        Ok(()) => Ok(parse_batch_header(&h).is_ok_and(|(n, _)| n == number)),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
+
+/// The first thing in a segment that is not a whole valid frame.
+struct Bad {
+    offset: u64,
+    detail: &'static str,
+    /// The batch it is in, if the segment has batch headers: its number and
+    /// where it ends (where the next batch's header would be).
+    batch: Option<(u64, u64)>,
+}
+
 fn frame_len(header: [u8; 8]) -> Result<u32, &'static str> {
     let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
     if len > MAX_PAYLOAD || (len as usize) < ID_LEN {
@@ -135,17 +194,20 @@ fn frame_len(header: [u8; 8]) -> Result<u32, &'static str> {
 }
 
 /// Reads the frames of segment `seq` at `path` in order, one at a time (a
-/// segment is never loaded whole), calling `f` for each. Returns the offset
-/// and reason of the first thing that is not a whole valid frame, if any.
+/// segment is never loaded whole), calling `f` for each. Returns the first
+/// thing that is not a whole valid frame or batch header, if any.
 fn read_frames(
     path: &Path,
     seq: u64,
     mut f: impl FnMut(Scanned<'_>) -> Result<(), super::StoreError>,
-) -> Result<Option<(u64, &'static str)>, super::StoreError> {
+) -> Result<Option<Bad>, super::StoreError> {
     let file = File::open(path).map_err(io_err(path))?;
     let mut r = std::io::BufReader::with_capacity(1 << 20, file);
     let mut payload = Vec::new();
     let mut pos = 0u64;
+    // The batch being read: its number and end.
+    let mut batch: Option<(u64, u64)> = None;
+    let bad = |offset, detail, batch| Ok(Some(Bad { offset, detail, batch }));
     loop {
         let mut header = [0u8; 8];
         let mut got = 0;
@@ -158,24 +220,57 @@ fn read_frames(
             }
         }
         if got == 0 {
-            return Ok(None);
+            return match batch {
+                Some((_, end)) if end != pos => bad(pos, "segment ends inside a batch", batch),
+                _ => Ok(None),
+            };
         }
         if got < header.len() {
-            return Ok(Some((pos, "truncated frame header")));
+            return bad(pos, "truncated frame header", batch);
+        }
+        if header[0] & 0x80 != 0 {
+            // A batch header; the previous batch must end right here.
+            if batch.is_some_and(|(_, end)| end != pos) {
+                return bad(pos, "batch header inside a batch", batch);
+            }
+            let mut h = [0u8; BATCH_HEADER as usize];
+            h[..8].copy_from_slice(&header);
+            match r.read_exact(&mut h[8..]) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return bad(pos, "truncated batch header", batch)
+                }
+                Err(e) => return Err(io_err(path)(e).into()),
+            }
+            let expected = batch.map_or(0, |(n, _)| n + 1);
+            match parse_batch_header(&h) {
+                Ok((n, len)) if n == expected => batch = Some((n, pos + BATCH_HEADER + len)),
+                Ok(_) => return bad(pos, "batch out of sequence", batch),
+                Err(detail) => return bad(pos, detail, batch),
+            }
+            pos += BATCH_HEADER;
+            continue;
         }
         let len = match frame_len(header) {
             Ok(len) => len,
-            Err(detail) => return Ok(Some((pos, detail))),
+            Err(detail) => return bad(pos, detail, batch),
         };
+        match batch {
+            None => return bad(pos, "frame outside a batch", batch),
+            Some((_, end)) if pos + FRAME_HEADER + u64::from(len) > end => {
+                return bad(pos, "frame runs past the end of its batch", batch)
+            }
+            Some(_) => {}
+        }
         payload.resize(len as usize, 0);
         match r.read_exact(&mut payload) {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(Some((pos, "truncated frame"))),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return bad(pos, "truncated frame", batch),
             Err(e) => return Err(io_err(path)(e).into()),
         }
         let id = match check_frame(header, &payload) {
             Ok(id) => id,
-            Err(detail) => return Ok(Some((pos, detail))),
+            Err(detail) => return bad(pos, detail, batch),
         };
         f(Scanned { id, loc: Loc { seg: seq, offset: pos, len }, record: &payload[ID_LEN..] })?;
         pos += FRAME_HEADER + len as u64;
@@ -220,9 +315,14 @@ impl SegmentLog {
             let path = seg_path(dir, seq);
             let bad = read_frames(&path, seq, &mut each)?;
             let mut len = std::fs::metadata(&path).map_err(io_err(&path))?.len();
-            if let Some((offset, detail)) = bad {
+            if let Some(Bad { offset, detail, batch }) = bad {
                 let closed_cleanly = clean_end.is_some_and(|(s, end)| s > seq || (s == seq && offset < end));
-                if Some(seq) != last_with_data || closed_cleanly {
+                // A later batch was written only after this one was synced.
+                let later_batch = match batch {
+                    Some((n, end)) => batch_header_at(&path, end, n + 1)?,
+                    None => false,
+                };
+                if Some(seq) != last_with_data || closed_cleanly || later_batch {
                     return Err(LogError::Corrupt { path, offset, detail }.into());
                 }
                 // Never acknowledged: the batch it belongs to was not synced.
@@ -245,7 +345,7 @@ impl SegmentLog {
             dir: dir.to_path_buf(),
             segment_bytes,
             pending: Mutex::new(Vec::new()),
-            writer: Mutex::new(Writer { seq, file, len: 0, scratch: Vec::new() }),
+            writer: Mutex::new(Writer { seq, file, len: 0, batches: 0, scratch: Vec::new() }),
             files: RwLock::new(files),
             current: AtomicU64::new(seq),
             disk_bytes: AtomicU64::new(disk_bytes),
@@ -295,6 +395,7 @@ impl SegmentLog {
         let seq = w.seq;
         let mut scratch = std::mem::take(&mut w.scratch);
         scratch.clear();
+        scratch.resize(BATCH_HEADER as usize, 0);
         for (id, record) in &batch {
             let len = (ID_LEN + record.len()) as u32;
             let offset = w.len + scratch.len() as u64;
@@ -307,6 +408,8 @@ impl SegmentLog {
             scratch.extend_from_slice(record);
             placed.records.push((*id, Loc { seg: seq, offset, len }));
         }
+        let header = batch_header(w.batches, scratch.len() as u64 - BATCH_HEADER);
+        scratch[..BATCH_HEADER as usize].copy_from_slice(&header);
         let path = seg_path(&self.dir, seq);
         let result = w.file.write_all_at(&scratch, w.len).and_then(|_| w.file.sync_data());
         if let Err(e) = result {
@@ -314,6 +417,7 @@ impl SegmentLog {
             return Err(io_err(&path)(e));
         }
         w.len += scratch.len() as u64;
+        w.batches += 1;
         self.disk_bytes.fetch_add(scratch.len() as u64, Ordering::Relaxed);
         // Keep a modest buffer for the next batch, not the largest ever seen.
         if scratch.capacity() <= 4 << 20 {
@@ -331,7 +435,7 @@ impl SegmentLog {
                 }
             };
             self.files.write().map_err(|_| LogError::Broken)?.insert(next, file.clone());
-            *w = Writer { seq: next, file, len: 0, scratch: std::mem::take(&mut w.scratch) };
+            *w = Writer { seq: next, file, len: 0, batches: 0, scratch: std::mem::take(&mut w.scratch) };
             self.current.store(next, Ordering::SeqCst);
             placed.sealed = Some(seq);
         }
@@ -412,7 +516,7 @@ mod tests {
         clean_end: Option<(u64, u64)>,
         seen: &mut Vec<(u64, Bytes)>,
     ) -> Result<SegmentLog, super::super::StoreError> {
-        SegmentLog::open(dir, 64, clean_end, |s| {
+        SegmentLog::open(dir, 100, clean_end, |s| {
             seen.push((s.id, Bytes::copy_from_slice(s.record)));
             Ok(())
         })
@@ -436,7 +540,7 @@ mod tests {
             sealed.extend(placed.sealed);
             locs.extend(placed.records);
         }
-        assert!(!sealed.is_empty(), "64-byte segments roll");
+        assert!(!sealed.is_empty(), "100-byte segments roll");
         for (id, loc) in &locs {
             assert!(log.read(*id, *loc).expect("read").starts_with(b"record "));
         }
@@ -453,8 +557,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut seen = Vec::new();
         let log = open(dir.path(), &mut seen).expect("open");
-        // Frames of 56 bytes in 64-byte segments: the second flush seals
-        // segment 1, the third writes to segment 2.
+        // Batches of 80 bytes (24-byte header, 56-byte frame) in 100-byte
+        // segments: the second flush seals segment 1, the third writes to
+        // segment 2.
         for id in 1..=3u64 {
             log.push(|| id, Bytes::from_static(b"0123456789012345678901234567890123456789"));
             log.flush().expect("flush");
@@ -511,7 +616,50 @@ mod tests {
         // A marker of an earlier segment (a crash since) or none at all: the
         // same bytes are a torn tail.
         let mut seen = Vec::new();
-        let _ = open_after(dir.path(), Some((end.0 - 1, 0)), &mut seen).expect("cut");
+        let _ = open_after(dir.path(), Some((0, 0)), &mut seen).expect("cut");
         assert_eq!(seen.len(), 1, "the first record survives, the torn second is cut");
+    }
+
+    /// After a crash, only the last batch can be torn: a bad frame in an
+    /// earlier batch of the last segment (a later batch's header follows
+    /// it) is damage, and the store refuses to open; one in the last batch
+    /// is cut.
+    #[test]
+    fn after_a_crash_only_the_last_batch_is_cut() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = SegmentLog::open(dir.path(), 1 << 20, None, |_| Ok(())).expect("open");
+        let mut locs = Vec::new();
+        for id in 1..=4u64 {
+            log.push(|| id, Bytes::from(format!("record {id}")));
+            if id % 2 == 0 {
+                locs.extend(log.flush().expect("flush").records);
+            }
+        }
+        let path = seg_path(dir.path(), log.current());
+        drop(log);
+        let clean = std::fs::read(&path).expect("read");
+        let flip = |loc: &Loc| {
+            let mut data = clean.clone();
+            data[(loc.offset + FRAME_HEADER) as usize + ID_LEN] ^= 0xff;
+            std::fs::write(&path, &data).expect("write");
+            data
+        };
+
+        // Record 2 is in the first batch; the second batch follows it.
+        let damaged = flip(&locs[1].1);
+        let err = SegmentLog::open(dir.path(), 1 << 20, None, |_| Ok(())).err().expect("refused");
+        assert!(err.to_string().contains("checksum mismatch"), "{err}");
+        assert_eq!(std::fs::read(&path).expect("untouched"), damaged);
+
+        // Record 4 is in the last batch: a torn write, cut from there.
+        flip(&locs[3].1);
+        let mut seen = Vec::new();
+        let _ = SegmentLog::open(dir.path(), 1 << 20, None, |s| {
+            seen.push(s.id);
+            Ok(())
+        })
+        .expect("cut");
+        assert_eq!(seen, [1, 2, 3]);
+        assert_eq!(std::fs::metadata(&path).expect("meta").len(), locs[3].1.offset);
     }
 }
