@@ -288,6 +288,10 @@ enum Op {
     Replay(usize),
     Purge(usize),
     Reopen,
+    /// A crash while a batch was being written (after every acknowledged
+    /// one was synced): the last segment with data ends in these bytes and
+    /// no clean close was recorded.
+    TornReopen(Vec<u8>),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -299,6 +303,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0usize..3).prop_map(Op::Replay),
         1 => (0usize..3).prop_map(Op::Purge),
         1 => Just(Op::Reopen),
+        1 => proptest::collection::vec(any::<u8>(), 1..80).prop_map(Op::TornReopen),
     ]
 }
 
@@ -452,6 +457,23 @@ proptest! {
                     Op::Reopen => {
                         store.close().await.expect("close");
                         drop(store);
+                        store = open_small(dir.path());
+                    }
+                    Op::TornReopen(bytes) => {
+                        store.close().await.expect("close");
+                        store.inner.meta.remove(CLEAN_END).expect("forget the clean close");
+                        store.inner.db.flush().expect("flush");
+                        drop(store);
+                        let segments = dir.path().join(SEGMENTS_DIR);
+                        let last = std::fs::read_dir(&segments)
+                            .expect("segments")
+                            .map(|e| e.expect("entry").path())
+                            .filter(|p| std::fs::metadata(p).map(|m| m.len() > 0).unwrap_or(false))
+                            .max();
+                        if let Some(last) = last {
+                            let mut f = std::fs::OpenOptions::new().append(true).open(&last).expect("segment");
+                            std::io::Write::write_all(&mut f, &bytes).expect("torn bytes");
+                        }
                         store = open_small(dir.path());
                     }
                 }
