@@ -11,9 +11,11 @@
 //! `[u32 BE payload length][u32 BE CRC-32 of payload][payload]`, the payload
 //! being `[u64 BE message id][message record]` (see [`super::format`]). Each
 //! batch starts with a batch header, `[u32 BE BATCH_MAGIC][u32 BE CRC-32 of
-//! the next 16 bytes][u64 BE batch number in the segment][u64 BE bytes of
-//! the frames that follow]`; its first word has the top bit set, which no
-//! frame length has.
+//! the next 24 bytes][u64 BE segment number][u64 BE batch number in the
+//! segment][u64 BE bytes of the frames that follow]`; its first word has the
+//! top bit set, which no frame length has, and the segment number keeps
+//! stale bytes of another segment (blocks reused after a crash) from
+//! passing for one of this segment's batches.
 //!
 //! Invariants:
 //! - A batch is written to one segment. A new segment is created (and the
@@ -26,8 +28,8 @@
 //!   log ended ([`SegmentLog::end`]) and a bad frame before it is corruption.
 //!   After a crash, batch headers narrow what can be torn to the last batch:
 //!   a batch is written only once the one before it is synced, so a bad
-//!   frame in a batch followed by a valid header of the next batch is
-//!   corruption too. Only a bad frame in the last batch is cut.
+//!   frame or header followed anywhere by a valid header of a later batch
+//!   of the segment is corruption too. Only damage in the last batch is cut.
 //! - Message ids are assigned under the same lock as the push, so frames are
 //!   in id order across the whole log.
 //! - After a failed write or sync the log refuses further flushes: after a
@@ -51,7 +53,7 @@ const ID_LEN: usize = 8;
 const MAX_PAYLOAD: u32 = 1 << 30;
 /// First word of a batch header (top bit set: never a frame length).
 const BATCH_MAGIC: u32 = 0xB47C_0001;
-const BATCH_HEADER: u64 = 24;
+const BATCH_HEADER: u64 = 32;
 /// The largest record a frame holds.
 pub(crate) const MAX_RECORD: u32 = MAX_PAYLOAD - ID_LEN as u32;
 const PREFIX: &str = "seg-";
@@ -139,41 +141,50 @@ fn check_frame(header: [u8; 8], payload: &[u8]) -> Result<u64, &'static str> {
     Ok(u64::from_be_bytes(id))
 }
 
-/// A batch header: `number` and `len` (bytes of frames that follow).
-fn batch_header(number: u64, len: u64) -> [u8; BATCH_HEADER as usize] {
+/// A batch header of segment `seg`: batch `number`, `len` bytes of frames.
+fn batch_header(seg: u64, number: u64, len: u64) -> [u8; BATCH_HEADER as usize] {
     let mut h = [0u8; BATCH_HEADER as usize];
     h[..4].copy_from_slice(&BATCH_MAGIC.to_be_bytes());
-    h[8..16].copy_from_slice(&number.to_be_bytes());
-    h[16..].copy_from_slice(&len.to_be_bytes());
+    h[8..16].copy_from_slice(&seg.to_be_bytes());
+    h[16..24].copy_from_slice(&number.to_be_bytes());
+    h[24..].copy_from_slice(&len.to_be_bytes());
     let crc = crc32fast::hash(&h[8..]);
     h[4..8].copy_from_slice(&crc.to_be_bytes());
     h
 }
 
-/// Parses a batch header: `(number, len)`.
-fn parse_batch_header(h: &[u8; BATCH_HEADER as usize]) -> Result<(u64, u64), &'static str> {
-    if h[..4] != BATCH_MAGIC.to_be_bytes() {
-        return Err("unknown record type");
-    }
-    if crc32fast::hash(&h[8..]).to_be_bytes() != h[4..8] {
-        return Err("batch header checksum mismatch");
-    }
-    let mut n = [0u8; 8];
-    n.copy_from_slice(&h[8..16]);
-    let mut l = [0u8; 8];
-    l.copy_from_slice(&h[16..]);
-    Ok((u64::from_be_bytes(n), u64::from_be_bytes(l)))
+fn be_u64_at(b: &[u8], at: usize) -> u64 {
+    let mut v = [0u8; 8];
+    v.copy_from_slice(&b[at..at + 8]);
+    u64::from_be_bytes(v)
 }
 
-/// Whether a valid header of batch `number` starts at `offset` of `path`.
-fn batch_header_at(path: &Path, offset: u64, number: u64) -> Result<bool, LogError> {
-    let file = File::open(path).map_err(io_err(path))?;
-    let mut h = [0u8; BATCH_HEADER as usize];
-    match file.read_exact_at(&mut h, offset) {
-        Ok(()) => Ok(parse_batch_header(&h).is_ok_and(|(n, _)| n == number)),
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
-        Err(e) => Err(io_err(path)(e)),
+/// Parses a batch header of segment `seg`: `(number, len)`.
+fn parse_batch_header(h: &[u8], seg: u64) -> Result<(u64, u64), &'static str> {
+    if h.len() < BATCH_HEADER as usize || h[..4] != BATCH_MAGIC.to_be_bytes() {
+        return Err("unknown record type");
     }
+    if crc32fast::hash(&h[8..BATCH_HEADER as usize]).to_be_bytes() != h[4..8] {
+        return Err("batch header checksum mismatch");
+    }
+    if be_u64_at(h, 8) != seg {
+        return Err("batch header of another segment");
+    }
+    Ok((be_u64_at(h, 16), be_u64_at(h, 24)))
+}
+
+/// Whether a valid header of a batch of segment `seg` numbered above
+/// `after` (any number if `None`) is anywhere in `path` from `from` on.
+/// Only called on a segment that failed to read, at open.
+fn later_batch(path: &Path, seg: u64, from: u64, after: Option<u64>) -> Result<bool, LogError> {
+    let mut file = File::open(path).map_err(io_err(path))?;
+    std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(from)).map_err(io_err(path))?;
+    let mut rest = Vec::new();
+    file.read_to_end(&mut rest).map_err(io_err(path))?;
+    let magic = BATCH_MAGIC.to_be_bytes();
+    Ok(rest
+        .windows(BATCH_HEADER as usize)
+        .any(|w| w[..4] == magic && parse_batch_header(w, seg).is_ok_and(|(n, _)| after.is_none_or(|a| n > a))))
 }
 
 /// The first thing in a segment that is not a whole valid frame.
@@ -243,7 +254,7 @@ fn read_frames(
                 Err(e) => return Err(io_err(path)(e).into()),
             }
             let expected = batch.map_or(0, |(n, _)| n + 1);
-            match parse_batch_header(&h) {
+            match parse_batch_header(&h, seq) {
                 Ok((n, len)) if n == expected => batch = Some((n, pos + BATCH_HEADER + len)),
                 Ok(_) => return bad(pos, "batch out of sequence", batch),
                 Err(detail) => return bad(pos, detail, batch),
@@ -318,11 +329,10 @@ impl SegmentLog {
             if let Some(Bad { offset, detail, batch }) = bad {
                 let closed_cleanly = clean_end.is_some_and(|(s, end)| s > seq || (s == seq && offset < end));
                 // A later batch was written only after this one was synced.
-                let later_batch = match batch {
-                    Some((n, end)) => batch_header_at(&path, end, n + 1)?,
-                    None => false,
-                };
-                if Some(seq) != last_with_data || closed_cleanly || later_batch {
+                let later = Some(seq) == last_with_data
+                    && !closed_cleanly
+                    && later_batch(&path, seq, offset, batch.map(|(n, _)| n))?;
+                if Some(seq) != last_with_data || closed_cleanly || later {
                     return Err(LogError::Corrupt { path, offset, detail }.into());
                 }
                 // Never acknowledged: the batch it belongs to was not synced.
@@ -408,7 +418,7 @@ impl SegmentLog {
             scratch.extend_from_slice(record);
             placed.records.push((*id, Loc { seg: seq, offset, len }));
         }
-        let header = batch_header(w.batches, scratch.len() as u64 - BATCH_HEADER);
+        let header = batch_header(seq, w.batches, scratch.len() as u64 - BATCH_HEADER);
         scratch[..BATCH_HEADER as usize].copy_from_slice(&header);
         let path = seg_path(&self.dir, seq);
         let result = w.file.write_all_at(&scratch, w.len).and_then(|_| w.file.sync_data());
@@ -620,16 +630,15 @@ mod tests {
         assert_eq!(seen.len(), 1, "the first record survives, the torn second is cut");
     }
 
-    /// After a crash, only the last batch can be torn: a bad frame in an
-    /// earlier batch of the last segment (a later batch's header follows
-    /// it) is damage, and the store refuses to open; one in the last batch
-    /// is cut.
+    /// After a crash, only the last batch can be torn: damage to a frame or
+    /// a batch header that a later batch of the segment follows refuses the
+    /// store (data untouched); damage in the last batch is cut.
     #[test]
     fn after_a_crash_only_the_last_batch_is_cut() {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = SegmentLog::open(dir.path(), 1 << 20, None, |_| Ok(())).expect("open");
         let mut locs = Vec::new();
-        for id in 1..=4u64 {
+        for id in 1..=6u64 {
             log.push(|| id, Bytes::from(format!("record {id}")));
             if id % 2 == 0 {
                 locs.extend(log.flush().expect("flush").records);
@@ -638,28 +647,33 @@ mod tests {
         let path = seg_path(dir.path(), log.current());
         drop(log);
         let clean = std::fs::read(&path).expect("read");
-        let flip = |loc: &Loc| {
+        let frame = |i: usize| (locs[i].1.offset + FRAME_HEADER) as usize + ID_LEN;
+        // Batch k's header sits right before its first record (records 0, 2, 4).
+        let header = |k: usize| (locs[2 * k].1.offset - BATCH_HEADER) as usize + 20;
+        let reopen = |flip_at: usize| {
             let mut data = clean.clone();
-            data[(loc.offset + FRAME_HEADER) as usize + ID_LEN] ^= 0xff;
+            data[flip_at] ^= 0xff;
             std::fs::write(&path, &data).expect("write");
-            data
+            let mut seen = Vec::new();
+            let opened = SegmentLog::open(dir.path(), 1 << 20, None, |s| {
+                seen.push(s.id);
+                Ok(())
+            });
+            (opened.map(|_| seen), data)
         };
 
-        // Record 2 is in the first batch; the second batch follows it.
-        let damaged = flip(&locs[1].1);
-        let err = SegmentLog::open(dir.path(), 1 << 20, None, |_| Ok(())).err().expect("refused");
-        assert!(err.to_string().contains("checksum mismatch"), "{err}");
-        assert_eq!(std::fs::read(&path).expect("untouched"), damaged);
-
-        // Record 4 is in the last batch: a torn write, cut from there.
-        flip(&locs[3].1);
-        let mut seen = Vec::new();
-        let _ = SegmentLog::open(dir.path(), 1 << 20, None, |s| {
-            seen.push(s.id);
-            Ok(())
-        })
-        .expect("cut");
-        assert_eq!(seen, [1, 2, 3]);
-        assert_eq!(std::fs::metadata(&path).expect("meta").len(), locs[3].1.offset);
+        for (what, at) in [("frame in batch 0", frame(1)), ("header of batch 1", header(1))] {
+            let (opened, damaged) = reopen(at);
+            let err = opened.err().unwrap_or_else(|| panic!("{what}: damage taken for a torn tail"));
+            assert!(err.to_string().contains("mismatch"), "{what}: {err}");
+            assert_eq!(std::fs::read(&path).expect("untouched"), damaged, "{what}: data untouched");
+        }
+        // The last batch (records 5 and 6) may be a torn write: cut.
+        let (opened, _) = reopen(frame(5));
+        assert_eq!(opened.expect("cut"), [1, 2, 3, 4, 5]);
+        assert_eq!(std::fs::metadata(&path).expect("meta").len(), locs[5].1.offset);
+        std::fs::write(&path, &clean).expect("restore");
+        let (opened, _) = reopen(header(2));
+        assert_eq!(opened.expect("cut"), [1, 2, 3, 4]);
     }
 }
