@@ -1,4 +1,4 @@
-//! Command-line interface: `switchboard run` and `switchboard check`.
+//! Command-line interface: `switchboard run`, `check` and `repair`.
 
 use std::path::PathBuf;
 
@@ -29,6 +29,16 @@ pub enum Command {
     /// Validate a configuration and print it resolved (defaults filled in,
     /// secrets masked). Exits non-zero if it is invalid.
     Check {
+        /// Configuration file (TOML); `SWITCHBOARD_*` variables override it.
+        #[arg(short, long, env = "SWITCHBOARD_CONFIG", value_name = "PATH")]
+        config: PathBuf,
+    },
+    /// With the relay stopped: open a store that `run` refused as damaged by
+    /// cutting each damaged segment of its message log at the damage. The
+    /// messages from there to the end of that segment are LOST (each cut is
+    /// logged with its size); everything else is kept. Prints what is
+    /// pending per destination afterwards.
+    Repair {
         /// Configuration file (TOML); `SWITCHBOARD_*` variables override it.
         #[arg(short, long, env = "SWITCHBOARD_CONFIG", value_name = "PATH")]
         config: PathBuf,

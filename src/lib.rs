@@ -73,6 +73,36 @@ impl Listeners {
 /// Runs the relay until `shutdown` is cancelled, then drains: listeners stop
 /// accepting, requests and deliveries in flight get `config.grace_period` to
 /// finish, and the store is flushed and closed.
+fn store_options(config: &Config, cut_damaged_log: bool) -> StoreOptions {
+    StoreOptions {
+        max_bytes: config.store.max_bytes,
+        min_free_bytes: config.store.min_free_bytes,
+        cache_bytes: None,
+        segment_bytes: None,
+        cut_damaged_log,
+    }
+}
+
+/// `switchboard repair`: opens the store of `config`, cutting any damaged
+/// segment of the message log at the damage (each cut is logged at error
+/// level with the bytes dropped), and closes it again. Returns one line per
+/// configured destination with what is pending and dead-lettered after it.
+pub async fn repair(config: &Config) -> anyhow::Result<Vec<String>> {
+    let path = &config.store.path;
+    let store = Store::open(path, store_options(config, true), |_, _| {})
+        .with_context(|| format!("opening store {}", path.display()))?;
+    let lines = config
+        .destinations
+        .iter()
+        .map(|d| {
+            let s = store.stats(&d.name);
+            format!("{}: {} pending, {} dead-lettered", d.name, s.depth, s.dead)
+        })
+        .collect();
+    store.close().await.with_context(|| format!("closing store {}", path.display()))?;
+    Ok(lines)
+}
+
 pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
     run_with_reload(config, listeners, shutdown, Arc::new(Notify::new())).await
 }
@@ -118,19 +148,10 @@ pub async fn run_with_reload(
         None => None,
     };
     let flush_metrics = metrics.clone();
-    let store = Store::open(
-        &config.store.path,
-        StoreOptions {
-            max_bytes: config.store.max_bytes,
-            min_free_bytes: config.store.min_free_bytes,
-            cache_bytes: None,
-            segment_bytes: None,
-        },
-        move |took, ok| {
-            flush_metrics.store_flushes.with_label_values(&[if ok { "ok" } else { "error" }]).inc();
-            flush_metrics.store_flush_duration.observe(took.as_secs_f64());
-        },
-    )
+    let store = Store::open(&config.store.path, store_options(&config, false), move |took, ok| {
+        flush_metrics.store_flushes.with_label_values(&[if ok { "ok" } else { "error" }]).inc();
+        flush_metrics.store_flush_duration.observe(took.as_secs_f64());
+    })
     .with_context(|| format!("opening store {}", config.store.path.display()))?;
 
     let names: Vec<String> = config.destinations.iter().map(|d| d.name.to_string()).collect();

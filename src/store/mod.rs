@@ -121,6 +121,10 @@ pub struct StoreOptions {
     /// failure of the open database, so the relay must stop *before* the disk
     /// is full; the headroom also keeps delivery bookkeeping writable.
     pub min_free_bytes: Option<u64>,
+    /// Open a damaged message log by cutting each damaged segment at the
+    /// damage (the records from there to the end of that segment are lost),
+    /// instead of refusing. For `switchboard repair`, an operator's decision.
+    pub cut_damaged_log: bool,
 }
 
 /// A due queue entry handed to a delivery worker.
@@ -309,7 +313,7 @@ impl Store {
         let kept = db.open_tree("kept")?;
         let segment_bytes = opts.segment_bytes.unwrap_or(DEFAULT_SEGMENT_BYTES).max(1);
         let recover::Rebuilt { log, index, msgs, live, bytes, last_id } =
-            recover::rebuild(&db, &log_dir, segment_bytes, &meta, &state, &kept)?;
+            recover::rebuild(&db, &log_dir, segment_bytes, opts.cut_damaged_log, &meta, &state, &kept)?;
 
         let commit = GroupCommit::new();
         let state_commit = GroupCommit::new();

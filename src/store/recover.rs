@@ -72,6 +72,7 @@ pub(super) fn rebuild(
     db: &sled::Db,
     log_dir: &Path,
     segment_bytes: u64,
+    cut_damaged: bool,
     meta: &sled::Tree,
     state: &sled::Tree,
     kept: &sled::Tree,
@@ -130,7 +131,7 @@ pub(super) fn rebuild(
         }
         None => None,
     };
-    let log = SegmentLog::open(log_dir, segment_bytes, clean_end, |r| {
+    let log = SegmentLog::open(log_dir, segment_bytes, clean_end, cut_damaged, |r| {
         last_id = last_id.max(r.id);
         if kept_ids.contains(&r.id) {
             if let Some(m) = b.msgs[(r.id as usize) % MSG_STRIPES].get_mut(&r.id) {

@@ -86,7 +86,10 @@ pub(crate) struct Scanned<'a> {
 pub(crate) enum LogError {
     #[error("segment {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("segment {path} is corrupt at offset {offset}: {detail} (data left untouched)")]
+    #[error(
+        "segment {path} is corrupt at offset {offset}: {detail} (data left untouched; `switchboard repair` \
+         cuts the segment there, losing the records from that offset to its end)"
+    )]
     Corrupt { path: PathBuf, offset: u64, detail: &'static str },
     #[error("message log failed earlier; restart to recover")]
     Broken,
@@ -187,13 +190,20 @@ fn later_batch(path: &Path, seg: u64, from: u64, after: Option<u64>) -> Result<b
         .any(|w| w[..4] == magic && parse_batch_header(w, seg).is_ok_and(|(n, _)| after.is_none_or(|a| n > a))))
 }
 
+/// Where a batch is in its segment: `start` of its header, `end` of its frames.
+#[derive(Debug, Clone, Copy)]
+struct BatchPos {
+    number: u64,
+    start: u64,
+    end: u64,
+}
+
 /// The first thing in a segment that is not a whole valid frame.
 struct Bad {
     offset: u64,
     detail: &'static str,
-    /// The batch it is in, if the segment has batch headers: its number and
-    /// where it ends (where the next batch's header would be).
-    batch: Option<(u64, u64)>,
+    /// The last batch whose header was read before it.
+    batch: Option<BatchPos>,
 }
 
 fn frame_len(header: [u8; 8]) -> Result<u32, &'static str> {
@@ -217,7 +227,7 @@ fn read_frames(
     let mut payload = Vec::new();
     let mut pos = 0u64;
     // The batch being read: its number and end.
-    let mut batch: Option<(u64, u64)> = None;
+    let mut batch: Option<BatchPos> = None;
     let bad = |offset, detail, batch| Ok(Some(Bad { offset, detail, batch }));
     loop {
         let mut header = [0u8; 8];
@@ -232,7 +242,7 @@ fn read_frames(
         }
         if got == 0 {
             return match batch {
-                Some((_, end)) if end != pos => bad(pos, "segment ends inside a batch", batch),
+                Some(b) if b.end != pos => bad(pos, "segment ends inside a batch", batch),
                 _ => Ok(None),
             };
         }
@@ -241,7 +251,7 @@ fn read_frames(
         }
         if header[0] & 0x80 != 0 {
             // A batch header; the previous batch must end right here.
-            if batch.is_some_and(|(_, end)| end != pos) {
+            if batch.is_some_and(|b| b.end != pos) {
                 return bad(pos, "batch header inside a batch", batch);
             }
             let mut h = [0u8; BATCH_HEADER as usize];
@@ -253,9 +263,11 @@ fn read_frames(
                 }
                 Err(e) => return Err(io_err(path)(e).into()),
             }
-            let expected = batch.map_or(0, |(n, _)| n + 1);
+            let expected = batch.map_or(0, |b| b.number + 1);
             match parse_batch_header(&h, seq) {
-                Ok((n, len)) if n == expected => batch = Some((n, pos + BATCH_HEADER + len)),
+                Ok((number, len)) if number == expected => {
+                    batch = Some(BatchPos { number, start: pos, end: pos + BATCH_HEADER + len })
+                }
                 Ok(_) => return bad(pos, "batch out of sequence", batch),
                 Err(detail) => return bad(pos, detail, batch),
             }
@@ -268,7 +280,7 @@ fn read_frames(
         };
         match batch {
             None => return bad(pos, "frame outside a batch", batch),
-            Some((_, end)) if pos + FRAME_HEADER + u64::from(len) > end => {
+            Some(b) if pos + FRAME_HEADER + u64::from(len) > b.end => {
                 return bad(pos, "frame runs past the end of its batch", batch)
             }
             Some(_) => {}
@@ -294,11 +306,13 @@ impl SegmentLog {
     /// of the last segment holding data is cut off; a bad frame anywhere else
     /// is an error. `clean_end` is where the log ended at its last clean
     /// close ([`SegmentLog::end`]): a bad frame before that point is never a
-    /// torn write but damage, and is an error too.
+    /// torn write but damage, and is an error too, unless `cut_damaged`:
+    /// then a damaged segment is cut at the damage like a torn tail.
     pub(crate) fn open(
         dir: &Path,
         segment_bytes: u64,
         clean_end: Option<(u64, u64)>,
+        cut_damaged: bool,
         mut each: impl FnMut(Scanned<'_>) -> Result<(), super::StoreError>,
     ) -> Result<SegmentLog, super::StoreError> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
@@ -331,14 +345,31 @@ impl SegmentLog {
                 // A later batch was written only after this one was synced.
                 let later = Some(seq) == last_with_data
                     && !closed_cleanly
-                    && later_batch(&path, seq, offset, batch.map(|(n, _)| n))?;
-                if Some(seq) != last_with_data || closed_cleanly || later {
+                    && later_batch(&path, seq, offset, batch.map(|b| b.number))?;
+                let damaged = Some(seq) != last_with_data || closed_cleanly || later;
+                if damaged && !cut_damaged {
                     return Err(LogError::Corrupt { path, offset, detail }.into());
                 }
-                // Never acknowledged: the batch it belongs to was not synced.
-                tracing::warn!(segment = %path.display(), offset, detail, "cutting off a torn tail of the message log");
+                let dropped = len.saturating_sub(offset);
+                if damaged {
+                    tracing::error!(
+                        segment = %path.display(), offset, detail, dropped_bytes = dropped,
+                        "cutting a damaged segment as asked: the messages from this offset to its end are lost"
+                    );
+                } else {
+                    // Never acknowledged: the batch it belongs to was not synced.
+                    tracing::warn!(segment = %path.display(), offset, detail, "cutting off a torn tail of the message log");
+                }
                 let f = OpenOptions::new().write(true).open(&path).map_err(io_err(&path))?;
                 f.set_len(offset).and_then(|_| f.sync_all()).map_err(io_err(&path))?;
+                // Cut inside a batch: its header must say where it now ends,
+                // or the next open finds a segment that ends inside a batch.
+                // (A crash between the two writes leaves that same state in
+                // the last segment, and this open runs again.)
+                if let Some(b) = batch.filter(|b| offset < b.end) {
+                    let header = batch_header(seq, b.number, offset.saturating_sub(b.start + BATCH_HEADER));
+                    f.write_all_at(&header, b.start).and_then(|_| f.sync_all()).map_err(io_err(&path))?;
+                }
                 len = offset;
             }
             let file = File::open(&path).map_err(io_err(&path))?;
@@ -526,7 +557,7 @@ mod tests {
         clean_end: Option<(u64, u64)>,
         seen: &mut Vec<(u64, Bytes)>,
     ) -> Result<SegmentLog, super::super::StoreError> {
-        SegmentLog::open(dir, 100, clean_end, |s| {
+        SegmentLog::open(dir, 100, clean_end, false, |s| {
             seen.push((s.id, Bytes::copy_from_slice(s.record)));
             Ok(())
         })
@@ -636,7 +667,7 @@ mod tests {
     #[test]
     fn after_a_crash_only_the_last_batch_is_cut() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let log = SegmentLog::open(dir.path(), 1 << 20, None, |_| Ok(())).expect("open");
+        let log = SegmentLog::open(dir.path(), 1 << 20, None, false, |_| Ok(())).expect("open");
         let mut locs = Vec::new();
         for id in 1..=6u64 {
             log.push(|| id, Bytes::from(format!("record {id}")));
@@ -655,7 +686,7 @@ mod tests {
             data[flip_at] ^= 0xff;
             std::fs::write(&path, &data).expect("write");
             let mut seen = Vec::new();
-            let opened = SegmentLog::open(dir.path(), 1 << 20, None, |s| {
+            let opened = SegmentLog::open(dir.path(), 1 << 20, None, false, |s| {
                 seen.push(s.id);
                 Ok(())
             });
@@ -675,5 +706,44 @@ mod tests {
         std::fs::write(&path, &clean).expect("restore");
         let (opened, _) = reopen(header(2));
         assert_eq!(opened.expect("cut"), [1, 2, 3, 4]);
+    }
+
+    /// A cut inside a batch rewrites that batch's header: after more
+    /// segments are written (and a clean close), the cut segment opens as a
+    /// whole one, not as one that ends inside a batch.
+    #[test]
+    fn a_segment_cut_inside_a_batch_opens_cleanly_later() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fn ids(seen: &mut Vec<u64>) -> impl FnMut(Scanned<'_>) -> Result<(), super::super::StoreError> + '_ {
+            move |s| {
+                seen.push(s.id);
+                Ok(())
+            }
+        }
+        let log = SegmentLog::open(dir.path(), 1 << 20, None, false, |_| Ok(())).expect("open");
+        for id in 1..=3u64 {
+            log.push(|| id, Bytes::from(format!("record {id}")));
+        }
+        let locs = log.flush().expect("flush").records;
+        let path = seg_path(dir.path(), log.current());
+        drop(log);
+        // A torn write: the batch's last record is damaged.
+        let mut data = std::fs::read(&path).expect("read");
+        let n = data.len();
+        data[n - 1] ^= 0xff;
+        std::fs::write(&path, &data).expect("write");
+
+        let mut seen = Vec::new();
+        let log = SegmentLog::open(dir.path(), 1 << 20, None, false, ids(&mut seen)).expect("cut");
+        assert_eq!(seen, [1, 2]);
+        assert_eq!(std::fs::metadata(&path).expect("meta").len(), locs[2].1.offset);
+        log.push(|| 4, Bytes::from_static(b"record 4"));
+        log.flush().expect("flush");
+        let end = log.end();
+        drop(log);
+
+        let mut seen = Vec::new();
+        let _ = SegmentLog::open(dir.path(), 1 << 20, end, false, ids(&mut seen)).expect("reopen");
+        assert_eq!(seen, [1, 2, 4]);
     }
 }

@@ -92,6 +92,15 @@ fn a_damaged_log_tail_after_a_clean_close_is_refused() {
         let err = Store::open(dir.path(), StoreOptions::default(), |_, _| {}).err().expect("refused");
         assert!(err.to_string().contains("checksum mismatch"), "{err}");
         assert_eq!(std::fs::read(&last).expect("untouched"), data, "data left untouched");
+
+        // The operator's way out: cut the damaged segment there.
+        let store =
+            Store::open(dir.path(), StoreOptions { cut_damaged_log: true, ..StoreOptions::default() }, |_, _| {})
+                .expect("opens when cutting");
+        assert_eq!(store.stats("a").depth, 2, "the messages before the damage are kept");
+        store.close().await.expect("close");
+        drop(store);
+        assert_eq!(open(dir.path()).stats("a").depth, 2, "a normal open works after the cut");
     });
 }
 

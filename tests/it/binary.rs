@@ -192,6 +192,60 @@ async fn sigterm_exits_zero_and_kill9_loses_nothing_acknowledged() {
     drop(relay);
 }
 
+/// A damaged message log: `run` refuses it and names `repair`; `repair`
+/// cuts the damaged segment, reports what is left, and `run` starts again
+/// and delivers the messages before the damage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_cuts_a_damaged_log_that_run_refuses() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let down = dead_addr().await;
+    let path = write(dir.path(), &config(&[("d", &format!("http://{down}/d"), "")]));
+    let mut relay = RelayProcess::start(&path).await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let (status, _, body) = post(&relay.url("/in"), "text/plain", format!("repair-{i}")).await;
+        assert_eq!(status, 200);
+        ids.push(acked_id(&body));
+    }
+    relay.signal(Signal::SIGTERM);
+    assert!(relay.wait_exit(WAIT).await.success(), "logs:\n{}", relay.logs());
+
+    // Damage the last byte of the log: the third message's frame.
+    let segments = dir.path().join("store").join("segments");
+    let last = std::fs::read_dir(&segments)
+        .expect("segments")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| std::fs::metadata(p).map(|m| m.len() > 0).unwrap_or(false))
+        .max()
+        .expect("a segment with data");
+    let mut data = std::fs::read(&last).expect("read");
+    let n = data.len();
+    data[n - 1] ^= 0xff;
+    std::fs::write(&last, &data).expect("write");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_switchboard")).args(["run", "-c"]).arg(&path).output().expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("is corrupt at offset") && stderr.contains("switchboard repair"), "{stderr}");
+    assert_eq!(std::fs::read(&last).expect("untouched"), data);
+
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_switchboard")).args(["repair", "-c"]).arg(&path).output().expect("repair");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("d: 2 pending, 0 dead-lettered"), "{stdout}");
+    assert!(stderr.contains("cutting a damaged segment"), "{stderr}");
+
+    let dest = TestReceiver::ok_at(down).await;
+    let relay = RelayProcess::start(&path).await;
+    dest.wait_until(WAIT, "the two messages before the damage", |got| {
+        let seen = counts_by_header(got, "webhook-id");
+        ids[..2].iter().all(|id| seen.contains_key(id))
+    })
+    .await;
+    drop(relay);
+}
+
 #[test]
 fn run_refuses_a_corrupt_or_foreign_store_and_leaves_it_alone() {
     let dir = tempfile::tempdir().expect("tempdir");
