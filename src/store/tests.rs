@@ -22,6 +22,15 @@ fn open_small(path: &Path) -> Store {
         .expect("open store")
 }
 
+/// The store's last segment file that is not empty (names sort by number).
+fn last_segment_with_data(store: &Path) -> Option<std::path::PathBuf> {
+    std::fs::read_dir(store.join(SEGMENTS_DIR))
+        .expect("segments")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| std::fs::metadata(p).map(|m| m.len() > 0).unwrap_or(false))
+        .max()
+}
+
 fn msg(body: &str) -> MessageRecord {
     MessageRecord {
         received_ms: now_ms(),
@@ -77,14 +86,7 @@ fn a_damaged_log_tail_after_a_clean_close_is_refused() {
         store.sync().await.expect("sync");
         store.close().await.expect("close");
         drop(store);
-        let segments = dir.path().join(SEGMENTS_DIR);
-        let mut files: Vec<_> = std::fs::read_dir(&segments)
-            .expect("segments")
-            .map(|e| e.expect("entry").path())
-            .filter(|p| std::fs::metadata(p).map(|m| m.len() > 0).unwrap_or(false))
-            .collect();
-        files.sort();
-        let last = files.pop().expect("a segment with data");
+        let last = last_segment_with_data(dir.path()).expect("a segment with data");
         let mut data = std::fs::read(&last).expect("read");
         let n = data.len();
         data[n - 1] ^= 0xff;
@@ -473,13 +475,7 @@ proptest! {
                         store.inner.meta.remove(CLEAN_END).expect("forget the clean close");
                         store.inner.db.flush().expect("flush");
                         drop(store);
-                        let segments = dir.path().join(SEGMENTS_DIR);
-                        let last = std::fs::read_dir(&segments)
-                            .expect("segments")
-                            .map(|e| e.expect("entry").path())
-                            .filter(|p| std::fs::metadata(p).map(|m| m.len() > 0).unwrap_or(false))
-                            .max();
-                        if let Some(last) = last {
+                        if let Some(last) = last_segment_with_data(dir.path()) {
                             let mut f = std::fs::OpenOptions::new().append(true).open(&last).expect("segment");
                             std::io::Write::write_all(&mut f, &bytes).expect("torn bytes");
                         }

@@ -111,6 +111,18 @@ impl Drop for RelayProcess {
     }
 }
 
+/// Posts `n` bodies `{prefix}-{i}` to the relay's `/in`; each must be
+/// acknowledged. Returns the ids, in order.
+async fn post_acked(relay: &RelayProcess, prefix: &str, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let (status, _, body) = post(&relay.url("/in"), "text/plain", format!("{prefix}-{i}")).await;
+        assert_eq!(status, 200);
+        ids.push(acked_id(&body));
+    }
+    ids
+}
+
 pub fn write(dir: &Path, toml: &str) -> std::path::PathBuf {
     let text = toml.replace("{store}", &dir.join("store").display().to_string());
     let path = dir.join("switchboard.toml");
@@ -160,12 +172,7 @@ async fn sigterm_exits_zero_and_kill9_loses_nothing_acknowledged() {
 
     // 1. Accept with the destination down, stop with SIGTERM: exit 0.
     let mut relay = RelayProcess::start(&path).await;
-    let mut ids = Vec::new();
-    for i in 0..10 {
-        let (status, _, body) = post(&relay.url("/in"), "text/plain", format!("term-{i}")).await;
-        assert_eq!(status, 200);
-        ids.push(acked_id(&body));
-    }
+    let mut ids = post_acked(&relay, "term", 10).await;
     relay.signal(Signal::SIGTERM);
     let status = relay.wait_exit(WAIT).await;
     assert!(status.success(), "exit {status:?}; logs:\n{}", relay.logs());
@@ -201,12 +208,7 @@ async fn repair_cuts_a_damaged_log_that_run_refuses() {
     let down = dead_addr().await;
     let path = write(dir.path(), &config(&[("d", &format!("http://{down}/d"), "")]));
     let mut relay = RelayProcess::start(&path).await;
-    let mut ids = Vec::new();
-    for i in 0..3 {
-        let (status, _, body) = post(&relay.url("/in"), "text/plain", format!("repair-{i}")).await;
-        assert_eq!(status, 200);
-        ids.push(acked_id(&body));
-    }
+    let ids = post_acked(&relay, "repair", 3).await;
     relay.signal(Signal::SIGTERM);
     assert!(relay.wait_exit(WAIT).await.success(), "logs:\n{}", relay.logs());
 
