@@ -242,6 +242,8 @@ struct Inner {
     done_trees: Mutex<BTreeMap<u64, sled::Tree>>,
     /// Sealed segments no live message needs, waiting to be deleted.
     unneeded: Mutex<BTreeSet<u64>>,
+    /// Sparse sealed segments seen at the last evacuation check.
+    evacuate_candidates: Mutex<BTreeSet<u64>>,
     reclaim: Arc<tokio::sync::Notify>,
     reclaiming: tokio::sync::Mutex<()>,
 }
@@ -254,6 +256,12 @@ pub const DEFAULT_SEGMENT_BYTES: u64 = 32 << 20;
 
 /// How often settled deliveries are flushed when no ingress flush happens.
 const IDLE_FLUSH: Duration = Duration::from_millis(500);
+
+/// A sealed segment with at most this many live messages, twice in a row,
+/// has them moved into sled ([`Store::evacuate_sparse`]).
+const EVACUATE_MAX_LIVE: u32 = 16;
+/// How often the store looks for sparse segments.
+const EVACUATE_EVERY: Duration = Duration::from_secs(60);
 
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -346,6 +354,7 @@ impl Store {
             live: Mutex::new(live),
             done_trees: Mutex::new(BTreeMap::new()),
             unneeded: Mutex::new(BTreeSet::new()),
+            evacuate_candidates: Mutex::new(BTreeSet::new()),
             reclaim: Arc::new(tokio::sync::Notify::new()),
             reclaiming: tokio::sync::Mutex::new(()),
         });
@@ -393,10 +402,12 @@ impl Store {
     }
 
     /// Pokes the flusher when settling writes wait for a flush and no
-    /// ingress flush comes along.
+    /// ingress flush comes along; every [`EVACUATE_EVERY`], evacuates sparse
+    /// segments.
     async fn idle_ticker(weak: std::sync::Weak<Inner>, stop: tokio_util::sync::CancellationToken) {
         let mut tick = tokio::time::interval(IDLE_FLUSH);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_evacuation = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -405,6 +416,15 @@ impl Store {
             let Some(inner) = weak.upgrade() else { return };
             if inner.sled_dirty.load(Ordering::SeqCst) {
                 inner.state_commit.poke();
+            }
+            if last_evacuation.elapsed() >= EVACUATE_EVERY {
+                last_evacuation = tokio::time::Instant::now();
+                let store = Store { inner };
+                match tokio::task::spawn_blocking(move || store.evacuate_sparse()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "could not move messages out of sparse segments"),
+                    Err(e) => tracing::warn!(error = %e, "sparse-segment evacuation stopped"),
+                }
             }
         }
     }
@@ -730,7 +750,36 @@ impl Store {
         if !self.is_current(dest, lease) {
             return Ok(());
         }
-        let Some(m) = msgs.get(&id).cloned() else { return Ok(()) };
+        if !msgs.contains_key(&id) {
+            return Ok(());
+        }
+        let released = self.keep(&mut msgs, id)?;
+        inner.state.insert(state_key(dest, id), StateRecord::Dead(record.clone()).encode())?;
+        inner.sled_written();
+        if let Some(e) = msgs.get_mut(&id) {
+            e.pending = e.pending.saturating_sub(1);
+            e.dead += 1;
+        }
+        if let Some(seq) = released {
+            inner.segment_released(seq);
+        }
+        drop(msgs);
+        if let Some(e) = self.index().get_mut(dest) {
+            e.due.remove(&(lease.due_ms, lease.id));
+            e.pending.remove(&lease.id);
+            e.dead += 1;
+        }
+        Ok(())
+    }
+
+    /// Copies live message `id` (its stripe is `msgs`, locked by the caller)
+    /// into sled's `kept` tree, with the `Done` marks of its deliveries, so it
+    /// no longer needs its segment. Returns the segment the caller must
+    /// release (after its own writes, so that the reclaimer's wait for a
+    /// durable sled covers them), if the message was in one.
+    fn keep(&self, msgs: &mut BTreeMap<u64, Msg>, id: u64) -> Result<Option<u64>, StoreError> {
+        let inner = &self.inner;
+        let Some(m) = msgs.get(&id).cloned() else { return Ok(None) };
         if !matches!(m.place, Place::Kept(_)) {
             let raw = match lock(&inner.cache).map.get(&id) {
                 Some(r) => r.clone(),
@@ -760,9 +809,8 @@ impl Store {
                 }
             }
             inner.kept.insert(id_key(id), raw.as_ref())?;
+            inner.sled_written();
         }
-        inner.state.insert(state_key(dest, id), StateRecord::Dead(record.clone()).encode())?;
-        inner.sled_written();
         if let Some(e) = msgs.get_mut(&id) {
             e.place = Place::Kept(match m.place {
                 Place::Log(loc) => NonZeroU64::new(loc.seg),
@@ -770,19 +818,58 @@ impl Store {
                 Place::Unplaced => None,
             });
             e.has_state = true;
-            e.pending = e.pending.saturating_sub(1);
-            e.dead += 1;
         }
-        if let Place::Log(loc) = m.place {
-            inner.segment_released(loc.seg);
+        Ok(match m.place {
+            Place::Log(loc) => Some(loc.seg),
+            _ => None,
+        })
+    }
+
+    /// Moves the live messages of sealed segments that hold at most
+    /// [`EVACUATE_MAX_LIVE`] of them into `kept`, so that a few messages that
+    /// keep failing do not keep whole segments (32 MiB each) on disk. A
+    /// segment is evacuated only if it was such a candidate at the previous
+    /// call as well (it is not emptying by itself); the store calls this
+    /// every [`EVACUATE_EVERY`]. Returns the number of messages moved.
+    pub(crate) fn evacuate_sparse(&self) -> Result<usize, StoreError> {
+        let inner = &self.inner;
+        let candidates: BTreeSet<u64> = {
+            let live = lock(&inner.live);
+            inner
+                .log
+                .sealed()
+                .into_iter()
+                .filter(|s| live.get(s).is_some_and(|n| (1..=EVACUATE_MAX_LIVE).contains(n)))
+                .collect()
+        };
+        let stuck: BTreeSet<u64> = {
+            let mut previous = lock(&inner.evacuate_candidates);
+            let stuck = previous.intersection(&candidates).copied().collect();
+            *previous = candidates;
+            stuck
+        };
+        if stuck.is_empty() {
+            return Ok(0);
         }
-        drop(msgs);
-        if let Some(e) = self.index().get_mut(dest) {
-            e.due.remove(&(lease.due_ms, lease.id));
-            e.pending.remove(&lease.id);
-            e.dead += 1;
+        let mut moved = 0;
+        for stripe in &inner.msgs {
+            let mut msgs = lock(stripe);
+            let ids: Vec<u64> = msgs
+                .iter()
+                .filter(|(_, m)| matches!(m.place, Place::Log(loc) if stuck.contains(&loc.seg)))
+                .map(|(id, _)| *id)
+                .collect();
+            for id in ids {
+                if let Some(seq) = self.keep(&mut msgs, id)? {
+                    inner.segment_released(seq);
+                    moved += 1;
+                }
+            }
         }
-        Ok(())
+        if moved > 0 {
+            tracing::info!(segments = ?stuck, messages = moved, "moved the last messages of sparse segments into sled");
+        }
+        Ok(moved)
     }
 
     /// Drops a lease whose message is missing (should never happen; kept so

@@ -106,6 +106,48 @@ fn a_damaged_log_tail_after_a_clean_close_is_refused() {
     });
 }
 
+/// A message that keeps failing does not keep its segment on disk: after
+/// two checks it is moved into sled, the segment is deleted, and the message
+/// is still delivered, also after a restart.
+#[test]
+fn a_sparse_segment_is_evacuated_and_its_messages_survive() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open_small(dir.path());
+        let ids: Vec<u64> =
+            (0..8).map(|i| store.append(&msg(&format!("m{i:0>200}")), &dests(&["a", "b"])).expect("append")).collect();
+        store.sync().await.expect("sync");
+        // `b` takes everything; `a` takes all but the first message.
+        for lease in all_due(&store, "b") {
+            store.delivered("b", &lease).expect("delivered");
+        }
+        for lease in all_due(&store, "a").into_iter().filter(|l| l.id != ids[0]) {
+            store.delivered("a", &lease).expect("delivered");
+        }
+        store.inner.reclaim_unneeded().await.expect("reclaim");
+        let pinned = store.inner.log.sealed();
+        assert_eq!(pinned.len(), 1, "only the first message's segment is left: {pinned:?}");
+
+        assert_eq!(store.evacuate_sparse().expect("check"), 0, "a first sighting moves nothing");
+        assert_eq!(store.evacuate_sparse().expect("check"), 1);
+        store.inner.reclaim_unneeded().await.expect("reclaim");
+        assert!(store.inner.log.sealed().is_empty(), "the sparse segment is deleted");
+        assert!(store.load(ids[0]).expect("load").is_some());
+        store.close().await.expect("close");
+        drop(store);
+
+        let store = open_small(dir.path());
+        assert_eq!(store.stats("a").depth, 1);
+        assert_eq!(store.stats("b").depth, 0, "b's delivery stays done");
+        let lease = all_due(&store, "a").remove(0);
+        assert_eq!(lease.id, ids[0]);
+        assert_eq!(store.load(ids[0]).expect("load").expect("record").body.len(), 201);
+        store.delivered("a", &lease).expect("delivered");
+        assert!(store.load(ids[0]).expect("load").is_none());
+        store.close().await.expect("close");
+    });
+}
+
 #[test]
 fn due_respects_time_limit_and_skip() {
     rt().block_on(async {
@@ -303,6 +345,8 @@ enum Op {
     /// one was synced): the last segment with data ends in these bytes and
     /// no clean close was recorded.
     TornReopen(Vec<u8>),
+    /// Two evacuation checks in a row: every sparse sealed segment is emptied.
+    Evacuate,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -315,6 +359,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0usize..3).prop_map(Op::Purge),
         1 => Just(Op::Reopen),
         1 => proptest::collection::vec(any::<u8>(), 1..80).prop_map(Op::TornReopen),
+        1 => Just(Op::Evacuate),
     ]
 }
 
@@ -469,6 +514,10 @@ proptest! {
                         store.close().await.expect("close");
                         drop(store);
                         store = open_small(dir.path());
+                    }
+                    Op::Evacuate => {
+                        store.evacuate_sparse().expect("first check");
+                        store.evacuate_sparse().expect("second check");
                     }
                     Op::TornReopen(bytes) => {
                         store.close().await.expect("close");
