@@ -746,4 +746,39 @@ mod tests {
         let _ = SegmentLog::open(dir.path(), 1 << 20, end, false, ids(&mut seen)).expect("reopen");
         assert_eq!(seen, [1, 2, 4]);
     }
+
+    /// `repair`: damage in a sealed segment is cut there on request; the
+    /// later segments stay whole, and the repaired log then opens normally.
+    #[test]
+    fn a_damaged_sealed_segment_is_cut_on_request_and_then_opens_normally() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = SegmentLog::open(dir.path(), 150, None, false, |_| Ok(())).expect("open");
+        let mut locs = Vec::new();
+        for id in 1..=6u64 {
+            log.push(|| id, Bytes::from(format!("record {id}")));
+            if id % 2 == 0 {
+                locs.extend(log.flush().expect("flush").records);
+            }
+        }
+        drop(log);
+        // Records 1 and 2 are the first batch of segment 1; damage record 2.
+        let first = seg_path(dir.path(), locs[1].1.seg);
+        assert_ne!(locs[1].1.seg, locs[5].1.seg, "the damaged segment is sealed");
+        let mut data = std::fs::read(&first).expect("read");
+        data[(locs[1].1.offset + FRAME_HEADER) as usize + ID_LEN] ^= 0xff;
+        std::fs::write(&first, &data).expect("write");
+
+        let open_ids = |cut: bool| {
+            let mut seen = Vec::new();
+            SegmentLog::open(dir.path(), 150, None, cut, |s| {
+                seen.push(s.id);
+                Ok(())
+            })
+            .map(|_| seen)
+        };
+        assert!(open_ids(false).is_err(), "damage in a sealed segment refuses the store");
+        let kept = open_ids(true).expect("cut on request");
+        assert!(kept.contains(&1) && !kept.contains(&2) && kept.contains(&6), "{kept:?}");
+        assert_eq!(open_ids(false).expect("opens normally after the repair"), kept);
+    }
 }
