@@ -125,6 +125,9 @@ pub struct StoreOptions {
     /// damage (the records from there to the end of that segment are lost),
     /// instead of refusing. For `switchboard repair`, an operator's decision.
     pub cut_damaged_log: bool,
+    /// How often to look for sparse segments; `None` uses [`EVACUATE_EVERY`].
+    /// Short values are for tests.
+    pub evacuate_every: Option<Duration>,
 }
 
 /// A due queue entry handed to a delivery worker.
@@ -387,7 +390,8 @@ impl Store {
             spawn("switchboard-sled", state_commit.clone(), Box::new(state_flush))?,
         ];
         *lock(&inner.flushers) = flushers;
-        let ticker = tokio::spawn(Self::idle_ticker(Arc::downgrade(&inner), inner.ticker_stop.clone()));
+        let evacuate_every = opts.evacuate_every.unwrap_or(EVACUATE_EVERY);
+        let ticker = tokio::spawn(Self::idle_ticker(Arc::downgrade(&inner), inner.ticker_stop.clone(), evacuate_every));
         let reclaimer =
             tokio::spawn(Self::reclaimer(Arc::downgrade(&inner), inner.reclaim.clone(), inner.ticker_stop.clone()));
         lock(&inner.tasks).extend([ticker, reclaimer]);
@@ -402,9 +406,13 @@ impl Store {
     }
 
     /// Pokes the flusher when settling writes wait for a flush and no
-    /// ingress flush comes along; every [`EVACUATE_EVERY`], evacuates sparse
+    /// ingress flush comes along; every `evacuate_every`, evacuates sparse
     /// segments.
-    async fn idle_ticker(weak: std::sync::Weak<Inner>, stop: tokio_util::sync::CancellationToken) {
+    async fn idle_ticker(
+        weak: std::sync::Weak<Inner>,
+        stop: tokio_util::sync::CancellationToken,
+        evacuate_every: Duration,
+    ) {
         let mut tick = tokio::time::interval(IDLE_FLUSH);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_evacuation = tokio::time::Instant::now();
@@ -417,7 +425,7 @@ impl Store {
             if inner.sled_dirty.load(Ordering::SeqCst) {
                 inner.state_commit.poke();
             }
-            if last_evacuation.elapsed() >= EVACUATE_EVERY {
+            if last_evacuation.elapsed() >= evacuate_every {
                 last_evacuation = tokio::time::Instant::now();
                 let store = Store { inner };
                 match tokio::task::spawn_blocking(move || store.evacuate_sparse()).await {

@@ -148,6 +148,37 @@ fn a_sparse_segment_is_evacuated_and_its_messages_survive() {
     });
 }
 
+/// The store's own ticker runs the evacuation (here every tick instead of
+/// every minute): a pinned sparse segment disappears without a call.
+#[test]
+fn the_ticker_evacuates_sparse_segments() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let opts = StoreOptions {
+            segment_bytes: Some(700),
+            evacuate_every: Some(Duration::from_millis(1)),
+            ..StoreOptions::default()
+        };
+        let store = Store::open(dir.path(), opts, |_, _| {}).expect("open");
+        let ids: Vec<u64> =
+            (0..8).map(|i| store.append(&msg(&format!("t{i:0>200}")), &dests(&["a"])).expect("append")).collect();
+        store.sync().await.expect("sync");
+        for lease in all_due(&store, "a").into_iter().filter(|l| l.id != ids[0]) {
+            store.delivered("a", &lease).expect("delivered");
+        }
+        store.inner.reclaim_unneeded().await.expect("reclaim");
+        assert_eq!(store.inner.log.sealed().len(), 1, "the first message pins its segment");
+        // Condition wait, bounded: two ticker checks (500 ms apart) and the reclaimer.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !store.inner.log.sealed().is_empty() {
+            assert!(std::time::Instant::now() < deadline, "sparse segment still there: {:?}", store.inner.log.sealed());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(store.load(ids[0]).expect("load").is_some());
+        store.close().await.expect("close");
+    });
+}
+
 #[test]
 fn due_respects_time_limit_and_skip() {
     rt().block_on(async {
