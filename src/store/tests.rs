@@ -106,6 +106,24 @@ fn a_damaged_log_tail_after_a_clean_close_is_refused() {
     });
 }
 
+/// Appends 8 messages (201-byte bodies) for `names` to a store with 700-byte
+/// segments and delivers all of them except the first one's delivery to
+/// `names[0]`, so that message alone pins a sealed segment. Returns the ids.
+async fn pin_one_segment(store: &Store, names: &[&str]) -> Vec<u64> {
+    let ids: Vec<u64> =
+        (0..8).map(|i| store.append(&msg(&format!("m{i:0>200}")), &dests(names)).expect("append")).collect();
+    store.sync().await.expect("sync");
+    for (n, name) in names.iter().enumerate() {
+        for lease in all_due(store, name).into_iter().filter(|l| n > 0 || l.id != ids[0]) {
+            store.delivered(name, &lease).expect("delivered");
+        }
+    }
+    store.inner.reclaim_unneeded().await.expect("reclaim");
+    let pinned = store.inner.log.sealed();
+    assert_eq!(pinned.len(), 1, "only the first message's segment is left: {pinned:?}");
+    ids
+}
+
 /// A message that keeps failing does not keep its segment on disk: after
 /// two checks it is moved into sled, the segment is deleted, and the message
 /// is still delivered, also after a restart.
@@ -114,19 +132,8 @@ fn a_sparse_segment_is_evacuated_and_its_messages_survive() {
     rt().block_on(async {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = open_small(dir.path());
-        let ids: Vec<u64> =
-            (0..8).map(|i| store.append(&msg(&format!("m{i:0>200}")), &dests(&["a", "b"])).expect("append")).collect();
-        store.sync().await.expect("sync");
         // `b` takes everything; `a` takes all but the first message.
-        for lease in all_due(&store, "b") {
-            store.delivered("b", &lease).expect("delivered");
-        }
-        for lease in all_due(&store, "a").into_iter().filter(|l| l.id != ids[0]) {
-            store.delivered("a", &lease).expect("delivered");
-        }
-        store.inner.reclaim_unneeded().await.expect("reclaim");
-        let pinned = store.inner.log.sealed();
-        assert_eq!(pinned.len(), 1, "only the first message's segment is left: {pinned:?}");
+        let ids = pin_one_segment(&store, &["a", "b"]).await;
 
         assert_eq!(store.evacuate_sparse().expect("check"), 0, "a first sighting moves nothing");
         assert_eq!(store.evacuate_sparse().expect("check"), 1);
@@ -160,15 +167,11 @@ fn the_ticker_evacuates_sparse_segments() {
             ..StoreOptions::default()
         };
         let store = Store::open(dir.path(), opts, |_, _| {}).expect("open");
-        let ids: Vec<u64> =
-            (0..8).map(|i| store.append(&msg(&format!("t{i:0>200}")), &dests(&["a"])).expect("append")).collect();
-        store.sync().await.expect("sync");
-        for lease in all_due(&store, "a").into_iter().filter(|l| l.id != ids[0]) {
-            store.delivered("a", &lease).expect("delivered");
-        }
-        store.inner.reclaim_unneeded().await.expect("reclaim");
-        assert_eq!(store.inner.log.sealed().len(), 1, "the first message pins its segment");
-        // Condition wait, bounded: two ticker checks (500 ms apart) and the reclaimer.
+        let ids = pin_one_segment(&store, &["a"]).await;
+        // Nothing to await: the ticker and the reclaimer are the store's own
+        // tasks and signal nothing. So poll the condition itself, bounded
+        // (two checks 500 ms apart, then the reclaimer); no assertion
+        // depends on how long it took.
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while !store.inner.log.sealed().is_empty() {
             assert!(std::time::Instant::now() < deadline, "sparse segment still there: {:?}", store.inner.log.sealed());
