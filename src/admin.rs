@@ -6,8 +6,12 @@
 //! - `GET /metrics`: Prometheus text exposition.
 //! - `GET /healthz`: 200 while the process serves requests and its store can
 //!   flush; 503 once flushes keep failing (a restart is what recovers the store).
-//! - `GET /readyz`: 200 once the store is open and every listener is bound,
-//!   503 before that and while shutting down.
+//! - `GET /readyz`: 200 once the store is open and every listener is bound
+//!   and while the store accepts callbacks; 503 before that, while shutting
+//!   down, and while ingress would refuse callbacks (disk below
+//!   `min_free_bytes`, `max_bytes` reached, a failed flush), so a load
+//!   balancer sends them elsewhere. It turns 200 again by itself once the
+//!   store accepts again.
 //! - `GET /api/destinations`: pending depth, oldest age and dead letters per destination.
 //! - `GET /api/dead-letters/{destination}?limit=N`: dead letters, oldest first (default 100).
 //! - `POST /api/dead-letters/{destination}/replay[?id=MSG_ID]`: moves dead
@@ -16,23 +20,15 @@
 //!   letters (all, or one); messages nothing else needs are deleted too.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
-use crate::delivery::Wakers;
+use crate::wake::Wakers;
 use crate::metrics::Metrics;
 use crate::store::{now_ms, Store};
 
@@ -47,51 +43,10 @@ pub struct Admin {
     pub token: Option<crate::config::Secret>,
 }
 
-pub async fn serve(
-    listener: TcpListener,
-    tls: Option<crate::tls::CertStore>,
-    admin: Arc<Admin>,
-    shutdown: CancellationToken,
-) {
-    let acceptor = tls.map(|t| tokio_rustls::TlsAcceptor::from(t.server_config()));
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
-    let graceful = GracefulShutdown::new();
-    loop {
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => break,
-        };
-        let admin = admin.clone();
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        let acceptor = acceptor.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let admin = admin.clone();
-                async move { Ok::<_, Infallible>(admin.handle(req).await) }
-            });
-            match acceptor {
-                None => {
-                    let _ = watcher.watch(builder.serve_connection(TokioIo::new(stream), svc)).await;
-                }
-                Some(acceptor) => {
-                    if let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
-                        let _ = watcher.watch(builder.serve_connection(TokioIo::new(tls), svc)).await;
-                    }
-                }
-            }
-        });
+impl crate::server::Handler for Admin {
+    async fn handle(&self, req: Request<Incoming>, _peer: std::net::SocketAddr) -> Response<Full<Bytes>> {
+        Admin::handle(self, req).await
     }
-    drop(listener);
-    let _ = tokio::time::timeout(Duration::from_secs(1), graceful.shutdown()).await;
 }
 
 fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -172,10 +127,12 @@ impl Admin {
                 }
             }
             (&Method::GET, ["readyz"]) => {
-                if self.ready.load(Ordering::SeqCst) && !self.store.is_closed() {
-                    respond(StatusCode::OK, "text/plain", "ready\n")
-                } else {
-                    respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
+                if !self.ready.load(Ordering::SeqCst) || self.store.is_closed() {
+                    return respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n");
+                }
+                match self.store.accepting() {
+                    Ok(()) => respond(StatusCode::OK, "text/plain", "ready\n"),
+                    Err(e) => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {e}\n")),
                 }
             }
             (&Method::GET, ["api", "destinations"]) => {

@@ -91,6 +91,24 @@ impl Auth {
         matches!(self, Auth::BodyFields { .. } | Auth::Hmac(_))
     }
 
+    /// The request headers that carry the sender's credentials in this mode:
+    /// not forwarded unless a destination asks (see `headers.rs`).
+    pub fn credential_headers(&self) -> Vec<HeaderName> {
+        match self {
+            Auth::BodyFields { .. } => Vec::new(),
+            Auth::Basic { .. } => vec![http::header::AUTHORIZATION],
+            Auth::Header { name, .. } => vec![name.clone()],
+            Auth::Hmac(h) => {
+                let mut v = vec![h.header.clone()];
+                v.extend(h.timestamp_header.clone());
+                if h.scheme == HmacScheme::StandardWebhooks {
+                    v.push(HeaderName::from_static("webhook-timestamp"));
+                }
+                v
+            }
+        }
+    }
+
     pub fn check(&self, headers: &HeaderMap, body: &[u8], now: SystemTime) -> Result<(), Rejection> {
         match self {
             Auth::BodyFields { username_field, password_field, username, passwords } => {

@@ -10,13 +10,13 @@
 //! entries from the store (in memory only: a crash simply makes them due again)
 //! and runs each attempt as a task bounded by the destination's timeout. The
 //! attempt's result is classified and decided on by [`crate::retry`]; the
-//! decision is written back in one store transaction. A retry is a queue entry
+//! decision is written back to the store (one state change). A retry is a queue entry
 //! with a later due time, never a task sleeping with the message in memory.
 //!
 //! Forwarded request: `POST` to the destination URL with the original body
 //! bytes (minus `strip_body_fields`, if the destination sets them) and the
-//! original end-to-end headers (Content-Type, User-Agent, ...;
-//! hop-by-hop headers, Host and Content-Length are never forwarded), plus:
+//! stored headers as `headers.rs` decides (the sender's end-to-end headers,
+//! without its credentials unless `forward_sender_credentials`), plus:
 //! - `webhook-id` and `x-switchboard-id`: the message id, identical across
 //!   retries and destinations (`webhook-id` is left as the sender's if the
 //!   sender set one, so upstream Standard Webhooks signatures still verify);
@@ -41,6 +41,7 @@ use crate::config::Destination;
 use crate::metrics::Metrics;
 use crate::retry::{Action, Cause, Outcome, TransportError};
 use crate::store::{now_ms, DeadRecord, Lease, QueueRecord, Store};
+use crate::wake::Wakers;
 
 type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
@@ -50,26 +51,6 @@ const MAX_RESPONSE_BODY: usize = 64 * 1024;
 
 /// How long a scheduler waits before retrying after a store read failed.
 const STORE_ERROR_PAUSE: Duration = Duration::from_secs(1);
-
-/// Per-destination wake-up signals, shared by ingress, admin and workers.
-#[derive(Clone, Default)]
-pub struct Wakers(Arc<HashMap<Arc<str>, Arc<Notify>>>);
-
-impl Wakers {
-    pub fn new(destinations: &[Arc<Destination>]) -> Wakers {
-        Wakers(Arc::new(destinations.iter().map(|d| (d.name.clone(), Arc::new(Notify::new()))).collect()))
-    }
-
-    pub fn wake(&self, destination: &str) {
-        if let Some(n) = self.0.get(destination) {
-            n.notify_one();
-        }
-    }
-
-    fn get(&self, destination: &str) -> Arc<Notify> {
-        self.0.get(destination).cloned().unwrap_or_default()
-    }
-}
 
 /// Builds the HTTP(S) client for one destination.
 fn build_client(dest: &Destination) -> anyhow::Result<HttpClient> {
@@ -102,6 +83,8 @@ fn build_client(dest: &Destination) -> anyhow::Result<HttpClient> {
 /// One destination's scheduler and its attempts.
 pub struct Worker {
     dest: Arc<Destination>,
+    /// Per route: the sender-credential headers this destination does not get.
+    withheld: Arc<HashMap<String, Vec<HeaderName>>>,
     store: Store,
     metrics: Arc<Metrics>,
     client: HttpClient,
@@ -109,10 +92,20 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn new(dest: Arc<Destination>, store: Store, metrics: Arc<Metrics>, wakers: &Wakers) -> anyhow::Result<Worker> {
+    /// `credentials` maps each route to the headers that carry its senders'
+    /// credentials; they are withheld unless the destination sets
+    /// `forward_sender_credentials`.
+    pub fn new(
+        dest: Arc<Destination>,
+        credentials: Arc<HashMap<String, Vec<HeaderName>>>,
+        store: Store,
+        metrics: Arc<Metrics>,
+        wakers: &Wakers,
+    ) -> anyhow::Result<Worker> {
         let client = build_client(&dest)?;
         let wake = wakers.get(&dest.name);
-        Ok(Worker { dest, store, metrics, client, wake })
+        let withheld = if dest.forward_sender_credentials { Arc::default() } else { credentials };
+        Ok(Worker { dest, withheld, store, metrics, client, wake })
     }
 
     /// Runs until `shutdown`, then waits up to `grace` for attempts in flight;
@@ -295,13 +288,14 @@ impl Worker {
         let mut req = http::Request::post(self.dest.url.clone()).body(Full::new(self.body_for(msg)))?;
         let headers = req.headers_mut();
         let mut forwarded_for: Option<Vec<u8>> = None;
+        let withheld: &[HeaderName] = self.withheld.get(&msg.route).map(Vec::as_slice).unwrap_or_default();
         for (name, value) in &msg.headers {
             let (Ok(name), Ok(value)) =
                 (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_maybe_shared(value.clone()))
             else {
                 continue;
             };
-            if crate::ingress::is_hop_by_hop(&name) {
+            if !crate::headers::forwarded(&name, withheld) {
                 continue;
             }
             if name == "x-forwarded-for" {

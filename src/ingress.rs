@@ -16,11 +16,18 @@
 //! | malformed body framing                      | 400    |
 //! | body not complete within `body_read_timeout`| 408    |
 //! | store full, failing or closing              | 503 + `Retry-After` |
+//! | no room under `max_buffered_bytes` within `body_read_timeout` | 503 + `Retry-After` |
 //!
-//! Protection: headers must arrive within `header_read_timeout` (HTTP/1), at
-//! most `max_headers` headers of at most 64 KiB in all, and at most
-//! `max_connections` connections are served at once across all listeners;
-//! further connections wait in the kernel's accept queue.
+//! Protection (connection handling is in `server.rs`): a connection must
+//! complete its first request head within `header_read_timeout` of its
+//! accept (TLS handshake included), at most `max_headers` headers of at
+//! most 64 KiB in all, at most `max_connections` connections across all
+//! listeners (further ones wait in the kernel's accept queue) and, when
+//! set, `max_connections_per_ip` from one address. Request bodies held in
+//! memory are bounded by `max_buffered_bytes` in all: a request takes its
+//! share before its body is read (its `Content-Length`, or chunk by chunk)
+//! and gives it back once answered. The body is read straight into the
+//! store's record ([`Draft`]), its only copy in the relay.
 //!
 //! The client address is the TCP peer, or, when the peer is one of the
 //! listener's `trusted_proxies`, the rightmost untrusted `X-Forwarded-For` /
@@ -31,35 +38,21 @@
 //! wakes the destinations' schedulers, nothing more.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
-use http::{header, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::auth;
 use crate::config::{IngressConfig, Route};
-use crate::delivery::Wakers;
 use crate::metrics::Metrics;
-use crate::store::{now_ms, MessageRecord, Store};
-
-/// Upper bound on the bytes of a request head (request line plus headers).
-const MAX_HEAD_BYTES: usize = 64 * 1024;
-
-/// Pause after a failed `accept` (e.g. out of file descriptors) so the loop
-/// does not spin while the condition lasts.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+use crate::store::{now_ms, Draft, Store};
+use crate::wake::Wakers;
 
 /// Everything a request handler needs, shared by all connections.
 pub struct Ingress {
@@ -69,127 +62,72 @@ pub struct Ingress {
     pub metrics: Arc<Metrics>,
     pub wakers: Wakers,
     pub dedupe: crate::dedupe::Dedupe,
+    /// Bytes of request bodies that may be held in memory (`max_buffered_bytes`).
+    pub buffered: Arc<Semaphore>,
 }
 
-/// Headers that describe one connection, not the message: never stored or forwarded.
-pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "host"
-            | "content-length"
-            | "expect"
-            | "http2-settings"
-    )
+impl Ingress {
+    pub fn new(
+        routes: HashMap<String, Arc<Route>>,
+        config: IngressConfig,
+        store: Store,
+        metrics: Arc<Metrics>,
+        wakers: Wakers,
+    ) -> Ingress {
+        let budget = usize::try_from(config.max_buffered_bytes).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
+        Ingress {
+            routes,
+            config,
+            store,
+            metrics,
+            wakers,
+            dedupe: crate::dedupe::Dedupe::default(),
+            buffered: Arc::new(Semaphore::new(budget)),
+        }
+    }
 }
 
 /// Per-listener settings the handler needs.
 #[derive(Clone, Default)]
 pub struct ListenerCtx {
-    pub tls: Option<crate::tls::CertStore>,
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub allow_ips: Vec<ipnet::IpNet>,
 }
 
-/// Accepts connections on `listener` until `shutdown`, then lets requests in
-/// flight finish for up to `grace`.
-pub async fn serve(
-    listener: TcpListener,
-    ctx: ListenerCtx,
-    ingress: Arc<Ingress>,
-    connections: Arc<Semaphore>,
-    shutdown: CancellationToken,
-    grace: Duration,
-) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(ingress.config.header_read_timeout)
-        .max_headers(ingress.config.max_headers)
-        .max_buf_size(MAX_HEAD_BYTES);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(64)
-        .max_header_list_size(MAX_HEAD_BYTES as u32)
-        .keep_alive_interval(Duration::from_secs(30));
-    let acceptor = ctx.tls.as_ref().map(|t| tokio_rustls::TlsAcceptor::from(t.server_config()));
-    let ctx = Arc::new(ctx);
-    let graceful = GracefulShutdown::new();
-    let local = listener.local_addr().ok();
-    loop {
-        let permit = tokio::select! {
-            p = connections.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = shutdown.cancelled() => break,
-        };
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let ingress = ingress.clone();
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        let acceptor = acceptor.clone();
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            ingress.metrics.ingress_connections.inc();
-            let svc = {
-                let ingress = ingress.clone();
-                service_fn(move |req| {
-                    let (ingress, ctx) = (ingress.clone(), ctx.clone());
-                    async move { Ok::<_, Infallible>(ingress.handle(req, peer, &ctx).await) }
-                })
-            };
-            let result = match acceptor {
-                None => watcher.watch(builder.serve_connection(TokioIo::new(stream), svc)).await,
-                Some(acceptor) => {
-                    // The handshake shares the header timeout: a client that
-                    // opens a connection and never finishes it is cut off too.
-                    let hs = tokio::time::timeout(ingress.config.header_read_timeout, acceptor.accept(stream)).await;
-                    match hs {
-                        Ok(Ok(tls)) => watcher.watch(builder.serve_connection(TokioIo::new(tls), svc)).await,
-                        Ok(Err(e)) => {
-                            tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
-                            Ok(())
-                        }
-                        Err(_) => {
-                            tracing::debug!(peer = %peer, "TLS handshake timed out");
-                            Ok(())
-                        }
-                    }
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
-            }
-            ingress.metrics.ingress_connections.dec();
-        });
+/// The ingress as one listener serves it.
+pub struct ListenerIngress {
+    pub ingress: Arc<Ingress>,
+    pub ctx: ListenerCtx,
+}
+
+impl crate::server::Handler for ListenerIngress {
+    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+        self.ingress.handle(req, peer, &self.ctx).await
     }
-    drop(listener);
-    tracing::info!(addr = ?local, "ingress listener closed; finishing requests in flight");
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
-        tracing::warn!(addr = ?local, "grace period over with ingress connections still open");
+}
+
+/// A request's share of `max_buffered_bytes`, given back (and the gauge
+/// lowered) when the request is answered.
+struct Buffered {
+    permit: Option<OwnedSemaphorePermit>,
+    gauge: prometheus::IntGauge,
+}
+
+impl Buffered {
+    fn add(&mut self, p: OwnedSemaphorePermit) {
+        self.gauge.add(p.num_permits() as i64);
+        match &mut self.permit {
+            Some(held) => held.merge(p),
+            None => self.permit = Some(p),
+        }
+    }
+}
+
+impl Drop for Buffered {
+    fn drop(&mut self) {
+        if let Some(p) = &self.permit {
+            self.gauge.sub(p.num_permits() as i64);
+        }
     }
 }
 
@@ -239,39 +177,38 @@ impl Ingress {
             }
         }
         let limit = route.max_body;
-        if let Some(len) = req.headers().get(header::CONTENT_LENGTH) {
-            match len.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()) {
+        let declared = match req.headers().get(header::CONTENT_LENGTH) {
+            None => None,
+            Some(len) => match len.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()) {
                 Some(n) if n > limit => return too_large(limit),
-                Some(_) => {}
+                Some(n) => Some(n),
                 None => return error(StatusCode::BAD_REQUEST, "invalid Content-Length"),
-            }
-        }
+            },
+        };
         let (parts, body) = req.into_parts();
-        let read = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)).collect();
-        let body = match tokio::time::timeout(self.config.body_read_timeout, read).await {
-            Err(_) => return close(error(StatusCode::REQUEST_TIMEOUT, "request body not received in time")),
-            Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => return too_large(limit),
-            Ok(Err(_)) => return close(error(StatusCode::BAD_REQUEST, "malformed request body")),
-            Ok(Ok(collected)) => collected.to_bytes(),
+        let withheld: &[http::HeaderName] = if route.store_credentials { &[] } else { &route.credential_headers };
+        let headers = crate::headers::stored(&parts.headers, withheld);
+        let hint = declared.unwrap_or(0) as usize;
+        let draft = Draft::new(now_ms(), &route.path, &client.to_string(), &headers, &route.destinations, hint);
+        let (draft, _buffered) = match self.read_body(body, draft, declared, route).await {
+            Ok(read) => read,
+            Err(resp) => return resp,
         };
         if let Some(a) = route.auth.as_deref().filter(|a| a.needs_body()) {
-            if let Err(r) = a.check(&parts.headers, &body, SystemTime::now()) {
+            if let Err(r) = a.check(&parts.headers, draft.body(), SystemTime::now()) {
                 return self.unauthorized(route, &r);
             }
         }
 
-        let dedupe_key = route.dedupe_window.map(|_| crate::dedupe::Dedupe::key(&route.path, &body));
+        let dedupe_key = route.dedupe_window.map(|_| crate::dedupe::Dedupe::key(&route.path, draft.body()));
         if let Some(key) = &dedupe_key {
             if let Some(id) = self.dedupe.lookup(key, Instant::now()) {
                 self.metrics.ingress_duplicates.with_label_values(&[&route.path]).inc();
                 return json_response(StatusCode::OK, serde_json::json!({ "id": id, "duplicate": true }));
             }
         }
-        let headers = stored_headers(&parts.headers);
-        let record =
-            MessageRecord { received_ms: now_ms(), route: route.path.clone(), peer: client.to_string(), headers, body };
         let started = Instant::now();
-        let id = match self.store.append(&record, &route.destinations) {
+        let id = match self.store.append_draft(draft, &route.destinations) {
             Ok(id) => id,
             Err(e) => return self.unavailable(&e),
         };
@@ -293,11 +230,77 @@ impl Ingress {
         resp
     }
 
-    fn unavailable(&self, e: &crate::store::StoreError) -> Response<Full<Bytes>> {
-        tracing::warn!(error = %e, "refusing a callback: the store cannot take it");
-        let mut resp = error(StatusCode::SERVICE_UNAVAILABLE, "cannot store the message right now; retry later");
+    /// Reads the body into `draft` within `body_read_timeout`, holding its
+    /// bytes' share of `max_buffered_bytes`: all of a declared length before
+    /// the first byte is read, chunk by chunk otherwise.
+    async fn read_body(
+        &self,
+        mut body: Incoming,
+        mut draft: Draft,
+        declared: Option<u64>,
+        route: &Route,
+    ) -> Result<(Draft, Buffered), Response<Full<Bytes>>> {
+        let deadline = tokio::time::Instant::now() + self.config.body_read_timeout;
+        let mut held = Buffered { permit: None, gauge: self.metrics.ingress_buffered_bytes.clone() };
+        if let Some(n) = declared.filter(|n| *n > 0) {
+            held.add(self.room(n, deadline, route).await?);
+        }
+        let mut read: u64 = 0;
+        loop {
+            let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+                Err(_) => return Err(close(error(StatusCode::REQUEST_TIMEOUT, "request body not received in time"))),
+                Ok(None) => break,
+                Ok(Some(Err(_))) => return Err(close(error(StatusCode::BAD_REQUEST, "malformed request body"))),
+                Ok(Some(Ok(frame))) => frame,
+            };
+            let Ok(chunk) = frame.into_data() else { continue }; // trailers: not stored
+            read += chunk.len() as u64;
+            if read > route.max_body {
+                return Err(too_large(route.max_body));
+            }
+            if declared.is_none() && !chunk.is_empty() {
+                held.add(self.room(chunk.len() as u64, deadline, route).await?);
+            }
+            draft.extend(&chunk);
+        }
+        Ok((draft, held))
+    }
+
+    /// `n` bytes of `max_buffered_bytes`, waiting for them until `deadline`.
+    async fn room(
+        &self,
+        n: u64,
+        deadline: tokio::time::Instant,
+        route: &Route,
+    ) -> Result<OwnedSemaphorePermit, Response<Full<Bytes>>> {
+        // n <= max_body <= 512 MiB (validation), so it fits a u32.
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        if let Ok(p) = self.buffered.clone().try_acquire_many_owned(n) {
+            return Ok(p);
+        }
+        let waits = &self.metrics.ingress_buffer_waits;
+        match tokio::time::timeout_at(deadline, self.buffered.clone().acquire_many_owned(n)).await {
+            Ok(Ok(p)) => {
+                waits.with_label_values(&[&route.path, "admitted"]).inc();
+                Ok(p)
+            }
+            _ => {
+                waits.with_label_values(&[&route.path, "refused"]).inc();
+                tracing::warn!(route = %route.path, bytes = n, "refusing a callback: ingress.max_buffered_bytes stayed full for body_read_timeout");
+                Err(close(self.retry_later("too many request bodies in memory right now; retry later")))
+            }
+        }
+    }
+
+    fn retry_later(&self, reason: &str) -> Response<Full<Bytes>> {
+        let mut resp = error(StatusCode::SERVICE_UNAVAILABLE, reason);
         resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(self.config.retry_after.as_secs().max(1)));
         resp
+    }
+
+    fn unavailable(&self, e: &crate::store::StoreError) -> Response<Full<Bytes>> {
+        tracing::warn!(error = %e, "refusing a callback: the store cannot take it");
+        self.retry_later("cannot store the message right now; retry later")
     }
 }
 
@@ -310,21 +313,4 @@ fn too_large(limit: u64) -> Response<Full<Bytes>> {
 fn close(mut resp: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
     resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     resp
-}
-
-/// The request's end-to-end headers, in order, as stored with the message.
-fn stored_headers(headers: &http::HeaderMap) -> Vec<(String, Bytes)> {
-    // Headers the sender marked as hop-by-hop through `Connection` (usually none).
-    let listed: Vec<String> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|s| s.trim().to_ascii_lowercase())
-        .collect();
-    headers
-        .iter()
-        .filter(|(name, _)| !is_hop_by_hop(name) && !listed.iter().any(|l| l == name.as_str()))
-        .map(|(name, value)| (name.as_str().to_string(), Bytes::copy_from_slice(value.as_bytes())))
-        .collect()
 }

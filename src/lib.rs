@@ -10,6 +10,9 @@
 //! - [`auth`]: sender authentication, source allowlists, trusted proxies.
 //! - [`dedupe`]: opt-in inbound de-duplication of resent callbacks.
 //! - [`tls`]: rustls listeners with certificate hot reload.
+//! - [`server`]: the HTTP server scaffold ingress and admin share (limits, deadlines, drain).
+//! - [`headers`]: header policy (stored, forwarded, never forwarded).
+//! - [`wake`]: per-destination wake-up signals.
 //! - [`store`]: the durable store (message log + sled: messages, due queues, dead letters).
 //! - [`delivery`]: one scheduler per destination, forwarding stored messages.
 //! - [`retry`]: outcome classification and the pure retry policy.
@@ -26,26 +29,39 @@ pub mod cli;
 pub mod config;
 pub mod dedupe;
 pub mod delivery;
+pub mod headers;
 pub mod ingress;
 pub mod metrics;
 pub mod retry;
+pub mod server;
 pub mod shutdown;
 pub mod store;
 pub mod tls;
+pub mod wake;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::delivery::{Wakers, Worker};
+use crate::delivery::Worker;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreOptions};
+use crate::wake::Wakers;
+
+/// The admin listener's head deadline: it is for operators and probes on
+/// a private address, who send their request at once.
+const ADMIN_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Admin connections served at once: probes, a scraper and a few operators.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
 
 /// Already-bound sockets for [`run`]: tests bind `127.0.0.1:0` themselves.
 /// `ingress[i]` serves `config.listeners[i]` (its TLS, proxies, allowlist).
@@ -134,11 +150,10 @@ pub async fn run_with_reload(
             }
             None => None,
         };
-        ctxs.push(ingress::ListenerCtx {
+        ctxs.push((
             tls,
-            trusted_proxies: l.trusted_proxies.clone(),
-            allow_ips: l.allow_ips.clone(),
-        });
+            ingress::ListenerCtx { trusted_proxies: l.trusted_proxies.clone(), allow_ips: l.allow_ips.clone() },
+        ));
     }
     let admin_tls = match &config.admin.tls {
         Some(files) => {
@@ -163,34 +178,39 @@ pub async fn run_with_reload(
     }
 
     let tracker = TaskTracker::new();
-    let wakers = Wakers::new(&config.destinations);
+    let wakers = Wakers::new(config.destinations.iter().map(|d| &d.name));
+    let credentials: Arc<HashMap<String, Vec<http::HeaderName>>> =
+        Arc::new(config.routes.iter().map(|r| (r.path.clone(), r.credential_headers.clone())).collect());
     for dest in &config.destinations {
-        let worker = Worker::new(dest.clone(), store.clone(), metrics.clone(), &wakers)
+        let worker = Worker::new(dest.clone(), credentials.clone(), store.clone(), metrics.clone(), &wakers)
             .with_context(|| format!("setting up destination {}", dest.name))?;
         tracker.spawn(worker.run(shutdown.clone(), config.grace_period));
     }
 
-    let ingress = Arc::new(ingress::Ingress {
-        routes: config::route_table(&config.routes),
-        config: config.ingress.clone(),
-        store: store.clone(),
-        metrics: metrics.clone(),
-        wakers: wakers.clone(),
-        dedupe: dedupe::Dedupe::default(),
-    });
-    let connections = Arc::new(Semaphore::new(config.ingress.max_connections));
-    for (listener, ctx) in listeners.ingress.into_iter().zip(ctxs) {
+    let ingress = Arc::new(ingress::Ingress::new(
+        config::route_table(&config.routes),
+        config.ingress.clone(),
+        store.clone(),
+        metrics.clone(),
+        wakers.clone(),
+    ));
+    let limits = server::Limits::new(config.ingress.max_connections, config.ingress.max_connections_per_ip);
+    for ((listener, (tls, ctx)), l) in listeners.ingress.into_iter().zip(ctxs).zip(&config.listeners) {
         if let Ok(addr) = listener.local_addr() {
-            tracing::info!(addr = %addr, tls = ctx.tls.is_some(), "ingress listening");
+            tracing::info!(addr = %addr, tls = tls.is_some(), "ingress listening");
         }
-        tracker.spawn(ingress::serve(
-            listener,
-            ctx,
-            ingress.clone(),
-            connections.clone(),
-            shutdown.clone(),
-            config.grace_period,
-        ));
+        let cfg = server::ServerConfig {
+            kind: "ingress",
+            tls,
+            head_timeout: config.ingress.header_read_timeout,
+            max_headers: config.ingress.max_headers,
+            allow_ips: l.allow_ips.clone(),
+            trusted_proxies: l.trusted_proxies.clone(),
+            retry_after: config.ingress.retry_after,
+            grace: config.grace_period,
+        };
+        let handler = Arc::new(ingress::ListenerIngress { ingress: ingress.clone(), ctx });
+        tracker.spawn(server::serve(listener, cfg, limits.clone(), handler, metrics.clone(), shutdown.clone()));
     }
     for (name, store) in &certs {
         metrics.tls_expiry.with_label_values(&[name]).set(store.not_after() as f64);
@@ -214,7 +234,18 @@ pub async fn run_with_reload(
     if let Ok(addr) = listeners.admin.local_addr() {
         tracing::info!(addr = %addr, "admin listening");
     }
-    tracker.spawn(admin::serve(listeners.admin, admin_tls, admin, shutdown.clone()));
+    let admin_cfg = server::ServerConfig {
+        kind: "admin",
+        tls: admin_tls,
+        head_timeout: ADMIN_HEAD_TIMEOUT,
+        max_headers: 100,
+        allow_ips: Vec::new(),
+        trusted_proxies: Vec::new(),
+        retry_after: config.ingress.retry_after,
+        grace: config.grace_period,
+    };
+    let admin_limits = server::Limits::new(ADMIN_MAX_CONNECTIONS, None);
+    tracker.spawn(server::serve(listeners.admin, admin_cfg, admin_limits, admin, metrics.clone(), shutdown.clone()));
     tracker.close();
     ready.store(true, Ordering::SeqCst);
     tracing::info!(store = %config.store.path.display(), routes = config.routes.len(), destinations = config.destinations.len(), "switchboard started");

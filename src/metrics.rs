@@ -32,6 +32,9 @@ pub struct Metrics {
     pub ingress_connections: IntGauge,
     pub ingress_rejected: IntCounterVec,
     pub ingress_duplicates: IntCounterVec,
+    pub connections_refused: IntCounterVec,
+    pub ingress_buffered_bytes: IntGauge,
+    pub ingress_buffer_waits: IntCounterVec,
     pub strip_skipped: IntCounterVec,
     pub tls_expiry: GaugeVec,
     pub tls_reloads: IntCounterVec,
@@ -128,6 +131,23 @@ impl Metrics {
                 "switchboard_ingress_duplicates_total",
                 "Requests answered with an earlier message's id (dedupe_window), by route",
                 &["route"],
+            ),
+            connections_refused: counter_vec(
+                &r,
+                "switchboard_connections_refused_total",
+                "Connections closed by a listener before a request was served, by listener and reason (ip_not_allowed, per_ip_limit, head_timeout)",
+                &["listener", "reason"],
+            ),
+            ingress_buffered_bytes: int_gauge(
+                &r,
+                "switchboard_ingress_buffered_bytes",
+                "Request body bytes held in memory by ingress (bounded by ingress.max_buffered_bytes)",
+            ),
+            ingress_buffer_waits: counter_vec(
+                &r,
+                "switchboard_ingress_buffer_waits_total",
+                "Requests that waited for room under ingress.max_buffered_bytes, by route and result (admitted, refused)",
+                &["route", "result"],
             ),
             strip_skipped: counter_vec(
                 &r,

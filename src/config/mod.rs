@@ -164,6 +164,8 @@ pub struct IngressConfig {
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
     pub max_connections: usize,
+    pub max_connections_per_ip: Option<usize>,
+    pub max_buffered_bytes: u64,
     pub max_headers: usize,
     pub retry_after: Duration,
 }
@@ -175,6 +177,11 @@ pub struct Route {
     pub max_body: u64,
     pub allow_ips: Vec<ipnet::IpNet>,
     pub auth: Option<Arc<crate::auth::Auth>>,
+    /// Headers carrying the sender's credentials (from `auth`).
+    pub credential_headers: Vec<http::HeaderName>,
+    /// Whether a destination of this route wants those headers forwarded,
+    /// so they are stored with the message.
+    pub store_credentials: bool,
     pub dedupe_window: Option<std::time::Duration>,
 }
 
@@ -189,6 +196,7 @@ pub struct Destination {
     pub connect_timeout: Duration,
     pub concurrency: usize,
     pub strip_body_fields: Vec<String>,
+    pub forward_sender_credentials: bool,
     pub paused: bool,
     /// Extra trusted CA certificates, already loaded.
     pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
@@ -333,12 +341,16 @@ concurrency = 0
     /// body would be acknowledged and then make the log unreadable.
     #[test]
     fn max_body_beyond_what_the_store_takes_is_refused() {
-        let toml = MINIMAL.replace("[[routes]]", "[ingress]\nmax_body = 1073741824\n[[routes]]\nmax_body = 600000000");
+        let toml = MINIMAL.replace(
+            "[[routes]]",
+            "[ingress]\nmax_body = 1073741824\nmax_buffered_bytes = 1073741824\n[[routes]]\nmax_body = 600000000",
+        );
         let err = load_str(&toml).expect_err("invalid");
         let keys: Vec<_> = err.problems.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(keys, ["ingress.max_body", "routes[0].max_body"], "{err}");
         assert!(err.to_string().contains("at most 536870912 bytes"), "{err}");
-        let at_limit = MINIMAL.replace("[[routes]]", "[ingress]\nmax_body = 536870912\n[[routes]]");
+        let at_limit =
+            MINIMAL.replace("[[routes]]", "[ingress]\nmax_body = 536870912\nmax_buffered_bytes = 536870912\n[[routes]]");
         assert_eq!(load_str(&at_limit).expect("valid").routes[0].max_body, crate::store::MAX_BODY);
     }
 }

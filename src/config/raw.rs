@@ -177,6 +177,16 @@ pub struct RawIngress {
     pub body_read_timeout: Duration,
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Connections one client address may hold open at once, across all
+    /// listeners; 0 (the default) is no per-address limit. Leave it off
+    /// behind a load balancer: every connection then has the balancer's address.
+    #[serde(default)]
+    pub max_connections_per_ip: usize,
+    /// Request body bytes all requests together may hold in memory. A
+    /// request that does not fit waits for room within `body_read_timeout`,
+    /// then gets 503 with `Retry-After`. Must be at least every route's `max_body`.
+    #[serde(default = "default_max_buffered_bytes")]
+    pub max_buffered_bytes: u64,
     #[serde(default = "default_max_headers")]
     pub max_headers: usize,
     #[serde(default = "default_retry_after", with = "humantime_serde")]
@@ -190,6 +200,8 @@ impl Default for RawIngress {
             header_read_timeout: default_header_read_timeout(),
             body_read_timeout: default_body_read_timeout(),
             max_connections: default_max_connections(),
+            max_connections_per_ip: 0,
+            max_buffered_bytes: default_max_buffered_bytes(),
             max_headers: default_max_headers(),
             retry_after: default_retry_after(),
         }
@@ -207,6 +219,12 @@ fn default_body_read_timeout() -> Duration {
 }
 fn default_max_connections() -> usize {
     1024
+}
+/// 64 MiB: 64 maximal (1 MiB) callbacks at once, far more than a sender
+/// such as ThingSpace has in flight, and small next to the memory of the
+/// smallest machine the relay is meant for.
+fn default_max_buffered_bytes() -> u64 {
+    64 * 1024 * 1024
 }
 fn default_max_headers() -> usize {
     100
@@ -331,6 +349,11 @@ pub struct RawDestination {
     /// Top-level JSON fields removed from the body before forwarding here.
     #[serde(default)]
     pub strip_body_fields: Vec<String>,
+    /// Forward the headers that authenticated the sender to us (the route's
+    /// `basic` Authorization, `header` secret or `hmac` signature headers).
+    /// Off by default: those secrets are ours, not the receiver's.
+    #[serde(default)]
+    pub forward_sender_credentials: bool,
     /// Accept and queue for this destination, but deliver nothing (maintenance).
     #[serde(default)]
     pub paused: bool,

@@ -148,12 +148,34 @@ impl RawConfig {
             if r.max_body == Some(0) {
                 p.add(format!("{key}.max_body"), "must be greater than 0");
             }
+            let route_max = r.max_body.unwrap_or(self.ingress.max_body);
+            if route_max > self.ingress.max_buffered_bytes {
+                let k = if r.max_body.is_some() { format!("{key}.max_body") } else { "ingress.max_buffered_bytes".into() };
+                p.add(
+                    k,
+                    format!(
+                        "route {:?} accepts bodies of {route_max} bytes but ingress.max_buffered_bytes is {}: such a request could never be read",
+                        r.path, self.ingress.max_buffered_bytes
+                    ),
+                );
+            }
             if r.max_body.is_some_and(|m| m > crate::store::MAX_BODY) {
                 p.add(format!("{key}.max_body"), format!("must be at most {} bytes (512 MiB)", crate::store::MAX_BODY));
             }
             let auth = r.auth.as_ref().and_then(|a| validate_auth(&mut p, &format!("{key}.auth"), a)).map(Arc::new);
+            let credential_headers = auth.as_deref().map(crate::auth::Auth::credential_headers).unwrap_or_default();
+            let store_credentials =
+                r.destinations.iter().any(|d| self.destinations.get(d).is_some_and(|d| d.forward_sender_credentials));
+            if r.destinations.len() > crate::store::MAX_DESTINATIONS {
+                p.add(
+                    format!("{key}.destinations"),
+                    format!("a route may list at most {} destinations", crate::store::MAX_DESTINATIONS),
+                );
+            }
             routes.push(Route {
                 path: r.path.clone(),
+                credential_headers,
+                store_credentials,
                 destinations: r.destinations.iter().map(|d| Arc::from(d.as_str())).collect(),
                 max_body: r.max_body.unwrap_or(self.ingress.max_body),
                 allow_ips: r.allow_ips.clone(),
@@ -179,6 +201,9 @@ impl RawConfig {
                 header_read_timeout: self.ingress.header_read_timeout,
                 body_read_timeout: self.ingress.body_read_timeout,
                 max_connections: self.ingress.max_connections,
+                max_connections_per_ip: (self.ingress.max_connections_per_ip > 0)
+                    .then_some(self.ingress.max_connections_per_ip),
+                max_buffered_bytes: self.ingress.max_buffered_bytes,
                 max_headers: self.ingress.max_headers,
                 retry_after: self.ingress.retry_after,
             },
@@ -292,6 +317,7 @@ fn validate_destination(p: &mut Problems, key: &str, name: &str, d: &RawDestinat
         connect_timeout: d.connect_timeout,
         concurrency: d.concurrency,
         strip_body_fields: d.strip_body_fields.clone(),
+        forward_sender_credentials: d.forward_sender_credentials,
         paused: d.paused,
         extra_roots,
         retry: crate::retry::RetryPolicy {

@@ -94,35 +94,9 @@ impl MessageRecord {
 
     /// Encodes the record with the destinations it is to be delivered to.
     pub fn encode_for<D: AsRef<str>>(&self, destinations: &[D]) -> Vec<u8> {
-        let headers_len: usize = self.headers.iter().map(|(n, v)| 6 + n.len() + v.len()).sum();
-        let dests_len: usize = destinations.iter().map(|d| 1 + d.as_ref().len()).sum();
-        let mut out = Vec::with_capacity(
-            1 + 8 + 2 + self.route.len() + 1 + self.peer.len() + 1 + dests_len + 2 + headers_len + self.body.len(),
-        );
-        out.push(RECORD_V1);
-        out.extend_from_slice(&self.received_ms.to_be_bytes());
-        put_str16(&mut out, &self.route);
-        let peer = &self.peer.as_bytes()[..self.peer.len().min(255)];
-        out.push(peer.len() as u8);
-        out.extend_from_slice(peer);
-        // Destination names are at most 64 bytes (config validation) and a
-        // route lists at most a handful.
-        let count = destinations.len().min(255);
-        out.push(count as u8);
-        for d in destinations.iter().take(count) {
-            let d = &d.as_ref().as_bytes()[..d.as_ref().len().min(255)];
-            out.push(d.len() as u8);
-            out.extend_from_slice(d);
-        }
-        let count = self.headers.len().min(u16::MAX as usize);
-        out.extend_from_slice(&(count as u16).to_be_bytes());
-        for (name, value) in self.headers.iter().take(count) {
-            put_str16(&mut out, name);
-            out.extend_from_slice(&(value.len() as u32).to_be_bytes());
-            out.extend_from_slice(value);
-        }
-        out.extend_from_slice(&self.body);
-        out
+        let mut draft = Draft::new(self.received_ms, &self.route, &self.peer, &self.headers, destinations, self.body.len());
+        draft.extend(&self.body);
+        draft.buf
     }
 
     /// Decodes a record; `raw` is the value as stored (shared, not copied, for the body).
@@ -153,6 +127,77 @@ impl MessageRecord {
         }
         let body = raw.slice(r.pos..);
         Ok(MessageRecord { received_ms, route, peer, headers, body })
+    }
+}
+
+/// Most destinations a route may list: the record stores their count in a byte.
+pub const MAX_DESTINATIONS: usize = 255;
+
+/// A message record built while its body arrives: everything before the body
+/// is encoded first and the body is appended in place, so the body is copied
+/// once, from the network's buffers into the record the log writes.
+pub struct Draft {
+    buf: Vec<u8>,
+    body_start: usize,
+    received_ms: u64,
+}
+
+impl Draft {
+    /// Starts a record; `body_hint` is the expected body size (capacity).
+    /// At most [`MAX_DESTINATIONS`] destinations (config validation bounds
+    /// routes); names of at most 255 bytes (validation allows 64).
+    pub fn new<D: AsRef<str>>(
+        received_ms: u64,
+        route: &str,
+        peer: &str,
+        headers: &[(String, Bytes)],
+        destinations: &[D],
+        body_hint: usize,
+    ) -> Draft {
+        let headers_len: usize = headers.iter().map(|(n, v)| 6 + n.len() + v.len()).sum();
+        let dests_len: usize = destinations.iter().map(|d| 1 + d.as_ref().len()).sum();
+        let head = 1 + 8 + 2 + route.len() + 1 + peer.len() + 1 + dests_len + 2 + headers_len;
+        let mut out = Vec::with_capacity(head + body_hint);
+        out.push(RECORD_V1);
+        out.extend_from_slice(&received_ms.to_be_bytes());
+        put_str16(&mut out, route);
+        let peer = &peer.as_bytes()[..peer.len().min(255)];
+        out.push(peer.len() as u8);
+        out.extend_from_slice(peer);
+        let count = destinations.len().min(MAX_DESTINATIONS);
+        out.push(count as u8);
+        for d in destinations.iter().take(count) {
+            let d = &d.as_ref().as_bytes()[..d.as_ref().len().min(255)];
+            out.push(d.len() as u8);
+            out.extend_from_slice(d);
+        }
+        let count = headers.len().min(u16::MAX as usize);
+        out.extend_from_slice(&(count as u16).to_be_bytes());
+        for (name, value) in headers.iter().take(count) {
+            put_str16(&mut out, name);
+            out.extend_from_slice(&(value.len() as u32).to_be_bytes());
+            out.extend_from_slice(value);
+        }
+        let body_start = out.len();
+        Draft { buf: out, body_start, received_ms }
+    }
+
+    /// Appends the next piece of the body.
+    pub fn extend(&mut self, chunk: &[u8]) {
+        self.buf.extend_from_slice(chunk);
+    }
+
+    /// The body received so far.
+    pub fn body(&self) -> &[u8] {
+        &self.buf[self.body_start..]
+    }
+
+    pub fn received_ms(&self) -> u64 {
+        self.received_ms
+    }
+
+    pub(crate) fn into_record(self) -> Bytes {
+        Bytes::from(self.buf)
     }
 }
 

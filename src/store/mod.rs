@@ -47,7 +47,7 @@ use self::commit::{CommitError, GroupCommit};
 use self::segments::{Loc, SegmentLog};
 
 use self::format::*;
-pub use self::format::{DeadRecord, DecodeError, MessageRecord, QueueRecord, StateRecord};
+pub use self::format::{DeadRecord, DecodeError, Draft, MessageRecord, QueueRecord, StateRecord, MAX_DESTINATIONS};
 
 /// Largest request body a route may accept (`max_body`): its record, with
 /// headers and framing, must stay within a log frame (1 GiB).
@@ -65,6 +65,10 @@ pub enum StoreError {
     Closed,
     #[error("cannot open store at {path}: {source}")]
     Open { path: PathBuf, source: sled::Error },
+    #[error("store {path} is locked by another process{}; stop it first, or give this relay its own store.path", pid.map(|p| format!(" (pid {p}?)")).unwrap_or_default())]
+    Locked { path: PathBuf, pid: Option<u32> },
+    #[error("cannot open store at {path}: {source}")]
+    OpenIo { path: PathBuf, source: std::io::Error },
     #[error("store at {path} has format version {found}; this build reads version {expected} (data left untouched)")]
     Version { path: PathBuf, found: u32, expected: u32 },
     #[error("store at {path} holds data but no format marker; refusing to use it (data left untouched)")]
@@ -211,6 +215,8 @@ pub struct Store {
 
 struct Inner {
     path: PathBuf,
+    /// Held while the store is open: one process per store directory.
+    _lock: nix::fcntl::Flock<std::fs::File>,
     db: sled::Db,
     meta: sled::Tree,
     state: sled::Tree,
@@ -223,7 +229,6 @@ struct Inner {
     min_free_bytes: Option<u64>,
     /// Free bytes on the store's filesystem and when that was read (unix ms).
     free: AtomicU64,
-    free_read_ms: AtomicU64,
     /// sled writes made since the last sled flush.
     sled_dirty: AtomicBool,
     closed: AtomicBool,
@@ -284,6 +289,7 @@ impl Store {
         opts: StoreOptions,
         on_flush: impl Fn(Duration, bool) + Send + Sync + 'static,
     ) -> Result<Store, StoreError> {
+        let store_lock = lock_dir(path)?;
         let config = sled::Config::new()
             .path(path)
             .mode(sled::Mode::HighThroughput)
@@ -331,6 +337,7 @@ impl Store {
         let stop = Arc::new(AtomicBool::new(false));
         let inner = Arc::new(Inner {
             path: path.to_path_buf(),
+            _lock: store_lock,
             db: db.clone(),
             meta,
             state,
@@ -342,7 +349,6 @@ impl Store {
             bytes: AtomicU64::new(bytes),
             min_free_bytes: opts.min_free_bytes,
             free: AtomicU64::new(free_space(path).unwrap_or(u64::MAX)),
-            free_read_ms: AtomicU64::new(now_ms()),
             sled_dirty: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             commit: commit.clone(),
@@ -490,21 +496,18 @@ impl Store {
     /// Queues a message for `destinations`, pending for each and due now.
     /// Not durable until [`Store::sync`] returns.
     pub fn append(&self, msg: &MessageRecord, destinations: &[Arc<str>]) -> Result<u64, StoreError> {
+        let mut draft = Draft::new(msg.received_ms, &msg.route, &msg.peer, &msg.headers, destinations, msg.body.len());
+        draft.extend(&msg.body);
+        self.append_draft(draft, destinations)
+    }
+
+    /// [`Store::append`] of a record ingress built while reading the body
+    /// (`draft` must have been started with the same `destinations`).
+    pub fn append_draft(&self, draft: Draft, destinations: &[Arc<str>]) -> Result<u64, StoreError> {
+        self.accepting()?;
         let inner = &self.inner;
-        if inner.closed.load(Ordering::SeqCst) {
-            return Err(StoreError::Closed);
-        }
-        if inner.log.is_broken() {
-            inner.commit.note_failure();
-            return Err(StoreError::FlushFailed);
-        }
-        if let Some(min) = inner.min_free_bytes {
-            let free = self.free_bytes();
-            if free < min {
-                return Err(StoreError::DiskFull { free, min });
-            }
-        }
-        let record = Bytes::from(msg.encode_for(destinations));
+        let received_ms = draft.received_ms();
+        let record = draft.into_record();
         let len = recover::record_len(record.len())?;
         if let Some(limit) = inner.max_bytes {
             let used = inner.bytes.load(Ordering::Relaxed);
@@ -517,7 +520,7 @@ impl Store {
         // is registered before anything can lease it.
         let id = inner.log.push(
             || {
-                let id = self.next_id(msg.received_ms);
+                let id = self.next_id(received_ms);
                 lock(self.stripe(id))
                     .insert(id, Msg { place: Place::Unplaced, has_state: false, len, pending: count, dead: 0 });
                 lock(&inner.cache).insert(id, record.clone());
@@ -533,7 +536,7 @@ impl Store {
                 Some(e) => e,
                 None => index.entry(d.to_string()).or_default(),
             };
-            e.due.insert((msg.received_ms, id), None);
+            e.due.insert((received_ms, id), None);
             e.pending.insert(id);
         }
         Ok(id)
@@ -552,19 +555,39 @@ impl Store {
         self.index().get(dest).is_some_and(|e| e.due.contains_key(&(lease.due_ms, lease.id)))
     }
 
-    /// Free bytes on the store's filesystem, re-read at most every 100 ms
-    /// (one `statvfs` per 100 ms keeps it off the per-request cost).
-    pub fn free_bytes(&self) -> u64 {
-        const REFRESH_MS: u64 = 100;
+    /// Whether the store takes new messages right now: open, its log not
+    /// broken, under `max_bytes`, and its filesystem above `min_free_bytes`
+    /// (read now: one `statvfs`, about a microsecond, so a disk filled by
+    /// someone else is noticed by the very next request).
+    pub fn accepting(&self) -> Result<(), StoreError> {
         let inner = &self.inner;
-        let now = now_ms();
-        let last = inner.free_read_ms.load(Ordering::Relaxed);
-        if now.saturating_sub(last) >= REFRESH_MS
-            && inner.free_read_ms.compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed).is_ok()
-        {
-            if let Some(free) = free_space(&inner.path) {
-                inner.free.store(free, Ordering::Relaxed);
+        if inner.closed.load(Ordering::SeqCst) {
+            return Err(StoreError::Closed);
+        }
+        if inner.log.is_broken() {
+            inner.commit.note_failure();
+            return Err(StoreError::FlushFailed);
+        }
+        if let Some(min) = inner.min_free_bytes {
+            let free = self.free_bytes();
+            if free < min {
+                return Err(StoreError::DiskFull { free, min });
             }
+        }
+        if let Some(limit) = inner.max_bytes {
+            let used = inner.bytes.load(Ordering::Relaxed);
+            if used >= limit {
+                return Err(StoreError::Full { used, limit });
+            }
+        }
+        Ok(())
+    }
+
+    /// Free bytes on the store's filesystem, read now.
+    pub fn free_bytes(&self) -> u64 {
+        let inner = &self.inner;
+        if let Some(free) = free_space(&inner.path) {
+            inner.free.store(free, Ordering::Relaxed);
         }
         inner.free.load(Ordering::Relaxed)
     }
@@ -1070,6 +1093,38 @@ impl Store {
 }
 
 /// Bytes available to unprivileged writers on the filesystem holding `path`.
+/// Takes the store directory's lock file (`switchboard.lock`, holding the
+/// owner's pid), so a second relay on the same store is refused with a clear
+/// error instead of sled's. A lock still held by this process (a store being
+/// closed while it reopens, in tests) is waited for a moment.
+fn lock_dir(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, StoreError> {
+    use nix::fcntl::{Flock, FlockArg};
+    use std::io::Write;
+    let io = |source| StoreError::OpenIo { path: path.to_path_buf(), source };
+    std::fs::create_dir_all(path).map_err(io)?;
+    let lock_path = path.join("switchboard.lock");
+    let started = std::time::Instant::now();
+    loop {
+        let file =
+            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&lock_path).map_err(io)?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(mut f) => {
+                f.set_len(0).map_err(io)?;
+                write!(f, "{}", std::process::id()).map_err(io)?;
+                return Ok(f);
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) if started.elapsed() < Duration::from_secs(2) => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                let pid = std::fs::read_to_string(&lock_path).ok().and_then(|s| s.trim().parse().ok());
+                return Err(StoreError::Locked { path: path.to_path_buf(), pid });
+            }
+            Err((_, e)) => return Err(io(std::io::Error::from(e))),
+        }
+    }
+}
+
 fn free_space(path: &Path) -> Option<u64> {
     let st = nix::sys::statvfs::statvfs(path).ok()?;
     Some((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
