@@ -259,8 +259,13 @@ pub async fn run_with_reload(
     if tokio::time::timeout(config.grace_period + margin, tracker.wait()).await.is_err() {
         tracing::warn!("tasks still running after the grace period; closing the store anyway");
     }
+    let failed = store.flush_failed();
     store.close().await.context("closing store")?;
-    tracing::info!("store flushed and closed; bye");
+    if failed {
+        tracing::warn!("store closed after failed flushes: everything acknowledged is on disk, what was refused was never acknowledged; fix the cause before the next start");
+    } else {
+        tracing::info!("store flushed and closed; bye");
+    }
     Ok(())
 }
 

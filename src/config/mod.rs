@@ -256,7 +256,13 @@ fn from_figment(path: &Path, err: figment::Error) -> ConfigError {
                     "required key is missing".to_string()
                 }
                 figment::error::Kind::MissingField(_) => "required key is missing".to_string(),
-                other => other.to_string(),
+                other => {
+                    let mut m = other.to_string();
+                    if m.contains("expected a duration") {
+                        m.push_str(" such as \"30s\", \"500ms\", \"5m\", \"24h\" or \"1h 30m\"");
+                    }
+                    m
+                }
             };
             if let Some(figment::Source::Custom(s)) = e.metadata.as_ref().and_then(|m| m.source.as_ref()) {
                 message.push_str(&format!(" (from {s})"));

@@ -220,21 +220,30 @@ impl RawConfig {
     pub fn to_masked_toml(&self) -> String {
         let mut masked = self.clone();
         for d in masked.destinations.values_mut() {
-            d.url = mask_url_userinfo(&d.url);
+            d.url = mask_url(&d.url);
         }
         toml::to_string_pretty(&masked).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
     }
 }
 
-/// Replaces the password in `user:password@` with `***`.
-fn mask_url_userinfo(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        _ => url.to_string(),
+/// Masks what may be a secret in a URL: the password of `user:password@`
+/// and every query-string value (`?token=***`); names stay readable.
+pub fn mask_url(url: &str) -> String {
+    let Ok(mut u) = url::Url::parse(url) else { return url.to_string() };
+    if u.password().is_some() {
+        let _ = u.set_password(Some("***"));
     }
+    if u.query().is_some() {
+        let names: Vec<String> = u.query_pairs().map(|(k, _)| k.into_owned()).collect();
+        let mut q = u.query_pairs_mut();
+        q.clear();
+        for k in names {
+            q.append_pair(&k, "***");
+        }
+        drop(q);
+    }
+    // The serializer percent-encodes the mask; show it as written.
+    u.to_string().replace("%2A%2A%2A", "***")
 }
 
 fn validate_destination(p: &mut Problems, key: &str, name: &str, d: &RawDestination) -> Option<Destination> {
@@ -472,6 +481,14 @@ impl RawConfig {
                 w.push(format!("listeners[{i}]: plain HTTP on non-loopback address {addr}: credentials in callbacks travel in clear text"));
             }
         }
+        if let Some(size) = filesystem_size(&self.store.path) {
+            if self.store.min_free_bytes > 0 && size < self.store.min_free_bytes {
+                w.push(format!(
+                    "store.min_free_bytes: {} bytes is more than the whole filesystem of store.path ({size} bytes): every callback would be refused",
+                    self.store.min_free_bytes
+                ));
+            }
+        }
         if let Ok(addr) = self.admin.addr.parse::<SocketAddr>() {
             if !addr.ip().is_loopback() && self.admin.token.is_none() {
                 w.push(format!("admin.addr: {addr} is not loopback and admin.token is not set: anyone who can reach it can read metrics and replay dead letters"));
@@ -479,6 +496,14 @@ impl RawConfig {
         }
         w
     }
+}
+
+/// Size of the filesystem that holds `path` (or, before the store exists,
+/// its nearest existing ancestor).
+fn filesystem_size(path: &Path) -> Option<u64> {
+    let existing = path.ancestors().find(|p| p.exists() && !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let st = nix::sys::statvfs::statvfs(existing).ok()?;
+    Some((st.blocks() as u64).saturating_mul(st.fragment_size() as u64))
 }
 
 fn percent_decode(s: &str) -> String {

@@ -161,11 +161,13 @@ impl GroupCommit {
     /// The flusher loop, run on its own thread (a handoff to the blocking
     /// pool per flush cost two thread wakeups more). Returns when `stop` is
     /// set and it has been woken, after one last flush. `flush` does the work
-    /// of one group commit; `on_flush` observes its duration and result.
+    /// of one group commit; `on_flush` observes its duration and result;
+    /// `after_failure` says, in the log, what a failed flush means.
     pub(crate) fn run(
         &self,
         mut flush: impl FnMut() -> Result<(), String>,
         stop: &std::sync::atomic::AtomicBool,
+        after_failure: &'static str,
         on_flush: impl Fn(std::time::Duration, bool),
     ) {
         loop {
@@ -181,7 +183,7 @@ impl GroupCommit {
             let ok = match flush() {
                 Ok(()) => true,
                 Err(e) => {
-                    tracing::error!(error = %e, "store flush failed; acknowledgements are refused until a flush succeeds");
+                    tracing::error!(error = %e, consequence = after_failure, "store flush failed");
                     false
                 }
             };
@@ -264,6 +266,7 @@ mod tests {
                         Ok(())
                     },
                     &stop,
+                    "test",
                     |_, _| {},
                 )
             })
@@ -303,7 +306,7 @@ mod tests {
         let commit = GroupCommit::new();
         let stop = AtomicBool::new(true);
         commit.poke();
-        commit.run(|| Ok(()), &stop, |_, _| {});
+        commit.run(|| Ok(()), &stop, "test", |_, _| {});
         let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
         assert!(matches!(rt.block_on(commit.wait_durable()), Err(CommitError::Closed)));
     }

@@ -256,6 +256,15 @@ struct Inner {
     reclaiming: tokio::sync::Mutex<()>,
 }
 
+/// What a failed flush of the message log means (logged with it). The
+/// kernel may have dropped the pages that failed, so the open log cannot be
+/// trusted with new writes: only a restart (which re-reads the log) cures it.
+const LOG_FLUSH_FAILED: &str = "new callbacks are refused (503) until the relay is restarted; \
+everything acknowledged before is on disk; fix the cause (e.g. a full disk), then restart";
+/// What a failed flush of sled (delivery bookkeeping) means.
+const STATE_FLUSH_FAILED: &str = "delivery bookkeeping may be lost: deliveries since the last good flush \
+may be repeated after a restart; /healthz turns 503 while it keeps failing; fix the cause, then restart";
+
 /// Lock stripes for per-message state.
 const MSG_STRIPES: usize = 64;
 
@@ -384,16 +393,17 @@ impl Store {
             inner.flush_state(&mut durability)
         };
         let observe = on_flush.clone();
-        let spawn = |name: &str, commit: Arc<GroupCommit>, flush: Box<dyn FnMut() -> Result<(), String> + Send>| {
+        type Flush = Box<dyn FnMut() -> Result<(), String> + Send>;
+        let spawn = |name: &str, commit: Arc<GroupCommit>, flush: Flush, after_failure: &'static str| {
             let (stop, observe) = (stop.clone(), observe.clone());
             std::thread::Builder::new()
                 .name(name.into())
-                .spawn(move || commit.run(flush, &stop, |took, ok| observe(took, ok)))
+                .spawn(move || commit.run(flush, &stop, after_failure, |took, ok| observe(took, ok)))
                 .map_err(|e| StoreError::Open { path: path.to_path_buf(), source: sled::Error::Io(e) })
         };
         let flushers = vec![
-            spawn("switchboard-log", commit.clone(), Box::new(log_flush))?,
-            spawn("switchboard-sled", state_commit.clone(), Box::new(state_flush))?,
+            spawn("switchboard-log", commit.clone(), Box::new(log_flush), LOG_FLUSH_FAILED)?,
+            spawn("switchboard-sled", state_commit.clone(), Box::new(state_flush), STATE_FLUSH_FAILED)?,
         ];
         *lock(&inner.flushers) = flushers;
         let evacuate_every = opts.evacuate_every.unwrap_or(EVACUATE_EVERY);
@@ -1046,6 +1056,13 @@ impl Store {
         // A few in a row: one failure may be a passing fault.
         const FAILURES: u64 = 3;
         self.inner.commit.failing() < FAILURES && self.inner.state_commit.failing() < FAILURES
+    }
+
+    /// Whether a flush failed since the store was opened and none succeeded
+    /// since (for the message log: ever, as its failure is permanent).
+    pub fn flush_failed(&self) -> bool {
+        let inner = &self.inner;
+        inner.log.is_broken() || inner.commit.failing() > 0 || inner.state_commit.failing() > 0
     }
 
     pub fn is_closed(&self) -> bool {

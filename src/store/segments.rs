@@ -121,6 +121,33 @@ pub(crate) struct SegmentLog {
     broken: AtomicBool,
 }
 
+/// Records up to this size are copied into the batch buffer; larger ones are
+/// written in place (a copy of a few KiB costs less than an extra iovec).
+const INLINE_RECORD: usize = 16 * 1024;
+
+/// A part of a batch as written: a range of the batch buffer, or a record.
+enum Piece {
+    Scratch(std::ops::Range<usize>),
+    Record(usize),
+}
+
+/// `pwritev` until every slice is written (it may write less than asked,
+/// and takes at most IOV_MAX slices at a time).
+fn write_all_vectored_at(file: &File, mut slices: &mut [std::io::IoSlice<'_>], mut offset: u64) -> std::io::Result<()> {
+    const IOV_MAX: usize = 1024;
+    while !slices.is_empty() {
+        let n = slices.len().min(IOV_MAX);
+        let at = i64::try_from(offset).map_err(|_| std::io::Error::other("segment offset beyond i64"))?;
+        let written = nix::sys::uio::pwritev(file, &slices[..n], at).map_err(std::io::Error::from)?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        offset += written as u64;
+        std::io::IoSlice::advance_slices(&mut slices, written);
+    }
+    Ok(())
+}
+
 fn seg_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("{PREFIX}{seq:016x}"))
 }
@@ -437,29 +464,54 @@ impl SegmentLog {
         let mut scratch = std::mem::take(&mut w.scratch);
         scratch.clear();
         scratch.resize(BATCH_HEADER as usize, 0);
-        for (id, record) in &batch {
+        // Small records are copied into `scratch` with their frame headers
+        // (one contiguous write); large ones are written from where they
+        // are (ingress read the body into them), so a large body is never
+        // copied again: `pieces` lists the parts in order.
+        let mut pieces: Vec<Piece> = Vec::new();
+        let mut from = 0;
+        let mut end = 0u64;
+        for (i, (id, record)) in batch.iter().enumerate() {
             let len = (ID_LEN + record.len()) as u32;
-            let offset = w.len + scratch.len() as u64;
+            let offset = w.len + end + scratch.len() as u64 - from as u64;
             let mut hasher = crc32fast::Hasher::new();
             hasher.update(&id.to_be_bytes());
             hasher.update(record);
             scratch.extend_from_slice(&len.to_be_bytes());
             scratch.extend_from_slice(&hasher.finalize().to_be_bytes());
             scratch.extend_from_slice(&id.to_be_bytes());
-            scratch.extend_from_slice(record);
+            if record.len() <= INLINE_RECORD {
+                scratch.extend_from_slice(record);
+            } else {
+                pieces.push(Piece::Scratch(from..scratch.len()));
+                end += (scratch.len() - from) as u64 + record.len() as u64;
+                pieces.push(Piece::Record(i));
+                from = scratch.len();
+            }
             placed.records.push((*id, Loc { seg: seq, offset, len }));
         }
-        let header = batch_header(seq, w.batches, scratch.len() as u64 - BATCH_HEADER);
+        pieces.push(Piece::Scratch(from..scratch.len()));
+        let total = end + (scratch.len() - from) as u64;
+        let header = batch_header(seq, w.batches, total - BATCH_HEADER);
         scratch[..BATCH_HEADER as usize].copy_from_slice(&header);
         let path = seg_path(&self.dir, seq);
-        let result = w.file.write_all_at(&scratch, w.len).and_then(|_| w.file.sync_data());
+        let mut slices: Vec<std::io::IoSlice<'_>> = pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Scratch(r) => std::io::IoSlice::new(&scratch[r.clone()]),
+                Piece::Record(i) => std::io::IoSlice::new(&batch[*i].1),
+            })
+            .filter(|s| !s.is_empty())
+            .collect();
+        let result = write_all_vectored_at(&w.file, &mut slices, w.len).and_then(|_| w.file.sync_data());
+        drop(slices);
         if let Err(e) = result {
             self.broken.store(true, Ordering::SeqCst);
             return Err(io_err(&path)(e));
         }
-        w.len += scratch.len() as u64;
+        w.len += total;
         w.batches += 1;
-        self.disk_bytes.fetch_add(scratch.len() as u64, Ordering::Relaxed);
+        self.disk_bytes.fetch_add(total, Ordering::Relaxed);
         // Keep a modest buffer for the next batch, not the largest ever seen.
         if scratch.capacity() <= 4 << 20 {
             w.scratch = scratch;
@@ -561,6 +613,28 @@ mod tests {
             seen.push((s.id, Bytes::copy_from_slice(s.record)));
             Ok(())
         })
+    }
+
+    /// Large records are written in place next to small ones copied into the
+    /// batch buffer: every frame must land where `Placed` says, whole.
+    #[test]
+    fn large_and_small_records_mixed_in_one_batch_read_back_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut seen = Vec::new();
+        let log = open(dir.path(), &mut seen).expect("open");
+        let sizes = [10, INLINE_RECORD + 1, 3, 200_000, 0, INLINE_RECORD, 70_000, 5];
+        let records: Vec<Bytes> =
+            sizes.iter().enumerate().map(|(i, n)| Bytes::from(vec![b'a' + i as u8; *n])).collect();
+        for (i, r) in records.iter().enumerate() {
+            log.push(|| i as u64 + 1, r.clone());
+        }
+        let placed = log.flush().expect("flush");
+        for ((id, loc), r) in placed.records.iter().zip(&records) {
+            assert_eq!(&log.read(*id, *loc).expect("read"), r, "record {id}");
+        }
+        drop(log);
+        open(dir.path(), &mut seen).expect("reopen");
+        assert_eq!(seen.iter().map(|(_, b)| b.clone()).collect::<Vec<_>>(), records);
     }
 
     #[test]
