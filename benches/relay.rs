@@ -85,10 +85,25 @@ enum Mode {
     BlackHole,
 }
 
+/// A large body whose bytes all equal its first one (see [`intact`]).
+fn large_body(i: usize) -> Bytes {
+    Bytes::from(vec![b'A' + (i % 26) as u8; LARGE_BODY])
+}
+
+/// Size of the bodies of run 8: the default `max_body`.
+const LARGE_BODY: usize = 1 << 20;
+
+/// Whether a received body is a whole [`large_body`].
+fn intact(body: &[u8]) -> bool {
+    body.len() == LARGE_BODY && body.iter().all(|b| *b == body[0])
+}
+
 /// A local destination: answers 200 and counts, or never answers.
 struct Receiver {
     addr: SocketAddr,
     count: Arc<AtomicU64>,
+    /// Bodies that were whole large bodies (run 8).
+    intact: Arc<AtomicU64>,
     lags_us: Arc<Mutex<Vec<u32>>>,
     stop: Arc<AtomicBool>,
 }
@@ -101,24 +116,28 @@ impl Receiver {
     fn on(listener: TcpListener, mode: Mode, epoch: Instant) -> AnyResult<Receiver> {
         let addr = listener.local_addr()?;
         let count = Arc::new(AtomicU64::new(0));
+        let whole = Arc::new(AtomicU64::new(0));
         let lags_us: Arc<Mutex<Vec<u32>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
-        let (c, l, s) = (count.clone(), lags_us.clone(), stop.clone());
+        let (c, w, l, s) = (count.clone(), whole.clone(), lags_us.clone(), stop.clone());
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 if s.load(Ordering::Relaxed) {
                     return;
                 }
-                let (c, l) = (c.clone(), l.clone());
+                let (c, w, l) = (c.clone(), w.clone(), l.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let (c, l) = (c.clone(), l.clone());
+                        let (c, w, l) = (c.clone(), w.clone(), l.clone());
                         async move {
                             if mode == Mode::BlackHole {
                                 std::future::pending::<()>().await;
                             }
                             let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                             c.fetch_add(1, Ordering::Relaxed);
+                            if body.len() == LARGE_BODY && intact(&body) {
+                                w.fetch_add(1, Ordering::Relaxed);
+                            }
                             if let Some(sent) = sent_at_us(&body) {
                                 let now = epoch.elapsed().as_micros() as u64;
                                 if let Ok(mut v) = l.lock() {
@@ -133,7 +152,7 @@ impl Receiver {
                 });
             }
         });
-        Ok(Receiver { addr, count, lags_us, stop })
+        Ok(Receiver { addr, count, intact: whole, lags_us, stop })
     }
 
     fn url(&self) -> String {
@@ -672,6 +691,11 @@ async fn bench(s: Settings) -> AnyResult<()> {
     if s.wants("7") {
         backlog(&s, &fresh_dir(), epoch).await?;
     }
+
+    // 8. Many large bodies at once.
+    if s.wants("8") {
+        large_bodies(&s, &fresh_dir(), epoch).await?;
+    }
     println!("done in {:.0} s", epoch.elapsed().as_secs_f64());
     Ok(())
 }
@@ -793,6 +817,47 @@ async fn backlog(s: &Settings, dir: &Path, epoch: Instant) -> AnyResult<()> {
             relay.peak_mb(),
             drain_rate,
             if drained.is_some() { "" } else { " (not drained within 600 s)" }
+        ),
+    );
+    relay.stop();
+    Ok(())
+}
+
+/// Run 8: `n` concurrent POSTs of 1 MiB each (500 in full mode), every one
+/// on its own connection, against the defaults (`max_body` 1 MiB,
+/// `max_buffered_bytes` 64 MiB). Reports the relay's peak RSS and checks
+/// that every acknowledged body reached the destination whole.
+async fn large_bodies(s: &Settings, dir: &Path, epoch: Instant) -> AnyResult<()> {
+    let n = if s.quick { 50 } else { 500 };
+    let receiver = Receiver::start(Mode::Ok, epoch).await?;
+    let relay = Relay::start(dir, &[("a", receiver.url(), "")]).await?;
+    let idle = relay.peak_mb();
+    let started = Instant::now();
+    let mut posts = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let addr = relay.ingress;
+        posts.spawn(async move {
+            let mut c = connect(addr).await?;
+            send(&mut c, addr, "/in", large_body(i)).await
+        });
+    }
+    let (mut acked, mut refused) = (0u64, 0u64);
+    while let Some(done) = posts.join_next().await {
+        match done {
+            Ok(Ok(true)) => acked += 1,
+            _ => refused += 1,
+        }
+    }
+    let took = started.elapsed();
+    let delivered = wait_until(Duration::from_secs(120), || receiver.intact.load(Ordering::Relaxed) >= acked).await;
+    row(
+        &format!("8. {n} concurrent 1 MiB POSTs"),
+        &format!(
+            "{acked} acknowledged, {refused} refused, in {:.1} s; relay peak RSS {:.1} MB (idle {idle:.1}); {} of the acknowledged delivered intact{}",
+            took.as_secs_f64(),
+            relay.peak_mb(),
+            receiver.intact.load(Ordering::Relaxed),
+            if delivered.is_some() { "" } else { " (not all within 120 s)" }
         ),
     );
     relay.stop();

@@ -9,7 +9,8 @@
 //! - `GET /readyz`: 200 once the store is open and every listener is bound
 //!   and while the store accepts callbacks; 503 before that, while shutting
 //!   down, and while ingress would refuse callbacks (disk below
-//!   `min_free_bytes`, `max_bytes` reached, a failed flush), so a load
+//!   `min_free_bytes`, less than `ingress.max_body` left under `max_bytes`,
+//!   a failed flush), so a load
 //!   balancer sends them elsewhere. It turns 200 again by itself once the
 //!   store accepts again.
 //! - `GET /api/destinations`: pending depth, oldest age and dead letters per destination.
@@ -28,9 +29,9 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
-use crate::wake::Wakers;
 use crate::metrics::Metrics;
 use crate::store::{now_ms, Store};
+use crate::wake::Wakers;
 
 pub struct Admin {
     pub store: Store,
@@ -39,6 +40,9 @@ pub struct Admin {
     /// Configured destination names (metrics cover these plus any the store still holds).
     pub destinations: Vec<String>,
     pub ready: Arc<AtomicBool>,
+    /// Room the store must have for `/readyz` to say ready: `ingress.max_body`,
+    /// so "ready" means a callback of the default limit would be taken.
+    pub ready_room: u64,
     /// Bearer token for everything but /healthz and /readyz.
     pub token: Option<crate::config::Secret>,
 }
@@ -130,7 +134,7 @@ impl Admin {
                 if !self.ready.load(Ordering::SeqCst) || self.store.is_closed() {
                     return respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n");
                 }
-                match self.store.accepting() {
+                match self.store.accepting(self.ready_room) {
                     Ok(()) => respond(StatusCode::OK, "text/plain", "ready\n"),
                     Err(e) => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {e}\n")),
                 }

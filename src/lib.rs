@@ -229,6 +229,7 @@ pub async fn run_with_reload(
         wakers,
         destinations: names,
         ready: ready.clone(),
+        ready_room: config.ingress.max_body,
         token: config.admin.token.clone(),
     });
     if let Ok(addr) = listeners.admin.local_addr() {

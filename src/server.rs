@@ -68,8 +68,7 @@ const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 
 /// Answers requests: the ingress or the admin API.
 pub trait Handler: Send + Sync + 'static {
-    fn handle(&self, req: Request<Incoming>, peer: SocketAddr)
-        -> impl Future<Output = Response<Full<Bytes>>> + Send;
+    fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> impl Future<Output = Response<Full<Bytes>>> + Send;
 }
 
 /// Open connections per client address.
@@ -84,10 +83,7 @@ pub struct Limits {
 
 impl Limits {
     pub fn new(max_connections: usize, max_per_ip: Option<usize>) -> Limits {
-        Limits {
-            global: Arc::new(Semaphore::new(max_connections)),
-            per_ip: max_per_ip.map(|n| (n, Arc::default())),
-        }
+        Limits { global: Arc::new(Semaphore::new(max_connections)), per_ip: max_per_ip.map(|n| (n, Arc::default())) }
     }
 
     /// A slot for one more connection from `ip`, if its limit allows.

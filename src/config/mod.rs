@@ -355,8 +355,8 @@ concurrency = 0
         let keys: Vec<_> = err.problems.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(keys, ["ingress.max_body", "routes[0].max_body"], "{err}");
         assert!(err.to_string().contains("at most 536870912 bytes"), "{err}");
-        let at_limit =
-            MINIMAL.replace("[[routes]]", "[ingress]\nmax_body = 536870912\nmax_buffered_bytes = 536870912\n[[routes]]");
+        let at_limit = MINIMAL
+            .replace("[[routes]]", "[ingress]\nmax_body = 536870912\nmax_buffered_bytes = 536870912\n[[routes]]");
         assert_eq!(load_str(&at_limit).expect("valid").routes[0].max_body, crate::store::MAX_BODY);
     }
 }

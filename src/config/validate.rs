@@ -150,7 +150,8 @@ impl RawConfig {
             }
             let route_max = r.max_body.unwrap_or(self.ingress.max_body);
             if route_max > self.ingress.max_buffered_bytes {
-                let k = if r.max_body.is_some() { format!("{key}.max_body") } else { "ingress.max_buffered_bytes".into() };
+                let k =
+                    if r.max_body.is_some() { format!("{key}.max_body") } else { "ingress.max_buffered_bytes".into() };
                 p.add(
                     k,
                     format!(

@@ -94,7 +94,8 @@ impl MessageRecord {
 
     /// Encodes the record with the destinations it is to be delivered to.
     pub fn encode_for<D: AsRef<str>>(&self, destinations: &[D]) -> Vec<u8> {
-        let mut draft = Draft::new(self.received_ms, &self.route, &self.peer, &self.headers, destinations, self.body.len());
+        let mut draft =
+            Draft::new(self.received_ms, &self.route, &self.peer, &self.headers, destinations, self.body.len());
         draft.extend(&self.body);
         draft.buf
     }

@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use crate::support::*;
 
 /// A relay with short timeouts and small limits, and its one destination.
-async fn relay(extra_ingress: &str) -> (TestRelay, TestReceiver) {
+pub async fn relay(extra_ingress: &str) -> (TestRelay, TestReceiver) {
     let r = TestReceiver::ok().await;
     let toml = config(&[("a", &r.url("/a"), "")]).replace(
         "[[routes]]",
@@ -23,13 +23,13 @@ async fn relay(extra_ingress: &str) -> (TestRelay, TestReceiver) {
 }
 
 /// Sends `bytes`, then reads until the server closes or `within` passes.
-async fn raw(addr: SocketAddr, bytes: &[u8], within: Duration) -> String {
+pub async fn raw(addr: SocketAddr, bytes: &[u8], within: Duration) -> String {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     s.write_all(bytes).await.expect("write");
     read_all(&mut s, within).await
 }
 
-async fn read_all(s: &mut TcpStream, within: Duration) -> String {
+pub async fn read_all(s: &mut TcpStream, within: Duration) -> String {
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
     let deadline = tokio::time::Instant::now() + within;
@@ -42,7 +42,7 @@ async fn read_all(s: &mut TcpStream, within: Duration) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn status_of(resp: &str) -> Option<u16> {
+pub fn status_of(resp: &str) -> Option<u16> {
     resp.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
 }
 

@@ -3,6 +3,7 @@
 mod binary;
 mod config;
 mod deploy;
+mod exposure;
 mod hostile;
 mod promises;
 mod relay;

@@ -225,12 +225,12 @@ async fn kill9_under_load_loses_nothing_acknowledged() {
 }
 
 /// Mounts a size-limited tmpfs, or says why it cannot.
-struct Tmpfs {
+pub struct Tmpfs {
     dir: tempfile::TempDir,
 }
 
 impl Tmpfs {
-    fn mount(size: &str) -> Result<Tmpfs, String> {
+    pub fn mount(size: &str) -> Result<Tmpfs, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let out = std::process::Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
@@ -243,11 +243,11 @@ impl Tmpfs {
         Ok(Tmpfs { dir })
     }
 
-    fn path(&self) -> &Path {
+    pub fn path(&self) -> &Path {
         self.dir.path()
     }
 
-    fn free(&self) -> u64 {
+    pub fn free(&self) -> u64 {
         let st = nix::sys::statvfs::statvfs(self.path()).expect("statvfs");
         st.blocks_available() as u64 * st.fragment_size() as u64
     }

@@ -61,7 +61,7 @@ pub fn write_pair(dir: &Path, name: &str, (chain, key): &(String, String)) -> (P
 }
 
 /// A TLS client trusting only `ca`, for one protocol version and ALPN list.
-fn client_config(
+pub fn client_config(
     ca: &Ca,
     version: &'static rustls::SupportedProtocolVersion,
     alpn: &[&[u8]],
@@ -78,9 +78,9 @@ fn client_config(
     Arc::new(cfg)
 }
 
-type Tls = tokio_rustls::client::TlsStream<TcpStream>;
+pub type Tls = tokio_rustls::client::TlsStream<TcpStream>;
 
-async fn connect_tls(addr: SocketAddr, cfg: Arc<rustls::ClientConfig>) -> Tls {
+pub async fn connect_tls(addr: SocketAddr, cfg: Arc<rustls::ClientConfig>) -> Tls {
     let tcp = TcpStream::connect(addr).await.expect("connect");
     let name = ServerName::try_from("localhost").expect("name");
     tokio::time::timeout(WAIT, tokio_rustls::TlsConnector::from(cfg).connect(name, tcp))
@@ -121,7 +121,7 @@ async fn post_on(
     status
 }
 
-fn tls_config(dest: &str, cert: &Path, key: &Path) -> String {
+pub fn tls_config(dest: &str, cert: &Path, key: &Path) -> String {
     config(&[("a", dest, "")]).replace(
         "[[listeners]]\naddr = \"127.0.0.1:0\"\n",
         &format!(
