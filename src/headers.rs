@@ -6,7 +6,7 @@
 //!   never stored, never forwarded.
 //! - The headers that authenticated the sender to us (a route's `basic`
 //!   `Authorization`, its `header` secret, its `hmac` signature and
-//!   timestamp headers: [`crate::auth::Auth::credential_headers`]) are
+//!   timestamp headers: `Auth::credential_headers` in `ingress/auth.rs`) are
 //!   stored only when a destination of the route sets
 //!   `forward_sender_credentials`, and forwarded only to those that do.
 //! - Everything else the sender sent is stored and forwarded as it came,

@@ -24,19 +24,16 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
-pub mod auth;
 pub mod cli;
 pub mod config;
-pub mod dedupe;
 pub mod delivery;
 pub mod headers;
 pub mod ingress;
 pub mod metrics;
-pub mod retry;
+pub mod secret;
 pub mod server;
 pub mod shutdown;
 pub mod store;
-pub mod tls;
 pub mod wake;
 
 use std::collections::HashMap;
@@ -139,12 +136,13 @@ pub async fn run_with_reload(
     );
     let metrics = Arc::new(Metrics::new());
     // Certificates first: a listener that cannot serve TLS must stop start-up.
-    let mut certs: Vec<(String, tls::CertStore)> = Vec::new();
+    let mut certs: Vec<(String, server::tls::CertStore)> = Vec::new();
     let mut ctxs = Vec::new();
     for l in &config.listeners {
         let tls = match &l.tls {
             Some(files) => {
-                let store = tls::CertStore::open(files.clone()).with_context(|| format!("listener {}", l.addr))?;
+                let store =
+                    server::tls::CertStore::open(files.clone()).with_context(|| format!("listener {}", l.addr))?;
                 certs.push((l.addr.to_string(), store.clone()));
                 Some(store)
             }
@@ -157,7 +155,7 @@ pub async fn run_with_reload(
     }
     let admin_tls = match &config.admin.tls {
         Some(files) => {
-            let store = tls::CertStore::open(files.clone()).context("admin listener")?;
+            let store = server::tls::CertStore::open(files.clone()).context("admin listener")?;
             certs.push(("admin".to_string(), store.clone()));
             Some(store)
         }
@@ -273,7 +271,7 @@ pub async fn run_with_reload(
 /// Reloads certificates on `reload` (SIGHUP) and when their files change.
 /// A failed reload keeps the certificate in use and says why.
 async fn watch_certificates(
-    certs: Vec<(String, tls::CertStore)>,
+    certs: Vec<(String, server::tls::CertStore)>,
     metrics: Arc<Metrics>,
     reload: Arc<Notify>,
     shutdown: CancellationToken,
@@ -281,7 +279,7 @@ async fn watch_certificates(
     loop {
         let forced = tokio::select! {
             _ = reload.notified() => true,
-            _ = tokio::time::sleep(tls::WATCH_INTERVAL) => false,
+            _ = tokio::time::sleep(server::tls::WATCH_INTERVAL) => false,
             _ = shutdown.cancelled() => return,
         };
         for (name, store) in &certs {

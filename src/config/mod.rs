@@ -25,7 +25,6 @@ pub use self::raw::*;
 
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
-use serde::{Deserialize, Serialize};
 
 /// Top-level keys the environment may override. Other `SWITCHBOARD_*` variables
 /// (e.g. `SWITCHBOARD_CONFIG`, used by the CLI) are not configuration keys.
@@ -61,62 +60,9 @@ impl fmt::Display for ConfigError {
     }
 }
 
-/// A string that must never be printed: `Debug`, `Display` and `Serialize` show a mask.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("\"***\"")
-    }
-}
-
-impl Serialize for Secret {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str("***")
-    }
-}
-
-/// A secret as written in the file: a literal, `env:NAME` or `file:/path`.
-/// Printing shows references as written and literals masked.
-#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct SecretString(pub String);
-
-impl fmt::Debug for SecretString {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.is_reference() {
-            write!(f, "{:?}", self.0)
-        } else {
-            f.write_str("\"***\"")
-        }
-    }
-}
-
-impl SecretString {
-    fn is_reference(&self) -> bool {
-        self.0.starts_with("env:") || self.0.starts_with("file:")
-    }
-}
-
-impl Serialize for SecretString {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        if self.is_reference() {
-            s.serialize_str(&self.0)
-        } else {
-            s.serialize_str("***")
-        }
-    }
-}
+pub use crate::delivery::Destination;
+pub use crate::ingress::{IngressConfig, Route};
+pub use crate::secret::{Secret, SecretString};
 
 // ---------------------------------------------------------------------------
 // Validated configuration: what the relay runs on.
@@ -139,7 +85,7 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct Listener {
     pub addr: SocketAddr,
-    pub tls: Option<crate::tls::TlsFiles>,
+    pub tls: Option<crate::server::tls::TlsFiles>,
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub allow_ips: Vec<ipnet::IpNet>,
 }
@@ -148,7 +94,7 @@ pub struct Listener {
 pub struct AdminConfig {
     pub addr: SocketAddr,
     pub token: Option<Secret>,
-    pub tls: Option<crate::tls::TlsFiles>,
+    pub tls: Option<crate::server::tls::TlsFiles>,
 }
 
 #[derive(Debug, Clone)]
@@ -156,51 +102,6 @@ pub struct StoreConfig {
     pub path: PathBuf,
     pub max_bytes: Option<u64>,
     pub min_free_bytes: Option<u64>,
-}
-
-#[derive(Debug, Clone)]
-pub struct IngressConfig {
-    pub max_body: u64,
-    pub header_read_timeout: Duration,
-    pub body_read_timeout: Duration,
-    pub max_connections: usize,
-    pub max_connections_per_ip: Option<usize>,
-    pub max_buffered_bytes: u64,
-    pub max_headers: usize,
-    pub retry_after: Duration,
-}
-
-#[derive(Debug, Clone)]
-pub struct Route {
-    pub path: String,
-    pub destinations: Vec<Arc<str>>,
-    pub max_body: u64,
-    pub allow_ips: Vec<ipnet::IpNet>,
-    pub auth: Option<Arc<crate::auth::Auth>>,
-    /// Headers carrying the sender's credentials (from `auth`).
-    pub credential_headers: Vec<http::HeaderName>,
-    /// Whether a destination of this route wants those headers forwarded,
-    /// so they are stored with the message.
-    pub store_credentials: bool,
-    pub dedupe_window: Option<std::time::Duration>,
-}
-
-#[derive(Debug, Clone)]
-pub struct Destination {
-    pub name: Arc<str>,
-    /// The target URL without any userinfo (that moves to `basic_auth`).
-    pub url: http::Uri,
-    /// `user:password` taken from the URL, sent as HTTP Basic credentials.
-    pub basic_auth: Option<Secret>,
-    pub timeout: Duration,
-    pub connect_timeout: Duration,
-    pub concurrency: usize,
-    pub strip_body_fields: Vec<String>,
-    pub forward_sender_credentials: bool,
-    pub paused: bool,
-    /// Extra trusted CA certificates, already loaded.
-    pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
-    pub retry: crate::retry::RetryPolicy,
 }
 
 impl Config {

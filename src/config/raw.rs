@@ -113,7 +113,7 @@ pub struct RawHeaderAuth {
 #[serde(deny_unknown_fields)]
 pub struct RawHmac {
     #[serde(default = "default_hmac_scheme")]
-    pub scheme: crate::auth::HmacScheme,
+    pub scheme: crate::ingress::auth::HmacScheme,
     /// Signature header (defaults: plain none, stripe `Stripe-Signature`,
     /// standard-webhooks `webhook-signature`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -121,7 +121,7 @@ pub struct RawHmac {
     #[serde(default)]
     pub prefix: String,
     #[serde(default = "default_hmac_encoding")]
-    pub encoding: crate::auth::Encoding,
+    pub encoding: crate::ingress::auth::Encoding,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timestamp_header: Option<String>,
     #[serde(default = "default_tolerance", with = "humantime_serde")]
@@ -129,11 +129,11 @@ pub struct RawHmac {
     pub secrets: Vec<SecretString>,
 }
 
-fn default_hmac_scheme() -> crate::auth::HmacScheme {
-    crate::auth::HmacScheme::Plain
+fn default_hmac_scheme() -> crate::ingress::auth::HmacScheme {
+    crate::ingress::auth::HmacScheme::Plain
 }
-fn default_hmac_encoding() -> crate::auth::Encoding {
-    crate::auth::Encoding::Hex
+fn default_hmac_encoding() -> crate::ingress::auth::Encoding {
+    crate::ingress::auth::Encoding::Hex
 }
 fn default_tolerance() -> Duration {
     Duration::from_secs(300)

@@ -164,7 +164,8 @@ impl RawConfig {
                 p.add(format!("{key}.max_body"), format!("must be at most {} bytes (512 MiB)", crate::store::MAX_BODY));
             }
             let auth = r.auth.as_ref().and_then(|a| validate_auth(&mut p, &format!("{key}.auth"), a)).map(Arc::new);
-            let credential_headers = auth.as_deref().map(crate::auth::Auth::credential_headers).unwrap_or_default();
+            let credential_headers =
+                auth.as_deref().map(crate::ingress::auth::Auth::credential_headers).unwrap_or_default();
             let store_credentials =
                 r.destinations.iter().any(|d| self.destinations.get(d).is_some_and(|d| d.forward_sender_credentials));
             if r.destinations.len() > crate::store::MAX_DESTINATIONS {
@@ -330,7 +331,7 @@ fn validate_destination(p: &mut Problems, key: &str, name: &str, d: &RawDestinat
         forward_sender_credentials: d.forward_sender_credentials,
         paused: d.paused,
         extra_roots,
-        retry: crate::retry::RetryPolicy {
+        retry: crate::delivery::retry::RetryPolicy {
             initial: r.initial,
             max_interval: r.max_interval,
             multiplier: r.multiplier,
@@ -344,7 +345,7 @@ fn validate_destination(p: &mut Problems, key: &str, name: &str, d: &RawDestinat
 }
 
 fn resolve(p: &mut Problems, key: &str, raw: &SecretString) -> Option<Secret> {
-    match crate::auth::resolve_secret(&raw.0) {
+    match crate::secret::resolve(&raw.0) {
         Ok(s) => Some(s),
         Err(e) => {
             p.add(key, e);
@@ -370,9 +371,9 @@ fn header_name(p: &mut Problems, key: &str, name: &str) -> Option<http::HeaderNa
     }
 }
 
-fn validate_tls(p: &mut Problems, key: &str, t: &RawTls) -> Option<crate::tls::TlsFiles> {
-    let files = crate::tls::TlsFiles { cert: t.cert.clone(), key: t.key.clone() };
-    match crate::tls::load(&files) {
+fn validate_tls(p: &mut Problems, key: &str, t: &RawTls) -> Option<crate::server::tls::TlsFiles> {
+    let files = crate::server::tls::TlsFiles { cert: t.cert.clone(), key: t.key.clone() };
+    match crate::server::tls::load(&files) {
         Ok(_) => Some(files),
         Err(e) => {
             p.add(key, e.to_string());
@@ -381,8 +382,8 @@ fn validate_tls(p: &mut Problems, key: &str, t: &RawTls) -> Option<crate::tls::T
     }
 }
 
-fn validate_auth(p: &mut Problems, key: &str, a: &RawAuth) -> Option<crate::auth::Auth> {
-    use crate::auth::{Auth, HmacAuth, HmacScheme};
+fn validate_auth(p: &mut Problems, key: &str, a: &RawAuth) -> Option<crate::ingress::auth::Auth> {
+    use crate::ingress::auth::{Auth, HmacAuth, HmacScheme};
     let set = [a.body_fields.is_some(), a.basic.is_some(), a.header.is_some(), a.hmac.is_some()];
     if set.iter().filter(|x| **x).count() != 1 {
         p.add(key, "set exactly one of body_fields, basic, header, hmac");

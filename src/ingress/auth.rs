@@ -24,7 +24,7 @@ use ipnet::IpNet;
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
-use crate::config::Secret;
+use crate::secret::Secret;
 
 /// Why a request was refused: `label` is a bounded metric label value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -245,20 +245,6 @@ impl HmacAuth {
     }
 }
 
-/// Resolves a configured secret: `env:NAME`, `file:/path` or the literal value.
-/// Errors name the variable or file, never a value.
-pub fn resolve_secret(raw: &str) -> Result<Secret, String> {
-    if let Some(name) = raw.strip_prefix("env:") {
-        return std::env::var(name).map(Secret::new).map_err(|_| format!("environment variable {name} is not set"));
-    }
-    if let Some(path) = raw.strip_prefix("file:") {
-        return std::fs::read_to_string(path)
-            .map(|s| Secret::new(s.trim_end_matches(['\n', '\r'])))
-            .map_err(|e| format!("cannot read secret file {path}: {e}"));
-    }
-    Ok(Secret::new(raw))
-}
-
 /// The client address of a request: the peer, unless the peer is a trusted
 /// proxy, in which case the rightmost untrusted hop of `X-Forwarded-For`
 /// (or, without it, of `Forwarded: for=`).
@@ -307,11 +293,6 @@ fn parse_hop(s: &str) -> Option<IpAddr> {
     s.strip_prefix('[').and_then(|r| r.split(']').next()).and_then(|ip| ip.parse().ok())
 }
 
-pub fn allowed(ip: IpAddr, allow: &[IpNet]) -> bool {
-    let ip = ip.to_canonical();
-    allow.is_empty() || allow.iter().any(|n| n.contains(&ip))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,11 +337,11 @@ mod tests {
     #[test]
     fn allowlist_handles_v4_v6_and_mapped() {
         let allow = [net("3.87.163.45/32"), net("2001:db8::/32")];
-        assert!(allowed("3.87.163.45".parse().expect("ip"), &allow));
-        assert!(allowed("::ffff:3.87.163.45".parse().expect("ip"), &allow));
-        assert!(allowed("2001:db8::5".parse().expect("ip"), &allow));
-        assert!(!allowed("3.87.163.46".parse().expect("ip"), &allow));
-        assert!(allowed("8.8.8.8".parse().expect("ip"), &[]));
+        assert!(crate::server::allowed("3.87.163.45".parse().expect("ip"), &allow));
+        assert!(crate::server::allowed("::ffff:3.87.163.45".parse().expect("ip"), &allow));
+        assert!(crate::server::allowed("2001:db8::5".parse().expect("ip"), &allow));
+        assert!(!crate::server::allowed("3.87.163.46".parse().expect("ip"), &allow));
+        assert!(crate::server::allowed("8.8.8.8".parse().expect("ip"), &[]));
     }
 
     #[test]
@@ -407,16 +388,5 @@ mod tests {
             ("webhook-signature", &format!("v1,bm9wZQ== v1,{sig}")),
         ]);
         assert_eq!(sw.check(&h, body, now), Ok(()));
-    }
-
-    #[test]
-    fn secrets_resolve_from_env_and_file_without_leaking() {
-        assert_eq!(resolve_secret("literal").expect("literal").expose(), "literal");
-        let err = resolve_secret("env:SWITCHBOARD_TEST_SURELY_UNSET_VAR").expect_err("unset");
-        assert!(err.contains("SWITCHBOARD_TEST_SURELY_UNSET_VAR"));
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = dir.path().join("s");
-        std::fs::write(&p, "from-file\n").expect("write");
-        assert_eq!(resolve_secret(&format!("file:{}", p.display())).expect("file").expose(), "from-file");
     }
 }

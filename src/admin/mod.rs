@@ -44,7 +44,7 @@ pub struct Admin {
     /// so "ready" means a callback of the default limit would be taken.
     pub ready_room: u64,
     /// Bearer token for everything but /healthz and /readyz.
-    pub token: Option<crate::config::Secret>,
+    pub token: Option<crate::secret::Secret>,
 }
 
 impl crate::server::Handler for Admin {

@@ -40,7 +40,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -48,11 +48,42 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::auth;
-use crate::config::{IngressConfig, Route};
+use crate::server::allowed;
+
+pub mod auth;
+pub mod dedupe;
 use crate::metrics::Metrics;
 use crate::store::{now_ms, Draft, Store};
 use crate::wake::Wakers;
+
+/// Ingress limits and timeouts (`[ingress]`, validated).
+#[derive(Debug, Clone)]
+pub struct IngressConfig {
+    pub max_body: u64,
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub max_connections: usize,
+    pub max_connections_per_ip: Option<usize>,
+    pub max_buffered_bytes: u64,
+    pub max_headers: usize,
+    pub retry_after: Duration,
+}
+
+/// One route: an exact path and what a request on it must pass.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub path: String,
+    pub destinations: Vec<Arc<str>>,
+    pub max_body: u64,
+    pub allow_ips: Vec<ipnet::IpNet>,
+    pub auth: Option<Arc<auth::Auth>>,
+    /// Headers carrying the sender's credentials (from `auth`).
+    pub credential_headers: Vec<http::HeaderName>,
+    /// Whether a destination of this route wants those headers forwarded,
+    /// so they are stored with the message.
+    pub store_credentials: bool,
+    pub dedupe_window: Option<Duration>,
+}
 
 /// Everything a request handler needs, shared by all connections.
 pub struct Ingress {
@@ -61,7 +92,7 @@ pub struct Ingress {
     pub store: Store,
     pub metrics: Arc<Metrics>,
     pub wakers: Wakers,
-    pub dedupe: crate::dedupe::Dedupe,
+    pub dedupe: dedupe::Dedupe,
     /// Bytes of request bodies that may be held in memory (`max_buffered_bytes`).
     pub buffered: Arc<Semaphore>,
 }
@@ -81,7 +112,7 @@ impl Ingress {
             store,
             metrics,
             wakers,
-            dedupe: crate::dedupe::Dedupe::default(),
+            dedupe: dedupe::Dedupe::default(),
             buffered: Arc::new(Semaphore::new(budget)),
         }
     }
@@ -149,7 +180,7 @@ impl Ingress {
             return error(StatusCode::NOT_FOUND, "no route for this path");
         };
         let client = auth::client_ip(peer.ip().to_canonical(), req.headers(), &ctx.trusted_proxies);
-        let resp = if !auth::allowed(client, &ctx.allow_ips) || !auth::allowed(client, &route.allow_ips) {
+        let resp = if !allowed(client, &ctx.allow_ips) || !allowed(client, &route.allow_ips) {
             self.metrics.ingress_rejected.with_label_values(&[&route.path, "ip_not_allowed"]).inc();
             error(StatusCode::FORBIDDEN, "source address not allowed")
         } else {
@@ -200,7 +231,7 @@ impl Ingress {
             }
         }
 
-        let dedupe_key = route.dedupe_window.map(|_| crate::dedupe::Dedupe::key(&route.path, draft.body()));
+        let dedupe_key = route.dedupe_window.map(|_| dedupe::Dedupe::key(&route.path, draft.body()));
         if let Some(key) = &dedupe_key {
             if let Some(id) = self.dedupe.lookup(key, Instant::now()) {
                 self.metrics.ingress_duplicates.with_label_values(&[&route.path]).inc();

@@ -9,7 +9,7 @@
 //! earliest pending entry falls due, or when an attempt finishes. It leases due
 //! entries from the store (in memory only: a crash simply makes them due again)
 //! and runs each attempt as a task bounded by the destination's timeout. The
-//! attempt's result is classified and decided on by [`crate::retry`]; the
+//! attempt's result is classified and decided on by [`retry`]; the
 //! decision is written back to the store (one state change). A retry is a queue entry
 //! with a later due time, never a task sleeping with the message in memory.
 //!
@@ -37,11 +37,31 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Destination;
+use self::retry::{Action, Cause, Outcome, TransportError};
 use crate::metrics::Metrics;
-use crate::retry::{Action, Cause, Outcome, TransportError};
 use crate::store::{now_ms, DeadRecord, Lease, QueueRecord, Store};
 use crate::wake::Wakers;
+
+pub mod retry;
+
+/// One destination (`[destinations.NAME]`, validated).
+#[derive(Debug, Clone)]
+pub struct Destination {
+    pub name: Arc<str>,
+    /// The target URL without any userinfo (that moves to `basic_auth`).
+    pub url: http::Uri,
+    /// `user:password` taken from the URL, sent as HTTP Basic credentials.
+    pub basic_auth: Option<crate::secret::Secret>,
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    pub concurrency: usize,
+    pub strip_body_fields: Vec<String>,
+    pub forward_sender_credentials: bool,
+    pub paused: bool,
+    /// Extra trusted CA certificates, already loaded.
+    pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    pub retry: retry::RetryPolicy,
+}
 
 type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 

@@ -55,6 +55,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::metrics::Metrics;
 
+pub mod tls;
+
 /// Upper bound on the bytes of a request head (request line plus headers).
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 
@@ -65,6 +67,13 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 /// How long a refusal at accept may take to write its answer and see the
 /// client go away; bounded so refused connections cannot pile up.
 const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+
+/// Whether `ip` is in `allow` (an empty list allows every address).
+/// IPv4-mapped IPv6 addresses count as the IPv4 address they carry.
+pub fn allowed(ip: IpAddr, allow: &[ipnet::IpNet]) -> bool {
+    let ip = ip.to_canonical();
+    allow.is_empty() || allow.iter().any(|n| n.contains(&ip))
+}
 
 /// Answers requests: the ingress or the admin API.
 pub trait Handler: Send + Sync + 'static {
@@ -122,7 +131,7 @@ impl Drop for IpSlot {
 pub struct ServerConfig {
     /// "ingress" or "admin", for logs and metric labels.
     pub kind: &'static str,
-    pub tls: Option<crate::tls::CertStore>,
+    pub tls: Option<crate::server::tls::CertStore>,
     /// From accept to a complete first request head, TLS handshake included.
     pub head_timeout: Duration,
     pub max_headers: usize,
@@ -192,7 +201,7 @@ pub async fn serve<H: Handler>(
         let _ = stream.set_nodelay(true);
         let ip = peer.ip().to_canonical();
         let proxy = cfg.trusted_proxies.iter().any(|n| n.contains(&ip));
-        if !proxy && !crate::auth::allowed(ip, &cfg.allow_ips) {
+        if !proxy && !allowed(ip, &cfg.allow_ips) {
             drop(permit);
             metrics.connections_refused.with_label_values(&[kind, "ip_not_allowed"]).inc();
             if acceptor.is_none() {
