@@ -13,7 +13,7 @@
 //! - [`server`]: the HTTP server scaffold ingress and admin share (limits, deadlines, drain).
 //! - [`headers`]: header policy (stored, forwarded, never forwarded).
 //! - [`wake`]: per-destination wake-up signals.
-//! - [`store`]: the durable store (message log + sled: messages, due queues, dead letters).
+//! - [`store`]: the durable store behind one narrow interface (append, sync, lease, settle, dead letters, stats).
 //! - [`delivery`]: one scheduler per destination, forwarding stored messages.
 //! - [`retry`]: outcome classification and the pure retry policy.
 //! - [`metrics`]: every Prometheus series.
@@ -103,7 +103,8 @@ fn store_options(config: &Config, cut_damaged_log: bool) -> StoreOptions {
 /// configured destination with what is pending and dead-lettered after it.
 pub async fn repair(config: &Config) -> anyhow::Result<Vec<String>> {
     let path = &config.store.path;
-    let store = Store::open(path, store_options(config, true), |_, _| {})
+    let store = Store::open_async(path, store_options(config, true), |_, _| {})
+        .await
         .with_context(|| format!("opening store {}", path.display()))?;
     let lines = config
         .destinations
@@ -162,10 +163,11 @@ pub async fn run_with_reload(
         None => None,
     };
     let flush_metrics = metrics.clone();
-    let store = Store::open(&config.store.path, store_options(&config, false), move |took, ok| {
+    let store = Store::open_async(&config.store.path, store_options(&config, false), move |took, ok| {
         flush_metrics.store_flushes.with_label_values(&[if ok { "ok" } else { "error" }]).inc();
         flush_metrics.store_flush_duration.observe(took.as_secs_f64());
     })
+    .await
     .with_context(|| format!("opening store {}", config.store.path.display()))?;
 
     let names: Vec<String> = config.destinations.iter().map(|d| d.name.to_string()).collect();

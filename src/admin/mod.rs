@@ -159,17 +159,17 @@ impl Admin {
             }
             (&Method::GET, ["api", "dead-letters", dest]) => {
                 let limit = query_params(&req).get("limit").and_then(|l| l.parse().ok()).unwrap_or(100usize);
-                match self.store.dead_letters(dest, limit) {
+                match self.store.list_dead(dest, limit).await {
                     Ok(list) => {
                         let items: Vec<_> = list
                             .iter()
                             .map(|e| {
                                 serde_json::json!({
                                     "id": self.store.external_id(e.id),
-                                    "attempts": e.record.attempts,
-                                    "dead_at_ms": e.record.dead_at_ms,
-                                    "last_status": (e.record.last_status != 0).then_some(e.record.last_status),
-                                    "reason": e.record.reason,
+                                    "attempts": e.attempts,
+                                    "dead_at_ms": e.dead_at_ms,
+                                    "last_status": e.last_status,
+                                    "reason": e.reason,
                                 })
                             })
                             .collect();

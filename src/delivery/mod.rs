@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::retry::{Action, Cause, Outcome, TransportError};
 use crate::metrics::Metrics;
-use crate::store::{now_ms, DeadRecord, Lease, QueueRecord, Store};
+use crate::store::{now_ms, Lease, Settle, Store};
 use crate::wake::Wakers;
 
 pub mod retry;
@@ -69,7 +69,7 @@ type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes
 /// connection can be reused; beyond this the connection is dropped.
 const MAX_RESPONSE_BODY: usize = 64 * 1024;
 
-/// How long a scheduler waits before retrying after a store read failed.
+/// How long a scheduler waits before leasing again after a store failure.
 const STORE_ERROR_PAUSE: Duration = Duration::from_secs(1);
 
 /// Builds the HTTP(S) client for one destination.
@@ -153,25 +153,16 @@ impl Worker {
             if let Some(p) = paused_until {
                 deadline = Some(p);
             } else if inflight.len() < limit {
-                match this.store.due(&name, now_ms(), limit - inflight.len(), &inflight) {
-                    Ok(due) => {
-                        for lease in due.leases {
-                            inflight.insert(lease.id);
-                            let id = lease.id;
-                            let w = this.clone();
-                            let handle = tasks.spawn(async move { w.attempt(lease).await });
-                            task_ids.insert(handle.id(), id);
-                        }
-                        if inflight.len() < limit {
-                            deadline = due.next_due_ms.map(instant_at);
-                        }
-                    }
-                    Err(e) => {
-                        this.metrics.store_errors.inc();
-                        tracing::error!(destination = %name, error = %e, "cannot read the delivery queue");
-                        paused_until = Some(tokio::time::Instant::now() + STORE_ERROR_PAUSE);
-                        deadline = paused_until;
-                    }
+                let due = this.store.due(&name, now_ms(), limit - inflight.len(), &inflight);
+                for lease in due.leases {
+                    inflight.insert(lease.id);
+                    let id = lease.id;
+                    let w = this.clone();
+                    let handle = tasks.spawn(async move { w.attempt(lease).await });
+                    task_ids.insert(handle.id(), id);
+                }
+                if inflight.len() < limit {
+                    deadline = due.next_due_ms.map(instant_at);
                 }
             }
             tokio::select! {
@@ -204,14 +195,10 @@ impl Worker {
     /// the store could not be read or updated.
     async fn attempt(&self, lease: Lease) -> bool {
         let name: &str = &self.dest.name;
-        let msg = match self.store.load(lease.id) {
+        let msg = match self.store.fetch(&lease).await {
             Ok(Some(m)) => m,
             Ok(None) => {
-                tracing::error!(destination = name, id = %self.store.external_id(lease.id), "queue entry without a message; dropping it");
-                if let Err(e) = self.store.drop_orphan(name, &lease) {
-                    self.store_failed(&e);
-                    return false;
-                }
+                tracing::error!(destination = name, id = %self.store.external_id(lease.id), "queue entry without a message; dropped it");
                 return true;
             }
             Err(e) => {
@@ -219,7 +206,7 @@ impl Worker {
                 return false;
             }
         };
-        let attempt = lease.record.attempts.saturating_add(1);
+        let attempt = lease.attempts().saturating_add(1);
         let started = Instant::now();
         let outcome = self.send(&msg, lease.id, attempt).await;
         let m = &self.metrics;
@@ -228,36 +215,29 @@ impl Worker {
 
         let now = now_ms();
         let age = Duration::from_millis(now.saturating_sub(msg.received_ms));
-        let result = match self.dest.retry.decide(attempt, &outcome, age) {
+        let settle = match self.dest.retry.decide(attempt, &outcome, age) {
             Action::Done => {
                 m.deliveries.with_label_values(&[name, "delivered"]).inc();
                 m.delivery_lag.with_label_values(&[name]).observe(age.as_secs_f64());
                 tracing::debug!(destination = name, id = %self.store.external_id(lease.id), attempt, "delivered");
-                self.store.delivered(name, &lease)
+                Settle::Delivered
             }
             Action::RetryAfter(delay) => {
                 m.deliveries.with_label_values(&[name, "retried"]).inc();
                 tracing::info!(destination = name, id = %self.store.external_id(lease.id), attempt, reason = outcome.reason(), retry_in = %humantime::format_duration(round_ms(delay)), "delivery failed; will retry");
-                let record = QueueRecord {
-                    attempts: attempt,
-                    last_status: outcome.status().unwrap_or(0),
-                    last_error: outcome.reason().to_string(),
-                };
-                self.store.reschedule(name, &lease, now + delay.as_millis() as u64, &record)
+                Settle::Retry {
+                    at_ms: now + delay.as_millis() as u64,
+                    status: outcome.status(),
+                    error: outcome.reason().to_string(),
+                }
             }
             Action::DeadLetter { reason } => {
                 m.deliveries.with_label_values(&[name, "dead_lettered"]).inc();
                 tracing::warn!(destination = name, id = %self.store.external_id(lease.id), attempt, reason = %reason, "delivery moved to the dead-letter store");
-                let record = DeadRecord {
-                    attempts: attempt,
-                    dead_at_ms: now,
-                    last_status: outcome.status().unwrap_or(0),
-                    reason,
-                };
-                self.store.dead_letter(name, &lease, &record)
+                Settle::Dead { status: outcome.status(), reason }
             }
         };
-        if let Err(e) = result {
+        if let Err(e) = self.store.settle(&lease, settle).await {
             self.store_failed(&e);
             return false;
         }

@@ -330,7 +330,11 @@ impl Ingress {
     }
 
     fn unavailable(&self, e: &crate::store::StoreError) -> Response<Full<Bytes>> {
-        tracing::warn!(error = %e, "refusing a callback: the store cannot take it");
+        if e.is_transient() {
+            tracing::warn!(error = %e, "refusing a callback: the store cannot take it right now");
+        } else {
+            tracing::error!(error = %e, "refusing a callback: the store failed; an operator is needed");
+        }
         self.retry_later("cannot store the message right now; retry later")
     }
 }

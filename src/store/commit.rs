@@ -165,7 +165,7 @@ impl GroupCommit {
     /// `after_failure` says, in the log, what a failed flush means.
     pub(crate) fn run(
         &self,
-        mut flush: impl FnMut() -> Result<(), String>,
+        mut flush: impl FnMut() -> Result<(), super::StoreError>,
         stop: &std::sync::atomic::AtomicBool,
         after_failure: &'static str,
         on_flush: impl Fn(std::time::Duration, bool),

@@ -28,7 +28,8 @@
 
 mod cache;
 mod commit;
-pub mod format;
+mod error;
+mod format;
 mod reclaim;
 mod recover;
 mod segments;
@@ -43,71 +44,17 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use self::cache::RecordCache;
-use self::commit::{CommitError, GroupCommit};
+use self::commit::GroupCommit;
+pub use self::error::{EngineError, StoreError};
 use self::segments::{Loc, SegmentLog};
 
 use self::format::*;
-pub use self::format::{DeadRecord, DecodeError, Draft, MessageRecord, QueueRecord, StateRecord, MAX_DESTINATIONS};
+use self::format::{DeadRecord, QueueRecord, StateRecord};
+pub use self::format::{DecodeError, Draft, MessageRecord, MAX_DESTINATIONS};
 
 /// Largest request body a route may accept (`max_body`): its record, with
 /// headers and framing, must stay within a log frame (1 GiB).
 pub const MAX_BODY: u64 = 512 << 20;
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("store is full: {used} of max_bytes {limit} in use")]
-    Full { used: u64, limit: u64 },
-    #[error("disk nearly full: {free} bytes free on the store's filesystem, min_free_bytes is {min}")]
-    DiskFull { free: u64, min: u64 },
-    #[error("store flush to disk failed")]
-    FlushFailed,
-    #[error("store is closed")]
-    Closed,
-    #[error("cannot open store at {path}: {source}")]
-    Open { path: PathBuf, source: sled::Error },
-    #[error("store {path} is locked by another process{}; stop it first, or give this relay its own store.path", pid.map(|p| format!(" (pid {p}?)")).unwrap_or_default())]
-    Locked { path: PathBuf, pid: Option<u32> },
-    #[error("cannot open store at {path}: {source}")]
-    OpenIo { path: PathBuf, source: std::io::Error },
-    #[error("store at {path} has format version {found}; this build reads version {expected} (data left untouched)")]
-    Version { path: PathBuf, found: u32, expected: u32 },
-    #[error("store at {path} holds data but no format marker; refusing to use it (data left untouched)")]
-    Unmarked { path: PathBuf },
-    #[error("store I/O error: {0}")]
-    Io(#[from] sled::Error),
-    #[error(transparent)]
-    Corrupt(#[from] DecodeError),
-    #[error("{0}")]
-    Log(String),
-    #[error("message record of {0} bytes is larger than the store takes")]
-    TooLarge(usize),
-}
-
-impl From<segments::LogError> for StoreError {
-    fn from(e: segments::LogError) -> Self {
-        StoreError::Log(e.to_string())
-    }
-}
-
-impl StoreError {
-    /// Whether the condition may clear by itself (full, flush failure), so a
-    /// sender should retry later.
-    pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            StoreError::Full { .. } | StoreError::DiskFull { .. } | StoreError::FlushFailed | StoreError::Io(_)
-        )
-    }
-}
-
-impl From<CommitError> for StoreError {
-    fn from(e: CommitError) -> Self {
-        match e {
-            CommitError::FlushFailed => StoreError::FlushFailed,
-            CommitError::Closed => StoreError::Closed,
-        }
-    }
-}
 
 /// Options for [`Store::open`].
 #[derive(Debug, Clone, Default)]
@@ -134,12 +81,39 @@ pub struct StoreOptions {
     pub evacuate_every: Option<Duration>,
 }
 
-/// A due queue entry handed to a delivery worker.
+/// A due delivery handed to a delivery worker: which message, for which
+/// destination, and what settling it needs. Only the store makes them; a
+/// lease that was settled, replayed or purged since is ignored when settled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
-    pub due_ms: u64,
+    pub dest: Arc<str>,
     pub id: u64,
-    pub record: QueueRecord,
+    due_ms: u64,
+    record: QueueRecord,
+}
+
+impl Lease {
+    /// Attempts made before this one.
+    pub fn attempts(&self) -> u32 {
+        self.record.attempts
+    }
+}
+
+/// What became of a delivery attempt, for [`Store::settle`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settle {
+    Delivered,
+    /// Failed; try again at `at_ms` (unix ms).
+    Retry {
+        at_ms: u64,
+        status: Option<u16>,
+        error: String,
+    },
+    /// Failed for good: into the dead letters.
+    Dead {
+        status: Option<u16>,
+        reason: String,
+    },
 }
 
 /// Result of [`Store::due`].
@@ -151,10 +125,13 @@ pub struct Due {
 }
 
 /// A dead-lettered delivery.
-#[derive(Debug, Clone)]
-pub struct DeadEntry {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
     pub id: u64,
-    pub record: DeadRecord,
+    pub attempts: u32,
+    pub dead_at_ms: u64,
+    pub last_status: Option<u16>,
+    pub reason: String,
 }
 
 /// Per-destination figures for metrics and the admin API.
@@ -293,6 +270,14 @@ pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+/// Runs store work that reads the disk or writes sled on the blocking pool,
+/// so it never holds a runtime thread.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or(Err(StoreError::Closed))
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Every critical section in this module is a few map or counter updates
     // that cannot panic midway, so a poisoned lock still guards consistent data.
@@ -300,6 +285,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Store {
+    /// [`Store::open`] on the blocking pool: recovery reads the whole log
+    /// and sled, which must not hold a runtime thread.
+    pub async fn open_async(
+        path: &Path,
+        opts: StoreOptions,
+        on_flush: impl Fn(Duration, bool) + Send + Sync + 'static,
+    ) -> Result<Store, StoreError> {
+        let path = path.to_path_buf();
+        blocking(move || Store::open(&path, opts, on_flush)).await
+    }
+
     /// Opens (or creates) the store at `path`. Must run inside a tokio runtime:
     /// it starts the flusher. `on_flush` observes each flush (duration, ok).
     pub fn open(
@@ -330,7 +326,7 @@ impl Store {
                 {
                     std::thread::sleep(Duration::from_millis(10));
                 }
-                Err(source) => return Err(StoreError::Open { path: path.to_path_buf(), source }),
+                Err(e) => return Err(StoreError::Open { path: path.to_path_buf(), source: Box::new(e.into()) }),
             }
         };
         let meta = db.open_tree("meta")?;
@@ -387,30 +383,30 @@ impl Store {
             reclaim: Arc::new(tokio::sync::Notify::new()),
             reclaiming: tokio::sync::Mutex::new(()),
         });
-        let mut durability = commit::Durability::open(path)
-            .map_err(|e| StoreError::Open { path: path.to_path_buf(), source: sled::Error::Io(e) })?;
+        let mut durability =
+            commit::Durability::open(path).map_err(|source| StoreError::OpenIo { path: path.to_path_buf(), source })?;
         // Two flusher threads: the log's (ingress acknowledgements wait for
         // it, and only for it) and sled's (a sled flush can take long when
         // many settling writes are dirty; acknowledgements must not wait).
         let on_flush = Arc::new(on_flush);
         let weak = Arc::downgrade(&inner);
-        let log_flush = move || -> Result<(), String> {
-            let inner = weak.upgrade().ok_or("store dropped")?;
+        let log_flush = move || -> Result<(), StoreError> {
+            let inner = weak.upgrade().ok_or(StoreError::Closed)?;
             inner.flush_log()
         };
         let weak = Arc::downgrade(&inner);
-        let state_flush = move || -> Result<(), String> {
-            let inner = weak.upgrade().ok_or("store dropped")?;
+        let state_flush = move || -> Result<(), StoreError> {
+            let inner = weak.upgrade().ok_or(StoreError::Closed)?;
             inner.flush_state(&mut durability)
         };
         let observe = on_flush.clone();
-        type Flush = Box<dyn FnMut() -> Result<(), String> + Send>;
+        type Flush = Box<dyn FnMut() -> Result<(), StoreError> + Send>;
         let spawn = |name: &str, commit: Arc<GroupCommit>, flush: Flush, after_failure: &'static str| {
             let (stop, observe) = (stop.clone(), observe.clone());
             std::thread::Builder::new()
                 .name(name.into())
                 .spawn(move || commit.run(flush, &stop, after_failure, |took, ok| observe(took, ok)))
-                .map_err(|e| StoreError::Open { path: path.to_path_buf(), source: sled::Error::Io(e) })
+                .map_err(|source| StoreError::OpenIo { path: path.to_path_buf(), source })
         };
         let flushers = vec![
             spawn("switchboard-log", commit.clone(), Box::new(log_flush), LOG_FLUSH_FAILED)?,
@@ -633,10 +629,11 @@ impl Store {
 
     /// Up to `limit` entries of `dest` due at `now_ms`, oldest due first,
     /// skipping ids in `skip` (those already being delivered).
-    pub fn due(&self, dest: &str, now_ms: u64, limit: usize, skip: &HashSet<u64>) -> Result<Due, StoreError> {
+    pub fn due(&self, dest: &str, now_ms: u64, limit: usize, skip: &HashSet<u64>) -> Due {
         let mut due = Due::default();
         let index = self.index();
-        let Some(e) = index.get(dest) else { return Ok(due) };
+        let Some(e) = index.get(dest) else { return due };
+        let name: Arc<str> = Arc::from(dest);
         for (&(due_ms, id), record) in &e.due {
             if skip.contains(&id) {
                 continue;
@@ -645,9 +642,10 @@ impl Store {
                 due.next_due_ms = Some(due_ms);
                 break;
             }
-            due.leases.push(Lease { due_ms, id, record: record.as_deref().cloned().unwrap_or_default() });
+            let record = record.as_deref().cloned().unwrap_or_default();
+            due.leases.push(Lease { dest: name.clone(), due_ms, id, record });
         }
-        Ok(due)
+        due
     }
 
     /// The stored bytes of message `id`'s record, if it is live.
@@ -671,7 +669,53 @@ impl Store {
     }
 
     /// The message `id`, if it is still stored.
-    pub fn load(&self, id: u64) -> Result<Option<MessageRecord>, StoreError> {
+    /// The message of `lease`. From the record cache when it is there (most
+    /// deliveries); otherwise read from disk on the blocking pool, never on
+    /// a runtime thread. `None` when the message is gone (it cannot be, in an
+    /// undamaged store): the lease is then dropped, so it cannot wedge its
+    /// destination.
+    pub async fn fetch(&self, lease: &Lease) -> Result<Option<MessageRecord>, StoreError> {
+        if let Some(raw) = lock(&self.inner.cache).map.get(&lease.id).cloned() {
+            return Ok(Some(MessageRecord::decode(raw)?));
+        }
+        let (store, lease) = (self.clone(), lease.clone());
+        blocking(move || {
+            let found = store.load(lease.id)?;
+            if found.is_none() {
+                store.drop_orphan(&lease.dest, &lease)?;
+            }
+            Ok(found)
+        })
+        .await
+    }
+
+    /// Records what became of `lease`'s attempt: one state change, not
+    /// waited for (a crash before sled's next flush repeats the delivery,
+    /// never loses it). A dead letter first copies its message into sled (a
+    /// read and a few writes), on the blocking pool.
+    pub async fn settle(&self, lease: &Lease, outcome: Settle) -> Result<(), StoreError> {
+        let attempts = lease.record.attempts.saturating_add(1);
+        match outcome {
+            Settle::Delivered => self.delivered(&lease.dest, lease),
+            Settle::Retry { at_ms, status, error } => {
+                let record = QueueRecord { attempts, last_status: status.unwrap_or(0), last_error: error };
+                self.reschedule(&lease.dest, lease, at_ms, &record)
+            }
+            Settle::Dead { status, reason } => {
+                let record = DeadRecord { attempts, dead_at_ms: now_ms(), last_status: status.unwrap_or(0), reason };
+                let (store, lease) = (self.clone(), lease.clone());
+                blocking(move || store.dead_letter(&lease.dest, &lease, &record)).await
+            }
+        }
+    }
+
+    /// Up to `limit` dead letters of `dest`, oldest message first.
+    pub async fn list_dead(&self, dest: &str, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        let (store, dest) = (self.clone(), dest.to_string());
+        blocking(move || store.dead_letters(&dest, limit)).await
+    }
+
+    fn load(&self, id: u64) -> Result<Option<MessageRecord>, StoreError> {
         match self.record_bytes(id)? {
             Some(raw) => Ok(Some(MessageRecord::decode(raw)?)),
             None => Ok(None),
@@ -696,7 +740,7 @@ impl Store {
     /// that segment is still there), then the copy and its `state` keys go.
     /// A crash between any two steps leaves a `Done` in place or keys of a
     /// message that is nowhere (removed at open), never a pending delivery.
-    fn settle(&self, msgs: &mut BTreeMap<u64, Msg>, dest: &str, id: u64, dead: bool) -> Result<(), StoreError> {
+    fn finish(&self, msgs: &mut BTreeMap<u64, Msg>, dest: &str, id: u64, dead: bool) -> Result<(), StoreError> {
         let inner = &self.inner;
         let Some(m) = msgs.get(&id).cloned() else { return Ok(()) };
         let (pending, dead_left) =
@@ -764,18 +808,18 @@ impl Store {
 
     /// Settles a lease as delivered; the message is deleted when no other
     /// destination still needs it.
-    pub fn delivered(&self, dest: &str, lease: &Lease) -> Result<(), StoreError> {
+    fn delivered(&self, dest: &str, lease: &Lease) -> Result<(), StoreError> {
         let mut msgs = lock(self.stripe(lease.id));
         if !self.is_current(dest, lease) {
             return Ok(());
         }
-        self.settle(&mut msgs, dest, lease.id, false)?;
+        self.finish(&mut msgs, dest, lease.id, false)?;
         self.unqueue(dest, lease);
         Ok(())
     }
 
     /// Moves a lease to a new due time with an updated record.
-    pub fn reschedule(&self, dest: &str, lease: &Lease, due_ms: u64, record: &QueueRecord) -> Result<(), StoreError> {
+    fn reschedule(&self, dest: &str, lease: &Lease, due_ms: u64, record: &QueueRecord) -> Result<(), StoreError> {
         let mut msgs = lock(self.stripe(lease.id));
         if !self.is_current(dest, lease) {
             return Ok(());
@@ -796,7 +840,7 @@ impl Store {
     /// Moves a lease to the dead-letter store. The message is copied into
     /// sled first (if it is not there already), so a dead letter never pins
     /// a segment of the log.
-    pub fn dead_letter(&self, dest: &str, lease: &Lease, record: &DeadRecord) -> Result<(), StoreError> {
+    fn dead_letter(&self, dest: &str, lease: &Lease, record: &DeadRecord) -> Result<(), StoreError> {
         let inner = &self.inner;
         let id = lease.id;
         let mut msgs = lock(self.stripe(id));
@@ -927,7 +971,7 @@ impl Store {
 
     /// Drops a lease whose message is missing (should never happen; kept so
     /// a damaged store cannot wedge a destination).
-    pub fn drop_orphan(&self, dest: &str, lease: &Lease) -> Result<(), StoreError> {
+    fn drop_orphan(&self, dest: &str, lease: &Lease) -> Result<(), StoreError> {
         let mut msgs = lock(self.stripe(lease.id));
         if !self.is_current(dest, lease) {
             return Ok(());
@@ -946,7 +990,7 @@ impl Store {
     }
 
     /// Up to `limit` dead letters of `dest`, oldest message first.
-    pub fn dead_letters(&self, dest: &str, limit: usize) -> Result<Vec<DeadEntry>, StoreError> {
+    fn dead_letters(&self, dest: &str, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
         let mut out = Vec::new();
         for item in self.inner.state.scan_prefix(dest_prefix(dest)) {
             if out.len() >= limit {
@@ -954,7 +998,13 @@ impl Store {
             }
             let (k, v) = item?;
             if let StateRecord::Dead(record) = StateRecord::decode(&v)? {
-                out.push(DeadEntry { id: parse_state_key(&k)?.1, record });
+                out.push(DeadLetter {
+                    id: parse_state_key(&k)?.1,
+                    attempts: record.attempts,
+                    dead_at_ms: record.dead_at_ms,
+                    last_status: (record.last_status != 0).then_some(record.last_status),
+                    reason: record.reason,
+                });
             }
         }
         Ok(out)
@@ -970,6 +1020,14 @@ impl Store {
     /// Moves dead letters of `dest` back into its queue, due now, with a fresh
     /// attempt count. `only` restricts it to one message. Returns how many.
     pub async fn replay_dead(&self, dest: &str, only: Option<u64>) -> Result<usize, StoreError> {
+        let (store, name) = (self.clone(), dest.to_string());
+        let moved = blocking(move || store.replay_dead_now(&name, only)).await?;
+        // An operator action: make it durable before answering.
+        self.sync_state().await?;
+        Ok(moved)
+    }
+
+    fn replay_dead_now(&self, dest: &str, only: Option<u64>) -> Result<usize, StoreError> {
         let ids: Vec<u64> = match only {
             Some(id) => vec![id],
             None => self.dead_letters(dest, usize::MAX)?.into_iter().map(|e| e.id).collect(),
@@ -996,8 +1054,6 @@ impl Store {
             e.dead = e.dead.saturating_sub(1);
             moved += 1;
         }
-        // An operator action: make it durable before answering.
-        self.sync_state().await?;
         Ok(moved)
     }
 
@@ -1005,6 +1061,13 @@ impl Store {
     /// counts as settled, and a message nothing else needs is deleted.
     /// Returns how many.
     pub async fn purge_dead(&self, dest: &str, only: Option<u64>) -> Result<usize, StoreError> {
+        let (store, name) = (self.clone(), dest.to_string());
+        let purged = blocking(move || store.purge_dead_now(&name, only)).await?;
+        self.sync_state().await?;
+        Ok(purged)
+    }
+
+    fn purge_dead_now(&self, dest: &str, only: Option<u64>) -> Result<usize, StoreError> {
         let ids: Vec<u64> = match only {
             Some(id) => vec![id],
             None => self.dead_letters(dest, usize::MAX)?.into_iter().map(|e| e.id).collect(),
@@ -1015,14 +1078,13 @@ impl Store {
             if !self.is_dead(dest, id)? {
                 continue;
             }
-            self.settle(&mut msgs, dest, id, true)?;
+            self.finish(&mut msgs, dest, id, true)?;
             drop(msgs);
             if let Some(e) = self.index().get_mut(dest) {
                 e.dead = e.dead.saturating_sub(1);
             }
             purged += 1;
         }
-        self.sync_state().await?;
         Ok(purged)
     }
 
@@ -1215,14 +1277,9 @@ impl Inner {
 
     /// One group commit of the log (its flusher thread only): the records
     /// pushed since the last one are written and synced, then placed.
-    fn flush_log(&self) -> Result<(), String> {
-        let placed = match self.log.flush() {
-            Ok(p) => p,
-            Err(e) => {
-                // Nothing pushed since the last good flush is acknowledged.
-                return Err(e.to_string());
-            }
-        };
+    fn flush_log(&self) -> Result<(), StoreError> {
+        // On error, nothing pushed since the last good flush is acknowledged.
+        let placed = self.log.flush()?;
         if let (Some(&(last, _)), Some(&(_, first))) = (placed.records.last(), placed.records.first()) {
             // Count every record as live before any becomes placed, so a
             // delivery settling one meanwhile never sees the segment empty.
@@ -1260,10 +1317,10 @@ impl Inner {
     }
 
     /// One group commit of sled (its flusher thread only), if it has writes.
-    fn flush_state(&self, durability: &mut commit::Durability) -> Result<(), String> {
+    fn flush_state(&self, durability: &mut commit::Durability) -> Result<(), StoreError> {
         if self.sled_dirty.swap(false, Ordering::SeqCst) {
-            self.db.flush().map_err(|e| e.to_string())?;
-            durability.sync().map_err(|e| format!("fdatasync: {e}"))?;
+            self.db.flush()?;
+            durability.sync().map_err(|source| StoreError::Io { what: "fdatasync of sled's files", source })?;
         }
         Ok(())
     }

@@ -83,7 +83,7 @@ pub(crate) struct Scanned<'a> {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum LogError {
+pub enum LogError {
     #[error("segment {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error(
