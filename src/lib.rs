@@ -93,7 +93,7 @@ fn store_options(config: &Config, cut_damaged_log: bool) -> StoreOptions {
         cache_bytes: None,
         segment_bytes: None,
         cut_damaged_log,
-        evacuate_every: None,
+        ..StoreOptions::default()
     }
 }
 

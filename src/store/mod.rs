@@ -28,6 +28,7 @@
 
 mod cache;
 mod commit;
+mod disk;
 mod error;
 mod format;
 mod reclaim;
@@ -79,6 +80,24 @@ pub struct StoreOptions {
     /// How often to look for sparse segments; `None` uses [`EVACUATE_EVERY`].
     /// Short values are for tests.
     pub evacuate_every: Option<Duration>,
+    /// The message log's files: the real disk, or one that fails on purpose.
+    pub(crate) disk: DiskHandle,
+}
+
+/// The disk the message log writes to (see `disk.rs`).
+#[derive(Clone)]
+pub(crate) struct DiskHandle(Arc<dyn disk::Disk>);
+
+impl Default for DiskHandle {
+    fn default() -> Self {
+        DiskHandle(Arc::new(disk::RealDisk))
+    }
+}
+
+impl std::fmt::Debug for DiskHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DiskHandle")
+    }
 }
 
 /// A due delivery handed to a delivery worker: which message, for which
@@ -343,8 +362,16 @@ impl Store {
         let state = db.open_tree("state")?;
         let kept = db.open_tree("kept")?;
         let segment_bytes = opts.segment_bytes.unwrap_or(DEFAULT_SEGMENT_BYTES).max(1);
-        let recover::Rebuilt { log, index, msgs, live, bytes, last_id } =
-            recover::rebuild(&db, &log_dir, segment_bytes, opts.cut_damaged_log, &meta, &state, &kept)?;
+        let recover::Rebuilt { log, index, msgs, live, bytes, last_id } = recover::rebuild(
+            opts.disk.0.clone(),
+            &db,
+            &log_dir,
+            segment_bytes,
+            opts.cut_damaged_log,
+            &meta,
+            &state,
+            &kept,
+        )?;
 
         let commit = GroupCommit::new();
         let state_commit = GroupCommit::new();
@@ -1144,6 +1171,25 @@ impl Store {
     }
 
     /// Refuses further appends, flushes everything and stops the flusher.
+    /// Stops the store the way a crash would, for tests: the background
+    /// threads stop (after the flusher's last flush), and nothing a clean
+    /// close writes (`last_id`, where the log ended) is written.
+    #[cfg(test)]
+    pub(crate) async fn crash(&self) {
+        let inner = &self.inner;
+        inner.closed.store(true, Ordering::SeqCst);
+        inner.stop.store(true, Ordering::SeqCst);
+        inner.ticker_stop.cancel();
+        inner.commit.poke();
+        inner.state_commit.poke();
+        let tasks = std::mem::take(&mut *lock(&inner.tasks));
+        for t in tasks {
+            let _ = t.await;
+        }
+        let flushers = std::mem::take(&mut *lock(&inner.flushers));
+        let _ = tokio::task::spawn_blocking(move || flushers.into_iter().map(|t| t.join()).for_each(drop)).await;
+    }
+
     pub async fn close(&self) -> Result<(), StoreError> {
         let inner = &self.inner;
         if inner.closed.swap(true, Ordering::SeqCst) {
@@ -1328,3 +1374,6 @@ impl Inner {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod fault_tests;

@@ -68,7 +68,9 @@ impl Builder {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(super) fn rebuild(
+    disk: std::sync::Arc<dyn super::disk::Disk>,
     db: &sled::Db,
     log_dir: &Path,
     segment_bytes: u64,
@@ -131,7 +133,7 @@ pub(super) fn rebuild(
         }
         None => None,
     };
-    let log = SegmentLog::open(log_dir, segment_bytes, clean_end, cut_damaged, |r| {
+    let log = SegmentLog::open(disk, log_dir, segment_bytes, clean_end, cut_damaged, |r| {
         last_id = last_id.max(r.id);
         if kept_ids.contains(&r.id) {
             if let Some(m) = b.msgs[(r.id as usize) % MSG_STRIPES].get_mut(&r.id) {
