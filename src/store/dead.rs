@@ -1,0 +1,112 @@
+//! Dead letters: listing, replaying (back into the destination's queue, due
+//! now, attempts reset) and purging them. Operator actions: the sled work
+//! runs on the blocking pool, and each is made durable before it answers.
+
+use super::*;
+
+impl Store {
+    /// Up to `limit` dead letters of `dest`, oldest message first.
+    pub async fn list_dead(&self, dest: &str, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        let (store, dest) = (self.clone(), dest.to_string());
+        blocking(move || store.dead_letters(&dest, limit)).await
+    }
+
+    /// Up to `limit` dead letters of `dest`, oldest message first.
+    pub(super) fn dead_letters(&self, dest: &str, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.inner.state.scan_prefix(dest_prefix(dest)) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item?;
+            if let StateRecord::Dead(record) = StateRecord::decode(&v)? {
+                out.push(DeadLetter {
+                    id: parse_state_key(&k)?.1,
+                    attempts: record.attempts,
+                    dead_at_ms: record.dead_at_ms,
+                    last_status: (record.last_status != 0).then_some(record.last_status),
+                    reason: record.reason,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) fn is_dead(&self, dest: &str, id: u64) -> Result<bool, StoreError> {
+        Ok(match self.inner.state.get(state_key(dest, id))? {
+            Some(v) => matches!(StateRecord::decode(&v)?, StateRecord::Dead(_)),
+            None => false,
+        })
+    }
+
+    /// Moves dead letters of `dest` back into its queue, due now, with a fresh
+    /// attempt count. `only` restricts it to one message. Returns how many.
+    pub async fn replay_dead(&self, dest: &str, only: Option<u64>) -> Result<usize, StoreError> {
+        let (store, name) = (self.clone(), dest.to_string());
+        let moved = blocking(move || store.replay_dead_now(&name, only)).await?;
+        // An operator action: make it durable before answering.
+        self.sync_state().await?;
+        Ok(moved)
+    }
+
+    pub(super) fn replay_dead_now(&self, dest: &str, only: Option<u64>) -> Result<usize, StoreError> {
+        let ids: Vec<u64> = match only {
+            Some(id) => vec![id],
+            None => self.dead_letters(dest, usize::MAX)?.into_iter().map(|e| e.id).collect(),
+        };
+        let now = now_ms();
+        let mut moved = 0;
+        for id in ids {
+            let mut msgs = lock(self.stripe(id));
+            if !self.is_dead(dest, id)? {
+                continue;
+            }
+            let st = StateRecord::Retry { due_ms: now, record: QueueRecord::default() };
+            self.inner.state.insert(state_key(dest, id), st.encode())?;
+            self.inner.sled_written();
+            if let Some(m) = msgs.get_mut(&id) {
+                m.dead = m.dead.saturating_sub(1);
+                m.pending += 1;
+            }
+            drop(msgs);
+            let mut index = self.index();
+            let e = index.entry(dest.to_string()).or_default();
+            e.due.insert((now, id), None);
+            e.pending.insert(id);
+            e.dead = e.dead.saturating_sub(1);
+            moved += 1;
+        }
+        Ok(moved)
+    }
+
+    /// Deletes dead letters of `dest` (all, or the one `only` names): each
+    /// counts as settled, and a message nothing else needs is deleted.
+    /// Returns how many.
+    pub async fn purge_dead(&self, dest: &str, only: Option<u64>) -> Result<usize, StoreError> {
+        let (store, name) = (self.clone(), dest.to_string());
+        let purged = blocking(move || store.purge_dead_now(&name, only)).await?;
+        self.sync_state().await?;
+        Ok(purged)
+    }
+
+    pub(super) fn purge_dead_now(&self, dest: &str, only: Option<u64>) -> Result<usize, StoreError> {
+        let ids: Vec<u64> = match only {
+            Some(id) => vec![id],
+            None => self.dead_letters(dest, usize::MAX)?.into_iter().map(|e| e.id).collect(),
+        };
+        let mut purged = 0;
+        for id in ids {
+            let mut msgs = lock(self.stripe(id));
+            if !self.is_dead(dest, id)? {
+                continue;
+            }
+            self.finish(&mut msgs, dest, id, true)?;
+            drop(msgs);
+            if let Some(e) = self.index().get_mut(dest) {
+                e.dead = e.dead.saturating_sub(1);
+            }
+            purged += 1;
+        }
+        Ok(purged)
+    }
+}

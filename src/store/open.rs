@@ -1,0 +1,354 @@
+//! Opening and closing the store, and the background work it runs: the
+//! two flusher threads (started here, their flushes are in `flush.rs`),
+//! the idle ticker (a flush backstop every 500 ms, sparse-segment checks)
+//! and the reclaimer (deleting emptied segments). Opening runs recovery
+//! (`recover.rs`) and is blocking: [`Store::open_async`] runs it on the
+//! blocking pool.
+
+use super::*;
+
+impl Store {
+    /// [`Store::open`] on the blocking pool: recovery reads the whole log
+    /// and sled, which must not hold a runtime thread.
+    pub async fn open_async(
+        path: &Path,
+        opts: StoreOptions,
+        on_flush: impl Fn(Duration, bool) + Send + Sync + 'static,
+    ) -> Result<Store, StoreError> {
+        let path = path.to_path_buf();
+        blocking(move || Store::open(&path, opts, on_flush)).await
+    }
+
+    /// Opens (or creates) the store at `path`. Must run inside a tokio runtime:
+    /// it starts the flusher. `on_flush` observes each flush (duration, ok).
+    pub fn open(
+        path: &Path,
+        opts: StoreOptions,
+        on_flush: impl Fn(Duration, bool) + Send + Sync + 'static,
+    ) -> Result<Store, StoreError> {
+        let store_lock = lock_dir(path)?;
+        let config = sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::HighThroughput)
+            .cache_capacity(opts.cache_bytes.unwrap_or(8 * 1024 * 1024))
+            // Our flusher is the only one; sled's own background flusher would
+            // run concurrently with it (see commit.rs for why that is avoided).
+            .flush_every_ms(None);
+        // sled releases its file lock from its I/O threads shortly after the
+        // last handle is dropped, so reopening in the same process (a restart
+        // in tests, or after a supervisor-less in-process restart) can find it
+        // still held for a moment. A lock held by another process stays held
+        // and is reported after the wait.
+        let lock_wait = std::time::Instant::now();
+        let db = loop {
+            match config.open() {
+                Ok(db) => break db,
+                Err(e)
+                    if e.to_string().contains("could not acquire lock")
+                        && lock_wait.elapsed() < Duration::from_secs(2) =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(StoreError::Open { path: path.to_path_buf(), source: Box::new(e.into()) }),
+            }
+        };
+        let meta = db.open_tree("meta")?;
+        let log_dir = path.join(SEGMENTS_DIR);
+        check_format(path, &db, &meta, &log_dir)?;
+        let uid = match meta.get("uid")? {
+            Some(v) => v.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+            None => {
+                let bytes: [u8; 4] = rand::random();
+                meta.insert("uid", &bytes)?;
+                bytes.iter().map(|b| format!("{b:02x}")).collect()
+            }
+        };
+        let state = db.open_tree("state")?;
+        let kept = db.open_tree("kept")?;
+        let segment_bytes = opts.segment_bytes.unwrap_or(DEFAULT_SEGMENT_BYTES).max(1);
+        let recover::Rebuilt { log, index, msgs, live, bytes, last_id } = recover::rebuild(
+            opts.disk.0.clone(),
+            &db,
+            &log_dir,
+            segment_bytes,
+            opts.cut_damaged_log,
+            &meta,
+            &state,
+            &kept,
+        )?;
+
+        let commit = GroupCommit::new();
+        let state_commit = GroupCommit::new();
+        let stop = Arc::new(AtomicBool::new(false));
+        let inner = Arc::new(Inner {
+            path: path.to_path_buf(),
+            _lock: store_lock,
+            db: db.clone(),
+            meta,
+            state,
+            kept,
+            log,
+            uid,
+            last_id: AtomicU64::new(last_id),
+            max_bytes: opts.max_bytes,
+            bytes: AtomicU64::new(bytes),
+            min_free_bytes: opts.min_free_bytes,
+            free: AtomicU64::new(free_space(path).unwrap_or(u64::MAX)),
+            free_read_us: AtomicU64::new(0),
+            opened: std::time::Instant::now(),
+            sled_dirty: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            commit: commit.clone(),
+            state_commit: state_commit.clone(),
+            stop: stop.clone(),
+            ticker_stop: tokio_util::sync::CancellationToken::new(),
+            tasks: Mutex::new(Vec::new()),
+            flushers: Mutex::new(Vec::new()),
+            index: Mutex::new(index),
+            msgs,
+            cache: Mutex::new(RecordCache::default()),
+            live: Mutex::new(live),
+            done_trees: Mutex::new(BTreeMap::new()),
+            unneeded: Mutex::new(BTreeSet::new()),
+            evacuate_candidates: Mutex::new(BTreeSet::new()),
+            reclaim: Arc::new(tokio::sync::Notify::new()),
+            reclaiming: tokio::sync::Mutex::new(()),
+        });
+        let mut durability =
+            commit::Durability::open(path).map_err(|source| StoreError::OpenIo { path: path.to_path_buf(), source })?;
+        // Two flusher threads: the log's (ingress acknowledgements wait for
+        // it, and only for it) and sled's (a sled flush can take long when
+        // many settling writes are dirty; acknowledgements must not wait).
+        let on_flush = Arc::new(on_flush);
+        let weak = Arc::downgrade(&inner);
+        let log_flush = move || -> Result<(), StoreError> {
+            let inner = weak.upgrade().ok_or(StoreError::Closed)?;
+            inner.flush_log()
+        };
+        let weak = Arc::downgrade(&inner);
+        let state_flush = move || -> Result<(), StoreError> {
+            let inner = weak.upgrade().ok_or(StoreError::Closed)?;
+            inner.flush_state(&mut durability)
+        };
+        let observe = on_flush.clone();
+        type Flush = Box<dyn FnMut() -> Result<(), StoreError> + Send>;
+        let spawn = |name: &str, commit: Arc<GroupCommit>, flush: Flush, after_failure: &'static str| {
+            let (stop, observe) = (stop.clone(), observe.clone());
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || commit.run(flush, &stop, after_failure, |took, ok| observe(took, ok)))
+                .map_err(|source| StoreError::OpenIo { path: path.to_path_buf(), source })
+        };
+        let flushers = vec![
+            spawn("switchboard-log", commit.clone(), Box::new(log_flush), LOG_FLUSH_FAILED)?,
+            spawn("switchboard-sled", state_commit.clone(), Box::new(state_flush), STATE_FLUSH_FAILED)?,
+        ];
+        *lock(&inner.flushers) = flushers;
+        let evacuate_every = opts.evacuate_every.unwrap_or(EVACUATE_EVERY);
+        let ticker = tokio::spawn(Self::idle_ticker(Arc::downgrade(&inner), inner.ticker_stop.clone(), evacuate_every));
+        let reclaimer =
+            tokio::spawn(Self::reclaimer(Arc::downgrade(&inner), inner.reclaim.clone(), inner.ticker_stop.clone()));
+        lock(&inner.tasks).extend([ticker, reclaimer]);
+        // Segments recovery found unneeded.
+        for seq in inner.log.sealed() {
+            if lock(&inner.live).get(&seq).copied().unwrap_or(0) == 0 {
+                lock(&inner.unneeded).insert(seq);
+            }
+        }
+        inner.reclaim.notify_one();
+        Ok(Store { inner })
+    }
+
+    /// Pokes the flusher when settling writes wait for a flush and no
+    /// ingress flush comes along; every `evacuate_every`, evacuates sparse
+    /// segments.
+    pub(super) async fn idle_ticker(
+        weak: std::sync::Weak<Inner>,
+        stop: tokio_util::sync::CancellationToken,
+        evacuate_every: Duration,
+    ) {
+        let mut tick = tokio::time::interval(IDLE_FLUSH);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_evacuation = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.cancelled() => return,
+            }
+            let Some(inner) = weak.upgrade() else { return };
+            if inner.sled_dirty.load(Ordering::SeqCst) {
+                inner.state_commit.poke();
+            }
+            if last_evacuation.elapsed() >= evacuate_every {
+                last_evacuation = tokio::time::Instant::now();
+                let store = Store { inner };
+                match tokio::task::spawn_blocking(move || store.evacuate_sparse()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "could not move messages out of sparse segments"),
+                    Err(e) => tracing::warn!(error = %e, "sparse-segment evacuation stopped"),
+                }
+            }
+        }
+    }
+
+    /// Deletes segments no live message needs, once the settling writes that
+    /// emptied them are durable (so a crash cannot bring back pending
+    /// deliveries whose records are gone).
+    pub(super) async fn reclaimer(
+        weak: std::sync::Weak<Inner>,
+        wake: Arc<tokio::sync::Notify>,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            // Holds no reference to the store while it waits.
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = stop.cancelled() => return,
+            }
+            let Some(inner) = weak.upgrade() else { return };
+            if let Err(e) = inner.reclaim_unneeded().await {
+                tracing::error!(error = %e, "could not delete settled segments; retried at the next start");
+                return;
+            }
+        }
+    }
+
+    /// Refuses further appends, flushes everything and stops the flusher.
+    /// Stops the store the way a crash would, for tests: the background
+    /// threads stop (after the flusher's last flush), and nothing a clean
+    /// close writes (`last_id`, where the log ended) is written.
+    #[cfg(test)]
+    pub(crate) async fn crash(&self) {
+        let inner = &self.inner;
+        inner.closed.store(true, Ordering::SeqCst);
+        inner.stop.store(true, Ordering::SeqCst);
+        inner.ticker_stop.cancel();
+        inner.commit.poke();
+        inner.state_commit.poke();
+        let tasks = std::mem::take(&mut *lock(&inner.tasks));
+        for t in tasks {
+            let _ = t.await;
+        }
+        let flushers = std::mem::take(&mut *lock(&inner.flushers));
+        let _ = tokio::task::spawn_blocking(move || flushers.into_iter().map(|t| t.join()).for_each(drop)).await;
+    }
+
+    pub async fn close(&self) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        if inner.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        // Best effort from here on: whatever fails, the flusher and ticker
+        // must stop so the database is released (a restart reopens it).
+        let saved = inner.meta.insert("last_id", &inner.last_id.load(Ordering::SeqCst).to_be_bytes());
+        inner.sled_dirty.store(true, Ordering::SeqCst);
+        inner.stop.store(true, Ordering::SeqCst);
+        inner.ticker_stop.cancel();
+        inner.commit.poke();
+        inner.state_commit.poke();
+        let tasks = std::mem::take(&mut *lock(&inner.tasks));
+        for t in tasks {
+            let _ = t.await;
+        }
+        let flushers = std::mem::take(&mut *lock(&inner.flushers));
+        let _ = tokio::task::spawn_blocking(move || flushers.into_iter().map(|t| t.join()).for_each(drop)).await;
+        // The log's last flush is done: record where it ended, so the next
+        // open treats a bad frame before that point as damage, not as a torn
+        // write to cut. A permanent fact about that segment (the next open
+        // starts a new one), so it is never cleared.
+        if inner.commit.failing() == 0 && !inner.log.is_broken() {
+            if let Some((seg, end)) = inner.log.end() {
+                let mut v = seg.to_be_bytes().to_vec();
+                v.extend_from_slice(&end.to_be_bytes());
+                let _ = inner.meta.insert(CLEAN_END, v);
+            }
+        }
+        // The flusher's last flush covered everything, but be explicit: this
+        // is the one flush a clean shutdown must not miss.
+        let db = inner.db.clone();
+        tokio::task::spawn_blocking(move || db.flush()).await.map_err(|_| StoreError::FlushFailed)??;
+        saved?;
+        Ok(())
+    }
+}
+
+/// Bytes available to unprivileged writers on the filesystem holding `path`.
+/// Takes the store directory's lock file (`switchboard.lock`, holding the
+/// owner's pid), so a second relay on the same store is refused with a clear
+/// error instead of sled's. A lock still held by this process (a store being
+/// closed while it reopens, in tests) is waited for a moment.
+pub(super) fn lock_dir(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, StoreError> {
+    use nix::fcntl::{Flock, FlockArg};
+    use std::io::Write;
+    let io = |source| StoreError::OpenIo { path: path.to_path_buf(), source };
+    std::fs::create_dir_all(path).map_err(io)?;
+    let lock_path = path.join("switchboard.lock");
+    let started = std::time::Instant::now();
+    loop {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(io)?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(mut f) => {
+                f.set_len(0).map_err(io)?;
+                write!(f, "{}", std::process::id()).map_err(io)?;
+                return Ok(f);
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) if started.elapsed() < Duration::from_secs(2) => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                let pid = std::fs::read_to_string(&lock_path).ok().and_then(|s| s.trim().parse().ok());
+                return Err(StoreError::Locked { path: path.to_path_buf(), pid });
+            }
+            Err((_, e)) => return Err(io(std::io::Error::from(e))),
+        }
+    }
+}
+
+pub(super) fn free_space(path: &Path) -> Option<u64> {
+    let st = nix::sys::statvfs::statvfs(path).ok()?;
+    Some((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
+}
+
+/// Checks (or, for a new store, writes) the format marker. Never deletes.
+pub(super) fn check_format(path: &Path, db: &sled::Db, meta: &sled::Tree, log_dir: &Path) -> Result<(), StoreError> {
+    match meta.get("format")? {
+        Some(v) => {
+            let found = match <[u8; 4]>::try_from(v.as_ref()) {
+                Ok(arr) => u32::from_be_bytes(arr),
+                Err(_) => {
+                    return Err(StoreError::Corrupt(DecodeError {
+                        what: "format marker",
+                        detail: "expected 4 bytes".into(),
+                    }))
+                }
+            };
+            if found != FORMAT_VERSION {
+                return Err(StoreError::Version { path: path.to_path_buf(), found, expected: FORMAT_VERSION });
+            }
+            Ok(())
+        }
+        None => {
+            for name in db.tree_names() {
+                if name.as_ref() == b"meta" {
+                    continue;
+                }
+                if !db.open_tree(&name)?.is_empty() {
+                    return Err(StoreError::Unmarked { path: path.to_path_buf() });
+                }
+            }
+            let logged = std::fs::read_dir(log_dir).map(|mut d| d.next().is_some()).unwrap_or(false);
+            if logged {
+                return Err(StoreError::Unmarked { path: path.to_path_buf() });
+            }
+            meta.insert("format", &FORMAT_VERSION.to_be_bytes())?;
+            db.flush()?;
+            Ok(())
+        }
+    }
+}
