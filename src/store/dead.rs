@@ -62,18 +62,14 @@ impl Store {
                 continue;
             }
             let st = StateRecord::Retry { due_ms: now, record: QueueRecord::default() };
-            self.inner.state.insert(state_key(dest, id), st.encode())?;
+            let (_, written) = Written::by(self.inner.state.insert(state_key(dest, id), st.encode()))?;
             self.inner.sled_written();
             if let Some(m) = msgs.get_mut(&id) {
                 m.dead = m.dead.saturating_sub(1);
                 m.pending += 1;
             }
             drop(msgs);
-            let mut index = self.index();
-            let e = index.entry(dest.to_string()).or_default();
-            e.due.insert((now, id), None);
-            e.pending.insert(id);
-            e.dead = e.dead.saturating_sub(1);
+            self.inner.index.replayed(dest, id, now, &written);
             moved += 1;
         }
         Ok(moved)
@@ -100,11 +96,9 @@ impl Store {
             if !self.is_dead(dest, id)? {
                 continue;
             }
-            self.finish(&mut msgs, dest, id, true)?;
+            let ((), written) = Written::by(self.finish(&mut msgs, dest, id, true))?;
             drop(msgs);
-            if let Some(e) = self.index().get_mut(dest) {
-                e.dead = e.dead.saturating_sub(1);
-            }
+            self.inner.index.purged(dest, &written);
             purged += 1;
         }
         Ok(purged)

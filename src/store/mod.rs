@@ -33,13 +33,14 @@ mod disk;
 mod error;
 mod flush;
 mod format;
+mod index;
 mod open;
 mod reclaim;
 mod recover;
 mod segments;
 mod settle;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::num::NonZeroU64;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -51,6 +52,7 @@ use bytes::Bytes;
 use self::cache::RecordCache;
 use self::commit::GroupCommit;
 pub use self::error::{EngineError, StoreError};
+use self::index::{Index, Written};
 use self::segments::{Loc, SegmentLog};
 
 use self::format::*;
@@ -166,18 +168,6 @@ pub struct DestStats {
     pub dead: usize,
 }
 
-/// One destination's deliveries, in memory.
-#[derive(Default)]
-struct DestIndex {
-    /// Pending deliveries by (due ms, message id).
-    /// `None` for a delivery never tried (most of them): 8 bytes instead
-    /// of a whole record per pending delivery.
-    due: BTreeMap<(u64, u64), Option<Box<QueueRecord>>>,
-    /// The same message ids, for the oldest-pending figure.
-    pending: BTreeSet<u64>,
-    dead: usize,
-}
-
 /// Where a live message's record is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Place {
@@ -243,7 +233,7 @@ struct Inner {
     ticker_stop: tokio_util::sync::CancellationToken,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     flushers: Mutex<Vec<std::thread::JoinHandle<()>>>,
-    index: Mutex<HashMap<String, DestIndex>>,
+    index: Index,
     /// Live messages, striped by id. Operations on one message hold its stripe.
     msgs: Vec<Mutex<BTreeMap<u64, Msg>>>,
     cache: Mutex<RecordCache>,
@@ -366,25 +356,12 @@ impl Store {
             record.clone(),
         );
         inner.bytes.fetch_add(u64::from(len), Ordering::Relaxed);
-        let mut index = self.index();
-        for d in destinations {
-            // Looked up by `&str` first: a `String` key only for a new destination.
-            let e = match index.get_mut(&**d) {
-                Some(e) => e,
-                None => index.entry(d.to_string()).or_default(),
-            };
-            e.due.insert((received_ms, id), None);
-            e.pending.insert(id);
-        }
+        inner.index.queued(destinations, received_ms, id, &Written::pushed());
         Ok(id)
     }
 
     fn stripe(&self, id: u64) -> &Mutex<BTreeMap<u64, Msg>> {
         &self.inner.msgs[(id as usize) % MSG_STRIPES]
-    }
-
-    fn index(&self) -> std::sync::MutexGuard<'_, HashMap<String, DestIndex>> {
-        lock(&self.inner.index)
     }
 
     /// Whether the store takes a new message of `room` bytes right now:
@@ -451,40 +428,17 @@ impl Store {
     /// Up to `limit` entries of `dest` due at `now_ms`, oldest due first,
     /// skipping ids in `skip` (those already being delivered).
     pub fn due(&self, dest: &str, now_ms: u64, limit: usize, skip: &HashSet<u64>) -> Due {
-        let mut due = Due::default();
-        let index = self.index();
-        let Some(e) = index.get(dest) else { return due };
-        let name: Arc<str> = Arc::from(dest);
-        for (&(due_ms, id), record) in &e.due {
-            if skip.contains(&id) {
-                continue;
-            }
-            if due_ms > now_ms || due.leases.len() >= limit {
-                due.next_due_ms = Some(due_ms);
-                break;
-            }
-            let record = record.as_deref().cloned().unwrap_or_default();
-            due.leases.push(Lease { dest: name.clone(), due_ms, id, record });
-        }
-        due
+        self.inner.index.due(dest, now_ms, limit, skip)
     }
 
     pub fn stats(&self, dest: &str) -> DestStats {
-        let index = self.index();
-        match index.get(dest) {
-            Some(e) => DestStats {
-                depth: e.pending.len(),
-                oldest_received_ms: e.pending.first().map(|id| id_received_ms(*id)),
-                dead: e.dead,
-            },
-            None => DestStats::default(),
-        }
+        self.inner.index.stats(dest)
     }
 
     /// Destinations that have queue or dead entries (including ones no
     /// longer configured).
     pub fn known_destinations(&self) -> Vec<String> {
-        self.index().iter().filter(|(_, e)| !e.pending.is_empty() || e.dead > 0).map(|(k, _)| k.clone()).collect()
+        self.inner.index.known()
     }
 
     /// Bytes of stored messages (what `max_bytes` limits).

@@ -104,7 +104,7 @@ impl Store {
             ticker_stop: tokio_util::sync::CancellationToken::new(),
             tasks: Mutex::new(Vec::new()),
             flushers: Mutex::new(Vec::new()),
-            index: Mutex::new(index),
+            index: Index::new(index),
             msgs,
             cache: Mutex::new(RecordCache::default()),
             live: Mutex::new(live),

@@ -11,8 +11,9 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use super::format::*;
+use super::index::DestIndex;
 use super::segments::SegmentLog;
-use super::{DestIndex, Msg, Place, StateRecord, StoreError, MSG_STRIPES};
+use super::{Msg, Place, StateRecord, StoreError, MSG_STRIPES};
 
 pub(super) struct Rebuilt {
     pub log: SegmentLog,
@@ -42,17 +43,15 @@ impl Builder {
             match self.states.get(&(dest, id)) {
                 Some(StateRecord::Done) => continue,
                 Some(StateRecord::Dead(_)) => {
-                    e.dead += 1;
+                    e.recovered_dead();
                     dead += 1;
                 }
                 Some(StateRecord::Retry { due_ms, record }) => {
-                    e.due.insert((*due_ms, id), Some(Box::new(record.clone())));
-                    e.pending.insert(id);
+                    e.recovered_pending(id, Some((*due_ms, record.clone())));
                     pending += 1;
                 }
                 None => {
-                    e.due.insert((id_received_ms(id), id), None);
-                    e.pending.insert(id);
+                    e.recovered_pending(id, None);
                     pending += 1;
                 }
             }

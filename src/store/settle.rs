@@ -51,7 +51,8 @@ impl Store {
 
     /// Whether `lease` is still pending as leased (not settled or moved since).
     pub(super) fn is_current(&self, dest: &str, lease: &Lease) -> bool {
-        self.index().get(dest).is_some_and(|e| e.due.contains_key(&(lease.due_ms, lease.id)))
+        debug_assert_eq!(dest, &*lease.dest);
+        self.inner.index.is_current(lease)
     }
 
     /// The stored bytes of message `id`'s record, if it is live.
@@ -78,14 +79,6 @@ impl Store {
         match self.record_bytes(id)? {
             Some(raw) => Ok(Some(MessageRecord::decode(raw)?)),
             None => Ok(None),
-        }
-    }
-
-    /// Removes a settled lease from the in-memory queue.
-    pub(super) fn unqueue(&self, dest: &str, lease: &Lease) {
-        if let Some(e) = self.index().get_mut(dest) {
-            e.due.remove(&(lease.due_ms, lease.id));
-            e.pending.remove(&lease.id);
         }
     }
 
@@ -178,8 +171,8 @@ impl Store {
         if !self.is_current(dest, lease) {
             return Ok(());
         }
-        self.finish(&mut msgs, dest, lease.id, false)?;
-        self.unqueue(dest, lease);
+        let ((), written) = Written::by(self.finish(&mut msgs, dest, lease.id, false))?;
+        self.inner.index.settled(lease, &written);
         Ok(())
     }
 
@@ -196,15 +189,12 @@ impl Store {
             return Ok(());
         }
         let st = StateRecord::Retry { due_ms, record: record.clone() };
-        self.inner.state.insert(state_key(dest, lease.id), st.encode())?;
+        let (_, written) = Written::by(self.inner.state.insert(state_key(dest, lease.id), st.encode()))?;
         if let Some(m) = msgs.get_mut(&lease.id) {
             m.has_state = true;
         }
         self.inner.sled_written();
-        if let Some(e) = self.index().get_mut(dest) {
-            e.due.remove(&(lease.due_ms, lease.id));
-            e.due.insert((due_ms, lease.id), Some(Box::new(record.clone())));
-        }
+        self.inner.index.rescheduled(lease, due_ms, record.clone(), &written);
         Ok(())
     }
 
@@ -222,7 +212,8 @@ impl Store {
             return Ok(());
         }
         let released = self.keep(&mut msgs, id)?;
-        inner.state.insert(state_key(dest, id), StateRecord::Dead(record.clone()).encode())?;
+        let (_, written) =
+            Written::by(inner.state.insert(state_key(dest, id), StateRecord::Dead(record.clone()).encode()))?;
         inner.sled_written();
         if let Some(e) = msgs.get_mut(&id) {
             e.pending = e.pending.saturating_sub(1);
@@ -232,11 +223,7 @@ impl Store {
             inner.segment_released(seq);
         }
         drop(msgs);
-        if let Some(e) = self.index().get_mut(dest) {
-            e.due.remove(&(lease.due_ms, lease.id));
-            e.pending.remove(&lease.id);
-            e.dead += 1;
-        }
+        self.inner.index.dead_lettered(lease, &written);
         Ok(())
     }
 
@@ -347,7 +334,7 @@ impl Store {
         if !self.is_current(dest, lease) {
             return Ok(());
         }
-        self.inner.state.remove(state_key(dest, lease.id))?;
+        let (_, written) = Written::by(self.inner.state.remove(state_key(dest, lease.id)))?;
         if let Some(m) = msgs.get_mut(&lease.id) {
             m.pending = m.pending.saturating_sub(1);
             if m.pending + m.dead == 0 {
@@ -356,7 +343,7 @@ impl Store {
                 self.inner.bytes.fetch_sub(u64::from(len), Ordering::Relaxed);
             }
         }
-        self.unqueue(dest, lease);
+        self.inner.index.settled(lease, &written);
         Ok(())
     }
 }
