@@ -32,6 +32,14 @@ impl Store {
         Ok(out)
     }
 
+    /// The dead letters of `dest` an operation covers: `only` that one, or all.
+    fn dead_ids(&self, dest: &str, only: Option<u64>) -> Result<Vec<u64>, StoreError> {
+        Ok(match only {
+            Some(id) => vec![id],
+            None => self.dead_letters(dest, usize::MAX)?.into_iter().map(|e| e.id).collect(),
+        })
+    }
+
     pub(super) fn is_dead(&self, dest: &str, id: u64) -> Result<bool, StoreError> {
         Ok(match self.inner.state.get(state_key(dest, id))? {
             Some(v) => matches!(StateRecord::decode(&v)?, StateRecord::Dead(_)),
@@ -50,10 +58,7 @@ impl Store {
     }
 
     pub(super) fn replay_dead_now(&self, dest: &str, only: Option<u64>) -> Result<usize, StoreError> {
-        let ids: Vec<u64> = match only {
-            Some(id) => vec![id],
-            None => self.dead_letters(dest, usize::MAX)?.into_iter().map(|e| e.id).collect(),
-        };
+        let ids = self.dead_ids(dest, only)?;
         let now = now_ms();
         let mut moved = 0;
         for id in ids {
@@ -86,10 +91,7 @@ impl Store {
     }
 
     pub(super) fn purge_dead_now(&self, dest: &str, only: Option<u64>) -> Result<usize, StoreError> {
-        let ids: Vec<u64> = match only {
-            Some(id) => vec![id],
-            None => self.dead_letters(dest, usize::MAX)?.into_iter().map(|e| e.id).collect(),
-        };
+        let ids = self.dead_ids(dest, only)?;
         let mut purged = 0;
         for id in ids {
             let mut msgs = lock(self.stripe(id));

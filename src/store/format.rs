@@ -103,11 +103,7 @@ impl MessageRecord {
     /// Decodes a record; `raw` is the value as stored (shared, not copied, for the body).
     pub fn decode(raw: Bytes) -> Result<MessageRecord, DecodeError> {
         const WHAT: &str = "message record";
-        let mut r = Reader { buf: &raw, pos: 0, what: WHAT };
-        let version = r.u8()?;
-        if version != RECORD_V1 {
-            return Err(bad(WHAT, format!("unknown record version {version}")));
-        }
+        let mut r = Reader::versioned(&raw, WHAT)?;
         let received_ms = r.u64()?;
         let route = r.str16()?;
         let peer_len = r.u8()? as usize;
@@ -205,11 +201,7 @@ impl Draft {
 /// The destinations a stored message is to be delivered to.
 pub fn record_destinations(raw: &[u8]) -> Result<Vec<String>, DecodeError> {
     const WHAT: &str = "message record";
-    let mut r = Reader { buf: raw, pos: 0, what: WHAT };
-    let version = r.u8()?;
-    if version != RECORD_V1 {
-        return Err(bad(WHAT, format!("unknown record version {version}")));
-    }
+    let mut r = Reader::versioned(raw, WHAT)?;
     let _received = r.u64()?;
     let _route = r.str16()?;
     let peer_len = r.u8()? as usize;
@@ -259,11 +251,7 @@ impl StateRecord {
 
     pub fn decode(raw: &[u8]) -> Result<StateRecord, DecodeError> {
         const WHAT: &str = "delivery state";
-        let mut r = Reader { buf: raw, pos: 0, what: WHAT };
-        let version = r.u8()?;
-        if version != RECORD_V1 {
-            return Err(bad(WHAT, format!("unknown record version {version}")));
-        }
+        let mut r = Reader::versioned(raw, WHAT)?;
         match r.u8()? {
             STATE_RETRY => {
                 let due_ms = r.u64()?;
@@ -298,11 +286,7 @@ impl QueueRecord {
 
     pub fn decode(raw: &[u8]) -> Result<QueueRecord, DecodeError> {
         const WHAT: &str = "queue record";
-        let mut r = Reader { buf: raw, pos: 0, what: WHAT };
-        let version = r.u8()?;
-        if version != RECORD_V1 {
-            return Err(bad(WHAT, format!("unknown record version {version}")));
-        }
+        let mut r = Reader::versioned(raw, WHAT)?;
         Ok(QueueRecord { attempts: r.u32()?, last_status: r.u16()?, last_error: r.str16()? })
     }
 }
@@ -329,11 +313,7 @@ impl DeadRecord {
 
     pub fn decode(raw: &[u8]) -> Result<DeadRecord, DecodeError> {
         const WHAT: &str = "dead-letter record";
-        let mut r = Reader { buf: raw, pos: 0, what: WHAT };
-        let version = r.u8()?;
-        if version != RECORD_V1 {
-            return Err(bad(WHAT, format!("unknown record version {version}")));
-        }
+        let mut r = Reader::versioned(raw, WHAT)?;
         Ok(DeadRecord { attempts: r.u32()?, dead_at_ms: r.u64()?, last_status: r.u16()?, reason: r.str16()? })
     }
 }
@@ -410,6 +390,17 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    /// A reader past the record's version byte, which must be one this
+    /// build knows: a decoder never guesses at a newer format.
+    fn versioned(buf: &'a [u8], what: &'static str) -> Result<Reader<'a>, DecodeError> {
+        let mut r = Reader { buf, pos: 0, what };
+        let version = r.u8()?;
+        if version != RECORD_V1 {
+            return Err(bad(what, format!("unknown record version {version}")));
+        }
+        Ok(r)
+    }
+
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         let end =
             self.pos.checked_add(n).filter(|e| *e <= self.buf.len()).ok_or_else(|| bad(self.what, "truncated"))?;

@@ -213,14 +213,10 @@ impl Store {
         }
     }
 
-    /// Refuses further appends, flushes everything and stops the flusher.
-    /// Stops the store the way a crash would, for tests: the background
-    /// threads stop (after the flusher's last flush), and nothing a clean
-    /// close writes (`last_id`, where the log ended) is written.
-    #[cfg(test)]
-    pub(crate) async fn crash(&self) {
+    /// Stops the ticker and the reclaimer, then the two flusher threads
+    /// (each makes one last flush when it sees `stop`), and waits for all.
+    async fn stop_background(&self) {
         let inner = &self.inner;
-        inner.closed.store(true, Ordering::SeqCst);
         inner.stop.store(true, Ordering::SeqCst);
         inner.ticker_stop.cancel();
         inner.commit.poke();
@@ -233,6 +229,17 @@ impl Store {
         let _ = tokio::task::spawn_blocking(move || flushers.into_iter().map(|t| t.join()).for_each(drop)).await;
     }
 
+    /// Stops the store the way a crash would, for tests: the background
+    /// threads stop (after the flusher's last flush), and nothing a clean
+    /// close writes (`last_id`, where the log ended) is written.
+    #[cfg(test)]
+    pub(crate) async fn crash(&self) {
+        let inner = &self.inner;
+        inner.closed.store(true, Ordering::SeqCst);
+        self.stop_background().await;
+    }
+
+    /// Refuses further appends, flushes everything and stops the flushers.
     pub async fn close(&self) -> Result<(), StoreError> {
         let inner = &self.inner;
         if inner.closed.swap(true, Ordering::SeqCst) {
@@ -242,16 +249,7 @@ impl Store {
         // must stop so the database is released (a restart reopens it).
         let saved = inner.meta.insert("last_id", &inner.last_id.load(Ordering::SeqCst).to_be_bytes());
         inner.sled_dirty.store(true, Ordering::SeqCst);
-        inner.stop.store(true, Ordering::SeqCst);
-        inner.ticker_stop.cancel();
-        inner.commit.poke();
-        inner.state_commit.poke();
-        let tasks = std::mem::take(&mut *lock(&inner.tasks));
-        for t in tasks {
-            let _ = t.await;
-        }
-        let flushers = std::mem::take(&mut *lock(&inner.flushers));
-        let _ = tokio::task::spawn_blocking(move || flushers.into_iter().map(|t| t.join()).for_each(drop)).await;
+        self.stop_background().await;
         // The log's last flush is done: record where it ended, so the next
         // open treats a bad frame before that point as damage, not as a torn
         // write to cut. A permanent fact about that segment (the next open

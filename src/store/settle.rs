@@ -49,6 +49,14 @@ impl Store {
         }
     }
 
+    /// The stripe of `lease`'s message, locked, if the lease is still
+    /// current (every settling change starts here: under the stripe lock, a
+    /// replay or purge cannot move the delivery meanwhile).
+    fn leased(&self, dest: &str, lease: &Lease) -> Option<std::sync::MutexGuard<'_, BTreeMap<u64, Msg>>> {
+        let msgs = lock(self.stripe(lease.id));
+        self.is_current(dest, lease).then_some(msgs)
+    }
+
     /// Whether `lease` is still pending as leased (not settled or moved since).
     pub(super) fn is_current(&self, dest: &str, lease: &Lease) -> bool {
         debug_assert_eq!(dest, &*lease.dest);
@@ -167,10 +175,7 @@ impl Store {
     /// Settles a lease as delivered; the message is deleted when no other
     /// destination still needs it.
     pub(super) fn delivered(&self, dest: &str, lease: &Lease) -> Result<(), StoreError> {
-        let mut msgs = lock(self.stripe(lease.id));
-        if !self.is_current(dest, lease) {
-            return Ok(());
-        }
+        let Some(mut msgs) = self.leased(dest, lease) else { return Ok(()) };
         let ((), written) = Written::by(self.finish(&mut msgs, dest, lease.id, false))?;
         self.inner.index.settled(lease, &written);
         Ok(())
@@ -184,10 +189,7 @@ impl Store {
         due_ms: u64,
         record: &QueueRecord,
     ) -> Result<(), StoreError> {
-        let mut msgs = lock(self.stripe(lease.id));
-        if !self.is_current(dest, lease) {
-            return Ok(());
-        }
+        let Some(mut msgs) = self.leased(dest, lease) else { return Ok(()) };
         let st = StateRecord::Retry { due_ms, record: record.clone() };
         let (_, written) = Written::by(self.inner.state.insert(state_key(dest, lease.id), st.encode()))?;
         if let Some(m) = msgs.get_mut(&lease.id) {
@@ -204,10 +206,7 @@ impl Store {
     pub(super) fn dead_letter(&self, dest: &str, lease: &Lease, record: &DeadRecord) -> Result<(), StoreError> {
         let inner = &self.inner;
         let id = lease.id;
-        let mut msgs = lock(self.stripe(id));
-        if !self.is_current(dest, lease) {
-            return Ok(());
-        }
+        let Some(mut msgs) = self.leased(dest, lease) else { return Ok(()) };
         if !msgs.contains_key(&id) {
             return Ok(());
         }
@@ -330,10 +329,7 @@ impl Store {
     /// Drops a lease whose message is missing (should never happen; kept so
     /// a damaged store cannot wedge a destination).
     pub(super) fn drop_orphan(&self, dest: &str, lease: &Lease) -> Result<(), StoreError> {
-        let mut msgs = lock(self.stripe(lease.id));
-        if !self.is_current(dest, lease) {
-            return Ok(());
-        }
+        let Some(mut msgs) = self.leased(dest, lease) else { return Ok(()) };
         let (_, written) = Written::by(self.inner.state.remove(state_key(dest, lease.id)))?;
         if let Some(m) = msgs.get_mut(&lease.id) {
             m.pending = m.pending.saturating_sub(1);

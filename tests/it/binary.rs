@@ -123,6 +123,11 @@ async fn post_acked(relay: &RelayProcess, prefix: &str, n: usize) -> Vec<String>
     ids
 }
 
+/// Runs `switchboard check --config <config>` and returns what it did.
+pub fn check(config: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_switchboard")).args(["check", "--config"]).arg(config).output().expect("run check")
+}
+
 pub fn write(dir: &Path, toml: &str) -> std::path::PathBuf {
     let text = toml.replace("{store}", &dir.join("store").display().to_string());
     let path = dir.join("switchboard.toml");
@@ -147,8 +152,7 @@ fn check_masks_secrets_and_reports_errors_with_file_and_key() {
         "[[listeners]]\naddr = \"127.0.0.1:1\"\n[[routes]]\npath = \"/x\"\ndestinations = [\"nope\"]\n",
     )
     .expect("write");
-    let out =
-        Command::new(env!("CARGO_BIN_EXE_switchboard")).args(["check", "--config"]).arg(&bad).output().expect("run");
+    let out = check(&bad);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(78), "{stderr}");
     assert!(stderr.contains("bad.toml"), "{stderr}");

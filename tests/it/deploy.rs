@@ -63,11 +63,7 @@ fn kubernetes_configmaps_hold_valid_switchboard_configs() {
 #[test]
 fn thingspace_example_passes_check() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/thingspace.toml");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run check");
+    let out = crate::binary::check(&path);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 

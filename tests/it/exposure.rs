@@ -380,11 +380,7 @@ fn check_masks_query_string_values() {
     let dir = tempfile::tempdir().expect("tempdir");
     let toml = config(&[("a", "https://user:pw-secret@example.com/hook?token=tok-secret&v=2", "")]);
     let path = write(dir.path(), &toml);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run check");
+    let out = crate::binary::check(&path);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let printed = String::from_utf8_lossy(&out.stdout);
     assert!(!printed.contains("tok-secret") && !printed.contains("pw-secret"), "{printed}");
@@ -571,11 +567,7 @@ fn check_warns_when_min_free_bytes_exceeds_the_filesystem() {
     let toml = config(&[("a", "http://127.0.0.1:1/a", "")])
         .replace("[store]\npath = \"{store}\"", "[store]\npath = \"{store}\"\nmin_free_bytes = 1000000000000000000");
     let path = write(dir.path(), &toml);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run check");
+    let out = crate::binary::check(&path);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("warning: store.min_free_bytes: 1000000000000000000 bytes is more than the whole filesystem"),

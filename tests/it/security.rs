@@ -552,11 +552,7 @@ fn check_warns_about_ports_and_plain_http_but_passes() {
         "[[listeners]]\naddr = \"0.0.0.0:8080\"\n[[listeners]]\naddr = \"0.0.0.0:9001\"\n",
     );
     let path = write(dir.path(), &toml);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(["check", "-c"])
-        .arg(&path)
-        .output()
-        .expect("check");
+    let out = crate::binary::check(&path);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("listeners[0].addr: port 8080 is not one a sender can register"), "{stderr}");
@@ -565,11 +561,7 @@ fn check_warns_about_ports_and_plain_http_but_passes() {
 
     let custom = toml.replace("[[routes]]", "[check]\npublic_ports = [\"8000-8100\"]\n[[routes]]");
     let path = write(dir.path(), &custom);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(["check", "-c"])
-        .arg(&path)
-        .output()
-        .expect("check");
+    let out = crate::binary::check(&path);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("port 8080"), "{stderr}");
     assert!(stderr.contains("port 9001"), "{stderr}");
