@@ -409,21 +409,25 @@ impl Default for RawRetry {
     }
 }
 
+// The retry defaults are the policy's own (`RetryPolicy::default`), stated once.
+fn retry_default() -> crate::delivery::retry::RetryPolicy {
+    crate::delivery::retry::RetryPolicy::default()
+}
 fn default_initial() -> Duration {
-    Duration::from_secs(1)
+    retry_default().initial
 }
 fn default_max_interval() -> Duration {
-    Duration::from_secs(600)
+    retry_default().max_interval
 }
 fn default_multiplier() -> f64 {
-    2.0
+    retry_default().multiplier
 }
 fn default_jitter() -> f64 {
-    0.2
+    retry_default().jitter
 }
 fn default_max_age() -> Duration {
-    Duration::from_secs(24 * 3600)
+    retry_default().max_age
 }
 fn default_retry_after_cap() -> Duration {
-    Duration::from_secs(3600)
+    retry_default().retry_after_cap
 }

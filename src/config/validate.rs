@@ -35,11 +35,53 @@ impl RawConfig {
     /// Validates into the typed configuration, reporting every problem found.
     pub fn validate(self, file: &Path) -> Result<Config, ConfigError> {
         let mut p = Problems(Vec::new());
-
         if self.store.path.as_os_str().is_empty() {
             p.add("store.path", "must not be empty");
         }
+        self.check_ingress(&mut p);
+        let listeners = self.validate_listeners(&mut p);
+        let admin = self.validate_admin(&mut p, &listeners);
+        if self.shutdown.grace_period.is_zero() {
+            p.add("shutdown.grace_period", "must be greater than 0");
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            p.add("log.level", format!("invalid log filter {:?}", self.log.level));
+        }
+        let destinations = self.validate_destinations(&mut p);
+        let routes = self.validate_routes(&mut p);
+        if !p.0.is_empty() {
+            return Err(ConfigError { file: file.to_path_buf(), problems: p.0 });
+        }
+        // The admin address parsed, or a problem was recorded above.
+        let Some(admin) = admin else { unreachable!("admin address problems are reported above") };
+        Ok(Config {
+            source: file.to_path_buf(),
+            store: StoreConfig {
+                path: self.store.path,
+                max_bytes: (self.store.max_bytes > 0).then_some(self.store.max_bytes),
+                min_free_bytes: (self.store.min_free_bytes > 0).then_some(self.store.min_free_bytes),
+            },
+            ingress: IngressConfig {
+                max_body: self.ingress.max_body,
+                header_read_timeout: self.ingress.header_read_timeout,
+                body_read_timeout: self.ingress.body_read_timeout,
+                max_connections: self.ingress.max_connections,
+                max_connections_per_ip: (self.ingress.max_connections_per_ip > 0)
+                    .then_some(self.ingress.max_connections_per_ip),
+                max_buffered_bytes: self.ingress.max_buffered_bytes,
+                max_headers: self.ingress.max_headers,
+                retry_after: self.ingress.retry_after,
+            },
+            listeners,
+            admin,
+            log: self.log,
+            grace_period: self.shutdown.grace_period,
+            routes,
+            destinations,
+        })
+    }
 
+    fn check_ingress(&self, p: &mut Problems) {
         let ing = &self.ingress;
         if ing.max_body == 0 {
             p.add("ingress.max_body", "must be greater than 0");
@@ -61,14 +103,16 @@ impl RawConfig {
                 p.add(key, "must be greater than 0");
             }
         }
+    }
 
+    fn validate_listeners(&self, p: &mut Problems) -> Vec<Listener> {
         if self.listeners.is_empty() {
             p.add("listeners", "no listeners: add at least one [[listeners]] with an addr");
         }
         let mut listeners: Vec<Listener> = Vec::new();
         for (i, l) in self.listeners.iter().enumerate() {
-            let tls = l.tls.as_ref().and_then(|t| validate_tls(&mut p, &format!("listeners[{i}].tls"), t));
-            if let Some(a) = parse_addr(&mut p, &format!("listeners[{i}].addr"), &l.addr) {
+            let tls = l.tls.as_ref().and_then(|t| validate_tls(p, &format!("listeners[{i}].tls"), t));
+            if let Some(a) = parse_addr(p, &format!("listeners[{i}].addr"), &l.addr) {
                 if a.port() != 0 && listeners.iter().any(|x| x.addr == a) {
                     p.add(format!("listeners[{i}].addr"), format!("duplicate listener address {a}"));
                 }
@@ -80,9 +124,14 @@ impl RawConfig {
                 });
             }
         }
-        let admin_tls = self.admin.tls.as_ref().and_then(|t| validate_tls(&mut p, "admin.tls", t));
-        let admin_token = self.admin.token.as_ref().and_then(|t| resolve(&mut p, "admin.token", t));
-        let admin = parse_addr(&mut p, "admin.addr", &self.admin.addr);
+        listeners
+    }
+
+    /// The admin listener (`None` if its address is invalid: a problem).
+    fn validate_admin(&self, p: &mut Problems, listeners: &[Listener]) -> Option<AdminConfig> {
+        let admin_tls = self.admin.tls.as_ref().and_then(|t| validate_tls(p, "admin.tls", t));
+        let admin_token = self.admin.token.as_ref().and_then(|t| resolve(p, "admin.token", t));
+        let admin = parse_addr(p, "admin.addr", &self.admin.addr);
         if let Some(a) = admin {
             if a.port() != 0
                 && listeners.iter().map(|l| l.addr).any(|l| {
@@ -92,14 +141,10 @@ impl RawConfig {
                 p.add("admin.addr", format!("admin and ingress listener on the same address {a}"));
             }
         }
+        Some(AdminConfig { addr: admin?, token: admin_token, tls: admin_tls })
+    }
 
-        if self.shutdown.grace_period.is_zero() {
-            p.add("shutdown.grace_period", "must be greater than 0");
-        }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            p.add("log.level", format!("invalid log filter {:?}", self.log.level));
-        }
-
+    fn validate_destinations(&self, p: &mut Problems) -> Vec<Arc<Destination>> {
         let mut destinations = Vec::new();
         for (name, d) in &self.destinations {
             let key = format!("destinations.{name}");
@@ -107,115 +152,91 @@ impl RawConfig {
                 p.add(&key, "destination names use only letters, digits, '-' and '_' (at most 64)");
                 continue;
             }
-            if let Some(dest) = validate_destination(&mut p, &key, name, d) {
+            if let Some(dest) = validate_destination(p, &key, name, d) {
                 destinations.push(Arc::new(dest));
             }
         }
         if self.destinations.is_empty() {
             p.add("destinations", "no destinations defined");
         }
+        destinations
+    }
 
+    fn validate_routes(&self, p: &mut Problems) -> Vec<Route> {
         let known: HashSet<&str> = self.destinations.keys().map(String::as_str).collect();
         let mut paths = HashSet::new();
-        let mut routes = Vec::new();
         if self.routes.is_empty() {
             p.add("routes", "no routes: add at least one [[routes]] with a path");
         }
+        let mut routes = Vec::new();
         for (i, r) in self.routes.iter().enumerate() {
-            let key = format!("routes[{i}]");
-            if !r.path.starts_with('/') {
-                p.add(format!("{key}.path"), format!("route path {:?} must start with '/'", r.path));
-            } else if r.path.parse::<http::uri::PathAndQuery>().is_err() || r.path.contains('?') {
-                p.add(format!("{key}.path"), format!("route path {:?} is not a valid URL path", r.path));
-            }
             if !paths.insert(r.path.as_str()) {
-                p.add(format!("{key}.path"), format!("duplicate route path {:?}", r.path));
+                p.add(format!("routes[{i}].path"), format!("duplicate route path {:?}", r.path));
             }
-            if r.destinations.is_empty() {
-                p.add(format!("{key}.destinations"), "a route needs at least one destination");
-            }
-            let mut seen = HashSet::new();
-            for (j, d) in r.destinations.iter().enumerate() {
-                if !known.contains(d.as_str()) {
-                    p.add(
-                        format!("{key}.destinations[{j}]"),
-                        format!("unknown destination {d:?} (not defined under [destinations])"),
-                    );
-                } else if !seen.insert(d.as_str()) {
-                    p.add(format!("{key}.destinations[{j}]"), format!("destination {d:?} listed twice"));
-                }
-            }
-            if r.max_body == Some(0) {
-                p.add(format!("{key}.max_body"), "must be greater than 0");
-            }
-            let route_max = r.max_body.unwrap_or(self.ingress.max_body);
-            if route_max > self.ingress.max_buffered_bytes {
-                let k =
-                    if r.max_body.is_some() { format!("{key}.max_body") } else { "ingress.max_buffered_bytes".into() };
-                p.add(
-                    k,
-                    format!(
-                        "route {:?} accepts bodies of {route_max} bytes but ingress.max_buffered_bytes is {}: such a request could never be read",
-                        r.path, self.ingress.max_buffered_bytes
-                    ),
-                );
-            }
-            if r.max_body.is_some_and(|m| m > crate::store::MAX_BODY) {
-                p.add(format!("{key}.max_body"), format!("must be at most {} bytes (512 MiB)", crate::store::MAX_BODY));
-            }
-            let auth = r.auth.as_ref().and_then(|a| validate_auth(&mut p, &format!("{key}.auth"), a)).map(Arc::new);
-            let credential_headers =
-                auth.as_deref().map(crate::ingress::auth::Auth::credential_headers).unwrap_or_default();
-            let store_credentials =
-                r.destinations.iter().any(|d| self.destinations.get(d).is_some_and(|d| d.forward_sender_credentials));
-            if r.destinations.len() > crate::store::MAX_DESTINATIONS {
-                p.add(
-                    format!("{key}.destinations"),
-                    format!("a route may list at most {} destinations", crate::store::MAX_DESTINATIONS),
-                );
-            }
-            routes.push(Route {
-                path: r.path.clone(),
-                credential_headers,
-                store_credentials,
-                destinations: r.destinations.iter().map(|d| Arc::from(d.as_str())).collect(),
-                max_body: r.max_body.unwrap_or(self.ingress.max_body),
-                allow_ips: r.allow_ips.clone(),
-                auth,
-                dedupe_window: r.dedupe_window.filter(|d| !d.is_zero()),
-            });
+            routes.push(self.validate_route(p, i, r, &known));
         }
+        routes
+    }
 
-        if !p.0.is_empty() {
-            return Err(ConfigError { file: file.to_path_buf(), problems: p.0 });
+    fn validate_route(&self, p: &mut Problems, i: usize, r: &RawRoute, known: &HashSet<&str>) -> Route {
+        let key = format!("routes[{i}]");
+        if !r.path.starts_with('/') {
+            p.add(format!("{key}.path"), format!("route path {:?} must start with '/'", r.path));
+        } else if r.path.parse::<http::uri::PathAndQuery>().is_err() || r.path.contains('?') {
+            p.add(format!("{key}.path"), format!("route path {:?} is not a valid URL path", r.path));
         }
-        // Every `parse_addr` above succeeded, or a problem was recorded.
-        let Some(admin) = admin else { unreachable!("admin address problems are reported above") };
-        Ok(Config {
-            source: file.to_path_buf(),
-            store: StoreConfig {
-                path: self.store.path,
-                max_bytes: (self.store.max_bytes > 0).then_some(self.store.max_bytes),
-                min_free_bytes: (self.store.min_free_bytes > 0).then_some(self.store.min_free_bytes),
-            },
-            ingress: IngressConfig {
-                max_body: self.ingress.max_body,
-                header_read_timeout: self.ingress.header_read_timeout,
-                body_read_timeout: self.ingress.body_read_timeout,
-                max_connections: self.ingress.max_connections,
-                max_connections_per_ip: (self.ingress.max_connections_per_ip > 0)
-                    .then_some(self.ingress.max_connections_per_ip),
-                max_buffered_bytes: self.ingress.max_buffered_bytes,
-                max_headers: self.ingress.max_headers,
-                retry_after: self.ingress.retry_after,
-            },
-            listeners,
-            admin: AdminConfig { addr: admin, token: admin_token, tls: admin_tls },
-            log: self.log,
-            grace_period: self.shutdown.grace_period,
-            routes,
-            destinations,
-        })
+        if r.destinations.is_empty() {
+            p.add(format!("{key}.destinations"), "a route needs at least one destination");
+        }
+        let mut seen = HashSet::new();
+        for (j, d) in r.destinations.iter().enumerate() {
+            if !known.contains(d.as_str()) {
+                p.add(
+                    format!("{key}.destinations[{j}]"),
+                    format!("unknown destination {d:?} (not defined under [destinations])"),
+                );
+            } else if !seen.insert(d.as_str()) {
+                p.add(format!("{key}.destinations[{j}]"), format!("destination {d:?} listed twice"));
+            }
+        }
+        if r.max_body == Some(0) {
+            p.add(format!("{key}.max_body"), "must be greater than 0");
+        }
+        let route_max = r.max_body.unwrap_or(self.ingress.max_body);
+        if route_max > self.ingress.max_buffered_bytes {
+            let k = if r.max_body.is_some() { format!("{key}.max_body") } else { "ingress.max_buffered_bytes".into() };
+            p.add(
+                k,
+                format!(
+                    "route {:?} accepts bodies of {route_max} bytes but ingress.max_buffered_bytes is {}: such a request could never be read",
+                    r.path, self.ingress.max_buffered_bytes
+                ),
+            );
+        }
+        if r.max_body.is_some_and(|m| m > crate::store::MAX_BODY) {
+            p.add(format!("{key}.max_body"), format!("must be at most {} bytes (512 MiB)", crate::store::MAX_BODY));
+        }
+        let auth = r.auth.as_ref().and_then(|a| validate_auth(p, &format!("{key}.auth"), a)).map(Arc::new);
+        let credential_headers =
+            auth.as_deref().map(crate::ingress::auth::Auth::credential_headers).unwrap_or_default();
+        let store_credentials =
+            r.destinations.iter().any(|d| self.destinations.get(d).is_some_and(|d| d.forward_sender_credentials));
+        if r.destinations.len() > crate::store::MAX_DESTINATIONS {
+            p.add(
+                format!("{key}.destinations"),
+                format!("a route may list at most {} destinations", crate::store::MAX_DESTINATIONS),
+            );
+        }
+        Route {
+            path: r.path.clone(),
+            credential_headers,
+            store_credentials,
+            destinations: r.destinations.iter().map(|d| Arc::from(d.as_str())).collect(),
+            max_body: r.max_body.unwrap_or(self.ingress.max_body),
+            allow_ips: r.allow_ips.clone(),
+            auth,
+            dedupe_window: r.dedupe_window.filter(|d| !d.is_zero()),
+        }
     }
 
     /// The configuration as TOML, secrets masked (for `switchboard check`).
