@@ -137,137 +137,205 @@ pub async fn run_with_reload(
     );
     let metrics = Arc::new(Metrics::new());
     // Certificates first: a listener that cannot serve TLS must stop start-up.
-    let mut certs: Vec<(String, server::tls::CertStore)> = Vec::new();
-    let mut ctxs = Vec::new();
-    for l in &config.listeners {
-        let tls = match &l.tls {
+    let certs = Certificates::load(&config)?;
+    let store = open_store(&config, &metrics).await?;
+    let relay = Parts {
+        config: &config,
+        wakers: Wakers::new(config.destinations.iter().map(|d| &d.name)),
+        store,
+        metrics,
+        tracker: TaskTracker::new(),
+        shutdown,
+    };
+    relay.start_workers()?;
+    certs.export(&relay.metrics);
+    relay.start_ingress(listeners.ingress, certs.ingress);
+    if !certs.all.is_empty() {
+        relay.tracker.spawn(watch_certificates(certs.all, relay.metrics.clone(), reload, relay.shutdown.clone()));
+    }
+    let ready = Arc::new(AtomicBool::new(false));
+    relay.start_admin(listeners.admin, certs.admin, ready.clone());
+    relay.tracker.close();
+    ready.store(true, Ordering::SeqCst);
+    tracing::info!(store = %config.store.path.display(), routes = config.routes.len(), destinations = config.destinations.len(), "switchboard started");
+
+    relay.shutdown.cancelled().await;
+    ready.store(false, Ordering::SeqCst);
+    relay.drain().await
+}
+
+/// The certificates of the TLS listeners, loaded once at start.
+struct Certificates {
+    /// Per ingress listener, in order.
+    ingress: Vec<Option<server::tls::CertStore>>,
+    admin: Option<server::tls::CertStore>,
+    /// Every one with the name it is reported under (address or "admin").
+    all: Vec<(String, server::tls::CertStore)>,
+}
+
+impl Certificates {
+    fn load(config: &Config) -> anyhow::Result<Certificates> {
+        let mut all = Vec::new();
+        let mut ingress = Vec::new();
+        for l in &config.listeners {
+            let tls = match &l.tls {
+                Some(files) => {
+                    let store =
+                        server::tls::CertStore::open(files.clone()).with_context(|| format!("listener {}", l.addr))?;
+                    all.push((l.addr.to_string(), store.clone()));
+                    Some(store)
+                }
+                None => None,
+            };
+            ingress.push(tls);
+        }
+        let admin = match &config.admin.tls {
             Some(files) => {
-                let store =
-                    server::tls::CertStore::open(files.clone()).with_context(|| format!("listener {}", l.addr))?;
-                certs.push((l.addr.to_string(), store.clone()));
+                let store = server::tls::CertStore::open(files.clone()).context("admin listener")?;
+                all.push(("admin".to_string(), store.clone()));
                 Some(store)
             }
             None => None,
         };
-        ctxs.push((
-            tls,
-            ingress::ListenerCtx { trusted_proxies: l.trusted_proxies.clone(), allow_ips: l.allow_ips.clone() },
-        ));
+        Ok(Certificates { ingress, admin, all })
     }
-    let admin_tls = match &config.admin.tls {
-        Some(files) => {
-            let store = server::tls::CertStore::open(files.clone()).context("admin listener")?;
-            certs.push(("admin".to_string(), store.clone()));
-            Some(store)
+
+    fn export(&self, metrics: &Metrics) {
+        for (name, store) in &self.all {
+            metrics.tls_expiry.with_label_values(&[name]).set(store.not_after() as f64);
+            // Both outcomes exist from the start, so increase() sees the first one.
+            metrics.tls_reloads.with_label_values(&[name, "ok"]);
+            metrics.tls_reloads.with_label_values(&[name, "error"]);
         }
-        None => None,
-    };
+    }
+}
+
+/// Opens the store (recovery on the blocking pool) with its flush metrics,
+/// and warns about deliveries kept for destinations no longer configured.
+async fn open_store(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Store> {
     let flush_metrics = metrics.clone();
-    let store = Store::open_async(&config.store.path, store_options(&config, false), move |took, ok| {
+    let store = Store::open_async(&config.store.path, store_options(config, false), move |took, ok| {
         flush_metrics.store_flushes.with_label_values(&[if ok { "ok" } else { "error" }]).inc();
         flush_metrics.store_flush_duration.observe(took.as_secs_f64());
     })
     .await
     .with_context(|| format!("opening store {}", config.store.path.display()))?;
-
-    let names: Vec<String> = config.destinations.iter().map(|d| d.name.to_string()).collect();
-    for orphan in store.known_destinations().into_iter().filter(|d| !names.contains(d)) {
+    for orphan in store.known_destinations().into_iter().filter(|d| config.destination(d).is_none()) {
         let s = store.stats(&orphan);
         tracing::warn!(destination = %orphan, pending = s.depth, dead_letters = s.dead,
             "store holds deliveries for a destination that is no longer configured; they are kept, not delivered");
     }
+    Ok(store)
+}
 
-    let tracker = TaskTracker::new();
-    let wakers = Wakers::new(config.destinations.iter().map(|d| &d.name));
-    let credentials: Arc<HashMap<String, Vec<http::HeaderName>>> =
-        Arc::new(config.routes.iter().map(|r| (r.path.clone(), r.credential_headers.clone())).collect());
-    for dest in &config.destinations {
-        let worker = Worker::new(dest.clone(), credentials.clone(), store.clone(), metrics.clone(), &wakers)
-            .with_context(|| format!("setting up destination {}", dest.name))?;
-        tracker.spawn(worker.run(shutdown.clone(), config.grace_period));
+/// What the stages of a running relay share: each starts its tasks on
+/// `tracker`, which `drain` waits for.
+struct Parts<'a> {
+    config: &'a Config,
+    store: Store,
+    metrics: Arc<Metrics>,
+    wakers: Wakers,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Parts<'_> {
+    /// One worker per destination.
+    fn start_workers(&self) -> anyhow::Result<()> {
+        let config = self.config;
+        let credentials: Arc<HashMap<String, Vec<http::HeaderName>>> =
+            Arc::new(config.routes.iter().map(|r| (r.path.clone(), r.credential_headers.clone())).collect());
+        for dest in &config.destinations {
+            let worker =
+                Worker::new(dest.clone(), credentials.clone(), self.store.clone(), self.metrics.clone(), &self.wakers)
+                    .with_context(|| format!("setting up destination {}", dest.name))?;
+            self.tracker.spawn(worker.run(self.shutdown.clone(), config.grace_period));
+        }
+        Ok(())
     }
 
-    let ingress = Arc::new(ingress::Ingress::new(
-        config::route_table(&config.routes),
-        config.ingress.clone(),
-        store.clone(),
-        metrics.clone(),
-        wakers.clone(),
-    ));
-    let limits = server::Limits::new(config.ingress.max_connections, config.ingress.max_connections_per_ip);
-    for ((listener, (tls, ctx)), l) in listeners.ingress.into_iter().zip(ctxs).zip(&config.listeners) {
-        if let Ok(addr) = listener.local_addr() {
-            tracing::info!(addr = %addr, tls = tls.is_some(), "ingress listening");
+    /// The ingress on every listener, sharing one connection limit.
+    fn start_ingress(&self, sockets: Vec<TcpListener>, tls: Vec<Option<server::tls::CertStore>>) {
+        let config = self.config;
+        let ingress = Arc::new(ingress::Ingress::new(
+            config::route_table(&config.routes),
+            config.ingress.clone(),
+            self.store.clone(),
+            self.metrics.clone(),
+            self.wakers.clone(),
+        ));
+        let limits = server::Limits::new(config.ingress.max_connections, config.ingress.max_connections_per_ip);
+        for ((socket, tls), l) in sockets.into_iter().zip(tls).zip(&config.listeners) {
+            if let Ok(addr) = socket.local_addr() {
+                tracing::info!(addr = %addr, tls = tls.is_some(), "ingress listening");
+            }
+            let cfg = server::ServerConfig {
+                kind: "ingress",
+                tls,
+                head_timeout: config.ingress.header_read_timeout,
+                max_headers: config.ingress.max_headers,
+                allow_ips: l.allow_ips.clone(),
+                trusted_proxies: l.trusted_proxies.clone(),
+                retry_after: config.ingress.retry_after,
+                grace: config.grace_period,
+            };
+            let ctx =
+                ingress::ListenerCtx { trusted_proxies: l.trusted_proxies.clone(), allow_ips: l.allow_ips.clone() };
+            let handler = Arc::new(ingress::ListenerIngress { ingress: ingress.clone(), ctx });
+            let serve =
+                server::serve(socket, cfg, limits.clone(), handler, self.metrics.clone(), self.shutdown.clone());
+            self.tracker.spawn(serve);
+        }
+    }
+
+    fn start_admin(&self, socket: TcpListener, tls: Option<server::tls::CertStore>, ready: Arc<AtomicBool>) {
+        let config = self.config;
+        let admin = Arc::new(admin::Admin {
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            wakers: self.wakers.clone(),
+            destinations: config.destinations.iter().map(|d| d.name.to_string()).collect(),
+            ready,
+            ready_room: config.ingress.max_body,
+            token: config.admin.token.clone(),
+        });
+        if let Ok(addr) = socket.local_addr() {
+            tracing::info!(addr = %addr, "admin listening");
         }
         let cfg = server::ServerConfig {
-            kind: "ingress",
+            kind: "admin",
             tls,
-            head_timeout: config.ingress.header_read_timeout,
-            max_headers: config.ingress.max_headers,
-            allow_ips: l.allow_ips.clone(),
-            trusted_proxies: l.trusted_proxies.clone(),
+            head_timeout: ADMIN_HEAD_TIMEOUT,
+            max_headers: 100,
+            allow_ips: Vec::new(),
+            trusted_proxies: Vec::new(),
             retry_after: config.ingress.retry_after,
             grace: config.grace_period,
         };
-        let handler = Arc::new(ingress::ListenerIngress { ingress: ingress.clone(), ctx });
-        tracker.spawn(server::serve(listener, cfg, limits.clone(), handler, metrics.clone(), shutdown.clone()));
-    }
-    for (name, store) in &certs {
-        metrics.tls_expiry.with_label_values(&[name]).set(store.not_after() as f64);
-        // Both outcomes exist from the start, so increase() sees the first one.
-        metrics.tls_reloads.with_label_values(&[name, "ok"]);
-        metrics.tls_reloads.with_label_values(&[name, "error"]);
-    }
-    if !certs.is_empty() {
-        tracker.spawn(watch_certificates(certs, metrics.clone(), reload, shutdown.clone()));
+        let limits = server::Limits::new(ADMIN_MAX_CONNECTIONS, None);
+        let serve = server::serve(socket, cfg, limits, admin, self.metrics.clone(), self.shutdown.clone());
+        self.tracker.spawn(serve);
     }
 
-    let ready = Arc::new(AtomicBool::new(false));
-    let admin = Arc::new(admin::Admin {
-        store: store.clone(),
-        metrics: metrics.clone(),
-        wakers,
-        destinations: names,
-        ready: ready.clone(),
-        ready_room: config.ingress.max_body,
-        token: config.admin.token.clone(),
-    });
-    if let Ok(addr) = listeners.admin.local_addr() {
-        tracing::info!(addr = %addr, "admin listening");
+    /// After shutdown: waits for every task (each bounds its own drain by
+    /// the grace period), then flushes and closes the store.
+    async fn drain(self) -> anyhow::Result<()> {
+        let grace = self.config.grace_period;
+        tracing::info!(grace = %humantime::format_duration(grace), "shutting down");
+        // The margin covers the final bookkeeping after each task's grace.
+        let margin = Duration::from_secs(2);
+        if tokio::time::timeout(grace + margin, self.tracker.wait()).await.is_err() {
+            tracing::warn!("tasks still running after the grace period; closing the store anyway");
+        }
+        let failed = self.store.flush_failed();
+        self.store.close().await.context("closing store")?;
+        if failed {
+            tracing::warn!("store closed after failed flushes: everything acknowledged is on disk, what was refused was never acknowledged; fix the cause before the next start");
+        } else {
+            tracing::info!("store flushed and closed; bye");
+        }
+        Ok(())
     }
-    let admin_cfg = server::ServerConfig {
-        kind: "admin",
-        tls: admin_tls,
-        head_timeout: ADMIN_HEAD_TIMEOUT,
-        max_headers: 100,
-        allow_ips: Vec::new(),
-        trusted_proxies: Vec::new(),
-        retry_after: config.ingress.retry_after,
-        grace: config.grace_period,
-    };
-    let admin_limits = server::Limits::new(ADMIN_MAX_CONNECTIONS, None);
-    tracker.spawn(server::serve(listeners.admin, admin_cfg, admin_limits, admin, metrics.clone(), shutdown.clone()));
-    tracker.close();
-    ready.store(true, Ordering::SeqCst);
-    tracing::info!(store = %config.store.path.display(), routes = config.routes.len(), destinations = config.destinations.len(), "switchboard started");
-
-    shutdown.cancelled().await;
-    ready.store(false, Ordering::SeqCst);
-    tracing::info!(grace = %humantime::format_duration(config.grace_period), "shutting down");
-    // Every task bounds its own drain by the grace period; the margin covers
-    // the final bookkeeping after it.
-    let margin = std::time::Duration::from_secs(2);
-    if tokio::time::timeout(config.grace_period + margin, tracker.wait()).await.is_err() {
-        tracing::warn!("tasks still running after the grace period; closing the store anyway");
-    }
-    let failed = store.flush_failed();
-    store.close().await.context("closing store")?;
-    if failed {
-        tracing::warn!("store closed after failed flushes: everything acknowledged is on disk, what was refused was never acknowledged; fix the cause before the next start");
-    } else {
-        tracing::info!("store flushed and closed; bye");
-    }
-    Ok(())
 }
 
 /// Reloads certificates on `reload` (SIGHUP) and when their files change.

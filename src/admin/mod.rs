@@ -119,96 +119,104 @@ impl Admin {
                 "text/plain; version=0.0.4",
                 self.metrics.render(&self.store, &self.all_destinations()),
             ),
-            (&Method::GET, ["healthz"]) => {
-                if self.store.is_healthy() {
-                    respond(StatusCode::OK, "text/plain", "ok\n")
-                } else {
-                    respond(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "text/plain",
-                        "store flushes are failing: restart needed\n",
-                    )
-                }
-            }
-            (&Method::GET, ["readyz"]) => {
-                if !self.ready.load(Ordering::SeqCst) || self.store.is_closed() {
-                    return respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n");
-                }
-                match self.store.accepting(self.ready_room) {
-                    Ok(()) => respond(StatusCode::OK, "text/plain", "ready\n"),
-                    Err(e) => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {e}\n")),
-                }
-            }
-            (&Method::GET, ["api", "destinations"]) => {
-                let now = now_ms();
-                let list: Vec<_> = self
-                    .all_destinations()
+            (&Method::GET, ["healthz"]) => self.health(),
+            (&Method::GET, ["readyz"]) => self.readiness(),
+            (&Method::GET, ["api", "destinations"]) => self.destination_list(),
+            (&Method::GET, ["api", "dead-letters", dest]) => self.dead_letter_list(dest, &req).await,
+            (&Method::DELETE, ["api", "dead-letters", dest]) => self.purge(dest, &req).await,
+            (&Method::POST, ["api", "dead-letters", dest, "replay"]) => self.replay(dest, &req).await,
+            _ => json(StatusCode::NOT_FOUND, serde_json::json!({ "error": "not found" })),
+        }
+    }
+
+    fn health(&self) -> Response<Full<Bytes>> {
+        if self.store.is_healthy() {
+            respond(StatusCode::OK, "text/plain", "ok\n")
+        } else {
+            respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "store flushes are failing: restart needed\n")
+        }
+    }
+
+    fn readiness(&self) -> Response<Full<Bytes>> {
+        if !self.ready.load(Ordering::SeqCst) || self.store.is_closed() {
+            return respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n");
+        }
+        match self.store.accepting(self.ready_room) {
+            Ok(()) => respond(StatusCode::OK, "text/plain", "ready\n"),
+            Err(e) => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {e}\n")),
+        }
+    }
+
+    fn destination_list(&self) -> Response<Full<Bytes>> {
+        let now = now_ms();
+        let list: Vec<_> = self
+            .all_destinations()
+            .iter()
+            .map(|d| {
+                let s = self.store.stats(d);
+                serde_json::json!({
+                    "name": d,
+                    "configured": self.destinations.contains(d),
+                    "pending": s.depth,
+                    "oldest_age_seconds": s.oldest_received_ms.map(|t| now.saturating_sub(t) as f64 / 1000.0),
+                    "dead_letters": s.dead,
+                })
+            })
+            .collect();
+        json(StatusCode::OK, serde_json::json!({ "destinations": list }))
+    }
+
+    async fn dead_letter_list(&self, dest: &str, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let limit = query_params(req).get("limit").and_then(|l| l.parse().ok()).unwrap_or(100usize);
+        match self.store.list_dead(dest, limit).await {
+            Ok(list) => {
+                let items: Vec<_> = list
                     .iter()
-                    .map(|d| {
-                        let s = self.store.stats(d);
+                    .map(|e| {
                         serde_json::json!({
-                            "name": d,
-                            "configured": self.destinations.contains(d),
-                            "pending": s.depth,
-                            "oldest_age_seconds": s.oldest_received_ms.map(|t| now.saturating_sub(t) as f64 / 1000.0),
-                            "dead_letters": s.dead,
+                            "id": self.store.external_id(e.id),
+                            "attempts": e.attempts,
+                            "dead_at_ms": e.dead_at_ms,
+                            "last_status": e.last_status,
+                            "reason": e.reason,
                         })
                     })
                     .collect();
-                json(StatusCode::OK, serde_json::json!({ "destinations": list }))
+                json(StatusCode::OK, serde_json::json!({ "destination": dest, "dead_letters": items }))
             }
-            (&Method::GET, ["api", "dead-letters", dest]) => {
-                let limit = query_params(&req).get("limit").and_then(|l| l.parse().ok()).unwrap_or(100usize);
-                match self.store.list_dead(dest, limit).await {
-                    Ok(list) => {
-                        let items: Vec<_> = list
-                            .iter()
-                            .map(|e| {
-                                serde_json::json!({
-                                    "id": self.store.external_id(e.id),
-                                    "attempts": e.attempts,
-                                    "dead_at_ms": e.dead_at_ms,
-                                    "last_status": e.last_status,
-                                    "reason": e.reason,
-                                })
-                            })
-                            .collect();
-                        json(StatusCode::OK, serde_json::json!({ "destination": dest, "dead_letters": items }))
-                    }
-                    Err(e) => json(StatusCode::INTERNAL_SERVER_ERROR, serde_json::json!({ "error": e.to_string() })),
-                }
+            Err(e) => json(StatusCode::INTERNAL_SERVER_ERROR, serde_json::json!({ "error": e.to_string() })),
+        }
+    }
+
+    async fn purge(&self, dest: &str, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let only = match self.only_id(req) {
+            Ok(only) => only,
+            Err(resp) => return *resp,
+        };
+        match self.store.purge_dead(dest, only).await {
+            Ok(n) => {
+                tracing::info!(destination = %dest, purged = n, "dead letters deleted");
+                json(StatusCode::OK, serde_json::json!({ "purged": n }))
             }
-            (&Method::DELETE, ["api", "dead-letters", dest]) => {
-                let only = match self.only_id(&req) {
-                    Ok(only) => only,
-                    Err(resp) => return *resp,
-                };
-                match self.store.purge_dead(dest, only).await {
-                    Ok(n) => {
-                        tracing::info!(destination = %dest, purged = n, "dead letters deleted");
-                        json(StatusCode::OK, serde_json::json!({ "purged": n }))
-                    }
-                    Err(e) => json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({ "error": e.to_string() })),
-                }
+            Err(e) => json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({ "error": e.to_string() })),
+        }
+    }
+
+    async fn replay(&self, dest: &str, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        if !self.destinations.iter().any(|d| d == dest) {
+            return json(StatusCode::NOT_FOUND, serde_json::json!({ "error": "unknown destination" }));
+        }
+        let only = match self.only_id(req) {
+            Ok(only) => only,
+            Err(resp) => return *resp,
+        };
+        match self.store.replay_dead(dest, only).await {
+            Ok(n) => {
+                self.wakers.wake(dest);
+                tracing::info!(destination = %dest, replayed = n, "dead letters replayed");
+                json(StatusCode::OK, serde_json::json!({ "replayed": n }))
             }
-            (&Method::POST, ["api", "dead-letters", dest, "replay"]) => {
-                if !self.destinations.iter().any(|d| d == dest) {
-                    return json(StatusCode::NOT_FOUND, serde_json::json!({ "error": "unknown destination" }));
-                }
-                let only = match self.only_id(&req) {
-                    Ok(only) => only,
-                    Err(resp) => return *resp,
-                };
-                match self.store.replay_dead(dest, only).await {
-                    Ok(n) => {
-                        self.wakers.wake(dest);
-                        tracing::info!(destination = %dest, replayed = n, "dead letters replayed");
-                        json(StatusCode::OK, serde_json::json!({ "replayed": n }))
-                    }
-                    Err(e) => json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({ "error": e.to_string() })),
-                }
-            }
-            _ => json(StatusCode::NOT_FOUND, serde_json::json!({ "error": "not found" })),
+            Err(e) => json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({ "error": e.to_string() })),
         }
     }
 }

@@ -27,42 +27,11 @@ impl Store {
         on_flush: impl Fn(Duration, bool) + Send + Sync + 'static,
     ) -> Result<Store, StoreError> {
         let store_lock = lock_dir(path)?;
-        let config = sled::Config::new()
-            .path(path)
-            .mode(sled::Mode::HighThroughput)
-            .cache_capacity(opts.cache_bytes.unwrap_or(8 * 1024 * 1024))
-            // Our flusher is the only one; sled's own background flusher would
-            // run concurrently with it (see commit.rs for why that is avoided).
-            .flush_every_ms(None);
-        // sled releases its file lock from its I/O threads shortly after the
-        // last handle is dropped, so reopening in the same process (a restart
-        // in tests, or after a supervisor-less in-process restart) can find it
-        // still held for a moment. A lock held by another process stays held
-        // and is reported after the wait.
-        let lock_wait = std::time::Instant::now();
-        let db = loop {
-            match config.open() {
-                Ok(db) => break db,
-                Err(e)
-                    if e.to_string().contains("could not acquire lock")
-                        && lock_wait.elapsed() < Duration::from_secs(2) =>
-                {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(e) => return Err(StoreError::Open { path: path.to_path_buf(), source: Box::new(e.into()) }),
-            }
-        };
+        let db = open_sled(path, opts.cache_bytes)?;
         let meta = db.open_tree("meta")?;
         let log_dir = path.join(SEGMENTS_DIR);
         check_format(path, &db, &meta, &log_dir)?;
-        let uid = match meta.get("uid")? {
-            Some(v) => v.iter().map(|b| format!("{b:02x}")).collect::<String>(),
-            None => {
-                let bytes: [u8; 4] = rand::random();
-                meta.insert("uid", &bytes)?;
-                bytes.iter().map(|b| format!("{b:02x}")).collect()
-            }
-        };
+        let uid = store_uid(&meta)?;
         let state = db.open_tree("state")?;
         let kept = db.open_tree("kept")?;
         let segment_bytes = opts.segment_bytes.unwrap_or(DEFAULT_SEGMENT_BYTES).max(1);
@@ -114,36 +83,7 @@ impl Store {
             reclaim: Arc::new(tokio::sync::Notify::new()),
             reclaiming: tokio::sync::Mutex::new(()),
         });
-        let mut durability =
-            commit::Durability::open(path).map_err(|source| StoreError::OpenIo { path: path.to_path_buf(), source })?;
-        // Two flusher threads: the log's (ingress acknowledgements wait for
-        // it, and only for it) and sled's (a sled flush can take long when
-        // many settling writes are dirty; acknowledgements must not wait).
-        let on_flush = Arc::new(on_flush);
-        let weak = Arc::downgrade(&inner);
-        let log_flush = move || -> Result<(), StoreError> {
-            let inner = weak.upgrade().ok_or(StoreError::Closed)?;
-            inner.flush_log()
-        };
-        let weak = Arc::downgrade(&inner);
-        let state_flush = move || -> Result<(), StoreError> {
-            let inner = weak.upgrade().ok_or(StoreError::Closed)?;
-            inner.flush_state(&mut durability)
-        };
-        let observe = on_flush.clone();
-        type Flush = Box<dyn FnMut() -> Result<(), StoreError> + Send>;
-        let spawn = |name: &str, commit: Arc<GroupCommit>, flush: Flush, after_failure: &'static str| {
-            let (stop, observe) = (stop.clone(), observe.clone());
-            std::thread::Builder::new()
-                .name(name.into())
-                .spawn(move || commit.run(flush, &stop, after_failure, |took, ok| observe(took, ok)))
-                .map_err(|source| StoreError::OpenIo { path: path.to_path_buf(), source })
-        };
-        let flushers = vec![
-            spawn("switchboard-log", commit.clone(), Box::new(log_flush), LOG_FLUSH_FAILED)?,
-            spawn("switchboard-sled", state_commit.clone(), Box::new(state_flush), STATE_FLUSH_FAILED)?,
-        ];
-        *lock(&inner.flushers) = flushers;
+        *lock(&inner.flushers) = start_flushers(&inner, path, stop, Arc::new(on_flush))?;
         let evacuate_every = opts.evacuate_every.unwrap_or(EVACUATE_EVERY);
         let ticker = tokio::spawn(Self::idle_ticker(Arc::downgrade(&inner), inner.ticker_stop.clone(), evacuate_every));
         let reclaimer =
@@ -349,4 +289,85 @@ pub(super) fn check_format(path: &Path, db: &sled::Db, meta: &sled::Tree, log_di
             Ok(())
         }
     }
+}
+
+/// Opens sled with our settings: no background flusher of its own (ours is
+/// the only one, see `commit.rs`), a small page cache (it holds delivery
+/// state and dead-lettered copies only).
+pub(super) fn open_sled(path: &Path, cache_bytes: Option<u64>) -> Result<sled::Db, StoreError> {
+    let config = sled::Config::new()
+        .path(path)
+        .mode(sled::Mode::HighThroughput)
+        .cache_capacity(cache_bytes.unwrap_or(8 * 1024 * 1024))
+        // Our flusher is the only one; sled's own background flusher would
+        // run concurrently with it (see commit.rs for why that is avoided).
+        .flush_every_ms(None);
+    // sled releases its file lock from its I/O threads shortly after the
+    // last handle is dropped, so reopening in the same process (a restart
+    // in tests, or after a supervisor-less in-process restart) can find it
+    // still held for a moment. A lock held by another process stays held
+    // and is reported after the wait.
+    let lock_wait = std::time::Instant::now();
+    loop {
+        match config.open() {
+            Ok(db) => return Ok(db),
+            Err(e)
+                if e.to_string().contains("could not acquire lock") && lock_wait.elapsed() < Duration::from_secs(2) =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(StoreError::Open { path: path.to_path_buf(), source: Box::new(e.into()) }),
+        }
+    }
+}
+
+/// The store's random id (what external message ids carry), made at its
+/// first open.
+pub(super) fn store_uid(meta: &sled::Tree) -> Result<String, StoreError> {
+    Ok(match meta.get("uid")? {
+        Some(v) => v.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+        None => {
+            let bytes: [u8; 4] = rand::random();
+            meta.insert("uid", &bytes)?;
+            bytes.iter().map(|b| format!("{b:02x}")).collect()
+        }
+    })
+}
+
+type Flush = Box<dyn FnMut() -> Result<(), StoreError> + Send>;
+
+/// Two flusher threads: the log's (ingress acknowledgements wait for it,
+/// and only for it) and sled's (a sled flush can take long when many
+/// settling writes are dirty; acknowledgements must not wait for it).
+pub(super) fn start_flushers(
+    inner: &Arc<Inner>,
+    path: &Path,
+    stop: Arc<AtomicBool>,
+    on_flush: Arc<dyn Fn(Duration, bool) + Send + Sync>,
+) -> Result<Vec<std::thread::JoinHandle<()>>, StoreError> {
+    let mut durability =
+        commit::Durability::open(path).map_err(|source| StoreError::OpenIo { path: path.to_path_buf(), source })?;
+    let weak = Arc::downgrade(inner);
+    let log_flush = move || -> Result<(), StoreError> {
+        let inner = weak.upgrade().ok_or(StoreError::Closed)?;
+        inner.flush_log()
+    };
+    let weak = Arc::downgrade(inner);
+    let state_flush = move || -> Result<(), StoreError> {
+        let inner = weak.upgrade().ok_or(StoreError::Closed)?;
+        inner.flush_state(&mut durability)
+    };
+    let observe = on_flush;
+    let spawn = |name: &str, commit: Arc<GroupCommit>, flush: Flush, after_failure: &'static str| {
+        let (stop, observe) = (stop.clone(), observe.clone());
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || commit.run(flush, &stop, after_failure, |took, ok| observe(took, ok)))
+            .map_err(|source| StoreError::OpenIo { path: path.to_path_buf(), source })
+    };
+    let flushers = vec![
+        spawn("switchboard-log", inner.commit.clone(), Box::new(log_flush), LOG_FLUSH_FAILED)?,
+        spawn("switchboard-sled", inner.state_commit.clone(), Box::new(state_flush), STATE_FLUSH_FAILED)?,
+    ];
+    Ok(flushers)
 }
