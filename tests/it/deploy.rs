@@ -93,9 +93,9 @@ async fn alert_rules_and_dashboard_use_only_exported_metric_names() {
     // and a dead letter.
     let ok = TestReceiver::ok().await;
     let bad = TestReceiver::scripted(|n, _| if n == 0 { Reply::Status(500) } else { Reply::Status(400) }).await;
-    let ca = crate::security::Ca::new();
+    let ca = crate::tls::Ca::new();
     let dir = tempfile::tempdir().expect("tempdir");
-    let (cert, key) = crate::security::write_pair(dir.path(), "leaf", &ca.leaf(1, None));
+    let (cert, key) = crate::tls::write_pair(dir.path(), "leaf", &ca.leaf(1, None));
     let toml = config(&[
         ("ok", &ok.url("/ok"), ""),
         ("bad", &bad.url("/bad"), "[destinations.bad.retry]\ninitial = \"10ms\""),

@@ -116,7 +116,7 @@ async fn idle_flood_is_cleared_by_the_head_timeout_counted_from_accept() {
 /// nothing was never closed either (only the handshake had a timeout).
 #[tokio::test]
 async fn tls_connection_idle_after_the_handshake_is_closed() {
-    use crate::security::{client_config, connect_tls, tls_config, write_pair, Ca};
+    use crate::tls::{client_config, connect_tls, tls_config, write_pair, Ca};
     let ca = Ca::new();
     let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
     let (cert, key) = write_pair(dir.path(), "leaf", &ca.leaf(1, None));

@@ -9,3 +9,4 @@ mod promises;
 mod relay;
 mod security;
 mod support;
+mod tls;

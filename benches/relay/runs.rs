@@ -1,0 +1,168 @@
+//! The runs that need more than a few lines: fan-out, fixed-rate fan-out,
+//! backlog and recovery, large bodies.
+
+use super::*;
+
+pub(crate) struct FanOut {
+    pub(crate) ingest_rate: f64,
+    pub(crate) healthy_rate: f64,
+}
+
+pub(crate) async fn fan_out(s: &Settings, dir: &Path, black_hole: bool, epoch: Instant) -> AnyResult<(FanOut, f64)> {
+    let a = Receiver::start(Mode::Ok, epoch).await?;
+    let b = Receiver::start(Mode::Ok, epoch).await?;
+    let c = Receiver::start(if black_hole { Mode::BlackHole } else { Mode::Ok }, epoch).await?;
+    let extra = "concurrency = 32";
+    let c_extra = if black_hole { "concurrency = 32\ntimeout = \"5s\"" } else { extra };
+    let relay = Relay::start(dir, &[("a", a.url(), extra), ("b", b.url(), extra), ("c", c.url(), c_extra)]).await?;
+    let load = closed_loop(relay.ingress, "/in", s.connections, s.run, u64::MAX, epoch).await;
+    let delivered_during = a.count.load(Ordering::Relaxed) + b.count.load(Ordering::Relaxed);
+    let depth_a = relay.metric("switchboard_queue_depth{destination=\"a\"}").await;
+    // Let the healthy destinations catch up (bounded), to see the backlog drain.
+    let catch_up = wait_until(Duration::from_secs(60), || {
+        a.count.load(Ordering::Relaxed) >= load.ok && b.count.load(Ordering::Relaxed) >= load.ok
+    })
+    .await;
+    let secs = load.elapsed.as_secs_f64();
+    let mut lags: Vec<u32> = a.lags_us.lock().map(|v| v.clone()).unwrap_or_default();
+    lags.extend(b.lags_us.lock().map(|v| v.clone()).unwrap_or_default());
+    if !black_hole {
+        lags.extend(c.lags_us.lock().map(|v| v.clone()).unwrap_or_default());
+    }
+    let all_delivered = delivered_during + if black_hole { 0 } else { c.count.load(Ordering::Relaxed) };
+    let result = FanOut { ingest_rate: load.rps(), healthy_rate: delivered_during as f64 / secs };
+    if !black_hole {
+        row(
+            "4. fan-out x3",
+            &format!(
+                "ingest {:.0} msg/s, deliveries {:.0}/s during the run, queue depth (a) at end {:.0}, caught up {}, lag p50 {:.1} ms, p99 {:.1} ms",
+                load.rps(),
+                all_delivered as f64 / secs,
+                depth_a,
+                catch_up.map(|d| format!("{:.1} s after", d.as_secs_f64())).unwrap_or_else(|| "not within 60 s".into()),
+                percentile(&mut lags.clone(), 0.5),
+                percentile(&mut lags, 0.99)
+            ),
+        );
+    }
+    let peak = relay.peak_mb();
+    relay.stop();
+    Ok((result, peak))
+}
+
+/// Fan-out ×3 with ingest held at `rate` msg/s (open loop): do deliveries
+/// keep up, and with what lag?
+pub(crate) async fn fan_out_fixed(s: &Settings, dir: &Path, rate: u64, epoch: Instant) -> AnyResult<()> {
+    let rs = [
+        Receiver::start(Mode::Ok, epoch).await?,
+        Receiver::start(Mode::Ok, epoch).await?,
+        Receiver::start(Mode::Ok, epoch).await?,
+    ];
+    let extra = "concurrency = 32";
+    let relay =
+        Relay::start(dir, &[("a", rs[0].url(), extra), ("b", rs[1].url(), extra), ("c", rs[2].url(), extra)]).await?;
+    let cpu0 = relay.cpu_secs();
+    let load = open_loop(relay.ingress, "/in", rate, s.run, epoch).await;
+    let secs = load.elapsed.as_secs_f64();
+    let cpu = (relay.cpu_secs() - cpu0) / secs;
+    let delivered: u64 = rs.iter().map(|r| r.count.load(Ordering::Relaxed)).sum();
+    let depth = relay.metric("switchboard_queue_depth{destination=\"a\"}").await;
+    let caught =
+        wait_until(Duration::from_secs(60), || rs.iter().all(|r| r.count.load(Ordering::Relaxed) >= load.ok)).await;
+    let mut lags: Vec<u32> = Vec::new();
+    for r in &rs {
+        lags.extend(r.lags_us.lock().map(|v| v.clone()).unwrap_or_default());
+    }
+    row(
+        &format!("4b. fan-out x3 at {rate} msg/s (open)"),
+        &format!(
+            "ingest {:.0} msg/s ({} failed), deliveries {:.0}/s, queue depth (a) at end {:.0}, caught up {}, lag p50 {:.1} ms, p99 {:.1} ms, ack p99 {:.2} ms, relay CPU {:.0} % of one core",
+            load.ok as f64 / secs,
+            load.errors,
+            delivered as f64 / secs,
+            depth,
+            caught.map(|d| format!("{:.2} s after", d.as_secs_f64())).unwrap_or_else(|| "not within 60 s".into()),
+            percentile(&mut lags.clone(), 0.5),
+            percentile(&mut lags, 0.99),
+            load.pct(0.99),
+            cpu * 100.0
+        ),
+    );
+    relay.stop();
+    Ok(())
+}
+
+pub(crate) async fn backlog(s: &Settings, dir: &Path, epoch: Instant) -> AnyResult<()> {
+    // Fill: the destination is paused, so everything stays pending.
+    let relay = Relay::start(dir, &[("down", "http://127.0.0.1:1/".into(), "paused = true")]).await?;
+    let fill = closed_loop(relay.ingress, "/in", s.connections, Duration::from_secs(600), s.backlog, epoch).await;
+    relay.stop();
+    // Restart with the destination up.
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/cb", listener.local_addr()?);
+    let receiver = Receiver::on(listener, Mode::Ok, epoch)?;
+    let started = Instant::now();
+    let relay = Relay::start(dir, &[("down", url, "concurrency = 32")]).await?;
+    let up = started.elapsed();
+    let first = wait_until(Duration::from_secs(120), || receiver.count.load(Ordering::Relaxed) > 0).await;
+    let rss_backlog = relay.rss_mb();
+    let drain_start = Instant::now();
+    let drained = wait_until(Duration::from_secs(600), || receiver.count.load(Ordering::Relaxed) >= fill.ok).await;
+    let drain_rate = receiver.count.load(Ordering::Relaxed) as f64 / drain_start.elapsed().as_secs_f64();
+    row(
+        "7. backlog and recovery",
+        &format!(
+            "{} pending; restart: listening after {:.2} s, first delivery {} after start; RSS with backlog {:.1} MB (peak {:.1}); drain {:.0} msg/s{}",
+            fill.ok,
+            up.as_secs_f64(),
+            first.map(|d| format!("{:.2} s", (d + up).as_secs_f64())).unwrap_or_else(|| "never".into()),
+            rss_backlog,
+            relay.peak_mb(),
+            drain_rate,
+            if drained.is_some() { "" } else { " (not drained within 600 s)" }
+        ),
+    );
+    relay.stop();
+    Ok(())
+}
+
+/// Run 8: `n` concurrent POSTs of 1 MiB each (500 in full mode), every one
+/// on its own connection, against the defaults (`max_body` 1 MiB,
+/// `max_buffered_bytes` 64 MiB). Reports the relay's peak RSS and checks
+/// that every acknowledged body reached the destination whole.
+pub(crate) async fn large_bodies(s: &Settings, dir: &Path, epoch: Instant) -> AnyResult<()> {
+    let n = if s.quick { 50 } else { 500 };
+    let receiver = Receiver::start(Mode::Ok, epoch).await?;
+    let relay = Relay::start(dir, &[("a", receiver.url(), "")]).await?;
+    let idle = relay.peak_mb();
+    let started = Instant::now();
+    let mut posts = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let addr = relay.ingress;
+        posts.spawn(async move {
+            let mut c = connect(addr).await?;
+            send(&mut c, addr, "/in", large_body(i)).await
+        });
+    }
+    let (mut acked, mut refused) = (0u64, 0u64);
+    while let Some(done) = posts.join_next().await {
+        match done {
+            Ok(Ok(true)) => acked += 1,
+            _ => refused += 1,
+        }
+    }
+    let took = started.elapsed();
+    let delivered = wait_until(Duration::from_secs(120), || receiver.intact.load(Ordering::Relaxed) >= acked).await;
+    row(
+        &format!("8. {n} concurrent 1 MiB POSTs"),
+        &format!(
+            "{acked} acknowledged, {refused} refused, in {:.1} s; relay peak RSS {:.1} MB (idle {idle:.1}); {} of the acknowledged delivered intact{}",
+            took.as_secs_f64(),
+            relay.peak_mb(),
+            receiver.intact.load(Ordering::Relaxed),
+            if delivered.is_some() { "" } else { " (not all within 120 s)" }
+        ),
+    );
+    relay.stop();
+    Ok(())
+}
