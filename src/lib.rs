@@ -4,22 +4,21 @@
 //! acknowledged, then delivered at least once to every configured destination,
 //! each with its own queue, retries and dead letters.
 //!
-//! Modules:
-//! - [`config`]: TOML + environment loading (figment) and validation.
-//! - [`ingress`]: the HTTP(S) listeners senders call.
-//! - [`auth`]: sender authentication, source allowlists, trusted proxies.
-//! - [`dedupe`]: opt-in inbound de-duplication of resent callbacks.
-//! - [`tls`]: rustls listeners with certificate hot reload.
-//! - [`server`]: the HTTP server scaffold ingress and admin share (limits, deadlines, drain).
-//! - [`headers`]: header policy (stored, forwarded, never forwarded).
-//! - [`wake`]: per-destination wake-up signals.
-//! - [`store`]: the durable store behind one narrow interface (append, sync, lease, settle, dead letters, stats).
-//! - [`delivery`]: one scheduler per destination, forwarding stored messages.
-//! - [`retry`]: outcome classification and the pure retry policy.
-//! - [`metrics`]: every Prometheus series.
-//! - [`admin`]: metrics, health and the operator API.
-//! - [`shutdown`]: signal handling.
-//! - [`cli`]: command-line interface (used by `main.rs`).
+//! Modules, by stage (ingress, delivery and admin are peers over the store
+//! and never import each other):
+//! - [`ingress`]: the routes senders call: allowlists, sender authentication
+//!   ([`ingress::auth`]), de-duplication ([`ingress::dedupe`]), the body
+//!   budget, persist-then-ack.
+//! - [`delivery`]: one worker per destination, forwarding stored messages;
+//!   outcome classification and the pure retry policy ([`delivery::retry`]).
+//! - [`admin`]: health, metrics and the operator API.
+//! - [`store`]: the durable store behind one narrow interface.
+//! - Shared: [`server`] (the HTTP server scaffold of ingress and admin:
+//!   limits, deadlines, TLS in [`server::tls`], drain), [`headers`] (header
+//!   policy: stored, forwarded, never forwarded), [`wake`] (wake-up signals),
+//!   [`metrics`] (every Prometheus series), [`secret`] (values never printed).
+//! - [`config`]: TOML + environment loading (figment) and validation into
+//!   the stages' own types; [`cli`] and [`shutdown`] for the binary.
 
 #![forbid(unsafe_code)]
 

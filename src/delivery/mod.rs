@@ -37,7 +37,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use self::retry::{Action, Cause, Outcome, TransportError};
+use self::retry::{Action, Outcome, TransportError};
 use crate::metrics::Metrics;
 use crate::store::{now_ms, Lease, Settle, Store};
 use crate::wake::Wakers;
@@ -211,7 +211,7 @@ impl Worker {
         let outcome = self.send(&msg, lease.id, attempt).await;
         let m = &self.metrics;
         m.delivery_duration.with_label_values(&[name]).observe(started.elapsed().as_secs_f64());
-        m.delivery_attempts.with_label_values(&[name, result_label(&outcome)]).inc();
+        m.delivery_attempts.with_label_values(&[name, outcome.result_label()]).inc();
 
         let now = now_ms();
         let age = Duration::from_millis(now.saturating_sub(msg.received_ms));
@@ -361,20 +361,6 @@ impl Worker {
                 msg.body.clone()
             }
         }
-    }
-}
-
-fn result_label(o: &Outcome) -> &'static str {
-    let status = match o {
-        Outcome::Delivered { .. } => return "2xx",
-        Outcome::Retryable { cause: Cause::Transport(t), .. } => return t.as_str(),
-        Outcome::Retryable { cause: Cause::Status(s), .. } | Outcome::Permanent { status: s, .. } => *s,
-    };
-    match status {
-        0 => "request",
-        100..=399 => "other",
-        400..=499 => "4xx",
-        _ => "5xx",
     }
 }
 

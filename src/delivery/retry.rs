@@ -52,6 +52,23 @@ impl TransportError {
 }
 
 impl Outcome {
+    /// The outcome's class for the `result` label of
+    /// `switchboard_delivery_attempts_total` (2xx, 4xx, 5xx, other, request,
+    /// connect, timeout, io), decided here with the rest of the classification.
+    pub fn result_label(&self) -> &'static str {
+        let status = match self {
+            Outcome::Delivered { .. } => return "2xx",
+            Outcome::Retryable { cause: Cause::Transport(t), .. } => return t.as_str(),
+            Outcome::Retryable { cause: Cause::Status(s), .. } | Outcome::Permanent { status: s, .. } => *s,
+        };
+        match status {
+            0 => "request",
+            100..=399 => "other",
+            400..=499 => "4xx",
+            _ => "5xx",
+        }
+    }
+
     /// Classifies a response status; `retry_after` is the raw header, if any.
     pub fn classify(status: u16, retry_after: Option<&str>, retry_on: &[u16], now: SystemTime) -> Outcome {
         match status {

@@ -3,7 +3,7 @@
 //! [`serve`] accepts connections on one bound listener and serves each in a
 //! task of its own, tracked so that shutdown can wait for it:
 //! - **Limits at accept.** A connection takes a slot of the shared
-//!   [`Limits::global`] semaphore before `accept` (further connections wait
+//!   `Limits` semaphore before `accept` (further connections wait
 //!   in the kernel's accept queue, costing no file descriptor). Right after
 //!   `accept`, before the connection is served, the TCP peer is checked
 //!   against the listener's `allow_ips` (unless the peer is a trusted proxy,
@@ -17,7 +17,7 @@
 //!   without a timer); it still bounds the heads of later keep-alive requests.
 //! - **JSON errors from the HTTP layer.** hyper answers a request it cannot
 //!   parse (400, 414, 431) with an empty body before any handler runs; the
-//!   connection's I/O wrapper ([`Guarded`]) replaces exactly those canned
+//!   connection's I/O wrapper (`Guarded`) replaces exactly those canned
 //!   responses with the documented `{"error": "..."}` shape.
 //! - **Drain.** On shutdown the listener is closed, connections are asked to
 //!   finish (hyper graceful shutdown) and are waited for up to `grace`.

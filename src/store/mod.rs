@@ -1,30 +1,58 @@
-//! The durable store: messages, per-destination due queues and dead letters.
+//! The durable store: messages, per-destination due queues and dead letters,
+//! behind one narrow interface. The local backend: a segment log for message
+//! records, sled for delivery state.
 //!
-//! Only this module touches the disk. Its interface is deliberately narrow
-//! (append, sync, lease due work, settle a delivery, dead letters, stats).
-//! The on-disk format is defined in [`format`] and `segments.rs`.
+//! **Interface** (what ingress, delivery and admin use; nothing else of the
+//! store is public): [`Store::append_draft`] + [`Store::sync`] (persist, then
+//! acknowledge), [`Store::accepting`]; [`Store::due`] hands out [`Lease`]s,
+//! [`Store::fetch`] reads a lease's message, [`Store::settle`] records what
+//! became of it ([`Settle`]: delivered, retry at, dead letter); dead letters
+//! ([`Store::list_dead`], [`Store::replay_dead`], [`Store::purge_dead`]);
+//! figures ([`Store::stats`] and friends); [`Store::open_async`] and
+//! [`Store::close`]. Callers never build records or see sled, segments or
+//! frames: a second backend implements these and nothing else.
+//!
+//! **Files**, one job each: `error.rs` (typed errors), `format.rs` (every
+//! record and key: the on-disk format), `segments/` (the message log, its
+//! recovery reading in `scan.rs`), `disk.rs` (the log's file operations;
+//! `disk/faulty.rs` fails on purpose, for tests), `index.rs` (due queues per
+//! destination, changed only with a proof of the write), `cache.rs` (recent
+//! records), `commit.rs` (group commit), `flush.rs` (the two flushes),
+//! `open.rs` (open, close, background work), `recover.rs` (rebuilding memory
+//! from disk), `settle.rs` (settling, keeping, evacuating), `dead.rs` (dead
+//! letters), `reclaim.rs` (deleting emptied segments).
+//!
+//! **Threads**: `switchboard-log` (the message log's group commit: write
+//! the batch, fdatasync; ingress waits for it), `switchboard-sled` (sled's
+//! group commit: flush, fdatasync; nobody on the request path waits for
+//! it), sled's own I/O threads; two tokio tasks (the idle ticker: a flush
+//! backstop every 500 ms and the sparse-segment check; the reclaimer); and
+//! the blocking pool for what reads the disk or writes more than one sled
+//! key (open and recovery, a fetch that misses the cache, dead letters,
+//! replay, purge, evacuation). Runtime threads never wait for the disk.
+//!
+//! **Lock order** (never taken the other way): the log's queue
+//! (`segments.pending`) → a message's stripe (`msgs[id % 64]`) → the index
+//! or the record cache (never both at once) → `live`, `unneeded`,
+//! `done_trees` (leaves). The log's `writer` is taken by the flusher alone,
+//! before `files`. A stripe serializes everything done to one message: a
+//! settling change starts by locking it (`Store::leased`).
 //!
 //! Invariants:
-//! - [`Store::append`] queues a message *with its destination list* as one
-//!   record of the message log: a message and its pending deliveries become
-//!   durable together, in one CRC-checked frame. No sled operation.
+//! - [`Store::append_draft`] queues a message *with its destination list* as
+//!   one record of the message log: a message and its pending deliveries
+//!   become durable together, in one CRC-checked frame. No sled operation.
 //! - Nothing is durable until [`Store::sync`] returns `Ok`; ingress
-//!   acknowledges only after that (group commit of the log, see `commit.rs`).
+//!   acknowledges only after that.
 //! - A delivery's state changes by one sled insert: a `Done` mark (in the
 //!   done tree of the message's segment; a kept copy's in `state`), or a
 //!   `Retry`/`Dead` state in `state`. It is pending until marked done or
 //!   dead; a crash at any point leaves it pending or settled, never lost.
-//! - A segment is deleted once no live message is in it, after the settling
-//!   writes that emptied it are durable; its done tree goes after the file
-//!   (see `reclaim.rs`). A dead letter copies its message into `kept` first.
-//!   What a crash leaves in between is removed at open (see `recover.rs`).
-//! - Due queues, live messages, segment counts and per-destination figures
-//!   live in memory, rebuilt from the log and sled at open, so they cannot
-//!   drift from disk. Operations on one message are serialized by a striped
-//!   lock; the disk is written first, memory updated after success.
+//! - Memory follows disk: due queues, live messages, segment counts and
+//!   figures are rebuilt at open, and changed only after the write they
+//!   mirror succeeded (`index.rs` makes that a type).
 //! - Settling writes are not fsync'd one by one: losing one to a crash means
-//!   a duplicate delivery, never a loss. sled's flusher starts as soon as one
-//!   is waiting.
+//!   a duplicate delivery, never a loss.
 
 mod cache;
 mod commit;
@@ -83,7 +111,7 @@ pub struct StoreOptions {
     /// damage (the records from there to the end of that segment are lost),
     /// instead of refusing. For `switchboard repair`, an operator's decision.
     pub cut_damaged_log: bool,
-    /// How often to look for sparse segments; `None` uses [`EVACUATE_EVERY`].
+    /// How often to look for sparse segments; `None` uses 60 s.
     /// Short values are for tests.
     pub evacuate_every: Option<Duration>,
     /// The message log's files: the real disk, or one that fails on purpose.
