@@ -4,7 +4,7 @@
 
 use super::*;
 
-impl Store {
+impl Local {
     /// Up to `limit` dead letters of `dest`, oldest message first.
     pub async fn list_dead(&self, dest: &str, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
         let (store, dest) = (self.clone(), dest.to_string());

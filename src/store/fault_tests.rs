@@ -87,14 +87,14 @@ fn options(disk: &FaultyDisk, cut: bool) -> StoreOptions {
     }
 }
 
-fn open(dir: &Path, disk: &FaultyDisk) -> Result<Store, StoreError> {
+fn open(dir: &Path, disk: &FaultyDisk) -> Result<Local, StoreError> {
     disk.clear_faults();
-    Store::open(dir, options(disk, false), |_, _| {})
+    Local::open(dir, options(disk, false), |_, _| {})
 }
 
 /// After a reopen: every acknowledged message is there with its bytes; of
 /// the unacknowledged ones, those that survived count as stored from now on.
-fn adopt(store: &Store, model: &mut Model) -> Result<(), TestCaseError> {
+fn adopt(store: &Local, model: &mut Model) -> Result<(), TestCaseError> {
     for (id, (body, _)) in &model.acked {
         let m = store.load(*id).map_err(|e| TestCaseError::fail(format!("load {id}: {e}")))?;
         let m = m.ok_or_else(|| TestCaseError::fail(format!("acknowledged message {id} lost")))?;
@@ -113,7 +113,7 @@ fn adopt(store: &Store, model: &mut Model) -> Result<(), TestCaseError> {
 
 /// Pending deliveries are the acknowledged ones, plus perhaps some of the
 /// unacknowledged ones: never fewer, never others.
-fn check(store: &Store, model: &Model) -> Result<(), TestCaseError> {
+fn check(store: &Local, model: &Model) -> Result<(), TestCaseError> {
     for d in DESTS {
         let got: BTreeSet<u64> =
             store.due(d, u64::MAX, usize::MAX, &HashSet::new()).leases.iter().map(|l| l.id).collect();
@@ -246,7 +246,7 @@ proptest! {
                                 prop_assert!(e.to_string().contains(&path.display().to_string()) && e.to_string().contains(&format!("offset {found}")), "{}", e);
                                 // What an operator does: repair, which cuts there.
                                 disk.clear_faults();
-                                store = Store::open(dir.path(), options(&disk, true), |_, _| {}).expect("repair opens");
+                                store = Local::open(dir.path(), options(&disk, true), |_, _| {}).expect("repair opens");
                                 // Whatever is left has its bytes; what the cut took is gone.
                                 for of in [&mut model.acked, &mut model.maybe] {
                                     let ids: Vec<u64> = of.keys().copied().collect();

@@ -2,8 +2,9 @@
 //! behind one narrow interface. The local backend: a segment log for message
 //! records, sled for delivery state.
 //!
-//! **Interface** (what ingress, delivery and admin use; nothing else of the
-//! store is public): [`Store::append_draft`] + [`Store::sync`] (persist, then
+//! **Interface** (`api.rs`: what ingress, delivery and admin use; nothing
+//! else of the store is public; [`Store`] dispatches to its backend, today
+//! the local one, `Local`, with a `match`): [`Store::append_draft`] + [`Store::sync`] (persist, then
 //! acknowledge), [`Store::accepting`]; [`Store::due`] hands out [`Lease`]s,
 //! [`Store::fetch`] reads a lease's message, [`Store::settle`] records what
 //! became of it ([`Settle`]: delivered, retry at, dead letter); dead letters
@@ -12,7 +13,7 @@
 //! [`Store::close`]. Callers never build records or see sled, segments or
 //! frames: a second backend implements these and nothing else.
 //!
-//! **Files**, one job each: `error.rs` (typed errors), `format.rs` (every
+//! **Files**, one job each: `api.rs` (the interface), `error.rs` (typed errors), `format.rs` (every
 //! record and key: the on-disk format), `segments/` (the message log, its
 //! recovery reading in `scan.rs`), `disk.rs` (the log's file operations;
 //! `disk/faulty.rs` fails on purpose, for tests), `index.rs` (due queues per
@@ -54,6 +55,7 @@
 //! - Settling writes are not fsync'd one by one: losing one to a crash means
 //!   a duplicate delivery, never a loss.
 
+mod api;
 mod cache;
 mod commit;
 mod dead;
@@ -77,6 +79,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+pub use self::api::Store;
 use self::cache::RecordCache;
 use self::commit::GroupCommit;
 pub use self::error::{EngineError, StoreError};
@@ -91,7 +94,7 @@ pub use self::format::{DecodeError, Draft, MessageRecord, MAX_DESTINATIONS};
 /// headers and framing, must stay within a log frame (1 GiB).
 pub const MAX_BODY: u64 = 512 << 20;
 
-/// Options for [`Store::open`].
+/// Options for [`Store::open_async`].
 #[derive(Debug, Clone, Default)]
 pub struct StoreOptions {
     /// Refuse new messages once stored message bytes reach this.
@@ -225,9 +228,10 @@ struct Msg {
 // One per pending message: memory under a backlog is mostly these.
 const _: () = assert!(std::mem::size_of::<Msg>() <= 48);
 
-/// Cheap to clone; all clones share one database, one log and one flusher.
+/// The local backend: a segment log for records, sled for delivery state.
+/// Cheap to clone; all clones share one database, one log and its flushers.
 #[derive(Clone)]
-pub struct Store {
+struct Local {
     inner: Arc<Inner>,
 }
 
@@ -325,11 +329,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-impl Store {
-    pub fn path(&self) -> &Path {
-        &self.inner.path
-    }
-
+impl Local {
     /// The external form of a message id (the `webhook-id` header): unique
     /// across stores thanks to the store's random uid.
     pub fn external_id(&self, id: u64) -> String {
@@ -356,6 +356,7 @@ impl Store {
 
     /// Queues a message for `destinations`, pending for each and due now.
     /// Not durable until [`Store::sync`] returns.
+    #[cfg(test)]
     pub fn append(&self, msg: &MessageRecord, destinations: &[Arc<str>]) -> Result<u64, StoreError> {
         let mut draft = Draft::new(msg.received_ms, &msg.route, &msg.peer, &msg.headers, destinations, msg.body.len());
         draft.extend(&msg.body);

@@ -2,21 +2,21 @@
 //! two flusher threads (started here, their flushes are in `flush.rs`),
 //! the idle ticker (a flush backstop every 500 ms, sparse-segment checks)
 //! and the reclaimer (deleting emptied segments). Opening runs recovery
-//! (`recover.rs`) and is blocking: [`Store::open_async`] runs it on the
+//! (`recover.rs`) and is blocking: `open_async` runs it on the
 //! blocking pool.
 
 use super::*;
 
-impl Store {
-    /// [`Store::open`] on the blocking pool: recovery reads the whole log
+impl Local {
+    /// `Local::open` on the blocking pool: recovery reads the whole log
     /// and sled, which must not hold a runtime thread.
     pub async fn open_async(
         path: &Path,
         opts: StoreOptions,
         on_flush: impl Fn(Duration, bool) + Send + Sync + 'static,
-    ) -> Result<Store, StoreError> {
+    ) -> Result<Local, StoreError> {
         let path = path.to_path_buf();
-        blocking(move || Store::open(&path, opts, on_flush)).await
+        blocking(move || Local::open(&path, opts, on_flush)).await
     }
 
     /// Opens (or creates) the store at `path`. Must run inside a tokio runtime:
@@ -25,7 +25,7 @@ impl Store {
         path: &Path,
         opts: StoreOptions,
         on_flush: impl Fn(Duration, bool) + Send + Sync + 'static,
-    ) -> Result<Store, StoreError> {
+    ) -> Result<Local, StoreError> {
         let store_lock = lock_dir(path)?;
         let db = open_sled(path, opts.cache_bytes)?;
         let meta = db.open_tree("meta")?;
@@ -96,7 +96,7 @@ impl Store {
             }
         }
         inner.reclaim.notify_one();
-        Ok(Store { inner })
+        Ok(Local { inner })
     }
 
     /// Pokes the flusher when settling writes wait for a flush and no
@@ -121,7 +121,7 @@ impl Store {
             }
             if last_evacuation.elapsed() >= evacuate_every {
                 last_evacuation = tokio::time::Instant::now();
-                let store = Store { inner };
+                let store = Local { inner };
                 match tokio::task::spawn_blocking(move || store.evacuate_sparse()).await {
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => tracing::warn!(error = %e, "could not move messages out of sparse segments"),

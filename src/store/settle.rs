@@ -7,7 +7,7 @@
 
 use super::*;
 
-impl Store {
+impl Local {
     /// The message `id`, if it is still stored.
     /// The message of `lease`. From the record cache when it is there (most
     /// deliveries); otherwise read from disk on the blocking pool, never on

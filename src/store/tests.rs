@@ -11,14 +11,14 @@ fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
 }
 
-fn open(path: &Path) -> Store {
-    Store::open(path, StoreOptions::default(), |_, _| {}).expect("open store")
+fn open(path: &Path) -> Local {
+    Local::open(path, StoreOptions::default(), |_, _| {}).expect("open store")
 }
 
 /// Segments of about two messages, so that rolling and deleting them is
 /// part of every longer operation sequence.
-fn open_small(path: &Path) -> Store {
-    Store::open(path, StoreOptions { segment_bytes: Some(700), ..StoreOptions::default() }, |_, _| {})
+fn open_small(path: &Path) -> Local {
+    Local::open(path, StoreOptions { segment_bytes: Some(700), ..StoreOptions::default() }, |_, _| {})
         .expect("open store")
 }
 
@@ -45,7 +45,7 @@ fn dests(names: &[&str]) -> Vec<Arc<str>> {
     names.iter().map(|n| Arc::from(*n)).collect()
 }
 
-fn all_due(store: &Store, dest: &str) -> Vec<Lease> {
+fn all_due(store: &Local, dest: &str) -> Vec<Lease> {
     store.due(dest, u64::MAX, usize::MAX, &HashSet::new()).leases
 }
 
@@ -91,13 +91,13 @@ fn a_damaged_log_tail_after_a_clean_close_is_refused() {
         let n = data.len();
         data[n - 1] ^= 0xff;
         std::fs::write(&last, &data).expect("write");
-        let err = Store::open(dir.path(), StoreOptions::default(), |_, _| {}).err().expect("refused");
+        let err = Local::open(dir.path(), StoreOptions::default(), |_, _| {}).err().expect("refused");
         assert!(err.to_string().contains("checksum mismatch"), "{err}");
         assert_eq!(std::fs::read(&last).expect("untouched"), data, "data left untouched");
 
         // The operator's way out: cut the damaged segment there.
         let store =
-            Store::open(dir.path(), StoreOptions { cut_damaged_log: true, ..StoreOptions::default() }, |_, _| {})
+            Local::open(dir.path(), StoreOptions { cut_damaged_log: true, ..StoreOptions::default() }, |_, _| {})
                 .expect("opens when cutting");
         assert_eq!(store.stats("a").depth, 2, "the messages before the damage are kept");
         store.close().await.expect("close");
@@ -109,7 +109,7 @@ fn a_damaged_log_tail_after_a_clean_close_is_refused() {
 /// Appends 8 messages (201-byte bodies) for `names` to a store with 700-byte
 /// segments and delivers all of them except the first one's delivery to
 /// `names[0]`, so that message alone pins a sealed segment. Returns the ids.
-async fn pin_one_segment(store: &Store, names: &[&str]) -> Vec<u64> {
+async fn pin_one_segment(store: &Local, names: &[&str]) -> Vec<u64> {
     let ids: Vec<u64> =
         (0..8).map(|i| store.append(&msg(&format!("m{i:0>200}")), &dests(names)).expect("append")).collect();
     store.sync().await.expect("sync");
@@ -166,7 +166,7 @@ fn the_ticker_evacuates_sparse_segments() {
             evacuate_every: Some(Duration::from_millis(1)),
             ..StoreOptions::default()
         };
-        let store = Store::open(dir.path(), opts, |_, _| {}).expect("open");
+        let store = Local::open(dir.path(), opts, |_, _| {}).expect("open");
         let ids = pin_one_segment(&store, &["a"]).await;
         // Nothing to await: the ticker and the reclaimer are the store's own
         // tasks and signal nothing. So poll the condition itself, bounded
@@ -217,7 +217,7 @@ fn different_format_version_is_refused_and_data_kept() {
             store.inner.meta.insert("format", &99u32.to_be_bytes()).expect("poke version");
             store.close().await.expect("close");
         }
-        let err = Store::open(dir.path(), StoreOptions::default(), |_, _| {}).err().expect("refused");
+        let err = Local::open(dir.path(), StoreOptions::default(), |_, _| {}).err().expect("refused");
         let text = err.to_string();
         assert!(text.contains("format version 99"), "{text}");
         assert!(text.contains("untouched"), "{text}");
@@ -241,13 +241,13 @@ fn unmarked_or_corrupt_store_is_refused_without_wiping() {
             db.open_tree("messages").expect("tree").insert(b"12345678", b"something").expect("insert");
             db.flush().expect("flush");
         }
-        let err = Store::open(dir.path(), StoreOptions::default(), |_, _| {}).err().expect("refused");
+        let err = Local::open(dir.path(), StoreOptions::default(), |_, _| {}).err().expect("refused");
         assert!(matches!(err, StoreError::Unmarked { .. }), "{err}");
 
         let corrupt = tempfile::tempdir().expect("tempdir");
         std::fs::write(corrupt.path().join("conf"), b"\xff\xfe not a sled config").expect("write");
         std::fs::write(corrupt.path().join("db"), vec![0xa5u8; 4096]).expect("write");
-        let err = Store::open(corrupt.path(), StoreOptions::default(), |_, _| {}).err().expect("refused");
+        let err = Local::open(corrupt.path(), StoreOptions::default(), |_, _| {}).err().expect("refused");
         assert!(err.to_string().contains(&corrupt.path().display().to_string()), "{err}");
         assert_eq!(std::fs::read(corrupt.path().join("db")).expect("still there"), vec![0xa5u8; 4096]);
     });
@@ -310,7 +310,7 @@ fn max_bytes_refuses_then_accepts_after_deletion() {
         let dir = tempfile::tempdir().expect("tempdir");
         let one = msg(&"x".repeat(100)).encode_for(&["a"]).len() as u64;
         let store =
-            Store::open(dir.path(), StoreOptions { max_bytes: Some(one * 2), ..StoreOptions::default() }, |_, _| {})
+            Local::open(dir.path(), StoreOptions { max_bytes: Some(one * 2), ..StoreOptions::default() }, |_, _| {})
                 .expect("open");
         store.append(&msg(&"x".repeat(100)), &dests(&["a"])).expect("first");
         store.append(&msg(&"x".repeat(100)), &dests(&["a"])).expect("second");
@@ -339,7 +339,7 @@ fn concurrent_syncs_share_flushes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let flushes = Arc::new(AtomicU64::new(0));
         let f2 = flushes.clone();
-        let store = Store::open(dir.path(), StoreOptions::default(), move |_, _| {
+        let store = Local::open(dir.path(), StoreOptions::default(), move |_, _| {
             f2.fetch_add(1, Ordering::SeqCst);
         })
         .expect("open");
@@ -414,7 +414,7 @@ impl Model {
     }
 }
 
-async fn check(store: &Store, model: &Model) -> Result<(), TestCaseError> {
+async fn check(store: &Local, model: &Model) -> Result<(), TestCaseError> {
     for d in DESTS {
         let leases = all_due(store, d);
         let ids: BTreeMap<u64, u32> = leases.iter().map(|l| (l.id, l.record.attempts)).collect();
