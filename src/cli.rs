@@ -1,4 +1,4 @@
-//! Command-line interface: `switchboard run`, `check` and `repair`.
+//! Command-line interface: `switchboard run`, `check`, `repair` and `keygen`.
 
 use std::path::PathBuf;
 
@@ -42,6 +42,15 @@ pub enum Command {
         /// Configuration file (TOML); `SWITCHBOARD_*` variables override it.
         #[arg(short, long, env = "SWITCHBOARD_CONFIG", value_name = "PATH")]
         config: PathBuf,
+    },
+    /// Print a new Standard Webhooks signing key for
+    /// `[destinations.NAME.signing] secrets`: a `whsec_` secret (HMAC, v1;
+    /// the receiver needs the same secret), or with `--ed25519` a `whsk_`
+    /// key for the relay and the `whpk_` public key for the receiver (v1a).
+    Keygen {
+        /// An Ed25519 key pair instead of an HMAC secret.
+        #[arg(long)]
+        ed25519: bool,
     },
 }
 

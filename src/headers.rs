@@ -61,6 +61,12 @@ pub fn forwarded(name: &HeaderName, withheld: &[HeaderName]) -> bool {
     !is_hop_by_hop(name) && !withheld.contains(name)
 }
 
+/// The Standard Webhooks headers (`webhook-id`, `-timestamp`, `-signature`):
+/// a destination that signs gets ours instead of the sender's.
+pub fn is_standard_webhooks(name: &HeaderName) -> bool {
+    matches!(name.as_str(), "webhook-id" | "webhook-timestamp" | "webhook-signature")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -38,6 +38,16 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
+        Command::Keygen { ed25519: false } => {
+            println!("{}", switchboard::delivery::signing::new_hmac_secret());
+            ExitCode::SUCCESS
+        }
+        Command::Keygen { ed25519: true } => {
+            let (secret, public) = switchboard::delivery::signing::new_ed25519_pair();
+            println!("# for the relay ([destinations.NAME.signing] secrets):\n{secret}");
+            println!("# for the receiver (verifies v1a signatures):\n{public}");
+            ExitCode::SUCCESS
+        }
         Command::Repair { config } => {
             let config = match Config::load(&config) {
                 Ok(c) => c,

@@ -363,6 +363,18 @@ pub struct RawDestination {
     pub ca_file: Option<PathBuf>,
     #[serde(default)]
     pub retry: RawRetry,
+    /// Standard Webhooks signing of every request to this destination.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing: Option<RawSigning>,
+}
+
+/// `[destinations.NAME.signing]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSigning {
+    /// `whsec_...` (HMAC-SHA256, `v1`) or `whsk_...` (Ed25519, `v1a`), inline,
+    /// `env:NAME` or `file:/path`; each signs every request (rotation).
+    pub secrets: Vec<SecretString>,
 }
 
 fn default_timeout() -> Duration {

@@ -338,10 +338,25 @@ fn validate_destination(p: &mut Problems, key: &str, name: &str, d: &RawDestinat
             Err(e) => p.add(format!("{key}.ca_file"), format!("cannot read {}: {e}", ca.display())),
         }
     }
+    let signing = d.signing.as_ref().and_then(|sg| {
+        let k = format!("{key}.signing.secrets");
+        let secrets = resolve_all(p, &k, &sg.secrets);
+        if secrets.len() != sg.secrets.len() {
+            return None;
+        }
+        match crate::delivery::signing::Signer::new(secrets.iter().map(Secret::expose)) {
+            Ok(s) => Some(Arc::new(s)),
+            Err((i, why)) => {
+                p.add(format!("{k}[{i}]"), why);
+                None
+            }
+        }
+    });
     if p.0.len() != before {
         return None;
     }
     Some(Destination {
+        signing,
         name: Arc::from(name),
         url: uri?,
         basic_auth,

@@ -19,7 +19,10 @@
 //! without its credentials unless `forward_sender_credentials`), plus:
 //! - `webhook-id` and `x-switchboard-id`: the message id, identical across
 //!   retries and destinations (`webhook-id` is left as the sender's if the
-//!   sender set one, so upstream Standard Webhooks signatures still verify);
+//!   sender set one, so upstream Standard Webhooks signatures still verify,
+//!   except for a destination that signs: it gets our `webhook-id`,
+//!   `webhook-timestamp` and `webhook-signature`, see `signing.rs`, and
+//!   none of the sender's);
 //! - `x-switchboard-attempt`: 1 for the first attempt, counting up;
 //! - `x-forwarded-for`: the sender's chain plus the address we saw.
 
@@ -43,6 +46,7 @@ use crate::store::{now_ms, Lease, Settle, Store};
 use crate::wake::Wakers;
 
 pub mod retry;
+pub mod signing;
 
 /// One destination (`[destinations.NAME]`, validated).
 #[derive(Debug, Clone)]
@@ -61,6 +65,8 @@ pub struct Destination {
     /// Extra trusted CA certificates, already loaded.
     pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
     pub retry: retry::RetryPolicy,
+    /// Standard Webhooks signing, if configured.
+    pub signing: Option<Arc<signing::Signer>>,
 }
 
 type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -285,7 +291,9 @@ impl Worker {
         id: u64,
         attempt: u32,
     ) -> Result<http::Request<Full<Bytes>>, http::Error> {
-        let mut req = http::Request::post(self.dest.url.clone()).body(Full::new(self.body_for(msg)))?;
+        let body = self.body_for(msg);
+        let signer = self.dest.signing.as_deref();
+        let mut req = http::Request::post(self.dest.url.clone()).body(Full::new(body.clone()))?;
         let headers = req.headers_mut();
         let mut forwarded_for: Option<Vec<u8>> = None;
         let withheld: &[HeaderName] = self.withheld.get(&msg.route).map(Vec::as_slice).unwrap_or_default();
@@ -296,6 +304,11 @@ impl Worker {
                 continue;
             };
             if !crate::headers::forwarded(&name, withheld) {
+                continue;
+            }
+            // A signing destination gets our id, timestamp and signature,
+            // never the sender's (they would not match what we sign).
+            if signer.is_some() && crate::headers::is_standard_webhooks(&name) {
                 continue;
             }
             if name == "x-forwarded-for" {
@@ -320,9 +333,15 @@ impl Worker {
                 headers.insert("x-forwarded-for", v);
             }
         }
-        let ext = HeaderValue::from_str(&self.store.external_id(id))?;
+        let ext_id = self.store.external_id(id);
+        let ext = HeaderValue::from_str(&ext_id)?;
         if !headers.contains_key("webhook-id") {
             headers.insert("webhook-id", ext.clone());
+        }
+        if let Some(signer) = signer {
+            let now = SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            headers.insert("webhook-timestamp", HeaderValue::from(now));
+            headers.insert("webhook-signature", HeaderValue::from_str(&signer.sign(&ext_id, now, &body))?);
         }
         headers.insert("x-switchboard-id", ext);
         headers.insert("x-switchboard-attempt", HeaderValue::from(attempt));

@@ -8,5 +8,6 @@ mod hostile;
 mod promises;
 mod relay;
 mod security;
+mod signing;
 mod support;
 mod tls;
