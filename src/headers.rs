@@ -9,11 +9,59 @@
 //!   timestamp headers: `Auth::credential_headers` in `ingress/auth.rs`) are
 //!   stored only when a destination of the route sets
 //!   `forward_sender_credentials`, and forwarded only to those that do.
-//! - Everything else the sender sent is stored and forwarded as it came,
-//!   byte for byte, in order; delivery adds its own (see `delivery.rs`).
+//! - Everything else the sender sent is stored, and forwarded as it came,
+//!   byte for byte, in order, as each destination's [`Policy`] says:
+//!   `forward_headers` ("all", an allowlist or a denylist of names; the
+//!   rules above hold whatever the list says), then its `add_headers`
+//!   (static values, secrets allowed; they replace a sender's header of the
+//!   same name), then `Forwarded` (RFC 7239) when `forwarded = true`.
+//!   Delivery adds its own headers last (see `delivery/mod.rs`).
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderName};
+use http::{header, HeaderMap, HeaderName, HeaderValue};
+
+/// Which of the sender's headers a destination gets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Forward {
+    /// All of them (the default).
+    #[default]
+    All,
+    /// Only these.
+    Allow(Vec<HeaderName>),
+    /// All but these.
+    Deny(Vec<HeaderName>),
+}
+
+/// One destination's header policy (validated config).
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    pub forward: Forward,
+    /// Added to every request; values marked sensitive (never logged).
+    pub add: Vec<(HeaderName, HeaderValue)>,
+    /// Add `Forwarded: for=<sender>` (besides `X-Forwarded-For`).
+    pub forwarded: bool,
+}
+
+impl Policy {
+    /// Whether a stored sender header goes to this destination.
+    pub fn forwards(&self, name: &HeaderName) -> bool {
+        match &self.forward {
+            Forward::All => true,
+            Forward::Allow(names) => names.contains(name),
+            Forward::Deny(names) => !names.contains(name),
+        }
+    }
+}
+
+/// The `Forwarded` element for a sender address (IPv6 quoted and bracketed,
+/// RFC 7239 section 6).
+pub fn forwarded_for(peer: &str) -> String {
+    if peer.contains(':') {
+        format!("for=\"[{peer}]\"")
+    } else {
+        format!("for={peer}")
+    }
+}
 
 /// Headers that describe one connection, not the message: never stored or forwarded.
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
@@ -70,6 +118,17 @@ pub fn is_standard_webhooks(name: &HeaderName) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allow_and_deny_lists_and_the_forwarded_element() {
+        let ua = header::USER_AGENT;
+        let deny = Policy { forward: Forward::Deny(vec![ua.clone()]), ..Policy::default() };
+        assert!(!deny.forwards(&ua) && deny.forwards(&header::CONTENT_TYPE));
+        let allow = Policy { forward: Forward::Allow(vec![ua.clone()]), ..Policy::default() };
+        assert!(allow.forwards(&ua) && !allow.forwards(&header::CONTENT_TYPE));
+        assert_eq!(forwarded_for("3.87.163.45"), "for=3.87.163.45");
+        assert_eq!(forwarded_for("2001:db8::1"), "for=\"[2001:db8::1]\"");
+    }
 
     #[test]
     fn credentials_and_connection_headers_are_not_stored() {

@@ -363,9 +363,37 @@ pub struct RawDestination {
     pub ca_file: Option<PathBuf>,
     #[serde(default)]
     pub retry: RawRetry,
+    /// Which of the sender's headers this destination gets: "all" (the
+    /// default), `{ allow = [...] }` or `{ deny = [...] }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward_headers: Option<RawForwardHeaders>,
+    /// Headers added to every request (values inline, `env:` or `file:`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub add_headers: BTreeMap<String, SecretString>,
+    /// Also send `Forwarded: for=<sender>` (RFC 7239).
+    #[serde(default)]
+    pub forwarded: bool,
     /// Standard Webhooks signing of every request to this destination.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing: Option<RawSigning>,
+}
+
+/// `forward_headers`: "all", or a list.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum RawForwardHeaders {
+    All(String),
+    Lists(RawHeaderLists),
+}
+
+/// `{ allow = [...] }` or `{ deny = [...] }` (exactly one).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHeaderLists {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deny: Option<Vec<String>>,
 }
 
 /// `[destinations.NAME.signing]`.

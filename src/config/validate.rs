@@ -338,6 +338,7 @@ fn validate_destination(p: &mut Problems, key: &str, name: &str, d: &RawDestinat
             Err(e) => p.add(format!("{key}.ca_file"), format!("cannot read {}: {e}", ca.display())),
         }
     }
+    let headers = validate_header_policy(p, key, d);
     let signing = d.signing.as_ref().and_then(|sg| {
         let k = format!("{key}.signing.secrets");
         let secrets = resolve_all(p, &k, &sg.secrets);
@@ -357,6 +358,7 @@ fn validate_destination(p: &mut Problems, key: &str, name: &str, d: &RawDestinat
     }
     Some(Destination {
         signing,
+        headers,
         name: Arc::from(name),
         url: uri?,
         basic_auth,
@@ -378,6 +380,53 @@ fn validate_destination(p: &mut Problems, key: &str, name: &str, d: &RawDestinat
             retry_on: d.retry_on.clone(),
         },
     })
+}
+
+/// `forward_headers`, `add_headers` and `forwarded` of one destination.
+fn validate_header_policy(p: &mut Problems, key: &str, d: &RawDestination) -> crate::headers::Policy {
+    use crate::headers::{is_hop_by_hop, Forward, Policy};
+    let names = |p: &mut Problems, k: &str, list: &[String]| -> Vec<http::HeaderName> {
+        list.iter().enumerate().filter_map(|(i, n)| header_name(p, &format!("{k}[{i}]"), n)).collect()
+    };
+    let k = format!("{key}.forward_headers");
+    let forward = match &d.forward_headers {
+        None => Forward::All,
+        Some(RawForwardHeaders::All(mode)) if mode == "all" => Forward::All,
+        Some(RawForwardHeaders::All(mode)) => {
+            p.add(
+                &k,
+                format!("{mode:?} is not a header policy (use \"all\", {{ allow = [...] }} or {{ deny = [...] }})"),
+            );
+            Forward::All
+        }
+        Some(RawForwardHeaders::Lists(l)) => match (&l.allow, &l.deny) {
+            (Some(a), None) => Forward::Allow(names(p, &format!("{k}.allow"), a)),
+            (None, Some(d)) => Forward::Deny(names(p, &format!("{k}.deny"), d)),
+            _ => {
+                p.add(&k, "set exactly one of allow or deny");
+                Forward::All
+            }
+        },
+    };
+    let mut add = Vec::new();
+    for (name, raw) in &d.add_headers {
+        let k = format!("{key}.add_headers.{name}");
+        let Some(n) = header_name(p, &k, name) else { continue };
+        if is_hop_by_hop(&n) {
+            p.add(&k, format!("{name} describes the connection, not the message: it cannot be added"));
+            continue;
+        }
+        let Some(value) = resolve(p, &k, raw) else { continue };
+        match http::HeaderValue::from_str(value.expose()) {
+            Ok(mut v) => {
+                v.set_sensitive(true);
+                add.push((n, v));
+            }
+            // The value may be a secret: the message does not repeat it.
+            Err(_) => p.add(&k, "not a valid header value (control characters or non-ASCII bytes)"),
+        }
+    }
+    Policy { forward, add, forwarded: d.forwarded }
 }
 
 fn resolve(p: &mut Problems, key: &str, raw: &SecretString) -> Option<Secret> {

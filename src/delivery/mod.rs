@@ -67,6 +67,8 @@ pub struct Destination {
     pub retry: retry::RetryPolicy,
     /// Standard Webhooks signing, if configured.
     pub signing: Option<Arc<signing::Signer>>,
+    /// Which sender headers go, which are added (`headers.rs`).
+    pub headers: crate::headers::Policy,
 }
 
 type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -303,7 +305,7 @@ impl Worker {
             else {
                 continue;
             };
-            if !crate::headers::forwarded(&name, withheld) {
+            if !crate::headers::forwarded(&name, withheld) || !self.dest.headers.forwards(&name) {
                 continue;
             }
             // A signing destination gets our id, timestamp and signature,
@@ -332,6 +334,18 @@ impl Worker {
             if let Ok(v) = HeaderValue::from_bytes(&chain) {
                 headers.insert("x-forwarded-for", v);
             }
+        }
+        let policy = &self.dest.headers;
+        if policy.forwarded && !msg.peer.is_empty() {
+            let mine = crate::headers::forwarded_for(&msg.peer);
+            let value = match headers.get(http::header::FORWARDED).and_then(|v| v.to_str().ok()) {
+                Some(theirs) => format!("{theirs}, {mine}"),
+                None => mine,
+            };
+            headers.insert(http::header::FORWARDED, HeaderValue::from_str(&value)?);
+        }
+        for (name, value) in &policy.add {
+            headers.insert(name.clone(), value.clone());
         }
         let ext_id = self.store.external_id(id);
         let ext = HeaderValue::from_str(&ext_id)?;

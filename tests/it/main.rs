@@ -5,6 +5,7 @@ mod config;
 mod deploy;
 mod exposure;
 mod hostile;
+mod policy;
 mod promises;
 mod relay;
 mod security;
