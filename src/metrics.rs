@@ -36,6 +36,7 @@ pub struct Metrics {
     pub ingress_buffered_bytes: IntGauge,
     pub ingress_buffer_waits: IntCounterVec,
     pub strip_skipped: IntCounterVec,
+    pub filter_unparsable: IntCounterVec,
     pub tls_expiry: GaugeVec,
     pub tls_reloads: IntCounterVec,
     pub deliveries: IntCounterVec,
@@ -149,6 +150,12 @@ impl Metrics {
                 "Requests that waited for room under ingress.max_buffered_bytes, by route and result (admitted, refused)",
                 &["route", "result"],
             ),
+            filter_unparsable: counter_vec(
+                &r,
+                "switchboard_filter_unparsable_total",
+                "Callbacks whose body a destination filter had to read but that were not JSON (no body condition matched), by route",
+                &["route"],
+            ),
             strip_skipped: counter_vec(
                 &r,
                 "switchboard_strip_skipped_total",
@@ -170,7 +177,7 @@ impl Metrics {
             deliveries: counter_vec(
                 &r,
                 "switchboard_deliveries_total",
-                "Settled delivery attempts by destination and outcome (delivered, retried, dead_lettered)",
+                "Settled delivery attempts by destination and outcome (delivered, retried, dead_lettered; filtered: not queued, its filter did not match)",
                 &["destination", "outcome"],
             ),
             delivery_attempts: counter_vec(

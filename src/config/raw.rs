@@ -363,6 +363,9 @@ pub struct RawDestination {
     pub ca_file: Option<PathBuf>,
     #[serde(default)]
     pub retry: RawRetry,
+    /// Only callbacks that match are queued for this destination.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<RawFilter>,
     /// Which of the sender's headers this destination gets: "all" (the
     /// default), `{ allow = [...] }` or `{ deny = [...] }`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -376,6 +379,36 @@ pub struct RawDestination {
     /// Standard Webhooks signing of every request to this destination.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing: Option<RawSigning>,
+}
+
+/// A destination's `filter`: a condition (`path` or `header`, and one of
+/// `equals`, `in`, `exists`, `prefix`), or `all`/`any`/`not` of filters.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFilter {
+    /// A JSON body field by dotted path with array indexes: `deviceIds[0].kind`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// A request header (by name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub equals: Option<serde_json::Value>,
+    #[serde(default, rename = "in", skip_serializing_if = "Option::is_none")]
+    pub in_: Option<Vec<serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exists: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// Compare strings ignoring ASCII case.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub case_insensitive: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub all: Option<Vec<RawFilter>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub any: Option<Vec<RawFilter>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not: Option<Box<RawFilter>>,
 }
 
 /// `forward_headers`: "all", or a list.

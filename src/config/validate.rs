@@ -48,7 +48,7 @@ impl RawConfig {
             p.add("log.level", format!("invalid log filter {:?}", self.log.level));
         }
         let destinations = self.validate_destinations(&mut p);
-        let routes = self.validate_routes(&mut p);
+        let routes = self.validate_routes(&mut p, &destinations);
         if !p.0.is_empty() {
             return Err(ConfigError { file: file.to_path_buf(), problems: p.0 });
         }
@@ -162,7 +162,7 @@ impl RawConfig {
         destinations
     }
 
-    fn validate_routes(&self, p: &mut Problems) -> Vec<Route> {
+    fn validate_routes(&self, p: &mut Problems, dests: &[Arc<Destination>]) -> Vec<Route> {
         let known: HashSet<&str> = self.destinations.keys().map(String::as_str).collect();
         let mut paths = HashSet::new();
         if self.routes.is_empty() {
@@ -173,12 +173,19 @@ impl RawConfig {
             if !paths.insert(r.path.as_str()) {
                 p.add(format!("routes[{i}].path"), format!("duplicate route path {:?}", r.path));
             }
-            routes.push(self.validate_route(p, i, r, &known));
+            routes.push(self.validate_route(p, i, r, &known, dests));
         }
         routes
     }
 
-    fn validate_route(&self, p: &mut Problems, i: usize, r: &RawRoute, known: &HashSet<&str>) -> Route {
+    fn validate_route(
+        &self,
+        p: &mut Problems,
+        i: usize,
+        r: &RawRoute,
+        known: &HashSet<&str>,
+        dests: &[Arc<Destination>],
+    ) -> Route {
         let key = format!("routes[{i}]");
         if !r.path.starts_with('/') {
             p.add(format!("{key}.path"), format!("route path {:?} must start with '/'", r.path));
@@ -236,6 +243,11 @@ impl RawConfig {
             allow_ips: r.allow_ips.clone(),
             auth,
             dedupe_window: r.dedupe_window.filter(|d| !d.is_zero()),
+            filters: r
+                .destinations
+                .iter()
+                .map(|d| dests.iter().find(|x| &*x.name == d.as_str()).and_then(|x| x.filter.clone()))
+                .collect(),
         }
     }
 
@@ -339,6 +351,7 @@ fn validate_destination(p: &mut Problems, key: &str, name: &str, d: &RawDestinat
         }
     }
     let headers = validate_header_policy(p, key, d);
+    let filter = d.filter.as_ref().and_then(|f| validate_filter(p, &format!("{key}.filter"), f)).map(Arc::new);
     let signing = d.signing.as_ref().and_then(|sg| {
         let k = format!("{key}.signing.secrets");
         let secrets = resolve_all(p, &k, &sg.secrets);
@@ -359,6 +372,7 @@ fn validate_destination(p: &mut Problems, key: &str, name: &str, d: &RawDestinat
     Some(Destination {
         signing,
         headers,
+        filter,
         name: Arc::from(name),
         url: uri?,
         basic_auth,
@@ -380,6 +394,64 @@ fn validate_destination(p: &mut Problems, key: &str, name: &str, d: &RawDestinat
             retry_on: d.retry_on.clone(),
         },
     })
+}
+
+/// A destination's filter; `None` (with problems recorded) if it cannot be
+/// evaluated.
+fn validate_filter(p: &mut Problems, key: &str, f: &RawFilter) -> Option<crate::ingress::filter::Filter> {
+    use crate::ingress::filter::{parse_path, Filter, Target, Test};
+    let combos = [f.all.is_some(), f.any.is_some(), f.not.is_some()];
+    let tests = [f.equals.is_some(), f.in_.is_some(), f.exists.is_some(), f.prefix.is_some()];
+    let targets = [f.path.is_some(), f.header.is_some()];
+    let n = |xs: &[bool]| xs.iter().filter(|x| **x).count();
+    if n(&combos) > 0 {
+        if n(&combos) > 1 || n(&tests) > 0 || n(&targets) > 0 || f.case_insensitive {
+            p.add(key, "a filter is either one of all/any/not, or one condition (path or header with a test)");
+            return None;
+        }
+        let list = |p: &mut Problems, k: &str, fs: &[RawFilter]| -> Option<Vec<Filter>> {
+            if fs.is_empty() {
+                p.add(k, "an empty list never decides anything");
+                return None;
+            }
+            let out: Vec<Option<Filter>> =
+                fs.iter().enumerate().map(|(i, f)| validate_filter(p, &format!("{k}[{i}]"), f)).collect();
+            out.into_iter().collect()
+        };
+        return match (&f.all, &f.any, &f.not) {
+            (Some(fs), _, _) => list(p, &format!("{key}.all"), fs).map(Filter::All),
+            (_, Some(fs), _) => list(p, &format!("{key}.any"), fs).map(Filter::Any),
+            (_, _, Some(f)) => validate_filter(p, &format!("{key}.not"), f).map(|f| Filter::Not(Box::new(f))),
+            _ => None,
+        };
+    }
+    if n(&targets) != 1 || n(&tests) != 1 {
+        p.add(key, "a condition needs exactly one of path or header, and exactly one of equals, in, exists, prefix");
+        return None;
+    }
+    let target = match (&f.path, &f.header) {
+        (Some(path), _) => match parse_path(path) {
+            Ok(steps) => Target::Body(steps),
+            Err(e) => {
+                p.add(format!("{key}.path"), e);
+                return None;
+            }
+        },
+        (_, Some(h)) => Target::Header(header_name(p, &format!("{key}.header"), h)?),
+        _ => return None,
+    };
+    let test = match (&f.equals, &f.in_, f.exists, &f.prefix) {
+        (Some(v), ..) => Test::Equals(v.clone()),
+        (_, Some(vs), ..) if vs.is_empty() => {
+            p.add(format!("{key}.in"), "an empty list never matches");
+            return None;
+        }
+        (_, Some(vs), ..) => Test::In(vs.clone()),
+        (_, _, Some(e), _) => Test::Exists(e),
+        (_, _, _, Some(pre)) => Test::Prefix(pre.clone()),
+        _ => return None,
+    };
+    Some(Filter::Cond { target, test, case_insensitive: f.case_insensitive })
 }
 
 /// `forward_headers`, `add_headers` and `forwarded` of one destination.

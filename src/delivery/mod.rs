@@ -69,6 +69,9 @@ pub struct Destination {
     pub signing: Option<Arc<signing::Signer>>,
     /// Which sender headers go, which are added (`headers.rs`).
     pub headers: crate::headers::Policy,
+    /// Only callbacks that match are queued for this destination (applied
+    /// by ingress; see `ingress/filter.rs`).
+    pub filter: Option<Arc<crate::ingress::filter::Filter>>,
 }
 
 type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;

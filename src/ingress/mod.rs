@@ -52,6 +52,7 @@ use crate::server::allowed;
 
 pub mod auth;
 pub mod dedupe;
+pub mod filter;
 use crate::metrics::Metrics;
 use crate::store::{now_ms, Draft, Store};
 use crate::wake::Wakers;
@@ -83,6 +84,8 @@ pub struct Route {
     /// so they are stored with the message.
     pub store_credentials: bool,
     pub dedupe_window: Option<Duration>,
+    /// Per destination (same order as `destinations`), its filter if any.
+    pub filters: Vec<Option<Arc<filter::Filter>>>,
 }
 
 /// Everything a request handler needs, shared by all connections.
@@ -238,13 +241,22 @@ impl Ingress {
                 return json_response(StatusCode::OK, serde_json::json!({ "id": id, "duplicate": true }));
             }
         }
+        let mut draft = draft;
+        let targets = self.targets(route, &parts.headers, draft.body());
+        if targets.is_empty() {
+            // Accepted (the sender must not resend it), needed by nobody.
+            return json_response(StatusCode::OK, serde_json::json!({ "id": null, "filtered": true }));
+        }
+        if targets.len() != route.destinations.len() {
+            draft.retain_destinations(&targets);
+        }
         let started = Instant::now();
-        let id = match self.store.append_draft(draft, &route.destinations) {
+        let id = match self.store.append_draft(draft, &targets) {
             Ok(id) => id,
             Err(e) => return self.unavailable(&e),
         };
         // Schedulers may start on it now; it is acknowledged only once durable.
-        for d in &route.destinations {
+        for d in targets.iter() {
             self.wakers.wake(d);
         }
         if let Err(e) = self.store.sync().await {
@@ -259,6 +271,42 @@ impl Ingress {
         let mut resp = Response::new(Full::new(Bytes::from(format!("{{\"id\":\"{id}\"}}"))));
         resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         resp
+    }
+
+    /// The destinations this callback is queued for: those whose filter it
+    /// matches (all of the route's when none filters). The body is parsed
+    /// at most once, and only if some filter looks at it.
+    fn targets<'r>(
+        &self,
+        route: &'r Route,
+        headers: &http::HeaderMap,
+        body: &[u8],
+    ) -> std::borrow::Cow<'r, [Arc<str>]> {
+        if route.filters.iter().all(Option::is_none) {
+            return std::borrow::Cow::Borrowed(&route.destinations);
+        }
+        let parsed = route
+            .filters
+            .iter()
+            .flatten()
+            .any(|f| f.reads_body())
+            .then(|| serde_json::from_slice::<serde_json::Value>(body).ok())
+            .and_then(|v| {
+                if v.is_none() {
+                    self.metrics.filter_unparsable.with_label_values(&[&route.path]).inc();
+                }
+                v
+            });
+        let subject = filter::Subject { headers, body: parsed.as_ref() };
+        let mut kept = Vec::with_capacity(route.destinations.len());
+        for (d, f) in route.destinations.iter().zip(&route.filters) {
+            if f.as_ref().is_none_or(|f| f.matches(&subject)) {
+                kept.push(d.clone());
+            } else {
+                self.metrics.deliveries.with_label_values(&[d, "filtered"]).inc();
+            }
+        }
+        std::borrow::Cow::Owned(kept)
     }
 
     /// Reads the body into `draft` within `body_read_timeout`, holding its

@@ -127,6 +127,18 @@ impl MessageRecord {
     }
 }
 
+/// The destination list of a record: a count byte, then each name with its
+/// length byte.
+fn put_destinations<D: AsRef<str>>(out: &mut Vec<u8>, destinations: &[D]) {
+    let count = destinations.len().min(MAX_DESTINATIONS);
+    out.push(count as u8);
+    for d in destinations.iter().take(count) {
+        let d = &d.as_ref().as_bytes()[..d.as_ref().len().min(255)];
+        out.push(d.len() as u8);
+        out.extend_from_slice(d);
+    }
+}
+
 /// Most destinations a route may list: the record stores their count in a byte.
 pub const MAX_DESTINATIONS: usize = 255;
 
@@ -137,6 +149,8 @@ pub struct Draft {
     buf: Vec<u8>,
     body_start: usize,
     received_ms: u64,
+    /// Where the destination list is (its count byte, and the end).
+    dests: std::ops::Range<usize>,
 }
 
 impl Draft {
@@ -161,13 +175,9 @@ impl Draft {
         let peer = &peer.as_bytes()[..peer.len().min(255)];
         out.push(peer.len() as u8);
         out.extend_from_slice(peer);
-        let count = destinations.len().min(MAX_DESTINATIONS);
-        out.push(count as u8);
-        for d in destinations.iter().take(count) {
-            let d = &d.as_ref().as_bytes()[..d.as_ref().len().min(255)];
-            out.push(d.len() as u8);
-            out.extend_from_slice(d);
-        }
+        let dests_at = out.len();
+        put_destinations(&mut out, destinations);
+        let dests = dests_at..out.len();
         let count = headers.len().min(u16::MAX as usize);
         out.extend_from_slice(&(count as u16).to_be_bytes());
         for (name, value) in headers.iter().take(count) {
@@ -176,7 +186,19 @@ impl Draft {
             out.extend_from_slice(value);
         }
         let body_start = out.len();
-        Draft { buf: out, body_start, received_ms }
+        Draft { buf: out, body_start, received_ms, dests }
+    }
+
+    /// Narrows the destinations to `kept` (a subset of those it was started
+    /// with, e.g. after filters ran on the body): the list is rewritten in
+    /// place, the rest of the record moves up.
+    pub fn retain_destinations<D: AsRef<str>>(&mut self, kept: &[D]) {
+        let mut block = Vec::new();
+        put_destinations(&mut block, kept);
+        let old = self.dests.len();
+        self.buf.splice(self.dests.clone(), block.iter().copied());
+        self.body_start = self.body_start + block.len() - old;
+        self.dests = self.dests.start..self.dests.start + block.len();
     }
 
     /// Appends the next piece of the body.
@@ -432,6 +454,22 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_draft_narrowed_to_fewer_destinations_decodes_whole() {
+        let headers = vec![("content-type".to_string(), Bytes::from_static(b"application/json"))];
+        let mut d = Draft::new(5, "/in", "10.0.0.1", &headers, &["app", "audit", "team-a"], 4);
+        d.extend(b"{\"a\"");
+        d.extend(b":1}");
+        d.retain_destinations(&["team-a"]);
+        assert_eq!(d.body(), b"{\"a\":1}");
+        let raw = d.into_record();
+        assert_eq!(record_destinations(&raw).expect("dests"), ["team-a"]);
+        let m = MessageRecord::decode(raw).expect("decode");
+        assert_eq!((m.received_ms, m.route.as_str(), m.peer.as_str()), (5, "/in", "10.0.0.1"));
+        assert_eq!(m.headers, headers);
+        assert_eq!(&m.body[..], b"{\"a\":1}");
+    }
 
     #[test]
     fn message_round_trip() {

@@ -4,6 +4,7 @@ mod binary;
 mod config;
 mod deploy;
 mod exposure;
+mod filter;
 mod hostile;
 mod policy;
 mod promises;
