@@ -191,6 +191,9 @@ async fn bench(s: Settings) -> AnyResult<()> {
         ingest_peak = relay.peak_mb();
         relay.stop();
     }
+    if s.wants("2f") {
+        filtered_ingest(&s, &fresh_dir(), &fresh_dir(), epoch).await?;
+    }
     if s.wants("3") {
         // 3. Ack latency at a fixed rate.
         let relay = Relay::start(&fresh_dir(), &[("paused", "http://127.0.0.1:1/".into(), "paused = true")]).await?;

@@ -97,10 +97,10 @@ pub(crate) fn sent_at_us(body: &[u8]) -> Option<u64> {
     rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }
 
-/// A 1 KiB JSON body shaped like a ThingSpace callback.
+/// A 1 KiB JSON body shaped like a ThingSpace callback (valid JSON: `t`
+/// without leading zeros, which JSON numbers may not have).
 pub(crate) fn body(epoch: Instant) -> Bytes {
-    let head =
-        format!("{{\"t\":{:020},\"username\":\"\",\"password\":\"\",\"requestId\":\"", epoch.elapsed().as_micros());
+    let head = format!("{{\"t\":{},\"username\":\"\",\"password\":\"\",\"requestId\":\"", epoch.elapsed().as_micros());
     let mut s = head;
     while s.len() < 1024 - 3 {
         s.push('x');
