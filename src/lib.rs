@@ -146,7 +146,7 @@ pub async fn run_with_reload(
         tracker: TaskTracker::new(),
         shutdown,
     };
-    relay.start_workers()?;
+    relay.start_workers(&certs.destinations)?;
     certs.export(&relay.metrics);
     relay.start_ingress(listeners.ingress, certs.ingress);
     if !certs.all.is_empty() {
@@ -168,7 +168,10 @@ struct Certificates {
     /// Per ingress listener, in order.
     ingress: Vec<Option<server::tls::CertStore>>,
     admin: Option<server::tls::CertStore>,
-    /// Every one with the name it is reported under (address or "admin").
+    /// Per destination with a client certificate.
+    destinations: HashMap<String, server::tls::CertStore>,
+    /// Every one with the name it is reported under (listener address,
+    /// "admin", or "destination/NAME").
     all: Vec<(String, server::tls::CertStore)>,
 }
 
@@ -196,7 +199,16 @@ impl Certificates {
             }
             None => None,
         };
-        Ok(Certificates { ingress, admin, all })
+        let mut destinations = HashMap::new();
+        for d in &config.destinations {
+            if let Some(files) = &d.client_cert {
+                let store = server::tls::CertStore::open(files.clone())
+                    .with_context(|| format!("client certificate of destination {}", d.name))?;
+                all.push((format!("destination/{}", d.name), store.clone()));
+                destinations.insert(d.name.to_string(), store);
+            }
+        }
+        Ok(Certificates { ingress, admin, destinations, all })
     }
 
     fn export(&self, metrics: &Metrics) {
@@ -240,14 +252,21 @@ struct Parts<'a> {
 
 impl Parts<'_> {
     /// One worker per destination.
-    fn start_workers(&self) -> anyhow::Result<()> {
+    fn start_workers(&self, client_certs: &HashMap<String, server::tls::CertStore>) -> anyhow::Result<()> {
         let config = self.config;
         let credentials: Arc<HashMap<String, Vec<http::HeaderName>>> =
             Arc::new(config.routes.iter().map(|r| (r.path.clone(), r.credential_headers.clone())).collect());
         for dest in &config.destinations {
-            let worker =
-                Worker::new(dest.clone(), credentials.clone(), self.store.clone(), self.metrics.clone(), &self.wakers)
-                    .with_context(|| format!("setting up destination {}", dest.name))?;
+            let cert = client_certs.get(&*dest.name).cloned();
+            let worker = Worker::new(
+                dest.clone(),
+                credentials.clone(),
+                cert,
+                self.store.clone(),
+                self.metrics.clone(),
+                &self.wakers,
+            )
+            .with_context(|| format!("setting up destination {}", dest.name))?;
             self.tracker.spawn(worker.run(self.shutdown.clone(), config.grace_period));
         }
         Ok(())

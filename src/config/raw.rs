@@ -376,6 +376,9 @@ pub struct RawDestination {
     /// Also send `Forwarded: for=<sender>` (RFC 7239).
     #[serde(default)]
     pub forwarded: bool,
+    /// Egress TLS: a client certificate (mTLS) and a minimum version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<RawDestinationTls>,
     /// Standard Webhooks signing of every request to this destination.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing: Option<RawSigning>,
@@ -427,6 +430,21 @@ pub struct RawHeaderLists {
     pub allow: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deny: Option<Vec<String>>,
+}
+
+/// `[destinations.NAME.tls]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDestinationTls {
+    /// PEM chain (leaf first) presented to the destination; with `client_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert` (PKCS#8, PKCS#1 or SEC1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key: Option<PathBuf>,
+    /// "1.2" (default) or "1.3".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_version: Option<String>,
 }
 
 /// `[destinations.NAME.signing]`.

@@ -351,6 +351,7 @@ fn validate_destination(p: &mut Problems, key: &str, name: &str, d: &RawDestinat
         }
     }
     let headers = validate_header_policy(p, key, d);
+    let (client_cert, tls13_only) = validate_destination_tls(p, &format!("{key}.tls"), d.tls.as_ref());
     let filter = d.filter.as_ref().and_then(|f| validate_filter(p, &format!("{key}.filter"), f)).map(Arc::new);
     let signing = d.signing.as_ref().and_then(|sg| {
         let k = format!("{key}.signing.secrets");
@@ -372,6 +373,8 @@ fn validate_destination(p: &mut Problems, key: &str, name: &str, d: &RawDestinat
     Some(Destination {
         signing,
         headers,
+        client_cert,
+        tls13_only,
         filter,
         name: Arc::from(name),
         url: uri?,
@@ -526,6 +529,36 @@ fn header_name(p: &mut Problems, key: &str, name: &str) -> Option<http::HeaderNa
             None
         }
     }
+}
+
+/// `[destinations.NAME.tls]`: the client certificate (loaded now, so a bad
+/// one stops start-up) and whether TLS 1.2 is refused.
+fn validate_destination_tls(
+    p: &mut Problems,
+    key: &str,
+    t: Option<&RawDestinationTls>,
+) -> (Option<crate::server::tls::TlsFiles>, bool) {
+    let Some(t) = t else { return (None, false) };
+    let tls13_only = match t.min_version.as_deref() {
+        None | Some("1.2") => false,
+        Some("1.3") => true,
+        Some(v) => {
+            p.add(
+                format!("{key}.min_version"),
+                format!("{v:?} is not a TLS version this relay speaks (\"1.2\" or \"1.3\")"),
+            );
+            false
+        }
+    };
+    let files = match (&t.client_cert, &t.client_key) {
+        (None, None) => None,
+        (Some(cert), Some(k)) => validate_tls(p, key, &RawTls { cert: cert.clone(), key: k.clone() }),
+        _ => {
+            p.add(key, "set both client_cert and client_key, or neither");
+            None
+        }
+    };
+    (files, tls13_only)
 }
 
 fn validate_tls(p: &mut Problems, key: &str, t: &RawTls) -> Option<crate::server::tls::TlsFiles> {

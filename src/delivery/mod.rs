@@ -69,6 +69,10 @@ pub struct Destination {
     pub signing: Option<Arc<signing::Signer>>,
     /// Which sender headers go, which are added (`headers.rs`).
     pub headers: crate::headers::Policy,
+    /// A client certificate to present (mTLS), reloaded like a listener's.
+    pub client_cert: Option<crate::server::tls::TlsFiles>,
+    /// Refuse TLS below 1.3 (`min_version = "1.3"`); 1.2 and 1.3 otherwise.
+    pub tls13_only: bool,
     /// Only callbacks that match are queued for this destination (applied
     /// by ingress; see `ingress/filter.rs`).
     pub filter: Option<Arc<crate::ingress::filter::Filter>>,
@@ -84,7 +88,7 @@ const MAX_RESPONSE_BODY: usize = 64 * 1024;
 const STORE_ERROR_PAUSE: Duration = Duration::from_secs(1);
 
 /// Builds the HTTP(S) client for one destination.
-fn build_client(dest: &Destination) -> anyhow::Result<HttpClient> {
+fn build_client(dest: &Destination, client_cert: Option<crate::server::tls::CertStore>) -> anyhow::Result<HttpClient> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -93,10 +97,15 @@ fn build_client(dest: &Destination) -> anyhow::Result<HttpClient> {
     for cert in &dest.extra_roots {
         roots.add(cert.clone())?;
     }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let versions: &[&rustls::SupportedProtocolVersion] =
+        if dest.tls13_only { &[&rustls::version::TLS13] } else { &[&rustls::version::TLS13, &rustls::version::TLS12] };
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(versions)?
+        .with_root_certificates(roots);
+    let tls = match client_cert {
+        Some(store) => builder.with_client_cert_resolver(Arc::new(store)),
+        None => builder.with_no_client_auth(),
+    };
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
@@ -118,25 +127,33 @@ pub struct Worker {
     withheld: Arc<HashMap<String, Vec<HeaderName>>>,
     store: Store,
     metrics: Arc<Metrics>,
-    client: HttpClient,
+    /// The HTTP client and the client-certificate generation it was built
+    /// for: after a certificate reload the next attempt builds a new one,
+    /// so new connections (pooled ones would keep the old certificate)
+    /// present the new certificate.
+    client: arc_swap::ArcSwap<(u64, HttpClient)>,
+    client_cert: Option<crate::server::tls::CertStore>,
     wake: Arc<Notify>,
 }
 
 impl Worker {
     /// `credentials` maps each route to the headers that carry its senders'
     /// credentials; they are withheld unless the destination sets
-    /// `forward_sender_credentials`.
+    /// `forward_sender_credentials`. `client_cert` is the destination's
+    /// client certificate, loaded (and reloaded) by the caller.
     pub fn new(
         dest: Arc<Destination>,
         credentials: Arc<HashMap<String, Vec<HeaderName>>>,
+        client_cert: Option<crate::server::tls::CertStore>,
         store: Store,
         metrics: Arc<Metrics>,
         wakers: &Wakers,
     ) -> anyhow::Result<Worker> {
-        let client = build_client(&dest)?;
+        let generation = client_cert.as_ref().map_or(0, |c| c.generation());
+        let client = arc_swap::ArcSwap::from_pointee((generation, build_client(&dest, client_cert.clone())?));
         let wake = wakers.get(&dest.name);
         let withheld = if dest.forward_sender_credentials { Arc::default() } else { credentials };
-        Ok(Worker { dest, withheld, store, metrics, client, wake })
+        Ok(Worker { dest, withheld, store, metrics, client, client_cert, wake })
     }
 
     /// Runs until `shutdown`, then waits up to `grace` for attempts in flight;
@@ -260,6 +277,26 @@ impl Worker {
         tracing::error!(destination = %self.dest.name, error = %e, "store update after a delivery attempt failed; the delivery will be repeated");
     }
 
+    /// The client to send with: rebuilt (with a fresh connection pool) when
+    /// the destination's client certificate was reloaded since.
+    fn current_client(&self) -> HttpClient {
+        let current = self.client.load();
+        match &self.client_cert {
+            Some(cert) if cert.generation() != current.0 => {
+                let generation = cert.generation();
+                match build_client(&self.dest, Some(cert.clone())) {
+                    Ok(fresh) => {
+                        self.client.store(Arc::new((generation, fresh.clone())));
+                        fresh
+                    }
+                    // Built once already with the same settings: keep the old one.
+                    Err(_) => current.1.clone(),
+                }
+            }
+            _ => current.1.clone(),
+        }
+    }
+
     /// Sends one attempt and classifies its result. Never logs the URL (it
     /// may carry a token in its path or query).
     async fn send(&self, msg: &crate::store::MessageRecord, id: u64, attempt: u32) -> Outcome {
@@ -268,7 +305,8 @@ impl Worker {
             Err(e) => return Outcome::Permanent { status: 0, reason: format!("cannot build request: {e}") },
         };
         let deadline = tokio::time::Instant::now() + self.dest.timeout;
-        let resp = match tokio::time::timeout_at(deadline, self.client.request(req)).await {
+        let client = self.current_client();
+        let resp = match tokio::time::timeout_at(deadline, client.request(req)).await {
             Err(_) => {
                 return Outcome::transport(
                     TransportError::Timeout,

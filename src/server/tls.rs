@@ -1,4 +1,5 @@
-//! TLS for listeners (ingress and admin), with certificate hot reload.
+//! TLS for listeners (ingress and admin) and destinations' client
+//! certificates, with certificate hot reload.
 //!
 //! A listener's certificate lives in a [`CertStore`]: an atomically swapped
 //! `Arc<CertifiedKey>` behind rustls's `ResolvesServerCert`. Every new
@@ -97,6 +98,9 @@ pub struct CertStore {
     current: Arc<ArcSwap<CertifiedKey>>,
     not_after: Arc<std::sync::atomic::AtomicI64>,
     fingerprint: Arc<std::sync::Mutex<Option<FileStamp>>>,
+    /// Bumped by every successful reload (a client pools its connections,
+    /// so it must know when to start new ones with the new certificate).
+    generation: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl fmt::Debug for CertStore {
@@ -114,6 +118,7 @@ impl CertStore {
             current: Arc::new(ArcSwap::new(loaded.key)),
             not_after: Arc::new(std::sync::atomic::AtomicI64::new(loaded.not_after)),
             fingerprint: Arc::new(std::sync::Mutex::new(stamp)),
+            generation: Arc::default(),
         })
     }
 
@@ -134,7 +139,13 @@ impl CertStore {
         let loaded = load(&self.files)?;
         self.current.store(loaded.key);
         self.not_after.store(loaded.not_after, std::sync::atomic::Ordering::Relaxed);
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(())
+    }
+
+    /// How many times the certificate was replaced since it was opened.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Whether the files changed since the last (attempted) load.
@@ -154,6 +165,17 @@ impl CertStore {
             .unwrap_or_else(|_| unreachable!("ring supports TLS 1.2 and 1.3"));
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Arc::new(cfg)
+    }
+}
+
+/// The same store serves a destination's client certificate (mTLS).
+impl rustls::client::ResolvesClientCert for CertStore {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 

@@ -6,6 +6,7 @@ mod deploy;
 mod exposure;
 mod filter;
 mod hostile;
+mod mtls;
 mod policy;
 mod promises;
 mod relay;
