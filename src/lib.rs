@@ -85,15 +85,28 @@ impl Listeners {
 /// Runs the relay until `shutdown` is cancelled, then drains: listeners stop
 /// accepting, requests and deliveries in flight get `config.grace_period` to
 /// finish, and the store is flushed and closed.
-fn store_options(config: &Config, cut_damaged_log: bool) -> StoreOptions {
-    StoreOptions {
+fn store_options(config: &Config, cut_damaged_log: bool) -> anyhow::Result<StoreOptions> {
+    let opts = StoreOptions {
         max_bytes: config.store.max_bytes,
         min_free_bytes: config.store.min_free_bytes,
         cache_bytes: None,
         segment_bytes: None,
         cut_damaged_log,
         ..StoreOptions::default()
+    };
+    if config.store.encryption.is_empty() {
+        return Ok(opts);
     }
+    use base64::Engine;
+    let mut keys = Vec::new();
+    for (id, key) in &config.store.encryption {
+        // Validation decoded these already; the error never shows the key.
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(key.expose().trim())
+            .map_err(|_| anyhow::anyhow!("store.encryption key {id:?} is not base64"))?;
+        keys.push((id.clone(), bytes));
+    }
+    opts.encrypt_with(&keys).map_err(|e| anyhow::anyhow!("store.encryption: {e}"))
 }
 
 /// `switchboard repair`: opens the store of `config`, cutting any damaged
@@ -102,7 +115,7 @@ fn store_options(config: &Config, cut_damaged_log: bool) -> StoreOptions {
 /// configured destination with what is pending and dead-lettered after it.
 pub async fn repair(config: &Config) -> anyhow::Result<Vec<String>> {
     let path = &config.store.path;
-    let store = Store::open_async(path, store_options(config, true), |_, _| {})
+    let store = Store::open_async(path, store_options(config, true)?, |_, _| {})
         .await
         .with_context(|| format!("opening store {}", path.display()))?;
     let lines = config
@@ -225,7 +238,7 @@ impl Certificates {
 /// and warns about deliveries kept for destinations no longer configured.
 async fn open_store(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Store> {
     let flush_metrics = metrics.clone();
-    let store = Store::open_async(&config.store.path, store_options(config, false), move |took, ok| {
+    let store = Store::open_async(&config.store.path, store_options(config, false)?, move |took, ok| {
         flush_metrics.store_flushes.with_label_values(&[if ok { "ok" } else { "error" }]).inc();
         flush_metrics.store_flush_duration.observe(took.as_secs_f64());
     })

@@ -21,7 +21,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => match Config::load_raw(&config).and_then(|raw| {
-            let printed = raw.to_masked_toml();
+            let printed = format!("# store encryption: {}\n{}", raw.encryption_summary(), raw.to_masked_toml());
             let warnings = raw.warnings();
             raw.validate(&config).map(|_| (printed, warnings))
         }) {

@@ -102,6 +102,8 @@ pub struct StoreConfig {
     pub path: PathBuf,
     pub max_bytes: Option<u64>,
     pub min_free_bytes: Option<u64>,
+    /// Encryption keys (id, base64 of 32 bytes), the first seals; empty: off.
+    pub encryption: Vec<(String, Secret)>,
 }
 
 impl Config {

@@ -150,6 +150,26 @@ pub struct RawStore {
     /// Refuse callbacks while the store's filesystem has less free space; 0 disables.
     #[serde(default = "default_min_free_bytes")]
     pub min_free_bytes: u64,
+    /// Payloads encrypted at rest (off unless present).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<RawEncryption>,
+}
+
+/// `[store.encryption]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEncryption {
+    /// The first key encrypts; all of them decrypt (rotation).
+    pub keys: Vec<RawKey>,
+}
+
+/// One encryption key: an id stored with each record it seals, and 32
+/// bytes, base64 (inline, `env:` or `file:`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKey {
+    pub id: String,
+    pub key: SecretString,
 }
 
 fn default_min_free_bytes() -> u64 {
@@ -158,7 +178,12 @@ fn default_min_free_bytes() -> u64 {
 
 impl Default for RawStore {
     fn default() -> Self {
-        RawStore { path: default_store_path(), max_bytes: 0, min_free_bytes: default_min_free_bytes() }
+        RawStore {
+            path: default_store_path(),
+            max_bytes: 0,
+            min_free_bytes: default_min_free_bytes(),
+            encryption: None,
+        }
     }
 }
 

@@ -38,6 +38,7 @@ impl RawConfig {
         if self.store.path.as_os_str().is_empty() {
             p.add("store.path", "must not be empty");
         }
+        let encryption = validate_encryption(&mut p, self.store.encryption.as_ref());
         self.check_ingress(&mut p);
         let listeners = self.validate_listeners(&mut p);
         let admin = self.validate_admin(&mut p, &listeners);
@@ -57,6 +58,7 @@ impl RawConfig {
         Ok(Config {
             source: file.to_path_buf(),
             store: StoreConfig {
+                encryption,
                 path: self.store.path,
                 max_bytes: (self.store.max_bytes > 0).then_some(self.store.max_bytes),
                 min_free_bytes: (self.store.min_free_bytes > 0).then_some(self.store.min_free_bytes),
@@ -251,6 +253,17 @@ impl RawConfig {
         }
     }
 
+    /// Whether payloads are encrypted at rest, and with which key ids.
+    pub fn encryption_summary(&self) -> String {
+        match &self.store.encryption {
+            Some(e) if !e.keys.is_empty() => {
+                let ids: Vec<&str> = e.keys.iter().map(|k| k.id.as_str()).collect();
+                format!("on (key {:?} encrypts; {} decrypt)", ids[0], ids.join(", "))
+            }
+            _ => "off".to_string(),
+        }
+    }
+
     /// The configuration as TOML, secrets masked (for `switchboard check`).
     pub fn to_masked_toml(&self) -> String {
         let mut masked = self.clone();
@@ -397,6 +410,34 @@ fn validate_destination(p: &mut Problems, key: &str, name: &str, d: &RawDestinat
             retry_on: d.retry_on.clone(),
         },
     })
+}
+
+/// `[store.encryption]`: ids unique and short, keys 32 bytes of base64.
+fn validate_encryption(p: &mut Problems, e: Option<&RawEncryption>) -> Vec<(String, Secret)> {
+    let Some(e) = e else { return Vec::new() };
+    if e.keys.is_empty() {
+        p.add("store.encryption.keys", "at least one key is required (the first one encrypts)");
+    }
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for (i, k) in e.keys.iter().enumerate() {
+        let key = format!("store.encryption.keys[{i}]");
+        if k.id.is_empty() || k.id.len() > 64 || !k.id.bytes().all(|b| b.is_ascii_graphic()) {
+            p.add(format!("{key}.id"), "a key id is 1 to 64 printable ASCII characters");
+        } else if !seen.insert(k.id.as_str()) {
+            p.add(format!("{key}.id"), format!("key id {:?} used twice", k.id));
+        }
+        let Some(secret) = resolve(p, &format!("{key}.key"), &k.key) else { continue };
+        use base64::Engine;
+        match base64::engine::general_purpose::STANDARD.decode(secret.expose().trim()) {
+            Ok(bytes) if bytes.len() == 32 => out.push((k.id.clone(), secret)),
+            _ => p.add(
+                format!("{key}.key"),
+                "must be 32 bytes, base64 (make one with: head -c 32 /dev/urandom | base64)",
+            ),
+        }
+    }
+    out
 }
 
 /// A destination's filter; `None` (with problems recorded) if it cannot be

@@ -36,6 +36,10 @@ pub enum StoreError {
     Corrupt(#[from] DecodeError),
     #[error(transparent)]
     Log(#[from] LogError),
+    #[error("store encryption: {0}")]
+    Sealing(String),
+    #[error("a stored record is sealed with encryption key {key_id:?}, which is not configured ([store.encryption] keys); add it back to read the store")]
+    MissingKey { key_id: String },
     #[error("message record of {0} bytes is larger than the store takes")]
     TooLarge(usize),
 }

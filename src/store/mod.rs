@@ -67,6 +67,7 @@ mod index;
 mod open;
 mod reclaim;
 mod recover;
+mod seal;
 mod segments;
 mod settle;
 
@@ -119,6 +120,17 @@ pub struct StoreOptions {
     pub evacuate_every: Option<Duration>,
     /// The message log's files: the real disk, or one that fails on purpose.
     pub(crate) disk: DiskHandle,
+    /// Encryption at rest, if configured (`seal.rs`).
+    pub(crate) sealer: Option<Arc<seal::Sealer>>,
+}
+
+impl StoreOptions {
+    /// Seals records at rest with `keys` (id and 32 key bytes each; the
+    /// first seals, all open): see `seal.rs`.
+    pub fn encrypt_with(mut self, keys: &[(String, Vec<u8>)]) -> Result<StoreOptions, String> {
+        self.sealer = Some(Arc::new(seal::Sealer::new(keys)?));
+        Ok(self)
+    }
 }
 
 /// The disk the message log writes to (see `disk.rs`).
@@ -243,6 +255,8 @@ struct Inner {
     meta: sled::Tree,
     state: sled::Tree,
     kept: sled::Tree,
+    /// Seals records written to disk (log and `kept`), if configured.
+    sealer: Option<Arc<seal::Sealer>>,
     log: SegmentLog,
     uid: String,
     last_id: AtomicU64,

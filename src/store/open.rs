@@ -37,6 +37,7 @@ impl Local {
         let segment_bytes = opts.segment_bytes.unwrap_or(DEFAULT_SEGMENT_BYTES).max(1);
         let recover::Rebuilt { log, index, msgs, live, bytes, last_id } = recover::rebuild(
             opts.disk.0.clone(),
+            opts.sealer.clone(),
             &db,
             &log_dir,
             segment_bytes,
@@ -56,6 +57,7 @@ impl Local {
             meta,
             state,
             kept,
+            sealer: opts.sealer.clone(),
             log,
             uid,
             last_id: AtomicU64::new(last_id),

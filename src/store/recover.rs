@@ -70,6 +70,7 @@ impl Builder {
 #[allow(clippy::too_many_arguments)]
 pub(super) fn rebuild(
     disk: std::sync::Arc<dyn super::disk::Disk>,
+    sealer: Option<std::sync::Arc<super::seal::Sealer>>,
     db: &sled::Db,
     log_dir: &Path,
     segment_bytes: u64,
@@ -115,6 +116,7 @@ pub(super) fn rebuild(
         let id = parse_id_key(&k)?;
         last_id = last_id.max(id);
         kept_ids.insert(id);
+        let v = super::seal::Sealer::open(sealer.as_deref(), id, &v)?;
         if !b.add(id, &v, Place::Kept(None))? {
             finished_kept.push(id);
         }
@@ -132,7 +134,7 @@ pub(super) fn rebuild(
         }
         None => None,
     };
-    let log = SegmentLog::open(disk, log_dir, segment_bytes, clean_end, cut_damaged, |r| {
+    let log = SegmentLog::open(disk, sealer, log_dir, segment_bytes, clean_end, cut_damaged, |r| {
         last_id = last_id.max(r.id);
         if kept_ids.contains(&r.id) {
             if let Some(m) = b.msgs[(r.id as usize) % MSG_STRIPES].get_mut(&r.id) {

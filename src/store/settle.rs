@@ -77,7 +77,10 @@ impl Local {
         }
         match place {
             Place::Log(loc) => Ok(Some(self.inner.log.read(id, loc)?)),
-            Place::Kept(_) => Ok(self.inner.kept.get(id_key(id))?.map(|v| Bytes::copy_from_slice(&v))),
+            Place::Kept(_) => match self.inner.kept.get(id_key(id))? {
+                Some(v) => Ok(Some(Bytes::from(seal::Sealer::open(self.inner.sealer.as_deref(), id, &v)?))),
+                None => Ok(None),
+            },
             // Placement and eviction happen in that order, under the flusher.
             Place::Unplaced => Ok(lock(&self.inner.cache).map.get(&id).cloned()),
         }
@@ -139,6 +142,7 @@ impl Local {
         match m.place {
             Place::Kept(origin) => {
                 if let Some(v) = inner.kept.get(id_key(id))? {
+                    let v = seal::Sealer::open(inner.sealer.as_deref(), id, &v)?;
                     let dests = record_destinations(&v)?;
                     if let Some(origin) = origin.map(NonZeroU64::get).filter(|s| inner.log.has(*s)) {
                         let done = inner.done_tree(origin)?;
@@ -262,7 +266,10 @@ impl Local {
                     }
                 }
             }
-            inner.kept.insert(id_key(id), raw.as_ref())?;
+            match &inner.sealer {
+                Some(s) => inner.kept.insert(id_key(id), s.seal(id, &raw)?)?,
+                None => inner.kept.insert(id_key(id), raw.as_ref())?,
+            };
             inner.sled_written();
         }
         if let Some(e) = msgs.get_mut(&id) {

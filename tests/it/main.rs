@@ -3,6 +3,7 @@
 mod binary;
 mod config;
 mod deploy;
+mod encryption;
 mod exposure;
 mod filter;
 mod hostile;

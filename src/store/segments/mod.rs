@@ -107,6 +107,8 @@ struct Writer {
 
 pub(crate) struct SegmentLog {
     disk: Arc<dyn Disk>,
+    /// Seals each record as it is written; opens it as it is read.
+    sealer: Option<Arc<crate::store::seal::Sealer>>,
     dir: PathBuf,
     segment_bytes: u64,
     /// Records pushed since the last flush, in id order.
@@ -130,6 +132,14 @@ const INLINE_RECORD: usize = 16 * 1024;
 enum Piece {
     Scratch(std::ops::Range<usize>),
     Record(usize),
+}
+
+/// A fixed description of why a sealed record read back does not open.
+fn sealed_detail(e: &crate::store::StoreError) -> &'static str {
+    match e {
+        crate::store::StoreError::MissingKey { .. } => "sealed with an encryption key that is not configured",
+        _ => "sealed record does not open (wrong key, or damaged)",
+    }
 }
 
 fn seg_path(dir: &Path, seq: u64) -> PathBuf {
@@ -229,7 +239,21 @@ impl SegmentLog {
         if self.broken.load(Ordering::SeqCst) {
             return Err(LogError::Broken);
         }
-        let batch = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut batch = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        if let Some(sealer) = &self.sealer {
+            for (id, record) in &mut batch {
+                match sealer.seal(*id, record) {
+                    Ok(sealed) => *record = Bytes::from(sealed),
+                    Err(e) => {
+                        self.broken.store(true, Ordering::SeqCst);
+                        return Err(LogError::Io {
+                            path: seg_path(&self.dir, self.current()),
+                            source: std::io::Error::other(e.to_string()),
+                        });
+                    }
+                }
+            }
+        }
         let mut w = self.writer.lock().map_err(|_| LogError::Broken)?;
         let mut placed = Placed { records: Vec::with_capacity(batch.len()), sealed: None };
         if batch.is_empty() {
@@ -338,7 +362,15 @@ impl SegmentLog {
             check_frame(header, payload)
         });
         match found {
-            Ok(found) if found == id => Ok(data.slice(FRAME_HEADER as usize + ID_LEN..)),
+            Ok(found) if found == id => {
+                let record = data.slice(FRAME_HEADER as usize + ID_LEN..);
+                match &self.sealer {
+                    None => Ok(record),
+                    Some(s) => crate::store::seal::Sealer::open(Some(s), id, &record)
+                        .map(Bytes::from)
+                        .map_err(|e| LogError::Corrupt { path, offset: loc.offset, detail: sealed_detail(&e) }),
+                }
+            }
             Ok(_) => {
                 Err(LogError::Corrupt { path, offset: loc.offset, detail: "record does not match its index entry" })
             }

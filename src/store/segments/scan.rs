@@ -128,8 +128,10 @@ impl SegmentLog {
     /// close ([`SegmentLog::end`]): a bad frame before that point is never a
     /// torn write but damage, and is an error too, unless `cut_damaged`:
     /// then a damaged segment is cut at the damage like a torn tail.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn open(
         disk: Arc<dyn Disk>,
+        sealer: Option<Arc<crate::store::seal::Sealer>>,
         dir: &Path,
         segment_bytes: u64,
         clean_end: Option<(u64, u64)>,
@@ -158,7 +160,12 @@ impl SegmentLog {
         }
         for &seq in &seqs {
             let path = seg_path(dir, seq);
-            let bad = read_frames(&*disk, &path, seq, &mut each)?;
+            // Sealed records are opened before anyone sees them.
+            let mut plain = |r: Scanned<'_>| {
+                let record = crate::store::seal::Sealer::open(sealer.as_deref(), r.id, r.record)?;
+                each(Scanned { id: r.id, loc: r.loc, record: &record })
+            };
+            let bad = read_frames(&*disk, &path, seq, &mut plain)?;
             let mut len = disk.len(&path).map_err(io_err(&path))?;
             if let Some(Bad { offset, detail, batch }) = bad {
                 let closed_cleanly = clean_end.is_some_and(|(s, end)| s > seq || (s == seq && offset < end));
@@ -205,6 +212,7 @@ impl SegmentLog {
         files.insert(seq, file.clone());
         Ok(SegmentLog {
             disk,
+            sealer,
             dir: dir.to_path_buf(),
             segment_bytes,
             pending: Mutex::new(Vec::new()),

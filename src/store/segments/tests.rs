@@ -12,7 +12,7 @@ fn open_after(
     clean_end: Option<(u64, u64)>,
     seen: &mut Vec<(u64, Bytes)>,
 ) -> Result<SegmentLog, crate::store::StoreError> {
-    SegmentLog::open(Arc::new(crate::store::disk::RealDisk), dir, 100, clean_end, false, |s| {
+    SegmentLog::open(Arc::new(crate::store::disk::RealDisk), None, dir, 100, clean_end, false, |s| {
         seen.push((s.id, Bytes::copy_from_slice(s.record)));
         Ok(())
     })
@@ -143,8 +143,9 @@ fn after_a_clean_close_a_bad_last_frame_is_damage_not_a_torn_tail() {
 #[test]
 fn after_a_crash_only_the_last_batch_is_cut() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let log = SegmentLog::open(Arc::new(crate::store::disk::RealDisk), dir.path(), 1 << 20, None, false, |_| Ok(()))
-        .expect("open");
+    let log =
+        SegmentLog::open(Arc::new(crate::store::disk::RealDisk), None, dir.path(), 1 << 20, None, false, |_| Ok(()))
+            .expect("open");
     let mut locs = Vec::new();
     for id in 1..=6u64 {
         log.push(|| id, Bytes::from(format!("record {id}")));
@@ -163,10 +164,11 @@ fn after_a_crash_only_the_last_batch_is_cut() {
         data[flip_at] ^= 0xff;
         std::fs::write(&path, &data).expect("write");
         let mut seen = Vec::new();
-        let opened = SegmentLog::open(Arc::new(crate::store::disk::RealDisk), dir.path(), 1 << 20, None, false, |s| {
-            seen.push(s.id);
-            Ok(())
-        });
+        let opened =
+            SegmentLog::open(Arc::new(crate::store::disk::RealDisk), None, dir.path(), 1 << 20, None, false, |s| {
+                seen.push(s.id);
+                Ok(())
+            });
         (opened.map(|_| seen), data)
     };
 
@@ -197,8 +199,9 @@ fn a_segment_cut_inside_a_batch_opens_cleanly_later() {
             Ok(())
         }
     }
-    let log = SegmentLog::open(Arc::new(crate::store::disk::RealDisk), dir.path(), 1 << 20, None, false, |_| Ok(()))
-        .expect("open");
+    let log =
+        SegmentLog::open(Arc::new(crate::store::disk::RealDisk), None, dir.path(), 1 << 20, None, false, |_| Ok(()))
+            .expect("open");
     for id in 1..=3u64 {
         log.push(|| id, Bytes::from(format!("record {id}")));
     }
@@ -212,9 +215,16 @@ fn a_segment_cut_inside_a_batch_opens_cleanly_later() {
     std::fs::write(&path, &data).expect("write");
 
     let mut seen = Vec::new();
-    let log =
-        SegmentLog::open(Arc::new(crate::store::disk::RealDisk), dir.path(), 1 << 20, None, false, ids(&mut seen))
-            .expect("cut");
+    let log = SegmentLog::open(
+        Arc::new(crate::store::disk::RealDisk),
+        None,
+        dir.path(),
+        1 << 20,
+        None,
+        false,
+        ids(&mut seen),
+    )
+    .expect("cut");
     assert_eq!(seen, [1, 2]);
     assert_eq!(std::fs::metadata(&path).expect("meta").len(), locs[2].1.offset);
     log.push(|| 4, Bytes::from_static(b"record 4"));
@@ -223,8 +233,9 @@ fn a_segment_cut_inside_a_batch_opens_cleanly_later() {
     drop(log);
 
     let mut seen = Vec::new();
-    let _ = SegmentLog::open(Arc::new(crate::store::disk::RealDisk), dir.path(), 1 << 20, end, false, ids(&mut seen))
-        .expect("reopen");
+    let _ =
+        SegmentLog::open(Arc::new(crate::store::disk::RealDisk), None, dir.path(), 1 << 20, end, false, ids(&mut seen))
+            .expect("reopen");
     assert_eq!(seen, [1, 2, 4]);
 }
 
@@ -233,7 +244,7 @@ fn a_segment_cut_inside_a_batch_opens_cleanly_later() {
 #[test]
 fn a_damaged_sealed_segment_is_cut_on_request_and_then_opens_normally() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let log = SegmentLog::open(Arc::new(crate::store::disk::RealDisk), dir.path(), 150, None, false, |_| Ok(()))
+    let log = SegmentLog::open(Arc::new(crate::store::disk::RealDisk), None, dir.path(), 150, None, false, |_| Ok(()))
         .expect("open");
     let mut locs = Vec::new();
     for id in 1..=6u64 {
@@ -252,7 +263,7 @@ fn a_damaged_sealed_segment_is_cut_on_request_and_then_opens_normally() {
 
     let open_ids = |cut: bool| {
         let mut seen = Vec::new();
-        SegmentLog::open(Arc::new(crate::store::disk::RealDisk), dir.path(), 150, None, cut, |s| {
+        SegmentLog::open(Arc::new(crate::store::disk::RealDisk), None, dir.path(), 150, None, cut, |s| {
             seen.push(s.id);
             Ok(())
         })
