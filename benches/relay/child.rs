@@ -11,9 +11,18 @@ pub(crate) struct Relay {
 
 impl Relay {
     pub(crate) async fn start(dir: &Path, destinations: &[(&str, String, &str)]) -> AnyResult<Relay> {
+        Self::start_with_store(dir, destinations, "").await
+    }
+
+    /// [`Relay::start`] with extra `[store]`-level TOML (e.g. encryption).
+    pub(crate) async fn start_with_store(
+        dir: &Path,
+        destinations: &[(&str, String, &str)],
+        store_extra: &str,
+    ) -> AnyResult<Relay> {
         let names: Vec<String> = destinations.iter().map(|(n, _, _)| format!("{n:?}")).collect();
         let mut toml = format!(
-            "[store]\npath = \"{}\"\nmin_free_bytes = 0\n[[listeners]]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n[shutdown]\ngrace_period = \"2s\"\n[[routes]]\npath = \"/in\"\ndestinations = [{}]\n",
+            "[store]\npath = \"{}\"\nmin_free_bytes = 0\n{store_extra}\n[[listeners]]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n[shutdown]\ngrace_period = \"2s\"\n[[routes]]\npath = \"/in\"\ndestinations = [{}]\n",
             dir.join("store").display(),
             names.join(", ")
         );

@@ -191,6 +191,9 @@ async fn bench(s: Settings) -> AnyResult<()> {
         ingest_peak = relay.peak_mb();
         relay.stop();
     }
+    if s.wants("2e") {
+        encrypted_ingest(&s, &fresh_dir(), &fresh_dir(), epoch).await?;
+    }
     if s.wants("2f") {
         filtered_ingest(&s, &fresh_dir(), &fresh_dir(), epoch).await?;
     }

@@ -214,3 +214,51 @@ pub(crate) async fn filtered_ingest(
     filtered.stop();
     Ok(())
 }
+
+/// Run 2e: what encryption at rest costs on durable ingest: a relay with
+/// `[store.encryption]` against one without, one paused destination each,
+/// closed-loop slices alternating between them.
+pub(crate) async fn encrypted_ingest(
+    s: &Settings,
+    plain_dir: &Path,
+    sealed_dir: &Path,
+    epoch: Instant,
+) -> AnyResult<()> {
+    let one = |extra: &'static str| vec![("paused", "http://127.0.0.1:1/".to_string(), extra)];
+    let plain = Relay::start(plain_dir, &one("paused = true")).await?;
+    // 32 bytes of 0x07, base64.
+    let key = "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
+    let sealed = Relay::start_with_store(
+        sealed_dir,
+        &one("paused = true"),
+        &format!("[store.encryption]\nkeys = [{{ id = \"k1\", key = \"{key}\" }}]"),
+    )
+    .await?;
+    let rounds = if s.quick { 2 } else { 5 };
+    let slice = s.run / rounds;
+    let (mut p, mut e) = (LoadResult::default(), LoadResult::default());
+    let (mut p_cpu, mut e_cpu) = (0.0, 0.0);
+    for _ in 0..rounds {
+        let c0 = plain.cpu_secs();
+        p.absorb(closed_loop(plain.ingress, "/in", s.connections, slice, u64::MAX, epoch).await);
+        p_cpu += plain.cpu_secs() - c0;
+        let c0 = sealed.cpu_secs();
+        e.absorb(closed_loop(sealed.ingress, "/in", s.connections, slice, u64::MAX, epoch).await);
+        e_cpu += sealed.cpu_secs() - c0;
+    }
+    let us = |cpu: f64, r: &LoadResult| cpu * 1e6 / (r.ok.max(1) as f64);
+    row(
+        "2e. durable ingest with and without encryption at rest",
+        &format!(
+            "plain {:.0} req/s ({:.1} us CPU per request); AES-256-GCM {:.0} req/s ({:.1} us): {:+.0} % req/s",
+            p.rps(),
+            us(p_cpu, &p),
+            e.rps(),
+            us(e_cpu, &e),
+            100.0 * (e.rps() - p.rps()) / p.rps().max(1.0)
+        ),
+    );
+    plain.stop();
+    sealed.stop();
+    Ok(())
+}
