@@ -160,3 +160,50 @@ fn bad_encryption_keys_are_config_errors_and_check_says_it_is_on() {
     assert!(printed.contains("# store encryption: on (key \"k2\" encrypts; k2, k1 decrypt)"), "{printed}");
     assert!(!printed.contains(&k), "{printed}");
 }
+
+/// The configuration shape issue 13 gives, exactly as written except for
+/// where the client certificate lives (a temp dir instead of
+/// /etc/switchboard): it loads, and the relay serves with it.
+#[tokio::test]
+async fn the_issue_shape_for_trusted_deliveries_loads_as_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = crate::tls::Ca::new();
+    let (cert, keyf) = crate::tls::write_pair(dir.path(), "client", &ca.leaf(1, None));
+    let shape = r#"[destinations.team-a]
+url = "https://team-a.internal/callbacks"
+filter = { path = "username", in = ["acct-A"] }     # also: equals, exists, prefix; all/any/not of such
+forward_headers = { deny = ["user-agent"] }          # or { allow = [...] }; default: all
+add_headers = { "X-Source" = "switchboard" }
+[destinations.team-a.signing]
+secrets = ["whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD"] # v1; several sign with each
+[destinations.team-a.tls]
+client_cert = "/etc/switchboard/client.pem"
+client_key = "/etc/switchboard/client-key.pem"
+[store.encryption]
+keys = [{ id = "k2", key = "env:SWITCHBOARD_KEY_K2" }, { id = "k1", key = "env:SWITCHBOARD_KEY_K1" }]  # the first encrypts, all decrypt
+"#
+    .replace("/etc/switchboard/client.pem", &cert.display().to_string())
+    .replace("/etc/switchboard/client-key.pem", &keyf.display().to_string());
+    let toml = format!(
+        "[store]\npath = \"{{store}}\"\n[[listeners]]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n[[routes]]\npath = \"/in\"\ndestinations = [\"team-a\"]\n{shape}"
+    );
+    // [store] above and [store.encryption] below: TOML allows a sub-table
+    // anywhere after its parent.
+    let path = write(dir.path(), &toml);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("SWITCHBOARD_KEY_K2", key(2))
+        .env("SWITCHBOARD_KEY_K1", key(1))
+        .output()
+        .expect("check");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.contains("# store encryption: on (key \"k2\" encrypts; k2, k1 decrypt)"), "{printed}");
+    assert!(!printed.contains("C2FVsBQ"), "the signing secret is masked: {printed}");
+    let relay =
+        RelayProcess::start_with_env(&path, &[("SWITCHBOARD_KEY_K2", &key(2)), ("SWITCHBOARD_KEY_K1", &key(1))]).await;
+    let (status, _, body) = post(&relay.url("/in"), "application/json", "{\"username\":\"acct-B\"}").await;
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&body).contains("\"filtered\":true"), "acct-B is not for team A");
+}
