@@ -21,7 +21,8 @@
 //! records), `commit.rs` (group commit), `flush.rs` (the two flushes),
 //! `open.rs` (open, close, background work), `recover.rs` (rebuilding memory
 //! from disk), `settle.rs` (settling, keeping, evacuating), `dead.rs` (dead
-//! letters), `reclaim.rs` (deleting emptied segments).
+//! letters), `reclaim.rs` (deleting emptied segments), `seal.rs` (records
+//! sealed at rest with AES-256-GCM, when configured).
 //!
 //! **Threads**: `switchboard-log` (the message log's group commit: write
 //! the batch, fdatasync; ingress waits for it), `switchboard-sled` (sled's
