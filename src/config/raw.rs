@@ -388,6 +388,10 @@ pub struct RawDestination {
     pub ca_file: Option<PathBuf>,
     #[serde(default)]
     pub retry: RawRetry,
+    /// At most `per_second` attempts a second, `burst` at once (replays and
+    /// retries included). Unset: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RawRateLimit>,
     /// Only callbacks that match are queued for this destination.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<RawFilter>,
@@ -455,6 +459,16 @@ pub struct RawHeaderLists {
     pub allow: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deny: Option<Vec<String>>,
+}
+
+/// `rate_limit = { per_second = N, burst = M }`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    pub per_second: f64,
+    /// Attempts allowed at once after a quiet spell; default: one second's worth.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<i64>,
 }
 
 /// `[destinations.NAME.tls]`.

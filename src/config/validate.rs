@@ -364,6 +364,19 @@ fn validate_destination(p: &mut Problems, key: &str, name: &str, d: &RawDestinat
         }
     }
     let headers = validate_header_policy(p, key, d);
+    let rate_limit = d.rate_limit.as_ref().and_then(|r| {
+        let k = format!("{key}.rate_limit");
+        if !(r.per_second.is_finite() && r.per_second > 0.0) {
+            p.add(format!("{k}.per_second"), "must be a number greater than 0");
+            return None;
+        }
+        let burst = r.burst.unwrap_or(r.per_second.ceil() as i64);
+        if burst < 1 || burst > i64::from(u32::MAX) {
+            p.add(format!("{k}.burst"), "must be at least 1");
+            return None;
+        }
+        Some(crate::delivery::rate::RateLimit { per_second: r.per_second, burst: burst as u32 })
+    });
     let (client_cert, tls13_only) = validate_destination_tls(p, &format!("{key}.tls"), d.tls.as_ref());
     let filter = d.filter.as_ref().and_then(|f| validate_filter(p, &format!("{key}.filter"), f)).map(Arc::new);
     let signing = d.signing.as_ref().and_then(|sg| {
@@ -384,6 +397,7 @@ fn validate_destination(p: &mut Problems, key: &str, name: &str, d: &RawDestinat
         return None;
     }
     Some(Destination {
+        rate_limit,
         signing,
         headers,
         client_cert,

@@ -45,6 +45,7 @@ use crate::metrics::Metrics;
 use crate::store::{now_ms, Lease, Settle, Store};
 use crate::wake::Wakers;
 
+pub mod rate;
 pub mod retry;
 pub mod signing;
 
@@ -73,6 +74,8 @@ pub struct Destination {
     pub client_cert: Option<crate::server::tls::TlsFiles>,
     /// Refuse TLS below 1.3 (`min_version = "1.3"`); 1.2 and 1.3 otherwise.
     pub tls13_only: bool,
+    /// At most this many attempts a second (replays and retries included).
+    pub rate_limit: Option<rate::RateLimit>,
     /// Only callbacks that match are queued for this destination (applied
     /// by ingress; see `ingress/filter.rs`).
     pub filter: Option<Arc<crate::ingress::filter::Filter>>,
@@ -173,6 +176,7 @@ impl Worker {
         // After a store failure, leasing pauses: the failed entries are still
         // due, and re-sending them at full speed would only repeat the failure.
         let mut paused_until: Option<tokio::time::Instant> = None;
+        let mut bucket = this.dest.rate_limit.map(|r| rate::Bucket::new(r, tokio::time::Instant::now()));
         loop {
             let mut deadline = None;
             if paused_until.is_some_and(|p| p <= tokio::time::Instant::now()) {
@@ -181,7 +185,14 @@ impl Worker {
             if let Some(p) = paused_until {
                 deadline = Some(p);
             } else if inflight.len() < limit {
-                let due = this.store.due(&name, now_ms(), limit - inflight.len(), &inflight);
+                let room = limit - inflight.len();
+                let now = tokio::time::Instant::now();
+                let allowed = bucket.as_mut().map_or(room, |b| b.available(room, now));
+                let due = this.store.due(&name, now_ms(), allowed, &inflight);
+                if let Some(b) = bucket.as_mut() {
+                    b.take(due.leases.len());
+                }
+                let rate_bound = allowed < room && due.next_due_ms.is_some_and(|ms| ms <= now_ms());
                 for lease in due.leases {
                     inflight.insert(lease.id);
                     let id = lease.id;
@@ -189,7 +200,11 @@ impl Worker {
                     let handle = tasks.spawn(async move { w.attempt(lease).await });
                     task_ids.insert(handle.id(), id);
                 }
-                if inflight.len() < limit {
+                if rate_bound {
+                    // Work is due but the bucket is empty: lease again when
+                    // the next token is there.
+                    deadline = bucket.as_mut().map(|b| b.next_token(tokio::time::Instant::now()));
+                } else if inflight.len() < limit {
                     deadline = due.next_due_ms.map(instant_at);
                 }
             }

@@ -6,6 +6,7 @@ mod deploy;
 mod encryption;
 mod exposure;
 mod filter;
+mod flow;
 mod hostile;
 mod mtls;
 mod policy;
