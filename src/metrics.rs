@@ -46,6 +46,7 @@ pub struct Metrics {
     pub queue_depth: GaugeVec,
     pub queue_oldest_age: GaugeVec,
     pub dead_letters: GaugeVec,
+    pub destination_paused: GaugeVec,
     pub store_bytes: IntGauge,
     pub store_max_bytes: IntGauge,
     pub store_disk_bytes: IntGauge,
@@ -218,6 +219,12 @@ impl Metrics {
                 "Deliveries in the dead-letter store per destination",
                 &["destination"],
             ),
+            destination_paused: gauge_vec(
+                &r,
+                "switchboard_destination_paused",
+                "1 while a destination is paused (by a 410 from it, an operator, or paused = true), else 0",
+                &["destination"],
+            ),
             store_bytes: int_gauge(
                 &r,
                 "switchboard_store_bytes",
@@ -257,6 +264,8 @@ impl Metrics {
             let age = s.oldest_received_ms.map(|t| now.saturating_sub(t) as f64 / 1000.0).unwrap_or(0.0);
             self.queue_oldest_age.with_label_values(&[d]).set(age);
             self.dead_letters.with_label_values(&[d]).set(s.dead as f64);
+            let paused = if store.paused_reason(d).is_some() { 1.0 } else { 0.0 };
+            self.destination_paused.with_label_values(&[d]).set(paused);
         }
         self.store_bytes.set(store.bytes() as i64);
         self.store_max_bytes.set(store.max_bytes().unwrap_or(0) as i64);

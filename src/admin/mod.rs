@@ -17,6 +17,9 @@
 //! - `GET /api/dead-letters/{destination}?limit=N`: dead letters, oldest first (default 100).
 //! - `POST /api/dead-letters/{destination}/replay[?id=MSG_ID]`: moves dead
 //!   letters (all, or one) back into the destination's queue.
+//! - `POST /api/destinations/{destination}/pause` and `/resume`: stops or
+//!   restarts deliveries to a destination (its queue is kept); persisted.
+//!   A `410 Gone` from a destination pauses it the same way.
 //! - `DELETE /api/dead-letters/{destination}[?id=MSG_ID]`: deletes dead
 //!   letters (all, or one); messages nothing else needs are deleted too.
 
@@ -125,6 +128,8 @@ impl Admin {
             (&Method::GET, ["api", "dead-letters", dest]) => self.dead_letter_list(dest, &req).await,
             (&Method::DELETE, ["api", "dead-letters", dest]) => self.purge(dest, &req).await,
             (&Method::POST, ["api", "dead-letters", dest, "replay"]) => self.replay(dest, &req).await,
+            (&Method::POST, ["api", "destinations", dest, "pause"]) => self.pause(dest, true).await,
+            (&Method::POST, ["api", "destinations", dest, "resume"]) => self.pause(dest, false).await,
             _ => json(StatusCode::NOT_FOUND, serde_json::json!({ "error": "not found" })),
         }
     }
@@ -160,6 +165,8 @@ impl Admin {
                     "pending": s.depth,
                     "oldest_age_seconds": s.oldest_received_ms.map(|t| now.saturating_sub(t) as f64 / 1000.0),
                     "dead_letters": s.dead,
+                    "state": if self.store.paused_reason(d).is_some() { "paused" } else { "active" },
+                    "paused_reason": self.store.paused_reason(d),
                 })
             })
             .collect();
@@ -197,6 +204,25 @@ impl Admin {
             Ok(n) => {
                 tracing::info!(destination = %dest, purged = n, "dead letters deleted");
                 json(StatusCode::OK, serde_json::json!({ "purged": n }))
+            }
+            Err(e) => json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({ "error": e.to_string() })),
+        }
+    }
+
+    /// Pauses or resumes a configured destination; persisted, so a restart
+    /// keeps it (only `paused = true` in the configuration pauses again at
+    /// start).
+    async fn pause(&self, dest: &str, pause: bool) -> Response<Full<Bytes>> {
+        if !self.destinations.iter().any(|d| d == dest) {
+            return json(StatusCode::NOT_FOUND, serde_json::json!({ "error": "unknown destination" }));
+        }
+        let reason = pause.then(|| "paused by an operator".to_string());
+        match self.store.set_paused(dest, reason).await {
+            Ok(()) => {
+                self.wakers.wake(dest);
+                tracing::info!(destination = %dest, paused = pause, "destination state changed by an operator");
+                let state = if pause { "paused" } else { "active" };
+                json(StatusCode::OK, serde_json::json!({ "destination": dest, "state": state }))
             }
             Err(e) => json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({ "error": e.to_string() })),
         }

@@ -87,6 +87,9 @@ type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes
 /// connection can be reused; beyond this the connection is dropped.
 const MAX_RESPONSE_BODY: usize = 64 * 1024;
 
+/// The pause reason `paused = true` in the configuration sets.
+const CONFIG_PAUSE: &str = "paused in the configuration";
+
 /// How long a scheduler waits before leasing again after a store failure.
 const STORE_ERROR_PAUSE: Duration = Duration::from_secs(1);
 
@@ -164,10 +167,23 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken, grace: Duration) {
         let this = Arc::new(self);
         let name = this.dest.name.clone();
-        if this.dest.paused {
-            tracing::info!(destination = %name, "destination paused: messages are queued, not delivered");
-            shutdown.cancelled().await;
-            return;
+        // One pause state per destination. `paused = true` in the
+        // configuration sets it at every start (and removing the key clears
+        // that pause at the next start); a 410 or an operator sets it at run
+        // time, and only the admin API's resume clears that.
+        let from_config = this.store.paused_reason(&name).as_deref() == Some(CONFIG_PAUSE);
+        let change = match (this.dest.paused, this.store.paused_reason(&name).is_some()) {
+            (true, false) => Some(Some(CONFIG_PAUSE.to_string())),
+            (false, true) if from_config => Some(None),
+            _ => None,
+        };
+        if let Some(reason) = change {
+            if let Err(e) = this.store.set_paused(&name, reason).await {
+                this.store_failed(&e);
+            }
+        }
+        if let Some(why) = this.store.paused_reason(&name) {
+            tracing::info!(destination = %name, reason = %why, "destination paused: messages are queued, not delivered");
         }
         let limit = this.dest.concurrency;
         let mut inflight: HashSet<u64> = HashSet::new();
@@ -184,6 +200,8 @@ impl Worker {
             }
             if let Some(p) = paused_until {
                 deadline = Some(p);
+            } else if this.store.paused_reason(&name).is_some() {
+                // Paused: lease nothing until resumed (the resume wakes us).
             } else if inflight.len() < limit {
                 let room = limit - inflight.len();
                 let now = tokio::time::Instant::now();
@@ -258,6 +276,9 @@ impl Worker {
 
         let now = now_ms();
         let age = Duration::from_millis(now.saturating_sub(msg.received_ms));
+        if outcome.status() == Some(410) {
+            return self.gone(&lease, now).await;
+        }
         let settle = match self.dest.retry.decide(attempt, &outcome, age) {
             Action::Done => {
                 m.deliveries.with_label_values(&[name, "delivered"]).inc();
@@ -283,6 +304,28 @@ impl Worker {
         if let Err(e) = self.store.settle(&lease, settle).await {
             self.store_failed(&e);
             return false;
+        }
+        true
+    }
+
+    /// A `410 Gone`: the destination is paused (persisted, until an
+    /// operator resumes it), and this delivery stays queued, due at once,
+    /// for when it is resumed (Standard Webhooks: stop sending to an
+    /// endpoint that answers 410).
+    async fn gone(&self, lease: &Lease, now: u64) -> bool {
+        let name: &str = &self.dest.name;
+        self.metrics.deliveries.with_label_values(&[name, "retried"]).inc();
+        let keep = Settle::Retry { at_ms: now, status: Some(410), error: "410 Gone: destination paused".into() };
+        if let Err(e) = self.store.settle(lease, keep).await {
+            self.store_failed(&e);
+            return false;
+        }
+        if self.store.paused_reason(name).is_none() {
+            tracing::warn!(destination = name, "destination answered 410 Gone: paused until an operator resumes it (POST /api/destinations/{name}/resume)");
+            if let Err(e) = self.store.set_paused(name, Some("the destination answered 410 Gone".into())).await {
+                self.store_failed(&e);
+                return false;
+            }
         }
         true
     }

@@ -128,6 +128,22 @@ impl Store {
         }
     }
 
+    // --- Destination state (admin, delivery) --------------------------------
+
+    /// Why `dest` is paused at run time (a 410 from it, or an operator), if it is.
+    pub fn paused_reason(&self, dest: &str) -> Option<String> {
+        match &self.0 {
+            Backend::Local(s) => s.paused_reason(dest),
+        }
+    }
+
+    /// Pauses (`Some(why)`) or resumes (`None`) `dest`; persisted.
+    pub async fn set_paused(&self, dest: &str, reason: Option<String>) -> Result<(), StoreError> {
+        match &self.0 {
+            Backend::Local(s) => s.set_paused(dest, reason).await,
+        }
+    }
+
     // --- Figures and health ------------------------------------------------
 
     pub fn stats(&self, dest: &str) -> DestStats {

@@ -105,4 +105,30 @@ impl Local {
         }
         Ok(purged)
     }
+
+    /// Why `dest` is paused at run time, if it is.
+    pub fn paused_reason(&self, dest: &str) -> Option<String> {
+        lock(&self.inner.paused).get(dest).cloned()
+    }
+
+    /// Pauses `dest` (with why) or resumes it (`None`); durable before it
+    /// returns, so a restart keeps the state.
+    pub async fn set_paused(&self, dest: &str, reason: Option<String>) -> Result<(), StoreError> {
+        let (store, name, why) = (self.clone(), dest.to_string(), reason.clone());
+        blocking(move || {
+            let key = [open::PAUSED_PREFIX, name.as_bytes()].concat();
+            match &why {
+                Some(r) => store.inner.meta.insert(key, r.as_bytes()).map(|_| ())?,
+                None => store.inner.meta.remove(key).map(|_| ())?,
+            }
+            store.inner.sled_written();
+            match why {
+                Some(r) => lock(&store.inner.paused).insert(name, r),
+                None => lock(&store.inner.paused).remove(&name),
+            };
+            Ok(())
+        })
+        .await?;
+        self.sync_state().await
+    }
 }

@@ -292,6 +292,9 @@ struct Inner {
     unneeded: Mutex<BTreeSet<u64>>,
     /// Sparse sealed segments seen at the last evacuation check.
     evacuate_candidates: Mutex<BTreeSet<u64>>,
+    /// Destinations paused at run time (a 410 from them, or an operator),
+    /// with why; persisted in `meta` (`paused:<name>`).
+    paused: Mutex<std::collections::HashMap<String, String>>,
     reclaim: Arc<tokio::sync::Notify>,
     reclaiming: tokio::sync::Mutex<()>,
 }

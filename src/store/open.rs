@@ -32,6 +32,7 @@ impl Local {
         let log_dir = path.join(SEGMENTS_DIR);
         check_format(path, &db, &meta, &log_dir)?;
         let uid = store_uid(&meta)?;
+        let paused = paused_destinations(&meta)?;
         let state = db.open_tree("state")?;
         let kept = db.open_tree("kept")?;
         let segment_bytes = opts.segment_bytes.unwrap_or(DEFAULT_SEGMENT_BYTES).max(1);
@@ -82,6 +83,7 @@ impl Local {
             done_trees: Mutex::new(BTreeMap::new()),
             unneeded: Mutex::new(BTreeSet::new()),
             evacuate_candidates: Mutex::new(BTreeSet::new()),
+            paused: Mutex::new(paused),
             reclaim: Arc::new(tokio::sync::Notify::new()),
             reclaiming: tokio::sync::Mutex::new(()),
         });
@@ -372,4 +374,18 @@ pub(super) fn start_flushers(
         spawn("switchboard-sled", inner.state_commit.clone(), Box::new(state_flush), STATE_FLUSH_FAILED)?,
     ];
     Ok(flushers)
+}
+
+/// Key prefix in `meta` of a paused destination (value: the reason).
+pub(super) const PAUSED_PREFIX: &[u8] = b"paused:";
+
+/// The destinations paused at run time, as persisted.
+pub(super) fn paused_destinations(meta: &sled::Tree) -> Result<std::collections::HashMap<String, String>, StoreError> {
+    let mut out = std::collections::HashMap::new();
+    for item in meta.scan_prefix(PAUSED_PREFIX) {
+        let (k, v) = item?;
+        let name = String::from_utf8_lossy(&k[PAUSED_PREFIX.len()..]).into_owned();
+        out.insert(name, String::from_utf8_lossy(&v).into_owned());
+    }
+    Ok(out)
 }

@@ -78,3 +78,57 @@ fn bad_rate_limits_are_config_errors() {
         );
     }
 }
+
+/// A `410 Gone` pauses the destination: persisted across a restart, the
+/// queue kept (the message that got the 410 too), visible in the admin API
+/// and metrics, resumed only by the operator.
+#[tokio::test]
+async fn a_410_pauses_the_destination_until_an_operator_resumes_it() {
+    let gone = Arc::new(AtomicBool::new(true));
+    let flag = gone.clone();
+    let r =
+        TestReceiver::scripted(move |_, _| Reply::Status(if flag.load(Ordering::SeqCst) { 410 } else { 200 })).await;
+    let other = TestReceiver::ok().await;
+    let toml = config(&[("gone", &r.url("/g"), ""), ("other", &other.url("/o"), "")]);
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let relay = TestRelay::start_in(dir.clone(), &toml).await;
+    assert_eq!(post(&relay.url("/in"), "text/plain", "first").await.0, 200);
+    relay
+        .wait_metrics("paused by the 410", |m| metric(m, "switchboard_destination_paused{destination=\"gone\"}") == 1.0)
+        .await;
+    for i in 0..3 {
+        assert_eq!(post(&relay.url("/in"), "text/plain", format!("later-{i}")).await.0, 200);
+    }
+    other.wait_for(4, WAIT).await; // the other destination is not held up
+    assert_eq!(r.count(), 1, "nothing more is sent to a destination that answered 410");
+    let (_, _, body) = get(&relay.admin_url("/api/destinations")).await;
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    let d = v["destinations"].as_array().expect("list").iter().find(|d| d["name"] == "gone").expect("gone").clone();
+    assert_eq!(d["state"], "paused");
+    assert_eq!(d["pending"], 4, "the queue is kept, the 410'd message included");
+    assert!(d["paused_reason"].as_str().unwrap_or_default().contains("410"));
+    relay.stop().await.expect("stop");
+
+    // A restart does not resume it.
+    gone.store(false, Ordering::SeqCst);
+    let relay = TestRelay::start_in(dir, &toml).await;
+    let m = relay.metrics().await;
+    assert_eq!(metric(&m, "switchboard_destination_paused{destination=\"gone\"}"), 1.0);
+    assert_eq!(metric(&m, "switchboard_queue_depth{destination=\"gone\"}"), 4.0);
+    assert_eq!(r.count(), 1);
+    // The operator does.
+    let (status, _, _) = request("POST", &relay.admin_url("/api/destinations/gone/resume"), &[], "").await;
+    assert_eq!(status, 200);
+    let got = r.wait_for(5, WAIT).await;
+    let mut bodies: Vec<String> = got[1..].iter().map(|g| String::from_utf8_lossy(&g.body).into_owned()).collect();
+    bodies.sort();
+    assert_eq!(bodies, ["first", "later-0", "later-1", "later-2"]);
+    // And can pause it again by hand.
+    let (status, _, _) = request("POST", &relay.admin_url("/api/destinations/gone/pause"), &[], "").await;
+    assert_eq!(status, 200);
+    relay
+        .wait_metrics("paused by hand", |m| metric(m, "switchboard_destination_paused{destination=\"gone\"}") == 1.0)
+        .await;
+    let (status, _, _) = request("POST", &relay.admin_url("/api/destinations/nope/pause"), &[], "").await;
+    assert_eq!(status, 404);
+}
