@@ -47,6 +47,7 @@ pub struct Metrics {
     pub queue_oldest_age: GaugeVec,
     pub dead_letters: GaugeVec,
     pub destination_paused: GaugeVec,
+    pub breaker_state: GaugeVec,
     pub store_bytes: IntGauge,
     pub store_max_bytes: IntGauge,
     pub store_disk_bytes: IntGauge,
@@ -224,6 +225,12 @@ impl Metrics {
                 "switchboard_destination_paused",
                 "1 while a destination is paused (by a 410 from it, an operator, or paused = true), else 0",
                 &["destination"],
+            ),
+            breaker_state: gauge_vec(
+                &r,
+                "switchboard_breaker_state",
+                "1 for the circuit breaker state a destination is in (closed, open, half_open), 0 for the others",
+                &["destination", "state"],
             ),
             store_bytes: int_gauge(
                 &r,

@@ -1,31 +1,56 @@
-//! Per-destination wake-up signals: ingress (a new message) and admin (a
-//! replay) wake a destination's worker, which otherwise sleeps until its
-//! next due time. A module of its own so that ingress and delivery, peers
-//! over the store, need not import each other.
+//! What a destination's worker shares with the rest of the relay: its
+//! wake-up signal (ingress, on a new message, and admin, on a replay or a
+//! resume, wake it; otherwise it sleeps until its next due time) and its
+//! circuit breaker's state (read by the admin API). A module of its own so
+//! that ingress, delivery and admin, peers over the store, need not import
+//! each other.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU8;
 use std::sync::Arc;
 
 use tokio::sync::Notify;
 
-/// One `Notify` per configured destination; cheap to clone.
+#[derive(Default)]
+struct Shared {
+    wake: Arc<Notify>,
+    breaker: Arc<AtomicU8>,
+}
+
+/// One entry per configured destination; cheap to clone.
 #[derive(Clone, Default)]
-pub struct Wakers(Arc<HashMap<Arc<str>, Arc<Notify>>>);
+pub struct Wakers(Arc<HashMap<Arc<str>, Shared>>);
 
 impl Wakers {
     pub fn new<'a>(destinations: impl IntoIterator<Item = &'a Arc<str>>) -> Wakers {
-        Wakers(Arc::new(destinations.into_iter().map(|d| (d.clone(), Arc::new(Notify::new()))).collect()))
+        Wakers(Arc::new(destinations.into_iter().map(|d| (d.clone(), Shared::default())).collect()))
     }
 
     /// Wakes `destination`'s worker (a no-op for an unknown name).
     pub fn wake(&self, destination: &str) {
-        if let Some(n) = self.0.get(destination) {
-            n.notify_one();
+        if let Some(s) = self.0.get(destination) {
+            s.wake.notify_one();
         }
     }
 
     /// The signal a worker waits on.
     pub fn get(&self, destination: &str) -> Arc<Notify> {
-        self.0.get(destination).cloned().unwrap_or_default()
+        self.0.get(destination).map(|s| s.wake.clone()).unwrap_or_default()
+    }
+
+    /// The destination's breaker state by name: "closed", "open" or
+    /// "half_open" (the cell holds 0, 1 or 2; `delivery/breaker.rs` writes it).
+    pub fn breaker_state(&self, destination: &str) -> &'static str {
+        match self.breaker(destination).load(std::sync::atomic::Ordering::Relaxed) {
+            1 => "open",
+            2 => "half_open",
+            _ => "closed",
+        }
+    }
+
+    /// The cell holding the destination's breaker state (0 closed, 1 open,
+    /// 2 half-open).
+    pub fn breaker(&self, destination: &str) -> Arc<AtomicU8> {
+        self.0.get(destination).map(|s| s.breaker.clone()).unwrap_or_default()
     }
 }

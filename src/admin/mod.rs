@@ -166,6 +166,7 @@ impl Admin {
                     "oldest_age_seconds": s.oldest_received_ms.map(|t| now.saturating_sub(t) as f64 / 1000.0),
                     "dead_letters": s.dead,
                     "state": if self.store.paused_reason(d).is_some() { "paused" } else { "active" },
+                    "breaker": self.wakers.breaker_state(d),
                     "paused_reason": self.store.paused_reason(d),
                 })
             })

@@ -392,6 +392,11 @@ pub struct RawDestination {
     /// retries included). Unset: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RawRateLimit>,
+    /// Open after `failures` consecutive failed attempts: no attempts for
+    /// `cool_down` (doubling while it stays down, up to 10 min), then one
+    /// probe. Unset: no breaker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub breaker: Option<RawBreaker>,
     /// Only callbacks that match are queued for this destination.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<RawFilter>,
@@ -459,6 +464,19 @@ pub struct RawHeaderLists {
     pub allow: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deny: Option<Vec<String>>,
+}
+
+/// `breaker = { failures = N, cool_down = "5s" }`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBreaker {
+    pub failures: u32,
+    #[serde(default = "default_cool_down", with = "humantime_serde")]
+    pub cool_down: Duration,
+}
+
+fn default_cool_down() -> Duration {
+    Duration::from_secs(5)
 }
 
 /// `rate_limit = { per_second = N, burst = M }`.

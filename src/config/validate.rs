@@ -396,7 +396,18 @@ fn validate_destination(p: &mut Problems, key: &str, name: &str, d: &RawDestinat
     if p.0.len() != before {
         return None;
     }
+    let breaker = d.breaker.as_ref().and_then(|b| {
+        if b.failures == 0 {
+            p.add(format!("{key}.breaker.failures"), "must be at least 1");
+        }
+        if b.cool_down.is_zero() {
+            p.add(format!("{key}.breaker.cool_down"), "must be greater than 0");
+        }
+        (b.failures > 0 && !b.cool_down.is_zero())
+            .then_some(crate::delivery::breaker::BreakerConfig { failures: b.failures, cool_down: b.cool_down })
+    });
     Some(Destination {
+        breaker,
         rate_limit,
         signing,
         headers,

@@ -45,6 +45,7 @@ use crate::metrics::Metrics;
 use crate::store::{now_ms, Lease, Settle, Store};
 use crate::wake::Wakers;
 
+pub mod breaker;
 pub mod rate;
 pub mod retry;
 pub mod signing;
@@ -76,6 +77,8 @@ pub struct Destination {
     pub tls13_only: bool,
     /// At most this many attempts a second (replays and retries included).
     pub rate_limit: Option<rate::RateLimit>,
+    /// Stop attempting for a while after this many consecutive failures.
+    pub breaker: Option<breaker::BreakerConfig>,
     /// Only callbacks that match are queued for this destination (applied
     /// by ingress; see `ingress/filter.rs`).
     pub filter: Option<Arc<crate::ingress::filter::Filter>>,
@@ -140,6 +143,8 @@ pub struct Worker {
     client: arc_swap::ArcSwap<(u64, HttpClient)>,
     client_cert: Option<crate::server::tls::CertStore>,
     wake: Arc<Notify>,
+    /// This destination's breaker state, as the admin API sees it.
+    breaker_state: Arc<std::sync::atomic::AtomicU8>,
 }
 
 impl Worker {
@@ -158,8 +163,9 @@ impl Worker {
         let generation = client_cert.as_ref().map_or(0, |c| c.generation());
         let client = arc_swap::ArcSwap::from_pointee((generation, build_client(&dest, client_cert.clone())?));
         let wake = wakers.get(&dest.name);
+        let breaker_state = wakers.breaker(&dest.name);
         let withheld = if dest.forward_sender_credentials { Arc::default() } else { credentials };
-        Ok(Worker { dest, withheld, store, metrics, client, client_cert, wake })
+        Ok(Worker { dest, withheld, store, metrics, client, client_cert, wake, breaker_state })
     }
 
     /// Runs until `shutdown`, then waits up to `grace` for attempts in flight;
@@ -187,7 +193,9 @@ impl Worker {
         }
         let limit = this.dest.concurrency;
         let mut inflight: HashSet<u64> = HashSet::new();
-        let mut tasks: JoinSet<bool> = JoinSet::new();
+        let mut tasks: JoinSet<(bool, Option<bool>)> = JoinSet::new();
+        let mut breaker = this.dest.breaker.map(|c| breaker::Breaker::new(c, this.breaker_state.clone()));
+        this.export_breaker(breaker::State::Closed);
         let mut task_ids: HashMap<tokio::task::Id, u64> = HashMap::new();
         // After a store failure, leasing pauses: the failed entries are still
         // due, and re-sending them at full speed would only repeat the failure.
@@ -203,12 +211,25 @@ impl Worker {
             } else if this.store.paused_reason(&name).is_some() {
                 // Paused: lease nothing until resumed (the resume wakes us).
             } else if inflight.len() < limit {
-                let room = limit - inflight.len();
+                let mut room = limit - inflight.len();
                 let now = tokio::time::Instant::now();
+                let mut breaker_wait = None;
+                match breaker.as_mut().map(|b| b.allow(now)) {
+                    None | Some(breaker::Allow::All) => {}
+                    // Half-open: one probe, and only once nothing else is in flight.
+                    Some(breaker::Allow::One) => room = if inflight.is_empty() { 1 } else { 0 },
+                    Some(breaker::Allow::Until(t)) => {
+                        room = 0;
+                        breaker_wait = Some(t);
+                    }
+                }
                 let allowed = bucket.as_mut().map_or(room, |b| b.available(room, now));
                 let due = this.store.due(&name, now_ms(), allowed, &inflight);
                 if let Some(b) = bucket.as_mut() {
                     b.take(due.leases.len());
+                }
+                if let (Some(b), false) = (breaker.as_mut(), due.leases.is_empty()) {
+                    b.probe_started();
                 }
                 let rate_bound = allowed < room && due.next_due_ms.is_some_and(|ms| ms <= now_ms());
                 for lease in due.leases {
@@ -218,7 +239,9 @@ impl Worker {
                     let handle = tasks.spawn(async move { w.attempt(lease).await });
                     task_ids.insert(handle.id(), id);
                 }
-                if rate_bound {
+                if let Some(t) = breaker_wait {
+                    deadline = Some(t);
+                } else if rate_bound {
                     // Work is due but the bucket is empty: lease again when
                     // the next token is there.
                     deadline = bucket.as_mut().map(|b| b.next_token(tokio::time::Instant::now()));
@@ -231,9 +254,14 @@ impl Worker {
                 _ = this.wake.notified() => {}
                 Some(done) = tasks.join_next_with_id() => {
                     let task = match &done { Ok((task, _)) => *task, Err(e) => e.id() };
+                    if let (Ok((_, (_, Some(ok)))), Some(b)) = (&done, breaker.as_mut()) {
+                        if let Some(state) = b.record(*ok, tokio::time::Instant::now()) {
+                            this.export_breaker(state);
+                        }
+                    }
                     match done {
-                        Ok((_, true)) => {}
-                        Ok((_, false)) => paused_until = Some(tokio::time::Instant::now() + STORE_ERROR_PAUSE),
+                        Ok((_, (true, _))) => {}
+                        Ok((_, (false, _))) => paused_until = Some(tokio::time::Instant::now() + STORE_ERROR_PAUSE),
                         Err(e) => tracing::error!(destination = %name, error = %e, "delivery attempt task failed"),
                     }
                     if let Some(id) = task_ids.remove(&task) {
@@ -252,19 +280,20 @@ impl Worker {
         }
     }
 
-    /// One attempt: load, send, classify, decide, record. Returns false when
-    /// the store could not be read or updated.
-    async fn attempt(&self, lease: Lease) -> bool {
+    /// One attempt: load, send, classify, decide, record. Returns whether
+    /// the store could be read and updated, and whether the attempt
+    /// delivered (`None`: no attempt was made).
+    async fn attempt(&self, lease: Lease) -> (bool, Option<bool>) {
         let name: &str = &self.dest.name;
         let msg = match self.store.fetch(&lease).await {
             Ok(Some(m)) => m,
             Ok(None) => {
                 tracing::error!(destination = name, id = %self.store.external_id(lease.id), "queue entry without a message; dropped it");
-                return true;
+                return (true, None);
             }
             Err(e) => {
                 self.store_failed(&e);
-                return false;
+                return (false, None);
             }
         };
         let attempt = lease.attempts().saturating_add(1);
@@ -277,8 +306,9 @@ impl Worker {
         let now = now_ms();
         let age = Duration::from_millis(now.saturating_sub(msg.received_ms));
         if outcome.status() == Some(410) {
-            return self.gone(&lease, now).await;
+            return (self.gone(&lease, now).await, Some(false));
         }
+        let delivered = matches!(outcome, Outcome::Delivered { .. });
         let settle = match self.dest.retry.decide(attempt, &outcome, age) {
             Action::Done => {
                 m.deliveries.with_label_values(&[name, "delivered"]).inc();
@@ -303,9 +333,30 @@ impl Worker {
         };
         if let Err(e) = self.store.settle(&lease, settle).await {
             self.store_failed(&e);
-            return false;
+            return (false, Some(delivered));
         }
-        true
+        (true, Some(delivered))
+    }
+
+    /// Publishes the breaker's state (gauge and the admin API's view) and
+    /// logs a change once.
+    fn export_breaker(&self, state: breaker::State) {
+        let name: &str = &self.dest.name;
+        for s in [breaker::State::Closed, breaker::State::Open, breaker::State::HalfOpen] {
+            let v = if s == state { 1.0 } else { 0.0 };
+            self.metrics.breaker_state.with_label_values(&[name, s.as_str()]).set(v);
+        }
+        self.breaker_state.store(state as u8, std::sync::atomic::Ordering::Relaxed);
+        match state {
+            breaker::State::Open => {
+                tracing::warn!(destination = name, "circuit breaker open: no attempts until the cool-down ends")
+            }
+            breaker::State::HalfOpen => tracing::info!(destination = name, "circuit breaker half-open: one probe"),
+            breaker::State::Closed if self.dest.breaker.is_some() => {
+                tracing::debug!(destination = name, "circuit breaker closed")
+            }
+            breaker::State::Closed => {}
+        }
     }
 
     /// A `410 Gone`: the destination is paused (persisted, until an

@@ -132,3 +132,59 @@ async fn a_410_pauses_the_destination_until_an_operator_resumes_it() {
     let (status, _, _) = request("POST", &relay.admin_url("/api/destinations/nope/pause"), &[], "").await;
     assert_eq!(status, 404);
 }
+
+/// The circuit breaker: after 3 consecutive failures no attempts are made
+/// for the cool-down, then one probe; while open, no message's attempt count
+/// is spent (with max_attempts = 3 nothing is dead-lettered though the
+/// outage outlasts many retry intervals); after recovery everything drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_breaker_opens_probes_and_spends_no_attempts_while_open() {
+    let down = Arc::new(AtomicBool::new(true));
+    let flag = down.clone();
+    let r =
+        TestReceiver::scripted(move |_, _| Reply::Status(if flag.load(Ordering::SeqCst) { 503 } else { 200 })).await;
+    let relay = TestRelay::start(&config(&[(
+        "flaky",
+        &r.url("/f"),
+        "concurrency = 1\nbreaker = { failures = 3, cool_down = \"200ms\" }\n[destinations.flaky.retry]\ninitial = \"10ms\"\nmax_interval = \"20ms\"\njitter = 0.0\nmax_attempts = 3",
+    )]))
+    .await;
+    for i in 0..10 {
+        assert_eq!(post(&relay.url("/in"), "text/plain", format!("m{i}")).await.0, 200);
+    }
+    let failed = "switchboard_delivery_attempts_total{destination=\"flaky\",result=\"5xx\"}";
+    // Three failures open it; two probes later (200 ms, then 400 ms), still down.
+    relay.wait_metrics("the breaker opened and probed twice", |m| metric(m, failed) >= 5.0).await;
+    let (_, _, body) = get(&relay.admin_url("/api/destinations")).await;
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    let state = v["destinations"][0]["breaker"].as_str().unwrap_or_default().to_string();
+    assert!(state == "open" || state == "half_open", "{state}");
+    down.store(false, Ordering::SeqCst);
+    relay
+        .wait_metrics("everything delivered after recovery", |m| {
+            metric(m, "switchboard_deliveries_total{destination=\"flaky\",outcome=\"delivered\"}") == 10.0
+        })
+        .await;
+    let m = relay.metrics().await;
+    assert_eq!(metric(&m, "switchboard_dead_letters{destination=\"flaky\"}"), 0.0, "no attempts spent while open");
+    assert!(metric(&m, failed) < 10.0, "fewer failed attempts than messages: {}", metric(&m, failed));
+    assert_eq!(metric(&m, "switchboard_breaker_state{destination=\"flaky\",state=\"closed\"}"), 1.0);
+}
+
+#[test]
+fn bad_breakers_are_config_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (extra, key) in [
+        ("breaker = { failures = 0 }", "destinations.a.breaker.failures"),
+        ("breaker = { failures = 3, cool_down = \"0s\" }", "destinations.a.breaker.cool_down"),
+    ] {
+        let out =
+            crate::binary::check(&crate::binary::write(dir.path(), &config(&[("a", "http://127.0.0.1:1/a", extra)])));
+        assert_eq!(out.status.code(), Some(78), "{extra}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(key),
+            "{extra}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
