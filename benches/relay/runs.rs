@@ -186,27 +186,15 @@ pub(crate) async fn filtered_ingest(
     }
     let plain = Relay::start(plain_dir, &three(&none)).await?;
     let filtered = Relay::start(filtered_dir, &three(&by_body)).await?;
-    let rounds = if s.quick { 2 } else { 5 };
-    let slice = s.run / rounds;
-    let (mut p, mut f) = (LoadResult::default(), LoadResult::default());
-    let (mut p_cpu, mut f_cpu) = (0.0, 0.0);
-    for _ in 0..rounds {
-        let c0 = plain.cpu_secs();
-        p.absorb(closed_loop(plain.ingress, "/in", s.connections, slice, u64::MAX, epoch).await);
-        p_cpu += plain.cpu_secs() - c0;
-        let c0 = filtered.cpu_secs();
-        f.absorb(closed_loop(filtered.ingress, "/in", s.connections, slice, u64::MAX, epoch).await);
-        f_cpu += filtered.cpu_secs() - c0;
-    }
-    let us = |cpu: f64, r: &LoadResult| cpu * 1e6 / (r.ok.max(1) as f64);
+    let [(p, p_us), (f, f_us)] = alternate(s, [&plain, &filtered], epoch).await;
     row(
         "2f. durable ingest, 3 destinations, with and without body filters",
         &format!(
             "no filters {:.0} req/s ({:.1} us CPU per request); 3 body filters {:.0} req/s ({:.1} us): {:+.0} % req/s",
             p.rps(),
-            us(p_cpu, &p),
+            p_us,
             f.rps(),
-            us(f_cpu, &f),
+            f_us,
             100.0 * (f.rps() - p.rps()) / p.rps().max(1.0)
         ),
     );
@@ -234,31 +222,39 @@ pub(crate) async fn encrypted_ingest(
         &format!("[store.encryption]\nkeys = [{{ id = \"k1\", key = \"{key}\" }}]"),
     )
     .await?;
-    let rounds = if s.quick { 2 } else { 5 };
-    let slice = s.run / rounds;
-    let (mut p, mut e) = (LoadResult::default(), LoadResult::default());
-    let (mut p_cpu, mut e_cpu) = (0.0, 0.0);
-    for _ in 0..rounds {
-        let c0 = plain.cpu_secs();
-        p.absorb(closed_loop(plain.ingress, "/in", s.connections, slice, u64::MAX, epoch).await);
-        p_cpu += plain.cpu_secs() - c0;
-        let c0 = sealed.cpu_secs();
-        e.absorb(closed_loop(sealed.ingress, "/in", s.connections, slice, u64::MAX, epoch).await);
-        e_cpu += sealed.cpu_secs() - c0;
-    }
-    let us = |cpu: f64, r: &LoadResult| cpu * 1e6 / (r.ok.max(1) as f64);
+    let [(p, p_us), (e, e_us)] = alternate(s, [&plain, &sealed], epoch).await;
     row(
         "2e. durable ingest with and without encryption at rest",
         &format!(
             "plain {:.0} req/s ({:.1} us CPU per request); AES-256-GCM {:.0} req/s ({:.1} us): {:+.0} % req/s",
             p.rps(),
-            us(p_cpu, &p),
+            p_us,
             e.rps(),
-            us(e_cpu, &e),
+            e_us,
             100.0 * (e.rps() - p.rps()) / p.rps().max(1.0)
         ),
     );
     plain.stop();
     sealed.stop();
     Ok(())
+}
+
+/// Closed-loop slices alternating between two relays (so a change in the
+/// machine's speed weighs on both alike): each one's load result and relay
+/// CPU microseconds per acknowledged request.
+async fn alternate(s: &Settings, relays: [&Relay; 2], epoch: Instant) -> [(LoadResult, f64); 2] {
+    let rounds = if s.quick { 2 } else { 5 };
+    let slice = s.run / rounds;
+    let mut out = [(LoadResult::default(), 0.0), (LoadResult::default(), 0.0)];
+    for _ in 0..rounds {
+        for (relay, (load, cpu)) in relays.iter().zip(out.iter_mut()) {
+            let c0 = relay.cpu_secs();
+            load.absorb(closed_loop(relay.ingress, "/in", s.connections, slice, u64::MAX, epoch).await);
+            *cpu += relay.cpu_secs() - c0;
+        }
+    }
+    out.map(|(load, cpu)| {
+        let us = cpu * 1e6 / (load.ok.max(1) as f64);
+        (load, us)
+    })
 }

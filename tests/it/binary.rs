@@ -128,6 +128,15 @@ pub fn check(config: &Path) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_switchboard")).args(["check", "--config"]).arg(config).output().expect("run check")
 }
 
+/// Asserts that a one-destination config (`a`, with `extra` TOML) is refused
+/// by `check` with exit 78, naming `key` and saying `why`.
+pub fn assert_config_error(dir: &Path, extra: &str, key: &str, why: &str) {
+    let out = check(&write(dir, &config(&[("a", "http://127.0.0.1:1/a", extra)])));
+    assert_eq!(out.status.code(), Some(78), "{extra}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(key) && err.contains(why), "{extra}: {err}");
+}
+
 pub fn write(dir: &Path, toml: &str) -> std::path::PathBuf {
     let text = toml.replace("{store}", &dir.join("store").display().to_string());
     let path = dir.join("switchboard.toml");

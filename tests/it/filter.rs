@@ -98,11 +98,7 @@ fn filters_that_cannot_be_evaluated_are_config_errors() {
             "invalid header name",
         ),
     ] {
-        let path = crate::binary::write(dir.path(), &config(&[("a", "http://127.0.0.1:1/a", filter)]));
-        let out = crate::binary::check(&path);
-        assert_eq!(out.status.code(), Some(78), "{filter}");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(key) && err.contains(why), "{filter}: {err}");
+        crate::binary::assert_config_error(dir.path(), filter, key, why);
     }
     // `check` shows a valid filter in the resolved configuration.
     let path = crate::binary::write(

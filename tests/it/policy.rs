@@ -76,11 +76,7 @@ fn policies_that_cannot_work_are_config_errors_naming_the_key() {
             "is not set",
         ),
     ] {
-        let path = crate::binary::write(dir.path(), &config(&[("a", "http://127.0.0.1:1/a", extra)]));
-        let out = crate::binary::check(&path);
-        assert_eq!(out.status.code(), Some(78), "{extra}");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(key) && err.contains(why), "{extra}: {err}");
+        crate::binary::assert_config_error(dir.path(), extra, key, why);
     }
     // A literal added value may be a secret: `check` masks it.
     let path = crate::binary::write(
