@@ -1,5 +1,7 @@
 //! Circuit breaker per destination (`breaker = { failures, cool_down }`):
-//! after `failures` consecutive failed attempts the destination *opens*: no
+//! after `failures` consecutive failed attempts (retryable failures: 5xx,
+//! 408, 429, connection errors, timeouts, resets, garbage; a 4xx refusing
+//! one message means the destination answered) the destination *opens*: no
 //! attempts for `cool_down`, then one probe (*half-open*). The probe's
 //! success closes it (the backlog then drains at the destination's
 //! concurrency and rate limit); its failure opens it again with twice the

@@ -281,8 +281,8 @@ impl Worker {
     }
 
     /// One attempt: load, send, classify, decide, record. Returns whether
-    /// the store could be read and updated, and whether the attempt
-    /// delivered (`None`: no attempt was made).
+    /// the store could be read and updated, and whether the destination
+    /// answered as a healthy one would (`None`: no attempt was made).
     async fn attempt(&self, lease: Lease) -> (bool, Option<bool>) {
         let name: &str = &self.dest.name;
         let msg = match self.store.fetch(&lease).await {
@@ -308,7 +308,10 @@ impl Worker {
         if outcome.status() == Some(410) {
             return (self.gone(&lease, now).await, Some(false));
         }
-        let delivered = matches!(outcome, Outcome::Delivered { .. });
+        // For the breaker: the destination answered (a 4xx that refuses one
+        // message says nothing about its health); only retryable failures
+        // (5xx, 408, 429, connection errors, timeouts, resets) count.
+        let healthy = !matches!(outcome, Outcome::Retryable { .. });
         let settle = match self.dest.retry.decide(attempt, &outcome, age) {
             Action::Done => {
                 m.deliveries.with_label_values(&[name, "delivered"]).inc();
@@ -333,9 +336,9 @@ impl Worker {
         };
         if let Err(e) = self.store.settle(&lease, settle).await {
             self.store_failed(&e);
-            return (false, Some(delivered));
+            return (false, Some(healthy));
         }
-        (true, Some(delivered))
+        (true, Some(healthy))
     }
 
     /// Publishes the breaker's state (gauge and the admin API's view) and
