@@ -174,3 +174,24 @@ fn bad_breakers_are_config_errors() {
         crate::binary::assert_config_error(dir.path(), extra, key, "");
     }
 }
+
+/// A destination that refuses messages with a 4xx is up: its breaker stays
+/// closed, and every message gets its own answer (dead letters here).
+#[tokio::test]
+async fn refusals_do_not_open_the_breaker() {
+    let r = TestReceiver::scripted(|_, _| Reply::Status(400)).await;
+    let relay = TestRelay::start(&config(&[(
+        "strict",
+        &r.url("/s"),
+        "concurrency = 1\nbreaker = { failures = 2, cool_down = \"1h\" }",
+    )]))
+    .await;
+    for i in 0..5 {
+        assert_eq!(post(&relay.url("/in"), "text/plain", format!("m{i}")).await.0, 200);
+    }
+    let m = relay
+        .wait_metrics("five dead letters", |m| metric(m, "switchboard_dead_letters{destination=\"strict\"}") == 5.0)
+        .await;
+    assert_eq!(metric(&m, "switchboard_breaker_state{destination=\"strict\",state=\"closed\"}"), 1.0);
+    assert_eq!(r.count(), 5);
+}
