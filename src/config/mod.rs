@@ -102,6 +102,7 @@ pub struct StoreConfig {
     pub path: PathBuf,
     pub max_bytes: Option<u64>,
     pub min_free_bytes: Option<u64>,
+    pub dedupe_max_keys: usize,
     /// Encryption keys (id, base64 of 32 bytes), the first seals; empty: off.
     pub encryption: Vec<(String, Secret)>,
 }

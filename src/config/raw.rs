@@ -150,6 +150,10 @@ pub struct RawStore {
     /// Refuse callbacks while the store's filesystem has less free space; 0 disables.
     #[serde(default = "default_min_free_bytes")]
     pub min_free_bytes: u64,
+    /// Most de-duplication keys remembered (about 64 bytes each); at the
+    /// cap the oldest are forgotten first (counted).
+    #[serde(default = "default_dedupe_max_keys")]
+    pub dedupe_max_keys: usize,
     /// Payloads encrypted at rest (off unless present).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<RawEncryption>,
@@ -182,9 +186,16 @@ impl Default for RawStore {
             path: default_store_path(),
             max_bytes: 0,
             min_free_bytes: default_min_free_bytes(),
+            dedupe_max_keys: default_dedupe_max_keys(),
             encryption: None,
         }
     }
+}
+
+/// A million keys: a day of callbacks at more than 10 a second, about
+/// 64 MB at the cap.
+fn default_dedupe_max_keys() -> usize {
+    1_000_000
 }
 
 fn default_store_path() -> PathBuf {
@@ -356,6 +367,10 @@ pub struct RawRoute {
     /// ThingSpace resend callbacks they think were slow). Unset: off.
     #[serde(default, with = "humantime_serde::option", skip_serializing_if = "Option::is_none")]
     pub dedupe_window: Option<Duration>,
+    /// Resent callbacks answered with the first one's id, remembered across
+    /// restarts: `{ window = "24h", ignore = ["callbackCount"] }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedupe: Option<RawDedupe>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -446,6 +461,18 @@ pub struct RawFilter {
     pub any: Option<Vec<RawFilter>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not: Option<Box<RawFilter>>,
+}
+
+/// A route's `dedupe`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDedupe {
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Top-level JSON fields left out of the key (e.g. ThingSpace's
+    /// `callbackCount`, which a resend increments).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ignore: Vec<String>,
 }
 
 /// `forward_headers`: "all", or a list.

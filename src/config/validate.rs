@@ -59,6 +59,7 @@ impl RawConfig {
             source: file.to_path_buf(),
             store: StoreConfig {
                 encryption,
+                dedupe_max_keys: self.store.dedupe_max_keys,
                 path: self.store.path,
                 max_bytes: (self.store.max_bytes > 0).then_some(self.store.max_bytes),
                 min_free_bytes: (self.store.min_free_bytes > 0).then_some(self.store.min_free_bytes),
@@ -244,7 +245,23 @@ impl RawConfig {
             max_body: r.max_body.unwrap_or(self.ingress.max_body),
             allow_ips: r.allow_ips.clone(),
             auth,
-            dedupe_window: r.dedupe_window.filter(|d| !d.is_zero()),
+            dedupe: match (&r.dedupe, r.dedupe_window) {
+                (Some(_), Some(_)) => {
+                    p.add(format!("{key}.dedupe"), "set dedupe or dedupe_window, not both");
+                    None
+                }
+                (Some(d), None) if d.window.is_zero() => {
+                    p.add(format!("{key}.dedupe.window"), "must be greater than 0");
+                    None
+                }
+                (Some(d), None) => {
+                    Some(crate::ingress::dedupe::DedupeRule { window: d.window, ignore: d.ignore.clone() })
+                }
+                (None, Some(w)) if !w.is_zero() => {
+                    Some(crate::ingress::dedupe::DedupeRule { window: w, ignore: Vec::new() })
+                }
+                (None, _) => None,
+            },
             filters: r
                 .destinations
                 .iter()

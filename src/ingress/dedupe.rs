@@ -1,108 +1,71 @@
-//! Inbound de-duplication, per route and opt-in (`dedupe_window`).
+//! De-duplication of resent callbacks, per route (`dedupe = { window,
+//! ignore }`; `dedupe_window = "10m"` is the same with nothing ignored).
 //!
 //! Senders resend what they think failed: ThingSpace resends a callback not
-//! answered within ~4 s even if the first attempt then succeeds. With a
-//! window set, ingress remembers the SHA-256 of each accepted body (keyed
-//! with its route) and answers an identical body within the window with the
-//! first one's id, storing nothing.
-//!
-//! Bounds and limits: at most [`MAX_ENTRIES`] bodies are remembered (the
-//! oldest are forgotten first), in memory only, so a restart forgets them; two
-//! identical requests racing each other can both be stored (delivery is
-//! at-least-once anyway; receivers de-duplicate on `webhook-id`).
+//! answered within ~4 s, with `callbackCount` 2 instead of 1. The key of a
+//! callback is a 16-byte hash of its route and its body, the body's listed
+//! top-level JSON fields left out first (`ignore = ["callbackCount"]`; a
+//! body that is not a JSON object is hashed whole). A callback whose key was
+//! accepted within the window is answered with the first message's id and
+//! `"duplicate": true`, and stored nothing. The store keeps the keys
+//! durably, with their messages (`store/remembered.rs`), so a resend after a
+//! restart or kill -9 is still recognised. Two identical requests racing
+//! each other can both be stored (delivery is at-least-once anyway;
+//! receivers de-duplicate on `webhook-id`).
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
-use std::time::Instant;
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-/// Upper bound on remembered bodies (about 100 bytes each).
-pub const MAX_ENTRIES: usize = 100_000;
-
-type Key = [u8; 32];
-
-#[derive(Default)]
-pub struct Dedupe {
-    state: Mutex<State>,
+/// A route's de-duplication rule (validated config).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DedupeRule {
+    pub window: Duration,
+    /// Top-level JSON fields left out of the key.
+    pub ignore: Vec<String>,
 }
 
-#[derive(Default)]
-struct State {
-    seen: HashMap<Key, (String, Instant)>,
-    /// Keys in the order they were remembered, with their expiry.
-    order: VecDeque<(Instant, Key)>,
-}
-
-impl State {
-    fn expire(&mut self, now: Instant) {
-        while let Some(&(expires, key)) = self.order.front() {
-            if expires > now && self.order.len() <= MAX_ENTRIES {
-                break;
-            }
-            self.order.pop_front();
-            // Only forget the entry if it was not remembered again since.
-            if self.seen.get(&key).is_some_and(|(_, e)| *e == expires) {
-                self.seen.remove(&key);
-            }
-        }
-    }
-}
-
-impl Dedupe {
-    pub fn key(route: &str, body: &[u8]) -> Key {
+impl DedupeRule {
+    /// The key of a callback on `route` with `body`.
+    pub fn key(&self, route: &str, body: &[u8]) -> [u8; 16] {
         let mut h = Sha256::new();
         h.update(route.as_bytes());
         h.update([0u8]);
-        h.update(body);
-        h.finalize().into()
-    }
-
-    /// The id of an identical body accepted and still within its window.
-    pub fn lookup(&self, key: &Key, now: Instant) -> Option<String> {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        s.expire(now);
-        s.seen.get(key).map(|(id, _)| id.clone())
-    }
-
-    /// Remembers an accepted body until `expires`.
-    pub fn remember(&self, key: Key, id: String, expires: Instant) {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        s.seen.insert(key, (id, expires));
-        s.order.push_back((expires, key));
-        s.expire(Instant::now());
+        let trimmed = (!self.ignore.is_empty())
+            .then(|| serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body).ok())
+            .flatten()
+            .and_then(|mut map| {
+                for f in &self.ignore {
+                    map.shift_remove(f);
+                }
+                serde_json::to_vec(&map).ok()
+            });
+        h.update(trimmed.as_deref().unwrap_or(body));
+        let full: [u8; 32] = h.finalize().into();
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&full[..16]);
+        key
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     #[test]
-    fn remembers_within_the_window_per_route() {
-        let d = Dedupe::default();
-        let now = Instant::now();
-        let k = Dedupe::key("/a", b"{}");
-        assert_eq!(d.lookup(&k, now), None);
-        d.remember(k, "msg_1".into(), now + Duration::from_secs(60));
-        assert_eq!(d.lookup(&k, now).as_deref(), Some("msg_1"));
-        assert_eq!(d.lookup(&Dedupe::key("/b", b"{}"), now), None, "routes are separate");
-        assert_eq!(d.lookup(&Dedupe::key("/a", b"{ }"), now), None, "bytes, not JSON meaning");
-        assert_eq!(d.lookup(&k, now + Duration::from_secs(61)), None, "forgotten after the window");
-    }
-
-    #[test]
-    fn memory_is_bounded() {
-        let d = Dedupe::default();
-        let later = Instant::now() + Duration::from_secs(3600);
-        for i in 0..(MAX_ENTRIES + 10) {
-            d.remember(Dedupe::key("/a", &i.to_be_bytes()), format!("msg_{i}"), later);
-        }
-        let s = d.state.lock().expect("lock");
-        assert!(s.seen.len() <= MAX_ENTRIES && s.order.len() <= MAX_ENTRIES);
-        drop(s);
-        assert_eq!(d.lookup(&Dedupe::key("/a", &0usize.to_be_bytes()), Instant::now()), None, "oldest forgotten first");
+    fn a_thingspace_resend_matches_and_distinct_callbacks_do_not() {
+        let rule = DedupeRule { window: Duration::from_secs(600), ignore: vec!["callbackCount".into()] };
+        let first =
+            br#"{"requestId":"r-1","deviceIds":[{"id":"8914","kind":"Iccid"}],"status":"Success","callbackCount":1}"#;
+        let resend =
+            br#"{"requestId":"r-1","deviceIds":[{"id":"8914","kind":"Iccid"}],"status":"Success","callbackCount":2}"#;
+        let other_device =
+            br#"{"requestId":"r-1","deviceIds":[{"id":"8915","kind":"Iccid"}],"status":"Success","callbackCount":1}"#;
+        assert_eq!(rule.key("/ts", first), rule.key("/ts", resend));
+        assert_ne!(rule.key("/ts", first), rule.key("/ts", other_device), "one requestId, two devices");
+        assert_ne!(rule.key("/ts", first), rule.key("/other", first), "routes are separate");
+        let plain = DedupeRule { window: Duration::from_secs(600), ignore: vec![] };
+        assert_ne!(plain.key("/ts", first), plain.key("/ts", resend), "the whole body differs by callbackCount");
+        assert_eq!(rule.key("/ts", b"<xml/>"), plain.key("/ts", b"<xml/>"), "not JSON: hashed whole");
     }
 }

@@ -83,7 +83,8 @@ pub struct Route {
     /// Whether a destination of this route wants those headers forwarded,
     /// so they are stored with the message.
     pub store_credentials: bool,
-    pub dedupe_window: Option<Duration>,
+    /// De-duplication of resent callbacks, if configured.
+    pub dedupe: Option<dedupe::DedupeRule>,
     /// Per destination (same order as `destinations`), its filter if any.
     pub filters: Vec<Option<Arc<filter::Filter>>>,
 }
@@ -95,7 +96,6 @@ pub struct Ingress {
     pub store: Store,
     pub metrics: Arc<Metrics>,
     pub wakers: Wakers,
-    pub dedupe: dedupe::Dedupe,
     /// Bytes of request bodies that may be held in memory (`max_buffered_bytes`).
     pub buffered: Arc<Semaphore>,
 }
@@ -109,15 +109,7 @@ impl Ingress {
         wakers: Wakers,
     ) -> Ingress {
         let budget = usize::try_from(config.max_buffered_bytes).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
-        Ingress {
-            routes,
-            config,
-            store,
-            metrics,
-            wakers,
-            dedupe: dedupe::Dedupe::default(),
-            buffered: Arc::new(Semaphore::new(budget)),
-        }
+        Ingress { routes, config, store, metrics, wakers, buffered: Arc::new(Semaphore::new(budget)) }
     }
 }
 
@@ -234,10 +226,16 @@ impl Ingress {
             }
         }
 
-        let dedupe_key = route.dedupe_window.map(|_| dedupe::Dedupe::key(&route.path, draft.body()));
-        if let Some(key) = &dedupe_key {
-            if let Some(id) = self.dedupe.lookup(key, Instant::now()) {
+        let dedupe_key = route.dedupe.as_ref().map(|d| d.key(&route.path, draft.body()));
+        if let (Some(key), Some(rule)) = (&dedupe_key, &route.dedupe) {
+            if let Some(first) = self.store.duplicate_of(key, rule.window) {
+                // The first may still be on its way to disk: answer only
+                // once a flush that started now has covered it.
+                if let Err(e) = self.store.sync().await {
+                    return self.unavailable(&e);
+                }
                 self.metrics.ingress_duplicates.with_label_values(&[&route.path]).inc();
+                let id = self.store.external_id(first);
                 return json_response(StatusCode::OK, serde_json::json!({ "id": id, "duplicate": true }));
             }
         }
@@ -251,7 +249,7 @@ impl Ingress {
             draft.retain_destinations(&targets);
         }
         let started = Instant::now();
-        let id = match self.store.append_draft(draft, &targets) {
+        let id = match self.store.append_draft(draft, &targets, dedupe_key) {
             Ok(id) => id,
             Err(e) => return self.unavailable(&e),
         };
@@ -264,9 +262,6 @@ impl Ingress {
         }
         self.metrics.ingress_persist.observe(started.elapsed().as_secs_f64());
         let id = self.store.external_id(id);
-        if let (Some(key), Some(window)) = (dedupe_key, route.dedupe_window) {
-            self.dedupe.remember(key, id.clone(), Instant::now() + window);
-        }
         // The id is `msg_` and hex digits: nothing to escape.
         let mut resp = Response::new(Full::new(Bytes::from(format!("{{\"id\":\"{id}\"}}"))));
         resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -53,9 +53,30 @@ impl Store {
     /// Queues a message built while its body was read, pending for each of
     /// `destinations` (the ones `draft` was started with). Not durable, and
     /// not to be acknowledged, until [`Store::sync`] returns.
-    pub fn append_draft(&self, draft: Draft, destinations: &[Arc<str>]) -> Result<u64, StoreError> {
+    /// `dedupe`: the callback's de-duplication key, remembered with it.
+    pub fn append_draft(
+        &self,
+        draft: Draft,
+        destinations: &[Arc<str>],
+        dedupe: Option<[u8; 16]>,
+    ) -> Result<u64, StoreError> {
         match &self.0 {
-            Backend::Local(s) => s.append_draft(draft, destinations),
+            Backend::Local(s) => s.append_draft(draft, destinations, dedupe),
+        }
+    }
+
+    /// The message an earlier callback with this de-duplication key became,
+    /// if it was accepted within `window` (remembered across restarts).
+    pub fn duplicate_of(&self, key: &[u8; 16], window: Duration) -> Option<u64> {
+        match &self.0 {
+            Backend::Local(s) => s.duplicate_of(key, window),
+        }
+    }
+
+    /// De-duplication keys remembered, and forgotten at the cap so far.
+    pub fn dedupe_figures(&self) -> (usize, u64) {
+        match &self.0 {
+            Backend::Local(s) => s.dedupe_figures(),
         }
     }
 

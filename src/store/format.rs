@@ -151,6 +151,8 @@ pub struct Draft {
     received_ms: u64,
     /// Where the destination list is (its count byte, and the end).
     dests: std::ops::Range<usize>,
+    /// Where the header count (u16) is.
+    headers_at: usize,
 }
 
 impl Draft {
@@ -178,6 +180,7 @@ impl Draft {
         let dests_at = out.len();
         put_destinations(&mut out, destinations);
         let dests = dests_at..out.len();
+        let headers_at = out.len();
         let count = headers.len().min(u16::MAX as usize);
         out.extend_from_slice(&(count as u16).to_be_bytes());
         for (name, value) in headers.iter().take(count) {
@@ -186,7 +189,26 @@ impl Draft {
             out.extend_from_slice(value);
         }
         let body_start = out.len();
-        Draft { buf: out, body_start, received_ms, dests }
+        Draft { buf: out, body_start, received_ms, dests, headers_at }
+    }
+
+    /// Adds a stored header after the sender's (the store's own, such as
+    /// the de-duplication key; a name no HTTP header can have, so it is
+    /// never forwarded).
+    pub(crate) fn push_header(&mut self, name: &str, value: &[u8]) {
+        let at = self.headers_at;
+        let count = u16::from_be_bytes([self.buf[at], self.buf[at + 1]]);
+        if count == u16::MAX {
+            return;
+        }
+        self.buf[at..at + 2].copy_from_slice(&(count + 1).to_be_bytes());
+        let mut entry = Vec::with_capacity(6 + name.len() + value.len());
+        put_str16(&mut entry, name);
+        entry.extend_from_slice(&(value.len() as u32).to_be_bytes());
+        entry.extend_from_slice(value);
+        let n = entry.len();
+        self.buf.splice(self.body_start..self.body_start, entry);
+        self.body_start += n;
     }
 
     /// Narrows the destinations to `kept` (a subset of those it was started
@@ -198,6 +220,7 @@ impl Draft {
         let old = self.dests.len();
         self.buf.splice(self.dests.clone(), block.iter().copied());
         self.body_start = self.body_start + block.len() - old;
+        self.headers_at = self.headers_at + block.len() - old;
         self.dests = self.dests.start..self.dests.start + block.len();
     }
 
@@ -218,6 +241,16 @@ impl Draft {
     pub(crate) fn into_record(self) -> Bytes {
         Bytes::from(self.buf)
     }
+}
+
+/// The stored header that carries a message's de-duplication key (a name
+/// with a colon: no HTTP header can have it, so delivery never sends it).
+pub const DEDUPE_HEADER: &str = ":switchboard-dedupe";
+
+/// The de-duplication key a stored record carries, if any.
+pub fn record_dedupe_key(raw: &Bytes) -> Result<Option<[u8; 16]>, DecodeError> {
+    let m = MessageRecord::decode(raw.clone())?;
+    Ok(m.headers.iter().find(|(n, _)| n == DEDUPE_HEADER).and_then(|(_, v)| <[u8; 16]>::try_from(&v[..]).ok()))
 }
 
 /// The destinations a stored message is to be delivered to.

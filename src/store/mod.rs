@@ -68,6 +68,7 @@ mod index;
 mod open;
 mod reclaim;
 mod recover;
+mod remembered;
 mod seal;
 mod segments;
 mod settle;
@@ -123,6 +124,11 @@ pub struct StoreOptions {
     pub(crate) disk: DiskHandle,
     /// Encryption at rest, if configured (`seal.rs`).
     pub(crate) sealer: Option<Arc<seal::Sealer>>,
+    /// How long de-duplication keys are kept (the longest route window);
+    /// `None`: no route de-duplicates.
+    pub dedupe_retention: Option<Duration>,
+    /// Most de-duplication keys kept (`remembered.rs`).
+    pub dedupe_max_keys: usize,
 }
 
 impl StoreOptions {
@@ -256,6 +262,9 @@ struct Inner {
     meta: sled::Tree,
     state: sled::Tree,
     kept: sled::Tree,
+    /// De-duplication keys: sled's copy, and the keys in memory.
+    dedupe: sled::Tree,
+    remembered: Mutex<remembered::Remembered>,
     /// Seals records written to disk (log and `kept`), if configured.
     sealer: Option<Arc<seal::Sealer>>,
     log: SegmentLog,
@@ -378,14 +387,24 @@ impl Local {
     pub fn append(&self, msg: &MessageRecord, destinations: &[Arc<str>]) -> Result<u64, StoreError> {
         let mut draft = Draft::new(msg.received_ms, &msg.route, &msg.peer, &msg.headers, destinations, msg.body.len());
         draft.extend(&msg.body);
-        self.append_draft(draft, destinations)
+        self.append_draft(draft, destinations, None)
     }
 
     /// [`Store::append`] of a record ingress built while reading the body
-    /// (`draft` must have been started with the same `destinations`).
-    pub fn append_draft(&self, draft: Draft, destinations: &[Arc<str>]) -> Result<u64, StoreError> {
+    /// (`draft` must have been started with the same `destinations`), with
+    /// its de-duplication key, if its route has one: remembered with the
+    /// message, durable in the same write (see `remembered.rs`).
+    pub fn append_draft(
+        &self,
+        mut draft: Draft,
+        destinations: &[Arc<str>],
+        dedupe: Option<[u8; 16]>,
+    ) -> Result<u64, StoreError> {
         let inner = &self.inner;
         let received_ms = draft.received_ms();
+        if let Some(key) = &dedupe {
+            draft.push_header(format::DEDUPE_HEADER, key);
+        }
         let record = draft.into_record();
         let len = recover::record_len(record.len())?;
         self.accepting(u64::from(len))?;
@@ -404,11 +423,45 @@ impl Local {
         );
         inner.bytes.fetch_add(u64::from(len), Ordering::Relaxed);
         inner.index.queued(destinations, received_ms, id, &Written::pushed());
+        if let Some(key) = dedupe {
+            lock(&inner.remembered).insert(key, id, received_ms);
+            let mut v = id.to_be_bytes().to_vec();
+            v.extend_from_slice(&received_ms.to_be_bytes());
+            // Not waited for: the log record carries the key until sled's
+            // next flush makes this copy durable.
+            if inner.dedupe.insert(key, v).is_ok() {
+                inner.sled_written();
+            }
+        }
         Ok(id)
     }
 
     fn stripe(&self, id: u64) -> &Mutex<BTreeMap<u64, Msg>> {
         &self.inner.msgs[(id as usize) % MSG_STRIPES]
+    }
+
+    /// The message a de-duplication key belongs to, if it was accepted
+    /// within `window`.
+    pub fn duplicate_of(&self, key: &[u8; 16], window: Duration) -> Option<u64> {
+        lock(&self.inner.remembered).get(key, now_ms(), window.as_millis() as u64)
+    }
+
+    /// Keys remembered now, and keys forgotten at the cap so far.
+    pub fn dedupe_figures(&self) -> (usize, u64) {
+        let r = lock(&self.inner.remembered);
+        (r.len(), r.evicted)
+    }
+
+    /// Forgets expired de-duplication keys, in memory and in sled.
+    pub(super) fn prune_dedupe(&self) -> Result<usize, StoreError> {
+        let gone = lock(&self.inner.remembered).prune(now_ms());
+        for key in &gone {
+            self.inner.dedupe.remove(key)?;
+        }
+        if !gone.is_empty() {
+            self.inner.sled_written();
+        }
+        Ok(gone.len())
     }
 
     /// Whether the store takes a new message of `room` bytes right now:

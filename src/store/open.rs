@@ -35,10 +35,12 @@ impl Local {
         let paused = paused_destinations(&meta)?;
         let state = db.open_tree("state")?;
         let kept = db.open_tree("kept")?;
+        let dedupe = db.open_tree("dedupe")?;
         let segment_bytes = opts.segment_bytes.unwrap_or(DEFAULT_SEGMENT_BYTES).max(1);
-        let recover::Rebuilt { log, index, msgs, live, bytes, last_id } = recover::rebuild(
+        let recover::Rebuilt { log, index, msgs, live, bytes, last_id, dedupe_keys } = recover::rebuild(
             opts.disk.0.clone(),
             opts.sealer.clone(),
+            opts.dedupe_retention.is_some(),
             &db,
             &log_dir,
             segment_bytes,
@@ -58,6 +60,8 @@ impl Local {
             meta,
             state,
             kept,
+            remembered: Mutex::new(remember(&dedupe, &dedupe_keys, &opts)?),
+            dedupe,
             sealer: opts.sealer.clone(),
             log,
             uid,
@@ -126,7 +130,9 @@ impl Local {
             if last_evacuation.elapsed() >= evacuate_every {
                 last_evacuation = tokio::time::Instant::now();
                 let store = Local { inner };
-                match tokio::task::spawn_blocking(move || store.evacuate_sparse()).await {
+                match tokio::task::spawn_blocking(move || store.evacuate_sparse().and_then(|_| store.prune_dedupe()))
+                    .await
+                {
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => tracing::warn!(error = %e, "could not move messages out of sparse segments"),
                     Err(e) => tracing::warn!(error = %e, "sparse-segment evacuation stopped"),
@@ -388,4 +394,42 @@ pub(super) fn paused_destinations(meta: &sled::Tree) -> Result<std::collections:
         out.insert(name, String::from_utf8_lossy(&v).into_owned());
     }
     Ok(out)
+}
+
+/// The de-duplication keys kept at open: sled's (expired ones removed) and
+/// those the log's records carry (inserted into sled before a crash
+/// flushed them, perhaps not).
+fn remember(
+    tree: &sled::Tree,
+    from_log: &[(u64, [u8; 16])],
+    opts: &StoreOptions,
+) -> Result<remembered::Remembered, StoreError> {
+    let Some(retention) = opts.dedupe_retention else {
+        return Ok(remembered::Remembered::new(0, 0));
+    };
+    let retention_ms = retention.as_millis() as u64;
+    let now = now_ms();
+    let mut keys: Vec<([u8; 16], u64, u64)> = Vec::new();
+    for item in tree.iter() {
+        let (k, v) = item?;
+        let (Ok(key), true) = (<[u8; 16]>::try_from(&k[..]), v.len() == 16) else { continue };
+        let id = decode_u64(&v[..8], "dedupe id")?;
+        let at = decode_u64(&v[8..], "dedupe time")?;
+        if now.saturating_sub(at) > retention_ms {
+            tree.remove(k)?;
+        } else {
+            keys.push((key, id, at));
+        }
+    }
+    for (id, key) in from_log {
+        keys.push((*key, *id, id_received_ms(*id)));
+    }
+    keys.sort_by_key(|(_, id, _)| *id);
+    let mut r = remembered::Remembered::new(opts.dedupe_max_keys, retention_ms);
+    for (key, id, at) in keys {
+        if now.saturating_sub(at) <= retention_ms {
+            r.insert(key, id, at);
+        }
+    }
+    Ok(r)
 }

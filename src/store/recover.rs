@@ -22,6 +22,8 @@ pub(super) struct Rebuilt {
     pub live: BTreeMap<u64, u32>,
     pub bytes: u64,
     pub last_id: u64,
+    /// De-duplication keys carried by the records of the log (id, key).
+    pub dedupe_keys: Vec<(u64, [u8; 16])>,
 }
 
 struct Builder {
@@ -71,6 +73,7 @@ impl Builder {
 pub(super) fn rebuild(
     disk: std::sync::Arc<dyn super::disk::Disk>,
     sealer: Option<std::sync::Arc<super::seal::Sealer>>,
+    with_dedupe: bool,
     db: &sled::Db,
     log_dir: &Path,
     segment_bytes: u64,
@@ -134,6 +137,7 @@ pub(super) fn rebuild(
         }
         None => None,
     };
+    let mut dedupe_keys = Vec::new();
     let log = SegmentLog::open(disk, sealer, log_dir, segment_bytes, clean_end, cut_damaged, |r| {
         last_id = last_id.max(r.id);
         if kept_ids.contains(&r.id) {
@@ -144,6 +148,11 @@ pub(super) fn rebuild(
             }
         } else if b.add(r.id, r.record, Place::Log(r.loc))? {
             *live.entry(r.loc.seg).or_default() += 1;
+        }
+        if with_dedupe {
+            if let Some(key) = super::format::record_dedupe_key(&bytes::Bytes::copy_from_slice(r.record))? {
+                dedupe_keys.push((r.id, key));
+            }
         }
         Ok(())
     })?;
@@ -173,6 +182,7 @@ pub(super) fn rebuild(
         live,
         bytes: b.bytes,
         last_id,
+        dedupe_keys,
     })
 }
 
