@@ -48,6 +48,8 @@ pub struct Metrics {
     pub dead_letters: GaugeVec,
     pub destination_paused: GaugeVec,
     pub breaker_state: GaugeVec,
+    pub dedupe_keys: IntGauge,
+    pub dedupe_forgotten: IntGauge,
     pub store_bytes: IntGauge,
     pub store_max_bytes: IntGauge,
     pub store_disk_bytes: IntGauge,
@@ -232,6 +234,16 @@ impl Metrics {
                 "1 for the circuit breaker state a destination is in (closed, open, half_open), 0 for the others",
                 &["destination", "state"],
             ),
+            dedupe_keys: int_gauge(
+                &r,
+                "switchboard_dedupe_keys",
+                "De-duplication keys remembered (store.dedupe_max_keys bounds them)",
+            ),
+            dedupe_forgotten: int_gauge(
+                &r,
+                "switchboard_dedupe_forgotten_keys",
+                "De-duplication keys forgotten before their window ended, at the store.dedupe_max_keys cap, since start",
+            ),
             store_bytes: int_gauge(
                 &r,
                 "switchboard_store_bytes",
@@ -275,6 +287,9 @@ impl Metrics {
             self.destination_paused.with_label_values(&[d]).set(paused);
         }
         self.store_bytes.set(store.bytes() as i64);
+        let (keys, forgotten) = store.dedupe_figures();
+        self.dedupe_keys.set(keys as i64);
+        self.dedupe_forgotten.set(forgotten.min(i64::MAX as u64) as i64);
         self.store_max_bytes.set(store.max_bytes().unwrap_or(0) as i64);
         self.store_disk_bytes.set(store.disk_bytes() as i64);
         self.store_free_bytes.set(store.free_bytes().min(i64::MAX as u64) as i64);

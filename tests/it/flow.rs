@@ -195,3 +195,71 @@ async fn refusals_do_not_open_the_breaker() {
     assert_eq!(metric(&m, "switchboard_breaker_state{destination=\"strict\",state=\"closed\"}"), 1.0);
     assert_eq!(r.count(), 5);
 }
+
+/// De-duplication survives kill -9: a ThingSpace resend (callbackCount 2)
+/// after a crash is answered with the first id and delivered once; with the
+/// window shortened below the callback's age (a restart with another
+/// config), the same resend is a new message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resend_after_kill9_is_recognised_within_the_window() {
+    use crate::binary::{write, RelayProcess};
+    let r = TestReceiver::ok().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let with_window = |w: &str| {
+        config(&[("app", &r.url("/app"), "")]).replace(
+            "destinations = [\"app\"]",
+            &format!("destinations = [\"app\"]\ndedupe = {{ window = \"{w}\", ignore = [\"callbackCount\"] }}"),
+        )
+    };
+    let path = write(dir.path(), &with_window("24h"));
+    let first =
+        r#"{"requestId":"r-1","deviceIds":[{"id":"8914","kind":"Iccid"}],"status":"Success","callbackCount":1}"#;
+    let resend = first.replace("\"callbackCount\":1", "\"callbackCount\":2");
+    let other = first.replace("8914", "8915");
+    let mut relay = RelayProcess::start(&path).await;
+    let (s, _, body) = post(&relay.url("/in"), "application/json", first).await;
+    assert_eq!(s, 200);
+    let id = acked_id(&body);
+    relay.kill9();
+
+    let mut relay = RelayProcess::start(&path).await;
+    let (s, _, body) = post(&relay.url("/in"), "application/json", resend.clone()).await;
+    assert_eq!(s, 200);
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!((v["id"].as_str(), v["duplicate"].as_bool()), (Some(id.as_str()), Some(true)), "{v}");
+    // Another device's callback of the same request is not a duplicate.
+    let (s, _, body) = post(&relay.url("/in"), "application/json", other).await;
+    assert_eq!(s, 200);
+    assert!(!String::from_utf8_lossy(&body).contains("duplicate"));
+    r.wait_for(2, WAIT).await;
+    let ids: std::collections::BTreeSet<String> = r
+        .received()
+        .iter()
+        .filter(|g| String::from_utf8_lossy(&g.body).contains("8914"))
+        .filter_map(|g| g.header("x-switchboard-id"))
+        .collect();
+    assert_eq!(ids.len(), 1, "within the window, the resend is the same message: {ids:?}");
+    relay.signal(nix::sys::signal::Signal::SIGTERM);
+    relay.wait_exit(WAIT).await;
+
+    // Restarted with a window shorter than the first callback's age.
+    let path = write(dir.path(), &with_window("1ms"));
+    let relay = RelayProcess::start(&path).await;
+    let (s, _, body) = post(&relay.url("/in"), "application/json", resend).await;
+    assert_eq!(s, 200);
+    assert!(!String::from_utf8_lossy(&body).contains("duplicate"), "outside the window: a new message");
+    // Delivery is at-least-once (kill -9 may repeat one): count messages,
+    // by their id, not requests.
+    let got = r
+        .wait_until(WAIT, "the resend outside the window delivered", |got| {
+            got.iter().any(|g| String::from_utf8_lossy(&g.body).contains("\"callbackCount\":2"))
+        })
+        .await;
+    let ids: std::collections::BTreeSet<String> = got
+        .iter()
+        .filter(|g| String::from_utf8_lossy(&g.body).contains("8914"))
+        .filter_map(|g| g.header("x-switchboard-id"))
+        .collect();
+    assert_eq!(ids.len(), 2, "the first message, and the resend once outside the window: {ids:?}");
+    assert!(ids.contains(&id));
+}
