@@ -7,7 +7,7 @@
 //! Modules, by stage (ingress, delivery and admin are peers over the store
 //! and never import each other):
 //! - [`ingress`]: the routes senders call: allowlists, sender authentication
-//!   ([`ingress::auth`]), de-duplication ([`ingress::dedupe`]), the body
+//!   ([`ingress::auth`]), de-duplication keys ([`ingress::dedupe`]), the body
 //!   budget, persist-then-ack.
 //! - [`delivery`]: one worker per destination, forwarding stored messages;
 //!   outcome classification and the pure retry policy ([`delivery::retry`]).

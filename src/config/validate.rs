@@ -254,6 +254,10 @@ impl RawConfig {
                     p.add(format!("{key}.dedupe.window"), "must be greater than 0");
                     None
                 }
+                (Some(d), None) if d.ignore.iter().any(String::is_empty) => {
+                    p.add(format!("{key}.dedupe.ignore"), "an empty field name names nothing");
+                    None
+                }
                 (Some(d), None) => {
                     Some(crate::ingress::dedupe::DedupeRule { window: d.window, ignore: d.ignore.clone() })
                 }

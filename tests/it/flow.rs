@@ -263,3 +263,21 @@ async fn a_resend_after_kill9_is_recognised_within_the_window() {
     assert_eq!(ids.len(), 2, "the first message, and the resend once outside the window: {ids:?}");
     assert!(ids.contains(&id));
 }
+
+#[test]
+fn bad_dedupe_rules_are_config_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (rule, key, why) in [
+        ("dedupe = { window = \"0s\" }", "routes[0].dedupe.window", "greater than 0"),
+        ("dedupe = { window = \"1h\", ignore = [\"\"] }", "routes[0].dedupe.ignore", "names nothing"),
+        ("dedupe = { window = \"1h\" }\ndedupe_window = \"1h\"", "routes[0].dedupe", "not both"),
+        ("dedupe = { window = \"1h\", key = \"x\" }", "routes.0.dedupe", "unknown key `key`"),
+    ] {
+        let toml = config(&[("a", "http://127.0.0.1:1/a", "")])
+            .replace("destinations = [\"a\"]", &format!("destinations = [\"a\"]\n{rule}"));
+        let out = crate::binary::check(&crate::binary::write(dir.path(), &toml));
+        assert_eq!(out.status.code(), Some(78), "{rule}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key) && err.contains(why), "{rule}: {err}");
+    }
+}
