@@ -473,6 +473,12 @@ pub struct RawDedupe {
     /// `callbackCount`, which a resend increments).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ignore: Vec<String>,
+    /// Instead of the body, these JSON fields (dotted paths with indexes)...
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fields: Vec<String>,
+    /// ...and these headers make the key.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<String>,
 }
 
 /// `forward_headers`: "all", or a list.

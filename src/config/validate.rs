@@ -258,11 +258,36 @@ impl RawConfig {
                     p.add(format!("{key}.dedupe.ignore"), "an empty field name names nothing");
                     None
                 }
+                (Some(d), None) if !d.ignore.is_empty() && (!d.fields.is_empty() || !d.headers.is_empty()) => {
+                    p.add(
+                        format!("{key}.dedupe"),
+                        "ignore (the body without some fields) or fields/headers (only those), not both",
+                    );
+                    None
+                }
                 (Some(d), None) => {
-                    Some(crate::ingress::dedupe::DedupeRule { window: d.window, ignore: d.ignore.clone() })
+                    let mut fields = Vec::new();
+                    for (i, f) in d.fields.iter().enumerate() {
+                        match crate::ingress::filter::parse_path(f) {
+                            Ok(steps) => fields.push((f.clone(), steps)),
+                            Err(e) => p.add(format!("{key}.dedupe.fields[{i}]"), e),
+                        }
+                    }
+                    let headers = d
+                        .headers
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, h)| header_name(p, &format!("{key}.dedupe.headers[{i}]"), h))
+                        .collect();
+                    Some(crate::ingress::dedupe::DedupeRule {
+                        window: d.window,
+                        ignore: d.ignore.clone(),
+                        fields,
+                        headers,
+                    })
                 }
                 (None, Some(w)) if !w.is_zero() => {
-                    Some(crate::ingress::dedupe::DedupeRule { window: w, ignore: Vec::new() })
+                    Some(crate::ingress::dedupe::DedupeRule { window: w, ..Default::default() })
                 }
                 (None, _) => None,
             },

@@ -116,7 +116,8 @@ impl Filter {
     }
 }
 
-fn lookup<'a>(mut v: &'a Value, steps: &[Step]) -> Option<&'a Value> {
+/// The value at `steps` in `v`, if there is one.
+pub fn lookup<'a>(mut v: &'a Value, steps: &[Step]) -> Option<&'a Value> {
     for step in steps {
         v = match step {
             Step::Key(k) => v.as_object()?.get(k)?,

@@ -226,7 +226,7 @@ impl Ingress {
             }
         }
 
-        let dedupe_key = route.dedupe.as_ref().map(|d| d.key(&route.path, draft.body()));
+        let dedupe_key = route.dedupe.as_ref().map(|d| d.key(&route.path, draft.body(), &parts.headers));
         if let (Some(key), Some(rule)) = (&dedupe_key, &route.dedupe) {
             if let Some(first) = self.store.duplicate_of(key, rule.window) {
                 // The first may still be on its way to disk: answer only

@@ -272,6 +272,13 @@ fn bad_dedupe_rules_are_config_errors() {
         ("dedupe = { window = \"1h\", ignore = [\"\"] }", "routes[0].dedupe.ignore", "names nothing"),
         ("dedupe = { window = \"1h\" }\ndedupe_window = \"1h\"", "routes[0].dedupe", "not both"),
         ("dedupe = { window = \"1h\", key = \"x\" }", "routes.0.dedupe", "unknown key `key`"),
+        ("dedupe = { window = \"1h\", fields = [\"a[x]\"] }", "routes[0].dedupe.fields[0]", "not a number"),
+        (
+            "dedupe = { window = \"1h\", headers = [\"bad name\"] }",
+            "routes[0].dedupe.headers[0]",
+            "invalid header name",
+        ),
+        ("dedupe = { window = \"1h\", ignore = [\"a\"], fields = [\"b\"] }", "routes[0].dedupe", "not both"),
     ] {
         let toml = config(&[("a", "http://127.0.0.1:1/a", "")])
             .replace("destinations = [\"a\"]", &format!("destinations = [\"a\"]\n{rule}"));
