@@ -247,6 +247,8 @@ pub(super) fn lock_dir(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, 
                 return Ok(f);
             }
             Err((_, nix::errno::Errno::EWOULDBLOCK)) if started.elapsed() < Duration::from_secs(2) => {
+                // A retry wait for a lock (flock has no timeout), not a
+                // synchronisation: bounded to 2 s, on the blocking pool.
                 std::thread::sleep(Duration::from_millis(10));
             }
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
@@ -324,6 +326,7 @@ pub(super) fn open_sled(path: &Path, cache_bytes: Option<u64>) -> Result<sled::D
             Err(e)
                 if e.to_string().contains("could not acquire lock") && lock_wait.elapsed() < Duration::from_secs(2) =>
             {
+                // The same bounded retry wait, for sled's own lock.
                 std::thread::sleep(Duration::from_millis(10));
             }
             Err(e) => return Err(StoreError::Open { path: path.to_path_buf(), source: Box::new(e.into()) }),

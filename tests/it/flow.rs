@@ -8,6 +8,13 @@ use std::time::Duration;
 
 use crate::support::*;
 
+/// Posts `m0`..`m{n-1}` to `/in`, each acknowledged.
+async fn post_many(relay: &TestRelay, n: usize) {
+    for i in 0..n {
+        assert_eq!(post(&relay.url("/in"), "text/plain", format!("m{i}")).await.0, 200);
+    }
+}
+
 /// Most arrivals in any 100 ms window.
 fn busiest_window(received: &[Received]) -> usize {
     let mut times: Vec<_> = received.iter().map(|r| r.at).collect();
@@ -142,9 +149,7 @@ async fn the_breaker_opens_probes_and_spends_no_attempts_while_open() {
         "concurrency = 1\nbreaker = { failures = 3, cool_down = \"200ms\" }\n[destinations.flaky.retry]\ninitial = \"10ms\"\nmax_interval = \"20ms\"\njitter = 0.0\nmax_attempts = 3",
     )]))
     .await;
-    for i in 0..10 {
-        assert_eq!(post(&relay.url("/in"), "text/plain", format!("m{i}")).await.0, 200);
-    }
+    post_many(&relay, 10).await;
     let failed = "switchboard_delivery_attempts_total{destination=\"flaky\",result=\"5xx\"}";
     // Three failures open it; two probes later (200 ms, then 400 ms), still down.
     relay.wait_metrics("the breaker opened and probed twice", |m| metric(m, failed) >= 5.0).await;
@@ -186,9 +191,7 @@ async fn refusals_do_not_open_the_breaker() {
         "concurrency = 1\nbreaker = { failures = 2, cool_down = \"1h\" }",
     )]))
     .await;
-    for i in 0..5 {
-        assert_eq!(post(&relay.url("/in"), "text/plain", format!("m{i}")).await.0, 200);
-    }
+    post_many(&relay, 5).await;
     let m = relay
         .wait_metrics("five dead letters", |m| metric(m, "switchboard_dead_letters{destination=\"strict\"}") == 5.0)
         .await;

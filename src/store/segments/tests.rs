@@ -146,13 +146,7 @@ fn after_a_crash_only_the_last_batch_is_cut() {
     let log =
         SegmentLog::open(Arc::new(crate::store::disk::RealDisk), None, dir.path(), 1 << 20, None, false, |_| Ok(()))
             .expect("open");
-    let mut locs = Vec::new();
-    for id in 1..=6u64 {
-        log.push(|| id, Bytes::from(format!("record {id}")));
-        if id % 2 == 0 {
-            locs.extend(log.flush().expect("flush").records);
-        }
-    }
+    let locs = six_records_in_three_batches(&log);
     let path = seg_path(dir.path(), log.current());
     drop(log);
     let clean = std::fs::read(&path).expect("read");
@@ -246,13 +240,7 @@ fn a_damaged_sealed_segment_is_cut_on_request_and_then_opens_normally() {
     let dir = tempfile::tempdir().expect("tempdir");
     let log = SegmentLog::open(Arc::new(crate::store::disk::RealDisk), None, dir.path(), 150, None, false, |_| Ok(()))
         .expect("open");
-    let mut locs = Vec::new();
-    for id in 1..=6u64 {
-        log.push(|| id, Bytes::from(format!("record {id}")));
-        if id % 2 == 0 {
-            locs.extend(log.flush().expect("flush").records);
-        }
-    }
+    let locs = six_records_in_three_batches(&log);
     drop(log);
     // Records 1 and 2 are the first batch of segment 1; damage record 2.
     let first = seg_path(dir.path(), locs[1].1.seg);
@@ -273,4 +261,16 @@ fn a_damaged_sealed_segment_is_cut_on_request_and_then_opens_normally() {
     let kept = open_ids(true).expect("cut on request");
     assert!(kept.contains(&1) && !kept.contains(&2) && kept.contains(&6), "{kept:?}");
     assert_eq!(open_ids(false).expect("opens normally after the repair"), kept);
+}
+
+/// Writes records 1..=6 in three batches of two; their locations.
+fn six_records_in_three_batches(log: &SegmentLog) -> Vec<(u64, Loc)> {
+    let mut locs = Vec::new();
+    for id in 1..=6u64 {
+        log.push(|| id, Bytes::from(format!("record {id}")));
+        if id % 2 == 0 {
+            locs.extend(log.flush().expect("flush").records);
+        }
+    }
+    locs
 }
