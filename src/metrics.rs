@@ -37,6 +37,7 @@ pub struct Metrics {
     pub ingress_buffer_waits: IntCounterVec,
     pub strip_skipped: IntCounterVec,
     pub filter_unparsable: IntCounterVec,
+    pub order_key_missing: IntCounterVec,
     pub tls_expiry: GaugeVec,
     pub tls_reloads: IntCounterVec,
     pub deliveries: IntCounterVec,
@@ -159,6 +160,12 @@ impl Metrics {
                 "switchboard_filter_unparsable_total",
                 "Callbacks whose body a destination filter had to read but that were not JSON (no body condition matched), by route",
                 &["route"],
+            ),
+            order_key_missing: counter_vec(
+                &r,
+                "switchboard_order_key_missing_total",
+                "Callbacks queued unordered for a destination with ordering = per_key because they lack its order_key",
+                &["destination"],
             ),
             strip_skipped: counter_vec(
                 &r,

@@ -415,6 +415,15 @@ pub struct RawDestination {
     /// Only callbacks that match are queued for this destination.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<RawFilter>,
+    /// "none" (the default), "per_key" (with `order_key`: messages with the
+    /// same key are attempted one at a time, in arrival order) or "fifo"
+    /// (one key for all).
+    #[serde(default)]
+    pub ordering: RawOrdering,
+    /// What `per_key` orders by: a dotted JSON path (`deviceIds.0.id`) or
+    /// `header:NAME`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_key: Option<String>,
     /// Which of the sender's headers this destination gets: "all" (the
     /// default), `{ allow = [...] }` or `{ deny = [...] }`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -497,6 +506,16 @@ pub struct RawHeaderLists {
     pub allow: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deny: Option<Vec<String>>,
+}
+
+/// A destination's `ordering`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawOrdering {
+    #[default]
+    None,
+    PerKey,
+    Fifo,
 }
 
 /// `breaker = { failures = N, cool_down = "5s" }`.

@@ -296,6 +296,11 @@ impl RawConfig {
                 .iter()
                 .map(|d| dests.iter().find(|x| &*x.name == d.as_str()).and_then(|x| x.filter.clone()))
                 .collect(),
+            orders: r
+                .destinations
+                .iter()
+                .map(|d| dests.iter().find(|x| &*x.name == d.as_str()).and_then(|x| x.ordering.clone()))
+                .collect(),
         }
     }
 
@@ -425,6 +430,7 @@ fn validate_destination(p: &mut Problems, key: &str, name: &str, d: &RawDestinat
     });
     let (client_cert, tls13_only) = validate_destination_tls(p, &format!("{key}.tls"), d.tls.as_ref());
     let filter = d.filter.as_ref().and_then(|f| validate_filter(p, &format!("{key}.filter"), f)).map(Arc::new);
+    let ordering = validate_ordering(p, key, d).map(Arc::new);
     let signing = d.signing.as_ref().and_then(|sg| {
         let k = format!("{key}.signing.secrets");
         let secrets = resolve_all(p, &k, &sg.secrets);
@@ -453,6 +459,7 @@ fn validate_destination(p: &mut Problems, key: &str, name: &str, d: &RawDestinat
             .then_some(crate::delivery::breaker::BreakerConfig { failures: b.failures, cool_down: b.cool_down })
     });
     Some(Destination {
+        ordering,
         breaker,
         rate_limit,
         signing,
@@ -509,6 +516,32 @@ fn validate_encryption(p: &mut Problems, e: Option<&RawEncryption>) -> Vec<(Stri
         }
     }
     out
+}
+
+/// A destination's `ordering` and `order_key`; `None` for "none" (or with
+/// problems recorded).
+fn validate_ordering(p: &mut Problems, key: &str, d: &RawDestination) -> Option<crate::ingress::order::OrderKey> {
+    use super::raw::RawOrdering;
+    use crate::ingress::order::OrderKey;
+    match (d.ordering, d.order_key.as_deref()) {
+        (RawOrdering::None, None) => None,
+        (RawOrdering::PerKey, Some(k)) => match OrderKey::parse(k) {
+            Ok(o) => Some(o),
+            Err(e) => {
+                p.add(format!("{key}.order_key"), e);
+                None
+            }
+        },
+        (RawOrdering::PerKey, None) => {
+            p.add(format!("{key}.order_key"), "ordering = \"per_key\" needs an order_key (a JSON path or header:NAME)");
+            None
+        }
+        (RawOrdering::Fifo, None) => Some(OrderKey::Fifo),
+        (_, Some(_)) => {
+            p.add(format!("{key}.order_key"), "only used with ordering = \"per_key\"");
+            None
+        }
+    }
 }
 
 /// A destination's filter; `None` (with problems recorded) if it cannot be

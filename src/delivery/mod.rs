@@ -82,6 +82,10 @@ pub struct Destination {
     /// Only callbacks that match are queued for this destination (applied
     /// by ingress; see `ingress/filter.rs`).
     pub filter: Option<Arc<crate::ingress::filter::Filter>>,
+    /// What deliveries are ordered by (`ordering`, `order_key`), if they
+    /// are: the key is taken at ingress (`ingress/order.rs`), the store
+    /// leases one message of a key at a time.
+    pub ordering: Option<Arc<crate::ingress::order::OrderKey>>,
 }
 
 type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;

@@ -44,7 +44,8 @@ pub enum Filter {
     Cond { target: Target, test: Test, case_insensitive: bool },
 }
 
-/// Parses `a.b[0].c` (keys separated by dots, `[n]` indexes after a key).
+/// Parses `a.b[0].c` (keys separated by dots, `[n]` indexes after a key;
+/// a numeric key, `a.b.0.c`, indexes an array too).
 pub fn parse_path(path: &str) -> Result<Vec<Step>, String> {
     if path.is_empty() {
         return Err("empty path".into());
@@ -120,7 +121,12 @@ impl Filter {
 pub fn lookup<'a>(mut v: &'a Value, steps: &[Step]) -> Option<&'a Value> {
     for step in steps {
         v = match step {
-            Step::Key(k) => v.as_object()?.get(k)?,
+            // A numeric key indexes an array: `deviceIds.0.id` reads as
+            // `deviceIds[0].id`.
+            Step::Key(k) => match v {
+                Value::Array(items) => items.get(k.parse::<usize>().ok()?)?,
+                _ => v.as_object()?.get(k)?,
+            },
             Step::Index(i) => v.as_array()?.get(*i)?,
         };
     }

@@ -53,6 +53,7 @@ use crate::server::allowed;
 pub mod auth;
 pub mod dedupe;
 pub mod filter;
+pub mod order;
 use crate::metrics::Metrics;
 use crate::store::{now_ms, Draft, Store};
 use crate::wake::Wakers;
@@ -87,6 +88,8 @@ pub struct Route {
     pub dedupe: Option<dedupe::DedupeRule>,
     /// Per destination (same order as `destinations`), its filter if any.
     pub filters: Vec<Option<Arc<filter::Filter>>>,
+    /// Per destination (same order), what it orders deliveries by, if it does.
+    pub orders: Vec<Option<Arc<order::OrderKey>>>,
 }
 
 /// Everything a request handler needs, shared by all connections.
@@ -240,7 +243,8 @@ impl Ingress {
             }
         }
         let mut draft = draft;
-        let targets = self.targets(route, &parts.headers, draft.body());
+        let parsed = self.parse_body(route, draft.body());
+        let targets = self.targets(route, &parts.headers, parsed.as_ref());
         if targets.is_empty() {
             // Accepted (the sender must not resend it), needed by nobody.
             return json_response(StatusCode::OK, serde_json::json!({ "id": null, "filtered": true }));
@@ -249,7 +253,9 @@ impl Ingress {
             draft.retain_destinations(&targets);
         }
         let started = Instant::now();
-        let id = match self.store.append_draft(draft, &targets, dedupe_key) {
+        let order = self.order_keys(route, &targets, &parts.headers, parsed.as_ref());
+        drop(parsed);
+        let id = match self.store.append_draft(draft, &targets, dedupe_key, &order) {
             Ok(id) => id,
             Err(e) => return self.unavailable(&e),
         };
@@ -268,31 +274,33 @@ impl Ingress {
         resp
     }
 
+    /// The body as JSON, parsed once, and only if a filter or an ordering
+    /// key of the route looks at it (`None`: not looked at, or not JSON).
+    fn parse_body(&self, route: &Route, body: &[u8]) -> Option<serde_json::Value> {
+        let filters = route.filters.iter().flatten().any(|f| f.reads_body());
+        let orders = route.orders.iter().flatten().any(|o| o.reads_body());
+        if !filters && !orders {
+            return None;
+        }
+        let parsed = serde_json::from_slice::<serde_json::Value>(body).ok();
+        if parsed.is_none() && filters {
+            self.metrics.filter_unparsable.with_label_values(&[&route.path]).inc();
+        }
+        parsed
+    }
+
     /// The destinations this callback is queued for: those whose filter it
-    /// matches (all of the route's when none filters). The body is parsed
-    /// at most once, and only if some filter looks at it.
+    /// matches (all of the route's when none filters).
     fn targets<'r>(
         &self,
         route: &'r Route,
         headers: &http::HeaderMap,
-        body: &[u8],
+        body: Option<&serde_json::Value>,
     ) -> std::borrow::Cow<'r, [Arc<str>]> {
         if route.filters.iter().all(Option::is_none) {
             return std::borrow::Cow::Borrowed(&route.destinations);
         }
-        let parsed = route
-            .filters
-            .iter()
-            .flatten()
-            .any(|f| f.reads_body())
-            .then(|| serde_json::from_slice::<serde_json::Value>(body).ok())
-            .and_then(|v| {
-                if v.is_none() {
-                    self.metrics.filter_unparsable.with_label_values(&[&route.path]).inc();
-                }
-                v
-            });
-        let subject = filter::Subject { headers, body: parsed.as_ref() };
+        let subject = filter::Subject { headers, body };
         let mut kept = Vec::with_capacity(route.destinations.len());
         for (d, f) in route.destinations.iter().zip(&route.filters) {
             if f.as_ref().is_none_or(|f| f.matches(&subject)) {
@@ -302,6 +310,29 @@ impl Ingress {
             }
         }
         std::borrow::Cow::Owned(kept)
+    }
+
+    /// The callback's ordering key for each of `targets` that delivers in
+    /// order; one without a value there is delivered unordered, and counted.
+    fn order_keys(
+        &self,
+        route: &Route,
+        targets: &[Arc<str>],
+        headers: &http::HeaderMap,
+        body: Option<&serde_json::Value>,
+    ) -> Vec<(Arc<str>, u64)> {
+        let mut keys = Vec::new();
+        for (d, o) in route.destinations.iter().zip(&route.orders) {
+            let Some(o) = o else { continue };
+            if !targets.contains(d) {
+                continue;
+            }
+            match o.key(headers, body) {
+                Some(k) => keys.push((d.clone(), k)),
+                None => self.metrics.order_key_missing.with_label_values(&[d]).inc(),
+            }
+        }
+        keys
     }
 
     /// Reads the body into `draft` within `body_read_timeout`, holding its

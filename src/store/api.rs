@@ -53,15 +53,18 @@ impl Store {
     /// Queues a message built while its body was read, pending for each of
     /// `destinations` (the ones `draft` was started with). Not durable, and
     /// not to be acknowledged, until [`Store::sync`] returns.
-    /// `dedupe`: the callback's de-duplication key, remembered with it.
+    /// `dedupe`: the callback's de-duplication key, remembered with it;
+    /// `order`: its ordering key for each destination that delivers in
+    /// order by key (of a key's messages, one at a time is leased, oldest first).
     pub fn append_draft(
         &self,
         draft: Draft,
         destinations: &[Arc<str>],
         dedupe: Option<[u8; 16]>,
+        order: &[(Arc<str>, u64)],
     ) -> Result<u64, StoreError> {
         match &self.0 {
-            Backend::Local(s) => s.append_draft(draft, destinations, dedupe),
+            Backend::Local(s) => s.append_draft(draft, destinations, dedupe, order),
         }
     }
 

@@ -100,7 +100,7 @@ impl Local {
             }
             let ((), written) = Written::by(self.finish(&mut msgs, dest, id, true))?;
             drop(msgs);
-            self.inner.index.purged(dest, &written);
+            self.inner.index.purged(dest, id, &written);
             purged += 1;
         }
         Ok(purged)

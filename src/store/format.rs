@@ -253,6 +253,57 @@ pub fn record_dedupe_key(raw: &Bytes) -> Result<Option<[u8; 16]>, DecodeError> {
     Ok(m.headers.iter().find(|(n, _)| n == DEDUPE_HEADER).and_then(|(_, v)| <[u8; 16]>::try_from(&v[..]).ok()))
 }
 
+/// The stored header that carries a message's ordering keys: for each
+/// destination that delivers in order (`ordering` = `per_key` or `fifo`),
+/// `[name length u8][name][key u64 BE]`. Written by ingress with the
+/// message (same frame, same fdatasync), read back at open to rebuild
+/// each key's order.
+pub const ORDER_HEADER: &str = ":switchboard-order";
+
+/// Encodes the value of [`ORDER_HEADER`].
+pub fn encode_order_keys(keys: &[(std::sync::Arc<str>, u64)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(keys.iter().map(|(d, _)| 9 + d.len()).sum());
+    for (dest, key) in keys {
+        let name = &dest.as_bytes()[..dest.len().min(255)];
+        out.push(name.len() as u8);
+        out.extend_from_slice(name);
+        out.extend_from_slice(&key.to_be_bytes());
+    }
+    out
+}
+
+/// The ordering keys a stored record carries (destination, key), if any.
+/// Reads the record in place (no copy of the body).
+pub fn record_order_keys(raw: &[u8]) -> Result<Vec<(String, u64)>, DecodeError> {
+    const WHAT: &str = "message record";
+    let mut r = Reader::versioned(raw, WHAT)?;
+    let _received = r.u64()?;
+    let _route = r.str16()?;
+    let peer_len = r.u8()? as usize;
+    r.take(peer_len)?;
+    for _ in 0..r.u8()? {
+        let len = r.u8()? as usize;
+        r.take(len)?;
+    }
+    let mut out = Vec::new();
+    for _ in 0..r.u16()? {
+        let name = r.str16()?;
+        let len = r.u32()? as usize;
+        let value = r.take(len)?;
+        if name != ORDER_HEADER {
+            continue;
+        }
+        let mut v = Reader { buf: value, pos: 0, what: WHAT };
+        while v.pos < value.len() {
+            let n = v.u8()? as usize;
+            let dest =
+                String::from_utf8(v.take(n)?.to_vec()).map_err(|_| bad(WHAT, "order key destination is not UTF-8"))?;
+            out.push((dest, v.u64()?));
+        }
+    }
+    Ok(out)
+}
+
 /// The destinations a stored message is to be delivered to.
 pub fn record_destinations(raw: &[u8]) -> Result<Vec<String>, DecodeError> {
     const WHAT: &str = "message record";

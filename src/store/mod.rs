@@ -387,23 +387,29 @@ impl Local {
     pub fn append(&self, msg: &MessageRecord, destinations: &[Arc<str>]) -> Result<u64, StoreError> {
         let mut draft = Draft::new(msg.received_ms, &msg.route, &msg.peer, &msg.headers, destinations, msg.body.len());
         draft.extend(&msg.body);
-        self.append_draft(draft, destinations, None)
+        self.append_draft(draft, destinations, None, &[])
     }
 
     /// [`Store::append`] of a record ingress built while reading the body
     /// (`draft` must have been started with the same `destinations`), with
     /// its de-duplication key, if its route has one: remembered with the
-    /// message, durable in the same write (see `remembered.rs`).
+    /// message, durable in the same write (see `remembered.rs`); and its
+    /// ordering key for each destination that delivers in order (carried
+    /// by the record too, so the order is rebuilt at open).
     pub fn append_draft(
         &self,
         mut draft: Draft,
         destinations: &[Arc<str>],
         dedupe: Option<[u8; 16]>,
+        order: &[(Arc<str>, u64)],
     ) -> Result<u64, StoreError> {
         let inner = &self.inner;
         let received_ms = draft.received_ms();
         if let Some(key) = &dedupe {
             draft.push_header(format::DEDUPE_HEADER, key);
+        }
+        if !order.is_empty() {
+            draft.push_header(format::ORDER_HEADER, &format::encode_order_keys(order));
         }
         let record = draft.into_record();
         let len = recover::record_len(record.len())?;
@@ -422,7 +428,7 @@ impl Local {
             record.clone(),
         );
         inner.bytes.fetch_add(u64::from(len), Ordering::Relaxed);
-        inner.index.queued(destinations, received_ms, id, &Written::pushed());
+        inner.index.queued(destinations, received_ms, id, order, &Written::pushed());
         if let Some(key) = dedupe {
             lock(&inner.remembered).insert(key, id, received_ms);
             let mut v = id.to_be_bytes().to_vec();

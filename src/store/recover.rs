@@ -40,20 +40,22 @@ impl Builder {
     /// whether anything still needs it.
     fn add(&mut self, id: u64, raw: &[u8], place: Place) -> Result<bool, StoreError> {
         let (mut pending, mut dead) = (0u32, 0u32);
+        let order = record_order_keys(raw)?;
         for dest in record_destinations(raw)? {
+            let key = order.iter().find(|(d, _)| *d == dest).map(|(_, k)| *k);
             let e = self.index.entry(dest.clone()).or_default();
             match self.states.get(&(dest, id)) {
                 Some(StateRecord::Done) => continue,
                 Some(StateRecord::Dead(_)) => {
-                    e.recovered_dead();
+                    e.recovered_dead(id, key);
                     dead += 1;
                 }
                 Some(StateRecord::Retry { due_ms, record }) => {
-                    e.recovered_pending(id, Some((*due_ms, record.clone())));
+                    e.recovered_pending(id, Some((*due_ms, record.clone())), key);
                     pending += 1;
                 }
                 None => {
-                    e.recovered_pending(id, None);
+                    e.recovered_pending(id, None, key);
                     pending += 1;
                 }
             }
