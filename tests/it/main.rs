@@ -9,6 +9,7 @@ mod filter;
 mod flow;
 mod hostile;
 mod mtls;
+mod order;
 mod policy;
 mod promises;
 mod relay;

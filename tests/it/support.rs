@@ -100,8 +100,10 @@ impl TestReceiver {
                                 g.push(rec.clone());
                                 g.len() - 1
                             };
-                            c.notify_waiters();
+                            // The script runs before waiters are woken, so
+                            // what it records is there when they look.
                             let reply = script(n, &rec);
+                            c.notify_waiters();
                             let (status, headers) = match reply {
                                 Reply::Status(s) => (s, vec![]),
                                 Reply::StatusWith(s, h) => (s, h),
