@@ -17,7 +17,7 @@
 //! record and key: the on-disk format), `segments/` (the message log, its
 //! recovery reading in `scan.rs`), `disk.rs` (the log's file operations;
 //! `disk/faulty.rs` fails on purpose, for tests), `index.rs` (due queues per
-//! destination, changed only with a proof of the write), `cache.rs` (recent
+//! destination, ordering per key, changed only with a proof of the write), `cache.rs` (recent
 //! records), `commit.rs` (group commit), `flush.rs` (the two flushes),
 //! `open.rs` (open, close, background work), `recover.rs` (rebuilding memory
 //! from disk), `settle.rs` (settling, keeping, evacuating), `dead.rs` (dead

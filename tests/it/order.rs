@@ -198,3 +198,46 @@ fn bad_ordering_settings_are_config_errors() {
         crate::binary::assert_config_error(dir.path(), extra, key, why);
     }
 }
+
+/// The configuration shape issue 14 gives, exactly as written except for
+/// the destination's address (a receiver on a port of the test's, not
+/// 8081): it loads, delivers, and pause/resume answer on the admin API
+/// with each destination's `state`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_issue_shape_for_flow_control_loads_as_written() {
+    let r = TestReceiver::ok().await;
+    let shape = r#"[[routes]]
+path = "/thingspace/CarrierService"
+destinations = ["app"]
+dedupe = { window = "24h" }                  # key: the body's hash unless `key` names fields/headers
+[destinations.app]
+url = "http://127.0.0.1:8081/callbacks"
+rate_limit = { per_second = 200, burst = 50 }
+ordering = "per_key"
+order_key = "deviceIds.0.id"                  # dotted JSON path
+breaker = { failures = 5, cool_down = "5s" }  # open after 5 consecutive failures
+"#
+    .replace("http://127.0.0.1:8081/callbacks", &r.url("/callbacks"));
+    let toml = format!(
+        "[store]\npath = \"{{store}}\"\n[[listeners]]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n{shape}"
+    );
+    let relay = TestRelay::start(&toml).await;
+    let url = relay.url("/thingspace/CarrierService");
+    assert_eq!(post(&url, "application/json", callback("d1", 0)).await.0, 200);
+    r.wait_for(1, WAIT).await;
+    let state = |body: &[u8]| -> String {
+        let v: serde_json::Value = serde_json::from_slice(body).expect("json");
+        v["destinations"][0]["state"].as_str().unwrap_or_default().to_string()
+    };
+    let (s, _, body) = get(&relay.admin_url("/api/destinations")).await;
+    assert_eq!((s, state(&body)), (200, "active".to_string()));
+    let (s, _, _) = request("POST", &relay.admin_url("/api/destinations/app/pause"), &[], "").await;
+    assert_eq!(s, 200);
+    let (_, _, body) = get(&relay.admin_url("/api/destinations")).await;
+    assert_eq!(state(&body), "paused");
+    assert_eq!(post(&url, "application/json", callback("d1", 1)).await.0, 200);
+    let (s, _, _) = request("POST", &relay.admin_url("/api/destinations/app/resume"), &[], "").await;
+    assert_eq!(s, 200);
+    let got = r.wait_for(2, WAIT).await;
+    assert_eq!(key_seq(&got[1].body), Some(("d1".to_string(), 1)));
+}
