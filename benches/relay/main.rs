@@ -218,10 +218,11 @@ async fn bench(s: Settings) -> AnyResult<()> {
 
     // 4. Fan-out to 3 healthy destinations: saturating, then at a fixed rate.
     let (mut fan_peak, mut iso_peak) = (0.0, 0.0);
-    let mut fan_rate = 0.0;
-    if s.wants("4") || s.wants("5") {
-        let (fan, peak) = fan_out(&s, &fresh_dir(), false, epoch).await?;
+    let (mut fan_rate, mut fan_lag) = (0.0, 0.0);
+    if s.wants("4") || s.wants("5") || s.wants("5b") {
+        let (fan, peak) = fan_out(&s, &fresh_dir(), Third::Healthy, epoch).await?;
         fan_rate = fan.healthy_rate;
+        fan_lag = fan.healthy_lag_p99;
         fan_peak = peak;
     }
     if s.wants("4b") {
@@ -229,7 +230,7 @@ async fn bench(s: Settings) -> AnyResult<()> {
     }
     // 5. Isolation: one of the three black-holed.
     if s.wants("5") {
-        let (iso, peak) = fan_out(&s, &fresh_dir(), true, epoch).await?;
+        let (iso, peak) = fan_out(&s, &fresh_dir(), Third::BlackHole, epoch).await?;
         iso_peak = peak;
         row(
             "5. isolation (1 of 3 black-holed)",
@@ -238,6 +239,20 @@ async fn bench(s: Settings) -> AnyResult<()> {
                 iso.healthy_rate,
                 100.0 * iso.healthy_rate / fan_rate.max(1.0),
                 iso.ingest_rate
+            ),
+        );
+    }
+
+    // 5b. A flaky third destination, breaker and ordering per key on.
+    if s.wants("5b") {
+        let (flaky, _) = fan_out(&s, &fresh_dir(), Third::Flaky, epoch).await?;
+        row(
+            "5b. vs run 4 (a and b)",
+            &format!(
+                "healthy deliveries {:.0} % of run 4, lag p99 {:.1} ms vs {:.1} ms",
+                100.0 * flaky.healthy_rate / fan_rate.max(1.0),
+                flaky.healthy_lag_p99,
+                fan_lag
             ),
         );
     }

@@ -7,6 +7,8 @@ use super::*;
 pub(crate) enum Mode {
     Ok,
     BlackHole,
+    /// Answers after 5 ms; 3 requests in 10 get a 503 (not counted).
+    Flaky,
 }
 
 /// A large body whose bytes all equal its first one (see [`intact`]).
@@ -29,6 +31,8 @@ pub(crate) struct Receiver {
     /// Bodies that were whole large bodies (run 8).
     pub(crate) intact: Arc<AtomicU64>,
     pub(crate) lags_us: Arc<Mutex<Vec<u32>>>,
+    /// Requests answered 503 ([`Mode::Flaky`]).
+    pub(crate) refused: Arc<AtomicU64>,
     pub(crate) stop: Arc<AtomicBool>,
 }
 
@@ -43,21 +47,34 @@ impl Receiver {
         let whole = Arc::new(AtomicU64::new(0));
         let lags_us: Arc<Mutex<Vec<u32>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
+        let refused = Arc::new(AtomicU64::new(0));
+        let requests = Arc::new(AtomicU64::new(0));
         let (c, w, l, s) = (count.clone(), whole.clone(), lags_us.clone(), stop.clone());
+        let (rf, rq) = (refused.clone(), requests.clone());
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 if s.load(Ordering::Relaxed) {
                     return;
                 }
-                let (c, w, l) = (c.clone(), w.clone(), l.clone());
+                let (c, w, l, rf, rq) = (c.clone(), w.clone(), l.clone(), rf.clone(), rq.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let (c, w, l) = (c.clone(), w.clone(), l.clone());
+                        let (c, w, l, rf, rq) = (c.clone(), w.clone(), l.clone(), rf.clone(), rq.clone());
                         async move {
                             if mode == Mode::BlackHole {
                                 std::future::pending::<()>().await;
                             }
                             let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            if mode == Mode::Flaky {
+                                // The receiver's own processing time, not a synchronisation.
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                                if rq.fetch_add(1, Ordering::Relaxed) % 10 < 3 {
+                                    rf.fetch_add(1, Ordering::Relaxed);
+                                    let mut resp = http::Response::new(Full::new(Bytes::from_static(b"busy")));
+                                    *resp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                                    return Ok::<_, Infallible>(resp);
+                                }
+                            }
                             c.fetch_add(1, Ordering::Relaxed);
                             if body.len() == LARGE_BODY && intact(&body) {
                                 w.fetch_add(1, Ordering::Relaxed);
@@ -76,7 +93,7 @@ impl Receiver {
                 });
             }
         });
-        Ok(Receiver { addr, count, intact: whole, lags_us, stop })
+        Ok(Receiver { addr, count, intact: whole, lags_us, refused, stop })
     }
 
     pub(crate) fn url(&self) -> String {
@@ -98,9 +115,15 @@ pub(crate) fn sent_at_us(body: &[u8]) -> Option<u64> {
 }
 
 /// A 1 KiB JSON body shaped like a ThingSpace callback (valid JSON: `t`
-/// without leading zeros, which JSON numbers may not have).
+/// without leading zeros, which JSON numbers may not have), with one of
+/// 1,000 device ids.
 pub(crate) fn body(epoch: Instant) -> Bytes {
-    let head = format!("{{\"t\":{},\"username\":\"\",\"password\":\"\",\"requestId\":\"", epoch.elapsed().as_micros());
+    let t = epoch.elapsed().as_micros();
+    // A device id out of 1,000, for run 5b's ordering per key.
+    let head = format!(
+        "{{\"t\":{t},\"deviceIds\":[{{\"id\":\"dev-{}\"}}],\"username\":\"\",\"password\":\"\",\"requestId\":\"",
+        t % 1000
+    );
     let mut s = head;
     while s.len() < 1024 - 3 {
         s.push('x');

@@ -6,15 +6,46 @@ use super::*;
 pub(crate) struct FanOut {
     pub(crate) ingest_rate: f64,
     pub(crate) healthy_rate: f64,
+    /// Lag p99 (ms) of the two destinations that are healthy in every run.
+    pub(crate) healthy_lag_p99: f64,
 }
 
-pub(crate) async fn fan_out(s: &Settings, dir: &Path, black_hole: bool, epoch: Instant) -> AnyResult<(FanOut, f64)> {
+/// The third destination of a fan-out run.
+#[derive(Clone, Copy, PartialEq)]
+pub(crate) enum Third {
+    /// Healthy like the other two (run 4).
+    Healthy,
+    /// Never answers (run 5).
+    BlackHole,
+    /// Answers in 5 ms, 503 to 30 % of requests; every destination with
+    /// the breaker and ordering per key on (run 5b).
+    Flaky,
+}
+
+/// What run 5b turns on for every destination.
+const FLOW_CONTROL: &str =
+    "ordering = \"per_key\"\norder_key = \"deviceIds.0.id\"\nbreaker = { failures = 5, cool_down = \"5s\" }";
+
+pub(crate) async fn fan_out(s: &Settings, dir: &Path, third: Third, epoch: Instant) -> AnyResult<(FanOut, f64)> {
     let a = Receiver::start(Mode::Ok, epoch).await?;
     let b = Receiver::start(Mode::Ok, epoch).await?;
-    let c = Receiver::start(if black_hole { Mode::BlackHole } else { Mode::Ok }, epoch).await?;
-    let extra = "concurrency = 32";
-    let c_extra = if black_hole { "concurrency = 32\ntimeout = \"5s\"" } else { extra };
-    let relay = Relay::start(dir, &[("a", a.url(), extra), ("b", b.url(), extra), ("c", c.url(), c_extra)]).await?;
+    let c_mode = match third {
+        Third::Healthy => Mode::Ok,
+        Third::BlackHole => Mode::BlackHole,
+        Third::Flaky => Mode::Flaky,
+    };
+    let c = Receiver::start(c_mode, epoch).await?;
+    let extra = match third {
+        Third::Flaky => format!("concurrency = 32\n{FLOW_CONTROL}"),
+        _ => "concurrency = 32".to_string(),
+    };
+    let c_extra =
+        if third == Third::BlackHole { "concurrency = 32\ntimeout = \"5s\"".to_string() } else { extra.clone() };
+    let relay = Relay::start(
+        dir,
+        &[("a", a.url(), extra.as_str()), ("b", b.url(), extra.as_str()), ("c", c.url(), c_extra.as_str())],
+    )
+    .await?;
     let load = closed_loop(relay.ingress, "/in", s.connections, s.run, u64::MAX, epoch).await;
     let delivered_during = a.count.load(Ordering::Relaxed) + b.count.load(Ordering::Relaxed);
     let depth_a = relay.metric("switchboard_queue_depth{destination=\"a\"}").await;
@@ -26,24 +57,47 @@ pub(crate) async fn fan_out(s: &Settings, dir: &Path, black_hole: bool, epoch: I
     let secs = load.elapsed.as_secs_f64();
     let mut lags: Vec<u32> = a.lags_us.lock().map(|v| v.clone()).unwrap_or_default();
     lags.extend(b.lags_us.lock().map(|v| v.clone()).unwrap_or_default());
-    if !black_hole {
+    let healthy_lag_p99 = percentile(&mut lags.clone(), 0.99);
+    if third == Third::Healthy {
         lags.extend(c.lags_us.lock().map(|v| v.clone()).unwrap_or_default());
     }
-    let all_delivered = delivered_during + if black_hole { 0 } else { c.count.load(Ordering::Relaxed) };
-    let result = FanOut { ingest_rate: load.rps(), healthy_rate: delivered_during as f64 / secs };
-    if !black_hole {
-        row(
+    let all_delivered = delivered_during + if third == Third::BlackHole { 0 } else { c.count.load(Ordering::Relaxed) };
+    let result = FanOut { ingest_rate: load.rps(), healthy_rate: delivered_during as f64 / secs, healthy_lag_p99 };
+    let caught_up =
+        catch_up.map(|d| format!("{:.1} s after", d.as_secs_f64())).unwrap_or_else(|| "not within 60 s".into());
+    match third {
+        Third::Healthy => row(
             "4. fan-out x3",
             &format!(
-                "ingest {:.0} msg/s, deliveries {:.0}/s during the run, queue depth (a) at end {:.0}, caught up {}, lag p50 {:.1} ms, p99 {:.1} ms",
+                "ingest {:.0} msg/s, deliveries {:.0}/s during the run, queue depth (a) at end {:.0}, caught up {}, lag p50 {:.1} ms, p99 {:.1} ms (a+b only: p99 {:.1} ms)",
                 load.rps(),
                 all_delivered as f64 / secs,
                 depth_a,
-                catch_up.map(|d| format!("{:.1} s after", d.as_secs_f64())).unwrap_or_else(|| "not within 60 s".into()),
+                caught_up,
                 percentile(&mut lags.clone(), 0.5),
-                percentile(&mut lags, 0.99)
+                percentile(&mut lags, 0.99),
+                healthy_lag_p99,
             ),
-        );
+        ),
+        Third::Flaky => {
+            let flaky_ok = c.count.load(Ordering::Relaxed);
+            let refused = c.refused.load(Ordering::Relaxed);
+            let opened = relay.metric("switchboard_breaker_state{destination=\"c\",state=\"open\"}").await;
+            row(
+                "5b. flaky third (30 % 503, 5 ms)",
+                &format!(
+                    "ingest {:.0} msg/s; healthy deliveries {:.0}/s, lag p99 {:.1} ms, caught up {}; flaky: {} delivered, {} refused during the run, breaker open at end {:.0}",
+                    load.rps(),
+                    result.healthy_rate,
+                    healthy_lag_p99,
+                    caught_up,
+                    flaky_ok,
+                    refused,
+                    opened
+                ),
+            )
+        }
+        Third::BlackHole => {}
     }
     let peak = relay.peak_mb();
     relay.stop();
