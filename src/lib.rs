@@ -152,15 +152,9 @@ pub async fn run_with_reload(
     let metrics = Arc::new(Metrics::new());
     // Certificates first: a listener that cannot serve TLS must stop start-up.
     let certs = Certificates::load(&config)?;
-    let store = open_store(&config, &metrics).await?;
-    let relay = Parts {
-        config: &config,
-        wakers: Wakers::new(config.destinations.iter().map(|d| &d.name)),
-        store,
-        metrics,
-        tracker: TaskTracker::new(),
-        shutdown,
-    };
+    let wakers = Wakers::new(config.destinations.iter().map(|d| &d.name));
+    let store = open_store(&config, &metrics, &wakers).await?;
+    let relay = Parts { config: &config, wakers, store, metrics, tracker: TaskTracker::new(), shutdown };
     relay.start_workers(&certs.destinations)?;
     certs.export(&relay.metrics);
     relay.start_ingress(listeners.ingress, certs.ingress);
@@ -171,7 +165,11 @@ pub async fn run_with_reload(
     relay.start_admin(listeners.admin, certs.admin, ready.clone());
     relay.tracker.close();
     ready.store(true, Ordering::SeqCst);
-    tracing::info!(store = %config.store.path.display(), routes = config.routes.len(), destinations = config.destinations.len(), "switchboard started");
+    let store_at = match &config.store.jetstream {
+        Some(j) => format!("jetstream {} at {}", j.stream, j.servers.join(", ")),
+        None => config.store.path.display().to_string(),
+    };
+    tracing::info!(store = %store_at, routes = config.routes.len(), destinations = config.destinations.len(), "switchboard started");
 
     relay.shutdown.cancelled().await;
     ready.store(false, Ordering::SeqCst);
@@ -238,7 +236,13 @@ impl Certificates {
 
 /// Opens the store (recovery on the blocking pool) with its flush metrics,
 /// and warns about deliveries kept for destinations no longer configured.
-async fn open_store(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Store> {
+async fn open_store(config: &Config, metrics: &Arc<Metrics>, wakers: &Wakers) -> anyhow::Result<Store> {
+    if let Some(jet) = &config.store.jetstream {
+        let dests = config.destinations.iter().map(|d| (d.name.clone(), d.concurrency)).collect();
+        return Store::open_jetstream(jet.clone(), dests, wakers.clone())
+            .await
+            .with_context(|| format!("opening JetStream stream {:?} at {}", jet.stream, jet.servers.join(", ")));
+    }
     let flush_metrics = metrics.clone();
     let store = Store::open_async(&config.store.path, store_options(config, false)?, move |took, ok| {
         flush_metrics.store_flushes.with_label_values(&[if ok { "ok" } else { "error" }]).inc();

@@ -105,6 +105,8 @@ pub struct StoreConfig {
     pub dedupe_max_keys: usize,
     /// Encryption keys (id, base64 of 32 bytes), the first seals; empty: off.
     pub encryption: Vec<(String, Secret)>,
+    /// `kind = "jetstream"`: the NATS JetStream store instead of the local one.
+    pub jetstream: Option<crate::store::JetConfig>,
 }
 
 impl Config {

@@ -157,6 +157,77 @@ pub struct RawStore {
     /// Payloads encrypted at rest (off unless present).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<RawEncryption>,
+    /// "local" (the default: `path`) or "jetstream" (the keys below).
+    #[serde(default)]
+    pub kind: RawStoreKind,
+    /// JetStream: the NATS servers (`nats://host:port`, `tls://...`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub servers: Vec<String>,
+    /// JetStream: the stream's name (and prefix of its subjects and buckets).
+    #[serde(default = "default_stream")]
+    pub stream: String,
+    /// JetStream: 1, or 3 (a quorum of three servers stores each message).
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
+    /// JetStream credentials: `user` and `password`, or `token`, or `nkey`
+    /// (a seed), or `creds_file`; secrets inline, `env:` or `file:`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<SecretString>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<SecretString>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nkey: Option<SecretString>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creds_file: Option<PathBuf>,
+    /// JetStream TLS: CA of the servers, client certificate and key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key: Option<PathBuf>,
+    /// JetStream: leased and retrying messages per destination, all relays together.
+    #[serde(default = "default_max_ack_pending")]
+    pub max_ack_pending: usize,
+    /// JetStream: how long a lease lasts without renewal (a killed relay's
+    /// messages go to another after this).
+    #[serde(default = "default_ack_wait", with = "humantime_serde")]
+    pub ack_wait: Duration,
+    /// JetStream: how long ingress waits for the stream's acknowledgement
+    /// before answering 503.
+    #[serde(default = "default_publish_timeout", with = "humantime_serde")]
+    pub publish_timeout: Duration,
+}
+
+/// `store.kind`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawStoreKind {
+    #[default]
+    Local,
+    Jetstream,
+}
+
+fn default_stream() -> String {
+    "switchboard".into()
+}
+
+fn default_replicas() -> usize {
+    1
+}
+
+fn default_max_ack_pending() -> usize {
+    20_000
+}
+
+fn default_ack_wait() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_publish_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 /// `[store.encryption]`.
@@ -188,6 +259,21 @@ impl Default for RawStore {
             min_free_bytes: default_min_free_bytes(),
             dedupe_max_keys: default_dedupe_max_keys(),
             encryption: None,
+            kind: RawStoreKind::Local,
+            servers: Vec::new(),
+            stream: default_stream(),
+            replicas: default_replicas(),
+            user: None,
+            password: None,
+            token: None,
+            nkey: None,
+            creds_file: None,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            max_ack_pending: default_max_ack_pending(),
+            ack_wait: default_ack_wait(),
+            publish_timeout: default_publish_timeout(),
         }
     }
 }

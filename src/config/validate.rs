@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 use super::*;
 
+mod store;
+
 /// Collects problems during validation.
 struct Problems(Vec<Problem>);
 
@@ -39,6 +41,7 @@ impl RawConfig {
             p.add("store.path", "must not be empty");
         }
         let encryption = validate_encryption(&mut p, self.store.encryption.as_ref());
+        let mut jetstream = store::validate_store_kind(&mut p, &self);
         self.check_ingress(&mut p);
         let listeners = self.validate_listeners(&mut p);
         let admin = self.validate_admin(&mut p, &listeners);
@@ -50,6 +53,9 @@ impl RawConfig {
         }
         let destinations = self.validate_destinations(&mut p);
         let routes = self.validate_routes(&mut p, &destinations);
+        if let Some(j) = jetstream.as_mut() {
+            j.dedupe_retention = routes.iter().filter_map(|r| r.dedupe.as_ref().map(|d| d.window)).max();
+        }
         if !p.0.is_empty() {
             return Err(ConfigError { file: file.to_path_buf(), problems: p.0 });
         }
@@ -63,6 +69,7 @@ impl RawConfig {
                 path: self.store.path,
                 max_bytes: (self.store.max_bytes > 0).then_some(self.store.max_bytes),
                 min_free_bytes: (self.store.min_free_bytes > 0).then_some(self.store.min_free_bytes),
+                jetstream,
             },
             ingress: IngressConfig {
                 max_body: self.ingress.max_body,

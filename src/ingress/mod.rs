@@ -205,7 +205,8 @@ impl Ingress {
                 return close(self.unauthorized(route, &r));
             }
         }
-        let limit = route.max_body;
+        // A store with a limit of its own (JetStream's max_payload) lowers it.
+        let limit = self.store.max_record().map_or(route.max_body, |m| route.max_body.min(m));
         let declared = match req.headers().get(header::CONTENT_LENGTH) {
             None => None,
             Some(len) => match len.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()) {
@@ -231,7 +232,11 @@ impl Ingress {
 
         let dedupe_key = route.dedupe.as_ref().map(|d| d.key(&route.path, draft.body(), &parts.headers));
         if let (Some(key), Some(rule)) = (&dedupe_key, &route.dedupe) {
-            if let Some(first) = self.store.duplicate_of(key, rule.window) {
+            let first = match self.store.duplicate_of(key, rule.window).await {
+                Ok(first) => first,
+                Err(e) => return self.unavailable(&e),
+            };
+            if let Some(first) = first {
                 // The first may still be on its way to disk: answer only
                 // once a flush that started now has covered it.
                 if let Err(e) = self.store.sync().await {
@@ -255,17 +260,18 @@ impl Ingress {
         let started = Instant::now();
         let order = self.order_keys(route, &targets, &parts.headers, parsed.as_ref());
         drop(parsed);
-        let id = match self.store.append_draft(draft, &targets, dedupe_key, &order) {
-            Ok(id) => id,
+        let appended = match self.store.append_draft(draft, &targets, dedupe_key, &order) {
+            Ok(a) => a,
             Err(e) => return self.unavailable(&e),
         };
         // Schedulers may start on it now; it is acknowledged only once durable.
         for d in targets.iter() {
             self.wakers.wake(d);
         }
-        if let Err(e) = self.store.sync().await {
-            return self.unavailable(&e);
-        }
+        let id = match self.store.durable(appended).await {
+            Ok(id) => id,
+            Err(e) => return self.unavailable(&e),
+        };
         self.metrics.ingress_persist.observe(started.elapsed().as_secs_f64());
         let id = self.store.external_id(id);
         // The id is `msg_` and hex digits: nothing to escape.
@@ -404,6 +410,10 @@ impl Ingress {
     }
 
     fn unavailable(&self, e: &crate::store::StoreError) -> Response<Full<Bytes>> {
+        if let crate::store::StoreError::TooLarge(n) = e {
+            let limit = self.store.max_record().unwrap_or(*n as u64);
+            return too_large(limit);
+        }
         if e.is_transient() {
             tracing::warn!(error = %e, "refusing a callback: the store cannot take it right now");
         } else {

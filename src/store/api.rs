@@ -10,7 +10,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{DeadLetter, DestStats, Draft, Due, Lease, Local, MessageRecord, Settle, StoreError, StoreOptions};
+use super::jetstream::{Jet, JetConfig};
+use super::{
+    Appended, AppendedIn, DeadLetter, DestStats, Draft, Due, Lease, Local, MessageRecord, Settle, StoreError,
+    StoreOptions,
+};
 
 /// The durable store the relay runs on. Cheap to clone.
 #[derive(Clone)]
@@ -20,6 +24,8 @@ pub struct Store(Backend);
 enum Backend {
     /// The embedded store (`store.path`): segment log + sled.
     Local(Local),
+    /// NATS JetStream (`store.kind = "jetstream"`), shared by several relays.
+    Jet(Jet),
 }
 
 impl Store {
@@ -33,11 +39,43 @@ impl Store {
         Ok(Store(Backend::Local(Local::open_async(path, opts, on_flush).await?)))
     }
 
+    /// Connects to JetStream and creates or checks its streams and the
+    /// consumers of `destinations` (name, concurrency). A server that
+    /// cannot be reached yet is retried in the background (the store
+    /// refuses callbacks until then); wrong credentials or a stream whose
+    /// settings contradict the configuration are an error here.
+    pub async fn open_jetstream(
+        config: JetConfig,
+        destinations: Vec<(Arc<str>, usize)>,
+        wakers: crate::wake::Wakers,
+    ) -> Result<Store, StoreError> {
+        Ok(Store(Backend::Jet(Jet::open(config, destinations, wakers).await?)))
+    }
+
+    /// Which kind of store this is (`local`, `jetstream`), for logs and `/api/config`.
+    pub fn kind(&self) -> &'static str {
+        match &self.0 {
+            Backend::Local(_) => "local",
+            Backend::Jet(_) => "jetstream",
+        }
+    }
+
+    /// The largest stored record the store takes, if it has a limit of its
+    /// own (JetStream: the server's `max_payload`); ingress answers 413
+    /// above it.
+    pub fn max_record(&self) -> Option<u64> {
+        match &self.0 {
+            Backend::Local(_) => None,
+            Backend::Jet(s) => s.max_record(),
+        }
+    }
+
     /// Refuses further appends, makes everything durable, stops the store's
     /// threads and tasks.
     pub async fn close(&self) -> Result<(), StoreError> {
         match &self.0 {
             Backend::Local(s) => s.close().await,
+            Backend::Jet(s) => s.close().await,
         }
     }
 
@@ -47,12 +85,13 @@ impl Store {
     pub fn accepting(&self, room: u64) -> Result<(), StoreError> {
         match &self.0 {
             Backend::Local(s) => s.accepting(room),
+            Backend::Jet(s) => s.accepting(room),
         }
     }
 
     /// Queues a message built while its body was read, pending for each of
     /// `destinations` (the ones `draft` was started with). Not durable, and
-    /// not to be acknowledged, until [`Store::sync`] returns.
+    /// not to be acknowledged, until [`Store::durable`] returns.
     /// `dedupe`: the callback's de-duplication key, remembered with it;
     /// `order`: its ordering key for each destination that delivers in
     /// order by key (of a key's messages, one at a time is leased, oldest first).
@@ -62,17 +101,35 @@ impl Store {
         destinations: &[Arc<str>],
         dedupe: Option<[u8; 16]>,
         order: &[(Arc<str>, u64)],
-    ) -> Result<u64, StoreError> {
+    ) -> Result<Appended, StoreError> {
         match &self.0 {
-            Backend::Local(s) => s.append_draft(draft, destinations, dedupe, order),
+            Backend::Local(s) => Ok(Appended(AppendedIn::Local(s.append_draft(draft, destinations, dedupe, order)?))),
+            Backend::Jet(s) => Ok(Appended(AppendedIn::Jet(s.append_draft(draft, destinations, dedupe, order)?))),
+        }
+    }
+
+    /// Waits until `appended` is durable: the local log's group commit
+    /// covered it, or JetStream acknowledged its publish (stored on a
+    /// quorum of the stream's replicas). Only then may ingress answer 2xx.
+    /// Returns the message's id.
+    pub async fn durable(&self, appended: Appended) -> Result<u64, StoreError> {
+        match (&self.0, appended.0) {
+            (Backend::Local(s), AppendedIn::Local(id)) => {
+                s.sync().await?;
+                Ok(id)
+            }
+            (Backend::Jet(s), AppendedIn::Jet(publish)) => s.durable(publish).await,
+            _ => Err(StoreError::Closed),
         }
     }
 
     /// The message an earlier callback with this de-duplication key became,
     /// if it was accepted within `window` (remembered across restarts).
-    pub fn duplicate_of(&self, key: &[u8; 16], window: Duration) -> Option<u64> {
+    /// (JetStream: read from the key-value bucket every relay writes.)
+    pub async fn duplicate_of(&self, key: &[u8; 16], window: Duration) -> Result<Option<u64>, StoreError> {
         match &self.0 {
-            Backend::Local(s) => s.duplicate_of(key, window),
+            Backend::Local(s) => Ok(s.duplicate_of(key, window)),
+            Backend::Jet(s) => s.duplicate(key, window).await,
         }
     }
 
@@ -80,6 +137,7 @@ impl Store {
     pub fn dedupe_figures(&self) -> (usize, u64) {
         match &self.0 {
             Backend::Local(s) => s.dedupe_figures(),
+            Backend::Jet(s) => s.dedupe_figures(),
         }
     }
 
@@ -87,6 +145,7 @@ impl Store {
     pub async fn sync(&self) -> Result<(), StoreError> {
         match &self.0 {
             Backend::Local(s) => s.sync().await,
+            Backend::Jet(s) => s.sync().await,
         }
     }
 
@@ -94,12 +153,14 @@ impl Store {
     pub fn external_id(&self, id: u64) -> String {
         match &self.0 {
             Backend::Local(s) => s.external_id(id),
+            Backend::Jet(s) => s.external_id(id),
         }
     }
 
     pub fn parse_external_id(&self, id: &str) -> Option<u64> {
         match &self.0 {
             Backend::Local(s) => s.parse_external_id(id),
+            Backend::Jet(s) => s.parse_external_id(id),
         }
     }
 
@@ -110,6 +171,7 @@ impl Store {
     pub fn due(&self, dest: &str, now_ms: u64, limit: usize, skip: &HashSet<u64>) -> Due {
         match &self.0 {
             Backend::Local(s) => s.due(dest, now_ms, limit, skip),
+            Backend::Jet(s) => s.due(dest, limit),
         }
     }
 
@@ -117,6 +179,7 @@ impl Store {
     pub async fn fetch(&self, lease: &Lease) -> Result<Option<MessageRecord>, StoreError> {
         match &self.0 {
             Backend::Local(s) => s.fetch(lease).await,
+            Backend::Jet(s) => s.fetch(lease).await,
         }
     }
 
@@ -124,6 +187,7 @@ impl Store {
     pub async fn settle(&self, lease: &Lease, outcome: Settle) -> Result<(), StoreError> {
         match &self.0 {
             Backend::Local(s) => s.settle(lease, outcome).await,
+            Backend::Jet(s) => s.settle(lease, outcome).await,
         }
     }
 
@@ -133,6 +197,7 @@ impl Store {
     pub async fn list_dead(&self, dest: &str, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
         match &self.0 {
             Backend::Local(s) => s.list_dead(dest, limit).await,
+            Backend::Jet(s) => s.list_dead(dest, limit).await,
         }
     }
 
@@ -141,6 +206,7 @@ impl Store {
     pub async fn replay_dead(&self, dest: &str, only: Option<u64>) -> Result<usize, StoreError> {
         match &self.0 {
             Backend::Local(s) => s.replay_dead(dest, only).await,
+            Backend::Jet(s) => s.replay_dead(dest, only).await,
         }
     }
 
@@ -149,6 +215,7 @@ impl Store {
     pub async fn purge_dead(&self, dest: &str, only: Option<u64>) -> Result<usize, StoreError> {
         match &self.0 {
             Backend::Local(s) => s.purge_dead(dest, only).await,
+            Backend::Jet(s) => s.purge_dead(dest, only).await,
         }
     }
 
@@ -158,6 +225,7 @@ impl Store {
     pub fn paused_reason(&self, dest: &str) -> Option<String> {
         match &self.0 {
             Backend::Local(s) => s.paused_reason(dest),
+            Backend::Jet(s) => s.paused_reason(dest),
         }
     }
 
@@ -165,6 +233,7 @@ impl Store {
     pub async fn set_paused(&self, dest: &str, reason: Option<String>) -> Result<(), StoreError> {
         match &self.0 {
             Backend::Local(s) => s.set_paused(dest, reason).await,
+            Backend::Jet(s) => s.set_paused(dest, reason).await,
         }
     }
 
@@ -173,6 +242,7 @@ impl Store {
     pub fn stats(&self, dest: &str) -> DestStats {
         match &self.0 {
             Backend::Local(s) => s.stats(dest),
+            Backend::Jet(s) => s.stats(dest),
         }
     }
 
@@ -180,6 +250,7 @@ impl Store {
     pub fn known_destinations(&self) -> Vec<String> {
         match &self.0 {
             Backend::Local(s) => s.known_destinations(),
+            Backend::Jet(s) => s.known_destinations(),
         }
     }
 
@@ -187,12 +258,14 @@ impl Store {
     pub fn bytes(&self) -> u64 {
         match &self.0 {
             Backend::Local(s) => s.bytes(),
+            Backend::Jet(s) => s.bytes(),
         }
     }
 
     pub fn max_bytes(&self) -> Option<u64> {
         match &self.0 {
             Backend::Local(s) => s.max_bytes(),
+            Backend::Jet(s) => s.max_bytes(),
         }
     }
 
@@ -200,6 +273,7 @@ impl Store {
     pub fn disk_bytes(&self) -> u64 {
         match &self.0 {
             Backend::Local(s) => s.disk_bytes(),
+            Backend::Jet(s) => s.disk_bytes(),
         }
     }
 
@@ -207,6 +281,7 @@ impl Store {
     pub fn free_bytes(&self) -> u64 {
         match &self.0 {
             Backend::Local(s) => s.free_bytes(),
+            Backend::Jet(s) => s.free_bytes(),
         }
     }
 
@@ -214,6 +289,7 @@ impl Store {
     pub fn is_healthy(&self) -> bool {
         match &self.0 {
             Backend::Local(s) => s.is_healthy(),
+            Backend::Jet(s) => s.is_healthy(),
         }
     }
 
@@ -222,12 +298,14 @@ impl Store {
     pub fn flush_failed(&self) -> bool {
         match &self.0 {
             Backend::Local(s) => s.flush_failed(),
+            Backend::Jet(s) => s.flush_failed(),
         }
     }
 
     pub fn is_closed(&self) -> bool {
         match &self.0 {
             Backend::Local(s) => s.is_closed(),
+            Backend::Jet(s) => s.is_closed(),
         }
     }
 }

@@ -42,6 +42,14 @@ pub enum StoreError {
     MissingKey { key_id: String },
     #[error("message record of {0} bytes is larger than the store takes")]
     TooLarge(usize),
+    /// The store's server cannot take it right now (JetStream not
+    /// connected, a publish not acknowledged in time).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The store cannot be used as configured (credentials refused, a
+    /// stream whose settings contradict the configuration).
+    #[error("{0}")]
+    Setup(String),
 }
 
 /// A failure of the database engine that is neither I/O nor a record we
@@ -75,6 +83,9 @@ impl StoreError {
     /// should simply retry later. The others (a failed flush, I/O errors,
     /// damage) need an operator: ingress logs them as errors, not warnings.
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Full { .. } | StoreError::DiskFull { .. } | StoreError::Closed)
+        matches!(
+            self,
+            StoreError::Full { .. } | StoreError::DiskFull { .. } | StoreError::Closed | StoreError::Unavailable(_)
+        )
     }
 }

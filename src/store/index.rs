@@ -186,7 +186,7 @@ impl Index {
                 break;
             }
             let record = record.as_deref().cloned().unwrap_or_default();
-            due.leases.push(Lease { dest: name.clone(), due_ms, id, record });
+            due.leases.push(Lease { dest: name.clone(), due_ms, id, record, handle: super::Handle::Local });
         }
         due
     }

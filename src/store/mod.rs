@@ -65,6 +65,7 @@ mod error;
 mod flush;
 mod format;
 mod index;
+mod jetstream;
 mod open;
 mod reclaim;
 mod recover;
@@ -87,6 +88,7 @@ use self::cache::RecordCache;
 use self::commit::GroupCommit;
 pub use self::error::{EngineError, StoreError};
 use self::index::{Index, Written};
+pub use self::jetstream::{JetAuth, JetConfig};
 use self::segments::{Loc, SegmentLog};
 
 use self::format::*;
@@ -165,6 +167,30 @@ pub struct Lease {
     pub id: u64,
     due_ms: u64,
     record: QueueRecord,
+    /// What the backend settles the lease by (JetStream: the message).
+    handle: Handle,
+}
+
+/// The backend's part of a lease.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+enum Handle {
+    /// The local store: the due time and record say it all.
+    #[default]
+    Local,
+    /// JetStream: the stream sequence of the delivered message, whose ack
+    /// handle the backend holds until the lease is settled.
+    Jet(u64),
+}
+
+/// A message handed to [`Store::append_draft`], to be made durable by
+/// [`Store::durable`] before it is acknowledged.
+pub struct Appended(AppendedIn);
+
+enum AppendedIn {
+    /// Pushed onto the local log's queue with this id.
+    Local(u64),
+    /// To be published to JetStream.
+    Jet(jetstream::Publish),
 }
 
 impl Lease {

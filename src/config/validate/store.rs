@@ -1,0 +1,103 @@
+//! `[store]` with `kind = "jetstream"`, and what that kind cannot do.
+
+use super::*;
+use crate::config::raw::RawStoreKind;
+use crate::store::{JetAuth, JetConfig};
+
+/// The JetStream settings, `None` for the local store (or with problems
+/// recorded). Keys of the other kind are refused, so a file never says
+/// something the relay ignores.
+pub(super) fn validate_store_kind(p: &mut Problems, raw: &RawConfig) -> Option<JetConfig> {
+    let s = &raw.store;
+    let jet_keys = [
+        ("servers", !s.servers.is_empty()),
+        ("user", s.user.is_some()),
+        ("password", s.password.is_some()),
+        ("token", s.token.is_some()),
+        ("nkey", s.nkey.is_some()),
+        ("creds_file", s.creds_file.is_some()),
+        ("ca_file", s.ca_file.is_some()),
+        ("client_cert", s.client_cert.is_some()),
+        ("client_key", s.client_key.is_some()),
+    ];
+    if s.kind == RawStoreKind::Local {
+        for (key, set) in jet_keys {
+            if set {
+                p.add(format!("store.{key}"), "only used with store.kind = \"jetstream\"");
+            }
+        }
+        return None;
+    }
+    if s.servers.is_empty() {
+        p.add("store.servers", "kind = \"jetstream\" needs at least one server (nats://host:port)");
+    }
+    for (i, server) in s.servers.iter().enumerate() {
+        if server.parse::<async_nats::ServerAddr>().is_err() {
+            p.add(format!("store.servers[{i}]"), format!("{server:?} is not a NATS server address (nats://host:port)"));
+        }
+    }
+    if !valid_name(&s.stream) {
+        p.add("store.stream", "1-64 characters of A-Z, a-z, 0-9, '-' and '_'");
+    }
+    if ![1, 3].contains(&s.replicas) {
+        p.add("store.replicas", "must be 1 or 3");
+    }
+    if s.ack_wait < Duration::from_secs(3) {
+        p.add("store.ack_wait", "must be at least 3s (leases are renewed every third of it)");
+    }
+    if s.publish_timeout.is_zero() {
+        p.add("store.publish_timeout", "must be greater than 0");
+    }
+    if s.max_ack_pending == 0 {
+        p.add("store.max_ack_pending", "must be greater than 0");
+    }
+    if s.encryption.is_some() {
+        p.add("store.encryption", "encryption at rest is not available with kind = \"jetstream\" (use NATS's own: jetstream { cipher } on the servers)");
+    }
+    for (name, d) in &raw.destinations {
+        if d.ordering != crate::config::raw::RawOrdering::None {
+            p.add(
+                format!("destinations.{name}.ordering"),
+                "ordering per key is not available with store.kind = \"jetstream\" (any relay may deliver any message)",
+            );
+        }
+    }
+    let auth = match (&s.user, &s.password, &s.token, &s.nkey, &s.creds_file) {
+        (None, None, None, None, None) => JetAuth::None,
+        (Some(user), Some(pw), None, None, None) => {
+            JetAuth::UserPassword { user: user.clone(), password: resolve(p, "store.password", pw)? }
+        }
+        (None, None, Some(t), None, None) => JetAuth::Token(resolve(p, "store.token", t)?),
+        (None, None, None, Some(k), None) => JetAuth::NKey(resolve(p, "store.nkey", k)?),
+        (None, None, None, None, Some(f)) => JetAuth::CredsFile(f.clone()),
+        (Some(_), None, ..) | (None, Some(_), ..) => {
+            p.add("store.password", "user and password go together");
+            return None;
+        }
+        _ => {
+            p.add("store", "one way to authenticate: user/password, token, nkey or creds_file");
+            return None;
+        }
+    };
+    let client_cert = match (&s.client_cert, &s.client_key) {
+        (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+        (None, None) => None,
+        _ => {
+            p.add("store.client_key", "client_cert and client_key go together");
+            None
+        }
+    };
+    Some(JetConfig {
+        servers: s.servers.clone(),
+        stream: s.stream.clone(),
+        replicas: s.replicas,
+        auth,
+        ca_file: s.ca_file.clone(),
+        client_cert,
+        max_bytes: (s.max_bytes > 0).then_some(s.max_bytes),
+        dedupe_retention: None,
+        max_ack_pending: s.max_ack_pending,
+        ack_wait: s.ack_wait,
+        publish_timeout: s.publish_timeout,
+    })
+}

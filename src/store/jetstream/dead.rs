@@ -1,0 +1,203 @@
+//! Dead letters (the `S-dead` stream), paused destinations (the `S-state`
+//! bucket) and the figures read from the server.
+
+use std::collections::HashMap;
+
+use async_nats::jetstream::message::StreamMessage;
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use super::{Jet, Names, H_ATTEMPTS, H_DEAD_AT, H_FOR, H_ID, H_REASON, H_STATUS};
+use crate::store::format::id_received_ms;
+use crate::store::{lock, now_ms, DeadLetter, DestStats, StoreError};
+
+/// Most dead letters one replay or purge walks through.
+const MAX_WALK: usize = 1_000_000;
+
+impl Jet {
+    /// Publishes a dead letter (the record; attempts, status, reason in
+    /// headers) and waits for its ack.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn dead_letter(
+        &self,
+        dest: &str,
+        id: u64,
+        seq: u64,
+        record: &Bytes,
+        attempts: u32,
+        status: Option<u16>,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        let ready = self.ready()?;
+        let mut h = HeaderMap::new();
+        h.insert(async_nats::header::NATS_MESSAGE_ID, format!("dead-{dest}-{seq}").as_str());
+        h.insert(H_ID, id.to_string().as_str());
+        h.insert(H_ATTEMPTS, attempts.to_string().as_str());
+        h.insert(H_STATUS, status.unwrap_or(0).to_string().as_str());
+        h.insert(H_REASON, header_safe(reason).as_str());
+        h.insert(H_DEAD_AT, now_ms().to_string().as_str());
+        let subject = Names(&self.inner.config.stream).dead_subject(dest);
+        let ack = ready.js.publish_with_headers(subject, h, record.clone()).await.map_err(unavailable)?;
+        ack.await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Dead letters of `dest` in stream order, with their sequence in the
+    /// dead-letter stream; up to `limit`.
+    async fn walk_dead(&self, dest: &str, limit: usize) -> Result<Vec<(u64, StreamMessage)>, StoreError> {
+        let ready = self.ready()?;
+        let subject = Names(&self.inner.config.stream).dead_subject(dest);
+        let mut out = Vec::new();
+        let mut from = 1;
+        while out.len() < limit {
+            let got = ready.dead.raw_message_builder().sequence(from).next_by_subject(subject.clone()).send().await;
+            match got {
+                Ok(m) => {
+                    from = m.sequence + 1;
+                    out.push((m.sequence, m));
+                }
+                Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => break,
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn list_dead(&self, dest: &str, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        Ok(self.walk_dead(dest, limit).await?.iter().map(|(_, m)| dead_letter_of(m)).collect())
+    }
+
+    /// Republishes dead letters of `dest` (all, or the one `only` names)
+    /// into the stream for `dest` alone, keeping their ids, then deletes
+    /// them from the dead-letter stream. Returns how many.
+    pub async fn replay_dead(&self, dest: &str, only: Option<u64>) -> Result<usize, StoreError> {
+        let ready = self.ready()?;
+        let names = Names(&self.inner.config.stream);
+        let mut moved = 0;
+        for (dead_seq, m) in self.walk_dead(dest, MAX_WALK).await? {
+            let id = dead_letter_of(&m).id;
+            if only.is_some_and(|o| o != id) {
+                continue;
+            }
+            let mut h = HeaderMap::new();
+            h.insert(async_nats::header::NATS_MESSAGE_ID, format!("replay-{dest}-{dead_seq}").as_str());
+            h.insert(H_ID, id.to_string().as_str());
+            h.insert(H_FOR, dest);
+            let ack =
+                ready.js.publish_with_headers(names.inbound(), h, m.payload.clone()).await.map_err(unavailable)?;
+            ack.await.map_err(unavailable)?;
+            ready.dead.delete_message(dead_seq).await.map_err(unavailable)?;
+            moved += 1;
+        }
+        self.inner.wakers.wake(dest);
+        Ok(moved)
+    }
+
+    /// Deletes dead letters of `dest` (all, or the one `only` names).
+    pub async fn purge_dead(&self, dest: &str, only: Option<u64>) -> Result<usize, StoreError> {
+        let ready = self.ready()?;
+        let mut purged = 0;
+        for (dead_seq, m) in self.walk_dead(dest, MAX_WALK).await? {
+            if only.is_some_and(|o| o != dead_letter_of(&m).id) {
+                continue;
+            }
+            ready.dead.delete_message(dead_seq).await.map_err(unavailable)?;
+            purged += 1;
+        }
+        Ok(purged)
+    }
+
+    pub fn paused_reason(&self, dest: &str) -> Option<String> {
+        lock(&self.inner.paused).get(dest).cloned()
+    }
+
+    /// Pauses or resumes `dest` for every relay (stored in the bucket
+    /// before it returns).
+    pub async fn set_paused(&self, dest: &str, reason: Option<String>) -> Result<(), StoreError> {
+        let state = &self.ready()?.state;
+        let key = format!("paused.{dest}");
+        match &reason {
+            Some(r) => state.put(&key, Bytes::from(r.clone())).await.map(|_| ()).map_err(unavailable)?,
+            None => state.delete(&key).await.map_err(unavailable)?,
+        }
+        match reason {
+            Some(r) => lock(&self.inner.paused).insert(dest.to_string(), r),
+            None => lock(&self.inner.paused).remove(dest),
+        };
+        self.inner.wakers.wake(dest);
+        Ok(())
+    }
+
+    /// Reads depth and oldest pending (consumer info, and the first message
+    /// past its ack floor), dead letters per destination and the stream's
+    /// bytes. Failures leave the last figures.
+    pub(super) async fn refresh_figures(&self) {
+        let Ok(ready) = self.ready() else { return };
+        let names = Names(&self.inner.config.stream);
+        let mut dead: HashMap<String, usize> = HashMap::new();
+        if let Ok(mut subjects) = ready.dead.info_with_subjects(names.dead_subject(">")).await {
+            while let Some(Ok((subject, count))) = subjects.next().await {
+                if let Some(d) = subject.rsplit('.').next() {
+                    dead.insert(d.to_string(), count);
+                }
+            }
+        }
+        let mut stats = HashMap::new();
+        for name in self.inner.dests.keys() {
+            let Ok(info) = ready.stream.consumer_info(Names::consumer(name)).await else { continue };
+            let depth = info.num_pending as usize + info.num_ack_pending;
+            let oldest = if depth == 0 {
+                None
+            } else {
+                let first = ready
+                    .stream
+                    .raw_message_builder()
+                    .sequence(info.ack_floor.stream_sequence + 1)
+                    .next_by_subject(names.inbound())
+                    .send()
+                    .await;
+                first.ok().map(|m| record_received_ms(&m).unwrap_or_else(|| id_received_ms(0)))
+            };
+            stats.insert(
+                name.to_string(),
+                DestStats { depth, oldest_received_ms: oldest, dead: dead.get(&**name).copied().unwrap_or(0) },
+            );
+        }
+        for (d, n) in &dead {
+            stats.entry(d.clone()).or_insert(DestStats { depth: 0, oldest_received_ms: None, dead: *n });
+        }
+        let bytes = ready.stream.get_info().await.map(|i| i.state.bytes).ok();
+        let mut f = lock(&self.inner.figures);
+        f.stats = stats;
+        f.dead_dests = dead.into_keys().collect();
+        if let Some(b) = bytes {
+            f.stream_bytes = b;
+        }
+    }
+}
+
+/// The receive time a record carries.
+fn record_received_ms(m: &StreamMessage) -> Option<u64> {
+    crate::store::format::MessageRecord::decode(m.payload.clone()).ok().map(|r| r.received_ms)
+}
+
+fn dead_letter_of(m: &StreamMessage) -> DeadLetter {
+    let h = |name: &str| m.headers.get(name).map(|v| v.as_str().to_string()).unwrap_or_default();
+    DeadLetter {
+        id: h(H_ID).parse().unwrap_or(0),
+        attempts: h(H_ATTEMPTS).parse().unwrap_or(0),
+        dead_at_ms: h(H_DEAD_AT).parse().unwrap_or(0),
+        last_status: h(H_STATUS).parse().ok().filter(|s| *s != 0),
+        reason: h(H_REASON),
+    }
+}
+
+/// A header value cannot hold line breaks.
+fn header_safe(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { ' ' } else { c }).take(300).collect()
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("JetStream: {e}"))
+}

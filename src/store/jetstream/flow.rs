@@ -1,0 +1,266 @@
+//! Publishing (ingress), pulling and settling (delivery).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use super::{Dest, Jet, Names, H_FOR, H_ID};
+use crate::store::format::{record_destinations, Draft, MessageRecord, QueueRecord};
+use crate::store::{lock, now_ms, Due, Handle, Lease, Settle, StoreError};
+
+/// Room left in `max_payload` for the headers we add to a record.
+pub(super) const HEADER_ROOM: u64 = 512;
+
+/// A message to publish (built by `append_draft`, published by `durable`).
+pub(crate) struct Publish {
+    record: Bytes,
+    /// The callback's de-duplication key, if its route has one.
+    dedupe: Option<[u8; 16]>,
+}
+
+impl Jet {
+    /// Builds the message; nothing is sent until [`Jet::durable`].
+    pub fn append_draft(
+        &self,
+        draft: Draft,
+        _destinations: &[Arc<str>],
+        dedupe: Option<[u8; 16]>,
+        order: &[(Arc<str>, u64)],
+    ) -> Result<Publish, StoreError> {
+        if !order.is_empty() {
+            // Refused by the configuration check; never silently unordered.
+            return Err(StoreError::Setup("ordering per key is not available with store.kind = \"jetstream\"".into()));
+        }
+        let record = draft.into_record();
+        self.accepting(record.len() as u64 + HEADER_ROOM)?;
+        Ok(Publish { record, dedupe })
+    }
+
+    /// Publishes and waits for the stream's acknowledgement (on a quorum
+    /// for `replicas = 3`), at most `publish_timeout`; a publish whose ack
+    /// did not come is sent once more with the same `Nats-Msg-Id` (the
+    /// stream stores it once). Then, for a de-duplicating route, the key
+    /// is stored too (its ack awaited) before the callback is acknowledged.
+    pub async fn durable(&self, p: Publish) -> Result<u64, StoreError> {
+        let ready = self.ready()?;
+        let names = Names(&self.inner.config.stream);
+        let mut headers = HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, format!("{:032x}", rand::random::<u128>()).as_str());
+        let timeout = self.inner.config.publish_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last = String::new();
+        for _ in 0..2 {
+            let sent = tokio::time::timeout_at(
+                deadline,
+                ready.js.publish_with_headers(names.inbound(), headers.clone(), p.record.clone()),
+            )
+            .await;
+            let ack = match sent {
+                Err(_) => break,
+                Ok(Err(e)) if e.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded => {
+                    return Err(StoreError::TooLarge(p.record.len()));
+                }
+                Ok(Err(e)) => {
+                    last = e.to_string();
+                    continue;
+                }
+                Ok(Ok(ack)) => ack,
+            };
+            match tokio::time::timeout_at(deadline, ack).await {
+                Err(_) => break,
+                Ok(Err(e)) => last = e.to_string(),
+                Ok(Ok(ack)) => {
+                    self.inner.publish_failures.store(0, Ordering::Relaxed);
+                    if let Some(key) = p.dedupe {
+                        self.remember(&key, ack.sequence).await?;
+                    }
+                    return Ok(ack.sequence);
+                }
+            }
+        }
+        self.inner.publish_failures.fetch_add(1, Ordering::Relaxed);
+        if last.is_empty() {
+            last = format!("no acknowledgement within {}", humantime::format_duration(timeout));
+        }
+        Err(StoreError::Unavailable(format!("JetStream publish failed: {last}")))
+    }
+
+    /// Stores a de-duplication key with the message it belongs to.
+    async fn remember(&self, key: &[u8; 16], seq: u64) -> Result<(), StoreError> {
+        let Some(bucket) = &self.ready()?.dedupe else { return Ok(()) };
+        let mut v = seq.to_be_bytes().to_vec();
+        v.extend_from_slice(&now_ms().to_be_bytes());
+        bucket
+            .put(hex(key), Bytes::from(v))
+            .await
+            .map(|_| ())
+            .map_err(|e| StoreError::Unavailable(format!("JetStream: storing the de-duplication key: {e}")))
+    }
+
+    /// The message a de-duplication key was stored with within `window`.
+    pub async fn duplicate(&self, key: &[u8; 16], window: Duration) -> Result<Option<u64>, StoreError> {
+        let Some(bucket) = &self.ready()?.dedupe else { return Ok(None) };
+        let found = bucket
+            .get(hex(key))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("JetStream: reading a de-duplication key: {e}")))?;
+        let Some(v) = found.filter(|v| v.len() == 16) else { return Ok(None) };
+        let (seq, at) = (be_u64(&v[..8]), be_u64(&v[8..]));
+        Ok((now_ms().saturating_sub(at) < window.as_millis() as u64).then_some(seq))
+    }
+
+    /// Up to `limit` pulled messages of `dest` for its worker.
+    pub fn due(&self, dest: &str, limit: usize) -> Due {
+        let Some(d) = self.dest(dest) else { return Due::default() };
+        let mut waiting = lock(&d.waiting);
+        let n = limit.min(waiting.len());
+        let leases: Vec<Lease> = waiting.drain(..n).collect();
+        Due { leases, next_due_ms: waiting.front().map(|l| l.due_ms) }
+    }
+
+    /// The message of `lease`, from the held delivery.
+    pub async fn fetch(&self, lease: &Lease) -> Result<Option<MessageRecord>, StoreError> {
+        let Handle::Jet(seq) = lease.handle else { return Ok(None) };
+        let Some(d) = self.dest(&lease.dest) else { return Ok(None) };
+        let payload = lock(&d.held).get(&seq).map(|m| m.payload.clone());
+        match payload {
+            None => Ok(None),
+            Some(p) => Ok(Some(MessageRecord::decode(p)?)),
+        }
+    }
+
+    /// Delivered: ack. Retry: nak with the delay until `at_ms`. Dead: the
+    /// record into the dead-letter stream (its ack awaited), then ack.
+    pub async fn settle(&self, lease: &Lease, outcome: Settle) -> Result<(), StoreError> {
+        let Handle::Jet(seq) = lease.handle else { return Ok(()) };
+        let Some(d) = self.dest(&lease.dest) else { return Ok(()) };
+        let Some(msg) = lock(&d.held).remove(&seq) else { return Ok(()) };
+        d.room.notify_one();
+        let acked = match outcome {
+            Settle::Delivered => msg.ack().await,
+            Settle::Retry { at_ms, .. } => {
+                msg.ack_with(AckKind::Nak(Some(Duration::from_millis(at_ms.saturating_sub(now_ms()))))).await
+            }
+            Settle::Dead { status, reason } => {
+                let attempts = lease.record.attempts.saturating_add(1);
+                self.dead_letter(&lease.dest, lease.id, seq, &msg.payload, attempts, status, &reason).await?;
+                msg.ack().await
+            }
+        };
+        acked.map_err(|e| StoreError::Unavailable(format!("JetStream: acknowledging a delivery: {e}")))
+    }
+
+    /// Keeps up to `cap` messages of `dest` pulled and held.
+    pub(super) async fn pull(&self, d: Arc<Dest>, consumer: jetstream::consumer::PullConsumer) {
+        let stop = &self.inner.stop;
+        let mut failing = false;
+        loop {
+            let room = d.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            let held = lock(&d.held).len();
+            if held >= d.cap {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = room => continue,
+                }
+            }
+            let batch = consumer.batch().max_messages(d.cap - held).expires(Duration::from_secs(1)).messages().await;
+            let mut batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(destination = %d.name, error = %e, "pulling from JetStream failed; retrying");
+                        failing = true;
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        // A pause before the next pull, not a synchronisation.
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    }
+                }
+            };
+            loop {
+                let next = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    m = batch.next() => m,
+                };
+                match next {
+                    None => break,
+                    Some(Ok(msg)) => {
+                        failing = false;
+                        self.take(&d, msg).await;
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(destination = %d.name, error = %e, "pull batch ended");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A pulled message: held for the worker if it is for this
+    /// destination, acknowledged at once if not.
+    async fn take(&self, d: &Dest, msg: jetstream::Message) {
+        let Ok(info) = msg.info() else { return };
+        let (seq, delivered) = (info.stream_sequence, info.delivered);
+        let headers = msg.headers.clone().unwrap_or_default();
+        let for_me = match headers.get(H_FOR) {
+            Some(only) => only.as_str() == &*d.name,
+            None => match record_destinations(&msg.payload) {
+                Ok(list) => list.iter().any(|n| n.as_str() == &*d.name),
+                Err(e) => {
+                    tracing::error!(destination = %d.name, seq, error = %e, "a message in the stream is not a switchboard record; dropped it");
+                    let _ = msg.ack_with(AckKind::Term).await;
+                    return;
+                }
+            },
+        };
+        if !for_me {
+            let _ = msg.ack().await;
+            return;
+        }
+        let id = headers.get(H_ID).and_then(|v| v.as_str().parse().ok()).unwrap_or(seq);
+        let record =
+            QueueRecord { attempts: u32::try_from(delivered.saturating_sub(1)).unwrap_or(0), ..Default::default() };
+        let lease = Lease { dest: d.name.clone(), id, due_ms: now_ms(), record, handle: Handle::Jet(seq) };
+        lock(&d.held).insert(seq, msg);
+        lock(&d.waiting).push_back(lease);
+        self.inner.wakers.wake(&d.name);
+    }
+
+    /// Renews the leases of held messages every third of `ack_wait`, so
+    /// waiting for a slot, a token or a closed breaker, or a long attempt,
+    /// never lets the server give the message to another relay meanwhile.
+    pub(super) async fn renew_leases(&self) {
+        let every = self.inner.config.ack_wait / 3;
+        loop {
+            tokio::select! {
+                _ = self.inner.stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            for d in self.inner.dests.values() {
+                let held: Vec<jetstream::Message> = lock(&d.held).values().cloned().collect();
+                for m in held {
+                    let _ = m.ack_with(AckKind::Progress).await;
+                }
+            }
+        }
+    }
+}
+
+fn hex(key: &[u8]) -> String {
+    key.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn be_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(a)
+}

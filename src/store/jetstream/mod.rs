@@ -1,0 +1,335 @@
+//! The NATS JetStream backend (`store.kind = "jetstream"`): several relays
+//! share one replicated stream, so no relay (and no single NATS node, with
+//! `replicas = 3`) is a point of failure.
+//!
+//! **Layout** (all names derive from `store.stream`, here `S`):
+//! - stream `S`, subject `S.in`, **Interest** retention: every accepted
+//!   callback is one message (the same record bytes the local log writes:
+//!   route, sender address, destination list, headers, body). Its stream
+//!   sequence is the message id (`msg_<uid><seq>`, `uid` from the stream's
+//!   metadata, the same for every relay). A message is removed once every
+//!   destination's consumer acknowledged it.
+//! - one durable pull consumer per destination, `d-<name>`, filtering
+//!   `S.in`. Why one subject and Interest retention, not a subject per
+//!   destination: ingress publishes once per callback (one PubAck to wait
+//!   for, and a callback is stored for all its destinations or for none);
+//!   a consumer acknowledges at once the messages whose destination list
+//!   (routes, filters) does not name it. WorkQueue retention would allow
+//!   only one consumer per subject.
+//! - stream `S-dead`, subjects `S.dead.<destination>`, Limits retention:
+//!   dead letters (the record, with the attempts, last status and reason
+//!   in headers); replay republishes one into `S.in` for that destination
+//!   only (header `Switchboard-For`) and keeps its id (`Switchboard-Id`).
+//! - key-value bucket `S-state`: `paused.<destination>` (paused
+//!   destinations, seen by every relay through a watch).
+//! - key-value bucket `S-dedupe` (only when a route de-duplicates): the
+//!   durable de-duplication keys, expiring after the longest window.
+//!
+//! **Acknowledgement**: ingress answers 2xx only after the stream's
+//! PubAck (for `replicas = 3`: stored on a quorum). Publishes carry a
+//! `Nats-Msg-Id`, and one whose ack was lost is retried once with the same
+//! id, which the stream's duplicate window (2 minutes) stores once.
+//!
+//! **Delivery**: per destination, a puller keeps up to twice the
+//! destination's concurrency of messages leased from its consumer (held:
+//! in-progress acks every third of `ack_wait` keep them while they wait
+//! for the worker, a rate limit or a breaker, and while an attempt runs);
+//! the worker leases them through [`Jet::due`] like local due entries. A
+//! retry is a nak with the retry policy's delay (the server redelivers it,
+//! to any relay); `max_deliver` is unlimited, so retries are not stacked
+//! on the server's own; the attempt count is the server's delivery count.
+//! A relay killed mid-attempt stops renewing its leases, and the server
+//! redelivers them after `ack_wait`. A closing relay naks what it holds.
+//!
+//! **Not available on this backend** (the configuration check refuses
+//! them): ordering per key, encryption at rest.
+
+mod dead;
+mod flow;
+mod setup;
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, stream};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::{lock, DestStats, Lease, StoreError};
+use crate::secret::Secret;
+use crate::wake::Wakers;
+
+pub(crate) use self::flow::Publish;
+
+/// How a relay proves who it is to NATS.
+#[derive(Debug, Clone, Default)]
+pub enum JetAuth {
+    #[default]
+    None,
+    UserPassword {
+        user: String,
+        password: Secret,
+    },
+    Token(Secret),
+    /// An NKey seed (`SU...`).
+    NKey(Secret),
+    /// A `.creds` file (JWT and NKey seed).
+    CredsFile(PathBuf),
+}
+
+/// `[store]` with `kind = "jetstream"`, validated.
+#[derive(Debug, Clone)]
+pub struct JetConfig {
+    /// `nats://host:port` (or `tls://`) of one or more servers of the cluster.
+    pub servers: Vec<String>,
+    /// Stream name; also the prefix of its subjects and the other names.
+    pub stream: String,
+    /// 1, or 3 for a stream on a quorum of three servers.
+    pub replicas: usize,
+    pub auth: JetAuth,
+    /// CA certificate (PEM) the servers' certificates are checked against.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM) for servers that require one.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// The stream's `max_bytes` (new callbacks refused above it); `None`: no limit.
+    pub max_bytes: Option<u64>,
+    /// How long de-duplication keys are kept (the longest route window);
+    /// `None`: no route de-duplicates.
+    pub dedupe_retention: Option<Duration>,
+    /// A consumer's `max_ack_pending`: leased and retrying messages, all
+    /// relays together.
+    pub max_ack_pending: usize,
+    /// A consumer's `ack_wait`: how long a killed relay's leases last.
+    pub ack_wait: Duration,
+    /// How long ingress waits for a PubAck before answering 503.
+    pub publish_timeout: Duration,
+}
+
+/// The JetStream backend. Cheap to clone.
+#[derive(Clone)]
+pub struct Jet {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: JetConfig,
+    /// Set once connected and the streams and consumers are in place.
+    ready: OnceLock<Ready>,
+    /// Configured destinations (fixed at open).
+    dests: HashMap<Arc<str>, Arc<Dest>>,
+    wakers: Wakers,
+    /// Paused destinations with why, as the `S-state` bucket says.
+    paused: Mutex<HashMap<String, String>>,
+    /// Figures refreshed every second from the server.
+    figures: Mutex<Figures>,
+    /// Publishes that failed in a row (for `/readyz` and the log).
+    publish_failures: AtomicU64,
+    /// Why the backend cannot work at all (a stream that contradicts the
+    /// configuration, found after a late connection), if it cannot.
+    broken: Mutex<Option<String>>,
+    closed: AtomicBool,
+    stop: CancellationToken,
+    tasks: tokio_util::task::TaskTracker,
+}
+
+struct Ready {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    stream: stream::Stream,
+    dead: stream::Stream,
+    state: kv::Store,
+    dedupe: Option<kv::Store>,
+    /// The stream's id part of external ids (`msg_<uid><seq>`).
+    uid: String,
+    max_payload: usize,
+}
+
+#[derive(Default)]
+struct Figures {
+    stats: HashMap<String, DestStats>,
+    /// Destinations with dead letters (configured or not).
+    dead_dests: Vec<String>,
+    stream_bytes: u64,
+}
+
+/// One destination's leases on this relay.
+struct Dest {
+    name: Arc<str>,
+    /// Most messages held at once (pulled and not settled).
+    cap: usize,
+    /// Pulled, waiting for the worker to lease them.
+    waiting: Mutex<VecDeque<Lease>>,
+    /// Pulled and not settled (waiting or being attempted), by stream
+    /// sequence: their ack handles, renewed while held.
+    held: Mutex<HashMap<u64, jetstream::Message>>,
+    /// A settle made room for the puller.
+    room: Notify,
+}
+
+/// Subjects and names under the stream's name.
+struct Names<'a>(&'a str);
+
+impl Names<'_> {
+    fn inbound(&self) -> String {
+        format!("{}.in", self.0)
+    }
+    fn dead_stream(&self) -> String {
+        format!("{}-dead", self.0)
+    }
+    fn dead_subject(&self, dest: &str) -> String {
+        format!("{}.dead.{dest}", self.0)
+    }
+    fn state_bucket(&self) -> String {
+        format!("{}-state", self.0)
+    }
+    fn dedupe_bucket(&self) -> String {
+        format!("{}-dedupe", self.0)
+    }
+    fn consumer(dest: &str) -> String {
+        format!("d-{dest}")
+    }
+}
+
+/// Headers the relay sets on what it publishes.
+const H_ID: &str = "Switchboard-Id";
+const H_FOR: &str = "Switchboard-For";
+const H_ATTEMPTS: &str = "Switchboard-Attempts";
+const H_STATUS: &str = "Switchboard-Status";
+const H_REASON: &str = "Switchboard-Reason";
+const H_DEAD_AT: &str = "Switchboard-Dead-At";
+
+/// The metadata key of the stream's id part of external ids.
+const UID_KEY: &str = "switchboard_uid";
+
+impl Jet {
+    fn ready(&self) -> Result<&Ready, StoreError> {
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return Err(StoreError::Closed);
+        }
+        if let Some(why) = lock(&self.inner.broken).as_ref() {
+            return Err(StoreError::Setup(why.clone()));
+        }
+        self.inner.ready.get().ok_or_else(|| StoreError::Unavailable("not connected to NATS yet".into()))
+    }
+
+    fn dest(&self, name: &str) -> Option<&Arc<Dest>> {
+        self.inner.dests.get(name)
+    }
+
+    pub fn external_id(&self, id: u64) -> String {
+        let uid = self.inner.ready.get().map_or("00000000", |r| r.uid.as_str());
+        format!("msg_{uid}{id:016x}")
+    }
+
+    pub fn parse_external_id(&self, s: &str) -> Option<u64> {
+        let uid = &self.inner.ready.get()?.uid;
+        let rest = s.strip_prefix("msg_")?.strip_prefix(uid.as_str())?;
+        u64::from_str_radix(rest, 16).ok()
+    }
+
+    /// Whether a callback of `room` bytes would be taken now: connected,
+    /// set up, publishes not failing.
+    pub fn accepting(&self, room: u64) -> Result<(), StoreError> {
+        let ready = self.ready()?;
+        if ready.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(StoreError::Unavailable("connection to NATS lost; reconnecting".into()));
+        }
+        if self.inner.publish_failures.load(Ordering::Relaxed) > 0 {
+            return Err(StoreError::Unavailable("JetStream did not acknowledge the last publish".into()));
+        }
+        if room > ready.max_payload as u64 {
+            return Err(StoreError::TooLarge(room as usize));
+        }
+        Ok(())
+    }
+
+    /// The server's `max_payload`, less room for our headers.
+    pub fn max_record(&self) -> Option<u64> {
+        self.inner.ready.get().map(|r| (r.max_payload as u64).saturating_sub(flow::HEADER_ROOM))
+    }
+
+    pub fn stats(&self, dest: &str) -> DestStats {
+        lock(&self.inner.figures).stats.get(dest).cloned().unwrap_or_default()
+    }
+
+    /// Configured destinations, and any with dead letters.
+    pub fn known_destinations(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.inner.dests.keys().map(|d| d.to_string()).collect();
+        for d in &lock(&self.inner.figures).dead_dests {
+            if !out.contains(d) {
+                out.push(d.clone());
+            }
+        }
+        out
+    }
+
+    pub fn bytes(&self) -> u64 {
+        lock(&self.inner.figures).stream_bytes
+    }
+
+    pub fn max_bytes(&self) -> Option<u64> {
+        self.inner.config.max_bytes
+    }
+
+    /// Nothing of this relay's is on a local disk.
+    pub fn disk_bytes(&self) -> u64 {
+        0
+    }
+
+    pub fn free_bytes(&self) -> u64 {
+        0
+    }
+
+    /// Unhealthy only when a restart is what it takes: the stream
+    /// contradicts the configuration. A lost connection is not (the client
+    /// reconnects by itself; `/readyz` says so meanwhile).
+    pub fn is_healthy(&self) -> bool {
+        lock(&self.inner.broken).is_none()
+    }
+
+    pub fn flush_failed(&self) -> bool {
+        self.inner.publish_failures.load(Ordering::Relaxed) > 0
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::SeqCst)
+    }
+
+    /// Not used: de-duplication keys are checked asynchronously
+    /// ([`Jet::duplicate`]); nothing is remembered in memory.
+    pub fn dedupe_figures(&self) -> (usize, u64) {
+        (0, 0)
+    }
+
+    /// Nothing to wait for: a message is durable when its publish is
+    /// acknowledged ([`Jet::durable`]).
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        self.ready().map(|_| ())
+    }
+
+    /// Stops pulling, gives back (nak) what this relay holds so another
+    /// relay takes it at once, and flushes the connection.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        if inner.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        inner.stop.cancel();
+        inner.tasks.close();
+        inner.tasks.wait().await;
+        for d in inner.dests.values() {
+            let held: Vec<jetstream::Message> = lock(&d.held).drain().map(|(_, m)| m).collect();
+            lock(&d.waiting).clear();
+            for m in held {
+                let _ = m.ack_with(jetstream::AckKind::Nak(None)).await;
+            }
+        }
+        if let Some(r) = inner.ready.get() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), r.client.flush()).await;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,430 @@
+//! Connecting, creating or checking the streams, buckets and consumers,
+//! and the background tasks (pullers, lease renewal, figures, pauses).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull, kv, stream};
+use async_nats::ConnectErrorKind;
+use futures_util::StreamExt;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::{Dest, Inner, Jet, JetAuth, JetConfig, Names, Ready, UID_KEY};
+use crate::store::{lock, StoreError};
+use crate::wake::Wakers;
+
+/// The stream's duplicate window: long enough for a publish retried after
+/// a lost ack (within `publish_timeout`), short enough that the server does
+/// not remember every message id for long (it keeps each for the window).
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// How often figures (depth, oldest, dead letters) are read from the server.
+const FIGURES_EVERY: Duration = Duration::from_secs(1);
+
+/// Why a connection attempt failed.
+enum Refused {
+    /// Retrying will not help (wrong credentials, TLS, a bad address).
+    Fatal(String),
+    /// The servers may come up: retry.
+    Unreachable(String),
+}
+
+impl Jet {
+    /// See [`crate::store::Store::open_jetstream`].
+    pub async fn open(
+        config: JetConfig,
+        destinations: Vec<(Arc<str>, usize)>,
+        wakers: Wakers,
+    ) -> Result<Jet, StoreError> {
+        let dests = destinations
+            .into_iter()
+            .map(|(name, concurrency)| {
+                let d = Dest {
+                    name: name.clone(),
+                    cap: (concurrency * 2).max(8),
+                    waiting: Mutex::default(),
+                    held: Mutex::default(),
+                    room: Notify::new(),
+                };
+                (name, Arc::new(d))
+            })
+            .collect();
+        let jet = Jet {
+            inner: Arc::new(Inner {
+                config,
+                ready: OnceLock::new(),
+                dests,
+                wakers,
+                paused: Mutex::default(),
+                figures: Mutex::default(),
+                publish_failures: AtomicU64::new(0),
+                broken: Mutex::new(None),
+                closed: AtomicBool::new(false),
+                stop: CancellationToken::new(),
+                tasks: tokio_util::task::TaskTracker::new(),
+            }),
+        };
+        match jet.connect().await {
+            Ok(client) => match jet.set_up(client).await {
+                Ok(()) => {}
+                Err(StoreError::Setup(why)) => return Err(StoreError::Setup(why)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "JetStream not ready; retrying in the background, callbacks are refused (503) until then");
+                    let late = jet.clone();
+                    jet.inner.tasks.spawn(async move { late.connect_later().await });
+                }
+            },
+            Err(Refused::Fatal(why)) => return Err(StoreError::Setup(why)),
+            Err(Refused::Unreachable(why)) => {
+                tracing::warn!(servers = ?jet.inner.config.servers, error = %why,
+                    "NATS not reachable; retrying in the background, callbacks are refused (503) and /readyz is 503 until then");
+                let late = jet.clone();
+                jet.inner.tasks.spawn(async move { late.connect_later().await });
+            }
+        }
+        Ok(jet)
+    }
+
+    /// Retries the connection with backoff (1 s doubling to 30 s) until it
+    /// works or the store closes.
+    async fn connect_later(&self) {
+        let mut wait = Duration::from_secs(1);
+        loop {
+            tokio::select! {
+                _ = self.inner.stop.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            match self.connect().await {
+                Ok(client) => match self.set_up(client).await {
+                    Ok(()) => return,
+                    Err(StoreError::Setup(why)) => {
+                        tracing::error!(error = %why, "JetStream store cannot be used; fix the configuration or the stream, then restart");
+                        *lock(&self.inner.broken) = Some(why);
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "JetStream not ready yet; retrying");
+                        wait = (wait * 2).min(Duration::from_secs(30));
+                    }
+                },
+                Err(Refused::Fatal(why)) => {
+                    tracing::error!(error = %why, "NATS refused the relay; fix the configuration, then restart");
+                    *lock(&self.inner.broken) = Some(why);
+                    return;
+                }
+                Err(Refused::Unreachable(_)) => wait = (wait * 2).min(Duration::from_secs(30)),
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<async_nats::Client, Refused> {
+        let c = &self.inner.config;
+        let mut opts = async_nats::ConnectOptions::new()
+            .name("switchboard")
+            .connection_timeout(Duration::from_secs(5))
+            .max_reconnects(None)
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("connection to NATS lost; reconnecting (callbacks are refused meanwhile)")
+                    }
+                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                    other => tracing::debug!(event = %other, "NATS client event"),
+                }
+            });
+        opts = match &c.auth {
+            JetAuth::None => opts,
+            JetAuth::UserPassword { user, password } => {
+                opts.user_and_password(user.clone(), password.expose().to_string())
+            }
+            JetAuth::Token(t) => opts.token(t.expose().to_string()),
+            JetAuth::NKey(seed) => opts.nkey(seed.expose().to_string()),
+            JetAuth::CredsFile(path) => opts
+                .credentials_file(path)
+                .await
+                .map_err(|e| Refused::Fatal(format!("cannot read store.creds_file {}: {e}", path.display())))?,
+        };
+        if let Some(ca) = &c.ca_file {
+            opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let Some((cert, key)) = &c.client_cert {
+            opts = opts.add_client_certificate(cert.clone(), key.clone()).require_tls(true);
+        }
+        let mut addrs = Vec::new();
+        for s in &c.servers {
+            let addr = s
+                .parse::<async_nats::ServerAddr>()
+                .map_err(|e| Refused::Fatal(format!("store.servers: {s:?} is not a server address: {e}")))?;
+            addrs.push(addr);
+        }
+        opts.connect(addrs).await.map_err(|e| match e.kind() {
+            ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => {
+                Refused::Fatal("NATS refused the credentials (authorization violation): check the store's user/password, token, nkey or creds_file".into())
+            }
+            ConnectErrorKind::Tls => Refused::Fatal(format!("TLS with NATS failed: {e}")),
+            ConnectErrorKind::ServerParse => Refused::Fatal(format!("store.servers: {e}")),
+            _ => Refused::Unreachable(e.to_string()),
+        })
+    }
+
+    /// Creates or checks the streams, buckets and consumers, then starts
+    /// the background tasks. A stream whose settings contradict the
+    /// configuration is refused, never changed.
+    async fn set_up(&self, client: async_nats::Client) -> Result<(), StoreError> {
+        let c = &self.inner.config;
+        let names = Names(&c.stream);
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(c.publish_timeout);
+        let stream = self.main_stream(&js).await?;
+        let uid = stream.cached_info().config.metadata.get(UID_KEY).cloned().ok_or_else(|| {
+            StoreError::Setup(format!(
+                "stream {:?} exists but was not created by switchboard (no {UID_KEY} in its metadata); give store.stream another name",
+                c.stream
+            ))
+        })?;
+        let dead = ensure_stream(
+            &js,
+            stream::Config {
+                name: names.dead_stream(),
+                subjects: vec![names.dead_subject("*")],
+                retention: stream::RetentionPolicy::Limits,
+                storage: stream::StorageType::File,
+                num_replicas: c.replicas,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let state = ensure_bucket(
+            &js,
+            kv::Config { bucket: names.state_bucket(), history: 1, num_replicas: c.replicas, ..Default::default() },
+        )
+        .await?;
+        let dedupe = match c.dedupe_retention {
+            None => None,
+            Some(window) => Some(
+                ensure_bucket(
+                    &js,
+                    kv::Config {
+                        bucket: names.dedupe_bucket(),
+                        history: 1,
+                        max_age: window,
+                        num_replicas: c.replicas,
+                        ..Default::default()
+                    },
+                )
+                .await?,
+            ),
+        };
+        let mut consumers = Vec::new();
+        for d in self.inner.dests.values() {
+            consumers.push((d.clone(), self.consumer(&stream, &d.name).await?));
+        }
+        let max_payload = client.server_info().max_payload;
+        let ready = Ready { client, js, stream, dead, state, dedupe, uid, max_payload };
+        if self.inner.ready.set(ready).is_err() {
+            return Ok(());
+        }
+        self.load_paused().await?;
+        self.refresh_figures().await;
+        for (d, consumer) in consumers {
+            let me = self.clone();
+            self.inner.tasks.spawn(async move { me.pull(d, consumer).await });
+        }
+        let me = self.clone();
+        self.inner.tasks.spawn(async move { me.renew_leases().await });
+        let me = self.clone();
+        self.inner.tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = me.inner.stop.cancelled() => return,
+                    _ = tokio::time::sleep(FIGURES_EVERY) => me.refresh_figures().await,
+                }
+            }
+        });
+        let me = self.clone();
+        self.inner.tasks.spawn(async move { me.watch_paused().await });
+        tracing::info!(stream = %c.stream, replicas = c.replicas, "JetStream store ready");
+        Ok(())
+    }
+
+    /// The message stream: created with Interest retention, or checked.
+    async fn main_stream(&self, js: &jetstream::Context) -> Result<stream::Stream, StoreError> {
+        let c = &self.inner.config;
+        let names = Names(&c.stream);
+        let want = stream::Config {
+            name: c.stream.clone(),
+            subjects: vec![names.inbound()],
+            retention: stream::RetentionPolicy::Interest,
+            storage: stream::StorageType::File,
+            num_replicas: c.replicas,
+            duplicate_window: DUPLICATE_WINDOW,
+            max_bytes: c.max_bytes.map_or(-1, |b| b as i64),
+            discard: stream::DiscardPolicy::New,
+            metadata: HashMap::from([(UID_KEY.to_string(), format!("{:08x}", rand::random::<u32>()))]),
+            ..Default::default()
+        };
+        match js.get_stream(&c.stream).await {
+            Ok(mut existing) => {
+                let info = existing.info().await.map_err(|e| setup_error("reading the stream", e))?;
+                check_stream(&info.config, &want)?;
+                Ok(existing)
+            }
+            Err(e) if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(_)) => {
+                js.create_stream(want).await.map_err(|e| setup_error(&format!("creating stream {:?}", c.stream), e))
+            }
+            Err(e) => Err(setup_error(&format!("looking up stream {:?}", c.stream), e)),
+        }
+    }
+
+    /// The durable consumer of `dest`: created, or its lease settings
+    /// brought to the configuration's (they change no retention).
+    async fn consumer(
+        &self,
+        stream: &stream::Stream,
+        dest: &str,
+    ) -> Result<jetstream::consumer::PullConsumer, StoreError> {
+        let c = &self.inner.config;
+        let name = Names::consumer(dest);
+        let want = pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject: Names(&c.stream).inbound(),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: c.ack_wait,
+            // Retries are ours (nak with the policy's delay); the server
+            // redelivers without end, and the retry policy dead-letters.
+            max_deliver: -1,
+            max_ack_pending: c.max_ack_pending as i64,
+            // A destination added later gets what arrives from then on,
+            // as with the local store.
+            deliver_policy: jetstream::consumer::DeliverPolicy::New,
+            ..Default::default()
+        };
+        match stream.consumer_info(&name).await {
+            Ok(info) => {
+                let have = &info.config;
+                if have.ack_wait != want.ack_wait || have.max_ack_pending != want.max_ack_pending {
+                    tracing::info!(
+                        destination = dest,
+                        "updating the consumer's ack_wait and max_ack_pending to the configuration's"
+                    );
+                    let update = pull::Config { deliver_policy: have.deliver_policy, ..want };
+                    stream
+                        .update_consumer(update)
+                        .await
+                        .map_err(|e| setup_error(&format!("updating consumer {name}"), e))
+                } else {
+                    stream.get_consumer(&name).await.map_err(|e| setup_error(&format!("opening consumer {name}"), e))
+                }
+            }
+            Err(_) => {
+                stream.create_consumer(want).await.map_err(|e| setup_error(&format!("creating consumer {name}"), e))
+            }
+        }
+    }
+
+    /// Reads the paused destinations.
+    async fn load_paused(&self) -> Result<(), StoreError> {
+        let state = &self.ready()?.state;
+        let mut keys = state.keys().await.map_err(|e| setup_error("listing paused destinations", e))?;
+        let mut found = HashMap::new();
+        while let Some(k) = keys.next().await {
+            let Ok(k) = k else { continue };
+            let Some(dest) = k.strip_prefix("paused.") else { continue };
+            if let Ok(Some(v)) = state.get(&k).await {
+                found.insert(dest.to_string(), String::from_utf8_lossy(&v).into_owned());
+            }
+        }
+        *lock(&self.inner.paused) = found;
+        Ok(())
+    }
+
+    /// Follows pauses and resumes made by any relay.
+    async fn watch_paused(&self) {
+        let Ok(ready) = self.ready() else { return };
+        loop {
+            let mut watch = match ready.state.watch("paused.>").await {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::debug!(error = %e, "watching paused destinations failed; retrying");
+                    tokio::select! {
+                        _ = self.inner.stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            loop {
+                let entry = tokio::select! {
+                    _ = self.inner.stop.cancelled() => return,
+                    e = watch.next() => e,
+                };
+                let Some(Ok(entry)) = entry else { break };
+                let Some(dest) = entry.key.strip_prefix("paused.") else { continue };
+                match entry.operation {
+                    kv::Operation::Put => {
+                        lock(&self.inner.paused)
+                            .insert(dest.to_string(), String::from_utf8_lossy(&entry.value).into_owned());
+                    }
+                    kv::Operation::Delete | kv::Operation::Purge => {
+                        lock(&self.inner.paused).remove(dest);
+                    }
+                }
+                self.inner.wakers.wake(dest);
+            }
+        }
+    }
+}
+
+/// Refuses a stream whose settings contradict what the relay needs.
+fn check_stream(have: &stream::Config, want: &stream::Config) -> Result<(), StoreError> {
+    let name = &want.name;
+    if have.retention != want.retention {
+        return Err(StoreError::Setup(format!(
+            "stream {name:?} has retention {:?}; switchboard needs {:?} (it never changes an existing stream's retention: delete the stream or choose another store.stream)",
+            have.retention, want.retention
+        )));
+    }
+    if have.num_replicas != want.num_replicas {
+        return Err(StoreError::Setup(format!(
+            "stream {name:?} has {} replicas; store.replicas is {}",
+            have.num_replicas, want.num_replicas
+        )));
+    }
+    if !have.subjects.iter().any(|s| want.subjects.contains(s)) {
+        return Err(StoreError::Setup(format!(
+            "stream {name:?} has subjects {:?}; switchboard publishes to {:?}",
+            have.subjects, want.subjects
+        )));
+    }
+    Ok(())
+}
+
+async fn ensure_stream(js: &jetstream::Context, want: stream::Config) -> Result<stream::Stream, StoreError> {
+    match js.get_stream(&want.name).await {
+        Ok(mut existing) => {
+            let info = existing.info().await.map_err(|e| setup_error("reading the stream", e))?;
+            check_stream(&info.config, &want)?;
+            Ok(existing)
+        }
+        Err(_) => {
+            let name = want.name.clone();
+            js.create_stream(want).await.map_err(|e| setup_error(&format!("creating stream {name:?}"), e))
+        }
+    }
+}
+
+async fn ensure_bucket(js: &jetstream::Context, want: kv::Config) -> Result<kv::Store, StoreError> {
+    match js.get_key_value(&want.bucket).await {
+        Ok(b) => Ok(b),
+        Err(_) => {
+            let name = want.bucket.clone();
+            js.create_key_value(want).await.map_err(|e| setup_error(&format!("creating bucket {name:?}"), e))
+        }
+    }
+}
+
+fn setup_error(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("JetStream: {what}: {e}"))
+}

