@@ -146,7 +146,11 @@ impl Admin {
         if !self.ready.load(Ordering::SeqCst) || self.store.is_closed() {
             return respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n");
         }
-        match self.store.accepting(self.ready_room) {
+        // A store with a record limit of its own (JetStream's max_payload)
+        // makes ingress refuse above it (413); ready means it takes what
+        // is below.
+        let room = self.store.max_record().map_or(self.ready_room, |m| self.ready_room.min(m));
+        match self.store.accepting(room) {
             Ok(()) => respond(StatusCode::OK, "text/plain", "ready\n"),
             Err(e) => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {e}\n")),
         }

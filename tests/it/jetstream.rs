@@ -92,3 +92,143 @@ async fn jetstream_delivers_retries_dead_letters_and_replays() {
     ok.wait_for(7, WAIT).await;
     relay.stop().await.expect("stop");
 }
+
+/// Runs `switchboard run` on `config`, which must exit by itself within
+/// the wait; returns its exit code and what it printed.
+fn run_until_exit(config: &std::path::Path) -> (Option<i32>, String) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["run", "--config"])
+        .arg(config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = std::time::Instant::now() + WAIT;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("switchboard run did not exit");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    }
+    (status.code(), err)
+}
+
+/// Wrong credentials: one clear error, and the relay exits (retrying
+/// would not help). A stream with the wrong retention: refused, named,
+/// left as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_credentials_and_a_mismatched_stream_are_refused_clearly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats = NatsNode::single_with(dir.path(), free_port(), "authorization { user: sb, password: right-one }");
+    let r = TestReceiver::ok().await;
+    let store = |pw: &str, stream: &str| {
+        jet_config(&[nats.url()], stream, 1, &[("a", &r.url("/a"), "")])
+            .replace("replicas = 1\n", &format!("replicas = 1\nuser = \"sb\"\npassword = \"{pw}\"\n"))
+    };
+    let path = crate::binary::write(dir.path(), &store("wrong-one", "sbw"));
+    let (code, err) = run_until_exit(&path);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("refused the credentials"), "{err}");
+    assert!(!err.contains("wrong-one") && !err.contains("right-one"), "no password in errors: {err}");
+
+    // A stream of that name with Limits retention, made by someone else.
+    let client = async_nats::ConnectOptions::new()
+        .user_and_password("sb".into(), "right-one".into())
+        .connect(nats.url())
+        .await
+        .expect("connect");
+    let js = async_nats::jetstream::new(client);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "sbl".into(),
+        subjects: vec!["sbl.in".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("create stream");
+    let path = crate::binary::write(dir.path(), &store("right-one", "sbl"));
+    let (code, err) = run_until_exit(&path);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("retention") && err.contains("\"sbl\""), "{err}");
+    let info = js.get_stream("sbl").await.expect("stream").cached_info().config.retention;
+    assert_eq!(info, async_nats::jetstream::stream::RetentionPolicy::Limits, "left as it was");
+}
+
+/// NATS not there at start: the relay runs, /readyz and callbacks are 503
+/// (with Retry-After); once NATS comes up, it is ready by itself and
+/// delivers. A callback over the server's max_payload is 413, with the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_at_start_then_ready_and_max_payload_is_413() {
+    use crate::binary::{write, RelayProcess};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let r = TestReceiver::ok().await;
+    let path =
+        write(dir.path(), &jet_config(&[format!("nats://127.0.0.1:{port}")], "late", 1, &[("a", &r.url("/a"), "")]));
+    let relay = RelayProcess::start(&path).await;
+    let (s, _, _) = get(&relay.admin_url("/readyz")).await;
+    assert_eq!(s, 503);
+    let (s, headers, _) = post(&relay.url("/in"), "text/plain", "too early").await;
+    assert_eq!(s, 503);
+    assert!(headers.contains_key("retry-after"));
+    assert!(relay.logs().contains("NATS not reachable"), "{}", relay.logs());
+
+    let _nats = NatsNode::single_with(dir.path(), port, "max_payload: 4096");
+    let deadline = std::time::Instant::now() + WAIT;
+    while get(&relay.admin_url("/readyz")).await.0 != 200 {
+        assert!(std::time::Instant::now() < deadline, "not ready after NATS came up: {}", relay.logs());
+        tokio::time::sleep(POLL).await;
+    }
+    let (s, _, body) = post(&relay.url("/in"), "text/plain", "now").await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+    r.wait_for(1, WAIT).await;
+    let (s, _, body) = post(&relay.url("/in"), "text/plain", "x".repeat(8192)).await;
+    assert_eq!(s, 413, "{}", String::from_utf8_lossy(&body));
+    let limit = 4096 - 512;
+    assert!(String::from_utf8_lossy(&body).contains(&limit.to_string()), "{}", String::from_utf8_lossy(&body));
+}
+
+#[test]
+fn what_jetstream_cannot_do_is_a_config_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let jet = |extra: &str, store_extra: &str| {
+        jet_config(&["nats://127.0.0.1:4222".into()], "s", 1, &[("a", "http://127.0.0.1:1/a", extra)])
+            .replace("replicas = 1\n", &format!("replicas = 1\n{store_extra}"))
+    };
+    for (toml, key, why) in [
+        (jet("ordering = \"fifo\"", ""), "destinations.a.ordering", "not available"),
+        (jet("", "replicas = 2\n"), "", ""),
+        (jet("", "token = \"t\"\nnkey = \"SUx\"\n"), "store", "one way to authenticate"),
+        (jet("", "").replace("ack_wait = \"3s\"", "ack_wait = \"1s\""), "store.ack_wait", "at least 3s"),
+        (
+            config(&[("a", "http://127.0.0.1:1/a", "")])
+                .replace("[store]\n", "[store]\nservers = [\"nats://127.0.0.1:4222\"]\n"),
+            "store.servers",
+            "only used with",
+        ),
+    ] {
+        if key.is_empty() {
+            // TOML refuses a key given twice: still a config error naming it.
+            let out = crate::binary::check(&crate::binary::write(dir.path(), &toml));
+            assert_eq!(out.status.code(), Some(78));
+            assert!(String::from_utf8_lossy(&out.stderr).contains("replicas"));
+            continue;
+        }
+        let out = crate::binary::check(&crate::binary::write(dir.path(), &toml));
+        assert_eq!(out.status.code(), Some(78), "{toml}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key) && err.contains(why), "{toml}: {err}");
+    }
+    let out = crate::binary::check(&crate::binary::write(
+        dir.path(),
+        &jet("", "").replace("replicas = 1\n", "replicas = 2\n"),
+    ));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("store.replicas"), "must be 1 or 3");
+}

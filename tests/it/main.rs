@@ -7,6 +7,7 @@ mod encryption;
 mod exposure;
 mod filter;
 mod flow;
+mod ha;
 mod hostile;
 mod jetstream;
 mod mtls;

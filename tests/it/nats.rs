@@ -40,8 +40,6 @@ pub fn free_port() -> u16 {
 pub struct NatsNode {
     pub name: String,
     pub port: u16,
-    cluster_port: Option<u16>,
-    dir: PathBuf,
     config: PathBuf,
     child: Option<Child>,
     pub logs: Arc<Mutex<Vec<String>>>,
@@ -53,9 +51,10 @@ impl NatsNode {
         Self::configured(dir, "n1", free_port(), None, &[], "")
     }
 
-    /// A single node with `extra` configuration (e.g. authorization).
-    pub fn single_with(dir: &Path, extra: &str) -> NatsNode {
-        Self::configured(dir, "n1", free_port(), None, &[], extra)
+    /// A single node on `port` with `extra` configuration (e.g.
+    /// authorization, max_payload).
+    pub fn single_with(dir: &Path, port: u16, extra: &str) -> NatsNode {
+        Self::configured(dir, "n1", port, None, &[], extra)
     }
 
     fn configured(dir: &Path, name: &str, port: u16, cluster: Option<u16>, routes: &[u16], extra: &str) -> NatsNode {
@@ -74,15 +73,7 @@ impl NatsNode {
         }
         let config = dir.join("nats.conf");
         std::fs::File::create(&config).and_then(|mut f| f.write_all(conf.as_bytes())).expect("write nats.conf");
-        let mut node = NatsNode {
-            name: name.to_string(),
-            port,
-            cluster_port: cluster,
-            dir,
-            config,
-            child: None,
-            logs: Arc::default(),
-        };
+        let mut node = NatsNode { name: name.to_string(), port, config, child: None, logs: Arc::default() };
         node.start();
         node
     }
@@ -134,15 +125,6 @@ impl NatsNode {
 
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    /// The server's JetStream directory (to inspect or wipe).
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    pub fn cluster_port(&self) -> Option<u16> {
-        self.cluster_port
     }
 }
 

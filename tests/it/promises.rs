@@ -23,7 +23,7 @@ fn fast(name: &str) -> String {
 }
 
 /// Sequence numbers seen by a receiver, with their counts.
-fn seqs(received: &[Received]) -> HashMap<u64, usize> {
+pub(crate) fn seqs(received: &[Received]) -> HashMap<u64, usize> {
     let mut m = HashMap::new();
     for r in received {
         if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&r.body) {
@@ -50,9 +50,10 @@ async fn wait_for_seqs<'a>(
         .await
 }
 
-/// Concurrent senders posting `{"seq": N}` bodies to whatever relay address
-/// is current, recording which sequence numbers got a 2xx.
-struct Load {
+/// Concurrent senders posting `{"seq": N}` bodies to the relay addresses
+/// that are current (sender `s` to the `s % n`th of `n`), recording which
+/// sequence numbers got a 2xx.
+pub(crate) struct Load {
     acked: Arc<Mutex<HashSet<u64>>>,
     refused: Arc<AtomicUsize>,
     progress: Arc<Notify>,
@@ -61,7 +62,7 @@ struct Load {
 }
 
 impl Load {
-    fn start(senders: u64, max_per_sender: u64, addr: watch::Receiver<Option<SocketAddr>>) -> Load {
+    pub(crate) fn start(senders: u64, max_per_sender: u64, addr: watch::Receiver<Vec<SocketAddr>>) -> Load {
         let acked: Arc<Mutex<HashSet<u64>>> = Arc::default();
         let refused = Arc::new(AtomicUsize::new(0));
         let progress = Arc::new(Notify::new());
@@ -77,7 +78,8 @@ impl Load {
                     if stop.load(Ordering::SeqCst) {
                         return;
                     }
-                    let Some(target) = *addr.borrow_and_update() else {
+                    let current = addr.borrow_and_update().clone();
+                    let Some(&target) = current.get(s as usize % current.len().max(1)) else {
                         // No relay right now: wait for the next one, but look
                         // at `stop` every 50 ms (regression: a sender parked
                         // here forever hung `finish` once the relay was gone).
@@ -103,8 +105,9 @@ impl Load {
                         refused.fetch_add(1, Ordering::SeqCst);
                         // The relay is gone or refusing: wait for the next one
                         // (or for a short while, if it is the same relay).
-                        let _ = tokio::time::timeout(Duration::from_millis(50), addr.wait_for(|a| *a != Some(target)))
-                            .await;
+                        let _ =
+                            tokio::time::timeout(Duration::from_millis(50), addr.wait_for(|a| !a.contains(&target)))
+                                .await;
                     }
                 }
             });
@@ -112,11 +115,11 @@ impl Load {
         Load { acked, refused, progress, stop, tasks }
     }
 
-    fn acked_count(&self) -> usize {
+    pub(crate) fn acked_count(&self) -> usize {
         self.acked.lock().expect("lock").len()
     }
 
-    async fn wait_acked(&self, n: usize) {
+    pub(crate) async fn wait_acked(&self, n: usize) {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let notified = self.progress.notified();
@@ -131,7 +134,7 @@ impl Load {
         }
     }
 
-    async fn finish(mut self) -> (HashSet<u64>, usize) {
+    pub(crate) async fn finish(mut self) -> (HashSet<u64>, usize) {
         self.stop.store(true, Ordering::SeqCst);
         while self.tasks.join_next().await.is_some() {}
         let acked = self.acked.lock().expect("lock").clone();
@@ -161,14 +164,14 @@ async fn kill9_under_load_loses_nothing_acknowledged() {
         ]),
     );
 
-    let (addr_tx, addr_rx) = watch::channel(None);
+    let (addr_tx, addr_rx) = watch::channel(Vec::new());
     let load = Load::start(16, 100_000, addr_rx);
     let mut late = None;
     let mut rng = rand::thread_rng();
     let started = Instant::now();
     for cycle in 0..cycles {
         let mut relay = RelayProcess::start(&path).await;
-        addr_tx.send_replace(Some(relay.ingress));
+        addr_tx.send_replace(vec![relay.ingress]);
         if cycle == cycles / 2 {
             let l = tokio::net::TcpListener::bind(late_addr).await.expect("rebind late destination");
             late = Some(TestReceiver::on(l, Arc::new(|_, _| Reply::Status(200))));
@@ -177,10 +180,10 @@ async fn kill9_under_load_loses_nothing_acknowledged() {
         let target = load.acked_count() + rng.gen_range(50..400);
         load.wait_acked(target).await;
         relay.kill9();
-        addr_tx.send_replace(None);
+        addr_tx.send_replace(Vec::new());
     }
     let relay = RelayProcess::start(&path).await;
-    addr_tx.send_replace(Some(relay.ingress));
+    addr_tx.send_replace(vec![relay.ingress]);
     let target = load.acked_count() + 100;
     load.wait_acked(target).await;
     let (acked, refused) = load.finish().await;
@@ -380,7 +383,7 @@ async fn sigterm_under_load_finishes_in_flight_and_restart_delivers_all() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = write(dir.path(), &config(&[("d", &format!("http://{down}/d"), &fast("d"))]));
     let mut relay = RelayProcess::start(&path).await;
-    let (addr_tx, addr_rx) = watch::channel(Some(relay.ingress));
+    let (addr_tx, addr_rx) = watch::channel(vec![relay.ingress]);
     let load = Load::start(16, 100_000, addr_rx);
     load.wait_acked(300).await;
     let signalled = Instant::now();
@@ -389,7 +392,7 @@ async fn sigterm_under_load_finishes_in_flight_and_restart_delivers_all() {
     assert!(status.success(), "exit {status:?}\n{}", relay.logs());
     let stopped_in = signalled.elapsed();
     assert!(stopped_in < Duration::from_secs(5 + 2), "took {stopped_in:?} (grace period 5 s)");
-    addr_tx.send_replace(None);
+    addr_tx.send_replace(Vec::new());
     let (acked, refused) = load.finish().await;
 
     let dest = TestReceiver::ok_at(down).await;

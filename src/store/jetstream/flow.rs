@@ -13,6 +13,12 @@ use super::{Dest, Jet, Names, H_FOR, H_ID};
 use crate::store::format::{record_destinations, Draft, MessageRecord, QueueRecord};
 use crate::store::{lock, now_ms, Due, Handle, Lease, Settle, StoreError};
 
+/// How long one pull request waits for messages on the server.
+const PULL_EXPIRES: Duration = Duration::from_secs(1);
+/// How much longer the relay waits for that request's end before it
+/// takes the server (or the route to it) for gone.
+const PULL_GRACE: Duration = Duration::from_secs(2);
+
 /// Room left in `max_payload` for the headers we add to a record.
 pub(super) const HEADER_ROOM: u64 = 512;
 
@@ -75,7 +81,9 @@ impl Jet {
                 Err(_) => break,
                 Ok(Err(e)) => last = e.to_string(),
                 Ok(Ok(ack)) => {
-                    self.inner.publish_failures.store(0, Ordering::Relaxed);
+                    if self.inner.publish_failures.swap(0, Ordering::Relaxed) > 0 {
+                        tracing::info!("JetStream publishes succeed again");
+                    }
                     if let Some(key) = p.dedupe {
                         self.remember(&key, ack.sequence).await?;
                     }
@@ -83,9 +91,13 @@ impl Jet {
                 }
             }
         }
-        self.inner.publish_failures.fetch_add(1, Ordering::Relaxed);
         if last.is_empty() {
             last = format!("no acknowledgement within {}", humantime::format_duration(timeout));
+        }
+        let failed = self.inner.publish_failures.fetch_add(1, Ordering::Relaxed);
+        self.inner.last_publish_failure_ms.store(now_ms(), Ordering::Relaxed);
+        if failed == 0 {
+            tracing::warn!(error = %last, "JetStream publish failed: callbacks are refused (503) until publishes succeed");
         }
         Err(StoreError::Unavailable(format!("JetStream publish failed: {last}")))
     }
@@ -170,7 +182,7 @@ impl Jet {
                     _ = room => continue,
                 }
             }
-            let batch = consumer.batch().max_messages(d.cap - held).expires(Duration::from_secs(1)).messages().await;
+            let batch = consumer.batch().max_messages(d.cap - held).expires(PULL_EXPIRES).messages().await;
             let mut batch = match batch {
                 Ok(b) => b,
                 Err(e) => {
@@ -186,9 +198,15 @@ impl Jet {
                 }
             };
             loop {
+                // A pull whose server died never ends by itself (no status
+                // comes back): give up on it past its expiry, and pull anew.
                 let next = tokio::select! {
                     _ = stop.cancelled() => return,
-                    m = batch.next() => m,
+                    m = tokio::time::timeout(PULL_EXPIRES + PULL_GRACE, batch.next()) => m,
+                };
+                let Ok(next) = next else {
+                    tracing::debug!(destination = %d.name, "pull request not answered; pulling again");
+                    break;
                 };
                 match next {
                     None => break,

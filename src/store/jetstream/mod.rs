@@ -125,8 +125,10 @@ struct Inner {
     paused: Mutex<HashMap<String, String>>,
     /// Figures refreshed every second from the server.
     figures: Mutex<Figures>,
-    /// Publishes that failed in a row (for `/readyz` and the log).
+    /// Publishes that failed in a row (for `/readyz` and the log), and
+    /// when the last one failed (unix ms).
     publish_failures: AtomicU64,
+    last_publish_failure_ms: AtomicU64,
     /// Why the backend cannot work at all (a stream that contradicts the
     /// configuration, found after a late connection), if it cannot.
     broken: Mutex<Option<String>>,
@@ -201,6 +203,9 @@ const H_STATUS: &str = "Switchboard-Status";
 const H_REASON: &str = "Switchboard-Reason";
 const H_DEAD_AT: &str = "Switchboard-Dead-At";
 
+/// How long ingress refuses callbacks after a publish failed.
+const PUBLISH_COOL_OFF: Duration = Duration::from_secs(1);
+
 /// The metadata key of the stream's id part of external ids.
 const UID_KEY: &str = "switchboard_uid";
 
@@ -237,7 +242,13 @@ impl Jet {
         if ready.client.connection_state() != async_nats::connection::State::Connected {
             return Err(StoreError::Unavailable("connection to NATS lost; reconnecting".into()));
         }
-        if self.inner.publish_failures.load(Ordering::Relaxed) > 0 {
+        // After a failed publish, refuse for a moment (a sender retries
+        // later; `/readyz` turns 503) instead of piling up requests that
+        // each wait `publish_timeout`; the next request after it tries again.
+        let failed_at = self.inner.last_publish_failure_ms.load(Ordering::Relaxed);
+        if self.inner.publish_failures.load(Ordering::Relaxed) > 0
+            && super::now_ms().saturating_sub(failed_at) < PUBLISH_COOL_OFF.as_millis() as u64
+        {
             return Err(StoreError::Unavailable("JetStream did not acknowledge the last publish".into()));
         }
         if room > ready.max_payload as u64 {

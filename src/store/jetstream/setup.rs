@@ -61,6 +61,7 @@ impl Jet {
                 paused: Mutex::default(),
                 figures: Mutex::default(),
                 publish_failures: AtomicU64::new(0),
+                last_publish_failure_ms: AtomicU64::new(0),
                 broken: Mutex::new(None),
                 closed: AtomicBool::new(false),
                 stop: CancellationToken::new(),
