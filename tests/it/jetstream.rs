@@ -232,3 +232,25 @@ fn what_jetstream_cannot_do_is_a_config_error() {
     ));
     assert!(String::from_utf8_lossy(&out.stderr).contains("store.replicas"), "must be 1 or 3");
 }
+
+/// An attempt longer than the consumer's ack_wait (3 s here) keeps its
+/// lease: the relay renews it while the destination takes 5 s, so the
+/// server never hands the message out again meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_attempt_keeps_its_lease() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats = NatsNode::single(dir.path());
+    let slow = TestReceiver::scripted(|_, _| Reply::Slow(std::time::Duration::from_secs(5), 200)).await;
+    let relay =
+        TestRelay::start(&jet_config(&[nats.url()], "slow", 1, &[("slow", &slow.url("/s"), "timeout = \"10s\"")]))
+            .await;
+    assert_eq!(post(&relay.url("/in"), "text/plain", "take your time").await.0, 200);
+    slow.wait_for(1, WAIT).await;
+    relay
+        .wait_metrics("the delivery", |m| {
+            metric(m, "switchboard_deliveries_total{destination=\"slow\",outcome=\"delivered\"}") == 1.0
+        })
+        .await;
+    assert_eq!(slow.count(), 1, "the message was handed out again during the attempt");
+    relay.stop().await.expect("stop");
+}

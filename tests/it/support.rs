@@ -50,6 +50,8 @@ pub enum Reply {
     Hang,
     /// Drop the connection without an answer (after reading the request).
     Reset,
+    /// Answer `status` after a while (a slow destination).
+    Slow(Duration, u16),
 }
 
 type Script = Arc<dyn Fn(usize, &Received) -> Reply + Send + Sync>;
@@ -112,6 +114,10 @@ impl TestReceiver {
                                     (503, vec![])
                                 }
                                 Reply::Reset => return Err(std::io::Error::other("scripted reset")),
+                                Reply::Slow(after, s) => {
+                                    tokio::time::sleep(after).await;
+                                    (s, vec![])
+                                }
                             };
                             let mut resp = http::Response::new(Full::new(Bytes::from_static(b"ok")));
                             *resp.status_mut() = http::StatusCode::from_u16(status).expect("status");
