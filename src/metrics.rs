@@ -55,6 +55,8 @@ pub struct Metrics {
     pub store_max_bytes: IntGauge,
     pub store_disk_bytes: IntGauge,
     pub store_free_bytes: IntGauge,
+    pub store_info: GaugeVec,
+    pub store_accepting: IntGauge,
     pub store_flushes: IntCounterVec,
     pub store_flush_duration: Histogram,
     pub up: Gauge,
@@ -258,6 +260,17 @@ impl Metrics {
             ),
             store_max_bytes: int_gauge(&r, "switchboard_store_max_bytes", "Configured store.max_bytes (0: no limit)"),
             store_disk_bytes: int_gauge(&r, "switchboard_store_disk_bytes", "Size of the store's files on disk"),
+            store_info: gauge_vec(
+                &r,
+                "switchboard_store_info",
+                "1 for the kind of store the relay runs on (local, jetstream)",
+                &["kind"],
+            ),
+            store_accepting: int_gauge(
+                &r,
+                "switchboard_store_accepting",
+                "1 while the store takes new callbacks (JetStream: connected and set up, publishes acknowledged); 0 while ingress answers 503",
+            ),
             store_free_bytes: int_gauge(
                 &r,
                 "switchboard_store_free_bytes",
@@ -300,6 +313,8 @@ impl Metrics {
         self.store_max_bytes.set(store.max_bytes().unwrap_or(0) as i64);
         self.store_disk_bytes.set(store.disk_bytes() as i64);
         self.store_free_bytes.set(store.free_bytes().min(i64::MAX as u64) as i64);
+        self.store_info.with_label_values(&[store.kind()]).set(1.0);
+        self.store_accepting.set(i64::from(store.accepting(0).is_ok()));
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             tracing::warn!(error = %e, "cannot encode metrics");

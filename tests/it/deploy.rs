@@ -53,6 +53,9 @@ fn kubernetes_configmaps_hold_valid_switchboard_configs() {
             if let Some(toml) = v.get("data").and_then(|d| d.get("switchboard.toml")).and_then(|t| t.as_str()) {
                 let dir = tempfile::tempdir().expect("tempdir");
                 let path = dir.path().join("switchboard.toml");
+                // Secrets from the environment (a Kubernetes Secret there):
+                // any value does for the check.
+                let toml = toml.replace("\"env:SWITCHBOARD_NATS_PASSWORD\"", "\"stand-in\"");
                 std::fs::write(&path, toml).expect("write");
                 switchboard::config::Config::load(&path).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
             }
