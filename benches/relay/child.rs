@@ -20,10 +20,15 @@ impl Relay {
         destinations: &[(&str, String, &str)],
         store_extra: &str,
     ) -> AnyResult<Relay> {
+        let store = format!("[store]\npath = \"{}\"\nmin_free_bytes = 0\n{store_extra}\n", dir.join("store").display());
+        Self::start_on(dir, destinations, &store).await
+    }
+
+    /// A relay whose `[store]` section is `store` (e.g. JetStream's).
+    pub(crate) async fn start_on(dir: &Path, destinations: &[(&str, String, &str)], store: &str) -> AnyResult<Relay> {
         let names: Vec<String> = destinations.iter().map(|(n, _, _)| format!("{n:?}")).collect();
         let mut toml = format!(
-            "[store]\npath = \"{}\"\nmin_free_bytes = 0\n{store_extra}\n[[listeners]]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n[shutdown]\ngrace_period = \"2s\"\n[[routes]]\npath = \"/in\"\ndestinations = [{}]\n",
-            dir.join("store").display(),
+            "{store}[[listeners]]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n[shutdown]\ngrace_period = \"2s\"\n[[routes]]\npath = \"/in\"\ndestinations = [{}]\n",
             names.join(", ")
         );
         for (name, url, extra) in destinations {
@@ -74,13 +79,7 @@ impl Relay {
 
     /// CPU seconds (user + system) the relay has used so far.
     pub(crate) fn cpu_secs(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // Fields after the ")" that ends the command name; utime and stime are
-        // the 14th and 15th fields of the line, in clock ticks (100 Hz here).
-        let rest = stat.rsplit(')').next().unwrap_or_default();
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        (ticks(11) + ticks(12)) / 100.0
+        nats::proc_cpu_secs(self.child.id())
     }
 
     pub(crate) fn rss_mb(&self) -> f64 {

@@ -78,6 +78,7 @@ impl Settings {
 mod ceiling;
 mod child;
 mod load;
+mod nats;
 mod receivers;
 mod runs;
 
@@ -273,6 +274,11 @@ async fn bench(s: Settings) -> AnyResult<()> {
     // 8. Many large bodies at once.
     if s.wants("8") {
         large_bodies(&s, &fresh_dir(), epoch).await?;
+    }
+
+    // 9. The JetStream store next to the local one.
+    if s.wants("9") {
+        nats::jetstream(&s, &fresh_dir(), epoch).await?;
     }
     println!("done in {:.0} s", epoch.elapsed().as_secs_f64());
     Ok(())

@@ -1,0 +1,230 @@
+//! Run 9: the JetStream store (one node R1; three nodes R3 with one, two
+//! and three relays) next to the local store, in the same run: durable
+//! ingest and fan-out x3, with CPU per request of the relays and of the
+//! NATS servers, from /proc.
+
+use super::*;
+
+/// The `nats-server` binary: `$SWITCHBOARD_NATS_SERVER`, or the one the
+/// tests install under `target/nats-venv`.
+fn nats_server() -> Option<PathBuf> {
+    let p = std::env::var_os("SWITCHBOARD_NATS_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/nats-venv/bin/nats-server"));
+    p.exists().then_some(p)
+}
+
+fn free_port() -> AnyResult<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A NATS node as a child process.
+struct Node {
+    child: Child,
+    port: u16,
+}
+
+impl Node {
+    fn cpu_secs(&self) -> f64 {
+        proc_cpu_secs(self.child.id())
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `n` nodes (1, or 3 in one cluster), each up before it returns.
+fn nodes(bin: &Path, dir: &Path, n: usize) -> AnyResult<Vec<Node>> {
+    let clients: Vec<u16> = (0..n).map(|_| free_port()).collect::<AnyResult<_>>()?;
+    let routes: Vec<u16> = (0..n).map(|_| free_port()).collect::<AnyResult<_>>()?;
+    let mut out = Vec::new();
+    for i in 0..n {
+        let d = dir.join(format!("n{i}"));
+        std::fs::create_dir_all(&d)?;
+        let mut conf = format!(
+            "server_name: n{i}\nlisten: 127.0.0.1:{}\njetstream {{ store_dir: {:?} }}\n",
+            clients[i],
+            d.join("js").display().to_string()
+        );
+        if n > 1 {
+            let others: Vec<String> =
+                (0..n).filter(|j| *j != i).map(|j| format!("nats-route://127.0.0.1:{}", routes[j])).collect();
+            conf.push_str(&format!(
+                "cluster {{ name: bench, listen: 127.0.0.1:{}, routes: [{}] }}\n",
+                routes[i],
+                others.join(", ")
+            ));
+        }
+        let path = d.join("nats.conf");
+        std::fs::write(&path, conf)?;
+        let mut child = Command::new(bin).arg("-c").arg(&path).stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
+        let stderr = child.stderr.take().ok_or("no stderr")?;
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("Server is ready") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(30))?;
+        out.push(Node { child, port: clients[i] });
+    }
+    Ok(out)
+}
+
+/// CPU seconds (user + system) of process `pid` so far: utime and stime,
+/// the 14th and 15th fields of /proc/PID/stat, in clock ticks (100 Hz).
+pub(crate) fn proc_cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit(')').next().unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// One setup's figures.
+struct Figures {
+    ingest: LoadResult,
+    relay_cpu_us: f64,
+    nats_cpu_us: f64,
+    deliveries: f64,
+}
+
+/// Closed loop over several relays at once (connections split evenly).
+async fn load_all(relays: &[Relay], s: &Settings, epoch: Instant) -> LoadResult {
+    let per = (s.connections / relays.len()).max(1);
+    let runs = relays.iter().map(|r| closed_loop(r.ingress, "/in", per, s.run, u64::MAX, epoch));
+    let mut total = LoadResult::default();
+    for r in futures_util::future::join_all(runs).await {
+        total.ok += r.ok;
+        total.errors += r.errors;
+        total.elapsed = total.elapsed.max(r.elapsed);
+        total.latencies_us.extend(r.latencies_us);
+    }
+    total.latencies_us.sort_unstable();
+    total
+}
+
+/// Starts `n` relays on `store` (each waits until its store is ready).
+async fn relays(dir: &Path, n: usize, dests: &[(&str, String, &str)], store: &str) -> AnyResult<Vec<Relay>> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let d = dir.join(format!("relay{i}"));
+        std::fs::create_dir_all(&d)?;
+        let r = Relay::start_on(&d, dests, store).await?;
+        let ready = wait_ready(r.admin, Duration::from_secs(60)).await;
+        if !ready {
+            return Err("relay not ready within 60 s".into());
+        }
+        out.push(r);
+    }
+    Ok(out)
+}
+
+async fn wait_ready(admin: SocketAddr, limit: Duration) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if let Ok(mut c) = connect(admin).await {
+            let req = http::Request::get("/readyz").header("host", "x").body(Full::new(Bytes::new()));
+            if let Ok(req) = req {
+                if let Ok(resp) = c.send_request(req).await {
+                    if resp.status().is_success() {
+                        return true;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Durable ingest (the destination paused), then fan-out x3, on one setup.
+async fn measure(
+    s: &Settings,
+    dir: &Path,
+    n_relays: usize,
+    store: &str,
+    nats: &[Node],
+    epoch: Instant,
+) -> AnyResult<Figures> {
+    let paused = [("paused", "http://127.0.0.1:1/".to_string(), "paused = true")];
+    let rs = relays(&dir.join("ingest"), n_relays, &paused, store).await?;
+    let cpu0: f64 = rs.iter().map(Relay::cpu_secs).sum();
+    let ncpu0: f64 = nats.iter().map(Node::cpu_secs).sum();
+    let ingest = load_all(&rs, s, epoch).await;
+    let relay_cpu = rs.iter().map(Relay::cpu_secs).sum::<f64>() - cpu0;
+    let nats_cpu = nats.iter().map(Node::cpu_secs).sum::<f64>() - ncpu0;
+    for r in rs {
+        r.stop();
+    }
+    let recv = [
+        Receiver::start(Mode::Ok, epoch).await?,
+        Receiver::start(Mode::Ok, epoch).await?,
+        Receiver::start(Mode::Ok, epoch).await?,
+    ];
+    let dests: Vec<(&str, String, &str)> =
+        ["a", "b", "c"].iter().zip(&recv).map(|(n, r)| (*n, r.url(), "concurrency = 32")).collect();
+    // Another stream for the fan-out: the ingest run's messages stay behind
+    // the paused destination's consumer.
+    let store = store.replace("stream = \"bench\"", "stream = \"fanout\"");
+    let rs = relays(&dir.join("fanout"), n_relays, &dests, &store).await?;
+    let load = load_all(&rs, s, epoch).await;
+    let delivered: u64 = recv.iter().map(|r| r.count.load(Ordering::Relaxed)).sum();
+    let deliveries = delivered as f64 / load.elapsed.as_secs_f64();
+    for r in rs {
+        r.stop();
+    }
+    let ok = ingest.ok.max(1) as f64;
+    Ok(Figures { relay_cpu_us: relay_cpu * 1e6 / ok, nats_cpu_us: nats_cpu * 1e6 / ok, ingest, deliveries })
+}
+
+fn report(name: &str, f: &Figures) {
+    row(
+        name,
+        &format!(
+            "ingest {:.0} req/s, p99 {:.2} ms, {} non-2xx; CPU per request: relays {:.0} us, NATS {:.0} us; fan-out x3 {:.0} deliveries/s",
+            f.ingest.rps(),
+            f.ingest.pct(0.99),
+            f.ingest.errors,
+            f.relay_cpu_us,
+            f.nats_cpu_us,
+            f.deliveries
+        ),
+    );
+}
+
+/// Run 9.
+pub(crate) async fn jetstream(s: &Settings, dir: &Path, epoch: Instant) -> AnyResult<()> {
+    let Some(bin) = nats_server() else {
+        row("9. JetStream", "skipped: no nats-server (set SWITCHBOARD_NATS_SERVER or run the tests once)");
+        return Ok(());
+    };
+    let local = format!("[store]\npath = \"{}\"\nmin_free_bytes = 0\n", dir.join("local-store").display());
+    let f = measure(s, &dir.join("local"), 1, &local, &[], epoch).await?;
+    report("9. local store, 1 relay", &f);
+    let jet = |servers: &[Node], replicas: usize| {
+        let list: Vec<String> = servers.iter().map(|n| format!("\"nats://127.0.0.1:{}\"", n.port)).collect();
+        format!(
+            "[store]\nkind = \"jetstream\"\nservers = [{}]\nstream = \"bench\"\nreplicas = {replicas}\n",
+            list.join(", ")
+        )
+    };
+    {
+        let one = nodes(&bin, &dir.join("r1"), 1)?;
+        let f = measure(s, &dir.join("r1-run"), 1, &jet(&one, 1), &one, epoch).await?;
+        report("9. JetStream R1, 1 node, 1 relay", &f);
+    }
+    for n in 1..=3 {
+        // A fresh cluster per relay count: each measures an empty stream.
+        let three = nodes(&bin, &dir.join(format!("r3-{n}")), 3)?;
+        let f = measure(s, &dir.join(format!("r3-{n}-run")), n, &jet(&three, 3), &three, epoch).await?;
+        report(&format!("9. JetStream R3, 3 nodes, {n} relay{}", if n > 1 { "s" } else { "" }), &f);
+    }
+    Ok(())
+}
