@@ -37,8 +37,9 @@ impl Drop for Node {
     }
 }
 
-/// `n` nodes (1, or 3 in one cluster), each up before it returns.
-fn nodes(bin: &Path, dir: &Path, n: usize) -> AnyResult<Vec<Node>> {
+/// `n` nodes (1, or 3 in one cluster), each up before it returns;
+/// `jetstream` is added to each node's `jetstream { }` block.
+fn nodes(bin: &Path, dir: &Path, n: usize, jetstream: &str) -> AnyResult<Vec<Node>> {
     let clients: Vec<u16> = (0..n).map(|_| free_port()).collect::<AnyResult<_>>()?;
     let routes: Vec<u16> = (0..n).map(|_| free_port()).collect::<AnyResult<_>>()?;
     let mut out = Vec::new();
@@ -46,7 +47,7 @@ fn nodes(bin: &Path, dir: &Path, n: usize) -> AnyResult<Vec<Node>> {
         let d = dir.join(format!("n{i}"));
         std::fs::create_dir_all(&d)?;
         let mut conf = format!(
-            "server_name: n{i}\nlisten: 127.0.0.1:{}\njetstream {{ store_dir: {:?} }}\n",
+            "server_name: n{i}\nlisten: 127.0.0.1:{}\njetstream {{ store_dir: {:?}, {jetstream} }}\n",
             clients[i],
             d.join("js").display().to_string()
         );
@@ -172,7 +173,7 @@ async fn measure(
         ["a", "b", "c"].iter().zip(&recv).map(|(n, r)| (*n, r.url(), "concurrency = 32")).collect();
     // Another stream for the fan-out: the ingest run's messages stay behind
     // the paused destination's consumer.
-    let store = store.replace("stream = \"bench\"", "stream = \"fanout\"");
+    let store = store.replace("stream = \"bench\"", "stream = \"fanout\"").replace("local-store", "local-fanout");
     let rs = relays(&dir.join("fanout"), n_relays, &dests, &store).await?;
     let load = load_all(&rs, s, epoch).await;
     let delivered: u64 = recv.iter().map(|r| r.count.load(Ordering::Relaxed)).sum();
@@ -215,14 +216,17 @@ pub(crate) async fn jetstream(s: &Settings, dir: &Path, epoch: Instant) -> AnyRe
             list.join(", ")
         )
     };
-    {
-        let one = nodes(&bin, &dir.join("r1"), 1)?;
-        let f = measure(s, &dir.join("r1-run"), 1, &jet(&one, 1), &one, epoch).await?;
-        report("9. JetStream R1, 1 node, 1 relay", &f);
+    // NATS acknowledges a write before it is fsync'd (sync_interval: 2 min
+    // by default); `sync_interval: always` fsyncs each write, as the local
+    // store does before its 2xx.
+    for (sync, name) in [("", "default sync"), ("sync_interval: always", "sync_interval always")] {
+        let one = nodes(&bin, &dir.join(format!("r1-{}", sync.len())), 1, sync)?;
+        let f = measure(s, &dir.join(format!("r1-run-{}", sync.len())), 1, &jet(&one, 1), &one, epoch).await?;
+        report(&format!("9. JetStream R1, 1 node, {name}"), &f);
     }
     for n in 1..=3 {
         // A fresh cluster per relay count: each measures an empty stream.
-        let three = nodes(&bin, &dir.join(format!("r3-{n}")), 3)?;
+        let three = nodes(&bin, &dir.join(format!("r3-{n}")), 3, "")?;
         let f = measure(s, &dir.join(format!("r3-{n}-run")), n, &jet(&three, 3), &three, epoch).await?;
         report(&format!("9. JetStream R3, 3 nodes, {n} relay{}", if n > 1 { "s" } else { "" }), &f);
     }
