@@ -105,14 +105,27 @@ pub(crate) async fn fan_out(s: &Settings, dir: &Path, third: Third, epoch: Insta
 }
 
 /// Fan-out ×3 with ingest held at `rate` msg/s (open loop): do deliveries
-/// keep up, and with what lag?
-pub(crate) async fn fan_out_fixed(s: &Settings, dir: &Path, rate: u64, epoch: Instant) -> AnyResult<()> {
+/// keep up, and with what lag? With [`Third::Flaky`] (run 5c), the third
+/// destination is flaky and every destination has the breaker and ordering
+/// per key on; the figures that count are those of `a` and `b`.
+pub(crate) async fn fan_out_fixed(
+    s: &Settings,
+    dir: &Path,
+    rate: u64,
+    third: Third,
+    epoch: Instant,
+) -> AnyResult<FanOut> {
+    let c_mode = if third == Third::Flaky { Mode::Flaky } else { Mode::Ok };
     let rs = [
         Receiver::start(Mode::Ok, epoch).await?,
         Receiver::start(Mode::Ok, epoch).await?,
-        Receiver::start(Mode::Ok, epoch).await?,
+        Receiver::start(c_mode, epoch).await?,
     ];
-    let extra = "concurrency = 32";
+    let extra = match third {
+        Third::Flaky => format!("concurrency = 32\n{FLOW_CONTROL}"),
+        _ => "concurrency = 32".to_string(),
+    };
+    let extra = extra.as_str();
     let relay =
         Relay::start(dir, &[("a", rs[0].url(), extra), ("b", rs[1].url(), extra), ("c", rs[2].url(), extra)]).await?;
     let cpu0 = relay.cpu_secs();
@@ -120,30 +133,43 @@ pub(crate) async fn fan_out_fixed(s: &Settings, dir: &Path, rate: u64, epoch: In
     let secs = load.elapsed.as_secs_f64();
     let cpu = (relay.cpu_secs() - cpu0) / secs;
     let delivered: u64 = rs.iter().map(|r| r.count.load(Ordering::Relaxed)).sum();
+    let healthy_delivered = rs[0].count.load(Ordering::Relaxed) + rs[1].count.load(Ordering::Relaxed);
     let depth = relay.metric("switchboard_queue_depth{destination=\"a\"}").await;
     let caught =
-        wait_until(Duration::from_secs(60), || rs.iter().all(|r| r.count.load(Ordering::Relaxed) >= load.ok)).await;
+        wait_until(Duration::from_secs(60), || rs[..2].iter().all(|r| r.count.load(Ordering::Relaxed) >= load.ok))
+            .await;
     let mut lags: Vec<u32> = Vec::new();
-    for r in &rs {
+    for r in &rs[..2] {
         lags.extend(r.lags_us.lock().map(|v| v.clone()).unwrap_or_default());
     }
+    let healthy_lag_p99 = percentile(&mut lags.clone(), 0.99);
+    if third != Third::Flaky {
+        lags.extend(rs[2].lags_us.lock().map(|v| v.clone()).unwrap_or_default());
+    }
+    let name = match third {
+        Third::Flaky => format!("5c. {rate} msg/s, flaky third, flow ctl"),
+        _ if rate == 6000 => format!("4b. fan-out x3 at {rate} msg/s (open)"),
+        _ => format!("5c. {rate} msg/s, three healthy"),
+    };
     row(
-        &format!("4b. fan-out x3 at {rate} msg/s (open)"),
+        &name,
         &format!(
-            "ingest {:.0} msg/s ({} failed), deliveries {:.0}/s, queue depth (a) at end {:.0}, caught up {}, lag p50 {:.1} ms, p99 {:.1} ms, ack p99 {:.2} ms, relay CPU {:.0} % of one core",
+            "ingest {:.0} msg/s ({} failed), deliveries {:.0}/s (a+b {:.0}/s), queue depth (a) at end {:.0}, caught up {}, lag p50 {:.1} ms, p99 {:.1} ms (a+b p99 {:.1} ms), ack p99 {:.2} ms, relay CPU {:.0} % of one core",
             load.ok as f64 / secs,
             load.errors,
             delivered as f64 / secs,
+            healthy_delivered as f64 / secs,
             depth,
             caught.map(|d| format!("{:.2} s after", d.as_secs_f64())).unwrap_or_else(|| "not within 60 s".into()),
             percentile(&mut lags.clone(), 0.5),
             percentile(&mut lags, 0.99),
+            healthy_lag_p99,
             load.pct(0.99),
             cpu * 100.0
         ),
     );
     relay.stop();
-    Ok(())
+    Ok(FanOut { ingest_rate: load.ok as f64 / secs, healthy_rate: healthy_delivered as f64 / secs, healthy_lag_p99 })
 }
 
 pub(crate) async fn backlog(s: &Settings, dir: &Path, epoch: Instant) -> AnyResult<()> {
