@@ -159,6 +159,20 @@ async fn wrong_credentials_and_a_mismatched_stream_are_refused_clearly() {
     assert!(err.contains("retention") && err.contains("\"sbl\""), "{err}");
     let info = js.get_stream("sbl").await.expect("stream").cached_info().config.retention;
     assert_eq!(info, async_nats::jetstream::stream::RetentionPolicy::Limits, "left as it was");
+
+    // The right retention, one replica, while the configuration says three.
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "sbr".into(),
+        subjects: vec!["sbr.in".into()],
+        retention: async_nats::jetstream::stream::RetentionPolicy::Interest,
+        ..Default::default()
+    })
+    .await
+    .expect("create stream");
+    let path = crate::binary::write(dir.path(), &store("right-one", "sbr").replace("replicas = 1\n", "replicas = 3\n"));
+    let (code, err) = run_until_exit(&path);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("has 1 replicas; store.replicas is 3"), "{err}");
 }
 
 /// NATS not there at start: the relay runs, /readyz and callbacks are 503
