@@ -272,16 +272,22 @@ pub fn encode_order_keys(keys: &[(std::sync::Arc<str>, u64)]) -> Vec<u8> {
     out
 }
 
+/// Skips a record's receive time, route and peer: returns the number of
+/// destinations, whose list comes next.
+fn at_destinations(r: &mut Reader<'_>) -> Result<usize, DecodeError> {
+    let _received = r.u64()?;
+    let _route = r.str16()?;
+    let peer_len = r.u8()? as usize;
+    r.take(peer_len)?;
+    Ok(r.u8()? as usize)
+}
+
 /// The ordering keys a stored record carries (destination, key), if any.
 /// Reads the record in place (no copy of the body).
 pub fn record_order_keys(raw: &[u8]) -> Result<Vec<(String, u64)>, DecodeError> {
     const WHAT: &str = "message record";
     let mut r = Reader::versioned(raw, WHAT)?;
-    let _received = r.u64()?;
-    let _route = r.str16()?;
-    let peer_len = r.u8()? as usize;
-    r.take(peer_len)?;
-    for _ in 0..r.u8()? {
+    for _ in 0..at_destinations(&mut r)? {
         let len = r.u8()? as usize;
         r.take(len)?;
     }
@@ -308,11 +314,7 @@ pub fn record_order_keys(raw: &[u8]) -> Result<Vec<(String, u64)>, DecodeError> 
 pub fn record_destinations(raw: &[u8]) -> Result<Vec<String>, DecodeError> {
     const WHAT: &str = "message record";
     let mut r = Reader::versioned(raw, WHAT)?;
-    let _received = r.u64()?;
-    let _route = r.str16()?;
-    let peer_len = r.u8()? as usize;
-    r.take(peer_len)?;
-    let n = r.u8()? as usize;
+    let n = at_destinations(&mut r)?;
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
         let len = r.u8()? as usize;

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use crate::binary::{write, RelayProcess};
 use crate::jetstream::jet_config;
 use crate::nats::*;
-use crate::promises::{seqs, Load};
+use crate::promises::{flaky_receiver, seqs, Load};
 use crate::support::*;
 
 const FAST: &str = "concurrency = 8\nretry = { initial = \"10ms\", max_interval = \"200ms\" }";
@@ -34,13 +34,7 @@ struct Ha {
 impl Ha {
     async fn start(servers: &[String], replicas: usize) -> Ha {
         let healthy = TestReceiver::ok().await;
-        // ~30 % failures: 503s and connections dropped without an answer.
-        let flaky = TestReceiver::scripted(|n, _| match (n * 7919) % 10 {
-            0 | 1 => Reply::Status(503),
-            2 => Reply::Reset,
-            _ => Reply::Status(200),
-        })
-        .await;
+        let flaky = flaky_receiver().await;
         let dir = tempfile::tempdir().expect("tempdir");
         let toml = jet_config(
             servers,

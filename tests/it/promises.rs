@@ -50,6 +50,17 @@ async fn wait_for_seqs<'a>(
         .await
 }
 
+/// A receiver that fails ~30 % of requests: 503s and connections dropped
+/// without an answer.
+pub(crate) async fn flaky_receiver() -> TestReceiver {
+    TestReceiver::scripted(|n, _| match (n * 7919) % 10 {
+        0 | 1 => Reply::Status(503),
+        2 => Reply::Reset,
+        _ => Reply::Status(200),
+    })
+    .await
+}
+
 /// Concurrent senders posting `{"seq": N}` bodies to the relay addresses
 /// that are current (sender `s` to the `s % n`th of `n`), recording which
 /// sequence numbers got a 2xx.
@@ -146,13 +157,7 @@ impl Load {
 async fn kill9_under_load_loses_nothing_acknowledged() {
     let cycles: usize = std::env::var("SWITCHBOARD_CRASH_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
     let healthy = TestReceiver::ok().await;
-    // ~30 % failures: 503s and connections dropped without an answer.
-    let flaky = TestReceiver::scripted(|n, _| match (n * 7919) % 10 {
-        0 | 1 => Reply::Status(503),
-        2 => Reply::Reset,
-        _ => Reply::Status(200),
-    })
-    .await;
+    let flaky = flaky_receiver().await;
     let late_addr = dead_addr().await; // down for the first half of the run
     let dir = tempfile::tempdir().expect("tempdir");
     let path = write(
