@@ -150,6 +150,7 @@ pub async fn run_with_reload(
         config.listeners.len()
     );
     let metrics = Arc::new(Metrics::new());
+    metrics.preregister(&config.routes, &config.destinations);
     // Certificates first: a listener that cannot serve TLS must stop start-up.
     let certs = Certificates::load(&config)?;
     let wakers = Wakers::new(config.destinations.iter().map(|d| &d.name));

@@ -52,6 +52,10 @@ impl TransportError {
 }
 
 impl Outcome {
+    /// Every value [`Outcome::result_label`] gives (the series exist at 0
+    /// from the start).
+    pub const RESULT_LABELS: [&'static str; 8] = ["2xx", "4xx", "5xx", "other", "request", "connect", "timeout", "io"];
+
     /// The outcome's class for the `result` label of
     /// `switchboard_delivery_attempts_total` (2xx, 4xx, 5xx, other, request,
     /// connect, timeout, io), decided here with the rest of the classification.

@@ -33,6 +33,11 @@ pub struct Rejection {
     pub reason: &'static str,
 }
 
+/// Every `reason` label a rejection by [`Auth`] counts under (the series
+/// exist at 0 from the start for a route with auth).
+pub const REJECTION_LABELS: [&str; 5] =
+    ["not_json", "missing_credentials", "bad_credentials", "bad_signature", "stale_timestamp"];
+
 const fn reject(label: &'static str, reason: &'static str) -> Rejection {
     Rejection { label, reason }
 }

@@ -138,3 +138,50 @@ async fn alert_rules_and_dashboard_use_only_exported_metric_names() {
         assert!(missing.is_empty(), "{file} uses metrics the relay does not export: {missing:?}");
     }
 }
+
+/// Before any callback, the series with known label values are there at 0
+/// (so `rate()` alerts work on a fresh relay), and the live exposition
+/// passes `promtool check metrics` (Debian's `prometheus` package; `.ci/run`
+/// installs it).
+#[tokio::test]
+async fn metrics_exist_at_zero_from_the_start_and_pass_promtool() {
+    let toml = config(&[("a", "http://127.0.0.1:1/a", "ordering = \"per_key\"\norder_key = \"id\"")]).replace(
+        "destinations = [\"a\"]\n",
+        "destinations = [\"a\"]\ndedupe_window = \"1m\"\n[routes.auth.header]\nname = \"X-Token\"\nvalues = [\"s3cret-token-value\"]\n",
+    );
+    let relay = TestRelay::start(&toml).await;
+    let text = relay.metrics().await;
+    for series in [
+        "switchboard_ingress_requests_total{code=\"200\",route=\"/in\"} 0",
+        "switchboard_ingress_requests_total{code=\"503\",route=\"/in\"} 0",
+        "switchboard_ingress_requests_total{code=\"404\",route=\"unmatched\"} 0",
+        "switchboard_ingress_rejected_total{reason=\"ip_not_allowed\",route=\"/in\"} 0",
+        "switchboard_ingress_rejected_total{reason=\"bad_credentials\",route=\"/in\"} 0",
+        "switchboard_ingress_duplicates_total{route=\"/in\"} 0",
+        "switchboard_deliveries_total{destination=\"a\",outcome=\"delivered\"} 0",
+        "switchboard_deliveries_total{destination=\"a\",outcome=\"dead_lettered\"} 0",
+        "switchboard_delivery_attempts_total{destination=\"a\",result=\"5xx\"} 0",
+        "switchboard_delivery_attempts_total{destination=\"a\",result=\"connect\"} 0",
+        "switchboard_order_key_missing_total{destination=\"a\"} 0",
+    ] {
+        assert!(text.lines().any(|l| l == series), "missing {series:?} in:\n{text}");
+    }
+    let promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let Ok(mut child) = promtool else {
+        panic!("promtool not found: install Debian's prometheus package (.ci/run does)");
+    };
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), text.as_bytes()).expect("write");
+    let out = child.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    relay.stop().await.expect("stop");
+}
