@@ -1,4 +1,6 @@
-//! Command-line interface: `switchboard run`, `check`, `repair` and `keygen`.
+//! Command-line interface: `switchboard run`, `check`, `repair`, `keygen`;
+//! and, against a running relay's admin API (`ctl.rs`), `status`, `dlq`
+//! and `destinations`.
 
 use std::path::PathBuf;
 
@@ -51,6 +53,90 @@ pub enum Command {
         /// An Ed25519 key pair instead of an HMAC secret.
         #[arg(long)]
         ed25519: bool,
+    },
+    /// Show each destination of a running relay: state, breaker, pending,
+    /// oldest pending age, deliveries per second (over one second), dead
+    /// letters.
+    Status {
+        #[command(flatten)]
+        target: AdminArgs,
+    },
+    /// List, replay or purge a destination's dead letters on a running relay.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+    /// Pause or resume deliveries to a destination of a running relay.
+    Destinations {
+        #[command(subcommand)]
+        action: DestinationAction,
+    },
+}
+
+/// Where the running relay's admin API is, and how to talk to it.
+#[derive(Debug, clap::Args)]
+pub struct AdminArgs {
+    /// The admin API, e.g. http://127.0.0.1:9090.
+    #[arg(long, env = "SWITCHBOARD_ADMIN", value_name = "URL")]
+    pub admin: Option<String>,
+    /// Bearer token (`admin.token`).
+    #[arg(long, env = "SWITCHBOARD_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Take the admin address and token from this configuration file.
+    #[arg(short, long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqAction {
+    /// Dead letters of DESTINATION, oldest first.
+    List {
+        destination: String,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[command(flatten)]
+        target: AdminArgs,
+    },
+    /// Move dead letters of DESTINATION back into its queue (all, or --id).
+    Replay {
+        destination: String,
+        /// Only this message (msg_...).
+        #[arg(long)]
+        id: Option<String>,
+        #[command(flatten)]
+        target: AdminArgs,
+    },
+    /// Delete dead letters of DESTINATION (one with --id; all needs --yes).
+    Purge {
+        destination: String,
+        /// Only this message (msg_...).
+        #[arg(long)]
+        id: Option<String>,
+        /// Delete them all (without --id).
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        target: AdminArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DestinationAction {
+    /// Stop delivering to NAME (its queue is kept; persisted).
+    Pause {
+        name: String,
+        #[command(flatten)]
+        target: AdminArgs,
+    },
+    /// Deliver to NAME again.
+    Resume {
+        name: String,
+        #[command(flatten)]
+        target: AdminArgs,
     },
 }
 

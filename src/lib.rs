@@ -25,6 +25,7 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod ctl;
 pub mod delivery;
 pub mod headers;
 pub mod ingress;

@@ -4,8 +4,9 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use switchboard::cli::{Cli, Command};
+use switchboard::cli::{AdminArgs, Cli, Command, DestinationAction, DlqAction};
 use switchboard::config::{Config, LogFormat};
+use switchboard::ctl::{AdminClient, CtlError, Target};
 use tokio_util::sync::CancellationToken;
 
 /// mimalloc instead of the system allocator: under load, glibc malloc's
@@ -76,6 +77,51 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Status { target } => {
+            ctl(&target, |c| async move { c.status().await }, |v| print!("{}", switchboard::ctl::status_table(&v)))
+        }
+        Command::Dlq { action: DlqAction::List { destination, limit, target } } => ctl(
+            &target,
+            |c| async move { c.dead_letters(&destination, limit).await },
+            |v| print!("{}", switchboard::ctl::dead_letter_table(&v)),
+        ),
+        Command::Dlq { action: DlqAction::Replay { destination, id, target } } => {
+            let what = format!("replaying dead letters of {destination}");
+            ctl(
+                &target,
+                |c| async move { slow(&what, c.replay(&destination, id.as_deref())).await },
+                |v| println!("replayed {} dead letter(s); they are queued again", v["replayed"]),
+            )
+        }
+        Command::Dlq { action: DlqAction::Purge { destination, id, yes, target } } => {
+            if id.is_none() && !yes {
+                eprintln!("error: purging every dead letter of {destination} needs --yes (or --id for one)");
+                return ExitCode::from(2);
+            }
+            let what = format!("deleting dead letters of {destination}");
+            ctl(
+                &target,
+                |c| async move { slow(&what, c.purge(&destination, id.as_deref())).await },
+                |v| println!("deleted {} dead letter(s)", v["purged"]),
+            )
+        }
+        Command::Destinations { action } => {
+            let (name, pause, target) = match action {
+                DestinationAction::Pause { name, target } => (name, true, target),
+                DestinationAction::Resume { name, target } => (name, false, target),
+            };
+            ctl(
+                &target,
+                |c| async move { c.set_paused(&name, pause).await },
+                |v| {
+                    println!(
+                        "{}: {}",
+                        v["destination"].as_str().unwrap_or_default(),
+                        v["state"].as_str().unwrap_or_default()
+                    )
+                },
+            )
+        }
         Command::Run { config, log_format } => {
             let config = match Config::load(&config) {
                 Ok(c) => c,
@@ -95,6 +141,53 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Runs one admin API command: `call` with a client for `target`, then
+/// `human` (or the JSON with `--json`) on success, one error line and its
+/// exit code on failure.
+fn ctl<F, Fut>(target: &AdminArgs, call: F, human: impl FnOnce(serde_json::Value)) -> ExitCode
+where
+    F: FnOnce(AdminClient) -> Fut,
+    Fut: std::future::Future<Output = Result<serde_json::Value, CtlError>>,
+{
+    let t = Target { admin: target.admin.clone(), token: target.token.clone(), config: target.config.clone() };
+    let done = AdminClient::new(&t).and_then(|client| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| CtlError::Failed(format!("cannot start: {e}")))?;
+        rt.block_on(call(client))
+    });
+    match done {
+        Ok(v) if target.json => {
+            println!("{v}");
+            ExitCode::SUCCESS
+        }
+        Ok(v) => {
+            human(v);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// Awaits `work`, showing a spinner on a terminal once it takes more than
+/// half a second (a replay or purge of many dead letters).
+async fn slow<T>(what: &str, work: impl std::future::Future<Output = T>) -> T {
+    tokio::pin!(work);
+    tokio::select! {
+        done = &mut work => return done,
+        _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+    }
+    let spinner = indicatif::ProgressBar::new_spinner().with_message(what.to_string());
+    spinner.enable_steady_tick(std::time::Duration::from_millis(100));
+    let done = work.await;
+    spinner.finish_and_clear();
+    done
 }
 
 fn init_logging(format: LogFormat, level: &str) {

@@ -1,6 +1,7 @@
 //! Integration tests: one binary, real sockets, real sled, real HTTP.
 
 mod binary;
+mod cli;
 mod config;
 mod deploy;
 mod encryption;

@@ -1,0 +1,319 @@
+//! `switchboard status`, `dlq` and `destinations`: a client of a running
+//! relay's admin API, for people (tables) and scripts (`--json`).
+//!
+//! Where the relay is: `--admin URL`, else `SWITCHBOARD_ADMIN`, else the
+//! `admin.addr` of `--config FILE` (0.0.0.0 read as 127.0.0.1). The token:
+//! `--token`, else `SWITCHBOARD_ADMIN_TOKEN`, else the config file's
+//! `admin.token`. Plain HTTP only (an `admin.tls` listener is reached
+//! through a port-forward or a proxy that terminates TLS).
+//!
+//! Exit codes (also in README): 0 done; 1 the relay answered with an error;
+//! 3 relay not reachable; 4 token refused; 5 no such destination; 78 the
+//! config file given cannot be read.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::secret::Secret;
+
+/// Why a command failed: one line for the operator, and the exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("relay not reachable at {url}: {why}")]
+    Unreachable { url: String, why: String },
+    #[error("token refused by the relay at {0} (--token, SWITCHBOARD_ADMIN_TOKEN or admin.token)")]
+    TokenRefused(String),
+    #[error("no such destination: {0}")]
+    NoSuchDestination(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error("{0}")]
+    Config(String),
+}
+
+impl CtlError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CtlError::Failed(_) => 1,
+            CtlError::Unreachable { .. } => 3,
+            CtlError::TokenRefused(_) => 4,
+            CtlError::NoSuchDestination(_) => 5,
+            CtlError::Config(_) => 78,
+        }
+    }
+}
+
+/// How long one request to the admin API may take (a replay of many dead
+/// letters is one request).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The admin API of one relay.
+pub struct AdminClient {
+    base: String,
+    token: Option<Secret>,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// Where the relay is and what token to use, as the command line gave them.
+pub struct Target {
+    pub admin: Option<String>,
+    pub token: Option<String>,
+    pub config: Option<std::path::PathBuf>,
+}
+
+impl AdminClient {
+    pub fn new(target: &Target) -> Result<AdminClient, CtlError> {
+        let raw = match &target.config {
+            Some(path) => Some(crate::config::Config::load_raw(path).map_err(|e| CtlError::Config(e.to_string()))?),
+            None => None,
+        };
+        let base = match (&target.admin, &raw) {
+            (Some(url), _) => url.trim_end_matches('/').to_string(),
+            (None, Some(raw)) => format!("http://{}", raw.admin.addr.replace("0.0.0.0", "127.0.0.1")),
+            (None, None) => {
+                return Err(CtlError::Config(
+                    "where is the relay? give --admin URL (or SWITCHBOARD_ADMIN, or --config FILE)".into(),
+                ))
+            }
+        };
+        if base.starts_with("https://") {
+            return Err(CtlError::Config(format!(
+                "{base}: the CLI speaks plain HTTP to the admin API; reach an admin.tls listener through a port-forward or a TLS-terminating proxy"
+            )));
+        }
+        let token = match (&target.token, raw.as_ref().and_then(|r| r.admin.token.as_ref())) {
+            (Some(t), _) => Some(Secret::new(t.clone())),
+            (None, Some(t)) => {
+                Some(crate::secret::resolve(&t.0).map_err(|e| CtlError::Config(format!("admin.token: {e}")))?)
+            }
+            (None, None) => None,
+        };
+        Ok(AdminClient { base, token, client: Client::builder(TokioExecutor::new()).build_http() })
+    }
+
+    /// One request; the answer's JSON, or the error it stands for.
+    async fn call(&self, method: &str, path: &str) -> Result<serde_json::Value, CtlError> {
+        let (status, body) = self.raw(method, path).await?;
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+        match status {
+            200..=299 => Ok(v),
+            401 => Err(CtlError::TokenRefused(self.base.clone())),
+            _ => Err(CtlError::Failed(format!(
+                "{method} {path}: {status} {}",
+                v["error"].as_str().unwrap_or("(no reason given)")
+            ))),
+        }
+    }
+
+    async fn raw(&self, method: &str, path: &str) -> Result<(u16, Bytes), CtlError> {
+        let url = format!("{}{path}", self.base);
+        let unreachable = |why: String| CtlError::Unreachable { url: self.base.clone(), why };
+        let mut req = http::Request::builder().method(method).uri(&url);
+        if let Some(t) = &self.token {
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {}", t.expose()));
+        }
+        let req = req.body(Full::new(Bytes::new())).map_err(|e| CtlError::Config(format!("{url}: {e}")))?;
+        let resp = match tokio::time::timeout(REQUEST_TIMEOUT, self.client.request(req)).await {
+            Err(_) => {
+                return Err(unreachable(format!("no answer within {}", humantime::format_duration(REQUEST_TIMEOUT))))
+            }
+            Ok(Err(e)) => return Err(unreachable(error_line(&e))),
+            Ok(Ok(r)) => r,
+        };
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.map_err(|e| unreachable(e.to_string()))?.to_bytes();
+        Ok((status, body))
+    }
+
+    /// `GET /api/destinations`, with a delivery rate per destination from
+    /// two scrapes of `/metrics` one second apart.
+    pub async fn status(&self) -> Result<serde_json::Value, CtlError> {
+        let before = self.delivered().await?;
+        let started = std::time::Instant::now();
+        let mut list = self.call("GET", "/api/destinations").await?;
+        let elapsed_until = started + Duration::from_secs(1);
+        tokio::time::sleep_until(elapsed_until.into()).await;
+        let after = self.delivered().await?;
+        let secs = started.elapsed().as_secs_f64();
+        if let Some(items) = list["destinations"].as_array_mut() {
+            for d in items {
+                let name = d["name"].as_str().unwrap_or_default().to_string();
+                let rate = after.get(&name).copied().unwrap_or(0.0) - before.get(&name).copied().unwrap_or(0.0);
+                d["delivered_per_second"] = serde_json::json!((rate / secs * 10.0).round() / 10.0);
+            }
+        }
+        Ok(list)
+    }
+
+    /// Deliveries so far per destination, from `/metrics`.
+    async fn delivered(&self) -> Result<std::collections::HashMap<String, f64>, CtlError> {
+        let (status, body) = self.raw("GET", "/metrics").await?;
+        if status == 401 {
+            return Err(CtlError::TokenRefused(self.base.clone()));
+        }
+        let text = String::from_utf8_lossy(&body);
+        let mut out = std::collections::HashMap::new();
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("switchboard_deliveries_total{destination=\"") else { continue };
+            let Some((name, rest)) = rest.split_once('"') else { continue };
+            if !rest.starts_with(",outcome=\"delivered\"}") {
+                continue;
+            }
+            if let Some(v) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+                out.insert(name.to_string(), v);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Fails with [`CtlError::NoSuchDestination`] unless the relay knows `dest`.
+    async fn known(&self, dest: &str) -> Result<(), CtlError> {
+        let list = self.call("GET", "/api/destinations").await?;
+        let found = list["destinations"].as_array().is_some_and(|a| a.iter().any(|d| d["name"] == dest));
+        if found {
+            Ok(())
+        } else {
+            Err(CtlError::NoSuchDestination(dest.to_string()))
+        }
+    }
+
+    pub async fn dead_letters(&self, dest: &str, limit: usize) -> Result<serde_json::Value, CtlError> {
+        self.known(dest).await?;
+        self.call("GET", &format!("/api/dead-letters/{dest}?limit={limit}")).await
+    }
+
+    pub async fn replay(&self, dest: &str, id: Option<&str>) -> Result<serde_json::Value, CtlError> {
+        self.known(dest).await?;
+        self.call("POST", &format!("/api/dead-letters/{dest}/replay{}", id_query(id))).await
+    }
+
+    pub async fn purge(&self, dest: &str, id: Option<&str>) -> Result<serde_json::Value, CtlError> {
+        self.known(dest).await?;
+        self.call("DELETE", &format!("/api/dead-letters/{dest}{}", id_query(id))).await
+    }
+
+    pub async fn set_paused(&self, dest: &str, pause: bool) -> Result<serde_json::Value, CtlError> {
+        self.known(dest).await?;
+        let verb = if pause { "pause" } else { "resume" };
+        self.call("POST", &format!("/api/destinations/{dest}/{verb}")).await
+    }
+}
+
+fn id_query(id: Option<&str>) -> String {
+    id.map(|i| format!("?id={}", url::form_urlencoded::byte_serialize(i.as_bytes()).collect::<String>()))
+        .unwrap_or_default()
+}
+
+/// An error and its causes on one line.
+fn error_line(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
+
+/// `status` as a table.
+pub fn status_table(v: &serde_json::Value) -> String {
+    let mut rows =
+        vec![["DESTINATION", "STATE", "BREAKER", "PENDING", "OLDEST", "DELIVERED/S", "DEAD"].map(String::from)];
+    for d in v["destinations"].as_array().into_iter().flatten() {
+        let oldest = d["oldest_age_seconds"]
+            .as_f64()
+            .map(|s| humantime::format_duration(Duration::from_secs(s as u64)).to_string())
+            .unwrap_or_else(|| "-".into());
+        let mut name = d["name"].as_str().unwrap_or_default().to_string();
+        if d["configured"] == false {
+            name.push_str(" (not configured)");
+        }
+        rows.push([
+            name,
+            d["state"].as_str().unwrap_or("-").to_string(),
+            d["breaker"].as_str().unwrap_or("-").to_string(),
+            d["pending"].to_string(),
+            oldest,
+            d["delivered_per_second"].to_string(),
+            d["dead_letters"].to_string(),
+        ]);
+    }
+    table(&rows)
+}
+
+/// Dead letters as a table.
+pub fn dead_letter_table(v: &serde_json::Value) -> String {
+    let mut rows = vec![["ID", "ATTEMPTS", "LAST STATUS", "DEAD SINCE", "REASON"].map(String::from)];
+    for d in v["dead_letters"].as_array().into_iter().flatten() {
+        let at = d["dead_at_ms"]
+            .as_u64()
+            .map(|ms| {
+                let t = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+                humantime::format_rfc3339_seconds(t).to_string()
+            })
+            .unwrap_or_default();
+        rows.push([
+            d["id"].as_str().unwrap_or_default().to_string(),
+            d["attempts"].to_string(),
+            d["last_status"].as_u64().map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+            at,
+            d["reason"].as_str().unwrap_or_default().to_string(),
+        ]);
+    }
+    table(&rows)
+}
+
+/// Left-aligned columns, two spaces apart.
+fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_line_up() {
+        let v = serde_json::json!({ "destinations": [
+            { "name": "app", "state": "active", "breaker": "closed", "pending": 12, "oldest_age_seconds": 3.5,
+              "delivered_per_second": 41.0, "dead_letters": 0, "configured": true },
+            { "name": "old", "state": "active", "breaker": "closed", "pending": 1, "oldest_age_seconds": null,
+              "delivered_per_second": 0.0, "dead_letters": 2, "configured": false },
+        ]});
+        let t = status_table(&v);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].starts_with("DESTINATION             STATE"), "{t}");
+        assert!(lines[1].contains("3s") && lines[1].contains("41.0"), "{t}");
+        assert!(lines[2].starts_with("old (not configured)"), "{t}");
+    }
+
+    #[test]
+    fn exit_codes_are_distinct() {
+        let codes = [
+            CtlError::Failed(String::new()).exit_code(),
+            CtlError::Unreachable { url: String::new(), why: String::new() }.exit_code(),
+            CtlError::TokenRefused(String::new()).exit_code(),
+            CtlError::NoSuchDestination(String::new()).exit_code(),
+        ];
+        assert_eq!(codes, [1, 3, 4, 5]);
+    }
+}
