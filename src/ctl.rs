@@ -301,7 +301,7 @@ mod tests {
         let t = status_table(&v);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 3);
-        assert!(lines[0].starts_with("DESTINATION             STATE"), "{t}");
+        assert!(lines[0].starts_with("DESTINATION           STATE"), "{t}");
         assert!(lines[1].contains("3s") && lines[1].contains("41.0"), "{t}");
         assert!(lines[2].starts_with("old (not configured)"), "{t}");
     }

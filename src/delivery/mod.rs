@@ -302,7 +302,18 @@ impl Worker {
         };
         let attempt = lease.attempts().saturating_add(1);
         let started = Instant::now();
-        let outcome = self.send(&msg, lease.id, attempt).await;
+        let started_ms = now_ms();
+        let (outcome, snippet) = self.send(&msg, lease.id, attempt).await;
+        let record = crate::store::Attempt {
+            at_ms: started_ms,
+            duration_ms: started.elapsed().as_millis().min(u128::from(u32::MAX)) as u32,
+            status: outcome.status().unwrap_or(0),
+            error: match outcome {
+                Outcome::Delivered { .. } => String::new(),
+                _ => outcome.reason().to_string(),
+            },
+            snippet,
+        };
         let m = &self.metrics;
         m.delivery_duration.with_label_values(&[name]).observe(started.elapsed().as_secs_f64());
         m.delivery_attempts.with_label_values(&[name, outcome.result_label()]).inc();
@@ -310,7 +321,7 @@ impl Worker {
         let now = now_ms();
         let age = Duration::from_millis(now.saturating_sub(msg.received_ms));
         if outcome.status() == Some(410) {
-            return (self.gone(&lease, now).await, Some(false));
+            return (self.gone(&lease, now, record).await, Some(false));
         }
         // For the breaker: the destination answered (a 4xx that refuses one
         // message says nothing about its health); only retryable failures
@@ -330,12 +341,13 @@ impl Worker {
                     at_ms: now + delay.as_millis() as u64,
                     status: outcome.status(),
                     error: outcome.reason().to_string(),
+                    attempt: record,
                 }
             }
             Action::DeadLetter { reason } => {
                 m.deliveries.with_label_values(&[name, "dead_lettered"]).inc();
                 tracing::warn!(destination = name, id = %self.store.external_id(lease.id), attempt, reason = %reason, "delivery moved to the dead-letter store");
-                Settle::Dead { status: outcome.status(), reason }
+                Settle::Dead { status: outcome.status(), reason, attempt: record }
             }
         };
         if let Err(e) = self.store.settle(&lease, settle).await {
@@ -370,10 +382,11 @@ impl Worker {
     /// operator resumes it), and this delivery stays queued, due at once,
     /// for when it is resumed (Standard Webhooks: stop sending to an
     /// endpoint that answers 410).
-    async fn gone(&self, lease: &Lease, now: u64) -> bool {
+    async fn gone(&self, lease: &Lease, now: u64, attempt: crate::store::Attempt) -> bool {
         let name: &str = &self.dest.name;
         self.metrics.deliveries.with_label_values(&[name, "retried"]).inc();
-        let keep = Settle::Retry { at_ms: now, status: Some(410), error: "410 Gone: destination paused".into() };
+        let error = "410 Gone: destination paused".to_string();
+        let keep = Settle::Retry { at_ms: now, status: Some(410), error, attempt };
         if let Err(e) = self.store.settle(lease, keep).await {
             self.store_failed(&e);
             return false;
@@ -413,25 +426,26 @@ impl Worker {
         }
     }
 
-    /// Sends one attempt and classifies its result. Never logs the URL (it
-    /// may carry a token in its path or query).
-    async fn send(&self, msg: &crate::store::MessageRecord, id: u64, attempt: u32) -> Outcome {
+    /// Sends one attempt and classifies its result; with the first bytes
+    /// of the response body. Never logs the URL (it may carry a token in
+    /// its path or query).
+    async fn send(&self, msg: &crate::store::MessageRecord, id: u64, attempt: u32) -> (Outcome, Vec<u8>) {
         let req = match self.build_request(msg, id, attempt) {
             Ok(r) => r,
-            Err(e) => return Outcome::Permanent { status: 0, reason: format!("cannot build request: {e}") },
+            Err(e) => {
+                return (Outcome::Permanent { status: 0, reason: format!("cannot build request: {e}") }, Vec::new())
+            }
         };
         let deadline = tokio::time::Instant::now() + self.dest.timeout;
         let client = self.current_client();
         let resp = match tokio::time::timeout_at(deadline, client.request(req)).await {
             Err(_) => {
-                return Outcome::transport(
-                    TransportError::Timeout,
-                    &format!("no response within {}", humantime::format_duration(self.dest.timeout)),
-                )
+                let why = format!("no response within {}", humantime::format_duration(self.dest.timeout));
+                return (Outcome::transport(TransportError::Timeout, &why), Vec::new());
             }
             Ok(Err(e)) => {
                 let kind = if e.is_connect() { TransportError::Connect } else { TransportError::Io };
-                return Outcome::transport(kind, &error_chain(&e));
+                return (Outcome::transport(kind, &error_chain(&e)), Vec::new());
             }
             Ok(Ok(resp)) => resp,
         };
@@ -440,8 +454,15 @@ impl Worker {
             resp.headers().get(http::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).map(str::to_owned);
         // Drain (a bounded amount of) the body so the connection can be pooled;
         // the status alone decides the outcome.
-        let _ = tokio::time::timeout_at(deadline, Limited::new(resp.into_body(), MAX_RESPONSE_BODY).collect()).await;
-        Outcome::classify(status, retry_after.as_deref(), &self.dest.retry.retry_on, SystemTime::now())
+        let body = tokio::time::timeout_at(deadline, Limited::new(resp.into_body(), MAX_RESPONSE_BODY).collect()).await;
+        let snippet = match body {
+            Ok(Ok(b)) => {
+                let b = b.to_bytes();
+                b[..b.len().min(crate::store::SNIPPET_LEN)].to_vec()
+            }
+            _ => Vec::new(),
+        };
+        (Outcome::classify(status, retry_after.as_deref(), &self.dest.retry.retry_on, SystemTime::now()), snippet)
     }
 
     fn build_request(

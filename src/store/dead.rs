@@ -66,7 +66,12 @@ impl Local {
             if !self.is_dead(dest, id)? {
                 continue;
             }
-            let st = StateRecord::Retry { due_ms: now, record: QueueRecord::default() };
+            // Attempts start again from 0; what they did before stays visible.
+            let history = match self.inner.state.get(state_key(dest, id))? {
+                Some(v) => StateRecord::decode(&v)?.history().to_vec(),
+                None => Vec::new(),
+            };
+            let st = StateRecord::Retry { due_ms: now, record: QueueRecord::default(), history };
             let (_, written) = Written::by(self.inner.state.insert(state_key(dest, id), st.encode()))?;
             self.inner.sled_written();
             if let Some(m) = msgs.get_mut(&id) {

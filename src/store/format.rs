@@ -323,13 +323,15 @@ pub fn record_destinations(raw: &[u8]) -> Result<Vec<String>, DecodeError> {
     Ok(out)
 }
 
-/// Where one destination's delivery of one message stands.
+/// Where one destination's delivery of one message stands. `history`: the
+/// last attempts (at most [`HISTORY_LEN`]), oldest first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StateRecord {
     /// Pending, due at `due_ms`, after `record.attempts` failed attempts.
     Retry {
         due_ms: u64,
         record: QueueRecord,
+        history: Vec<Attempt>,
     },
     Done,
     Dead(DeadRecord),
@@ -339,19 +341,80 @@ const STATE_RETRY: u8 = 1;
 const STATE_DONE: u8 = 2;
 const STATE_DEAD: u8 = 3;
 
+/// State records written since attempt history: the history follows the
+/// kind's fields. Version 1 records (no history) are still read.
+const STATE_V2: u8 = 2;
+
+/// Attempts a delivery's history keeps (the latest ones).
+pub const HISTORY_LEN: usize = 8;
+/// Bytes of a response body an attempt keeps.
+pub const SNIPPET_LEN: usize = 512;
+
+/// One delivery attempt, as the history keeps it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Attempt {
+    /// When it started (unix ms).
+    pub at_ms: u64,
+    pub duration_ms: u32,
+    /// The destination's status, 0 if it did not answer.
+    pub status: u16,
+    /// Why it failed (empty when it did not): a transport error's kind and
+    /// reason, or the status's.
+    pub error: String,
+    /// The first bytes of the response body ([`SNIPPET_LEN`] at most).
+    pub snippet: Vec<u8>,
+}
+
+impl Attempt {
+    fn put(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.at_ms.to_be_bytes());
+        out.extend_from_slice(&self.duration_ms.to_be_bytes());
+        out.extend_from_slice(&self.status.to_be_bytes());
+        put_str16(out, &self.error);
+        let n = self.snippet.len().min(SNIPPET_LEN);
+        out.extend_from_slice(&(n as u16).to_be_bytes());
+        out.extend_from_slice(&self.snippet[..n]);
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<Attempt, DecodeError> {
+        let (at_ms, duration_ms, status, error) = (r.u64()?, r.u32()?, r.u16()?, r.str16()?);
+        let n = r.u16()? as usize;
+        Ok(Attempt { at_ms, duration_ms, status, error, snippet: r.take(n)?.to_vec() })
+    }
+}
+
+fn put_history(out: &mut Vec<u8>, history: &[Attempt]) {
+    let from = history.len().saturating_sub(HISTORY_LEN);
+    out.push((history.len() - from) as u8);
+    for a in &history[from..] {
+        a.put(out);
+    }
+}
+
+fn read_history(r: &mut Reader<'_>) -> Result<Vec<Attempt>, DecodeError> {
+    (0..r.u8()?).map(|_| Attempt::read(r)).collect()
+}
+
 impl StateRecord {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![RECORD_V1];
+        let mut out = vec![STATE_V2];
         match self {
-            StateRecord::Retry { due_ms, record } => {
+            StateRecord::Retry { due_ms, record, history } => {
                 out.push(STATE_RETRY);
                 out.extend_from_slice(&due_ms.to_be_bytes());
-                out.extend_from_slice(&record.encode());
+                out.extend_from_slice(&record.attempts.to_be_bytes());
+                out.extend_from_slice(&record.last_status.to_be_bytes());
+                put_str16(&mut out, &record.last_error);
+                put_history(&mut out, history);
             }
             StateRecord::Done => out.push(STATE_DONE),
             StateRecord::Dead(d) => {
                 out.push(STATE_DEAD);
-                out.extend_from_slice(&d.encode());
+                out.extend_from_slice(&d.attempts.to_be_bytes());
+                out.extend_from_slice(&d.dead_at_ms.to_be_bytes());
+                out.extend_from_slice(&d.last_status.to_be_bytes());
+                put_str16(&mut out, &d.reason);
+                put_history(&mut out, &d.history);
             }
         }
         out
@@ -359,15 +422,41 @@ impl StateRecord {
 
     pub fn decode(raw: &[u8]) -> Result<StateRecord, DecodeError> {
         const WHAT: &str = "delivery state";
+        if raw.first() == Some(&STATE_V2) {
+            let mut r = Reader { buf: raw, pos: 1, what: WHAT };
+            return match r.u8()? {
+                STATE_RETRY => {
+                    let due_ms = r.u64()?;
+                    let record = QueueRecord { attempts: r.u32()?, last_status: r.u16()?, last_error: r.str16()? };
+                    Ok(StateRecord::Retry { due_ms, record, history: read_history(&mut r)? })
+                }
+                STATE_DONE => Ok(StateRecord::Done),
+                STATE_DEAD => {
+                    let (attempts, dead_at_ms, last_status, reason) = (r.u32()?, r.u64()?, r.u16()?, r.str16()?);
+                    let history = read_history(&mut r)?;
+                    Ok(StateRecord::Dead(DeadRecord { attempts, dead_at_ms, last_status, reason, history }))
+                }
+                k => Err(bad(WHAT, format!("unknown state kind {k}"))),
+            };
+        }
         let mut r = Reader::versioned(raw, WHAT)?;
         match r.u8()? {
             STATE_RETRY => {
                 let due_ms = r.u64()?;
-                Ok(StateRecord::Retry { due_ms, record: QueueRecord::decode(&raw[r.pos..])? })
+                Ok(StateRecord::Retry { due_ms, record: QueueRecord::decode(&raw[r.pos..])?, history: Vec::new() })
             }
             STATE_DONE => Ok(StateRecord::Done),
             STATE_DEAD => Ok(StateRecord::Dead(DeadRecord::decode(&raw[r.pos..])?)),
             k => Err(bad(WHAT, format!("unknown state kind {k}"))),
+        }
+    }
+
+    /// The attempts this state keeps.
+    pub fn history(&self) -> &[Attempt] {
+        match self {
+            StateRecord::Retry { history, .. } => history,
+            StateRecord::Dead(d) => &d.history,
+            StateRecord::Done => &[],
         }
     }
 }
@@ -383,6 +472,8 @@ pub struct QueueRecord {
 }
 
 impl QueueRecord {
+    /// The version 1 layout (state records embed it; still read).
+    #[cfg(test)]
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(1 + 4 + 2 + 2 + self.last_error.len());
         out.push(RECORD_V1);
@@ -406,9 +497,13 @@ pub struct DeadRecord {
     pub dead_at_ms: u64,
     pub last_status: u16,
     pub reason: String,
+    /// Its last attempts, oldest first.
+    pub history: Vec<Attempt>,
 }
 
 impl DeadRecord {
+    /// The version 1 layout (state records embed it; still read).
+    #[cfg(test)]
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(1 + 4 + 8 + 2 + 2 + self.reason.len());
         out.push(RECORD_V1);
@@ -422,7 +517,13 @@ impl DeadRecord {
     pub fn decode(raw: &[u8]) -> Result<DeadRecord, DecodeError> {
         const WHAT: &str = "dead-letter record";
         let mut r = Reader::versioned(raw, WHAT)?;
-        Ok(DeadRecord { attempts: r.u32()?, dead_at_ms: r.u64()?, last_status: r.u16()?, reason: r.str16()? })
+        Ok(DeadRecord {
+            attempts: r.u32()?,
+            dead_at_ms: r.u64()?,
+            last_status: r.u16()?,
+            reason: r.str16()?,
+            history: Vec::new(),
+        })
     }
 }
 
@@ -576,17 +677,62 @@ mod tests {
 
     #[test]
     fn state_round_trip() {
+        let tried = |i: u64| Attempt {
+            at_ms: 1_000 + i,
+            duration_ms: 12,
+            status: 503,
+            error: "http 503".into(),
+            snippet: b"<html>busy</html>".to_vec(),
+        };
         for st in [
             StateRecord::Retry {
                 due_ms: 77,
                 record: QueueRecord { attempts: 3, last_status: 503, last_error: "http 503".into() },
+                history: vec![tried(1), tried(2)],
             },
             StateRecord::Done,
-            StateRecord::Dead(DeadRecord { attempts: 9, dead_at_ms: 5, last_status: 400, reason: "http 400".into() }),
+            StateRecord::Dead(DeadRecord {
+                attempts: 9,
+                dead_at_ms: 5,
+                last_status: 400,
+                reason: "http 400".into(),
+                history: vec![tried(3)],
+            }),
         ] {
             assert_eq!(StateRecord::decode(&st.encode()).expect("decode"), st);
         }
         assert!(StateRecord::decode(&[1, 9]).is_err());
+        assert!(StateRecord::decode(&[2, 9]).is_err());
+        // Only the last HISTORY_LEN attempts are kept, snippets bounded.
+        let long = Attempt { snippet: vec![b'x'; 4 * SNIPPET_LEN], ..tried(0) };
+        let st = StateRecord::Retry {
+            due_ms: 1,
+            record: QueueRecord::default(),
+            history: (0..20).map(|i| Attempt { at_ms: i, ..long.clone() }).collect(),
+        };
+        let back = StateRecord::decode(&st.encode()).expect("decode");
+        assert_eq!(back.history().len(), HISTORY_LEN);
+        assert_eq!(back.history()[0].at_ms, 20 - HISTORY_LEN as u64);
+        assert!(back.history().iter().all(|a| a.snippet.len() == SNIPPET_LEN));
+    }
+
+    /// Regression guard for stores written before attempt history: their
+    /// version 1 state records still read, with no history.
+    #[test]
+    fn version_1_state_records_still_read() {
+        let q = QueueRecord { attempts: 2, last_status: 500, last_error: "http 500".into() };
+        let mut v1 = vec![RECORD_V1, STATE_RETRY];
+        v1.extend_from_slice(&42u64.to_be_bytes());
+        v1.extend_from_slice(&q.encode());
+        assert_eq!(
+            StateRecord::decode(&v1).expect("v1 retry"),
+            StateRecord::Retry { due_ms: 42, record: q, history: vec![] }
+        );
+        let d = DeadRecord { attempts: 1, dead_at_ms: 9, last_status: 410, reason: "gone".into(), history: vec![] };
+        let mut v1 = vec![RECORD_V1, STATE_DEAD];
+        v1.extend_from_slice(&d.encode());
+        assert_eq!(StateRecord::decode(&v1).expect("v1 dead"), StateRecord::Dead(d));
+        assert_eq!(StateRecord::decode(&[RECORD_V1, STATE_DONE]).expect("v1 done"), StateRecord::Done);
     }
 
     #[test]

@@ -92,8 +92,8 @@ pub use self::jetstream::{JetAuth, JetConfig};
 use self::segments::{Loc, SegmentLog};
 
 use self::format::*;
+pub use self::format::{Attempt, DecodeError, Draft, MessageRecord, MAX_DESTINATIONS, SNIPPET_LEN};
 use self::format::{DeadRecord, QueueRecord, StateRecord};
-pub use self::format::{DecodeError, Draft, MessageRecord, MAX_DESTINATIONS};
 
 /// Largest request body a route may accept (`max_body`): its record, with
 /// headers and framing, must stay within a log frame (1 GiB).
@@ -200,7 +200,9 @@ impl Lease {
     }
 }
 
-/// What became of a delivery attempt, for [`Store::settle`].
+/// What became of a delivery attempt, for [`Store::settle`]. A failed
+/// attempt carries what the attempt history keeps of it (written with the
+/// delivery's new state, in the same insert).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settle {
     Delivered,
@@ -209,11 +211,13 @@ pub enum Settle {
         at_ms: u64,
         status: Option<u16>,
         error: String,
+        attempt: Attempt,
     },
     /// Failed for good: into the dead letters.
     Dead {
         status: Option<u16>,
         reason: String,
+        attempt: Attempt,
     },
 }
 

@@ -50,7 +50,7 @@ impl Builder {
                     e.recovered_dead(id, key);
                     dead += 1;
                 }
-                Some(StateRecord::Retry { due_ms, record }) => {
+                Some(StateRecord::Retry { due_ms, record, .. }) => {
                     e.recovered_pending(id, Some((*due_ms, record.clone())), key);
                     pending += 1;
                 }

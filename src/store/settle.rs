@@ -37,12 +37,14 @@ impl Local {
         let attempts = lease.record.attempts.saturating_add(1);
         match outcome {
             Settle::Delivered => self.delivered(&lease.dest, lease),
-            Settle::Retry { at_ms, status, error } => {
+            Settle::Retry { at_ms, status, error, attempt } => {
                 let record = QueueRecord { attempts, last_status: status.unwrap_or(0), last_error: error };
-                self.reschedule(&lease.dest, lease, at_ms, &record)
+                self.reschedule(&lease.dest, lease, at_ms, &record, attempt)
             }
-            Settle::Dead { status, reason } => {
-                let record = DeadRecord { attempts, dead_at_ms: now_ms(), last_status: status.unwrap_or(0), reason };
+            Settle::Dead { status, reason, attempt } => {
+                let history = vec![attempt];
+                let record =
+                    DeadRecord { attempts, dead_at_ms: now_ms(), last_status: status.unwrap_or(0), reason, history };
                 let (store, lease) = (self.clone(), lease.clone());
                 blocking(move || store.dead_letter(&lease.dest, &lease, &record)).await
             }
@@ -176,6 +178,20 @@ impl Local {
         Ok(())
     }
 
+    /// The attempts kept for `dest`'s delivery of `id` so far, with
+    /// `latest` added (a read of the state key the caller then rewrites:
+    /// the history goes to disk in the write settling makes anyway).
+    fn history_with(&self, dest: &str, id: u64, latest: Attempt) -> Result<Vec<Attempt>, StoreError> {
+        let mut history = match self.inner.state.get(state_key(dest, id))? {
+            Some(v) => StateRecord::decode(&v)?.history().to_vec(),
+            None => Vec::new(),
+        };
+        history.push(latest);
+        let over = history.len().saturating_sub(format::HISTORY_LEN);
+        history.drain(..over);
+        Ok(history)
+    }
+
     /// Settles a lease as delivered; the message is deleted when no other
     /// destination still needs it.
     pub(super) fn delivered(&self, dest: &str, lease: &Lease) -> Result<(), StoreError> {
@@ -192,9 +208,11 @@ impl Local {
         lease: &Lease,
         due_ms: u64,
         record: &QueueRecord,
+        attempt: Attempt,
     ) -> Result<(), StoreError> {
         let Some(mut msgs) = self.leased(dest, lease) else { return Ok(()) };
-        let st = StateRecord::Retry { due_ms, record: record.clone() };
+        let history = self.history_with(dest, lease.id, attempt)?;
+        let st = StateRecord::Retry { due_ms, record: record.clone(), history };
         let (_, written) = Written::by(self.inner.state.insert(state_key(dest, lease.id), st.encode()))?;
         if let Some(m) = msgs.get_mut(&lease.id) {
             m.has_state = true;
@@ -215,8 +233,10 @@ impl Local {
             return Ok(());
         }
         let released = self.keep(&mut msgs, id)?;
-        let (_, written) =
-            Written::by(inner.state.insert(state_key(dest, id), StateRecord::Dead(record.clone()).encode()))?;
+        let mut record = record.clone();
+        let latest = record.history.pop().unwrap_or_default();
+        record.history = self.history_with(dest, id, latest)?;
+        let (_, written) = Written::by(inner.state.insert(state_key(dest, id), StateRecord::Dead(record).encode()))?;
         inner.sled_written();
         if let Some(e) = msgs.get_mut(&id) {
             e.pending = e.pending.saturating_sub(1);

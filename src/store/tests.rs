@@ -192,7 +192,13 @@ fn due_respects_time_limit_and_skip() {
         let first = all_due(&store, "a").remove(0);
         let later = now_ms() + 60_000;
         store
-            .reschedule("a", &first, later, &QueueRecord { attempts: 1, last_status: 503, last_error: "x".into() })
+            .reschedule(
+                "a",
+                &first,
+                later,
+                &QueueRecord { attempts: 1, last_status: 503, last_error: "x".into() },
+                Attempt::default(),
+            )
             .expect("reschedule");
         let now = store.due("a", now_ms(), 10, &HashSet::new());
         assert_eq!(now.leases.iter().map(|l| l.id).collect::<Vec<_>>(), ids[1..].to_vec());
@@ -518,11 +524,11 @@ proptest! {
                             Op::Fail(_, delay) => {
                                 let attempts = lease.record.attempts + 1;
                                 let rec = QueueRecord { attempts, last_status: 503, last_error: "http 503".into() };
-                                store.reschedule(dest, &lease, lease.due_ms + delay, &rec).expect("reschedule");
+                                store.reschedule(dest, &lease, lease.due_ms + delay, &rec, Attempt::default()).expect("reschedule");
                                 entry.insert(lease.id, attempts);
                             }
                             _ => {
-                                let rec = DeadRecord { attempts: lease.record.attempts + 1, dead_at_ms: 1, last_status: 400, reason: "http 400".into() };
+                                let rec = DeadRecord { attempts: lease.record.attempts + 1, dead_at_ms: 1, last_status: 400, reason: "http 400".into(), history: vec![] };
                                 store.dead_letter(dest, &lease, &rec).expect("dead letter");
                                 entry.remove(&lease.id);
                                 model.dead.entry(dest).or_default().insert(lease.id);
@@ -597,10 +603,17 @@ fn the_order_of_keys_survives_a_crash() {
         assert_eq!(heads, vec![ids[0], ids[1]]);
         // Key 10's head fails for good; key 11's head is retrying.
         let l0 = all_due(&store, "d").remove(0);
-        let dead = DeadRecord { attempts: 1, dead_at_ms: now_ms(), last_status: 400, reason: "refused".into() };
+        let dead = DeadRecord {
+            attempts: 1,
+            dead_at_ms: now_ms(),
+            last_status: 400,
+            reason: "refused".into(),
+            history: vec![],
+        };
         store.dead_letter("d", &l0, &dead).expect("dead");
         let l1 = all_due(&store, "d").into_iter().find(|l| l.id == ids[1]).expect("lease");
-        store.reschedule("d", &l1, u64::MAX - 1, &QueueRecord { attempts: 1, ..Default::default() }).expect("retry");
+        let retry = QueueRecord { attempts: 1, ..Default::default() };
+        store.reschedule("d", &l1, u64::MAX - 1, &retry, Attempt::default()).expect("retry");
         store.sync_state().await.expect("sync state");
         store.crash().await;
         drop(store);

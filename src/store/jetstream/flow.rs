@@ -158,7 +158,7 @@ impl Jet {
             Settle::Retry { at_ms, .. } => {
                 msg.ack_with(AckKind::Nak(Some(Duration::from_millis(at_ms.saturating_sub(now_ms()))))).await
             }
-            Settle::Dead { status, reason } => {
+            Settle::Dead { status, reason, .. } => {
                 let attempts = lease.record.attempts.saturating_add(1);
                 self.dead_letter(&lease.dest, lease.id, seq, &msg.payload, attempts, status, &reason).await?;
                 msg.ack().await
