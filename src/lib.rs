@@ -337,6 +337,12 @@ impl Parts<'_> {
             ready,
             ready_room: config.ingress.max_body,
             token: config.admin.token.clone(),
+            routes: config
+                .routes
+                .iter()
+                .map(|r| (r.path.clone(), r.destinations.iter().map(|d| d.to_string()).collect()))
+                .collect(),
+            sensitive: config.routes.iter().flat_map(|r| r.credential_headers.iter().cloned()).collect(),
         });
         if let Ok(addr) = socket.local_addr() {
             tracing::info!(addr = %addr, "admin listening");

@@ -22,6 +22,16 @@
 //!   A `410 Gone` from a destination pauses it the same way.
 //! - `DELETE /api/dead-letters/{destination}[?id=MSG_ID]`: deletes dead
 //!   letters (all, or one); messages nothing else needs are deleted too.
+//! - `GET /api/messages/{id}[?body=1]`: one message: route, receive time,
+//!   sender, stored headers (credentials masked), body size (the body with
+//!   `body=1`), and per destination its state (pending with the next
+//!   attempt's time, delivered, dead with why, filtered) and its last
+//!   attempts (time, duration, status or error, the response's first
+//!   bytes). 404 once every destination is done with it.
+//! - `GET /api/messages?destination=D&state=pending|dead&since=T&until=T&limit=N&cursor=C`:
+//!   the messages a destination has in that state, received in that time
+//!   range (RFC 3339 or unix ms), oldest first, `limit` (100) a page, and
+//!   `next_cursor` for the next page.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,6 +46,8 @@ use crate::metrics::Metrics;
 use crate::store::{now_ms, Store};
 use crate::wake::Wakers;
 
+mod messages;
+
 pub struct Admin {
     pub store: Store,
     pub metrics: Arc<Metrics>,
@@ -48,6 +60,10 @@ pub struct Admin {
     pub ready_room: u64,
     /// Bearer token for everything but /healthz and /readyz.
     pub token: Option<crate::secret::Secret>,
+    /// Each route's destinations (a message's other ones were filtered out).
+    pub routes: HashMap<String, Vec<String>>,
+    /// Headers that carry senders' credentials: shown masked.
+    pub sensitive: Vec<http::HeaderName>,
 }
 
 impl crate::server::Handler for Admin {
@@ -125,6 +141,8 @@ impl Admin {
             (&Method::GET, ["healthz"]) => self.health(),
             (&Method::GET, ["readyz"]) => self.readiness(),
             (&Method::GET, ["api", "destinations"]) => self.destination_list(),
+            (&Method::GET, ["api", "messages"]) => self.message_list(&query_params(&req)).await,
+            (&Method::GET, ["api", "messages", id]) => self.message(id, &query_params(&req)).await,
             (&Method::GET, ["api", "dead-letters", dest]) => self.dead_letter_list(dest, &req).await,
             (&Method::DELETE, ["api", "dead-letters", dest]) => self.purge(dest, &req).await,
             (&Method::POST, ["api", "dead-letters", dest, "replay"]) => self.replay(dest, &req).await,

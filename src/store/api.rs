@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use super::jetstream::{Jet, JetConfig};
 use super::{
-    Appended, AppendedIn, DeadLetter, DestStats, Draft, Due, Lease, Local, MessageRecord, Settle, StoreError,
-    StoreOptions,
+    Appended, AppendedIn, DeadLetter, DestStats, Draft, Due, Inspection, Lease, Listing, Local, MessageRecord, Page,
+    Settle, StoreError, StoreOptions,
 };
 
 /// The durable store the relay runs on. Cheap to clone.
@@ -216,6 +216,34 @@ impl Store {
         match &self.0 {
             Backend::Local(s) => s.purge_dead(dest, only).await,
             Backend::Jet(s) => s.purge_dead(dest, only).await,
+        }
+    }
+
+    // --- Inspection (admin) -------------------------------------------------
+
+    /// Message `id` with each delivery's state and its attempts, while it
+    /// is stored. JetStream: not available (`Unsupported`).
+    pub async fn inspect(&self, id: u64) -> Result<Option<Inspection>, StoreError> {
+        match &self.0 {
+            Backend::Local(s) => s.inspect(id).await,
+            Backend::Jet(_) => Err(StoreError::Unsupported("message inspection with store.kind = \"jetstream\"")),
+        }
+    }
+
+    /// A page of the messages of `dest` in `state` received within
+    /// `since_ms..=until_ms`, after the cursor `after`, oldest first.
+    pub async fn list_messages(
+        &self,
+        dest: &str,
+        state: Listing,
+        since_ms: u64,
+        until_ms: u64,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        match &self.0 {
+            Backend::Local(s) => s.list_messages(dest, state, since_ms, until_ms, after, limit).await,
+            Backend::Jet(_) => Err(StoreError::Unsupported("message listing with store.kind = \"jetstream\"")),
         }
     }
 

@@ -46,6 +46,9 @@ pub enum StoreError {
     /// connected, a publish not acknowledged in time).
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// What this kind of store does not do.
+    #[error("{0} is not available")]
+    Unsupported(&'static str),
     /// The store cannot be used as configured (credentials refused, a
     /// stream whose settings contradict the configuration).
     #[error("{0}")]

@@ -207,6 +207,24 @@ impl Index {
         }
     }
 
+    /// Up to `limit` pending ids of `dest` within `from..to`, oldest first.
+    pub(super) fn pending_page(&self, dest: &str, from: u64, to: u64, limit: usize) -> super::inspect::Page {
+        let mut page = super::inspect::Page::default();
+        if from >= to {
+            return page;
+        }
+        if let Some(e) = lock(&self.0).get(dest) {
+            for &id in e.pending.range(from..to) {
+                if page.ids.len() == limit {
+                    page.next = page.ids.last().copied();
+                    break;
+                }
+                page.ids.push(id);
+            }
+        }
+        page
+    }
+
     /// Destinations with pending or dead deliveries.
     pub(super) fn known(&self) -> Vec<String> {
         lock(&self.0).iter().filter(|(_, e)| !e.pending.is_empty() || e.dead > 0).map(|(k, _)| k.clone()).collect()

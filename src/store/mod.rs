@@ -65,6 +65,7 @@ mod error;
 mod flush;
 mod format;
 mod index;
+mod inspect;
 mod jetstream;
 mod open;
 mod reclaim;
@@ -88,11 +89,14 @@ use self::cache::RecordCache;
 use self::commit::GroupCommit;
 pub use self::error::{EngineError, StoreError};
 use self::index::{Index, Written};
+pub use self::inspect::{DeliveryState, DeliveryView, Inspection, Listing, Page};
 pub use self::jetstream::{JetAuth, JetConfig};
 use self::segments::{Loc, SegmentLog};
 
 use self::format::*;
-pub use self::format::{Attempt, DecodeError, Draft, MessageRecord, MAX_DESTINATIONS, SNIPPET_LEN};
+pub use self::format::{
+    id_received_ms, Attempt, DecodeError, Draft, MessageRecord, ID_SEQ_BITS, MAX_DESTINATIONS, SNIPPET_LEN,
+};
 use self::format::{DeadRecord, QueueRecord, StateRecord};
 
 /// Largest request body a route may accept (`max_body`): its record, with

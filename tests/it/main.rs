@@ -11,6 +11,7 @@ mod flow;
 mod ha;
 mod hostile;
 mod jetstream;
+mod messages;
 mod mtls;
 mod nats;
 mod order;
@@ -21,3 +22,9 @@ mod security;
 mod signing;
 mod support;
 mod tls;
+
+/// A time a minute from now, as unix milliseconds.
+pub fn store_time_after_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+        + 60_000
+}

@@ -1,0 +1,190 @@
+//! `GET /api/messages/{id}` and `GET /api/messages`: what happened to a
+//! callback, and what a destination has not got.
+
+use std::collections::HashMap;
+use std::time::{Duration, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use serde_json::{json, Value};
+
+use super::{json, Admin};
+use crate::store::{DeliveryState, Inspection, Listing, StoreError};
+
+/// Most messages one page lists.
+const MAX_PAGE: usize = 1000;
+
+fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// `T` of `since`/`until`: RFC 3339, or unix milliseconds.
+fn parse_time(s: &str) -> Option<u64> {
+    if let Ok(ms) = s.parse::<u64>() {
+        return Some(ms);
+    }
+    let t = humantime::parse_rfc3339_weak(s).ok()?;
+    t.duration_since(UNIX_EPOCH).ok().map(|d| d.as_millis() as u64)
+}
+
+fn store_error(e: &StoreError) -> Response<Full<Bytes>> {
+    let status = match e {
+        StoreError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    json(status, json!({ "error": e.to_string() }))
+}
+
+fn bad_request(why: &str) -> Response<Full<Bytes>> {
+    json(StatusCode::BAD_REQUEST, json!({ "error": why }))
+}
+
+impl Admin {
+    pub(super) async fn message(&self, id: &str, q: &HashMap<String, String>) -> Response<Full<Bytes>> {
+        let Some(local) = self.store.parse_external_id(id) else {
+            return bad_request("not a message id of this store");
+        };
+        match self.store.inspect(local).await {
+            Ok(Some(found)) => json(StatusCode::OK, self.message_json(&found, q.get("body").is_some_and(|b| b == "1"))),
+            Ok(None) => json(
+                StatusCode::NOT_FOUND,
+                json!({ "error": "no such message: unknown, or every destination is done with it (delivered messages are not kept)" }),
+            ),
+            Err(e) => store_error(&e),
+        }
+    }
+
+    fn message_json(&self, m: &Inspection, with_body: bool) -> Value {
+        let r = &m.record;
+        let headers: Vec<Value> = r
+            .headers
+            .iter()
+            .filter(|(n, _)| !n.starts_with(':'))
+            .map(|(n, v)| {
+                let secret = n.eq_ignore_ascii_case("authorization") || self.sensitive.iter().any(|s| s.as_str() == n);
+                let value = if secret { "***".to_string() } else { String::from_utf8_lossy(v).into_owned() };
+                json!({ "name": n, "value": value })
+            })
+            .collect();
+        let mut destinations: Vec<Value> = m
+            .deliveries
+            .iter()
+            .map(|d| {
+                let attempts: Vec<Value> = d
+                    .attempts
+                    .iter()
+                    .map(|a| {
+                        let mut v = json!({
+                            "at": rfc3339(a.at_ms),
+                            "duration_ms": a.duration_ms,
+                            "response": String::from_utf8_lossy(&a.snippet),
+                        });
+                        if a.status != 0 {
+                            v["status"] = json!(a.status);
+                        }
+                        if !a.error.is_empty() {
+                            v["error"] = json!(a.error);
+                        }
+                        v
+                    })
+                    .collect();
+                let mut v = json!({ "name": d.destination, "attempts": attempts });
+                match &d.state {
+                    DeliveryState::Pending { due_ms } => {
+                        v["state"] = json!("pending");
+                        v["next_attempt_at"] = json!(rfc3339(*due_ms));
+                    }
+                    DeliveryState::Delivered => v["state"] = json!("delivered"),
+                    DeliveryState::Dead { dead_at_ms, last_status, reason } => {
+                        v["state"] = json!("dead");
+                        v["dead_at"] = json!(rfc3339(*dead_at_ms));
+                        v["last_status"] = json!(last_status);
+                        v["reason"] = json!(reason);
+                    }
+                }
+                v
+            })
+            .collect();
+        // The route's other destinations: filtered out at ingress.
+        for name in self.routes.get(&r.route).into_iter().flatten() {
+            if !m.deliveries.iter().any(|d| &d.destination == name) {
+                destinations.push(json!({ "name": name, "state": "filtered", "attempts": [] }));
+            }
+        }
+        let mut v = json!({
+            "id": self.store.external_id(m.id),
+            "route": r.route,
+            "received_at": rfc3339(r.received_ms),
+            "sender": r.peer,
+            "headers": headers,
+            "body_size": r.body.len(),
+            "destinations": destinations,
+        });
+        if with_body {
+            match std::str::from_utf8(&r.body) {
+                Ok(text) => v["body"] = json!(text),
+                Err(_) => {
+                    use base64::Engine;
+                    v["body_base64"] = json!(base64::engine::general_purpose::STANDARD.encode(&r.body));
+                }
+            }
+        }
+        v
+    }
+
+    pub(super) async fn message_list(&self, q: &HashMap<String, String>) -> Response<Full<Bytes>> {
+        let Some(dest) = q.get("destination") else { return bad_request("destination=NAME is required") };
+        let state = match q.get("state").map(String::as_str) {
+            Some("pending") | None => Listing::Pending,
+            Some("dead") => Listing::Dead,
+            Some("delivered") => {
+                return json(
+                    StatusCode::OK,
+                    json!({ "destination": dest, "state": "delivered", "messages": [], "next_cursor": null,
+                            "note": "delivered messages are not kept" }),
+                )
+            }
+            Some(_) => return bad_request("state is pending, dead or delivered"),
+        };
+        let since = match q.get("since").map(|s| parse_time(s)) {
+            None => 0,
+            Some(Some(t)) => t,
+            Some(None) => return bad_request("since: RFC 3339 time or unix milliseconds"),
+        };
+        let until = match q.get("until").map(|s| parse_time(s)) {
+            None => u64::MAX,
+            Some(Some(t)) => t,
+            Some(None) => return bad_request("until: RFC 3339 time or unix milliseconds"),
+        };
+        let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
+            None => 100,
+            Some(Ok(n)) if (1..=MAX_PAGE).contains(&n) => n,
+            Some(_) => return bad_request("limit: 1 to 1000"),
+        };
+        let after = match q.get("cursor") {
+            None => None,
+            Some(c) => match self.store.parse_external_id(c) {
+                Some(id) => Some(id),
+                None => return bad_request("cursor: a next_cursor this API gave"),
+            },
+        };
+        match self.store.list_messages(dest, state, since, until, after, limit).await {
+            Ok(page) => {
+                let messages: Vec<Value> = page
+                    .ids
+                    .iter()
+                    .map(|id| {
+                        json!({
+                            "id": self.store.external_id(*id),
+                            "received_at": rfc3339(crate::store::id_received_ms(*id)),
+                        })
+                    })
+                    .collect();
+                let next = page.next.map(|id| self.store.external_id(id));
+                json(StatusCode::OK, json!({ "destination": dest, "messages": messages, "next_cursor": next }))
+            }
+            Err(e) => store_error(&e),
+        }
+    }
+}

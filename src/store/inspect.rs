@@ -1,0 +1,153 @@
+//! Inspection: what became of one message at each destination (with the
+//! attempts kept), and the messages of a destination in a state, by time,
+//! for operators. Reads only; runs on the blocking pool.
+
+use super::*;
+
+/// A message and each of its deliveries, for [`Store::inspect`].
+#[derive(Debug, Clone)]
+pub struct Inspection {
+    pub id: u64,
+    pub record: MessageRecord,
+    pub deliveries: Vec<DeliveryView>,
+}
+
+/// One destination's delivery of a message.
+#[derive(Debug, Clone)]
+pub struct DeliveryView {
+    pub destination: String,
+    pub state: DeliveryState,
+    /// The attempts kept (the last few, oldest first).
+    pub attempts: Vec<Attempt>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryState {
+    /// Not delivered yet; the next attempt is due at `due_ms`.
+    Pending {
+        due_ms: u64,
+    },
+    Delivered,
+    Dead {
+        dead_at_ms: u64,
+        last_status: Option<u16>,
+        reason: String,
+    },
+}
+
+/// Which deliveries [`Store::list_messages`] lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listing {
+    Pending,
+    Dead,
+}
+
+/// A page of [`Store::list_messages`]: ids oldest first, and the cursor of
+/// the next page if there is one.
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    pub ids: Vec<u64>,
+    pub next: Option<u64>,
+}
+
+impl Local {
+    /// Message `id` with each delivery's state and attempts, while it is
+    /// stored (pending or dead somewhere); `None` once every destination is
+    /// done with it (delivered messages are not retained).
+    pub async fn inspect(&self, id: u64) -> Result<Option<Inspection>, StoreError> {
+        let store = self.clone();
+        blocking(move || store.inspect_now(id)).await
+    }
+
+    fn inspect_now(&self, id: u64) -> Result<Option<Inspection>, StoreError> {
+        let inner = &self.inner;
+        let Some(place) = lock(self.stripe(id)).get(&id).map(|m| m.place) else { return Ok(None) };
+        let Some(raw) = self.record_at(id, place)? else { return Ok(None) };
+        let dests = record_destinations(&raw)?;
+        let record = MessageRecord::decode(raw)?;
+        let mut deliveries = Vec::with_capacity(dests.len());
+        for d in dests {
+            let key = state_key(&d, id);
+            let state = match inner.state.get(&key)? {
+                Some(v) => Some(StateRecord::decode(&v)?),
+                None => None,
+            };
+            let attempts = state.as_ref().map(|s| s.history().to_vec()).unwrap_or_default();
+            let delivered = matches!(state, Some(StateRecord::Done)) || self.marked_done(place, &key)?;
+            let state = match state {
+                _ if delivered => DeliveryState::Delivered,
+                Some(StateRecord::Dead(r)) => DeliveryState::Dead {
+                    dead_at_ms: r.dead_at_ms,
+                    last_status: (r.last_status != 0).then_some(r.last_status),
+                    reason: r.reason,
+                },
+                Some(StateRecord::Retry { due_ms, .. }) => DeliveryState::Pending { due_ms },
+                Some(StateRecord::Done) | None => DeliveryState::Pending { due_ms: id_received_ms(id) },
+            };
+            deliveries.push(DeliveryView { destination: d, state, attempts });
+        }
+        Ok(Some(Inspection { id, record, deliveries }))
+    }
+
+    /// Whether a `Done` mark for `key` is in the done tree(s) a message at
+    /// `place` uses (opened ones only: inspecting creates nothing).
+    fn marked_done(&self, place: Place, key: &[u8]) -> Result<bool, StoreError> {
+        let segments: Vec<u64> = match place {
+            Place::Log(loc) => vec![loc.seg],
+            Place::Unplaced => {
+                let current = self.inner.log.current();
+                vec![current, current + 1]
+            }
+            Place::Kept(_) => vec![],
+        };
+        for seq in segments {
+            let tree = lock(&self.inner.done_trees).get(&seq).cloned();
+            if let Some(t) = tree {
+                if t.contains_key(key)? {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// Up to `limit` messages of `dest` in `state`, received within
+    /// `since_ms..until_ms`, after message `after` (the cursor), oldest first.
+    pub async fn list_messages(
+        &self,
+        dest: &str,
+        state: Listing,
+        since_ms: u64,
+        until_ms: u64,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        let unit = 1u64 << ID_SEQ_BITS;
+        let from = since_ms.saturating_mul(unit).max(after.map_or(0, |a| a.saturating_add(1)));
+        let to = until_ms.saturating_add(1).saturating_mul(unit);
+        match state {
+            Listing::Pending => Ok(self.inner.index.pending_page(dest, from, to, limit)),
+            Listing::Dead => {
+                let (store, dest) = (self.clone(), dest.to_string());
+                blocking(move || store.dead_page(&dest, from, to, limit)).await
+            }
+        }
+    }
+
+    fn dead_page(&self, dest: &str, from: u64, to: u64, limit: usize) -> Result<Page, StoreError> {
+        let mut page = Page::default();
+        for item in self.inner.state.range(state_key(dest, from)..state_key(dest, to)) {
+            let (k, v) = item?;
+            let (_, id) = parse_state_key(&k)?;
+            if !matches!(StateRecord::decode(&v)?, StateRecord::Dead(_)) {
+                continue;
+            }
+            if page.ids.len() == limit {
+                page.next = page.ids.last().copied();
+                break;
+            }
+            page.ids.push(id);
+        }
+        Ok(page)
+    }
+}

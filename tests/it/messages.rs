@@ -1,0 +1,91 @@
+//! Inspection: what happened to callback X at each destination (states,
+//! attempts with status, error and the response's first bytes), and the
+//! pages of what a destination has not got.
+
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_shows_each_destinations_state_and_attempts() {
+    let ok = TestReceiver::ok().await;
+    let busy = TestReceiver::scripted(|_, _| Reply::Status(503)).await;
+    let down = dead_addr().await;
+    let fast = "retry = { initial = \"20ms\", max_interval = \"40ms\", max_attempts = 3 }";
+    let toml = config(&[
+        ("ok", &ok.url("/ok"), ""),
+        ("busy", &busy.url("/b"), fast),
+        ("down", &format!("http://{down}/d"), "retry = { initial = \"1h\", max_interval = \"1h\" }"),
+        ("other", &ok.url("/other"), "filter = { path = \"kind\", equals = \"x\" }"),
+    ]);
+    let relay = TestRelay::start(&toml).await;
+    let (s, _, body) = post(&relay.url("/in"), "application/json", r#"{"kind":"y","requestId":"r-1"}"#).await;
+    assert_eq!(s, 200);
+    let id = acked_id(&body);
+    relay
+        .wait_metrics("busy dead-lettered, down tried", |m| {
+            metric(m, "switchboard_dead_letters{destination=\"busy\"}") == 1.0
+                && metric(m, "switchboard_deliveries_total{destination=\"down\",outcome=\"retried\"}") >= 1.0
+        })
+        .await;
+    let (s, _, body) = get(&relay.admin_url(&format!("/api/messages/{id}"))).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(v["id"], id.as_str());
+    assert_eq!(v["route"], "/in");
+    assert!(v["received_at"].as_str().is_some_and(|t| t.ends_with('Z')), "{v}");
+    assert_eq!(v["body_size"], 30);
+    assert!(v.get("body").is_none(), "the body only on request");
+    let dest = |name: &str| v["destinations"].as_array().and_then(|a| a.iter().find(|d| d["name"] == name)).cloned();
+    let busy_d = dest("busy").expect("busy");
+    assert_eq!(busy_d["state"], "dead", "{v}");
+    let attempts = busy_d["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 3, "{v}");
+    assert!(attempts.iter().all(|a| a["status"] == 503 && a["at"].is_string() && a["response"] == "ok"), "{v}");
+    let down_d = dest("down").expect("down");
+    assert_eq!(down_d["state"], "pending", "{v}");
+    assert!(down_d["next_attempt_at"].is_string(), "{v}");
+    assert_eq!(down_d["attempts"][0]["error"].as_str().map(|e| e.starts_with("connect")), Some(true), "{v}");
+    assert_eq!(dest("ok").expect("ok")["state"], "delivered", "{v}");
+    assert_eq!(dest("other").expect("other")["state"], "filtered", "{v}");
+
+    let (_, _, body) = get(&relay.admin_url(&format!("/api/messages/{id}?body=1"))).await;
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(v["body"], r#"{"kind":"y","requestId":"r-1"}"#);
+
+    // Pages of what `down` has not got, by time and cursor.
+    let mut ids = vec![id.clone()];
+    for i in 0..2 {
+        ids.push(acked_id(&post(&relay.url("/in"), "application/json", format!("{{\"n\":{i}}}")).await.2));
+    }
+    let list = |q: String| {
+        let url = relay.admin_url(&format!("/api/messages?destination=down&state=pending{q}"));
+        async move {
+            let (s, _, b) = get(&url).await;
+            assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+            serde_json::from_slice::<serde_json::Value>(&b).expect("json")
+        }
+    };
+    let page = list("&limit=2".into()).await;
+    let got: Vec<&str> = page["messages"].as_array().expect("list").iter().filter_map(|m| m["id"].as_str()).collect();
+    assert_eq!(got, [ids[0].as_str(), ids[1].as_str()]);
+    let cursor = page["next_cursor"].as_str().expect("a next page").to_string();
+    let page = list(format!("&limit=2&cursor={cursor}")).await;
+    assert_eq!(page["messages"][0]["id"], ids[2].as_str());
+    assert!(page["next_cursor"].is_null());
+    let future = crate::store_time_after_now();
+    assert_eq!(list(format!("&since={future}")).await["messages"].as_array().map(Vec::len), Some(0));
+    let dead = get(&relay.admin_url("/api/messages?destination=busy&state=dead")).await.2;
+    let dead: serde_json::Value = serde_json::from_slice(&dead).expect("json");
+    assert_eq!(dead["messages"][0]["id"], id.as_str());
+
+    // Bad input: one clear reason.
+    for (q, status) in [
+        ("/api/messages?state=pending", 400),
+        ("/api/messages?destination=down&state=lost", 400),
+        ("/api/messages?destination=down&since=yesterday", 400),
+        ("/api/messages?destination=down&limit=0", 400),
+        ("/api/messages/msg_nope", 400),
+    ] {
+        assert_eq!(get(&relay.admin_url(q)).await.0, status, "{q}");
+    }
+    relay.stop().await.expect("stop");
+}
