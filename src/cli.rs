@@ -66,6 +66,11 @@ pub enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// What happened to a callback, and what a destination has not got.
+    Messages {
+        #[command(subcommand)]
+        action: MessagesAction,
+    },
     /// Pause or resume deliveries to a destination of a running relay.
     Destinations {
         #[command(subcommand)]
@@ -119,6 +124,42 @@ pub enum DlqAction {
         /// Delete them all (without --id).
         #[arg(long)]
         yes: bool,
+        #[command(flatten)]
+        target: AdminArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MessagesAction {
+    /// One message: its route, receive time and, per destination, its
+    /// state and last attempts.
+    Show {
+        /// The message id (msg_...), as ingress answered it.
+        id: String,
+        /// Print the body too.
+        #[arg(long)]
+        body: bool,
+        #[command(flatten)]
+        target: AdminArgs,
+    },
+    /// Messages of DESTINATION in a state, oldest first.
+    List {
+        destination: String,
+        /// pending or dead.
+        #[arg(long, default_value = "pending")]
+        state: String,
+        /// Received at or after (RFC 3339, e.g. 2026-12-02T09:00:00Z, or unix ms).
+        #[arg(long)]
+        since: Option<String>,
+        /// Received at or before.
+        #[arg(long)]
+        until: Option<String>,
+        /// At most this many (1-1000); the output says how to get the next page.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Where the previous page ended (its next cursor).
+        #[arg(long)]
+        cursor: Option<String>,
         #[command(flatten)]
         target: AdminArgs,
     },

@@ -8,8 +8,8 @@
 //! through a port-forward or a proxy that terminates TLS).
 //!
 //! Exit codes (also in README): 0 done; 1 the relay answered with an error;
-//! 3 relay not reachable; 4 token refused; 5 no such destination; 78 the
-//! config file given cannot be read.
+//! 3 relay not reachable; 4 token refused; 5 no such destination or
+//! message; 78 the config file given cannot be read.
 
 use std::time::Duration;
 
@@ -30,6 +30,8 @@ pub enum CtlError {
     TokenRefused(String),
     #[error("no such destination: {0}")]
     NoSuchDestination(String),
+    #[error("no such message: {0} (unknown, or delivered everywhere: delivered messages are not kept)")]
+    NoSuchMessage(String),
     #[error("{0}")]
     Failed(String),
     #[error("{0}")]
@@ -42,7 +44,7 @@ impl CtlError {
             CtlError::Failed(_) => 1,
             CtlError::Unreachable { .. } => 3,
             CtlError::TokenRefused(_) => 4,
-            CtlError::NoSuchDestination(_) => 5,
+            CtlError::NoSuchDestination(_) | CtlError::NoSuchMessage(_) => 5,
             CtlError::Config(_) => 78,
         }
     }
@@ -197,6 +199,29 @@ impl AdminClient {
         self.call("DELETE", &format!("/api/dead-letters/{dest}{}", id_query(id))).await
     }
 
+    pub async fn message(&self, id: &str, body: bool) -> Result<serde_json::Value, CtlError> {
+        let (status, raw) =
+            self.raw("GET", &format!("/api/messages/{}{}", encode(id), if body { "?body=1" } else { "" })).await?;
+        let v: serde_json::Value = serde_json::from_slice(&raw).unwrap_or(serde_json::Value::Null);
+        match status {
+            200 => Ok(v),
+            401 => Err(CtlError::TokenRefused(self.base.clone())),
+            404 => Err(CtlError::NoSuchMessage(id.to_string())),
+            _ => Err(CtlError::Failed(format!("{status} {}", v["error"].as_str().unwrap_or("(no reason given)")))),
+        }
+    }
+
+    pub async fn messages(&self, dest: &str, query: &[(&str, Option<String>)]) -> Result<serde_json::Value, CtlError> {
+        self.known(dest).await?;
+        let mut q = format!("/api/messages?destination={}", encode(dest));
+        for (k, v) in query {
+            if let Some(v) = v {
+                q.push_str(&format!("&{k}={}", encode(v)));
+            }
+        }
+        self.call("GET", &q).await
+    }
+
     pub async fn set_paused(&self, dest: &str, pause: bool) -> Result<serde_json::Value, CtlError> {
         self.known(dest).await?;
         let verb = if pause { "pause" } else { "resume" };
@@ -205,8 +230,11 @@ impl AdminClient {
 }
 
 fn id_query(id: Option<&str>) -> String {
-    id.map(|i| format!("?id={}", url::form_urlencoded::byte_serialize(i.as_bytes()).collect::<String>()))
-        .unwrap_or_default()
+    id.map(|i| format!("?id={}", encode(i))).unwrap_or_default()
+}
+
+fn encode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 /// An error and its causes on one line.
@@ -267,6 +295,54 @@ pub fn dead_letter_table(v: &serde_json::Value) -> String {
         ]);
     }
     table(&rows)
+}
+
+/// One message, for people.
+pub fn message_text(v: &serde_json::Value) -> String {
+    let mut out = format!(
+        "{}  route {}  received {}  from {}  {} bytes\n",
+        v["id"].as_str().unwrap_or_default(),
+        v["route"].as_str().unwrap_or_default(),
+        v["received_at"].as_str().unwrap_or_default(),
+        v["sender"].as_str().unwrap_or_default(),
+        v["body_size"]
+    );
+    let mut rows = vec![["DESTINATION", "STATE", "WHEN", "LAST ATTEMPT"].map(String::from)];
+    for d in v["destinations"].as_array().into_iter().flatten() {
+        let state = d["state"].as_str().unwrap_or_default().to_string();
+        let when = d["next_attempt_at"].as_str().or(d["dead_at"].as_str()).unwrap_or("").to_string();
+        let last = d["attempts"].as_array().and_then(|a| a.last()).map(|a| {
+            let what = a["status"].as_u64().map(|s| s.to_string()).or(a["error"].as_str().map(str::to_string));
+            format!("{} {} ({} ms)", a["at"].as_str().unwrap_or_default(), what.unwrap_or_default(), a["duration_ms"])
+        });
+        rows.push([
+            d["name"].as_str().unwrap_or_default().to_string(),
+            state,
+            when,
+            last.unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    out.push_str(&table(&rows));
+    if let Some(body) = v["body"].as_str() {
+        out.push_str(&format!("\n{body}\n"));
+    }
+    out
+}
+
+/// A page of messages, for people.
+pub fn message_list_text(v: &serde_json::Value) -> String {
+    let mut rows = vec![["ID", "RECEIVED"].map(String::from)];
+    for m in v["messages"].as_array().into_iter().flatten() {
+        rows.push([
+            m["id"].as_str().unwrap_or_default().to_string(),
+            m["received_at"].as_str().unwrap_or_default().to_string(),
+        ]);
+    }
+    let mut out = table(&rows);
+    if let Some(next) = v["next_cursor"].as_str() {
+        out.push_str(&format!("(more: --cursor {next})\n"));
+    }
+    out
 }
 
 /// Left-aligned columns, two spaces apart.

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use switchboard::cli::{AdminArgs, Cli, Command, DestinationAction, DlqAction};
+use switchboard::cli::{AdminArgs, Cli, Command, DestinationAction, DlqAction, MessagesAction};
 use switchboard::config::{Config, LogFormat};
 use switchboard::ctl::{AdminClient, CtlError, Target};
 use tokio_util::sync::CancellationToken;
@@ -103,6 +103,27 @@ fn main() -> ExitCode {
                 &target,
                 |c| async move { slow(&what, c.purge(&destination, id.as_deref())).await },
                 |v| println!("deleted {} dead letter(s)", v["purged"]),
+            )
+        }
+        Command::Messages { action: MessagesAction::Show { id, body, target } } => ctl(
+            &target,
+            |c| async move { c.message(&id, body).await },
+            |v| print!("{}", switchboard::ctl::message_text(&v)),
+        ),
+        Command::Messages {
+            action: MessagesAction::List { destination, state, since, until, limit, cursor, target },
+        } => {
+            let query = [
+                ("state", Some(state)),
+                ("since", since),
+                ("until", until),
+                ("limit", Some(limit.to_string())),
+                ("cursor", cursor),
+            ];
+            ctl(
+                &target,
+                |c| async move { c.messages(&destination, &query).await },
+                |v| print!("{}", switchboard::ctl::message_list_text(&v)),
             )
         }
         Command::Destinations { action } => {

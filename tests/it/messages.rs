@@ -77,6 +77,33 @@ async fn a_message_shows_each_destinations_state_and_attempts() {
     let dead: serde_json::Value = serde_json::from_slice(&dead).expect("json");
     assert_eq!(dead["messages"][0]["id"], id.as_str());
 
+    // The same through the CLI.
+    let admin = relay.admin_url("");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["messages", "show", &id, "--admin", &admin])
+        .output()
+        .await
+        .expect("cli");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains("busy") && text.contains("dead") && text.contains("503") && text.contains("filtered"),
+        "{text}"
+    );
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["messages", "list", "down", "--limit", "2", "--admin", &admin])
+        .output()
+        .await
+        .expect("cli");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&ids[1]) && text.contains(&format!("--cursor {}", ids[1])), "{text}");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["messages", "show", "msg_nope", "--admin", &admin])
+        .output()
+        .await
+        .expect("cli");
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+
     // Bad input: one clear reason.
     for (q, status) in [
         ("/api/messages?state=pending", 400),
