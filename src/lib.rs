@@ -34,6 +34,7 @@ pub mod secret;
 pub mod server;
 pub mod shutdown;
 pub mod store;
+pub mod trace;
 pub mod wake;
 
 use std::collections::HashMap;

@@ -24,6 +24,8 @@
 //!   `webhook-timestamp` and `webhook-signature`, see `signing.rs`, and
 //!   none of the sender's);
 //! - `x-switchboard-attempt`: 1 for the first attempt, counting up;
+//! - `traceparent`: the message's trace (the sender's, or one ingress
+//!   started), with a new span id per attempt (`trace.rs`);
 //! - `x-forwarded-for`: the sender's chain plus the address we saw.
 
 use std::collections::{HashMap, HashSet};
@@ -536,6 +538,11 @@ impl Worker {
             headers.insert("webhook-signature", HeaderValue::from_str(&signer.sign(&ext_id, now, &body))?);
         }
         headers.insert("x-switchboard-id", ext);
+        // Each attempt is a child span of the message's trace.
+        let stored = msg.headers.iter().find(|(n, _)| n == crate::trace::HEADER).map(|(_, v)| v);
+        if let Some(tp) = stored.and_then(|v| crate::trace::child(v)) {
+            headers.insert(crate::trace::HEADER, HeaderValue::from_str(&tp)?);
+        }
         headers.insert("x-switchboard-attempt", HeaderValue::from(attempt));
         if let Some(auth) = &self.dest.basic_auth {
             use base64::Engine;

@@ -217,7 +217,12 @@ impl Ingress {
         };
         let (parts, body) = req.into_parts();
         let withheld: &[http::HeaderName] = if route.store_credentials { &[] } else { &route.credential_headers };
-        let headers = crate::headers::stored(&parts.headers, withheld);
+        let mut headers = crate::headers::stored(&parts.headers, withheld);
+        // Every message has a trace: the sender's, or one started here.
+        if !headers.iter().any(|(n, v)| n == crate::trace::HEADER && crate::trace::parse(v).is_some()) {
+            headers.retain(|(n, _)| n != crate::trace::HEADER);
+            headers.push((crate::trace::HEADER.to_string(), Bytes::from(crate::trace::new_traceparent())));
+        }
         let hint = declared.unwrap_or(0) as usize;
         let draft = Draft::new(now_ms(), &route.path, &client.to_string(), &headers, &route.destinations, hint);
         let (draft, _buffered) = match self.read_body(body, draft, declared, route).await {

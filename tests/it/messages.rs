@@ -116,3 +116,38 @@ async fn a_message_shows_each_destinations_state_and_attempts() {
     }
     relay.stop().await.expect("stop");
 }
+
+fn trace_parts(tp: &str) -> (String, String) {
+    let p: Vec<&str> = tp.split('-').collect();
+    assert_eq!(p.len(), 4, "{tp}");
+    assert_eq!((p[0].len(), p[1].len(), p[2].len(), p[3].len()), (2, 32, 16, 2), "{tp}");
+    (p[1].to_string(), p[2].to_string())
+}
+
+/// Correlation: a callback without `traceparent` gets one at ingress; with
+/// one, it keeps the sender's trace. Every attempt to every destination is
+/// a child span: the same trace id, a span id of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_attempt_is_a_child_span_of_the_messages_trace() {
+    let a = TestReceiver::scripted(|n, _| Reply::Status(if n == 0 { 503 } else { 200 })).await;
+    let b = TestReceiver::ok().await;
+    let fast = "retry = { initial = \"10ms\", max_interval = \"20ms\" }";
+    let relay = TestRelay::start(&config(&[("a", &a.url("/a"), fast), ("b", &b.url("/b"), "")])).await;
+    assert_eq!(post(&relay.url("/in"), "text/plain", "no trace").await.0, 200);
+    let got_a = a.wait_for(2, WAIT).await;
+    let got_b = b.wait_for(1, WAIT).await;
+    let spans: Vec<(String, String)> =
+        got_a.iter().chain(&got_b).map(|r| trace_parts(&r.header("traceparent").expect("traceparent"))).collect();
+    assert!(spans.iter().all(|(t, _)| *t == spans[0].0), "one trace: {spans:?}");
+    let ids: std::collections::HashSet<&String> = spans.iter().map(|(_, s)| s).collect();
+    assert_eq!(ids.len(), 3, "a span per attempt: {spans:?}");
+
+    let sender = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let (s, _, _) = request("POST", &relay.url("/in"), &[("traceparent", sender)], "traced").await;
+    assert_eq!(s, 200);
+    let got = b.wait_for(2, WAIT).await;
+    let (trace, span) = trace_parts(&got[1].header("traceparent").expect("traceparent"));
+    assert_eq!(trace, "4bf92f3577b34da6a3ce929d0e0e4736", "the sender's trace");
+    assert_ne!(span, "00f067aa0ba902b7", "a child, not the sender's span");
+    relay.stop().await.expect("stop");
+}
