@@ -71,6 +71,41 @@ pub enum Command {
         #[command(subcommand)]
         action: MessagesAction,
     },
+    /// Post a ThingSpace-shaped sample callback to the relay's own listener
+    /// and follow it until every destination of the route has it, or say
+    /// where it is stuck. Exits 0 when delivered everywhere, 1 if not.
+    SendTest {
+        /// The running relay's configuration file.
+        #[arg(short, long, env = "SWITCHBOARD_CONFIG", value_name = "PATH")]
+        config: PathBuf,
+        /// Route path (default: the first route).
+        #[arg(long)]
+        route: Option<String>,
+        /// customfields (a ChangeDeviceCustomFields result), fault or nidd.
+        #[arg(long, default_value = "customfields")]
+        sample: String,
+        /// How long to follow it.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+    },
+    /// A receiver for trying retries and deployments: prints each request
+    /// (headers, body) and answers as told. Stops on Ctrl-C.
+    Sink {
+        /// Address to listen on (port 0: any; the address is printed).
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        addr: std::net::SocketAddr,
+        /// Status to answer with.
+        #[arg(long, default_value_t = 200)]
+        status: u16,
+        /// Wait this long before answering.
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        delay: std::time::Duration,
+        /// Answer this share of requests (0.0-1.0) with --fail-status instead.
+        #[arg(long, default_value_t = 0.0)]
+        fail_ratio: f64,
+        #[arg(long, default_value_t = 503)]
+        fail_status: u16,
+    },
     /// Pause or resume deliveries to a destination of a running relay.
     Destinations {
         #[command(subcommand)]

@@ -35,6 +35,7 @@ pub mod server;
 pub mod shutdown;
 pub mod store;
 pub mod trace;
+pub mod tryout;
 pub mod wake;
 
 use std::collections::HashMap;

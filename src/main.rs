@@ -143,6 +143,68 @@ fn main() -> ExitCode {
                 },
             )
         }
+        Command::Sink { addr, status, delay, fail_ratio, fail_status } => {
+            if !(0.0..=1.0).contains(&fail_ratio) {
+                eprintln!("error: --fail-ratio is a share between 0.0 and 1.0");
+                return ExitCode::from(2);
+            }
+            let opts = switchboard::tryout::SinkOptions { status, delay, fail_ratio, fail_status };
+            let done =
+                tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(anyhow::Error::from).and_then(
+                    |rt| {
+                        rt.block_on(async {
+                            let listener = tokio::net::TcpListener::bind(addr)
+                                .await
+                                .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+                            eprintln!("sink listening on {}", listener.local_addr()?);
+                            let shutdown = CancellationToken::new();
+                            let stop = shutdown.clone();
+                            tokio::spawn(async move {
+                                let _ = tokio::signal::ctrl_c().await;
+                                stop.cancel();
+                            });
+                            switchboard::tryout::sink(listener, opts, shutdown).await
+                        })
+                    },
+                );
+            match done {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::SendTest { config, route, sample, wait } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let done = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(switchboard::tryout::send_test(&config, route.as_deref(), &sample, wait)));
+            match done {
+                Ok(report) => {
+                    for l in &report.lines {
+                        println!("{l}");
+                    }
+                    if report.delivered {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run { config, log_format } => {
             let config = match Config::load(&config) {
                 Ok(c) => c,

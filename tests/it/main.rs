@@ -22,6 +22,7 @@ mod security;
 mod signing;
 mod support;
 mod tls;
+mod tryout;
 
 /// A time a minute from now, as unix milliseconds.
 pub fn store_time_after_now() -> u64 {
