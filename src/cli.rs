@@ -141,27 +141,50 @@ pub enum DlqAction {
         #[command(flatten)]
         target: AdminArgs,
     },
-    /// Move dead letters of DESTINATION back into its queue (all, or --id).
+    /// Move dead letters of DESTINATION back into its queue (all, --id, or
+    /// those received --since/--until); its rate limit applies.
     Replay {
         destination: String,
-        /// Only this message (msg_...).
-        #[arg(long)]
-        id: Option<String>,
+        #[command(flatten)]
+        select: DeadSelect,
         #[command(flatten)]
         target: AdminArgs,
     },
-    /// Delete dead letters of DESTINATION (one with --id; all needs --yes).
+    /// Delete dead letters of DESTINATION (--id, --since/--until; all needs --yes).
     Purge {
         destination: String,
-        /// Only this message (msg_...).
-        #[arg(long)]
-        id: Option<String>,
+        #[command(flatten)]
+        select: DeadSelect,
         /// Delete them all (without --id).
         #[arg(long)]
         yes: bool,
         #[command(flatten)]
         target: AdminArgs,
     },
+}
+
+/// Which dead letters a replay or purge covers.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DeadSelect {
+    /// Only this message (msg_...).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Received at or after (RFC 3339, e.g. 2026-12-02T09:00:00Z, or unix ms).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Received at or before.
+    #[arg(long)]
+    pub until: Option<String>,
+}
+
+impl DeadSelect {
+    pub fn is_all(&self) -> bool {
+        self.id.is_none() && self.since.is_none() && self.until.is_none()
+    }
+
+    pub fn query(&self) -> [(&'static str, Option<String>); 3] {
+        [("id", self.id.clone()), ("since", self.since.clone()), ("until", self.until.clone())]
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -189,14 +189,43 @@ impl AdminClient {
         self.call("GET", &format!("/api/dead-letters/{dest}?limit={limit}")).await
     }
 
-    pub async fn replay(&self, dest: &str, id: Option<&str>) -> Result<serde_json::Value, CtlError> {
+    /// Replays (or, `purge`, deletes) the dead letters of `dest` that
+    /// `select` names (`id`, `since`, `until`), as a background operation
+    /// followed to its end; `progress` sees (done, total) as it goes.
+    pub async fn dead_letters_op(
+        &self,
+        dest: &str,
+        purge: bool,
+        select: &[(&str, Option<String>)],
+        progress: impl Fn(u64, u64),
+    ) -> Result<serde_json::Value, CtlError> {
         self.known(dest).await?;
-        self.call("POST", &format!("/api/dead-letters/{dest}/replay{}", id_query(id))).await
-    }
-
-    pub async fn purge(&self, dest: &str, id: Option<&str>) -> Result<serde_json::Value, CtlError> {
-        self.known(dest).await?;
-        self.call("DELETE", &format!("/api/dead-letters/{dest}{}", id_query(id))).await
+        let mut q = String::from("?wait=0");
+        for (k, v) in select {
+            if let Some(v) = v {
+                q.push_str(&format!("&{k}={}", encode(v)));
+            }
+        }
+        let started = if purge {
+            self.call("DELETE", &format!("/api/dead-letters/{}{q}", encode(dest))).await?
+        } else {
+            self.call("POST", &format!("/api/dead-letters/{}/replay{q}", encode(dest))).await?
+        };
+        let Some(status) = started["status"].as_str() else {
+            return Err(CtlError::Failed(format!("unexpected answer: {started}")));
+        };
+        loop {
+            let v = self.call("GET", status).await?;
+            progress(v["done"].as_u64().unwrap_or(0), v["total"].as_u64().unwrap_or(0));
+            if v["finished"] == true {
+                return match v["error"].as_str() {
+                    Some(e) => Err(CtlError::Failed(e.to_string())),
+                    None => Ok(v),
+                };
+            }
+            // A poll of the operator's tool, not a synchronisation.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     pub async fn message(&self, id: &str, body: bool) -> Result<serde_json::Value, CtlError> {
@@ -227,10 +256,6 @@ impl AdminClient {
         let verb = if pause { "pause" } else { "resume" };
         self.call("POST", &format!("/api/destinations/{dest}/{verb}")).await
     }
-}
-
-fn id_query(id: Option<&str>) -> String {
-    id.map(|i| format!("?id={}", encode(i))).unwrap_or_default()
 }
 
 fn encode(s: &str) -> String {

@@ -345,6 +345,8 @@ impl Parts<'_> {
                 .map(|r| (r.path.clone(), r.destinations.iter().map(|d| d.to_string()).collect()))
                 .collect(),
             sensitive: config.routes.iter().flat_map(|r| r.credential_headers.iter().cloned()).collect(),
+            operations: admin::Operations::default(),
+            tracker: self.tracker.clone(),
         });
         if let Ok(addr) = socket.local_addr() {
             tracing::info!(addr = %addr, "admin listening");

@@ -85,23 +85,19 @@ fn main() -> ExitCode {
             |c| async move { c.dead_letters(&destination, limit).await },
             |v| print!("{}", switchboard::ctl::dead_letter_table(&v)),
         ),
-        Command::Dlq { action: DlqAction::Replay { destination, id, target } } => {
-            let what = format!("replaying dead letters of {destination}");
-            ctl(
-                &target,
-                |c| async move { slow(&what, c.replay(&destination, id.as_deref())).await },
-                |v| println!("replayed {} dead letter(s); they are queued again", v["replayed"]),
-            )
-        }
-        Command::Dlq { action: DlqAction::Purge { destination, id, yes, target } } => {
-            if id.is_none() && !yes {
-                eprintln!("error: purging every dead letter of {destination} needs --yes (or --id for one)");
+        Command::Dlq { action: DlqAction::Replay { destination, select, target } } => ctl(
+            &target,
+            |c| async move { with_progress(&c, &destination, false, &select).await },
+            |v| println!("replayed {} dead letter(s); they are queued again", v["replayed"]),
+        ),
+        Command::Dlq { action: DlqAction::Purge { destination, select, yes, target } } => {
+            if select.is_all() && !yes {
+                eprintln!("error: purging every dead letter of {destination} needs --yes (or --id, --since, --until)");
                 return ExitCode::from(2);
             }
-            let what = format!("deleting dead letters of {destination}");
             ctl(
                 &target,
-                |c| async move { slow(&what, c.purge(&destination, id.as_deref())).await },
+                |c| async move { with_progress(&c, &destination, true, &select).await },
                 |v| println!("deleted {} dead letter(s)", v["purged"]),
             )
         }
@@ -258,18 +254,29 @@ where
     }
 }
 
-/// Awaits `work`, showing a spinner on a terminal once it takes more than
-/// half a second (a replay or purge of many dead letters).
-async fn slow<T>(what: &str, work: impl std::future::Future<Output = T>) -> T {
-    tokio::pin!(work);
-    tokio::select! {
-        done = &mut work => return done,
-        _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
-    }
-    let spinner = indicatif::ProgressBar::new_spinner().with_message(what.to_string());
-    spinner.enable_steady_tick(std::time::Duration::from_millis(100));
-    let done = work.await;
-    spinner.finish_and_clear();
+/// A replay or purge followed to its end, with a progress bar on a
+/// terminal (indicatif hides it elsewhere) once it takes more than a moment.
+async fn with_progress(
+    client: &AdminClient,
+    dest: &str,
+    purge: bool,
+    select: &switchboard::cli::DeadSelect,
+) -> Result<serde_json::Value, CtlError> {
+    let started = std::time::Instant::now();
+    let bar = indicatif::ProgressBar::hidden();
+    bar.set_message(format!("{} dead letters of {dest}", if purge { "deleting" } else { "replaying" }));
+    let shown = std::cell::Cell::new(false);
+    let done = client
+        .dead_letters_op(dest, purge, &select.query(), |done, total| {
+            if !shown.get() && started.elapsed() > std::time::Duration::from_millis(500) {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                shown.set(true);
+            }
+            bar.set_length(total);
+            bar.set_position(done);
+        })
+        .await;
+    bar.finish_and_clear();
     done
 }
 

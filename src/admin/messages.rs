@@ -20,7 +20,7 @@ fn rfc3339(ms: u64) -> String {
 }
 
 /// `T` of `since`/`until`: RFC 3339, or unix milliseconds.
-fn parse_time(s: &str) -> Option<u64> {
+pub(super) fn parse_time(s: &str) -> Option<u64> {
     if let Ok(ms) = s.parse::<u64>() {
         return Some(ms);
     }

@@ -15,13 +15,17 @@
 //!   store accepts again.
 //! - `GET /api/destinations`: pending depth, oldest age and dead letters per destination.
 //! - `GET /api/dead-letters/{destination}?limit=N`: dead letters, oldest first (default 100).
-//! - `POST /api/dead-letters/{destination}/replay[?id=MSG_ID]`: moves dead
-//!   letters (all, or one) back into the destination's queue.
+//! - `POST /api/dead-letters/{destination}/replay[?id=MSG_ID][&since=T][&until=T][&wait=0]`:
+//!   moves dead letters (all, one, or those received in a time range) back
+//!   into the destination's queue (its rate limit applies); answers how
+//!   many, or with `wait=0` at once 202 and an operation to follow.
+//! - `GET /api/operations/{id}`: a replay or purge started with `wait=0`:
+//!   `total`, `done`, `finished`, the count or the error.
 //! - `POST /api/destinations/{destination}/pause` and `/resume`: stops or
 //!   restarts deliveries to a destination (its queue is kept); persisted.
 //!   A `410 Gone` from a destination pauses it the same way.
-//! - `DELETE /api/dead-letters/{destination}[?id=MSG_ID]`: deletes dead
-//!   letters (all, or one); messages nothing else needs are deleted too.
+//! - `DELETE /api/dead-letters/{destination}[?id=MSG_ID][&since=T][&until=T][&wait=0]`:
+//!   deletes dead letters likewise; messages nothing else needs are deleted too.
 //! - `GET /api/messages/{id}[?body=1]`: one message: route, receive time,
 //!   sender, stored headers (credentials masked), body size (the body with
 //!   `body=1`), and per destination its state (pending with the next
@@ -47,6 +51,10 @@ use crate::store::{now_ms, Store};
 use crate::wake::Wakers;
 
 mod messages;
+mod operations;
+
+use self::operations::Kind;
+pub use self::operations::Operations;
 
 pub struct Admin {
     pub store: Store,
@@ -64,6 +72,10 @@ pub struct Admin {
     pub routes: HashMap<String, Vec<String>>,
     /// Headers that carry senders' credentials: shown masked.
     pub sensitive: Vec<http::HeaderName>,
+    /// Replays and purges run in the background (`wait=0`), the latest kept.
+    pub operations: operations::Operations,
+    /// Owns the background operations (the relay waits for them at shutdown).
+    pub tracker: tokio_util::task::TaskTracker,
 }
 
 impl crate::server::Handler for Admin {
@@ -81,6 +93,12 @@ fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes
 
 fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
     respond(status, "application/json", v.to_string())
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Critical sections here are a push or a read; a poisoned lock still
+    // guards consistent data.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn query_params(req: &Request<Incoming>) -> HashMap<String, String> {
@@ -110,19 +128,6 @@ impl Admin {
         token.expose().as_bytes().ct_eq(given.as_bytes()).into()
     }
 
-    /// The optional `?id=MSG_ID` of a dead-letter operation.
-    fn only_id(&self, req: &Request<Incoming>) -> Result<Option<u64>, Box<Response<Full<Bytes>>>> {
-        match query_params(req).get("id") {
-            None => Ok(None),
-            Some(id) => self.store.parse_external_id(id).map(Some).ok_or_else(|| {
-                Box::new(json(
-                    StatusCode::BAD_REQUEST,
-                    serde_json::json!({ "error": "not a message id of this store" }),
-                ))
-            }),
-        }
-    }
-
     async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let path = req.uri().path().to_string();
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
@@ -144,8 +149,11 @@ impl Admin {
             (&Method::GET, ["api", "messages"]) => self.message_list(&query_params(&req)).await,
             (&Method::GET, ["api", "messages", id]) => self.message(id, &query_params(&req)).await,
             (&Method::GET, ["api", "dead-letters", dest]) => self.dead_letter_list(dest, &req).await,
-            (&Method::DELETE, ["api", "dead-letters", dest]) => self.purge(dest, &req).await,
-            (&Method::POST, ["api", "dead-letters", dest, "replay"]) => self.replay(dest, &req).await,
+            (&Method::DELETE, ["api", "dead-letters", dest]) => self.dead_operation(Kind::Purge, dest, &req).await,
+            (&Method::POST, ["api", "dead-letters", dest, "replay"]) => {
+                self.dead_operation(Kind::Replay, dest, &req).await
+            }
+            (&Method::GET, ["api", "operations", id]) => self.operation(id),
             (&Method::POST, ["api", "destinations", dest, "pause"]) => self.pause(dest, true).await,
             (&Method::POST, ["api", "destinations", dest, "resume"]) => self.pause(dest, false).await,
             _ => json(StatusCode::NOT_FOUND, serde_json::json!({ "error": "not found" })),
@@ -218,20 +226,6 @@ impl Admin {
         }
     }
 
-    async fn purge(&self, dest: &str, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-        let only = match self.only_id(req) {
-            Ok(only) => only,
-            Err(resp) => return *resp,
-        };
-        match self.store.purge_dead(dest, only).await {
-            Ok(n) => {
-                tracing::info!(destination = %dest, purged = n, "dead letters deleted");
-                json(StatusCode::OK, serde_json::json!({ "purged": n }))
-            }
-            Err(e) => json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({ "error": e.to_string() })),
-        }
-    }
-
     /// Pauses or resumes a configured destination; persisted, so a restart
     /// keeps it (only `paused = true` in the configuration pauses again at
     /// start).
@@ -246,24 +240,6 @@ impl Admin {
                 tracing::info!(destination = %dest, paused = pause, "destination state changed by an operator");
                 let state = if pause { "paused" } else { "active" };
                 json(StatusCode::OK, serde_json::json!({ "destination": dest, "state": state }))
-            }
-            Err(e) => json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({ "error": e.to_string() })),
-        }
-    }
-
-    async fn replay(&self, dest: &str, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-        if !self.destinations.iter().any(|d| d == dest) {
-            return json(StatusCode::NOT_FOUND, serde_json::json!({ "error": "unknown destination" }));
-        }
-        let only = match self.only_id(req) {
-            Ok(only) => only,
-            Err(resp) => return *resp,
-        };
-        match self.store.replay_dead(dest, only).await {
-            Ok(n) => {
-                self.wakers.wake(dest);
-                tracing::info!(destination = %dest, replayed = n, "dead letters replayed");
-                json(StatusCode::OK, serde_json::json!({ "replayed": n }))
             }
             Err(e) => json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({ "error": e.to_string() })),
         }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use super::jetstream::{Jet, JetConfig};
 use super::{
     Appended, AppendedIn, DeadLetter, DestStats, Draft, Due, Inspection, Lease, Listing, Local, MessageRecord, Page,
-    Settle, StoreError, StoreOptions,
+    Selection, Settle, StoreError, StoreOptions,
 };
 
 /// The durable store the relay runs on. Cheap to clone.
@@ -201,21 +201,21 @@ impl Store {
         }
     }
 
-    /// Moves dead letters of `dest` (all, or `only`) back into its queue,
-    /// due now; durable before it returns. Returns how many.
-    pub async fn replay_dead(&self, dest: &str, only: Option<u64>) -> Result<usize, StoreError> {
+    /// Moves the dead letters of `dest` that `sel` covers back into its
+    /// queue, due now; durable before it returns. Returns how many.
+    pub async fn replay_dead(&self, dest: &str, sel: &Selection) -> Result<usize, StoreError> {
         match &self.0 {
-            Backend::Local(s) => s.replay_dead(dest, only).await,
-            Backend::Jet(s) => s.replay_dead(dest, only).await,
+            Backend::Local(s) => s.replay_dead(dest, sel).await,
+            Backend::Jet(s) => s.replay_dead(dest, sel).await,
         }
     }
 
-    /// Deletes dead letters of `dest` (all, or `only`); durable before it
-    /// returns. Returns how many.
-    pub async fn purge_dead(&self, dest: &str, only: Option<u64>) -> Result<usize, StoreError> {
+    /// Deletes the dead letters of `dest` that `sel` covers; durable before
+    /// it returns. Returns how many.
+    pub async fn purge_dead(&self, dest: &str, sel: &Selection) -> Result<usize, StoreError> {
         match &self.0 {
-            Backend::Local(s) => s.purge_dead(dest, only).await,
-            Backend::Jet(s) => s.purge_dead(dest, only).await,
+            Backend::Local(s) => s.purge_dead(dest, sel).await,
+            Backend::Jet(s) => s.purge_dead(dest, sel).await,
         }
     }
 

@@ -32,12 +32,15 @@ impl Local {
         Ok(out)
     }
 
-    /// The dead letters of `dest` an operation covers: `only` that one, or all.
-    fn dead_ids(&self, dest: &str, only: Option<u64>) -> Result<Vec<u64>, StoreError> {
-        Ok(match only {
+    /// The dead letters of `dest` an operation covers (its total reported).
+    fn dead_ids(&self, dest: &str, sel: &Selection) -> Result<Vec<u64>, StoreError> {
+        let ids: Vec<u64> = match sel.only {
             Some(id) => vec![id],
             None => self.dead_letters(dest, usize::MAX)?.into_iter().map(|e| e.id).collect(),
-        })
+        };
+        let ids: Vec<u64> = ids.into_iter().filter(|id| sel.covers(*id, id_received_ms(*id))).collect();
+        sel.set_total(ids.len());
+        Ok(ids)
     }
 
     pub(super) fn is_dead(&self, dest: &str, id: u64) -> Result<bool, StoreError> {
@@ -47,21 +50,22 @@ impl Local {
         })
     }
 
-    /// Moves dead letters of `dest` back into its queue, due now, with a fresh
-    /// attempt count. `only` restricts it to one message. Returns how many.
-    pub async fn replay_dead(&self, dest: &str, only: Option<u64>) -> Result<usize, StoreError> {
-        let (store, name) = (self.clone(), dest.to_string());
-        let moved = blocking(move || store.replay_dead_now(&name, only)).await?;
+    /// Moves the dead letters of `dest` that `sel` covers back into its
+    /// queue, due now, with a fresh attempt count. Returns how many.
+    pub async fn replay_dead(&self, dest: &str, sel: &Selection) -> Result<usize, StoreError> {
+        let (store, name, sel) = (self.clone(), dest.to_string(), sel.clone());
+        let moved = blocking(move || store.replay_dead_now(&name, &sel)).await?;
         // An operator action: make it durable before answering.
         self.sync_state().await?;
         Ok(moved)
     }
 
-    pub(super) fn replay_dead_now(&self, dest: &str, only: Option<u64>) -> Result<usize, StoreError> {
-        let ids = self.dead_ids(dest, only)?;
+    pub(super) fn replay_dead_now(&self, dest: &str, sel: &Selection) -> Result<usize, StoreError> {
+        let ids = self.dead_ids(dest, sel)?;
         let now = now_ms();
         let mut moved = 0;
         for id in ids {
+            sel.step();
             let mut msgs = lock(self.stripe(id));
             if !self.is_dead(dest, id)? {
                 continue;
@@ -85,20 +89,20 @@ impl Local {
         Ok(moved)
     }
 
-    /// Deletes dead letters of `dest` (all, or the one `only` names): each
-    /// counts as settled, and a message nothing else needs is deleted.
-    /// Returns how many.
-    pub async fn purge_dead(&self, dest: &str, only: Option<u64>) -> Result<usize, StoreError> {
-        let (store, name) = (self.clone(), dest.to_string());
-        let purged = blocking(move || store.purge_dead_now(&name, only)).await?;
+    /// Deletes the dead letters of `dest` that `sel` covers: each counts as
+    /// settled, and a message nothing else needs is deleted. Returns how many.
+    pub async fn purge_dead(&self, dest: &str, sel: &Selection) -> Result<usize, StoreError> {
+        let (store, name, sel) = (self.clone(), dest.to_string(), sel.clone());
+        let purged = blocking(move || store.purge_dead_now(&name, &sel)).await?;
         self.sync_state().await?;
         Ok(purged)
     }
 
-    pub(super) fn purge_dead_now(&self, dest: &str, only: Option<u64>) -> Result<usize, StoreError> {
-        let ids = self.dead_ids(dest, only)?;
+    pub(super) fn purge_dead_now(&self, dest: &str, sel: &Selection) -> Result<usize, StoreError> {
+        let ids = self.dead_ids(dest, sel)?;
         let mut purged = 0;
         for id in ids {
+            sel.step();
             let mut msgs = lock(self.stripe(id));
             if !self.is_dead(dest, id)? {
                 continue;

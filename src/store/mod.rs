@@ -78,7 +78,7 @@ mod settle;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::num::NonZeroU64;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -231,6 +231,54 @@ pub struct Due {
     pub leases: Vec<Lease>,
     /// Due time of the first pending entry not returned (and not skipped), if any.
     pub next_due_ms: Option<u64>,
+}
+
+/// Which dead letters a replay or purge covers (one message, or those
+/// received within a time range), and where it reports its progress.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    pub only: Option<u64>,
+    /// Received at or after this (unix ms).
+    pub since_ms: u64,
+    /// Received at or before this (unix ms); `None`: no bound.
+    pub until_ms: Option<u64>,
+    pub progress: Option<Arc<Progress>>,
+}
+
+/// How far a replay or purge is: `done` of `total` dead letters looked at.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub total: AtomicUsize,
+    pub done: AtomicUsize,
+}
+
+impl Selection {
+    pub fn all() -> Selection {
+        Selection::default()
+    }
+
+    pub fn one(id: u64) -> Selection {
+        Selection { only: Some(id), ..Selection::default() }
+    }
+
+    /// Whether message `id`, received at `received_ms`, is covered.
+    pub fn covers(&self, id: u64, received_ms: u64) -> bool {
+        self.only.is_none_or(|o| o == id)
+            && received_ms >= self.since_ms
+            && self.until_ms.is_none_or(|u| received_ms <= u)
+    }
+
+    pub(crate) fn set_total(&self, n: usize) {
+        if let Some(p) = &self.progress {
+            p.total.store(n, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn step(&self) {
+        if let Some(p) = &self.progress {
+            p.done.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// A dead-lettered delivery.

@@ -537,7 +537,7 @@ proptest! {
                     }
                     Op::Replay(d) => {
                         let dest = DESTS[d];
-                        let n = store.replay_dead(dest, None).await.expect("replay");
+                        let n = store.replay_dead(dest, &Selection::all()).await.expect("replay");
                         let ids = std::mem::take(model.dead.entry(dest).or_default());
                         prop_assert_eq!(n, ids.len());
                         for id in ids {
@@ -546,7 +546,7 @@ proptest! {
                     }
                     Op::Purge(d) => {
                         let dest = DESTS[d];
-                        let n = store.purge_dead(dest, None).await.expect("purge");
+                        let n = store.purge_dead(dest, &Selection::all()).await.expect("purge");
                         let ids = std::mem::take(model.dead.entry(dest).or_default());
                         prop_assert_eq!(n, ids.len());
                     }
@@ -624,7 +624,7 @@ fn the_order_of_keys_survives_a_crash() {
         assert_eq!(heads, vec![ids[2]], "key 10: the next after the dead letter; key 11: held by its retry");
         assert_eq!(due.next_due_ms, Some(u64::MAX - 1));
         assert_eq!(store.stats("d").depth, 5);
-        assert_eq!(store.replay_dead_now("d", None).expect("replay"), 1);
+        assert_eq!(store.replay_dead_now("d", &Selection::all()).expect("replay"), 1);
         let heads: Vec<u64> = all_due(&store, "d").iter().map(|l| l.id).collect();
         assert_eq!(heads, vec![ids[0], ids[1]], "the replayed dead letter is its key's head again");
         store.close().await.expect("close");

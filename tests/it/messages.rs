@@ -151,3 +151,80 @@ async fn every_attempt_is_a_child_span_of_the_messages_trace() {
     assert_ne!(span, "00f067aa0ba902b7", "a child, not the sender's span");
     relay.stop().await.expect("stop");
 }
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Replay as an operation: the dead letters received in a time range
+/// only, run in the background (`wait=0`) and followed to its end; purge
+/// likewise; the CLI does the same with `--since`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_replay_and_purge_by_time_range_as_operations() {
+    let accept = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = accept.clone();
+    let r = TestReceiver::scripted(move |_, _| {
+        Reply::Status(if flag.load(std::sync::atomic::Ordering::SeqCst) { 200 } else { 400 })
+    })
+    .await;
+    let relay = TestRelay::start(&config(&[("picky", &r.url("/p"), "")])).await;
+    let mut ids = Vec::new();
+    let mut boundary = Vec::new();
+    for i in 0..4 {
+        // A boundary between each two callbacks' receive times (the clock
+        // moves on by a millisecond: ids carry millisecond receive times).
+        let b = now_ms() + 1;
+        while now_ms() <= b {
+            tokio::task::yield_now().await;
+        }
+        boundary.push(b + 1);
+        ids.push(acked_id(&post(&relay.url("/in"), "text/plain", format!("d{i}")).await.2));
+    }
+    relay
+        .wait_metrics("four dead letters", |m| metric(m, "switchboard_dead_letters{destination=\"picky\"}") == 4.0)
+        .await;
+    accept.store(true, std::sync::atomic::Ordering::SeqCst);
+    // Replay what came since the third boundary: the last two.
+    let url = relay.admin_url(&format!("/api/dead-letters/picky/replay?since={}&wait=0", boundary[2]));
+    let (s, _, body) = request("POST", &url, &[], "").await;
+    assert_eq!(s, 202, "{}", String::from_utf8_lossy(&body));
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    let status = relay.admin_url(v["status"].as_str().expect("status url"));
+    let deadline = std::time::Instant::now() + WAIT;
+    let op = loop {
+        let (_, _, b) = get(&status).await;
+        let op: serde_json::Value = serde_json::from_slice(&b).expect("json");
+        if op["finished"] == true {
+            break op;
+        }
+        assert!(std::time::Instant::now() < deadline, "{op}");
+        tokio::time::sleep(POLL).await;
+    };
+    assert_eq!(
+        (op["replayed"].as_u64(), op["total"].as_u64(), op["done"].as_u64()),
+        (Some(2), Some(2), Some(2)),
+        "{op}"
+    );
+    let got = r.wait_for(6, WAIT).await;
+    let replayed: std::collections::BTreeSet<String> =
+        got[4..].iter().filter_map(|g| g.header("x-switchboard-id")).collect();
+    assert_eq!(replayed, ids[2..].iter().cloned().collect(), "only the range");
+
+    // Purge the first one by an until bound (synchronous).
+    let url = relay.admin_url(&format!("/api/dead-letters/picky?until={}", boundary[1] - 1));
+    let (s, _, body) = request("DELETE", &url, &[], "").await;
+    assert_eq!(s, 200);
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&body).expect("json")["purged"], 1);
+
+    // The CLI: the one left, by --since.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["dlq", "replay", "picky", "--since", &boundary[1].to_string(), "--admin", &relay.admin_url("")])
+        .output()
+        .await
+        .expect("cli");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("replayed 1"), "{}", String::from_utf8_lossy(&out.stdout));
+    let got = r.wait_for(7, WAIT).await;
+    assert_eq!(got[6].header("x-switchboard-id").as_deref(), Some(ids[1].as_str()));
+    relay.stop().await.expect("stop");
+}

@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 
 use super::{Jet, Names, H_ATTEMPTS, H_DEAD_AT, H_FOR, H_ID, H_REASON, H_STATUS};
 use crate::store::format::id_received_ms;
-use crate::store::{lock, now_ms, DeadLetter, DestStats, StoreError};
+use crate::store::{lock, now_ms, DeadLetter, DestStats, Selection, StoreError};
 
 /// Most dead letters one replay or purge walks through.
 const MAX_WALK: usize = 1_000_000;
@@ -64,6 +64,17 @@ impl Jet {
         Ok(out)
     }
 
+    /// The dead letters of `dest` that `sel` covers (its total reported).
+    async fn covered(&self, dest: &str, sel: &Selection) -> Result<Vec<(u64, StreamMessage)>, StoreError> {
+        let all = self.walk_dead(dest, MAX_WALK).await?;
+        let picked: Vec<(u64, StreamMessage)> = all
+            .into_iter()
+            .filter(|(_, m)| sel.covers(dead_letter_of(m).id, record_received_ms(m).unwrap_or(0)))
+            .collect();
+        sel.set_total(picked.len());
+        Ok(picked)
+    }
+
     pub async fn list_dead(&self, dest: &str, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
         Ok(self.walk_dead(dest, limit).await?.iter().map(|(_, m)| dead_letter_of(m)).collect())
     }
@@ -71,15 +82,13 @@ impl Jet {
     /// Republishes dead letters of `dest` (all, or the one `only` names)
     /// into the stream for `dest` alone, keeping their ids, then deletes
     /// them from the dead-letter stream. Returns how many.
-    pub async fn replay_dead(&self, dest: &str, only: Option<u64>) -> Result<usize, StoreError> {
+    pub async fn replay_dead(&self, dest: &str, sel: &Selection) -> Result<usize, StoreError> {
         let ready = self.ready()?;
         let names = Names(&self.inner.config.stream);
         let mut moved = 0;
-        for (dead_seq, m) in self.walk_dead(dest, MAX_WALK).await? {
+        for (dead_seq, m) in self.covered(dest, sel).await? {
+            sel.step();
             let id = dead_letter_of(&m).id;
-            if only.is_some_and(|o| o != id) {
-                continue;
-            }
             let mut h = HeaderMap::new();
             h.insert(async_nats::header::NATS_MESSAGE_ID, format!("replay-{dest}-{dead_seq}").as_str());
             h.insert(H_ID, id.to_string().as_str());
@@ -95,13 +104,11 @@ impl Jet {
     }
 
     /// Deletes dead letters of `dest` (all, or the one `only` names).
-    pub async fn purge_dead(&self, dest: &str, only: Option<u64>) -> Result<usize, StoreError> {
+    pub async fn purge_dead(&self, dest: &str, sel: &Selection) -> Result<usize, StoreError> {
         let ready = self.ready()?;
         let mut purged = 0;
-        for (dead_seq, m) in self.walk_dead(dest, MAX_WALK).await? {
-            if only.is_some_and(|o| o != dead_letter_of(&m).id) {
-                continue;
-            }
+        for (dead_seq, _) in self.covered(dest, sel).await? {
+            sel.step();
             ready.dead.delete_message(dead_seq).await.map_err(unavailable)?;
             purged += 1;
         }

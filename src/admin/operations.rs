@@ -1,0 +1,164 @@
+//! Replays and purges of dead letters: selected by id, by receive time, or
+//! all; answered when done, or (`wait=0`) run in the background and
+//! followed through `GET /api/operations/{id}`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use serde_json::json;
+
+use super::{json, query_params, Admin};
+use crate::store::{Progress, Selection};
+
+/// Finished operations kept for `GET /api/operations/{id}`.
+const KEPT: usize = 100;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    Replay,
+    Purge,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Replay => "replay",
+            Kind::Purge => "purge",
+        }
+    }
+
+    /// The key of the count in answers.
+    fn counted(self) -> &'static str {
+        match self {
+            Kind::Replay => "replayed",
+            Kind::Purge => "purged",
+        }
+    }
+}
+
+struct Operation {
+    kind: Kind,
+    destination: String,
+    progress: Arc<Progress>,
+    result: Mutex<Option<Result<usize, String>>>,
+}
+
+/// The latest operations by id.
+#[derive(Default)]
+pub struct Operations(Mutex<(u64, VecDeque<(u64, Arc<Operation>)>)>);
+
+impl Operations {
+    fn add(&self, op: Arc<Operation>) -> u64 {
+        let mut g = super::lock(&self.0);
+        g.0 += 1;
+        let id = g.0;
+        g.1.push_back((id, op));
+        while g.1.len() > KEPT {
+            g.1.pop_front();
+        }
+        id
+    }
+
+    fn get(&self, id: u64) -> Option<Arc<Operation>> {
+        super::lock(&self.0).1.iter().find(|(i, _)| *i == id).map(|(_, op)| op.clone())
+    }
+}
+
+impl Admin {
+    /// The dead letters a request selects: `id`, `since`, `until`.
+    fn selection(&self, q: &HashMap<String, String>) -> Result<Selection, Response<Full<Bytes>>> {
+        let bad = |why: &str| json(StatusCode::BAD_REQUEST, json!({ "error": why }));
+        let mut sel = Selection::all();
+        if let Some(id) = q.get("id") {
+            sel.only = Some(self.store.parse_external_id(id).ok_or_else(|| bad("not a message id of this store"))?);
+        }
+        if let Some(t) = q.get("since") {
+            sel.since_ms =
+                super::messages::parse_time(t).ok_or_else(|| bad("since: RFC 3339 time or unix milliseconds"))?;
+        }
+        if let Some(t) = q.get("until") {
+            sel.until_ms =
+                Some(super::messages::parse_time(t).ok_or_else(|| bad("until: RFC 3339 time or unix milliseconds"))?);
+        }
+        Ok(sel)
+    }
+
+    pub(super) async fn dead_operation(
+        &self,
+        kind: Kind,
+        dest: &str,
+        req: &Request<Incoming>,
+    ) -> Response<Full<Bytes>> {
+        if kind == Kind::Replay && !self.destinations.iter().any(|d| d == dest) {
+            return json(StatusCode::NOT_FOUND, json!({ "error": "unknown destination" }));
+        }
+        let q = query_params(req);
+        let mut sel = match self.selection(&q) {
+            Ok(s) => s,
+            Err(resp) => return resp,
+        };
+        let progress = Arc::new(Progress::default());
+        sel.progress = Some(progress.clone());
+        let op = Arc::new(Operation { kind, destination: dest.to_string(), progress, result: Mutex::new(None) });
+        let (store, wakers, task) = (self.store.clone(), self.wakers.clone(), op.clone());
+        let run = async move {
+            let done = match task.kind {
+                Kind::Replay => store.replay_dead(&task.destination, &sel).await,
+                Kind::Purge => store.purge_dead(&task.destination, &sel).await,
+            };
+            if let Ok(n) = &done {
+                if task.kind == Kind::Replay {
+                    wakers.wake(&task.destination);
+                }
+                tracing::info!(destination = %task.destination, operation = task.kind.as_str(), count = n, "dead letters {}", task.kind.counted());
+            }
+            *super::lock(&task.result) = Some(done.map_err(|e| e.to_string()));
+        };
+        if q.get("wait").is_some_and(|w| w == "0") {
+            let id = self.operations.add(op);
+            self.tracker.spawn(run);
+            return json(
+                StatusCode::ACCEPTED,
+                json!({ "operation": id.to_string(), "status": format!("/api/operations/{id}") }),
+            );
+        }
+        run.await;
+        let result = super::lock(&op.result).take();
+        match result {
+            Some(Ok(n)) => json(StatusCode::OK, json!({ kind.counted(): n })),
+            Some(Err(e)) => json(StatusCode::SERVICE_UNAVAILABLE, json!({ "error": e })),
+            None => json(StatusCode::INTERNAL_SERVER_ERROR, json!({ "error": "operation ended without a result" })),
+        }
+    }
+
+    pub(super) fn operation(&self, id: &str) -> Response<Full<Bytes>> {
+        let Some(op) = id.parse().ok().and_then(|id| self.operations.get(id)) else {
+            return json(StatusCode::NOT_FOUND, json!({ "error": "no such operation (only the latest 100 are kept)" }));
+        };
+        let mut v = json!({
+            "operation": id,
+            "kind": op.kind.as_str(),
+            "destination": op.destination,
+            "total": op.progress.total.load(Ordering::Relaxed),
+            "done": op.progress.done.load(Ordering::Relaxed),
+            "finished": false,
+        });
+        match &*super::lock(&op.result) {
+            None => {}
+            Some(Ok(n)) => {
+                v["finished"] = json!(true);
+                v[op.kind.counted()] = json!(n);
+            }
+            Some(Err(e)) => {
+                v["finished"] = json!(true);
+                v["error"] = json!(e);
+            }
+        }
+        json(StatusCode::OK, v)
+    }
+}
