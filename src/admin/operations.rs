@@ -50,29 +50,36 @@ struct Operation {
 
 /// The latest operations by id.
 #[derive(Default)]
-pub struct Operations(Mutex<(u64, VecDeque<(u64, Arc<Operation>)>)>);
+pub struct Operations(Mutex<Kept>);
+
+/// The last id given, and the operations kept (oldest first).
+#[derive(Default)]
+struct Kept {
+    last: u64,
+    ops: VecDeque<(u64, Arc<Operation>)>,
+}
 
 impl Operations {
     fn add(&self, op: Arc<Operation>) -> u64 {
         let mut g = super::lock(&self.0);
-        g.0 += 1;
-        let id = g.0;
-        g.1.push_back((id, op));
-        while g.1.len() > KEPT {
-            g.1.pop_front();
+        g.last += 1;
+        let id = g.last;
+        g.ops.push_back((id, op));
+        while g.ops.len() > KEPT {
+            g.ops.pop_front();
         }
         id
     }
 
     fn get(&self, id: u64) -> Option<Arc<Operation>> {
-        super::lock(&self.0).1.iter().find(|(i, _)| *i == id).map(|(_, op)| op.clone())
+        super::lock(&self.0).ops.iter().find(|(i, _)| *i == id).map(|(_, op)| op.clone())
     }
 }
 
 impl Admin {
     /// The dead letters a request selects: `id`, `since`, `until`.
-    fn selection(&self, q: &HashMap<String, String>) -> Result<Selection, Response<Full<Bytes>>> {
-        let bad = |why: &str| json(StatusCode::BAD_REQUEST, json!({ "error": why }));
+    fn selection(&self, q: &HashMap<String, String>) -> Result<Selection, Box<Response<Full<Bytes>>>> {
+        let bad = |why: &str| Box::new(json(StatusCode::BAD_REQUEST, json!({ "error": why })));
         let mut sel = Selection::all();
         if let Some(id) = q.get("id") {
             sel.only = Some(self.store.parse_external_id(id).ok_or_else(|| bad("not a message id of this store"))?);
@@ -100,7 +107,7 @@ impl Admin {
         let q = query_params(req);
         let mut sel = match self.selection(&q) {
             Ok(s) => s,
-            Err(resp) => return resp,
+            Err(resp) => return *resp,
         };
         let progress = Arc::new(Progress::default());
         sel.progress = Some(progress.clone());
