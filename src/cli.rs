@@ -200,6 +200,14 @@ pub enum MessagesAction {
         #[command(flatten)]
         target: AdminArgs,
     },
+    /// Stored messages whose body has VALUE in FIELD (a field a route
+    /// indexes: `index = ["requestId"]`).
+    Find {
+        field: String,
+        value: String,
+        #[command(flatten)]
+        target: AdminArgs,
+    },
     /// Messages of DESTINATION in a state, oldest first.
     List {
         destination: String,

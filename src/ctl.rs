@@ -240,6 +240,10 @@ impl AdminClient {
         }
     }
 
+    pub async fn find(&self, field: &str, value: &str) -> Result<serde_json::Value, CtlError> {
+        self.call("GET", &format!("/api/messages?field={}&value={}", encode(field), encode(value))).await
+    }
+
     pub async fn messages(&self, dest: &str, query: &[(&str, Option<String>)]) -> Result<serde_json::Value, CtlError> {
         self.known(dest).await?;
         let mut q = format!("/api/messages?destination={}", encode(dest));

@@ -345,6 +345,7 @@ impl Parts<'_> {
                 .map(|r| (r.path.clone(), r.destinations.iter().map(|d| d.to_string()).collect()))
                 .collect(),
             sensitive: config.routes.iter().flat_map(|r| r.credential_headers.iter().cloned()).collect(),
+            indexed: config.routes.iter().flat_map(|r| r.index.iter().map(|(name, _)| name.clone())).collect(),
             operations: admin::Operations::default(),
             tracker: self.tracker.clone(),
         });

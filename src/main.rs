@@ -101,6 +101,11 @@ fn main() -> ExitCode {
                 |v| println!("deleted {} dead letter(s)", v["purged"]),
             )
         }
+        Command::Messages { action: MessagesAction::Find { field, value, target } } => ctl(
+            &target,
+            |c| async move { c.find(&field, &value).await },
+            |v| print!("{}", switchboard::ctl::message_list_text(&v)),
+        ),
         Command::Messages { action: MessagesAction::Show { id, body, target } } => ctl(
             &target,
             |c| async move { c.message(&id, body).await },

@@ -133,8 +133,30 @@ impl Admin {
         v
     }
 
+    /// The stored messages with `value` in the indexed body field `field`.
+    fn found_by_field(&self, field: &str, value: &str) -> Response<Full<Bytes>> {
+        if !self.indexed.iter().any(|f| f == field) {
+            return bad_request("no route indexes that field (index = [...] on a route)");
+        }
+        match self.store.lookup(crate::store::lookup_key(field, &json!(value))) {
+            Ok(ids) => {
+                let messages: Vec<Value> = ids
+                    .iter()
+                    .map(|id| json!({ "id": self.store.external_id(*id), "received_at": rfc3339(crate::store::id_received_ms(*id)) }))
+                    .collect();
+                json(StatusCode::OK, json!({ "field": field, "value": value, "messages": messages }))
+            }
+            Err(e) => store_error(&e),
+        }
+    }
+
     pub(super) async fn message_list(&self, q: &HashMap<String, String>) -> Response<Full<Bytes>> {
-        let Some(dest) = q.get("destination") else { return bad_request("destination=NAME is required") };
+        if let (Some(field), Some(value)) = (q.get("field"), q.get("value")) {
+            return self.found_by_field(field, value);
+        }
+        let Some(dest) = q.get("destination") else {
+            return bad_request("destination=NAME (or field=F&value=V) is required");
+        };
         let state = match q.get("state").map(String::as_str) {
             Some("pending") | None => Listing::Pending,
             Some("dead") => Listing::Dead,

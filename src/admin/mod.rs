@@ -36,6 +36,8 @@
 //!   the messages a destination has in that state, received in that time
 //!   range (RFC 3339 or unix ms), oldest first, `limit` (100) a page, and
 //!   `next_cursor` for the next page.
+//! - `GET /api/messages?field=requestId&value=R`: the stored messages whose
+//!   body has that value in a field their route indexes (`index = [...]`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -72,6 +74,8 @@ pub struct Admin {
     pub routes: HashMap<String, Vec<String>>,
     /// Headers that carry senders' credentials: shown masked.
     pub sensitive: Vec<http::HeaderName>,
+    /// Body fields routes index (`index = [...]`): lookups by them.
+    pub indexed: Vec<String>,
     /// Replays and purges run in the background (`wait=0`), the latest kept.
     pub operations: operations::Operations,
     /// Owns the background operations (the relay waits for them at shutdown).

@@ -457,6 +457,10 @@ pub struct RawRoute {
     /// restarts: `{ window = "24h", ignore = ["callbackCount"] }`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dedupe: Option<RawDedupe>,
+    /// Body fields (dotted JSON paths) stored messages can be looked up by
+    /// in the admin API, e.g. `["requestId"]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub index: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -244,7 +244,15 @@ impl RawConfig {
                 format!("a route may list at most {} destinations", crate::store::MAX_DESTINATIONS),
             );
         }
+        let mut index = Vec::new();
+        for (j, f) in r.index.iter().enumerate() {
+            match crate::ingress::filter::parse_path(f) {
+                Ok(steps) => index.push((f.clone(), steps)),
+                Err(e) => p.add(format!("{key}.index[{j}]"), e),
+            }
+        }
         Route {
+            index,
             path: r.path.clone(),
             credential_headers,
             store_credentials,

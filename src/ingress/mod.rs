@@ -90,6 +90,8 @@ pub struct Route {
     pub filters: Vec<Option<Arc<filter::Filter>>>,
     /// Per destination (same order), what it orders deliveries by, if it does.
     pub orders: Vec<Option<Arc<order::OrderKey>>>,
+    /// Body fields messages can be looked up by (name, path).
+    pub index: Vec<(String, Vec<filter::Step>)>,
 }
 
 /// Everything a request handler needs, shared by all connections.
@@ -264,8 +266,17 @@ impl Ingress {
         }
         let started = Instant::now();
         let order = self.order_keys(route, &targets, &parts.headers, parsed.as_ref());
+        let index: Vec<u64> = route
+            .index
+            .iter()
+            .filter_map(|(name, steps)| {
+                let v = filter::lookup(parsed.as_ref()?, steps)?;
+                Some(crate::store::lookup_key(name, v))
+            })
+            .collect();
         drop(parsed);
-        let appended = match self.store.append_draft(draft, &targets, dedupe_key, &order) {
+        let marks = crate::store::Marks { dedupe: dedupe_key, order: &order, index: &index };
+        let appended = match self.store.append_draft(draft, &targets, marks) {
             Ok(a) => a,
             Err(e) => return self.unavailable(&e),
         };
@@ -285,12 +296,13 @@ impl Ingress {
         resp
     }
 
-    /// The body as JSON, parsed once, and only if a filter or an ordering
-    /// key of the route looks at it (`None`: not looked at, or not JSON).
+    /// The body as JSON, parsed once, and only if a filter, an ordering key
+    /// or an indexed field of the route looks at it (`None`: not looked at,
+    /// or not JSON).
     fn parse_body(&self, route: &Route, body: &[u8]) -> Option<serde_json::Value> {
         let filters = route.filters.iter().flatten().any(|f| f.reads_body());
         let orders = route.orders.iter().flatten().any(|o| o.reads_body());
-        if !filters && !orders {
+        if !filters && !orders && route.index.is_empty() {
             return None;
         }
         let parsed = serde_json::from_slice::<serde_json::Value>(body).ok();

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use super::jetstream::{Jet, JetConfig};
 use super::{
-    Appended, AppendedIn, DeadLetter, DestStats, Draft, Due, Inspection, Lease, Listing, Local, MessageRecord, Page,
-    Selection, Settle, StoreError, StoreOptions,
+    Appended, AppendedIn, DeadLetter, DestStats, Draft, Due, Inspection, Lease, Listing, Local, Marks, MessageRecord,
+    Page, Selection, Settle, StoreError, StoreOptions,
 };
 
 /// The durable store the relay runs on. Cheap to clone.
@@ -92,19 +92,29 @@ impl Store {
     /// Queues a message built while its body was read, pending for each of
     /// `destinations` (the ones `draft` was started with). Not durable, and
     /// not to be acknowledged, until [`Store::durable`] returns.
-    /// `dedupe`: the callback's de-duplication key, remembered with it;
-    /// `order`: its ordering key for each destination that delivers in
-    /// order by key (of a key's messages, one at a time is leased, oldest first).
+    /// `marks`: its de-duplication key (remembered with it), its ordering
+    /// key for each destination that delivers in order by key (of a key's
+    /// messages, one at a time is leased, oldest first), its lookup keys.
     pub fn append_draft(
         &self,
         draft: Draft,
         destinations: &[Arc<str>],
-        dedupe: Option<[u8; 16]>,
-        order: &[(Arc<str>, u64)],
+        marks: Marks<'_>,
     ) -> Result<Appended, StoreError> {
         match &self.0 {
-            Backend::Local(s) => Ok(Appended(AppendedIn::Local(s.append_draft(draft, destinations, dedupe, order)?))),
-            Backend::Jet(s) => Ok(Appended(AppendedIn::Jet(s.append_draft(draft, destinations, dedupe, order)?))),
+            Backend::Local(s) => Ok(Appended(AppendedIn::Local(s.append_draft(draft, destinations, marks)?))),
+            Backend::Jet(s) => Ok(Appended(AppendedIn::Jet(s.append_draft(draft, destinations, marks)?))),
+        }
+    }
+
+    /// Stored messages whose route indexes a body field with this key
+    /// ([`crate::store::lookup_key`]), oldest first. JetStream: not available.
+    pub fn lookup(&self, key: u64) -> Result<Vec<u64>, StoreError> {
+        match &self.0 {
+            Backend::Local(s) => Ok(s.lookup(key)),
+            Backend::Jet(_) => {
+                Err(StoreError::Unsupported("lookup by an indexed field with store.kind = \"jetstream\""))
+            }
         }
     }
 

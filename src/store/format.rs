@@ -282,20 +282,37 @@ fn at_destinations(r: &mut Reader<'_>) -> Result<usize, DecodeError> {
     Ok(r.u8()? as usize)
 }
 
-/// The ordering keys a stored record carries (destination, key), if any.
-/// Reads the record in place (no copy of the body).
-pub fn record_order_keys(raw: &[u8]) -> Result<Vec<(String, u64)>, DecodeError> {
+/// The stored header that carries a message's lookup keys (8 bytes each):
+/// hashes of the body fields its route indexes (`index = [...]`).
+pub const INDEX_HEADER: &str = ":switchboard-index";
+
+/// What the store rebuilds from a record at open, besides its deliveries.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RecordMarks {
+    /// Ordering keys (destination, key).
+    pub order: Vec<(String, u64)>,
+    /// Lookup keys.
+    pub index: Vec<u64>,
+}
+
+/// The ordering and lookup keys a stored record carries, if any. Reads the
+/// record in place (no copy of the body).
+pub fn record_marks(raw: &[u8]) -> Result<RecordMarks, DecodeError> {
     const WHAT: &str = "message record";
     let mut r = Reader::versioned(raw, WHAT)?;
     for _ in 0..at_destinations(&mut r)? {
         let len = r.u8()? as usize;
         r.take(len)?;
     }
-    let mut out = Vec::new();
+    let mut out = RecordMarks::default();
     for _ in 0..r.u16()? {
         let name = r.str16()?;
         let len = r.u32()? as usize;
         let value = r.take(len)?;
+        if name == INDEX_HEADER {
+            out.index.extend(value.chunks_exact(8).map(be_u64));
+            continue;
+        }
         if name != ORDER_HEADER {
             continue;
         }
@@ -304,7 +321,7 @@ pub fn record_order_keys(raw: &[u8]) -> Result<Vec<(String, u64)>, DecodeError> 
             let n = v.u8()? as usize;
             let dest =
                 String::from_utf8(v.take(n)?.to_vec()).map_err(|_| bad(WHAT, "order key destination is not UTF-8"))?;
-            out.push((dest, v.u64()?));
+            out.order.push((dest, v.u64()?));
         }
     }
     Ok(out)

@@ -51,6 +51,11 @@ pub struct Page {
 }
 
 impl Local {
+    /// Stored messages with lookup key `key`, oldest first.
+    pub fn lookup(&self, key: u64) -> Vec<u64> {
+        lock(&self.inner.lookup).find(key)
+    }
+
     /// Message `id` with each delivery's state and attempts, while it is
     /// stored (pending or dead somewhere); `None` once every destination is
     /// done with it (delivered messages are not retained).

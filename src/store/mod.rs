@@ -67,6 +67,7 @@ mod format;
 mod index;
 mod inspect;
 mod jetstream;
+mod lookup;
 mod open;
 mod reclaim;
 mod recover;
@@ -91,6 +92,7 @@ pub use self::error::{EngineError, StoreError};
 use self::index::{Index, Written};
 pub use self::inspect::{DeliveryState, DeliveryView, Inspection, Listing, Page};
 pub use self::jetstream::{JetAuth, JetConfig};
+pub use self::lookup::key as lookup_key;
 use self::segments::{Loc, SegmentLog};
 
 use self::format::*;
@@ -184,6 +186,16 @@ enum Handle {
     /// JetStream: the stream sequence of the delivered message, whose ack
     /// handle the backend holds until the lease is settled.
     Jet(u64),
+}
+
+/// What a message carries besides its bytes, for the store to keep with it
+/// (in the same record, the same write): its de-duplication key, its
+/// ordering key per ordered destination, its lookup keys.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Marks<'a> {
+    pub dedupe: Option<[u8; 16]>,
+    pub order: &'a [(Arc<str>, u64)],
+    pub index: &'a [u64],
 }
 
 /// A message handed to [`Store::append_draft`], to be made durable by
@@ -346,6 +358,8 @@ struct Inner {
     kept: sled::Tree,
     /// De-duplication keys: sled's copy, and the keys in memory.
     dedupe: sled::Tree,
+    /// Stored messages by indexed body field (`lookup.rs`).
+    lookup: Mutex<lookup::Lookup>,
     remembered: Mutex<remembered::Remembered>,
     /// Seals records written to disk (log and `kept`), if configured.
     sealer: Option<Arc<seal::Sealer>>,
@@ -469,7 +483,7 @@ impl Local {
     pub fn append(&self, msg: &MessageRecord, destinations: &[Arc<str>]) -> Result<u64, StoreError> {
         let mut draft = Draft::new(msg.received_ms, &msg.route, &msg.peer, &msg.headers, destinations, msg.body.len());
         draft.extend(&msg.body);
-        self.append_draft(draft, destinations, None, &[])
+        self.append_draft(draft, destinations, Marks::default())
     }
 
     /// [`Store::append`] of a record ingress built while reading the body
@@ -482,16 +496,20 @@ impl Local {
         &self,
         mut draft: Draft,
         destinations: &[Arc<str>],
-        dedupe: Option<[u8; 16]>,
-        order: &[(Arc<str>, u64)],
+        marks: Marks<'_>,
     ) -> Result<u64, StoreError> {
         let inner = &self.inner;
         let received_ms = draft.received_ms();
+        let (dedupe, order) = (marks.dedupe, marks.order);
         if let Some(key) = &dedupe {
             draft.push_header(format::DEDUPE_HEADER, key);
         }
         if !order.is_empty() {
             draft.push_header(format::ORDER_HEADER, &format::encode_order_keys(order));
+        }
+        if !marks.index.is_empty() {
+            let keys: Vec<u8> = marks.index.iter().flat_map(|k| k.to_be_bytes()).collect();
+            draft.push_header(format::INDEX_HEADER, &keys);
         }
         let record = draft.into_record();
         let len = recover::record_len(record.len())?;
@@ -511,6 +529,9 @@ impl Local {
         );
         inner.bytes.fetch_add(u64::from(len), Ordering::Relaxed);
         inner.index.queued(destinations, received_ms, id, order, &Written::pushed());
+        if !marks.index.is_empty() {
+            lock(&inner.lookup).add(id, marks.index);
+        }
         if let Some(key) = dedupe {
             lock(&inner.remembered).insert(key, id, received_ms);
             let mut v = id.to_be_bytes().to_vec();

@@ -37,7 +37,7 @@ impl Local {
         let kept = db.open_tree("kept")?;
         let dedupe = db.open_tree("dedupe")?;
         let segment_bytes = opts.segment_bytes.unwrap_or(DEFAULT_SEGMENT_BYTES).max(1);
-        let recover::Rebuilt { log, index, msgs, live, bytes, last_id, dedupe_keys } = recover::rebuild(
+        let recover::Rebuilt { log, index, msgs, live, bytes, last_id, dedupe_keys, lookup } = recover::rebuild(
             opts.disk.0.clone(),
             opts.sealer.clone(),
             opts.dedupe_retention.is_some(),
@@ -62,6 +62,7 @@ impl Local {
             kept,
             remembered: Mutex::new(remember(&dedupe, &dedupe_keys, &opts)?),
             dedupe,
+            lookup: Mutex::new(lookup),
             sealer: opts.sealer.clone(),
             log,
             uid,

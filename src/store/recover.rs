@@ -24,6 +24,8 @@ pub(super) struct Rebuilt {
     pub last_id: u64,
     /// De-duplication keys carried by the records of the log (id, key).
     pub dedupe_keys: Vec<(u64, [u8; 16])>,
+    /// Lookup keys of the live messages.
+    pub lookup: super::lookup::Lookup,
 }
 
 struct Builder {
@@ -33,6 +35,7 @@ struct Builder {
     index: HashMap<String, DestIndex>,
     msgs: Vec<BTreeMap<u64, Msg>>,
     bytes: u64,
+    lookup: super::lookup::Lookup,
 }
 
 impl Builder {
@@ -40,9 +43,9 @@ impl Builder {
     /// whether anything still needs it.
     fn add(&mut self, id: u64, raw: &[u8], place: Place) -> Result<bool, StoreError> {
         let (mut pending, mut dead) = (0u32, 0u32);
-        let order = record_order_keys(raw)?;
+        let marks = record_marks(raw)?;
         for dest in record_destinations(raw)? {
-            let key = order.iter().find(|(d, _)| *d == dest).map(|(_, k)| *k);
+            let key = marks.order.iter().find(|(d, _)| *d == dest).map(|(_, k)| *k);
             let e = self.index.entry(dest.clone()).or_default();
             match self.states.get(&(dest, id)) {
                 Some(StateRecord::Done) => continue,
@@ -66,6 +69,7 @@ impl Builder {
         let len = record_len(raw.len())?;
         self.bytes += u64::from(len);
         let has_state = matches!(place, Place::Kept(_)) || self.with_state.contains(&id);
+        self.lookup.add(id, &marks.index);
         self.msgs[(id as usize) % MSG_STRIPES].insert(id, Msg { place, has_state, len, pending, dead });
         Ok(true)
     }
@@ -94,6 +98,7 @@ pub(super) fn rebuild(
         index: HashMap::new(),
         msgs: (0..MSG_STRIPES).map(|_| BTreeMap::new()).collect(),
         bytes: 0,
+        lookup: Default::default(),
     };
     let mut state_keys = Vec::new();
     for item in state.iter() {
@@ -185,6 +190,7 @@ pub(super) fn rebuild(
         bytes: b.bytes,
         last_id,
         dedupe_keys,
+        lookup: b.lookup,
     })
 }
 

@@ -173,6 +173,12 @@ impl Local {
             }
         }
         msgs.remove(&id);
+        {
+            let mut lookup = lock(&inner.lookup);
+            if !lookup.is_empty() {
+                lookup.remove(id);
+            }
+        }
         lock(&inner.cache).remove(id);
         inner.bytes.fetch_sub(u64::from(m.len), Ordering::Relaxed);
         Ok(())

@@ -596,7 +596,8 @@ fn the_order_of_keys_survives_a_crash() {
                 draft
             };
             // Keys: 0,2,4 -> 10; 1,3,5 -> 11.
-            ids.push(store.append_draft(draft, &d, None, &[(d[0].clone(), 10 + i % 2)]).expect("append"));
+            let order = [(d[0].clone(), 10 + i % 2)];
+            ids.push(store.append_draft(draft, &d, Marks { order: &order, ..Marks::default() }).expect("append"));
         }
         store.sync().await.expect("sync");
         let heads: Vec<u64> = all_due(&store, "d").iter().map(|l| l.id).collect();

@@ -228,3 +228,57 @@ async fn dead_letters_replay_and_purge_by_time_range_as_operations() {
     assert_eq!(got[6].header("x-switchboard-id").as_deref(), Some(ids[1].as_str()));
     relay.stop().await.expect("stop");
 }
+
+/// Lookup by an indexed body field: the callbacks of one ThingSpace
+/// request (one requestId, one callback per device), found again after a
+/// restart (rebuilt from the log), and forgotten once delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_are_found_by_an_indexed_field_across_a_restart() {
+    let accept = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = accept.clone();
+    let r = TestReceiver::scripted(move |_, _| {
+        Reply::Status(if flag.load(std::sync::atomic::Ordering::SeqCst) { 200 } else { 503 })
+    })
+    .await;
+    let toml = config(&[("app", &r.url("/app"), "retry = { initial = \"50ms\", max_interval = \"100ms\" }")])
+        .replace("destinations = [\"app\"]\n", "destinations = [\"app\"]\nindex = [\"requestId\"]\n");
+    let dir = std::sync::Arc::new(tempfile::tempdir().expect("tempdir"));
+    let relay = TestRelay::start_in(dir.clone(), &toml).await;
+    let mut r1 = Vec::new();
+    for dev in ["d1", "d2"] {
+        let body = format!(r#"{{"requestId":"r-1","deviceIds":[{{"id":"{dev}"}}]}}"#);
+        r1.push(acked_id(&post(&relay.url("/in"), "application/json", body).await.2));
+    }
+    assert_eq!(post(&relay.url("/in"), "application/json", r#"{"requestId":"r-2"}"#).await.0, 200);
+    let find = |relay: &TestRelay, value: &str| {
+        let url = relay.admin_url(&format!("/api/messages?field=requestId&value={value}"));
+        async move {
+            let (s, _, b) = get(&url).await;
+            assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+            let v: serde_json::Value = serde_json::from_slice(&b).expect("json");
+            v["messages"]
+                .as_array()
+                .expect("list")
+                .iter()
+                .filter_map(|m| m["id"].as_str().map(str::to_string))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(find(&relay, "r-1").await, r1);
+    assert_eq!(get(&relay.admin_url("/api/messages?field=deviceId&value=x")).await.0, 400, "not an indexed field");
+    relay.stop().await.expect("stop");
+
+    let relay = TestRelay::start_in(dir.clone(), &toml).await;
+    assert_eq!(find(&relay, "r-1").await, r1, "rebuilt at open");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["messages", "find", "requestId", "r-1", "--admin", &relay.admin_url("")])
+        .output()
+        .await
+        .expect("cli");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&r1[0]) && text.contains(&r1[1]), "{text}");
+    accept.store(true, std::sync::atomic::Ordering::SeqCst);
+    relay.wait_metrics("all delivered", |m| metric(m, "switchboard_queue_depth{destination=\"app\"}") == 0.0).await;
+    assert!(find(&relay, "r-1").await.is_empty(), "delivered messages are not kept");
+    relay.stop().await.expect("stop");
+}

@@ -54,6 +54,14 @@ pub(super) fn validate_store_kind(p: &mut Problems, raw: &RawConfig) -> Option<J
     if s.encryption.is_some() {
         p.add("store.encryption", "encryption at rest is not available with kind = \"jetstream\" (use NATS's own: jetstream { cipher } on the servers)");
     }
+    for (i, r) in raw.routes.iter().enumerate() {
+        if !r.index.is_empty() {
+            p.add(
+                format!("routes[{i}].index"),
+                "lookup by an indexed field is not available with store.kind = \"jetstream\"",
+            );
+        }
+    }
     for (name, d) in &raw.destinations {
         if d.ordering != crate::config::raw::RawOrdering::None {
             p.add(

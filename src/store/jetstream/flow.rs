@@ -35,10 +35,10 @@ impl Jet {
         &self,
         draft: Draft,
         _destinations: &[Arc<str>],
-        dedupe: Option<[u8; 16]>,
-        order: &[(Arc<str>, u64)],
+        marks: crate::store::Marks<'_>,
     ) -> Result<Publish, StoreError> {
-        if !order.is_empty() {
+        let dedupe = marks.dedupe;
+        if !marks.order.is_empty() {
             // Refused by the configuration check; never silently unordered.
             return Err(StoreError::Setup("ordering per key is not available with store.kind = \"jetstream\"".into()));
         }
