@@ -30,6 +30,7 @@ pub mod delivery;
 pub mod headers;
 pub mod ingress;
 pub mod metrics;
+pub mod reload;
 pub mod secret;
 pub mod server;
 pub mod shutdown;
@@ -50,7 +51,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::delivery::Worker;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreOptions};
 use crate::wake::Wakers;
@@ -139,7 +139,8 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     run_with_reload(config, listeners, shutdown, Arc::new(Notify::new())).await
 }
 
-/// [`run`], with `reload` woken (e.g. on SIGHUP) to re-read TLS certificates.
+/// [`run`], with `reload` woken (e.g. on SIGHUP) to re-read the
+/// configuration file (`reload.rs`) and the TLS certificates.
 pub async fn run_with_reload(
     config: Config,
     listeners: Listeners,
@@ -159,14 +160,30 @@ pub async fn run_with_reload(
     let wakers = Wakers::new(config.destinations.iter().map(|d| &d.name));
     let store = open_store(&config, &metrics, &wakers).await?;
     let relay = Parts { config: &config, wakers, store, metrics, tracker: TaskTracker::new(), shutdown };
-    relay.start_workers(&certs.destinations)?;
     certs.export(&relay.metrics);
-    relay.start_ingress(listeners.ingress, certs.ingress);
+    let ingress = relay.start_ingress(listeners.ingress, certs.ingress);
+    let certificates = Arc::new(Notify::new());
     if !certs.all.is_empty() {
-        relay.tracker.spawn(watch_certificates(certs.all, relay.metrics.clone(), reload, relay.shutdown.clone()));
+        let watch = watch_certificates(certs.all, relay.metrics.clone(), certificates.clone(), relay.shutdown.clone());
+        relay.tracker.spawn(watch);
     }
     let ready = Arc::new(AtomicBool::new(false));
-    relay.start_admin(listeners.admin, certs.admin, ready.clone());
+    let loaded = Arc::new(reload::Loaded::new(config.source.clone()));
+    let admin = relay.start_admin(listeners.admin, certs.admin, ready.clone(), loaded.clone());
+    let mut reloader = reload::Reloader::new(
+        config.clone(),
+        relay.store.clone(),
+        relay.metrics.clone(),
+        relay.wakers.clone(),
+        relay.tracker.clone(),
+        relay.shutdown.clone(),
+        ingress,
+        admin,
+        loaded,
+        certs.destinations,
+    );
+    reloader.start_all()?;
+    relay.tracker.spawn(reloader.run(reload, certificates));
     relay.tracker.close();
     ready.store(true, Ordering::SeqCst);
     let store_at = match &config.store.jetstream {
@@ -274,29 +291,12 @@ struct Parts<'a> {
 }
 
 impl Parts<'_> {
-    /// One worker per destination.
-    fn start_workers(&self, client_certs: &HashMap<String, server::tls::CertStore>) -> anyhow::Result<()> {
-        let config = self.config;
-        let credentials: Arc<HashMap<String, Vec<http::HeaderName>>> =
-            Arc::new(config.routes.iter().map(|r| (r.path.clone(), r.credential_headers.clone())).collect());
-        for dest in &config.destinations {
-            let cert = client_certs.get(&*dest.name).cloned();
-            let worker = Worker::new(
-                dest.clone(),
-                credentials.clone(),
-                cert,
-                self.store.clone(),
-                self.metrics.clone(),
-                &self.wakers,
-            )
-            .with_context(|| format!("setting up destination {}", dest.name))?;
-            self.tracker.spawn(worker.run(self.shutdown.clone(), config.grace_period));
-        }
-        Ok(())
-    }
-
     /// The ingress on every listener, sharing one connection limit.
-    fn start_ingress(&self, sockets: Vec<TcpListener>, tls: Vec<Option<server::tls::CertStore>>) {
+    fn start_ingress(
+        &self,
+        sockets: Vec<TcpListener>,
+        tls: Vec<Option<server::tls::CertStore>>,
+    ) -> Arc<ingress::Ingress> {
         let config = self.config;
         let ingress = Arc::new(ingress::Ingress::new(
             config::route_table(&config.routes),
@@ -327,27 +327,26 @@ impl Parts<'_> {
                 server::serve(socket, cfg, limits.clone(), handler, self.metrics.clone(), self.shutdown.clone());
             self.tracker.spawn(serve);
         }
+        ingress
     }
 
-    fn start_admin(&self, socket: TcpListener, tls: Option<server::tls::CertStore>, ready: Arc<AtomicBool>) {
+    fn start_admin(
+        &self,
+        socket: TcpListener,
+        tls: Option<server::tls::CertStore>,
+        ready: Arc<AtomicBool>,
+        loaded: Arc<reload::Loaded>,
+    ) -> Arc<admin::Admin> {
         let config = self.config;
         let admin = Arc::new(admin::Admin {
             store: self.store.clone(),
             metrics: self.metrics.clone(),
             wakers: self.wakers.clone(),
-            destinations: config.destinations.iter().map(|d| d.name.to_string()).collect(),
             ready,
-            ready_room: config.ingress.max_body,
-            token: config.admin.token.clone(),
-            routes: config
-                .routes
-                .iter()
-                .map(|r| (r.path.clone(), r.destinations.iter().map(|d| d.to_string()).collect()))
-                .collect(),
-            sensitive: config.routes.iter().flat_map(|r| r.credential_headers.iter().cloned()).collect(),
-            indexed: config.routes.iter().flat_map(|r| r.index.iter().map(|(name, _)| name.clone())).collect(),
+            view: arc_swap::ArcSwap::from_pointee(admin::View::of(config)),
             operations: admin::Operations::default(),
             tracker: self.tracker.clone(),
+            loaded,
         });
         if let Ok(addr) = socket.local_addr() {
             tracing::info!(addr = %addr, "admin listening");
@@ -363,8 +362,9 @@ impl Parts<'_> {
             grace: config.grace_period,
         };
         let limits = server::Limits::new(ADMIN_MAX_CONNECTIONS, None);
-        let serve = server::serve(socket, cfg, limits, admin, self.metrics.clone(), self.shutdown.clone());
+        let serve = server::serve(socket, cfg, limits, admin.clone(), self.metrics.clone(), self.shutdown.clone());
         self.tracker.spawn(serve);
+        admin
     }
 
     /// After shutdown: waits for every task (each bounds its own drain by
@@ -388,7 +388,8 @@ impl Parts<'_> {
     }
 }
 
-/// Reloads certificates on `reload` (SIGHUP) and when their files change.
+/// Reloads certificates on `reload` (after a configuration reload) and when
+/// their files change.
 /// A failed reload keeps the certificate in use and says why.
 async fn watch_certificates(
     certs: Vec<(String, server::tls::CertStore)>,

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub strip_skipped: IntCounterVec,
     pub filter_unparsable: IntCounterVec,
     pub order_key_missing: IntCounterVec,
+    pub config_reloads: IntCounterVec,
+    pub destination_configured: GaugeVec,
     pub tls_expiry: GaugeVec,
     pub tls_reloads: IntCounterVec,
     pub deliveries: IntCounterVec,
@@ -162,6 +164,18 @@ impl Metrics {
                 "switchboard_filter_unparsable_total",
                 "Callbacks whose body a destination filter had to read but that were not JSON (no body condition matched), by route",
                 &["route"],
+            ),
+            config_reloads: counter_vec(
+                &r,
+                "switchboard_config_reloads_total",
+                "Configuration reloads (SIGHUP), by result (ok, error: the running configuration stayed)",
+                &["result"],
+            ),
+            destination_configured: gauge_vec(
+                &r,
+                "switchboard_destination_configured",
+                "1 for a configured destination, 0 for one the store still holds deliveries of but the configuration no longer has",
+                &["destination"],
             ),
             order_key_missing: counter_vec(
                 &r,
@@ -307,6 +321,8 @@ impl Metrics {
         /// The statuses ingress itself answers with.
         const CODES: [&str; 8] = ["200", "400", "401", "403", "405", "408", "413", "503"];
         self.ingress_requests.with_label_values(&["unmatched", "404"]);
+        self.config_reloads.with_label_values(&["ok"]);
+        self.config_reloads.with_label_values(&["error"]);
         for r in routes {
             for code in CODES {
                 self.ingress_requests.with_label_values(&[&r.path, code]);
@@ -339,9 +355,11 @@ impl Metrics {
     }
 
     /// Refreshes the gauges computed from the store, then encodes everything.
-    pub fn render(&self, store: &Store, destinations: &[String]) -> String {
+    pub fn render(&self, store: &Store, destinations: &[String], configured: &[String]) -> String {
         let now = now_ms();
         for d in destinations {
+            let c = if configured.contains(d) { 1.0 } else { 0.0 };
+            self.destination_configured.with_label_values(&[d]).set(c);
             let s = store.stats(d);
             self.queue_depth.with_label_values(&[d]).set(s.depth as f64);
             let age = s.oldest_received_ms.map(|t| now.saturating_sub(t) as f64 / 1000.0).unwrap_or(0.0);

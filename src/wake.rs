@@ -11,31 +11,42 @@ use std::sync::Arc;
 
 use tokio::sync::Notify;
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Shared {
     wake: Arc<Notify>,
     breaker: Arc<AtomicU8>,
 }
 
-/// One entry per configured destination; cheap to clone.
+/// One entry per configured destination (a reload adds new ones); cheap
+/// to clone.
 #[derive(Clone, Default)]
-pub struct Wakers(Arc<HashMap<Arc<str>, Shared>>);
+pub struct Wakers(Arc<arc_swap::ArcSwap<HashMap<Arc<str>, Shared>>>);
 
 impl Wakers {
     pub fn new<'a>(destinations: impl IntoIterator<Item = &'a Arc<str>>) -> Wakers {
-        Wakers(Arc::new(destinations.into_iter().map(|d| (d.clone(), Shared::default())).collect()))
+        let map: HashMap<Arc<str>, Shared> = destinations.into_iter().map(|d| (d.clone(), Shared::default())).collect();
+        Wakers(Arc::new(arc_swap::ArcSwap::from_pointee(map)))
+    }
+
+    /// Adds `destination` (a reload added it); a no-op if it is there.
+    pub fn add(&self, destination: &Arc<str>) {
+        self.0.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            map.entry(destination.clone()).or_insert_with(|| Shared { wake: Arc::default(), breaker: Arc::default() });
+            map
+        });
     }
 
     /// Wakes `destination`'s worker (a no-op for an unknown name).
     pub fn wake(&self, destination: &str) {
-        if let Some(s) = self.0.get(destination) {
+        if let Some(s) = self.0.load().get(destination) {
             s.wake.notify_one();
         }
     }
 
     /// The signal a worker waits on.
     pub fn get(&self, destination: &str) -> Arc<Notify> {
-        self.0.get(destination).map(|s| s.wake.clone()).unwrap_or_default()
+        self.0.load().get(destination).map(|s| s.wake.clone()).unwrap_or_default()
     }
 
     /// The destination's breaker state by name: "closed", "open" or
@@ -51,6 +62,6 @@ impl Wakers {
     /// The cell holding the destination's breaker state (0 closed, 1 open,
     /// 2 half-open).
     pub fn breaker(&self, destination: &str) -> Arc<AtomicU8> {
-        self.0.get(destination).map(|s| s.breaker.clone()).unwrap_or_default()
+        self.0.load().get(destination).map(|s| s.breaker.clone()).unwrap_or_default()
     }
 }

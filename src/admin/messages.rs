@@ -56,13 +56,14 @@ impl Admin {
     }
 
     fn message_json(&self, m: &Inspection, with_body: bool) -> Value {
+        let view = self.view.load();
         let r = &m.record;
         let headers: Vec<Value> = r
             .headers
             .iter()
             .filter(|(n, _)| !n.starts_with(':'))
             .map(|(n, v)| {
-                let secret = n.eq_ignore_ascii_case("authorization") || self.sensitive.iter().any(|s| s.as_str() == n);
+                let secret = n.eq_ignore_ascii_case("authorization") || view.sensitive.iter().any(|s| s.as_str() == n);
                 let value = if secret { "***".to_string() } else { String::from_utf8_lossy(v).into_owned() };
                 json!({ "name": n, "value": value })
             })
@@ -107,7 +108,7 @@ impl Admin {
             })
             .collect();
         // The route's other destinations: filtered out at ingress.
-        for name in self.routes.get(&r.route).into_iter().flatten() {
+        for name in view.routes.get(&r.route).into_iter().flatten() {
             if !m.deliveries.iter().any(|d| &d.destination == name) {
                 destinations.push(json!({ "name": name, "state": "filtered", "attempts": [] }));
             }
@@ -135,7 +136,7 @@ impl Admin {
 
     /// The stored messages with `value` in the indexed body field `field`.
     fn found_by_field(&self, field: &str, value: &str) -> Response<Full<Bytes>> {
-        if !self.indexed.iter().any(|f| f == field) {
+        if !self.view.load().indexed.iter().any(|f| f == field) {
             return bad_request("no route indexes that field (index = [...] on a route)");
         }
         match self.store.lookup(crate::store::lookup_key(field, &json!(value))) {

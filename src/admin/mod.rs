@@ -19,6 +19,8 @@
 //!   moves dead letters (all, one, or those received in a time range) back
 //!   into the destination's queue (its rate limit applies); answers how
 //!   many, or with `wait=0` at once 202 and an operation to follow.
+//! - `GET /api/config`: the loaded configuration file, its SHA-256, when it
+//!   was loaded, and the reloads (SIGHUP) so far with the last error.
 //! - `GET /api/operations/{id}`: a replay or purge started with `wait=0`:
 //!   `total`, `done`, `finished`, the count or the error.
 //! - `POST /api/destinations/{destination}/pause` and `/resume`: stops or
@@ -62,9 +64,21 @@ pub struct Admin {
     pub store: Store,
     pub metrics: Arc<Metrics>,
     pub wakers: Wakers,
+    pub ready: Arc<AtomicBool>,
+    /// What the configuration says, swapped by a reload.
+    pub view: arc_swap::ArcSwap<View>,
+    /// Replays and purges run in the background (`wait=0`), the latest kept.
+    pub operations: operations::Operations,
+    /// Owns the background operations (the relay waits for them at shutdown).
+    pub tracker: tokio_util::task::TaskTracker,
+    /// The loaded configuration file and its reloads (`GET /api/config`).
+    pub loaded: Arc<crate::reload::Loaded>,
+}
+
+/// The admin API's part of the configuration (replaced whole on reload).
+pub struct View {
     /// Configured destination names (metrics cover these plus any the store still holds).
     pub destinations: Vec<String>,
-    pub ready: Arc<AtomicBool>,
     /// Room the store must have for `/readyz` to say ready: `ingress.max_body`,
     /// so "ready" means a callback of the default limit would be taken.
     pub ready_room: u64,
@@ -76,10 +90,23 @@ pub struct Admin {
     pub sensitive: Vec<http::HeaderName>,
     /// Body fields routes index (`index = [...]`): lookups by them.
     pub indexed: Vec<String>,
-    /// Replays and purges run in the background (`wait=0`), the latest kept.
-    pub operations: operations::Operations,
-    /// Owns the background operations (the relay waits for them at shutdown).
-    pub tracker: tokio_util::task::TaskTracker,
+}
+
+impl View {
+    pub fn of(config: &crate::config::Config) -> View {
+        View {
+            destinations: config.destinations.iter().map(|d| d.name.to_string()).collect(),
+            ready_room: config.ingress.max_body,
+            token: config.admin.token.clone(),
+            routes: config
+                .routes
+                .iter()
+                .map(|r| (r.path.clone(), r.destinations.iter().map(|d| d.to_string()).collect()))
+                .collect(),
+            sensitive: config.routes.iter().flat_map(|r| r.credential_headers.iter().cloned()).collect(),
+            indexed: config.routes.iter().flat_map(|r| r.index.iter().map(|(name, _)| name.clone())).collect(),
+        }
+    }
 }
 
 impl crate::server::Handler for Admin {
@@ -111,7 +138,7 @@ fn query_params(req: &Request<Incoming>) -> HashMap<String, String> {
 
 impl Admin {
     fn all_destinations(&self) -> Vec<String> {
-        let mut names = self.destinations.clone();
+        let mut names = self.view.load().destinations.clone();
         for d in self.store.known_destinations() {
             if !names.contains(&d) {
                 names.push(d);
@@ -122,7 +149,8 @@ impl Admin {
 
     fn authorized(&self, req: &Request<Incoming>) -> bool {
         use subtle::ConstantTimeEq;
-        let Some(token) = &self.token else { return true };
+        let view = self.view.load();
+        let Some(token) = &view.token else { return true };
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -145,7 +173,7 @@ impl Admin {
             (&Method::GET, ["metrics"]) => respond(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
-                self.metrics.render(&self.store, &self.all_destinations()),
+                self.metrics.render(&self.store, &self.all_destinations(), &self.view.load().destinations),
             ),
             (&Method::GET, ["healthz"]) => self.health(),
             (&Method::GET, ["readyz"]) => self.readiness(),
@@ -158,6 +186,7 @@ impl Admin {
                 self.dead_operation(Kind::Replay, dest, &req).await
             }
             (&Method::GET, ["api", "operations", id]) => self.operation(id),
+            (&Method::GET, ["api", "config"]) => json(StatusCode::OK, self.loaded.to_json()),
             (&Method::POST, ["api", "destinations", dest, "pause"]) => self.pause(dest, true).await,
             (&Method::POST, ["api", "destinations", dest, "resume"]) => self.pause(dest, false).await,
             _ => json(StatusCode::NOT_FOUND, serde_json::json!({ "error": "not found" })),
@@ -179,7 +208,8 @@ impl Admin {
         // A store with a record limit of its own (JetStream's max_payload)
         // makes ingress refuse above it (413); ready means it takes what
         // is below.
-        let room = self.store.max_record().map_or(self.ready_room, |m| self.ready_room.min(m));
+        let ready_room = self.view.load().ready_room;
+        let room = self.store.max_record().map_or(ready_room, |m| ready_room.min(m));
         match self.store.accepting(room) {
             Ok(()) => respond(StatusCode::OK, "text/plain", "ready\n"),
             Err(e) => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {e}\n")),
@@ -188,6 +218,7 @@ impl Admin {
 
     fn destination_list(&self) -> Response<Full<Bytes>> {
         let now = now_ms();
+        let view = self.view.load();
         let list: Vec<_> = self
             .all_destinations()
             .iter()
@@ -195,7 +226,7 @@ impl Admin {
                 let s = self.store.stats(d);
                 serde_json::json!({
                     "name": d,
-                    "configured": self.destinations.contains(d),
+                    "configured": view.destinations.contains(d),
                     "pending": s.depth,
                     "oldest_age_seconds": s.oldest_received_ms.map(|t| now.saturating_sub(t) as f64 / 1000.0),
                     "dead_letters": s.dead,
@@ -234,7 +265,7 @@ impl Admin {
     /// keeps it (only `paused = true` in the configuration pauses again at
     /// start).
     async fn pause(&self, dest: &str, pause: bool) -> Response<Full<Bytes>> {
-        if !self.destinations.iter().any(|d| d == dest) {
+        if !self.view.load().destinations.iter().any(|d| d == dest) {
             return json(StatusCode::NOT_FOUND, serde_json::json!({ "error": "unknown destination" }));
         }
         let reason = pause.then(|| "paused by an operator".to_string());

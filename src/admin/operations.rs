@@ -101,7 +101,7 @@ impl Admin {
         dest: &str,
         req: &Request<Incoming>,
     ) -> Response<Full<Bytes>> {
-        if kind == Kind::Replay && !self.destinations.iter().any(|d| d == dest) {
+        if kind == Kind::Replay && !self.view.load().destinations.iter().any(|d| d == dest) {
             return json(StatusCode::NOT_FOUND, json!({ "error": "unknown destination" }));
         }
         let q = query_params(req);

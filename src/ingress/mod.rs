@@ -96,7 +96,8 @@ pub struct Route {
 
 /// Everything a request handler needs, shared by all connections.
 pub struct Ingress {
-    pub routes: HashMap<String, Arc<Route>>,
+    /// The routes by path, swapped whole by a configuration reload.
+    pub routes: arc_swap::ArcSwap<HashMap<String, Arc<Route>>>,
     pub config: IngressConfig,
     pub store: Store,
     pub metrics: Arc<Metrics>,
@@ -114,6 +115,7 @@ impl Ingress {
         wakers: Wakers,
     ) -> Ingress {
         let budget = usize::try_from(config.max_buffered_bytes).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
+        let routes = arc_swap::ArcSwap::from_pointee(routes);
         Ingress { routes, config, store, metrics, wakers, buffered: Arc::new(Semaphore::new(budget)) }
     }
 }
@@ -175,7 +177,7 @@ fn error(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
 
 impl Ingress {
     async fn handle(&self, req: Request<Incoming>, peer: SocketAddr, ctx: &ListenerCtx) -> Response<Full<Bytes>> {
-        let Some(route) = self.routes.get(req.uri().path()).cloned() else {
+        let Some(route) = self.routes.load().get(req.uri().path()).cloned() else {
             self.metrics.ingress_requests.with_label_values(&["unmatched", "404"]).inc();
             return error(StatusCode::NOT_FOUND, "no route for this path");
         };

@@ -18,6 +18,7 @@ mod order;
 mod policy;
 mod promises;
 mod relay;
+mod reload;
 mod security;
 mod signing;
 mod support;

@@ -1,0 +1,299 @@
+//! Configuration reload without a restart (SIGHUP, `systemctl reload`).
+//!
+//! The file is read and validated again; one that fails validation changes
+//! nothing (the running configuration stays, the log and
+//! `switchboard_config_reloads_total{result="error"}` say why). A valid one
+//! is applied: the route table is swapped whole (routes, auth, filters,
+//! de-duplication, ordering keys, indexes), the admin API's view too (its
+//! destinations, token); each destination whose `[destinations.NAME]`
+//! table changed gets a new worker once the old one finished its attempts
+//! in flight (a changed URL, timeout, retry policy, concurrency, auth,
+//! signing, filter...); an added destination gets a worker; a removed one's
+//! worker stops, and its pending deliveries stay in the store, reported by
+//! `switchboard status` (not configured) and
+//! `switchboard_destination_configured`, delivered if it comes back, or
+//! purged by the operator. What needs a restart (listener and admin
+//! addresses, ingress limits, the store) is logged and left as it runs.
+//! Certificates of the listeners are re-read too, as before.
+//!
+//! A secret written in the table is compared as written; one read from
+//! `env:`/`file:` is read again when its destination's table changes.
+//! The JetStream store's consumers are made at start: there, a reload that
+//! adds or removes destinations is refused (restart the relays one by one).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, UNIX_EPOCH};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::delivery::Worker;
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::wake::Wakers;
+
+/// The configuration file loaded, for `GET /api/config`.
+pub struct Loaded {
+    file: PathBuf,
+    state: Mutex<LoadedState>,
+    ok: AtomicU64,
+    failed: AtomicU64,
+}
+
+struct LoadedState {
+    sha256: String,
+    loaded_ms: u64,
+    last_error: Option<String>,
+}
+
+impl Loaded {
+    pub fn new(file: PathBuf) -> Loaded {
+        let sha256 = file_hash(&file);
+        Loaded {
+            file,
+            state: Mutex::new(LoadedState { sha256, loaded_ms: crate::store::now_ms(), last_error: None }),
+            ok: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        }
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let s = lock(&self.state);
+        serde_json::json!({
+            "file": self.file.display().to_string(),
+            "sha256": s.sha256,
+            "loaded_at": humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(s.loaded_ms)).to_string(),
+            "reloads": { "ok": self.ok.load(Ordering::Relaxed), "error": self.failed.load(Ordering::Relaxed) },
+            "last_error": s.last_error,
+        })
+    }
+}
+
+fn file_hash(path: &std::path::Path) -> String {
+    use sha2::{Digest, Sha256};
+    match std::fs::read(path) {
+        Ok(bytes) => Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect(),
+        Err(_) => String::new(),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A destination's running worker.
+struct Running {
+    /// The destination's table as the file wrote it (what a reload compares).
+    fingerprint: String,
+    stop: CancellationToken,
+    done: tokio::task::JoinHandle<()>,
+}
+
+/// Everything a reload changes, and what it needs to start workers.
+pub(crate) struct Reloader {
+    pub(crate) config: Config,
+    pub(crate) store: Store,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) wakers: Wakers,
+    pub(crate) tracker: TaskTracker,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) ingress: Arc<crate::ingress::Ingress>,
+    pub(crate) admin: Arc<crate::admin::Admin>,
+    pub(crate) loaded: Arc<Loaded>,
+    /// Client certificates of destinations, by name (as loaded at start).
+    pub(crate) client_certs: HashMap<String, crate::server::tls::CertStore>,
+    workers: HashMap<String, Running>,
+}
+
+/// Each destination's table in the file, as text.
+fn fingerprints(path: &std::path::Path) -> HashMap<String, String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let Ok(v) = toml::from_str::<toml::Value>(&text) else { return HashMap::new() };
+    v.get("destinations")
+        .and_then(|d| d.as_table())
+        .map(|t| t.iter().map(|(k, v)| (k.clone(), v.to_string())).collect())
+        .unwrap_or_default()
+}
+
+impl Reloader {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        config: Config,
+        store: Store,
+        metrics: Arc<Metrics>,
+        wakers: Wakers,
+        tracker: TaskTracker,
+        shutdown: CancellationToken,
+        ingress: Arc<crate::ingress::Ingress>,
+        admin: Arc<crate::admin::Admin>,
+        loaded: Arc<Loaded>,
+        client_certs: HashMap<String, crate::server::tls::CertStore>,
+    ) -> Reloader {
+        Reloader {
+            config,
+            store,
+            metrics,
+            wakers,
+            tracker,
+            shutdown,
+            ingress,
+            admin,
+            loaded,
+            client_certs,
+            workers: HashMap::new(),
+        }
+    }
+
+    /// Starts a worker for every configured destination.
+    pub(crate) fn start_all(&mut self) -> anyhow::Result<()> {
+        let prints = fingerprints(&self.config.source);
+        let (dests, routes) = (self.config.destinations.clone(), self.config.routes.clone());
+        for d in dests {
+            let print = prints.get(&*d.name).cloned().unwrap_or_default();
+            self.start(d, print, &routes)?;
+        }
+        Ok(())
+    }
+
+    /// Starts `dest`'s worker; `routes` say which sender headers it withholds.
+    fn start(
+        &mut self,
+        dest: Arc<crate::delivery::Destination>,
+        fingerprint: String,
+        routes: &[crate::ingress::Route],
+    ) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let credentials: Arc<HashMap<String, Vec<http::HeaderName>>> =
+            Arc::new(routes.iter().map(|r| (r.path.clone(), r.credential_headers.clone())).collect());
+        self.wakers.add(&dest.name);
+        let cert = match &dest.client_cert {
+            None => None,
+            Some(files) => match self.client_certs.get(&*dest.name) {
+                Some(c) if c.files() == files => Some(c.clone()),
+                _ => {
+                    let c = crate::server::tls::CertStore::open(files.clone())
+                        .with_context(|| format!("client certificate of destination {}", dest.name))?;
+                    self.client_certs.insert(dest.name.to_string(), c.clone());
+                    Some(c)
+                }
+            },
+        };
+        let worker =
+            Worker::new(dest.clone(), credentials, cert, self.store.clone(), self.metrics.clone(), &self.wakers)
+                .with_context(|| format!("setting up destination {}", dest.name))?;
+        let stop = self.shutdown.child_token();
+        let done = self.tracker.spawn(worker.run(stop.clone(), self.config.grace_period));
+        self.workers.insert(dest.name.to_string(), Running { fingerprint, stop, done });
+        Ok(())
+    }
+
+    /// Stops `name`'s worker and waits for its attempts in flight.
+    async fn stop(&mut self, name: &str) {
+        if let Some(r) = self.workers.remove(name) {
+            r.stop.cancel();
+            let _ = r.done.await;
+        }
+    }
+
+    /// Waits for reload requests until shutdown; each re-reads the file
+    /// and applies it, then wakes `certificates` (the listeners' files).
+    pub(crate) async fn run(mut self, reload: Arc<Notify>, certificates: Arc<Notify>) {
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = reload.notified() => {}
+            }
+            match self.reload().await {
+                Ok(summary) => {
+                    self.loaded.ok.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.config_reloads.with_label_values(&["ok"]).inc();
+                    let mut s = lock(&self.loaded.state);
+                    s.sha256 = file_hash(&self.config.source);
+                    s.loaded_ms = crate::store::now_ms();
+                    s.last_error = None;
+                    drop(s);
+                    tracing::info!(file = %self.config.source.display(), changes = %summary, "configuration reloaded");
+                }
+                Err(e) => {
+                    self.loaded.failed.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.config_reloads.with_label_values(&["error"]).inc();
+                    lock(&self.loaded.state).last_error = Some(format!("{e:#}"));
+                    tracing::error!(
+                        error = format!("{e:#}"),
+                        "configuration reload refused; the running configuration stays"
+                    );
+                }
+            }
+            certificates.notify_one();
+        }
+    }
+
+    /// Loads, validates and applies the file; returns what changed.
+    async fn reload(&mut self) -> anyhow::Result<String> {
+        let new = Config::load(&self.config.source)?;
+        let old = &self.config;
+        let names = |c: &Config| -> Vec<String> { c.destinations.iter().map(|d| d.name.to_string()).collect() };
+        let (old_names, new_names) = (names(old), names(&new));
+        let added: Vec<String> = new_names.iter().filter(|n| !old_names.contains(n)).cloned().collect();
+        let removed: Vec<String> = old_names.iter().filter(|n| !new_names.contains(n)).cloned().collect();
+        if self.store.kind() == "jetstream" && (!added.is_empty() || !removed.is_empty()) {
+            anyhow::bail!(
+                "adding or removing destinations ({}) with store.kind = \"jetstream\" needs a restart (its consumers are made at start)",
+                added.iter().chain(&removed).cloned().collect::<Vec<_>>().join(", ")
+            );
+        }
+        restart_needed(old, &new);
+        // Workers first: a route may name a destination only now added.
+        let prints = fingerprints(&new.source);
+        let mut changed = Vec::new();
+        for d in &new.destinations {
+            let print = prints.get(&*d.name).cloned().unwrap_or_default();
+            match self.workers.get(&*d.name) {
+                Some(r) if r.fingerprint == print => {}
+                Some(_) => {
+                    self.stop(&d.name).await;
+                    changed.push(d.name.to_string());
+                    self.start(d.clone(), print, &new.routes)?;
+                }
+                None => self.start(d.clone(), print, &new.routes)?,
+            }
+        }
+        for name in &removed {
+            self.stop(name).await;
+            let s = self.store.stats(name);
+            tracing::warn!(destination = %name, pending = s.depth, dead_letters = s.dead,
+                "destination removed from the configuration: its deliveries are kept, not delivered, until it comes back or they are purged");
+        }
+        self.metrics.preregister(&new.routes, &new.destinations);
+        self.ingress.routes.store(Arc::new(crate::config::route_table(&new.routes)));
+        self.admin.view.store(Arc::new(crate::admin::View::of(&new)));
+        self.config = new;
+        Ok(format!("added [{}], removed [{}], changed [{}]", added.join(", "), removed.join(", "), changed.join(", ")))
+    }
+}
+
+/// Logs each setting that changed but only takes effect after a restart.
+fn restart_needed(old: &Config, new: &Config) {
+    let mut keys = Vec::new();
+    let addrs = |c: &Config| c.listeners.iter().map(|l| l.addr).collect::<Vec<_>>();
+    if addrs(old) != addrs(new) {
+        keys.push("listeners");
+    }
+    if old.admin.addr != new.admin.addr {
+        keys.push("admin.addr");
+    }
+    if format!("{:?}", old.ingress) != format!("{:?}", new.ingress) {
+        keys.push("ingress");
+    }
+    if old.store.path != new.store.path || old.store.jetstream.is_some() != new.store.jetstream.is_some() {
+        keys.push("store");
+    }
+    if !keys.is_empty() {
+        tracing::warn!(keys = %keys.join(", "), "these settings changed but take effect only after a restart");
+    }
+}

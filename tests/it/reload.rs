@@ -1,0 +1,92 @@
+//! Configuration reload without a restart: the real binary under load
+//! through 20 SIGHUP reloads that add and remove a route and a destination
+//! and change another's settings, plus a reload of an invalid file; no
+//! acknowledged callback is lost, what was reloaded takes effect, a removed
+//! destination's deliveries are kept and reported.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tokio::sync::watch;
+
+use crate::binary::{write, RelayProcess};
+use crate::promises::{seqs, Load};
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_under_load_lose_nothing_and_take_effect() {
+    let app = TestReceiver::ok().await;
+    let extra = TestReceiver::scripted(|_, _| Reply::Status(503)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = config(&[("app", &app.url("/app"), "concurrency = 8")]);
+    // Version B: app's timeout and concurrency changed, a destination
+    // `extra` (always refusing, so its deliveries stay pending) on a route
+    // of its own and on /in.
+    let with_extra = config(&[
+        ("app", &app.url("/app"), "concurrency = 4\ntimeout = \"7s\""),
+        ("extra", &extra.url("/x"), "retry = { initial = \"1h\", max_interval = \"1h\" }"),
+    ])
+    .replace("[destinations.app]", "[[routes]]\npath = \"/in2\"\ndestinations = [\"extra\"]\n[destinations.app]");
+    let path = write(dir.path(), &base);
+    let relay = RelayProcess::start(&path).await;
+    let (tx, rx) = watch::channel(vec![relay.ingress]);
+    let load = Load::start(8, 100_000, rx);
+    let metric_of = |relay: &RelayProcess, series: &'static str| {
+        let url = relay.admin_url("/metrics");
+        async move { metric(&String::from_utf8_lossy(&get(&url).await.2), series) }
+    };
+    for i in 0..20 {
+        load.wait_acked(load.acked_count() + 50).await;
+        write(dir.path(), if i % 2 == 0 { &with_extra } else { &base });
+        relay.signal(Signal::SIGHUP);
+        let deadline = std::time::Instant::now() + WAIT;
+        while metric_of(&relay, "switchboard_config_reloads_total{result=\"ok\"}").await < f64::from(i + 1) {
+            assert!(std::time::Instant::now() < deadline, "reload {i} not done: {}", relay.logs());
+            tokio::time::sleep(POLL).await;
+        }
+        if i == 18 {
+            // Version B is in force: its route answers.
+            assert_eq!(post(&relay.url("/in2"), "text/plain", "to extra").await.0, 200);
+        }
+    }
+    // The last reload went back to the base: /in2 is gone, `extra` is not
+    // configured but its pending deliveries are kept and reported.
+    assert_eq!(post(&relay.url("/in2"), "text/plain", "gone").await.0, 404);
+    let (_, _, body) = get(&relay.admin_url("/api/destinations")).await;
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    let x = v["destinations"].as_array().and_then(|a| a.iter().find(|d| d["name"] == "extra")).cloned().expect("extra");
+    assert_eq!(x["configured"], false, "{v}");
+    assert!(x["pending"].as_u64().is_some_and(|n| n >= 1), "{v}");
+    assert_eq!(metric_of(&relay, "switchboard_destination_configured{destination=\"extra\"}").await, 0.0);
+
+    // An invalid file changes nothing and says why.
+    write(dir.path(), &base.replace("concurrency = 8", "concurrency = 0"));
+    relay.signal(Signal::SIGHUP);
+    let deadline = std::time::Instant::now() + WAIT;
+    while metric_of(&relay, "switchboard_config_reloads_total{result=\"error\"}").await < 1.0 {
+        assert!(std::time::Instant::now() < deadline, "{}", relay.logs());
+        tokio::time::sleep(POLL).await;
+    }
+    let (_, _, cfg) = get(&relay.admin_url("/api/config")).await;
+    let cfg: serde_json::Value = serde_json::from_slice(&cfg).expect("json");
+    assert!(cfg["last_error"].as_str().is_some_and(|e| e.contains("destinations.app.concurrency")), "{cfg}");
+    assert_eq!(cfg["reloads"]["ok"], 20);
+    assert_eq!(cfg["sha256"].as_str().map(str::len), Some(64));
+    assert!(relay.logs().contains("configuration reload refused"), "{}", relay.logs());
+
+    let target = load.acked_count() + 100;
+    load.wait_acked(target).await;
+    let (acked, refused) = load.finish().await;
+    drop(tx);
+    let got = app
+        .wait_until(Duration::from_secs(60), "every acknowledged callback at app", |got| {
+            let s = seqs(got);
+            acked.iter().all(|q| s.contains_key(q))
+        })
+        .await;
+    let s = seqs(&got);
+    let lost = acked.iter().filter(|q| !s.contains_key(q)).count();
+    println!("reloads=20 acked={} refused={refused} lost={lost}", acked.len());
+    assert_eq!(lost, 0);
+    assert_eq!(refused, 0, "a reload never refuses callbacks");
+}
