@@ -338,7 +338,7 @@ impl Worker {
             }
             Action::RetryAfter(delay) => {
                 m.deliveries.with_label_values(&[name, "retried"]).inc();
-                tracing::info!(destination = name, id = %self.store.external_id(lease.id), attempt, reason = outcome.reason(), retry_in = %humantime::format_duration(round_ms(delay)), "delivery failed; will retry");
+                tracing::info!(destination = name, id = %self.store.external_id(lease.id), request_id = request_id(&msg.body).as_deref(), attempt, reason = outcome.reason(), retry_in = %humantime::format_duration(round_ms(delay)), "delivery failed; will retry");
                 Settle::Retry {
                     at_ms: now + delay.as_millis() as u64,
                     status: outcome.status(),
@@ -348,7 +348,7 @@ impl Worker {
             }
             Action::DeadLetter { reason } => {
                 m.deliveries.with_label_values(&[name, "dead_lettered"]).inc();
-                tracing::warn!(destination = name, id = %self.store.external_id(lease.id), attempt, reason = %reason, "delivery moved to the dead-letter store");
+                tracing::warn!(destination = name, id = %self.store.external_id(lease.id), request_id = request_id(&msg.body).as_deref(), attempt, reason = %reason, "delivery moved to the dead-letter store");
                 Settle::Dead { status: outcome.status(), reason, attempt: record }
             }
         };
@@ -580,6 +580,18 @@ impl Worker {
             }
         }
     }
+}
+
+/// The ThingSpace `requestId` of a JSON body, for log lines about a failed
+/// delivery (read only then: a delivered message is logged at debug level
+/// by its id alone).
+fn request_id(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        #[serde(rename = "requestId")]
+        request_id: Option<String>,
+    }
+    serde_json::from_slice::<Probe>(body).ok()?.request_id.filter(|r| r.len() <= 128)
 }
 
 fn round_ms(d: Duration) -> Duration {

@@ -282,3 +282,28 @@ async fn messages_are_found_by_an_indexed_field_across_a_restart() {
     assert!(find(&relay, "r-1").await.is_empty(), "delivered messages are not kept");
     relay.stop().await.expect("stop");
 }
+
+/// Log lines about a failed delivery carry the message id and the
+/// ThingSpace requestId.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_log_lines_carry_the_message_id_and_request_id() {
+    let r = TestReceiver::scripted(|_, _| Reply::Status(503)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = crate::binary::write(dir.path(), &config(&[("app", &r.url("/a"), "")]));
+    let relay = crate::binary::RelayProcess::start(&path).await;
+    let (_, _, body) = post(&relay.url("/in"), "application/json", r#"{"requestId":"r-log-1","x":1}"#).await;
+    let id = acked_id(&body);
+    r.wait_for(1, WAIT).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let logs = relay.logs();
+        let line = logs.lines().find(|l| l.contains("delivery failed; will retry"));
+        if let Some(line) = line {
+            let v: serde_json::Value = serde_json::from_str(line).expect("json log line");
+            assert_eq!((v["id"].as_str(), v["request_id"].as_str()), (Some(id.as_str()), Some("r-log-1")), "{line}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{logs}");
+        tokio::time::sleep(POLL).await;
+    }
+}
