@@ -124,7 +124,7 @@ impl AdminClient {
             Err(_) => {
                 return Err(unreachable(format!("no answer within {}", humantime::format_duration(REQUEST_TIMEOUT))))
             }
-            Ok(Err(e)) => return Err(unreachable(error_line(&e))),
+            Ok(Err(e)) => return Err(unreachable(crate::delivery::error_chain(&e))),
             Ok(Ok(r)) => r,
         };
         let status = resp.status().as_u16();
@@ -264,18 +264,6 @@ impl AdminClient {
 
 fn encode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
-}
-
-/// An error and its causes on one line.
-fn error_line(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
 }
 
 /// `status` as a table.

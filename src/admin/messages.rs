@@ -97,6 +97,7 @@ impl Admin {
                         v["next_attempt_at"] = json!(rfc3339(*due_ms));
                     }
                     DeliveryState::Delivered => v["state"] = json!("delivered"),
+                    DeliveryState::Purged => v["state"] = json!("purged"),
                     DeliveryState::Dead { dead_at_ms, last_status, reason } => {
                         v["state"] = json!("dead");
                         v["dead_at"] = json!(rfc3339(*dead_at_ms));

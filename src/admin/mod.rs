@@ -3,6 +3,8 @@
 //! Endpoints (on `admin.addr`, loopback by default; with `admin.token` set,
 //! all but `/healthz` and `/readyz` need `Authorization: Bearer <token>`;
 //! `admin.tls` serves them over HTTPS):
+//! Described in OpenAPI 3.1 by `docs/admin-api.yaml`, served at
+//! `GET /api/openapi.yaml`.
 //! - `GET /metrics`: Prometheus text exposition.
 //! - `GET /healthz`: 200 while the process serves requests and its store can
 //!   flush; 503 once flushes keep failing (a restart is what recovers the store).
@@ -115,6 +117,10 @@ impl crate::server::Handler for Admin {
     }
 }
 
+/// This API, described (OpenAPI 3.1; checked against the live server by
+/// `tests/it/openapi.rs`).
+const OPENAPI: &str = include_str!("../../docs/admin-api.yaml");
+
 fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(body.into()));
     *resp.status_mut() = status;
@@ -187,6 +193,7 @@ impl Admin {
             }
             (&Method::GET, ["api", "operations", id]) => self.operation(id),
             (&Method::GET, ["api", "config"]) => json(StatusCode::OK, self.loaded.to_json()),
+            (&Method::GET, ["api", "openapi.yaml"]) => respond(StatusCode::OK, "application/yaml", OPENAPI),
             (&Method::POST, ["api", "destinations", dest, "pause"]) => self.pause(dest, true).await,
             (&Method::POST, ["api", "destinations", dest, "resume"]) => self.pause(dest, false).await,
             _ => json(StatusCode::NOT_FOUND, serde_json::json!({ "error": "not found" })),

@@ -600,7 +600,7 @@ fn round_ms(d: Duration) -> Duration {
 }
 
 /// The error and its causes on one line, bounded in length.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {

@@ -352,11 +352,18 @@ pub enum StateRecord {
     },
     Done,
     Dead(DeadRecord),
+    /// Its dead letter was deleted by an operator: done, not delivered.
+    Purged,
 }
 
 const STATE_RETRY: u8 = 1;
 const STATE_DONE: u8 = 2;
 const STATE_DEAD: u8 = 3;
+const STATE_PURGED: u8 = 4;
+
+/// The value of a `Done` mark in a done tree for a purged dead letter
+/// (a delivered one's is empty).
+pub const PURGED_MARK: &[u8] = b"p";
 
 /// State records written since attempt history: the history follows the
 /// kind's fields. Version 1 records (no history) are still read.
@@ -425,6 +432,7 @@ impl StateRecord {
                 put_history(&mut out, history);
             }
             StateRecord::Done => out.push(STATE_DONE),
+            StateRecord::Purged => out.push(STATE_PURGED),
             StateRecord::Dead(d) => {
                 out.push(STATE_DEAD);
                 out.extend_from_slice(&d.attempts.to_be_bytes());
@@ -448,6 +456,7 @@ impl StateRecord {
                     Ok(StateRecord::Retry { due_ms, record, history: read_history(&mut r)? })
                 }
                 STATE_DONE => Ok(StateRecord::Done),
+                STATE_PURGED => Ok(StateRecord::Purged),
                 STATE_DEAD => {
                     let (attempts, dead_at_ms, last_status, reason) = (r.u32()?, r.u64()?, r.u16()?, r.str16()?);
                     let history = read_history(&mut r)?;
@@ -473,7 +482,7 @@ impl StateRecord {
         match self {
             StateRecord::Retry { history, .. } => history,
             StateRecord::Dead(d) => &d.history,
-            StateRecord::Done => &[],
+            StateRecord::Done | StateRecord::Purged => &[],
         }
     }
 }
@@ -708,6 +717,7 @@ mod tests {
                 history: vec![tried(1), tried(2)],
             },
             StateRecord::Done,
+            StateRecord::Purged,
             StateRecord::Dead(DeadRecord {
                 attempts: 9,
                 dead_at_ms: 5,

@@ -28,6 +28,8 @@ pub enum DeliveryState {
         due_ms: u64,
     },
     Delivered,
+    /// Its dead letter was deleted by an operator.
+    Purged,
     Dead {
         dead_at_ms: u64,
         last_status: Option<u16>,
@@ -78,25 +80,28 @@ impl Local {
                 None => None,
             };
             let attempts = state.as_ref().map(|s| s.history().to_vec()).unwrap_or_default();
-            let delivered = matches!(state, Some(StateRecord::Done)) || self.marked_done(place, &key)?;
+            let mark = self.done_mark(place, &key)?;
             let state = match state {
-                _ if delivered => DeliveryState::Delivered,
+                Some(StateRecord::Purged) => DeliveryState::Purged,
+                _ if mark.as_deref() == Some(PURGED_MARK) => DeliveryState::Purged,
+                Some(StateRecord::Done) => DeliveryState::Delivered,
+                _ if mark.is_some() => DeliveryState::Delivered,
                 Some(StateRecord::Dead(r)) => DeliveryState::Dead {
                     dead_at_ms: r.dead_at_ms,
                     last_status: (r.last_status != 0).then_some(r.last_status),
                     reason: r.reason,
                 },
                 Some(StateRecord::Retry { due_ms, .. }) => DeliveryState::Pending { due_ms },
-                Some(StateRecord::Done) | None => DeliveryState::Pending { due_ms: id_received_ms(id) },
+                None => DeliveryState::Pending { due_ms: id_received_ms(id) },
             };
             deliveries.push(DeliveryView { destination: d, state, attempts });
         }
         Ok(Some(Inspection { id, record, deliveries }))
     }
 
-    /// Whether a `Done` mark for `key` is in the done tree(s) a message at
-    /// `place` uses (opened ones only: inspecting creates nothing).
-    fn marked_done(&self, place: Place, key: &[u8]) -> Result<bool, StoreError> {
+    /// The `Done` mark for `key` in the done tree(s) a message at `place`
+    /// uses, if there is one (opened trees only: inspecting creates nothing).
+    fn done_mark(&self, place: Place, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let segments: Vec<u64> = match place {
             Place::Log(loc) => vec![loc.seg],
             Place::Unplaced => {
@@ -108,12 +113,12 @@ impl Local {
         for seq in segments {
             let tree = lock(&self.inner.done_trees).get(&seq).cloned();
             if let Some(t) = tree {
-                if t.contains_key(key)? {
-                    return Ok(true);
+                if let Some(v) = t.get(key)? {
+                    return Ok(Some(v.to_vec()));
                 }
             }
         }
-        Ok(false)
+        Ok(None)
     }
 
     /// Up to `limit` messages of `dest` in `state`, received within

@@ -48,7 +48,7 @@ impl Builder {
             let key = marks.order.iter().find(|(d, _)| *d == dest).map(|(_, k)| *k);
             let e = self.index.entry(dest.clone()).or_default();
             match self.states.get(&(dest, id)) {
-                Some(StateRecord::Done) => continue,
+                Some(StateRecord::Done | StateRecord::Purged) => continue,
                 Some(StateRecord::Dead(_)) => {
                     e.recovered_dead(id, key);
                     dead += 1;

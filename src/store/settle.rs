@@ -118,18 +118,21 @@ impl Local {
             if dead { (m.pending, m.dead.saturating_sub(1)) } else { (m.pending.saturating_sub(1), m.dead) };
         let finished = pending + dead_left == 0;
         let key = state_key(dest, id);
+        // A purged dead letter is done, not delivered: its mark says so.
+        let (mark, kept_state): (&[u8], StateRecord) =
+            if dead { (PURGED_MARK, StateRecord::Purged) } else { (&[], StateRecord::Done) };
         match m.place {
             Place::Log(loc) => {
-                inner.done_tree(loc.seg)?.insert(&key, &[])?;
+                inner.done_tree(loc.seg)?.insert(&key, mark)?;
             }
             // Its frame lands in the segment being written or the next one.
             Place::Unplaced => {
                 let current = inner.log.current();
-                inner.done_tree(current)?.insert(&key, &[])?;
-                inner.done_tree(current + 1)?.insert(&key, &[])?;
+                inner.done_tree(current)?.insert(&key, mark)?;
+                inner.done_tree(current + 1)?.insert(&key, mark)?;
             }
             Place::Kept(_) if !finished => {
-                inner.state.insert(&key, StateRecord::Done.encode())?;
+                inner.state.insert(&key, kept_state.encode())?;
             }
             Place::Kept(_) => {}
         }
@@ -286,8 +289,9 @@ impl Local {
             for d in record_destinations(&raw)? {
                 let key = state_key(&d, id);
                 for seq in &trees {
-                    if inner.done_tree(*seq)?.contains_key(&key)? {
-                        inner.state.insert(&key, StateRecord::Done.encode())?;
+                    if let Some(mark) = inner.done_tree(*seq)?.get(&key)? {
+                        let st = if mark == PURGED_MARK { StateRecord::Purged } else { StateRecord::Done };
+                        inner.state.insert(&key, st.encode())?;
                         break;
                     }
                 }

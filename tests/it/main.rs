@@ -14,6 +14,7 @@ mod jetstream;
 mod messages;
 mod mtls;
 mod nats;
+mod openapi;
 mod order;
 mod policy;
 mod promises;

@@ -73,9 +73,19 @@ async fn a_message_shows_each_destinations_state_and_attempts() {
     assert!(page["next_cursor"].is_null());
     let future = crate::store_time_after_now();
     assert_eq!(list(format!("&since={future}")).await["messages"].as_array().map(Vec::len), Some(0));
+
     let dead = get(&relay.admin_url("/api/messages?destination=busy&state=dead")).await.2;
     let dead: serde_json::Value = serde_json::from_slice(&dead).expect("json");
     assert_eq!(dead["messages"][0]["id"], id.as_str());
+
+    // A purged dead letter is done, and says it was purged, not delivered.
+    let (s, _, _) = request("DELETE", &relay.admin_url(&format!("/api/dead-letters/busy?id={id}")), &[], "").await;
+    assert_eq!(s, 200);
+    let (_, _, body) = get(&relay.admin_url(&format!("/api/messages/{id}"))).await;
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    let busy_state =
+        v["destinations"].as_array().and_then(|a| a.iter().find(|d| d["name"] == "busy")).map(|d| d["state"].clone());
+    assert_eq!(busy_state, Some(serde_json::json!("purged")), "{v}");
 
     // The same through the CLI.
     let admin = relay.admin_url("");
@@ -87,7 +97,7 @@ async fn a_message_shows_each_destinations_state_and_attempts() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(
-        text.contains("busy") && text.contains("dead") && text.contains("503") && text.contains("filtered"),
+        text.contains("busy") && text.contains("purged") && text.contains("connect") && text.contains("filtered"),
         "{text}"
     );
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
