@@ -4,7 +4,9 @@
 //! all but `/healthz` and `/readyz` need `Authorization: Bearer <token>`;
 //! `admin.tls` serves them over HTTPS):
 //! Described in OpenAPI 3.1 by `docs/admin-api.yaml`, served at
-//! `GET /api/openapi.yaml`.
+//! `GET /api/openapi.yaml`. A request that changes something and carries
+//! another site's `Origin` (or `Sec-Fetch-Site: cross-site`) is refused
+//! with 403, token or not: a page in the operator's browser cannot drive it.
 //! - `GET /metrics`: Prometheus text exposition.
 //! - `GET /healthz`: 200 while the process serves requests and its store can
 //!   flush; 503 once flushes keep failing (a restart is what recovers the store).
@@ -117,6 +119,25 @@ impl crate::server::Handler for Admin {
     }
 }
 
+/// Whether `req` changes something and comes from another site's page: a
+/// browser sends `Origin` (and `Sec-Fetch-Site`) with a cross-site form or
+/// fetch; an operator's curl or the CLI sends neither. Without
+/// `admin.token` this is what keeps a page the operator happens to open
+/// from pausing a destination or purging dead letters behind their back.
+fn cross_site(req: &Request<Incoming>) -> bool {
+    if req.method() == Method::GET || req.method() == Method::HEAD {
+        return false;
+    }
+    let h = req.headers();
+    if h.get("sec-fetch-site").is_some_and(|v| v.as_bytes() == b"cross-site") {
+        return true;
+    }
+    let Some(origin) = h.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else { return false };
+    let host = h.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    // `Origin: null` (a sandboxed or file page) is another site too.
+    origin.split_once("://").map(|(_, rest)| rest) != Some(host)
+}
+
 /// This API, described (OpenAPI 3.1; checked against the live server by
 /// `tests/it/openapi.rs`).
 const OPENAPI: &str = include_str!("../../docs/admin-api.yaml");
@@ -174,6 +195,12 @@ impl Admin {
             let mut resp = json(StatusCode::UNAUTHORIZED, serde_json::json!({ "error": "bearer token required" }));
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             return resp;
+        }
+        if cross_site(&req) {
+            return json(
+                StatusCode::FORBIDDEN,
+                serde_json::json!({ "error": "cross-site requests may not change anything here" }),
+            );
         }
         match (req.method(), segments.as_slice()) {
             (&Method::GET, ["metrics"]) => respond(

@@ -325,3 +325,29 @@ fn the_issue_config_contract_loads_as_written() {
         "{stderr}"
     );
 }
+
+/// A cross-site page in the operator's browser cannot change anything on
+/// the admin API (a form post carries the page's Origin), even without a
+/// token; the same request without Origin (curl, the CLI) works.
+#[tokio::test]
+async fn cross_site_requests_cannot_change_anything_on_the_admin_api() {
+    let r = TestReceiver::ok().await;
+    let relay = TestRelay::start(&config(&[("app", &r.url("/a"), "")])).await;
+    let url = relay.admin_url("/api/destinations/app/pause");
+    for headers in [
+        vec![("origin", "http://evil.example"), ("content-type", "application/x-www-form-urlencoded")],
+        vec![("origin", "null")],
+        vec![("sec-fetch-site", "cross-site")],
+    ] {
+        let (s, _, body) = request("POST", &url, &headers, "x=1").await;
+        assert_eq!(s, 403, "{headers:?}: {}", String::from_utf8_lossy(&body));
+    }
+    let (_, _, body) = get(&relay.admin_url("/api/destinations")).await;
+    assert!(String::from_utf8_lossy(&body).contains("\"state\":\"active\""), "nothing was paused");
+    let same_origin = format!("http://{}", relay.admin_url("").trim_start_matches("http://"));
+    let (s, _, _) = request("POST", &url, &[("origin", &same_origin)], "").await;
+    assert_eq!(s, 200, "the admin's own page may");
+    let (s, _, _) = request("POST", &relay.admin_url("/api/destinations/app/resume"), &[], "").await;
+    assert_eq!(s, 200, "curl and the CLI may");
+    relay.stop().await.expect("stop");
+}
