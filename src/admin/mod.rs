@@ -7,6 +7,8 @@
 //! `GET /api/openapi.yaml`. A request that changes something and carries
 //! another site's `Origin` (or `Sec-Fetch-Site: cross-site`) is refused
 //! with 403, token or not: a page in the operator's browser cannot drive it.
+//! - `GET /`: the status page (`status.html`, embedded; no data of its own,
+//!   it reads the API below with the token it asks for).
 //! - `GET /metrics`: Prometheus text exposition.
 //! - `GET /healthz`: 200 while the process serves requests and its store can
 //!   flush; 503 once flushes keep failing (a restart is what recovers the store).
@@ -138,6 +140,23 @@ fn cross_site(req: &Request<Incoming>) -> bool {
     origin.split_once("://").map(|(_, rest)| rest) != Some(host)
 }
 
+/// The status page: one file, no external assets (works air-gapped).
+const STATUS_PAGE: &str = include_str!("status.html");
+
+/// `GET /`: the page, with a policy that lets it talk to this listener
+/// only, run its own inline script and nothing else, and never be framed.
+fn status_page() -> Response<Full<Bytes>> {
+    let mut resp = respond(StatusCode::OK, "text/html; charset=utf-8", STATUS_PAGE);
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    resp
+}
+
 /// This API, described (OpenAPI 3.1; checked against the live server by
 /// `tests/it/openapi.rs`).
 const OPENAPI: &str = include_str!("../../docs/admin-api.yaml");
@@ -190,7 +209,8 @@ impl Admin {
     async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let path = req.uri().path().to_string();
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-        let open = matches!(segments.as_slice(), ["healthz"] | ["readyz"]);
+        // The status page itself holds no data (it asks for the token).
+        let open = matches!(segments.as_slice(), ["healthz"] | ["readyz"] | [""]);
         if !open && !self.authorized(&req) {
             let mut resp = json(StatusCode::UNAUTHORIZED, serde_json::json!({ "error": "bearer token required" }));
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -221,6 +241,7 @@ impl Admin {
             (&Method::GET, ["api", "operations", id]) => self.operation(id),
             (&Method::GET, ["api", "config"]) => json(StatusCode::OK, self.loaded.to_json()),
             (&Method::GET, ["api", "openapi.yaml"]) => respond(StatusCode::OK, "application/yaml", OPENAPI),
+            (&Method::GET, [""]) => status_page(),
             (&Method::POST, ["api", "destinations", dest, "pause"]) => self.pause(dest, true).await,
             (&Method::POST, ["api", "destinations", dest, "resume"]) => self.pause(dest, false).await,
             _ => json(StatusCode::NOT_FOUND, serde_json::json!({ "error": "not found" })),

@@ -22,6 +22,7 @@ mod relay;
 mod reload;
 mod security;
 mod signing;
+mod status_page;
 mod support;
 mod tls;
 mod tryout;

@@ -52,6 +52,8 @@ pub enum Reply {
     Reset,
     /// Answer `status` after a while (a slow destination).
     Slow(Duration, u16),
+    /// Answer `status` with this body.
+    Body(u16, &'static str),
 }
 
 type Script = Arc<dyn Fn(usize, &Received) -> Reply + Send + Sync>;
@@ -106,6 +108,7 @@ impl TestReceiver {
                             // what it records is there when they look.
                             let reply = script(n, &rec);
                             c.notify_waiters();
+                            let mut body: &'static [u8] = b"ok";
                             let (status, headers) = match reply {
                                 Reply::Status(s) => (s, vec![]),
                                 Reply::StatusWith(s, h) => (s, h),
@@ -118,8 +121,12 @@ impl TestReceiver {
                                     tokio::time::sleep(after).await;
                                     (s, vec![])
                                 }
+                                Reply::Body(s, b) => {
+                                    body = b.as_bytes();
+                                    (s, vec![])
+                                }
                             };
-                            let mut resp = http::Response::new(Full::new(Bytes::from_static(b"ok")));
+                            let mut resp = http::Response::new(Full::new(Bytes::from_static(body)));
                             *resp.status_mut() = http::StatusCode::from_u16(status).expect("status");
                             for (k, v) in headers {
                                 resp.headers_mut().insert(k, v.parse().expect("header"));

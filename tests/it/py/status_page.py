@@ -1,0 +1,61 @@
+"""Drives the status page in headless Chromium (Debian's chromium and
+chromedriver, through selenium): logs in with the token, waits for the
+failing state, checks that a destination's answer holding a <script> is
+shown as text and never runs, screenshots, clicks Replay on a dead letter
+of `billing` and Resume on the paused `audit`, waits for the page to show
+it, screenshots again. Arguments: page URL, token, screenshot directory.
+Prints "ok" or fails with a reason.
+"""
+import sys
+import tempfile
+
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+from selenium.common.exceptions import StaleElementReferenceException, NoSuchElementException
+from selenium.webdriver.support.ui import WebDriverWait
+
+
+def click(driver, css):
+    """Clicks `css` as the page has it now (it re-renders every few seconds)."""
+    try:
+        driver.find_element(By.CSS_SELECTOR, css).click()
+        return True
+    except (StaleElementReferenceException, NoSuchElementException):
+        return False
+
+
+url, token, shots = sys.argv[1:4]
+opts = webdriver.ChromeOptions()
+opts.binary_location = "/usr/bin/chromium"
+for a in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+          "--disable-background-networking", "--disable-component-update", "--disable-sync",
+          "--no-first-run", "--disable-quic", f"--user-data-dir={tempfile.mkdtemp()}"]:
+    opts.add_argument(a)
+driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path="/usr/bin/chromedriver"))
+try:
+    driver.set_window_size(1400, 1100)
+    driver.get(url)
+    wait = WebDriverWait(driver, 30)
+    wait.until(lambda d: d.find_element(By.ID, "login").is_displayed())
+    driver.find_element(By.ID, "token").send_keys(token)
+    driver.find_element(By.CSS_SELECTOR, "#login button").click()
+    dests = lambda d: d.find_element(By.ID, "dests").text
+    wait.until(lambda d: "billing" in dests(d) and "<script>" in dests(d) and "retrying" in dests(d))
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#dead button[data-id]"))
+    assert driver.execute_script("return window.pwned") is None, "a destination's answer ran as script"
+    driver.save_screenshot(f"{shots}/1-failing.png")
+    wait.until(lambda d: click(d, "#dead button[data-id]"))
+    wait.until(lambda d: click(d, "button[data-destination='audit']"))
+
+    def resumed(d):
+        try:
+            return d.find_element(By.CSS_SELECTOR, "button[data-destination='audit']").text == "Pause"
+        except (StaleElementReferenceException, NoSuchElementException):
+            return False
+
+    wait.until(resumed)
+    assert driver.execute_script("return window.pwned") is None
+    driver.save_screenshot(f"{shots}/2-replayed-and-resumed.png")
+    print("ok")
+finally:
+    driver.quit()
