@@ -104,6 +104,12 @@ pub struct Ingress {
     pub wakers: Wakers,
     /// Bytes of request bodies that may be held in memory (`max_buffered_bytes`).
     pub buffered: Arc<Semaphore>,
+    /// Refusals for a store reason are logged once a second at most: when
+    /// the last line went out (unix ms), and how many refusals it did not
+    /// say since (an outage at hundreds of callbacks a second would
+    /// otherwise write hundreds of lines a second).
+    refusal_logged_ms: std::sync::atomic::AtomicU64,
+    refusals_unlogged: std::sync::atomic::AtomicU64,
 }
 
 impl Ingress {
@@ -116,7 +122,16 @@ impl Ingress {
     ) -> Ingress {
         let budget = usize::try_from(config.max_buffered_bytes).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
         let routes = arc_swap::ArcSwap::from_pointee(routes);
-        Ingress { routes, config, store, metrics, wakers, buffered: Arc::new(Semaphore::new(budget)) }
+        Ingress {
+            routes,
+            config,
+            store,
+            metrics,
+            wakers,
+            buffered: Arc::new(Semaphore::new(budget)),
+            refusal_logged_ms: Default::default(),
+            refusals_unlogged: Default::default(),
+        }
     }
 }
 
@@ -433,10 +448,20 @@ impl Ingress {
             let limit = self.store.max_record().unwrap_or(*n as u64);
             return too_large(limit);
         }
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = now_ms();
+        let last = self.refusal_logged_ms.load(Relaxed);
+        let due = now.saturating_sub(last) >= 1000
+            && self.refusal_logged_ms.compare_exchange(last, now, Relaxed, Relaxed).is_ok();
+        if !due {
+            self.refusals_unlogged.fetch_add(1, Relaxed);
+            return self.retry_later("cannot store the message right now; retry later");
+        }
+        let also = self.refusals_unlogged.swap(0, Relaxed);
         if e.is_transient() {
-            tracing::warn!(error = %e, "refusing a callback: the store cannot take it right now");
+            tracing::warn!(error = %e, also_refused_since_last_line = also, "refusing a callback: the store cannot take it right now");
         } else {
-            tracing::error!(error = %e, "refusing a callback: the store failed; an operator is needed");
+            tracing::error!(error = %e, also_refused_since_last_line = also, "refusing a callback: the store failed; an operator is needed");
         }
         self.retry_later("cannot store the message right now; retry later")
     }

@@ -585,3 +585,26 @@ fn a_bad_duration_error_shows_valid_examples() {
     assert!(err.contains("destinations.a.timeout"), "{err}");
     assert!(err.contains("such as \"30s\""), "{err}");
 }
+
+/// A store that refuses callbacks (here: full) is logged once a second at
+/// most, with how many refusals the line did not say, not once per
+/// callback: an outage at high rates must not flood the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_logged_once_a_second_not_per_callback() {
+    let r = TestReceiver::ok().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = config(&[("a", &r.url("/a"), "paused = true")]).replace("[store]\n", "[store]\nmax_bytes = 300\n");
+    let path = crate::binary::write(dir.path(), &toml);
+    let relay = crate::binary::RelayProcess::start(&path).await;
+    let mut refused = 0;
+    for i in 0..40 {
+        let (s, _, _) = post(&relay.url("/in"), "text/plain", format!("fill-{i}-{}", "x".repeat(200))).await;
+        if s == 503 {
+            refused += 1;
+        }
+    }
+    assert!(refused >= 30, "the store filled up: {refused} refused");
+    let logs = relay.logs();
+    let lines = logs.lines().filter(|l| l.contains("refusing a callback")).count();
+    assert!((1..=3).contains(&lines), "{lines} log lines for {refused} refusals:\n{logs}");
+}
