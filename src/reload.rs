@@ -34,7 +34,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::delivery::Worker;
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::{lock, Store};
 use crate::wake::Wakers;
 
 /// The configuration file loaded, for `GET /api/config`.
@@ -80,10 +80,6 @@ fn file_hash(path: &std::path::Path) -> String {
         Ok(bytes) => Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect(),
         Err(_) => String::new(),
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A destination's running worker.

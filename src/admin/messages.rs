@@ -193,7 +193,15 @@ impl Admin {
                 None => return bad_request("cursor: a next_cursor this API gave"),
             },
         };
-        match self.store.list_messages(dest, state, since, until, after, limit).await {
+        let q = crate::store::MessageQuery {
+            destination: dest.clone(),
+            state,
+            since_ms: since,
+            until_ms: until,
+            after,
+            limit,
+        };
+        match self.store.list_messages(&q).await {
             Ok(page) => {
                 let messages: Vec<Value> = page
                     .ids

@@ -172,12 +172,6 @@ fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
     respond(status, "application/json", v.to_string())
 }
 
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Critical sections here are a push or a read; a poisoned lock still
-    // guards consistent data.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 fn query_params(req: &Request<Incoming>) -> HashMap<String, String> {
     req.uri().query().map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default()
 }

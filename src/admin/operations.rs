@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use super::{json, query_params, Admin};
-use crate::store::{Progress, Selection};
+use crate::store::{lock, Progress, Selection};
 
 /// Finished operations kept for `GET /api/operations/{id}`.
 const KEPT: usize = 100;
@@ -61,7 +61,7 @@ struct Kept {
 
 impl Operations {
     fn add(&self, op: Arc<Operation>) -> u64 {
-        let mut g = super::lock(&self.0);
+        let mut g = lock(&self.0);
         g.last += 1;
         let id = g.last;
         g.ops.push_back((id, op));
@@ -72,7 +72,7 @@ impl Operations {
     }
 
     fn get(&self, id: u64) -> Option<Arc<Operation>> {
-        super::lock(&self.0).ops.iter().find(|(i, _)| *i == id).map(|(_, op)| op.clone())
+        lock(&self.0).ops.iter().find(|(i, _)| *i == id).map(|(_, op)| op.clone())
     }
 }
 
@@ -124,7 +124,7 @@ impl Admin {
                 }
                 tracing::info!(destination = %task.destination, operation = task.kind.as_str(), count = n, "dead letters {}", task.kind.counted());
             }
-            *super::lock(&task.result) = Some(done.map_err(|e| e.to_string()));
+            *lock(&task.result) = Some(done.map_err(|e| e.to_string()));
         };
         if q.get("wait").is_some_and(|w| w == "0") {
             let id = self.operations.add(op);
@@ -135,7 +135,7 @@ impl Admin {
             );
         }
         run.await;
-        let result = super::lock(&op.result).take();
+        let result = lock(&op.result).take();
         match result {
             Some(Ok(n)) => json(StatusCode::OK, json!({ kind.counted(): n })),
             Some(Err(e)) => json(StatusCode::SERVICE_UNAVAILABLE, json!({ "error": e })),
@@ -155,7 +155,7 @@ impl Admin {
             "done": op.progress.done.load(Ordering::Relaxed),
             "finished": false,
         });
-        match &*super::lock(&op.result) {
+        match &*lock(&op.result) {
             None => {}
             Some(Ok(n)) => {
                 v["finished"] = json!(true);

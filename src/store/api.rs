@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use super::jetstream::{Jet, JetConfig};
 use super::{
-    Appended, AppendedIn, DeadLetter, DestStats, Draft, Due, Inspection, Lease, Listing, Local, Marks, MessageRecord,
-    Page, Selection, Settle, StoreError, StoreOptions,
+    Appended, AppendedIn, DeadLetter, DestStats, Draft, Due, Inspection, Lease, Local, Marks, MessageQuery,
+    MessageRecord, Page, Selection, Settle, StoreError, StoreOptions,
 };
 
 /// The durable store the relay runs on. Cheap to clone.
@@ -240,19 +240,10 @@ impl Store {
         }
     }
 
-    /// A page of the messages of `dest` in `state` received within
-    /// `since_ms..=until_ms`, after the cursor `after`, oldest first.
-    pub async fn list_messages(
-        &self,
-        dest: &str,
-        state: Listing,
-        since_ms: u64,
-        until_ms: u64,
-        after: Option<u64>,
-        limit: usize,
-    ) -> Result<Page, StoreError> {
+    /// A page of the messages `q` asks for, oldest first.
+    pub async fn list_messages(&self, q: &MessageQuery) -> Result<Page, StoreError> {
         match &self.0 {
-            Backend::Local(s) => s.list_messages(dest, state, since_ms, until_ms, after, limit).await,
+            Backend::Local(s) => s.list_messages(q).await,
             Backend::Jet(_) => Err(StoreError::Unsupported("message listing with store.kind = \"jetstream\"")),
         }
     }

@@ -44,6 +44,19 @@ pub enum Listing {
     Dead,
 }
 
+/// What [`Store::list_messages`] lists: the messages of `destination` in
+/// `state`, received within `since_ms..=until_ms`, after message `after`
+/// (the cursor), at most `limit`, oldest first.
+#[derive(Debug, Clone)]
+pub struct MessageQuery {
+    pub destination: String,
+    pub state: Listing,
+    pub since_ms: u64,
+    pub until_ms: u64,
+    pub after: Option<u64>,
+    pub limit: usize,
+}
+
 /// A page of [`Store::list_messages`]: ids oldest first, and the cursor of
 /// the next page if there is one.
 #[derive(Debug, Clone, Default)]
@@ -121,24 +134,14 @@ impl Local {
         Ok(None)
     }
 
-    /// Up to `limit` messages of `dest` in `state`, received within
-    /// `since_ms..until_ms`, after message `after` (the cursor), oldest first.
-    pub async fn list_messages(
-        &self,
-        dest: &str,
-        state: Listing,
-        since_ms: u64,
-        until_ms: u64,
-        after: Option<u64>,
-        limit: usize,
-    ) -> Result<Page, StoreError> {
+    pub async fn list_messages(&self, q: &MessageQuery) -> Result<Page, StoreError> {
         let unit = 1u64 << ID_SEQ_BITS;
-        let from = since_ms.saturating_mul(unit).max(after.map_or(0, |a| a.saturating_add(1)));
-        let to = until_ms.saturating_add(1).saturating_mul(unit);
-        match state {
-            Listing::Pending => Ok(self.inner.index.pending_page(dest, from, to, limit)),
+        let from = q.since_ms.saturating_mul(unit).max(q.after.map_or(0, |a| a.saturating_add(1)));
+        let to = q.until_ms.saturating_add(1).saturating_mul(unit);
+        match q.state {
+            Listing::Pending => Ok(self.inner.index.pending_page(&q.destination, from, to, q.limit)),
             Listing::Dead => {
-                let (store, dest) = (self.clone(), dest.to_string());
+                let (store, dest, limit) = (self.clone(), q.destination.clone(), q.limit);
                 blocking(move || store.dead_page(&dest, from, to, limit)).await
             }
         }

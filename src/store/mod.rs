@@ -90,7 +90,7 @@ use self::cache::RecordCache;
 use self::commit::GroupCommit;
 pub use self::error::{EngineError, StoreError};
 use self::index::{Index, Written};
-pub use self::inspect::{DeliveryState, DeliveryView, Inspection, Listing, Page};
+pub use self::inspect::{DeliveryState, DeliveryView, Inspection, Listing, MessageQuery, Page};
 pub use self::jetstream::{JetAuth, JetConfig};
 pub use self::lookup::key as lookup_key;
 use self::segments::{Loc, SegmentLog};
@@ -446,7 +446,7 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await.unwrap_or(Err(StoreError::Closed))
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Every critical section in this module is a few map or counter updates
     // that cannot panic midway, so a poisoned lock still guards consistent data.
     m.lock().unwrap_or_else(|p| p.into_inner())

@@ -95,30 +95,20 @@ async fn jetstream_delivers_retries_dead_letters_and_replays() {
 
 /// Runs `switchboard run` on `config`, which must exit by itself within
 /// the wait; returns its exit code and what it printed.
-fn run_until_exit(config: &std::path::Path) -> (Option<i32>, String) {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+async fn run_until_exit(config: &std::path::Path) -> (Option<i32>, String) {
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
         .args(["run", "--config"])
         .arg(config)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
         .spawn()
         .expect("spawn");
-    let deadline = std::time::Instant::now() + WAIT;
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("switchboard run did not exit");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = std::io::Read::read_to_string(&mut e, &mut err);
-    }
-    (status.code(), err)
+    let out = tokio::time::timeout(WAIT, child.wait_with_output())
+        .await
+        .expect("switchboard run exits by itself")
+        .expect("wait");
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 /// Wrong credentials: one clear error, and the relay exits (retrying
@@ -134,7 +124,7 @@ async fn wrong_credentials_and_a_mismatched_stream_are_refused_clearly() {
             .replace("replicas = 1\n", &format!("replicas = 1\nuser = \"sb\"\npassword = \"{pw}\"\n"))
     };
     let path = crate::binary::write(dir.path(), &store("wrong-one", "sbw"));
-    let (code, err) = run_until_exit(&path);
+    let (code, err) = run_until_exit(&path).await;
     assert_ne!(code, Some(0));
     assert!(err.contains("refused the credentials"), "{err}");
     assert!(!err.contains("wrong-one") && !err.contains("right-one"), "no password in errors: {err}");
@@ -154,7 +144,7 @@ async fn wrong_credentials_and_a_mismatched_stream_are_refused_clearly() {
     .await
     .expect("create stream");
     let path = crate::binary::write(dir.path(), &store("right-one", "sbl"));
-    let (code, err) = run_until_exit(&path);
+    let (code, err) = run_until_exit(&path).await;
     assert_ne!(code, Some(0));
     assert!(err.contains("retention") && err.contains("\"sbl\""), "{err}");
     let info = js.get_stream("sbl").await.expect("stream").cached_info().config.retention;
@@ -170,7 +160,7 @@ async fn wrong_credentials_and_a_mismatched_stream_are_refused_clearly() {
     .await
     .expect("create stream");
     let path = crate::binary::write(dir.path(), &store("right-one", "sbr").replace("replicas = 1\n", "replicas = 3\n"));
-    let (code, err) = run_until_exit(&path);
+    let (code, err) = run_until_exit(&path).await;
     assert_ne!(code, Some(0));
     assert!(err.contains("has 1 replicas; store.replicas is 3"), "{err}");
 }
@@ -212,6 +202,7 @@ async fn unreachable_at_start_then_ready_and_max_payload_is_413() {
 #[test]
 fn what_jetstream_cannot_do_is_a_config_error() {
     let dir = tempfile::tempdir().expect("tempdir");
+    // `check` validates; it never connects, so the address is only text.
     let jet = |extra: &str, store_extra: &str| {
         jet_config(&["nats://127.0.0.1:4222".into()], "s", 1, &[("a", "http://127.0.0.1:1/a", extra)])
             .replace("replicas = 1\n", &format!("replicas = 1\n{store_extra}"))
