@@ -92,6 +92,7 @@ fn store_options(config: &Config, cut_damaged_log: bool) -> anyhow::Result<Store
     let opts = StoreOptions {
         dedupe_retention: config.routes.iter().filter_map(|r| r.dedupe.as_ref().map(|d| d.window)).max(),
         dedupe_max_keys: config.store.dedupe_max_keys,
+        retain_delivered: config.store.retain_delivered,
         max_bytes: config.store.max_bytes,
         min_free_bytes: config.store.min_free_bytes,
         cache_bytes: None,

@@ -28,7 +28,7 @@ pub(super) fn parse_time(s: &str) -> Option<u64> {
     t.duration_since(UNIX_EPOCH).ok().map(|d| d.as_millis() as u64)
 }
 
-fn store_error(e: &StoreError) -> Response<Full<Bytes>> {
+pub(super) fn store_error(e: &StoreError) -> Response<Full<Bytes>> {
     let status = match e {
         StoreError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
         _ => StatusCode::SERVICE_UNAVAILABLE,
@@ -49,7 +49,7 @@ impl Admin {
             Ok(Some(found)) => json(StatusCode::OK, self.message_json(&found, q.get("body").is_some_and(|b| b == "1"))),
             Ok(None) => json(
                 StatusCode::NOT_FOUND,
-                json!({ "error": "no such message: unknown, or every destination is done with it (delivered messages are not kept)" }),
+                json!({ "error": "no such message: unknown, or deleted once every destination was done with it (store.retain_delivered keeps delivered messages)" }),
             ),
             Err(e) => store_error(&e),
         }
@@ -96,7 +96,12 @@ impl Admin {
                         v["state"] = json!("pending");
                         v["next_attempt_at"] = json!(rfc3339(*due_ms));
                     }
-                    DeliveryState::Delivered => v["state"] = json!("delivered"),
+                    DeliveryState::Delivered { at_ms } => {
+                        v["state"] = json!("delivered");
+                        if let Some(at) = at_ms {
+                            v["delivered_at"] = json!(rfc3339(*at));
+                        }
+                    }
                     DeliveryState::Purged => v["state"] = json!("purged"),
                     DeliveryState::Dead { dead_at_ms, last_status, reason } => {
                         v["state"] = json!("dead");
@@ -123,6 +128,9 @@ impl Admin {
             "body_size": r.body.len(),
             "destinations": destinations,
         });
+        if let Some(until) = m.retained_until_ms {
+            v["retained_until"] = json!(rfc3339(until));
+        }
         if with_body {
             match std::str::from_utf8(&r.body) {
                 Ok(text) => v["body"] = json!(text),
@@ -162,13 +170,7 @@ impl Admin {
         let state = match q.get("state").map(String::as_str) {
             Some("pending") | None => Listing::Pending,
             Some("dead") => Listing::Dead,
-            Some("delivered") => {
-                return json(
-                    StatusCode::OK,
-                    json!({ "destination": dest, "state": "delivered", "messages": [], "next_cursor": null,
-                            "note": "delivered messages are not kept" }),
-                )
-            }
+            Some("delivered") => Listing::Delivered,
             Some(_) => return bad_request("state is pending, dead or delivered"),
         };
         let since = match q.get("since").map(|s| parse_time(s)) {
@@ -181,16 +183,30 @@ impl Admin {
             Some(Some(t)) => t,
             Some(None) => return bad_request("until: RFC 3339 time or unix milliseconds"),
         };
+        if until < since {
+            return bad_request("until is before since");
+        }
+        if !self.view.load().destinations.iter().any(|d| d == dest) && !self.store.known_destinations().contains(dest) {
+            return json(StatusCode::NOT_FOUND, json!({ "error": "unknown destination" }));
+        }
         let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
             None => 100,
             Some(Ok(n)) if (1..=MAX_PAGE).contains(&n) => n,
             Some(_) => return bad_request("limit: 1 to 1000"),
         };
+        // A cursor is the last id of a page and the query it paged.
+        let query = query_tag(dest, q.get("state").map_or("pending", String::as_str), since, until);
         let after = match q.get("cursor") {
             None => None,
-            Some(c) => match self.store.parse_external_id(c) {
-                Some(id) => Some(id),
-                None => return bad_request("cursor: a next_cursor this API gave"),
+            Some(c) => match c.rsplit_once('.') {
+                Some((id, tag)) if tag == query => match self.store.parse_external_id(id) {
+                    Some(id) => Some(id),
+                    None => return bad_request("cursor: a next_cursor this API gave"),
+                },
+                Some((id, _)) if self.store.parse_external_id(id).is_some() => {
+                    return bad_request("cursor: from another query (destination, state, since and until must stay the same)")
+                }
+                _ => return bad_request("cursor: a next_cursor this API gave"),
             },
         };
         let q = crate::store::MessageQuery {
@@ -213,10 +229,18 @@ impl Admin {
                         })
                     })
                     .collect();
-                let next = page.next.map(|id| self.store.external_id(id));
+                let next = page.next.map(|id| format!("{}.{query}", self.store.external_id(id)));
                 json(StatusCode::OK, json!({ "destination": dest, "messages": messages, "next_cursor": next }))
             }
             Err(e) => store_error(&e),
         }
     }
+}
+
+/// What a cursor is bound to: 8 hex digits of SHA-256 of the query it
+/// pages (so a cursor used with another query is refused, not misread).
+fn query_tag(dest: &str, state: &str, since: u64, until: u64) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("{dest}\0{state}\0{since}\0{until}").as_bytes());
+    digest[..4].iter().map(|b| format!("{b:02x}")).collect()
 }

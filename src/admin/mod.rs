@@ -236,6 +236,7 @@ impl Admin {
             (&Method::GET, ["api", "config"]) => json(StatusCode::OK, self.loaded.to_json()),
             (&Method::GET, ["api", "openapi.yaml"]) => respond(StatusCode::OK, "application/yaml", OPENAPI),
             (&Method::GET, [""]) => status_page(),
+            (&Method::POST, ["api", "destinations", dest, "replay"]) => self.destination_replay(dest, &req).await,
             (&Method::POST, ["api", "destinations", dest, "pause"]) => self.pause(dest, true).await,
             (&Method::POST, ["api", "destinations", dest, "resume"]) => self.pause(dest, false).await,
             _ => json(StatusCode::NOT_FOUND, serde_json::json!({ "error": "not found" })),

@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use super::{json, query_params, Admin};
-use crate::store::{lock, Progress, Selection};
+use crate::store::{lock, Progress, Selection, Source};
 
 /// Finished operations kept for `GET /api/operations/{id}`.
 const KEPT: usize = 100;
@@ -43,6 +43,7 @@ impl Kind {
 
 struct Operation {
     kind: Kind,
+    source: Source,
     destination: String,
     progress: Arc<Progress>,
     result: Mutex<Option<Result<usize, String>>>,
@@ -92,7 +93,21 @@ impl Admin {
             sel.until_ms =
                 Some(super::messages::parse_time(t).ok_or_else(|| bad("until: RFC 3339 time or unix milliseconds"))?);
         }
+        if sel.until_ms.is_some_and(|u| u < sel.since_ms) {
+            return Err(bad("until is before since"));
+        }
         Ok(sel)
+    }
+
+    /// `POST /api/destinations/{dest}/replay?state=delivered|dead`: a
+    /// replay of what `dest` got (stored messages: pending elsewhere, or
+    /// retained), or of its dead letters.
+    pub(super) async fn destination_replay(&self, dest: &str, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        match query_params(req).get("state").map(String::as_str) {
+            Some("delivered") => self.operation_on(Kind::Replay, Source::Delivered, dest, req).await,
+            Some("dead") => self.operation_on(Kind::Replay, Source::Dead, dest, req).await,
+            _ => json(StatusCode::BAD_REQUEST, json!({ "error": "state=delivered or state=dead is required" })),
+        }
     }
 
     pub(super) async fn dead_operation(
@@ -101,7 +116,18 @@ impl Admin {
         dest: &str,
         req: &Request<Incoming>,
     ) -> Response<Full<Bytes>> {
-        if kind == Kind::Replay && !self.view.load().destinations.iter().any(|d| d == dest) {
+        self.operation_on(kind, Source::Dead, dest, req).await
+    }
+
+    async fn operation_on(
+        &self,
+        kind: Kind,
+        source: Source,
+        dest: &str,
+        req: &Request<Incoming>,
+    ) -> Response<Full<Bytes>> {
+        let configured = self.view.load().destinations.iter().any(|d| d == dest);
+        if !configured && (kind == Kind::Replay || !self.store.known_destinations().iter().any(|d| d == dest)) {
             return json(StatusCode::NOT_FOUND, json!({ "error": "unknown destination" }));
         }
         let q = query_params(req);
@@ -109,20 +135,36 @@ impl Admin {
             Ok(s) => s,
             Err(resp) => return *resp,
         };
+        let what = match source {
+            Source::Dead => "dead letters",
+            Source::Delivered => "delivered messages",
+        };
+        match self.store.covered(dest, &sel, source).await {
+            Ok(0) => {
+                return json(
+                    StatusCode::NOT_FOUND,
+                    json!({ "error": format!("nothing to {}: no {what} of {dest} match", kind.as_str()) }),
+                )
+            }
+            Ok(_) => {}
+            Err(e) => return super::messages::store_error(&e),
+        }
         let progress = Arc::new(Progress::default());
         sel.progress = Some(progress.clone());
-        let op = Arc::new(Operation { kind, destination: dest.to_string(), progress, result: Mutex::new(None) });
+        let op =
+            Arc::new(Operation { kind, source, destination: dest.to_string(), progress, result: Mutex::new(None) });
         let (store, wakers, task) = (self.store.clone(), self.wakers.clone(), op.clone());
         let run = async move {
-            let done = match task.kind {
-                Kind::Replay => store.replay_dead(&task.destination, &sel).await,
-                Kind::Purge => store.purge_dead(&task.destination, &sel).await,
+            let done = match (task.kind, task.source) {
+                (Kind::Replay, Source::Dead) => store.replay_dead(&task.destination, &sel).await,
+                (Kind::Replay, Source::Delivered) => store.replay_delivered(&task.destination, &sel).await,
+                (Kind::Purge, _) => store.purge_dead(&task.destination, &sel).await,
             };
             if let Ok(n) = &done {
                 if task.kind == Kind::Replay {
                     wakers.wake(&task.destination);
                 }
-                tracing::info!(destination = %task.destination, operation = task.kind.as_str(), count = n, "dead letters {}", task.kind.counted());
+                tracing::info!(destination = %task.destination, operation = task.kind.as_str(), count = n, "{what} {}", task.kind.counted());
             }
             *lock(&task.result) = Some(done.map_err(|e| e.to_string()));
         };
@@ -150,6 +192,7 @@ impl Admin {
         let mut v = json!({
             "operation": id,
             "kind": op.kind.as_str(),
+            "state": match op.source { Source::Dead => "dead", Source::Delivered => "delivered" },
             "destination": op.destination,
             "total": op.progress.total.load(Ordering::Relaxed),
             "done": op.progress.done.load(Ordering::Relaxed),

@@ -103,6 +103,8 @@ pub struct StoreConfig {
     pub max_bytes: Option<u64>,
     pub min_free_bytes: Option<u64>,
     pub dedupe_max_keys: usize,
+    /// `retain_delivered`: how long messages are kept after delivery.
+    pub retain_delivered: Option<Duration>,
     /// Encryption keys (id, base64 of 32 bytes), the first seals; empty: off.
     pub encryption: Vec<(String, Secret)>,
     /// `kind = "jetstream"`: the NATS JetStream store instead of the local one.

@@ -157,6 +157,10 @@ pub struct RawStore {
     /// Payloads encrypted at rest (off unless present).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<RawEncryption>,
+    /// How long a message is kept (with its attempts) once every
+    /// destination is done with it; 0s: deleted at once.
+    #[serde(default, with = "humantime_serde")]
+    pub retain_delivered: Duration,
     /// "local" (the default: `path`) or "jetstream" (the keys below).
     #[serde(default)]
     pub kind: RawStoreKind,
@@ -259,6 +263,7 @@ impl Default for RawStore {
             min_free_bytes: default_min_free_bytes(),
             dedupe_max_keys: default_dedupe_max_keys(),
             encryption: None,
+            retain_delivered: Duration::ZERO,
             kind: RawStoreKind::Local,
             servers: Vec::new(),
             stream: default_stream(),

@@ -66,6 +66,7 @@ impl RawConfig {
             store: StoreConfig {
                 encryption,
                 dedupe_max_keys: self.store.dedupe_max_keys,
+                retain_delivered: (!self.store.retain_delivered.is_zero()).then_some(self.store.retain_delivered),
                 path: self.store.path,
                 max_bytes: (self.store.max_bytes > 0).then_some(self.store.max_bytes),
                 min_free_bytes: (self.store.min_free_bytes > 0).then_some(self.store.min_free_bytes),

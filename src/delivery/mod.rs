@@ -334,7 +334,7 @@ impl Worker {
                 m.deliveries.with_label_values(&[name, "delivered"]).inc();
                 m.delivery_lag.with_label_values(&[name]).observe(age.as_secs_f64());
                 tracing::debug!(destination = name, id = %self.store.external_id(lease.id), attempt, "delivered");
-                Settle::Delivered
+                Settle::Delivered { attempt: record }
             }
             Action::RetryAfter(delay) => {
                 m.deliveries.with_label_values(&[name, "retried"]).inc();

@@ -13,7 +13,7 @@ use std::time::Duration;
 use super::jetstream::{Jet, JetConfig};
 use super::{
     Appended, AppendedIn, DeadLetter, DestStats, Draft, Due, Inspection, Lease, Local, Marks, MessageQuery,
-    MessageRecord, Page, Selection, Settle, StoreError, StoreOptions,
+    MessageRecord, Page, Selection, Settle, Source, StoreError, StoreOptions,
 };
 
 /// The durable store the relay runs on. Cheap to clone.
@@ -226,6 +226,50 @@ impl Store {
         match &self.0 {
             Backend::Local(s) => s.purge_dead(dest, sel).await,
             Backend::Jet(s) => s.purge_dead(dest, sel).await,
+        }
+    }
+
+    /// Sends the stored messages `dest` got that `sel` covers to it again
+    /// (due now, through its queue); durable before it returns. Returns
+    /// how many. JetStream: not available (messages are not kept there
+    /// after delivery).
+    pub async fn replay_delivered(&self, dest: &str, sel: &Selection) -> Result<usize, StoreError> {
+        match &self.0 {
+            Backend::Local(s) => s.replay_delivered(dest, sel).await,
+            Backend::Jet(_) => Err(StoreError::Unsupported("replay of delivered messages with store.kind = \"jetstream\"")),
+        }
+    }
+
+    /// How many messages of `dest` an operation on `source` with `sel`
+    /// would cover now (to refuse one that covers none).
+    pub async fn covered(&self, dest: &str, sel: &Selection, source: Source) -> Result<usize, StoreError> {
+        let sel = Selection { progress: None, ..sel.clone() };
+        match (&self.0, source) {
+            (Backend::Local(s), source) => {
+                let (s, dest) = (s.clone(), dest.to_string());
+                super::blocking(move || match source {
+                    Source::Dead => s.dead_ids(&dest, &sel).map(|ids| ids.len()),
+                    Source::Delivered => s.delivered_ids(&dest, &sel).map(|ids| ids.len()),
+                })
+                .await
+            }
+            (Backend::Jet(s), Source::Dead) => Ok(s
+                .list_dead(dest, usize::MAX)
+                .await?
+                .iter()
+                .filter(|d| sel.covers(d.id, super::id_received_ms(d.id)))
+                .count()),
+            (Backend::Jet(_), Source::Delivered) => {
+                Err(StoreError::Unsupported("replay of delivered messages with store.kind = \"jetstream\""))
+            }
+        }
+    }
+
+    /// Messages kept after delivery (`store.retain_delivered`).
+    pub fn retained(&self) -> u64 {
+        match &self.0 {
+            Backend::Local(s) => s.retained(),
+            Backend::Jet(_) => 0,
         }
     }
 

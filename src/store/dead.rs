@@ -33,7 +33,7 @@ impl Local {
     }
 
     /// The dead letters of `dest` an operation covers (its total reported).
-    fn dead_ids(&self, dest: &str, sel: &Selection) -> Result<Vec<u64>, StoreError> {
+    pub(super) fn dead_ids(&self, dest: &str, sel: &Selection) -> Result<Vec<u64>, StoreError> {
         let ids: Vec<u64> = match sel.only {
             Some(id) => vec![id],
             None => self.dead_letters(dest, usize::MAX)?.into_iter().map(|e| e.id).collect(),
@@ -107,7 +107,7 @@ impl Local {
             if !self.is_dead(dest, id)? {
                 continue;
             }
-            let ((), written) = Written::by(self.finish(&mut msgs, dest, id, true))?;
+            let ((), written) = Written::by(self.finish(&mut msgs, dest, id, DoneMark::Purged))?;
             drop(msgs);
             self.inner.index.purged(dest, id, &written);
             purged += 1;

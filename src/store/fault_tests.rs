@@ -178,7 +178,7 @@ proptest! {
                             Ok(Some(m)) => {
                                 let want = model.body(lease.id).ok_or_else(|| TestCaseError::fail(format!("leased unknown message {}", lease.id)))?;
                                 prop_assert_eq!(&m.body[..], &want[..], "bytes delivered for message {}", lease.id);
-                                store.settle(&lease, Settle::Delivered).await.expect("settle");
+                                store.settle(&lease, Settle::Delivered { attempt: Attempt::default() }).await.expect("settle");
                                 for of in [&mut model.acked, &mut model.maybe] {
                                     if let Some((_, pending)) = of.get_mut(&lease.id) {
                                         pending.remove(dest);

@@ -36,8 +36,12 @@ impl Inner {
                         }
                         gone += 1;
                     }
-                    // Settled before its flush.
-                    None => gone += 1,
+                    // Settled before its flush (and retained: it holds the segment).
+                    None => {
+                        if !self.placed_retained(*id, *loc) {
+                            gone += 1;
+                        }
+                    }
                 }
             }
             for _ in 0..gone {

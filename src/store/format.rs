@@ -350,7 +350,11 @@ pub enum StateRecord {
         record: QueueRecord,
         history: Vec<Attempt>,
     },
-    Done,
+    /// Delivered; `history` ends with the attempt that delivered it (empty
+    /// in records written before it was kept).
+    Done {
+        history: Vec<Attempt>,
+    },
     Dead(DeadRecord),
     /// Its dead letter was deleted by an operator: done, not delivered.
     Purged,
@@ -361,9 +365,51 @@ const STATE_DONE: u8 = 2;
 const STATE_DEAD: u8 = 3;
 const STATE_PURGED: u8 = 4;
 
-/// The value of a `Done` mark in a done tree for a purged dead letter
-/// (a delivered one's is empty).
+/// The value of a `Done` mark in a done tree for a purged dead letter.
 pub const PURGED_MARK: &[u8] = b"p";
+/// First byte of a `Done` mark that carries the delivery's attempts (an
+/// empty mark, written before attempts were kept, is a delivery too).
+const MARK_WITH_HISTORY: u8 = b'h';
+
+/// What a `Done` mark in a done tree says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DoneMark {
+    Delivered(Vec<Attempt>),
+    Purged,
+}
+
+impl DoneMark {
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            DoneMark::Purged => PURGED_MARK.to_vec(),
+            DoneMark::Delivered(history) => {
+                let mut out = vec![MARK_WITH_HISTORY];
+                put_history(&mut out, history);
+                out
+            }
+        }
+    }
+
+    pub fn decode(raw: &[u8]) -> Result<DoneMark, DecodeError> {
+        match raw.first() {
+            None => Ok(DoneMark::Delivered(Vec::new())),
+            Some(_) if raw == PURGED_MARK => Ok(DoneMark::Purged),
+            Some(&MARK_WITH_HISTORY) => {
+                let mut r = Reader { buf: raw, pos: 1, what: "done mark" };
+                Ok(DoneMark::Delivered(read_history(&mut r)?))
+            }
+            Some(b) => Err(bad("done mark", format!("unknown kind {b}"))),
+        }
+    }
+
+    /// The same ending as a `state` record (a kept copy's marks are there).
+    pub fn into_state(self) -> StateRecord {
+        match self {
+            DoneMark::Delivered(history) => StateRecord::Done { history },
+            DoneMark::Purged => StateRecord::Purged,
+        }
+    }
+}
 
 /// State records written since attempt history: the history follows the
 /// kind's fields. Version 1 records (no history) are still read.
@@ -431,7 +477,10 @@ impl StateRecord {
                 put_str16(&mut out, &record.last_error);
                 put_history(&mut out, history);
             }
-            StateRecord::Done => out.push(STATE_DONE),
+            StateRecord::Done { history } => {
+                out.push(STATE_DONE);
+                put_history(&mut out, history);
+            }
             StateRecord::Purged => out.push(STATE_PURGED),
             StateRecord::Dead(d) => {
                 out.push(STATE_DEAD);
@@ -455,7 +504,9 @@ impl StateRecord {
                     let record = QueueRecord { attempts: r.u32()?, last_status: r.u16()?, last_error: r.str16()? };
                     Ok(StateRecord::Retry { due_ms, record, history: read_history(&mut r)? })
                 }
-                STATE_DONE => Ok(StateRecord::Done),
+                // Written without a history before deliveries kept theirs.
+                STATE_DONE if r.pos == raw.len() => Ok(StateRecord::Done { history: Vec::new() }),
+                STATE_DONE => Ok(StateRecord::Done { history: read_history(&mut r)? }),
                 STATE_PURGED => Ok(StateRecord::Purged),
                 STATE_DEAD => {
                     let (attempts, dead_at_ms, last_status, reason) = (r.u32()?, r.u64()?, r.u16()?, r.str16()?);
@@ -471,7 +522,7 @@ impl StateRecord {
                 let due_ms = r.u64()?;
                 Ok(StateRecord::Retry { due_ms, record: QueueRecord::decode(&raw[r.pos..])?, history: Vec::new() })
             }
-            STATE_DONE => Ok(StateRecord::Done),
+            STATE_DONE => Ok(StateRecord::Done { history: Vec::new() }),
             STATE_DEAD => Ok(StateRecord::Dead(DeadRecord::decode(&raw[r.pos..])?)),
             k => Err(bad(WHAT, format!("unknown state kind {k}"))),
         }
@@ -482,8 +533,70 @@ impl StateRecord {
         match self {
             StateRecord::Retry { history, .. } => history,
             StateRecord::Dead(d) => &d.history,
-            StateRecord::Done | StateRecord::Purged => &[],
+            StateRecord::Done { history } => history,
+            StateRecord::Purged => &[],
         }
+    }
+}
+
+/// A message kept after every destination was done with it
+/// (`store.retain_delivered`): the value under its id in `retained`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetainedRecord {
+    /// When its last delivery ended (unix ms): it is forgotten at this plus
+    /// the retention.
+    pub finished_ms: u64,
+    pub place: RetainedPlace,
+}
+
+/// Where a retained message's record is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetainedPlace {
+    /// Settled before its batch was flushed: placed by the flush that
+    /// writes it (or, after a crash, by recovery reading the log).
+    Unplaced,
+    Log(super::segments::Loc),
+    /// A copy in `kept`; `origin` is its frame's segment, 0 if none.
+    Kept { origin: u64 },
+}
+
+const RETAINED_UNPLACED: u8 = 0;
+const RETAINED_LOG: u8 = 1;
+const RETAINED_KEPT: u8 = 2;
+
+impl RetainedRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![RECORD_V1];
+        out.extend_from_slice(&self.finished_ms.to_be_bytes());
+        match self.place {
+            RetainedPlace::Unplaced => out.push(RETAINED_UNPLACED),
+            RetainedPlace::Log(loc) => {
+                out.push(RETAINED_LOG);
+                out.extend_from_slice(&loc.seg.to_be_bytes());
+                out.extend_from_slice(&loc.offset.to_be_bytes());
+                out.extend_from_slice(&loc.len.to_be_bytes());
+            }
+            RetainedPlace::Kept { origin } => {
+                out.push(RETAINED_KEPT);
+                out.extend_from_slice(&origin.to_be_bytes());
+            }
+        }
+        out
+    }
+
+    pub fn decode(raw: &[u8]) -> Result<RetainedRecord, DecodeError> {
+        const WHAT: &str = "retained message";
+        let mut r = Reader::versioned(raw, WHAT)?;
+        let finished_ms = r.u64()?;
+        let place = match r.u8()? {
+            RETAINED_UNPLACED => RetainedPlace::Unplaced,
+            RETAINED_LOG => {
+                RetainedPlace::Log(super::segments::Loc { seg: r.u64()?, offset: r.u64()?, len: r.u32()? })
+            }
+            RETAINED_KEPT => RetainedPlace::Kept { origin: r.u64()? },
+            k => return Err(bad(WHAT, format!("unknown place {k}"))),
+        };
+        Ok(RetainedRecord { finished_ms, place })
     }
 }
 
@@ -716,7 +829,8 @@ mod tests {
                 record: QueueRecord { attempts: 3, last_status: 503, last_error: "http 503".into() },
                 history: vec![tried(1), tried(2)],
             },
-            StateRecord::Done,
+            StateRecord::Done { history: vec![tried(4)] },
+            StateRecord::Done { history: vec![] },
             StateRecord::Purged,
             StateRecord::Dead(DeadRecord {
                 attempts: 9,
@@ -730,6 +844,22 @@ mod tests {
         }
         assert!(StateRecord::decode(&[1, 9]).is_err());
         assert!(StateRecord::decode(&[2, 9]).is_err());
+        // Done marks: empty (written before history), purged, with attempts.
+        for mark in [DoneMark::Delivered(vec![tried(5), tried(6)]), DoneMark::Purged] {
+            assert_eq!(DoneMark::decode(&mark.encode()).expect("mark"), mark);
+        }
+        assert_eq!(DoneMark::decode(&[]).expect("old mark"), DoneMark::Delivered(vec![]));
+        assert!(DoneMark::decode(b"h\x01").is_err(), "a history cut short");
+        assert!(DoneMark::decode(b"z").is_err());
+        for place in [
+            RetainedPlace::Unplaced,
+            RetainedPlace::Log(crate::store::segments::Loc { seg: 3, offset: 4096, len: 700 }),
+            RetainedPlace::Kept { origin: 9 },
+        ] {
+            let r = RetainedRecord { finished_ms: 1234, place };
+            assert_eq!(RetainedRecord::decode(&r.encode()).expect("retained"), r);
+        }
+        assert!(RetainedRecord::decode(&[RECORD_V1, 0, 0]).is_err());
         // Only the last HISTORY_LEN attempts are kept, snippets bounded.
         let long = Attempt { snippet: vec![b'x'; 4 * SNIPPET_LEN], ..tried(0) };
         let st = StateRecord::Retry {
@@ -759,7 +889,15 @@ mod tests {
         let mut v1 = vec![RECORD_V1, STATE_DEAD];
         v1.extend_from_slice(&d.encode());
         assert_eq!(StateRecord::decode(&v1).expect("v1 dead"), StateRecord::Dead(d));
-        assert_eq!(StateRecord::decode(&[RECORD_V1, STATE_DONE]).expect("v1 done"), StateRecord::Done);
+        assert_eq!(
+            StateRecord::decode(&[RECORD_V1, STATE_DONE]).expect("v1 done"),
+            StateRecord::Done { history: vec![] }
+        );
+        // A version 2 `Done` written before deliveries kept their history.
+        assert_eq!(
+            StateRecord::decode(&[STATE_V2, STATE_DONE]).expect("v2 done"),
+            StateRecord::Done { history: vec![] }
+        );
     }
 
     #[test]

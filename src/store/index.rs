@@ -276,6 +276,14 @@ impl Index {
         e.dead = e.dead.saturating_sub(1);
     }
 
+    /// Message `id`, delivered to `dest`, is to be delivered again (due
+    /// `now_ms`, in its key's order if `dest` delivers in order).
+    pub(super) fn requeued(&self, dest: &str, id: u64, now_ms: u64, key: Option<u64>, _: &Written) {
+        let mut index = lock(&self.0);
+        let e = index.entry(dest.to_string()).or_default();
+        e.insert(id, now_ms, None, key);
+    }
+
     /// A dead letter of `dest` was deleted.
     pub(super) fn purged(&self, dest: &str, id: u64, _: &Written) {
         if let Some(e) = lock(&self.0).get_mut(dest) {

@@ -10,6 +10,8 @@ pub struct Inspection {
     pub id: u64,
     pub record: MessageRecord,
     pub deliveries: Vec<DeliveryView>,
+    /// Retained after delivery until then (unix ms); `None`: still needed.
+    pub retained_until_ms: Option<u64>,
 }
 
 /// One destination's delivery of a message.
@@ -27,7 +29,11 @@ pub enum DeliveryState {
     Pending {
         due_ms: u64,
     },
-    Delivered,
+    /// Delivered, when the attempt that delivered it ended (unknown for
+    /// deliveries recorded before attempts were kept).
+    Delivered {
+        at_ms: Option<u64>,
+    },
     /// Its dead letter was deleted by an operator.
     Purged,
     Dead {
@@ -42,6 +48,9 @@ pub enum DeliveryState {
 pub enum Listing {
     Pending,
     Dead,
+    /// Delivered to the destination and still stored (pending elsewhere,
+    /// or retained).
+    Delivered,
 }
 
 /// What [`Store::list_messages`] lists: the messages of `destination` in
@@ -72,8 +81,8 @@ impl Local {
     }
 
     /// Message `id` with each delivery's state and attempts, while it is
-    /// stored (pending or dead somewhere); `None` once every destination is
-    /// done with it (delivered messages are not retained).
+    /// stored (pending or dead somewhere, or retained after delivery);
+    /// `None` once it is deleted.
     pub async fn inspect(&self, id: u64) -> Result<Option<Inspection>, StoreError> {
         let store = self.clone();
         blocking(move || store.inspect_now(id)).await
@@ -81,7 +90,7 @@ impl Local {
 
     fn inspect_now(&self, id: u64) -> Result<Option<Inspection>, StoreError> {
         let inner = &self.inner;
-        let Some(place) = lock(self.stripe(id)).get(&id).map(|m| m.place) else { return Ok(None) };
+        let Some((place, retained)) = self.place_of(id)? else { return Ok(None) };
         let Some(raw) = self.record_at(id, place)? else { return Ok(None) };
         let dests = record_destinations(&raw)?;
         let record = MessageRecord::decode(raw)?;
@@ -92,29 +101,38 @@ impl Local {
                 Some(v) => Some(StateRecord::decode(&v)?),
                 None => None,
             };
-            let attempts = state.as_ref().map(|s| s.history().to_vec()).unwrap_or_default();
-            let mark = self.done_mark(place, &key)?;
-            let state = match state {
-                Some(StateRecord::Purged) => DeliveryState::Purged,
-                _ if mark.as_deref() == Some(PURGED_MARK) => DeliveryState::Purged,
-                Some(StateRecord::Done) => DeliveryState::Delivered,
-                _ if mark.is_some() => DeliveryState::Delivered,
-                Some(StateRecord::Dead(r)) => DeliveryState::Dead {
-                    dead_at_ms: r.dead_at_ms,
-                    last_status: (r.last_status != 0).then_some(r.last_status),
-                    reason: r.reason,
-                },
-                Some(StateRecord::Retry { due_ms, .. }) => DeliveryState::Pending { due_ms },
-                None => DeliveryState::Pending { due_ms: id_received_ms(id) },
+            let mark = match self.done_mark(place, &key)? {
+                Some(m) => Some(DoneMark::decode(&m)?),
+                None => None,
+            };
+            let (state, attempts) = match (mark, state) {
+                (Some(DoneMark::Purged), s) | (None, s @ Some(StateRecord::Purged)) => {
+                    (DeliveryState::Purged, s.map(|s| s.history().to_vec()).unwrap_or_default())
+                }
+                (Some(DoneMark::Delivered(h)), _) | (None, Some(StateRecord::Done { history: h })) => {
+                    (DeliveryState::Delivered { at_ms: delivered_at(&h) }, h)
+                }
+                (None, Some(StateRecord::Dead(r))) => {
+                    let state = DeliveryState::Dead {
+                        dead_at_ms: r.dead_at_ms,
+                        last_status: (r.last_status != 0).then_some(r.last_status),
+                        reason: r.reason,
+                    };
+                    (state, r.history)
+                }
+                (None, Some(StateRecord::Retry { due_ms, history, .. })) => (DeliveryState::Pending { due_ms }, history),
+                (None, None) => (DeliveryState::Pending { due_ms: id_received_ms(id) }, Vec::new()),
             };
             deliveries.push(DeliveryView { destination: d, state, attempts });
         }
-        Ok(Some(Inspection { id, record, deliveries }))
+        let retained_until_ms = retained.map(|r| r.finished_ms.saturating_add(inner.retain_ms));
+        Ok(Some(Inspection { id, record, deliveries, retained_until_ms }))
     }
 
     /// The `Done` mark for `key` in the done tree(s) a message at `place`
-    /// uses, if there is one (opened trees only: inspecting creates nothing).
-    fn done_mark(&self, place: Place, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+    /// uses, if there is one (trees there are only: inspecting creates
+    /// nothing).
+    pub(super) fn done_mark(&self, place: Place, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let segments: Vec<u64> = match place {
             Place::Log(loc) => vec![loc.seg],
             Place::Unplaced => {
@@ -144,6 +162,10 @@ impl Local {
                 let (store, dest, limit) = (self.clone(), q.destination.clone(), q.limit);
                 blocking(move || store.dead_page(&dest, from, to, limit)).await
             }
+            Listing::Delivered => {
+                let (store, dest, limit) = (self.clone(), q.destination.clone(), q.limit);
+                blocking(move || store.delivered_page(&dest, from, to, limit)).await
+            }
         }
     }
 
@@ -163,4 +185,9 @@ impl Local {
         }
         Ok(page)
     }
+}
+
+/// When the last of `history`'s attempts ended.
+fn delivered_at(history: &[Attempt]) -> Option<u64> {
+    history.last().map(|a| a.at_ms.saturating_add(u64::from(a.duration_ms)))
 }

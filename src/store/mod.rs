@@ -72,6 +72,7 @@ mod open;
 mod reclaim;
 mod recover;
 mod remembered;
+mod retain;
 mod seal;
 mod segments;
 mod settle;
@@ -99,7 +100,7 @@ use self::format::*;
 pub use self::format::{
     id_received_ms, Attempt, DecodeError, Draft, MessageRecord, ID_SEQ_BITS, MAX_DESTINATIONS, SNIPPET_LEN,
 };
-use self::format::{DeadRecord, QueueRecord, StateRecord};
+use self::format::{DeadRecord, DoneMark, QueueRecord, RetainedPlace, RetainedRecord, StateRecord};
 
 /// Largest request body a route may accept (`max_body`): its record, with
 /// headers and framing, must stay within a log frame (1 GiB).
@@ -137,6 +138,13 @@ pub struct StoreOptions {
     pub dedupe_retention: Option<Duration>,
     /// Most de-duplication keys kept (`remembered.rs`).
     pub dedupe_max_keys: usize,
+    /// How long a message is kept after every destination is done with it
+    /// (`retain.rs`); `None` or zero: deleted at once.
+    pub retain_delivered: Option<Duration>,
+    /// How often retained messages past their time are forgotten; `None`:
+    /// a tenth of the retention, between 1 s and 60 s. Short values are for
+    /// tests.
+    pub sweep_every: Option<Duration>,
 }
 
 impl StoreOptions {
@@ -221,7 +229,10 @@ impl Lease {
 /// delivery's new state, in the same insert).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settle {
-    Delivered,
+    /// Delivered by `attempt` (kept in the delivery's history).
+    Delivered {
+        attempt: Attempt,
+    },
     /// Failed; try again at `at_ms` (unix ms).
     Retry {
         at_ms: u64,
@@ -255,6 +266,13 @@ pub struct Selection {
     /// Received at or before this (unix ms); `None`: no bound.
     pub until_ms: Option<u64>,
     pub progress: Option<Arc<Progress>>,
+}
+
+/// What a replay covers: dead letters, or messages the destination got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Dead,
+    Delivered,
 }
 
 /// How far a replay or purge is: `done` of `total` dead letters looked at.
@@ -356,6 +374,15 @@ struct Inner {
     meta: sled::Tree,
     state: sled::Tree,
     kept: sled::Tree,
+    /// Messages kept after delivery (`retain.rs`), by id.
+    retained: sled::Tree,
+    /// `store.retain_delivered` in ms; 0: off.
+    retain_ms: u64,
+    /// Messages in `retained`.
+    retained_count: AtomicU64,
+    /// Retained messages settled before their batch was flushed: the flush
+    /// places them (`flush.rs`).
+    retained_unplaced: Mutex<HashSet<u64>>,
     /// De-duplication keys: sled's copy, and the keys in memory.
     dedupe: sled::Tree,
     /// Stored messages by indexed body field (`lookup.rs`).

@@ -36,8 +36,20 @@ impl Local {
         let state = db.open_tree("state")?;
         let kept = db.open_tree("kept")?;
         let dedupe = db.open_tree("dedupe")?;
+        let retained = db.open_tree("retained")?;
         let segment_bytes = opts.segment_bytes.unwrap_or(DEFAULT_SEGMENT_BYTES).max(1);
-        let recover::Rebuilt { log, index, msgs, live, bytes, last_id, dedupe_keys, lookup } = recover::rebuild(
+        let recover::Rebuilt {
+            log,
+            index,
+            msgs,
+            live,
+            bytes,
+            last_id,
+            dedupe_keys,
+            lookup,
+            retained: retained_count,
+            done_trees,
+        } = recover::rebuild(
             opts.disk.0.clone(),
             opts.sealer.clone(),
             opts.dedupe_retention.is_some(),
@@ -48,6 +60,7 @@ impl Local {
             &meta,
             &state,
             &kept,
+            &retained,
         )?;
 
         let commit = GroupCommit::new();
@@ -60,6 +73,10 @@ impl Local {
             meta,
             state,
             kept,
+            retained,
+            retain_ms: opts.retain_delivered.map_or(0, |d| d.as_millis() as u64),
+            retained_count: AtomicU64::new(retained_count),
+            retained_unplaced: Mutex::new(HashSet::new()),
             remembered: Mutex::new(remember(&dedupe, &dedupe_keys, &opts)?),
             dedupe,
             lookup: Mutex::new(lookup),
@@ -85,7 +102,7 @@ impl Local {
             msgs,
             cache: Mutex::new(RecordCache::default()),
             live: Mutex::new(live),
-            done_trees: Mutex::new(BTreeMap::new()),
+            done_trees: Mutex::new(done_trees),
             unneeded: Mutex::new(BTreeSet::new()),
             evacuate_candidates: Mutex::new(BTreeSet::new()),
             paused: Mutex::new(paused),
@@ -94,7 +111,15 @@ impl Local {
         });
         *lock(&inner.flushers) = start_flushers(&inner, path, stop, Arc::new(on_flush))?;
         let evacuate_every = opts.evacuate_every.unwrap_or(EVACUATE_EVERY);
-        let ticker = tokio::spawn(Self::idle_ticker(Arc::downgrade(&inner), inner.ticker_stop.clone(), evacuate_every));
+        let sweep_every = opts.sweep_every.unwrap_or_else(|| {
+            (opts.retain_delivered.unwrap_or_default() / 10).clamp(Duration::from_secs(1), Duration::from_secs(60))
+        });
+        let ticker = tokio::spawn(Self::idle_ticker(
+            Arc::downgrade(&inner),
+            inner.ticker_stop.clone(),
+            evacuate_every,
+            sweep_every,
+        ));
         let reclaimer =
             tokio::spawn(Self::reclaimer(Arc::downgrade(&inner), inner.reclaim.clone(), inner.ticker_stop.clone()));
         lock(&inner.tasks).extend([ticker, reclaimer]);
@@ -110,15 +135,18 @@ impl Local {
 
     /// Pokes the flusher when settling writes wait for a flush and no
     /// ingress flush comes along; every `evacuate_every`, evacuates sparse
-    /// segments.
+    /// segments; every `sweep_every`, forgets retained messages past their
+    /// time.
     pub(super) async fn idle_ticker(
         weak: std::sync::Weak<Inner>,
         stop: tokio_util::sync::CancellationToken,
         evacuate_every: Duration,
+        sweep_every: Duration,
     ) {
-        let mut tick = tokio::time::interval(IDLE_FLUSH);
+        let mut tick = tokio::time::interval(IDLE_FLUSH.min(sweep_every).max(Duration::from_millis(10)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_evacuation = tokio::time::Instant::now();
+        let mut last_sweep = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -127,6 +155,16 @@ impl Local {
             let Some(inner) = weak.upgrade() else { return };
             if inner.sled_dirty.load(Ordering::SeqCst) {
                 inner.state_commit.poke();
+            }
+            let retaining = inner.retain_ms > 0 || inner.retained_count.load(Ordering::Relaxed) > 0;
+            if retaining && last_sweep.elapsed() >= sweep_every {
+                last_sweep = tokio::time::Instant::now();
+                let store = Local { inner: inner.clone() };
+                match tokio::task::spawn_blocking(move || store.sweep_retained(now_ms())).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "could not forget retained messages past their time"),
+                    Err(e) => tracing::warn!(error = %e, "the sweep of retained messages stopped"),
+                }
             }
             if last_evacuation.elapsed() >= evacuate_every {
                 last_evacuation = tokio::time::Instant::now();

@@ -2,8 +2,11 @@
 //! each delivery's `state` and `Done` marks, and rebuilds the in-memory due
 //! queues, live messages, per-segment live counts and byte count. It removes
 //! only what a crash can leave behind: a kept copy every destination is done
-//! with, `state` keys of messages no longer live, done trees of deleted
-//! segments.
+//! with (unless retained), `state` keys of messages no longer live (or
+//! retained in `kept`), done trees of deleted segments, retained keys of
+//! messages that are live again or whose record is gone. A retained message
+//! in the log counts as live in its segment (it holds it), and its lookup
+//! keys are rebuilt.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::num::NonZeroU64;
@@ -13,7 +16,7 @@ use std::sync::Mutex;
 use super::format::*;
 use super::index::DestIndex;
 use super::segments::SegmentLog;
-use super::{Msg, Place, StateRecord, StoreError, MSG_STRIPES};
+use super::{Msg, Place, RetainedPlace, RetainedRecord, StateRecord, StoreError, MSG_STRIPES};
 
 pub(super) struct Rebuilt {
     pub log: SegmentLog,
@@ -24,8 +27,12 @@ pub(super) struct Rebuilt {
     pub last_id: u64,
     /// De-duplication keys carried by the records of the log (id, key).
     pub dedupe_keys: Vec<(u64, [u8; 16])>,
-    /// Lookup keys of the live messages.
+    /// Lookup keys of the live and retained messages.
     pub lookup: super::lookup::Lookup,
+    /// Messages retained after delivery.
+    pub retained: u64,
+    /// The done trees of the segments there are.
+    pub done_trees: BTreeMap<u64, sled::Tree>,
 }
 
 struct Builder {
@@ -48,7 +55,7 @@ impl Builder {
             let key = marks.order.iter().find(|(d, _)| *d == dest).map(|(_, k)| *k);
             let e = self.index.entry(dest.clone()).or_default();
             match self.states.get(&(dest, id)) {
-                Some(StateRecord::Done | StateRecord::Purged) => continue,
+                Some(StateRecord::Done { .. } | StateRecord::Purged) => continue,
                 Some(StateRecord::Dead(_)) => {
                     e.recovered_dead(id, key);
                     dead += 1;
@@ -87,6 +94,7 @@ pub(super) fn rebuild(
     meta: &sled::Tree,
     state: &sled::Tree,
     kept: &sled::Tree,
+    retained_tree: &sled::Tree,
 ) -> Result<Rebuilt, StoreError> {
     let mut last_id = match meta.get("last_id")? {
         Some(v) => decode_u64(&v, "meta last_id")?,
@@ -100,6 +108,11 @@ pub(super) fn rebuild(
         bytes: 0,
         lookup: Default::default(),
     };
+    let mut retained: BTreeMap<u64, RetainedRecord> = BTreeMap::new();
+    for item in retained_tree.iter() {
+        let (k, v) = item?;
+        retained.insert(parse_id_key(&k)?, RetainedRecord::decode(&v)?);
+    }
     let mut state_keys = Vec::new();
     for item in state.iter() {
         let (k, v) = item?;
@@ -109,16 +122,21 @@ pub(super) fn rebuild(
         state_keys.push((k, id));
     }
     // A `Done` mark ends a delivery whatever `state` says.
-    let mut done_trees = Vec::new();
+    let mut done_trees = BTreeMap::new();
     for name in db.tree_names() {
         let Some(seq) = parse_done_tree_name(&name) else { continue };
-        for k in db.open_tree(&name)?.iter().keys() {
+        let tree = db.open_tree(&name)?;
+        for k in tree.iter().keys() {
             let k = k?;
             let (dest, id) = parse_state_key(&k)?;
-            b.states.insert((dest.to_string(), id), StateRecord::Done);
+            b.states.insert((dest.to_string(), id), StateRecord::Done { history: Vec::new() });
         }
-        done_trees.push(seq);
+        done_trees.insert(seq, tree);
     }
+    // Retained keys that no longer hold (a crash while a message was sent
+    // again, or its record is gone): dropped after the reading.
+    let mut stale = Vec::new();
+    let mut retained_kept = HashSet::new();
     let mut kept_ids = HashSet::new();
     let mut finished_kept = Vec::new();
     for item in kept.iter() {
@@ -127,10 +145,24 @@ pub(super) fn rebuild(
         last_id = last_id.max(id);
         kept_ids.insert(id);
         let v = super::seal::Sealer::open(sealer.as_deref(), id, &v)?;
-        if !b.add(id, &v, Place::Kept(None))? {
-            finished_kept.push(id);
+        let live = b.add(id, &v, Place::Kept(None))?;
+        match retained.get(&id) {
+            // Sent again (the retained key was to go last).
+            Some(_) if live => stale.push(id),
+            Some(r) if matches!(r.place, RetainedPlace::Kept { .. }) => {
+                retained_kept.insert(id);
+                b.lookup.add(id, &record_marks(&v)?.index);
+            }
+            _ if !live => finished_kept.push(id),
+            _ => {}
         }
     }
+    for (id, r) in &retained {
+        if matches!(r.place, RetainedPlace::Kept { .. }) && !retained_kept.contains(id) && !kept_ids.contains(id) {
+            stale.push(*id);
+        }
+    }
+    let mut retained_log: HashSet<u64> = HashSet::new();
     // A kept copy is authoritative; its original in the log is skipped.
     // Every message with a frame keeps its state keys until its segment is
     // deleted (emptied segments are deleted by the reclaimer after open).
@@ -155,6 +187,18 @@ pub(super) fn rebuild(
             }
         } else if b.add(r.id, r.record, Place::Log(r.loc))? {
             *live.entry(r.loc.seg).or_default() += 1;
+            if retained.contains_key(&r.id) {
+                stale.push(r.id);
+            }
+        } else if let Some(kept) = retained.get_mut(&r.id) {
+            // Retained: it holds its segment.
+            *live.entry(r.loc.seg).or_default() += 1;
+            retained_log.insert(r.id);
+            b.lookup.add(r.id, &record_marks(r.record)?.index);
+            if kept.place != RetainedPlace::Log(r.loc) {
+                kept.place = RetainedPlace::Log(r.loc);
+                retained_tree.insert(id_key(r.id), kept.encode())?;
+            }
         }
         if with_dedupe {
             if let Some(key) = super::format::record_dedupe_key(&bytes::Bytes::copy_from_slice(r.record))? {
@@ -167,20 +211,31 @@ pub(super) fn rebuild(
     for id in finished_kept {
         kept.remove(id_key(id))?;
     }
+    // Retained in the log, but its frame is not there (cut by a repair, or
+    // settled before a flush that never happened).
+    for (id, r) in &retained {
+        if !matches!(r.place, RetainedPlace::Kept { .. }) && !retained_log.contains(id) {
+            stale.push(*id);
+        }
+    }
+    for id in &stale {
+        retained_tree.remove(id_key(*id))?;
+        retained.remove(id);
+    }
     // `state` keys of messages that are no longer live: left by a crash in
     // the middle of a last settle (their `Done` marks are in place).
     let live_ids: HashSet<u64> = b.msgs.iter().flat_map(|m| m.keys().copied()).collect();
     for (k, id) in state_keys {
-        if !live_ids.contains(&id) {
+        if !live_ids.contains(&id) && !retained_kept.contains(&id) {
             state.remove(k)?;
         }
     }
     // Done trees of deleted segments (a crash after the file went).
     let present: HashSet<u64> = log.sealed().into_iter().chain([log.current()]).collect();
-    for seq in done_trees {
-        if !present.contains(&seq) {
-            db.drop_tree(done_tree_name(seq))?;
-        }
+    let gone: Vec<u64> = done_trees.keys().filter(|s| !present.contains(s)).copied().collect();
+    for seq in gone {
+        done_trees.remove(&seq);
+        db.drop_tree(done_tree_name(seq))?;
     }
     Ok(Rebuilt {
         log,
@@ -191,6 +246,8 @@ pub(super) fn rebuild(
         last_id,
         dedupe_keys,
         lookup: b.lookup,
+        retained: retained.len() as u64,
+        done_trees,
     })
 }
 

@@ -36,7 +36,7 @@ impl Local {
     pub async fn settle(&self, lease: &Lease, outcome: Settle) -> Result<(), StoreError> {
         let attempts = lease.record.attempts.saturating_add(1);
         match outcome {
-            Settle::Delivered => self.delivered(&lease.dest, lease),
+            Settle::Delivered { attempt } => self.delivered(&lease.dest, lease, attempt),
             Settle::Retry { at_ms, status, error, attempt } => {
                 let record = QueueRecord { attempts, last_status: status.unwrap_or(0), last_error: error };
                 self.reschedule(&lease.dest, lease, at_ms, &record, attempt)
@@ -95,14 +95,17 @@ impl Local {
         }
     }
 
-    /// Settles one of message `id`'s deliveries to `dest` for good (`dead`:
-    /// the settled one was a dead letter). The caller holds the stripe.
+    /// Settles one of message `id`'s deliveries to `dest` for good, as
+    /// `ending` says (delivered with its attempts, or a purged dead letter).
+    /// The caller holds the stripe.
     ///
     /// A message with a frame in the log gets its `Done` in that segment's
     /// done tree, which is dropped with the segment (one operation, not a
     /// removal per key). A kept copy's `Done` is in `state`; when nothing
     /// needs it any more, its `Done`s move to its original's done tree (if
     /// that segment is still there), then the copy and its `state` keys go.
+    /// With `retain_delivered`, a message nothing needs is retained instead
+    /// (`retain.rs`): its record, marks and copy stay until it is forgotten.
     /// A crash between any two steps leaves a `Done` in place or keys of a
     /// message that is nowhere (removed at open), never a pending delivery.
     pub(super) fn finish(
@@ -110,29 +113,29 @@ impl Local {
         msgs: &mut BTreeMap<u64, Msg>,
         dest: &str,
         id: u64,
-        dead: bool,
+        ending: DoneMark,
     ) -> Result<(), StoreError> {
         let inner = &self.inner;
         let Some(m) = msgs.get(&id).cloned() else { return Ok(()) };
+        let dead = ending == DoneMark::Purged;
         let (pending, dead_left) =
             if dead { (m.pending, m.dead.saturating_sub(1)) } else { (m.pending.saturating_sub(1), m.dead) };
         let finished = pending + dead_left == 0;
+        let retain = finished && inner.retain_ms > 0;
         let key = state_key(dest, id);
-        // A purged dead letter is done, not delivered: its mark says so.
-        let (mark, kept_state): (&[u8], StateRecord) =
-            if dead { (PURGED_MARK, StateRecord::Purged) } else { (&[], StateRecord::Done) };
         match m.place {
             Place::Log(loc) => {
-                inner.done_tree(loc.seg)?.insert(&key, mark)?;
+                inner.done_tree(loc.seg)?.insert(&key, ending.encode())?;
             }
             // Its frame lands in the segment being written or the next one.
             Place::Unplaced => {
                 let current = inner.log.current();
-                inner.done_tree(current)?.insert(&key, mark)?;
+                let mark = ending.encode();
+                inner.done_tree(current)?.insert(&key, mark.as_slice())?;
                 inner.done_tree(current + 1)?.insert(&key, mark)?;
             }
-            Place::Kept(_) if !finished => {
-                inner.state.insert(&key, kept_state.encode())?;
+            Place::Kept(_) if !finished || retain => {
+                inner.state.insert(&key, ending.into_state().encode())?;
             }
             Place::Kept(_) => {}
         }
@@ -144,23 +147,11 @@ impl Local {
             }
             return Ok(());
         }
+        if retain {
+            return self.retain(msgs, id, &m);
+        }
         match m.place {
-            Place::Kept(origin) => {
-                if let Some(v) = inner.kept.get(id_key(id))? {
-                    let v = seal::Sealer::open(inner.sealer.as_deref(), id, &v)?;
-                    let dests = record_destinations(&v)?;
-                    if let Some(origin) = origin.map(NonZeroU64::get).filter(|s| inner.log.has(*s)) {
-                        let done = inner.done_tree(origin)?;
-                        for d in &dests {
-                            done.insert(state_key(d, id), &[])?;
-                        }
-                    }
-                    inner.kept.remove(id_key(id))?;
-                    for d in &dests {
-                        inner.state.remove(state_key(d, id))?;
-                    }
-                }
-            }
+            Place::Kept(origin) => self.drop_kept(id, origin.map(NonZeroU64::get))?,
             Place::Log(_) | Place::Unplaced => {
                 if m.has_state {
                     // Retry states of a delivered message are dead weight.
@@ -187,6 +178,29 @@ impl Local {
         Ok(())
     }
 
+    /// Deletes the kept copy of message `id`, which nothing needs: its
+    /// `Done` marks move to its original's done tree first (if segment
+    /// `origin` is still there, so recovery does not bring the frame back),
+    /// then the copy and its `state` keys go.
+    pub(super) fn drop_kept(&self, id: u64, origin: Option<u64>) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let Some(v) = inner.kept.get(id_key(id))? else { return Ok(()) };
+        let v = seal::Sealer::open(inner.sealer.as_deref(), id, &v)?;
+        let dests = record_destinations(&v)?;
+        if let Some(origin) = origin.filter(|s| *s != 0 && inner.log.has(*s)) {
+            let done = inner.done_tree(origin)?;
+            for d in &dests {
+                done.insert(state_key(d, id), &[])?;
+            }
+        }
+        inner.kept.remove(id_key(id))?;
+        for d in &dests {
+            inner.state.remove(state_key(d, id))?;
+        }
+        inner.sled_written();
+        Ok(())
+    }
+
     /// The attempts kept for `dest`'s delivery of `id` so far, with
     /// `latest` added (a read of the state key the caller then rewrites:
     /// the history goes to disk in the write settling makes anyway).
@@ -201,11 +215,17 @@ impl Local {
         Ok(history)
     }
 
-    /// Settles a lease as delivered; the message is deleted when no other
-    /// destination still needs it.
-    pub(super) fn delivered(&self, dest: &str, lease: &Lease) -> Result<(), StoreError> {
+    /// Settles a lease as delivered by `attempt` (its `Done` mark keeps the
+    /// delivery's attempts: one insert, as before); the message is deleted
+    /// (or retained) when no other destination still needs it.
+    pub(super) fn delivered(&self, dest: &str, lease: &Lease, attempt: Attempt) -> Result<(), StoreError> {
         let Some(mut msgs) = self.leased(dest, lease) else { return Ok(()) };
-        let ((), written) = Written::by(self.finish(&mut msgs, dest, lease.id, false))?;
+        // Failed attempts before this one are in the retry state, if any.
+        let history = match msgs.get(&lease.id) {
+            Some(m) if m.has_state => self.history_with(dest, lease.id, attempt)?,
+            _ => vec![attempt],
+        };
+        let ((), written) = Written::by(self.finish(&mut msgs, dest, lease.id, DoneMark::Delivered(history)))?;
         self.inner.index.settled(lease, &written);
         Ok(())
     }
@@ -290,8 +310,7 @@ impl Local {
                 let key = state_key(&d, id);
                 for seq in &trees {
                     if let Some(mark) = inner.done_tree(*seq)?.get(&key)? {
-                        let st = if mark == PURGED_MARK { StateRecord::Purged } else { StateRecord::Done };
-                        inner.state.insert(&key, st.encode())?;
+                        inner.state.insert(&key, DoneMark::decode(&mark)?.into_state().encode())?;
                         break;
                     }
                 }

@@ -154,7 +154,7 @@ impl Jet {
         let Some(msg) = lock(&d.held).remove(&seq) else { return Ok(()) };
         d.room.notify_one();
         let acked = match outcome {
-            Settle::Delivered => msg.ack().await,
+            Settle::Delivered { .. } => msg.ack().await,
             Settle::Retry { at_ms, .. } => {
                 msg.ack_with(AckKind::Nak(Some(Duration::from_millis(at_ms.saturating_sub(now_ms()))))).await
             }

@@ -1,0 +1,323 @@
+//! Keeping messages after delivery (`store.retain_delivered`): a message
+//! every destination is done with stays, with each delivery's attempts,
+//! for that long, so an operator can still see what happened to it, list
+//! what a destination got, and send it again (to one destination).
+//!
+//! Nothing is copied to retain a message: its frame stays in its segment
+//! (counted as live there, so the segment is kept; a kept copy stays in
+//! `kept`), its `Done` marks keep the attempts, and one key under its id
+//! in `retained` says when it finished and where its record is. No memory
+//! per retained message, except its lookup keys when its route indexes a
+//! field. The sweeper forgets retained messages past their time: the key
+//! goes, the segment's count drops (an emptied segment is deleted as
+//! usual), a kept copy is deleted.
+//!
+//! Sending a delivered message again makes it a live message once more,
+//! pending for that destination: the delivery's state becomes a retry due
+//! now (its attempts kept), then its `Done` mark goes, then the retained
+//! key. Recovery decides from what is on disk: a message with a pending
+//! delivery is live (its retained key, if still there, is dropped),
+//! otherwise it is retained if its key is there.
+
+use super::*;
+
+impl Local {
+    /// Retains message `id`, which every destination is done with (its
+    /// last `Done` is written); the caller holds its stripe.
+    pub(super) fn retain(&self, msgs: &mut BTreeMap<u64, Msg>, id: u64, m: &Msg) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let place = match m.place {
+            Place::Log(loc) => RetainedPlace::Log(loc),
+            Place::Kept(origin) => RetainedPlace::Kept { origin: origin.map_or(0, NonZeroU64::get) },
+            Place::Unplaced => RetainedPlace::Unplaced,
+        };
+        if m.has_state && !matches!(m.place, Place::Kept(_)) {
+            // Retry states of a delivered message: their attempts are in
+            // the marks now.
+            if let Some(raw) = self.record_at(id, m.place)? {
+                for d in record_destinations(&raw)? {
+                    inner.state.remove(state_key(&d, id))?;
+                }
+            }
+        }
+        let record = RetainedRecord { finished_ms: now_ms(), place };
+        inner.retained.insert(id_key(id), record.encode())?;
+        inner.sled_written();
+        if place == RetainedPlace::Unplaced {
+            lock(&inner.retained_unplaced).insert(id);
+        }
+        inner.retained_count.fetch_add(1, Ordering::Relaxed);
+        msgs.remove(&id);
+        lock(&inner.cache).remove(id);
+        inner.bytes.fetch_sub(u64::from(m.len), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Messages retained now.
+    pub fn retained(&self) -> u64 {
+        self.inner.retained_count.load(Ordering::Relaxed)
+    }
+
+    /// The retained record of message `id`, if it is retained.
+    pub(super) fn retained_record(&self, id: u64) -> Result<Option<RetainedRecord>, StoreError> {
+        match self.inner.retained.get(id_key(id))? {
+            Some(v) => Ok(Some(RetainedRecord::decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Forgets the retained messages past their time at `now`. Returns how
+    /// many.
+    pub(crate) fn sweep_retained(&self, now: u64) -> Result<usize, StoreError> {
+        let inner = &self.inner;
+        let retain = inner.retain_ms;
+        if retain == 0 && inner.retained_count.load(Ordering::Relaxed) == 0 {
+            return Ok(0);
+        }
+        // A message finishes after it is received: none received after the
+        // horizon can be due.
+        let horizon = now.saturating_sub(retain);
+        let end = id_key(horizon.saturating_add(1).saturating_mul(1 << ID_SEQ_BITS));
+        let mut due = Vec::new();
+        for item in inner.retained.range(..end) {
+            let (k, v) = item?;
+            let r = RetainedRecord::decode(&v)?;
+            if r.finished_ms.saturating_add(retain) <= now {
+                due.push((parse_id_key(&k)?, r));
+            }
+        }
+        for (id, r) in &due {
+            self.forget(*id, r)?;
+        }
+        if !due.is_empty() {
+            tracing::debug!(messages = due.len(), "forgot retained messages past store.retain_delivered");
+        }
+        Ok(due.len())
+    }
+
+    /// Forgets retained message `id` (its record as read: `r`).
+    fn forget(&self, id: u64, r: &RetainedRecord) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let msgs = lock(self.stripe(id));
+        // Sent again meanwhile, or forgotten already.
+        if msgs.contains_key(&id) || self.retained_record(id)?.as_ref() != Some(r) {
+            return Ok(());
+        }
+        match r.place {
+            RetainedPlace::Kept { origin } => self.drop_kept(id, Some(origin))?,
+            RetainedPlace::Log(_) => {}
+            RetainedPlace::Unplaced => {
+                // Still unplaced: its flush releases its segment.
+                lock(&inner.retained_unplaced).remove(&id);
+            }
+        }
+        inner.retained.remove(id_key(id))?;
+        inner.sled_written();
+        if let RetainedPlace::Log(loc) = r.place {
+            inner.segment_released(loc.seg);
+        }
+        drop(msgs);
+        inner.retained_count.fetch_sub(1, Ordering::Relaxed);
+        let mut lookup = lock(&inner.lookup);
+        if !lookup.is_empty() {
+            lookup.remove(id);
+        }
+        Ok(())
+    }
+
+    /// Where the record of stored message `id` is: live, or retained.
+    pub(super) fn place_of(&self, id: u64) -> Result<Option<(Place, Option<RetainedRecord>)>, StoreError> {
+        if let Some(place) = lock(self.stripe(id)).get(&id).map(|m| m.place) {
+            return Ok(Some((place, None)));
+        }
+        let Some(r) = self.retained_record(id)? else { return Ok(None) };
+        let place = match r.place {
+            RetainedPlace::Log(loc) => Place::Log(loc),
+            RetainedPlace::Kept { origin } => Place::Kept(NonZeroU64::new(origin)),
+            RetainedPlace::Unplaced => Place::Unplaced,
+        };
+        Ok(Some((place, Some(r))))
+    }
+
+    /// How `dest`'s delivery of message `id` (at `place`) ended, if it did.
+    pub(super) fn ending(&self, dest: &str, id: u64, place: Place) -> Result<Option<DoneMark>, StoreError> {
+        let key = state_key(dest, id);
+        if let Some(mark) = self.done_mark(place, &key)? {
+            return Ok(Some(DoneMark::decode(&mark)?));
+        }
+        Ok(match self.inner.state.get(&key)? {
+            Some(v) => match StateRecord::decode(&v)? {
+                StateRecord::Done { history } => Some(DoneMark::Delivered(history)),
+                StateRecord::Purged => Some(DoneMark::Purged),
+                _ => None,
+            },
+            None => None,
+        })
+    }
+
+    /// Up to `limit` stored messages (live or retained) received in
+    /// `from..to` (ids) that `dest` got, oldest first: from the done trees
+    /// of the segments there are (a range of each), and kept copies'
+    /// `Done`s in `state`.
+    pub(super) fn delivered_page(&self, dest: &str, from: u64, to: u64, limit: usize) -> Result<Page, StoreError> {
+        let inner = &self.inner;
+        let range = state_key(dest, from)..state_key(dest, to);
+        let mut found: BTreeSet<u64> = BTreeSet::new();
+        // Each source is in id order: its first `limit + 1` that qualify are
+        // all any page can take from it.
+        let mut take = |iter: &mut dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+                        delivered: &dyn Fn(&[u8]) -> Result<bool, StoreError>|
+         -> Result<(), StoreError> {
+            let mut n = 0;
+            for item in iter {
+                let (k, v) = item?;
+                if !delivered(&v)? {
+                    continue;
+                }
+                let (_, id) = parse_state_key(&k)?;
+                if self.place_of(id)?.is_none() {
+                    continue; // done everywhere, not retained: its segment is not deleted yet
+                }
+                found.insert(id);
+                n += 1;
+                if n > limit {
+                    break;
+                }
+            }
+            Ok(())
+        };
+        let trees: Vec<sled::Tree> = lock(&inner.done_trees).values().cloned().collect();
+        for tree in trees {
+            take(&mut tree.range(range.clone()), &|v| Ok(matches!(DoneMark::decode(v)?, DoneMark::Delivered(_))))?;
+        }
+        take(&mut inner.state.range(range.clone()), &|v| {
+            Ok(matches!(StateRecord::decode(v)?, StateRecord::Done { .. }))
+        })?;
+        let mut page = Page { ids: found.into_iter().take(limit + 1).collect(), next: None };
+        if page.ids.len() > limit {
+            page.ids.truncate(limit);
+            page.next = page.ids.last().copied();
+        }
+        Ok(page)
+    }
+
+    /// Sends the stored messages `dest` got that `sel` covers to it again:
+    /// each becomes pending there, due now (its attempts kept), through
+    /// its queue like any delivery. Returns how many.
+    pub async fn replay_delivered(&self, dest: &str, sel: &Selection) -> Result<usize, StoreError> {
+        let (store, name, sel) = (self.clone(), dest.to_string(), sel.clone());
+        let moved = blocking(move || store.replay_delivered_now(&name, &sel)).await?;
+        self.sync_state().await?;
+        Ok(moved)
+    }
+
+    /// The delivered messages of `dest` an operation covers.
+    pub(super) fn delivered_ids(&self, dest: &str, sel: &Selection) -> Result<Vec<u64>, StoreError> {
+        let unit = 1u64 << ID_SEQ_BITS;
+        let ids = match sel.only {
+            Some(id) => match self.place_of(id)? {
+                Some((place, _)) if matches!(self.ending(dest, id, place)?, Some(DoneMark::Delivered(_))) => vec![id],
+                _ => vec![],
+            },
+            None => {
+                let from = sel.since_ms.saturating_mul(unit);
+                let to = sel.until_ms.map_or(u64::MAX, |u| u.saturating_add(1).saturating_mul(unit));
+                self.delivered_page(dest, from, to, usize::MAX - 1)?.ids
+            }
+        };
+        let ids: Vec<u64> = ids.into_iter().filter(|id| sel.covers(*id, id_received_ms(*id))).collect();
+        sel.set_total(ids.len());
+        Ok(ids)
+    }
+
+    pub(super) fn replay_delivered_now(&self, dest: &str, sel: &Selection) -> Result<usize, StoreError> {
+        let ids = self.delivered_ids(dest, sel)?;
+        let mut moved = 0;
+        for id in ids {
+            sel.step();
+            if self.send_again(dest, id)? {
+                moved += 1;
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Makes `dest`'s delivery of stored message `id` pending again, due
+    /// now, if `dest` got it. Returns whether it did.
+    fn send_again(&self, dest: &str, id: u64) -> Result<bool, StoreError> {
+        let inner = &self.inner;
+        let mut msgs = lock(self.stripe(id));
+        let Some((place, retained)) = self.place_of(id)? else { return Ok(false) };
+        // Not flushed yet (a millisecond's window): nothing to read it from.
+        if place == Place::Unplaced && retained.is_some() {
+            return Ok(false);
+        }
+        let Some(DoneMark::Delivered(history)) = self.ending(dest, id, place)? else { return Ok(false) };
+        let Some(raw) = self.record_at(id, place)? else { return Ok(false) };
+        let now = now_ms();
+        let key = state_key(dest, id);
+        // 1. The retry state (a `Done` mark still wins over it at open).
+        let st = StateRecord::Retry { due_ms: now, record: QueueRecord::default(), history };
+        inner.state.insert(&key, st.encode())?;
+        // 2. The mark goes: pending from here on (a kept copy's was the key
+        // just written).
+        let trees: Vec<u64> = match place {
+            Place::Log(loc) => vec![loc.seg],
+            Place::Unplaced => vec![inner.log.current(), inner.log.current() + 1],
+            Place::Kept(_) => vec![],
+        };
+        for seq in trees {
+            inner.done_tree(seq)?.remove(&key)?;
+        }
+        // 3. No longer retained.
+        let ((), written) = Written::by(match retained {
+            Some(_) => inner.retained.remove(id_key(id)).map(|_| ()),
+            None => Ok(()),
+        })?;
+        inner.sled_written();
+        match msgs.get_mut(&id) {
+            Some(m) => {
+                m.pending += 1;
+                m.has_state = true;
+            }
+            None => {
+                let len = recover::record_len(raw.len())?;
+                msgs.insert(id, Msg { place, len, has_state: true, pending: 1, dead: 0 });
+                inner.bytes.fetch_add(u64::from(len), Ordering::Relaxed);
+                inner.retained_count.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        drop(msgs);
+        let marks = record_marks(&raw)?;
+        let order_key = marks.order.iter().find(|(d, _)| d == dest).map(|(_, k)| *k);
+        inner.index.requeued(dest, id, now, order_key, &written);
+        Ok(true)
+    }
+}
+
+impl Inner {
+    /// The flush placed message `id`, settled before it: if it is retained,
+    /// its record now says where it is, and it holds its segment (true).
+    /// The caller holds its stripe.
+    pub(super) fn placed_retained(&self, id: u64, loc: segments::Loc) -> bool {
+        if self.retain_ms == 0 || !lock(&self.retained_unplaced).remove(&id) {
+            return false;
+        }
+        let placed = || -> Result<bool, StoreError> {
+            let Some(v) = self.retained.get(id_key(id))? else { return Ok(false) };
+            let mut r = RetainedRecord::decode(&v)?;
+            r.place = RetainedPlace::Log(loc);
+            self.retained.insert(id_key(id), r.encode())?;
+            self.sled_written();
+            Ok(true)
+        };
+        match placed() {
+            Ok(held) => held,
+            Err(e) => {
+                // Recovery places it from the log at the next start.
+                tracing::warn!(error = %e, "could not record where a retained message is");
+                false
+            }
+        }
+    }
+}
