@@ -127,7 +127,17 @@ impl Local {
 
     /// Where the record of stored message `id` is: live, or retained.
     pub(super) fn place_of(&self, id: u64) -> Result<Option<(Place, Option<RetainedRecord>)>, StoreError> {
-        if let Some(place) = lock(self.stripe(id)).get(&id).map(|m| m.place) {
+        let msgs = lock(self.stripe(id));
+        self.place_in(&msgs, id)
+    }
+
+    /// [`Local::place_of`] with message `id`'s stripe (`msgs`) held.
+    fn place_in(
+        &self,
+        msgs: &BTreeMap<u64, Msg>,
+        id: u64,
+    ) -> Result<Option<(Place, Option<RetainedRecord>)>, StoreError> {
+        if let Some(place) = msgs.get(&id).map(|m| m.place) {
             return Ok(Some((place, None)));
         }
         let Some(r) = self.retained_record(id)? else { return Ok(None) };
@@ -247,7 +257,7 @@ impl Local {
     fn send_again(&self, dest: &str, id: u64) -> Result<bool, StoreError> {
         let inner = &self.inner;
         let mut msgs = lock(self.stripe(id));
-        let Some((place, retained)) = self.place_of(id)? else { return Ok(false) };
+        let Some((place, retained)) = self.place_in(&msgs, id)? else { return Ok(false) };
         // Not flushed yet (a millisecond's window): nothing to read it from.
         if place == Place::Unplaced && retained.is_some() {
             return Ok(false);

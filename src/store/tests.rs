@@ -59,14 +59,14 @@ fn append_deliver_and_delete_when_every_destination_is_done() {
         assert_eq!(store.stats("a").depth, 1);
         let la = all_due(&store, "a").remove(0);
         assert_eq!(la.id, id);
-        store.delivered("a", &la).expect("delivered");
+        store.delivered("a", &la, Attempt::default()).expect("delivered");
         assert!(store.load(id).expect("load").is_some(), "b still needs it");
         let lb = all_due(&store, "b").remove(0);
-        store.delivered("b", &lb).expect("delivered");
+        store.delivered("b", &lb, Attempt::default()).expect("delivered");
         assert!(store.load(id).expect("load").is_none(), "deleted once all are done");
         assert_eq!(store.bytes(), 0);
         // Settling the same lease twice is harmless.
-        store.delivered("b", &lb).expect("delivered again");
+        store.delivered("b", &lb, Attempt::default()).expect("delivered again");
         store.close().await.expect("close");
     });
 }
@@ -115,7 +115,7 @@ async fn pin_one_segment(store: &Local, names: &[&str]) -> Vec<u64> {
     store.sync().await.expect("sync");
     for (n, name) in names.iter().enumerate() {
         for lease in all_due(store, name).into_iter().filter(|l| n > 0 || l.id != ids[0]) {
-            store.delivered(name, &lease).expect("delivered");
+            store.delivered(name, &lease, Attempt::default()).expect("delivered");
         }
     }
     store.inner.reclaim_unneeded().await.expect("reclaim");
@@ -149,7 +149,7 @@ fn a_sparse_segment_is_evacuated_and_its_messages_survive() {
         let lease = all_due(&store, "a").remove(0);
         assert_eq!(lease.id, ids[0]);
         assert_eq!(store.load(ids[0]).expect("load").expect("record").body.len(), 201);
-        store.delivered("a", &lease).expect("delivered");
+        store.delivered("a", &lease, Attempt::default()).expect("delivered");
         assert!(store.load(ids[0]).expect("load").is_none());
         store.close().await.expect("close");
     });
@@ -274,9 +274,9 @@ fn leftovers_of_an_interrupted_last_settle_are_removed_at_open() {
             // was deleted; a state key of a message that is nowhere; a kept
             // copy whose last settle did not get to delete it.
             store.inner.done_tree(seg).expect("tree").insert(state_key("a", done_id), &[]).expect("insert");
-            store.inner.state.insert(state_key("b", 424242), StateRecord::Done.encode()).expect("insert");
+            store.inner.state.insert(state_key("b", 424242), StateRecord::Done { history: vec![] }.encode()).expect("insert");
             store.inner.kept.insert(id_key(dead_id), msg("dead, then purged").encode_for(&["a"])).expect("insert");
-            store.inner.state.insert(state_key("a", dead_id), StateRecord::Done.encode()).expect("insert");
+            store.inner.state.insert(state_key("a", dead_id), StateRecord::Done { history: vec![] }.encode()).expect("insert");
             store.close().await.expect("close");
             (done_id, kept_id, dead_id, seg)
         };
@@ -296,7 +296,7 @@ fn leftovers_of_an_interrupted_last_settle_are_removed_at_open() {
         // Once that message is delivered too, the segment and its marks go.
         for d in ["a", "b"] {
             let lease = all_due(&store, d).remove(0);
-            store.delivered(d, &lease).expect("delivered");
+            store.delivered(d, &lease, Attempt::default()).expect("delivered");
         }
         store.inner.reclaim_unneeded().await.expect("reclaim");
         assert!(store.inner.log.sealed().is_empty(), "settled segment deleted");
@@ -323,7 +323,7 @@ fn max_bytes_refuses_then_accepts_after_deletion() {
         let err = store.append(&msg(&"x".repeat(100)), &dests(&["a"])).expect_err("full");
         assert!(matches!(err, StoreError::Full { .. }) && err.is_transient(), "{err}");
         let lease = all_due(&store, "a").remove(0);
-        store.delivered("a", &lease).expect("delivered");
+        store.delivered("a", &lease, Attempt::default()).expect("delivered");
         store.append(&msg(&"x".repeat(100)), &dests(&["a"])).expect("space returned");
     });
 }
@@ -518,7 +518,7 @@ proptest! {
                         let entry = model.pending.entry(dest).or_default();
                         match op {
                             Op::Deliver(_) => {
-                                store.delivered(dest, &lease).expect("delivered");
+                                store.delivered(dest, &lease, Attempt::default()).expect("delivered");
                                 entry.remove(&lease.id);
                             }
                             Op::Fail(_, delay) => {
