@@ -163,7 +163,7 @@ pub enum DlqAction {
     },
 }
 
-/// Which dead letters a replay or purge covers.
+/// Which messages a replay or purge covers.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DeadSelect {
     /// Only this message (msg_...).
@@ -208,10 +208,20 @@ pub enum MessagesAction {
         #[command(flatten)]
         target: AdminArgs,
     },
+    /// Send messages DESTINATION got to it again (all, --id, or those
+    /// received --since/--until): those still stored, i.e. pending
+    /// elsewhere or kept by store.retain_delivered; its rate limit applies.
+    Replay {
+        destination: String,
+        #[command(flatten)]
+        select: DeadSelect,
+        #[command(flatten)]
+        target: AdminArgs,
+    },
     /// Messages of DESTINATION in a state, oldest first.
     List {
         destination: String,
-        /// pending or dead.
+        /// pending, dead or delivered.
         #[arg(long, default_value = "pending")]
         state: String,
         /// Received at or after (RFC 3339, e.g. 2026-12-02T09:00:00Z, or unix ms).

@@ -30,7 +30,7 @@ pub enum CtlError {
     TokenRefused(String),
     #[error("no such destination: {0}")]
     NoSuchDestination(String),
-    #[error("no such message: {0} (unknown, or delivered everywhere: delivered messages are not kept)")]
+    #[error("no such message: {0} (unknown, or deleted once delivered everywhere: store.retain_delivered keeps them)")]
     NoSuchMessage(String),
     #[error("{0}")]
     Failed(String),
@@ -48,6 +48,17 @@ impl CtlError {
             CtlError::Config(_) => 78,
         }
     }
+}
+
+/// An operation on the messages of one destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Dead letters back into its queue.
+    ReplayDead,
+    /// Dead letters deleted.
+    PurgeDead,
+    /// Messages it got (still stored) sent to it again.
+    ReplayDelivered,
 }
 
 /// How long one request to the admin API may take (a replay of many dead
@@ -189,13 +200,13 @@ impl AdminClient {
         self.call("GET", &format!("/api/dead-letters/{dest}?limit={limit}")).await
     }
 
-    /// Replays (or, `purge`, deletes) the dead letters of `dest` that
-    /// `select` names (`id`, `since`, `until`), as a background operation
-    /// followed to its end; `progress` sees (done, total) as it goes.
-    pub async fn dead_letters_op(
+    /// Runs `op` on the messages of `dest` that `select` names (`id`,
+    /// `since`, `until`) as a background operation followed to its end;
+    /// `progress` sees (done, total) as it goes.
+    pub async fn operation(
         &self,
         dest: &str,
-        purge: bool,
+        op: Op,
         select: &[(&str, Option<String>)],
         progress: impl Fn(u64, u64),
     ) -> Result<serde_json::Value, CtlError> {
@@ -206,10 +217,13 @@ impl AdminClient {
                 q.push_str(&format!("&{k}={}", encode(v)));
             }
         }
-        let started = if purge {
-            self.call("DELETE", &format!("/api/dead-letters/{}{q}", encode(dest))).await?
-        } else {
-            self.call("POST", &format!("/api/dead-letters/{}/replay{q}", encode(dest))).await?
+        let dest = encode(dest);
+        let started = match op {
+            Op::PurgeDead => self.call("DELETE", &format!("/api/dead-letters/{dest}{q}")).await?,
+            Op::ReplayDead => self.call("POST", &format!("/api/dead-letters/{dest}/replay{q}")).await?,
+            Op::ReplayDelivered => {
+                self.call("POST", &format!("/api/destinations/{dest}/replay{q}&state=delivered")).await?
+            }
         };
         let Some(status) = started["status"].as_str() else {
             return Err(CtlError::Failed(format!("unexpected answer: {started}")));
@@ -327,7 +341,12 @@ pub fn message_text(v: &serde_json::Value) -> String {
     let mut rows = vec![["DESTINATION", "STATE", "WHEN", "LAST ATTEMPT"].map(String::from)];
     for d in v["destinations"].as_array().into_iter().flatten() {
         let state = d["state"].as_str().unwrap_or_default().to_string();
-        let when = d["next_attempt_at"].as_str().or(d["dead_at"].as_str()).unwrap_or("").to_string();
+        let when = d["next_attempt_at"]
+            .as_str()
+            .or(d["dead_at"].as_str())
+            .or(d["delivered_at"].as_str())
+            .unwrap_or("")
+            .to_string();
         let last = d["attempts"].as_array().and_then(|a| a.last()).map(|a| {
             let what = a["status"].as_u64().map(|s| s.to_string()).or(a["error"].as_str().map(str::to_string));
             format!("{} {} ({} ms)", a["at"].as_str().unwrap_or_default(), what.unwrap_or_default(), a["duration_ms"])
@@ -340,6 +359,9 @@ pub fn message_text(v: &serde_json::Value) -> String {
         ]);
     }
     out.push_str(&table(&rows));
+    if let Some(until) = v["retained_until"].as_str() {
+        out.push_str(&format!("delivered everywhere; kept until {until} (store.retain_delivered)\n"));
+    }
     if let Some(body) = v["body"].as_str() {
         out.push_str(&format!("\n{body}\n"));
     }

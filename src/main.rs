@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use switchboard::cli::{AdminArgs, Cli, Command, DestinationAction, DlqAction, MessagesAction};
 use switchboard::config::{Config, LogFormat};
-use switchboard::ctl::{AdminClient, CtlError, Target};
+use switchboard::ctl::{AdminClient, CtlError, Op, Target};
 use tokio_util::sync::CancellationToken;
 
 /// mimalloc instead of the system allocator: under load, glibc malloc's
@@ -87,7 +87,7 @@ fn main() -> ExitCode {
         ),
         Command::Dlq { action: DlqAction::Replay { destination, select, target } } => ctl(
             &target,
-            |c| async move { with_progress(&c, &destination, false, &select).await },
+            |c| async move { with_progress(&c, &destination, Op::ReplayDead, &select).await },
             |v| println!("replayed {} dead letter(s); they are queued again", v["replayed"]),
         ),
         Command::Dlq { action: DlqAction::Purge { destination, select, yes, target } } => {
@@ -97,10 +97,15 @@ fn main() -> ExitCode {
             }
             ctl(
                 &target,
-                |c| async move { with_progress(&c, &destination, true, &select).await },
+                |c| async move { with_progress(&c, &destination, Op::PurgeDead, &select).await },
                 |v| println!("deleted {} dead letter(s)", v["purged"]),
             )
         }
+        Command::Messages { action: MessagesAction::Replay { destination, select, target } } => ctl(
+            &target,
+            |c| async move { with_progress(&c, &destination, Op::ReplayDelivered, &select).await },
+            |v| println!("sending {} message(s) again; they are queued", v["replayed"]),
+        ),
         Command::Messages { action: MessagesAction::Find { field, value, target } } => ctl(
             &target,
             |c| async move { c.find(&field, &value).await },
@@ -264,15 +269,19 @@ where
 async fn with_progress(
     client: &AdminClient,
     dest: &str,
-    purge: bool,
+    op: Op,
     select: &switchboard::cli::DeadSelect,
 ) -> Result<serde_json::Value, CtlError> {
     let started = std::time::Instant::now();
     let bar = indicatif::ProgressBar::hidden();
-    bar.set_message(format!("{} dead letters of {dest}", if purge { "deleting" } else { "replaying" }));
+    bar.set_message(match op {
+        Op::PurgeDead => format!("deleting dead letters of {dest}"),
+        Op::ReplayDead => format!("replaying dead letters of {dest}"),
+        Op::ReplayDelivered => format!("sending messages again to {dest}"),
+    });
     let shown = std::cell::Cell::new(false);
     let done = client
-        .dead_letters_op(dest, purge, &select.query(), |done, total| {
+        .operation(dest, op, &select.query(), |done, total| {
             if !shown.get() && started.elapsed() > std::time::Duration::from_millis(500) {
                 bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
                 shown.set(true);
