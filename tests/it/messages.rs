@@ -44,7 +44,10 @@ async fn a_message_shows_each_destinations_state_and_attempts() {
     assert_eq!(down_d["state"], "pending", "{v}");
     assert!(down_d["next_attempt_at"].is_string(), "{v}");
     assert_eq!(down_d["attempts"][0]["error"].as_str().map(|e| e.starts_with("connect")), Some(true), "{v}");
-    assert_eq!(dest("ok").expect("ok")["state"], "delivered", "{v}");
+    let ok_d = dest("ok").expect("ok");
+    assert_eq!(ok_d["state"], "delivered", "{v}");
+    assert!(ok_d["delivered_at"].is_string(), "{v}");
+    assert_eq!(ok_d["attempts"][0]["status"], 200, "the delivering attempt is kept: {v}");
     assert_eq!(dest("other").expect("other")["state"], "filtered", "{v}");
 
     let (_, _, body) = get(&relay.admin_url(&format!("/api/messages/{id}?body=1"))).await;
@@ -106,7 +109,7 @@ async fn a_message_shows_each_destinations_state_and_attempts() {
         .await
         .expect("cli");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains(&ids[1]) && text.contains(&format!("--cursor {}", ids[1])), "{text}");
+    assert!(text.contains(&ids[1]) && text.contains(&format!("--cursor {}.", ids[1])), "{text}");
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
         .args(["messages", "show", "msg_nope", "--admin", &admin])
         .output()
@@ -115,15 +118,48 @@ async fn a_message_shows_each_destinations_state_and_attempts() {
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
 
     // Bad input: one clear reason.
-    for (q, status) in [
-        ("/api/messages?state=pending", 400),
-        ("/api/messages?destination=down&state=lost", 400),
-        ("/api/messages?destination=down&since=yesterday", 400),
-        ("/api/messages?destination=down&limit=0", 400),
-        ("/api/messages/msg_nope", 400),
+    let other_query = format!("/api/messages?destination=down&state=dead&cursor={cursor}");
+    for (q, status, why) in [
+        ("/api/messages?state=pending", 400, "destination=NAME"),
+        ("/api/messages?destination=down&state=lost", 400, "state is"),
+        ("/api/messages?destination=down&since=yesterday", 400, "since:"),
+        ("/api/messages?destination=down&limit=0", 400, "limit:"),
+        ("/api/messages?destination=down&since=2000&until=1000", 400, "until is before since"),
+        ("/api/messages?destination=down&cursor=nonsense", 400, "cursor:"),
+        (other_query.as_str(), 400, "from another query"),
+        ("/api/messages?destination=nowhere", 404, "unknown destination"),
+        ("/api/messages/msg_nope", 400, "not a message id"),
     ] {
-        assert_eq!(get(&relay.admin_url(q)).await.0, status, "{q}");
+        let (s, _, body) = get(&relay.admin_url(q)).await;
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(s, status, "{q}: {v}");
+        assert!(v["error"].as_str().is_some_and(|e| e.contains(why) && !e.contains('\n')), "{q}: {v}");
     }
+    // Empty selections (nothing received after `future`).
+    let replay_none = format!("/api/dead-letters/busy/replay?since={future}");
+    let purge_none = format!("/api/dead-letters/busy?since={future}");
+    let again_none = format!("/api/destinations/down/replay?state=delivered&since={future}");
+    for (method, q, status, why) in [
+        ("POST", replay_none.as_str(), 404, "nothing to replay: no dead letters of busy match"),
+        ("DELETE", purge_none.as_str(), 404, "nothing to purge"),
+        ("POST", "/api/dead-letters/busy/replay?since=2000&until=1000", 400, "until is before since"),
+        ("POST", again_none.as_str(), 404, "no delivered messages of down match"),
+        ("POST", "/api/destinations/down/replay", 400, "state=delivered or state=dead"),
+        ("POST", "/api/destinations/nowhere/replay?state=delivered", 404, "unknown destination"),
+    ] {
+        let (s, _, body) = request(method, &relay.admin_url(q), &[], "").await;
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(s, status, "{method} {q}: {v}");
+        assert!(v["error"].as_str().is_some_and(|e| e.contains(why)), "{method} {q}: {v}");
+    }
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["dlq", "replay", "busy", "--since", &future.to_string(), "--admin", &admin])
+        .output()
+        .await
+        .expect("cli");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("nothing to replay") && err.trim().lines().count() == 1, "{err}");
     relay.stop().await.expect("stop");
 }
 
@@ -316,4 +352,102 @@ async fn failure_log_lines_carry_the_message_id_and_request_id() {
         assert!(std::time::Instant::now() < deadline, "{logs}");
         tokio::time::sleep(POLL).await;
     }
+}
+
+async fn show(relay: &TestRelay, id: &str) -> (u16, serde_json::Value) {
+    let (s, _, b) = get(&relay.admin_url(&format!("/api/messages/{id}"))).await;
+    (s, serde_json::from_slice(&b).unwrap_or_default())
+}
+
+/// `store.retain_delivered`: a message delivered everywhere is still shown
+/// (each destination's attempts, when it was delivered, until when it is
+/// kept), listed as delivered, found after a restart, and sent again to
+/// one destination only (same id), by id or by time, through the CLI too;
+/// once past its time it is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_delivered_messages_are_shown_listed_and_sent_again() {
+    let flaky = TestReceiver::scripted(|n, _| Reply::Status(if n == 0 { 503 } else { 200 })).await;
+    let other = TestReceiver::ok().await;
+    let fast = "retry = { initial = \"10ms\", max_interval = \"20ms\" }";
+    let toml = config(&[("billing", &flaky.url("/b"), fast), ("audit", &other.url("/a"), "")])
+        .replace("[store]\n", "[store]\nretain_delivered = \"5s\"\n")
+        .replace("path = \"/in\"\n", "path = \"/in\"\nindex = [\"n\"]\n");
+    let dir = std::sync::Arc::new(tempfile::tempdir().expect("tempdir"));
+    let relay = TestRelay::start_in(dir.clone(), &toml).await;
+    let before = now_ms();
+    let ids: Vec<String> = {
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            ids.push(acked_id(&post(&relay.url("/in"), "application/json", format!("{{\"n\":{i}}}")).await.2));
+        }
+        ids
+    };
+    relay
+        .wait_metrics("all delivered and retained", |m| {
+            metric(m, "switchboard_store_retained_messages") == 3.0
+                && metric(m, "switchboard_queue_depth{destination=\"billing\"}") == 0.0
+        })
+        .await;
+    let (s, v) = show(&relay, &ids[0]).await;
+    assert_eq!(s, 200, "{v}");
+    assert!(v["retained_until"].is_string(), "{v}");
+    let billing = v["destinations"].as_array().and_then(|a| a.iter().find(|d| d["name"] == "billing")).cloned();
+    let billing = billing.expect("billing");
+    assert_eq!(billing["state"], "delivered", "{v}");
+    assert!(billing["delivered_at"].is_string(), "{v}");
+    let statuses: Vec<u64> =
+        billing["attempts"].as_array().expect("attempts").iter().filter_map(|a| a["status"].as_u64()).collect();
+    assert_eq!(statuses, [503, 200], "the failed attempt and the one that delivered: {v}");
+
+    let (s, _, body) = get(&relay.admin_url("/api/messages?destination=billing&state=delivered")).await;
+    assert_eq!(s, 200);
+    let listed: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    let listed: Vec<&str> = listed["messages"].as_array().expect("list").iter().filter_map(|m| m["id"].as_str()).collect();
+    assert_eq!(listed, ids.iter().map(String::as_str).collect::<Vec<_>>());
+
+    // Sent again, to billing alone: by id through the API, by time through
+    // the CLI.
+    let got_before = flaky.count();
+    let (s, _, body) =
+        request("POST", &relay.admin_url(&format!("/api/destinations/billing/replay?state=delivered&id={}", ids[1])), &[], "")
+            .await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&body).expect("json")["replayed"], 1);
+    let got = flaky.wait_for(got_before + 1, WAIT).await;
+    assert_eq!(got[got_before].header("x-switchboard-id").as_deref(), Some(ids[1].as_str()), "the same id");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["messages", "replay", "billing", "--since", &before.to_string(), "--admin", &relay.admin_url("")])
+        .output()
+        .await
+        .expect("cli");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("sending 3 message(s) again"), "{:?}", out);
+    flaky.wait_for(got_before + 4, WAIT).await;
+    assert_eq!(other.count(), 3, "audit was not asked");
+    relay
+        .wait_metrics("billing delivered them again", |m| {
+            metric(m, "switchboard_deliveries_total{destination=\"billing\",outcome=\"delivered\"}") >= 7.0
+                && metric(m, "switchboard_queue_depth{destination=\"billing\"}") == 0.0
+        })
+        .await;
+    relay.stop().await.expect("stop");
+
+    // A restart finds them; then, past their time, they are gone.
+    let relay = TestRelay::start_in(dir.clone(), &toml).await;
+    let (s, v) = show(&relay, &ids[2]).await;
+    assert_eq!(s, 200, "retained across a restart: {v}");
+    let (_, _, b) = get(&relay.admin_url("/api/messages?field=n&value=2")).await;
+    let found: serde_json::Value = serde_json::from_slice(&b).expect("json");
+    assert_eq!(found["messages"][0]["id"], ids[2].as_str(), "found by its indexed field: {found}");
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (s, v) = show(&relay, &ids[2]).await;
+        if s == 404 {
+            assert!(v["error"].as_str().is_some_and(|e| e.contains("retain_delivered")), "{v}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still there after {WAIT:?}: {v}");
+        tokio::time::sleep(POLL).await;
+    }
+    relay.stop().await.expect("stop");
 }
