@@ -204,7 +204,9 @@ impl Admin {
                     None => return bad_request("cursor: a next_cursor this API gave"),
                 },
                 Some((id, _)) if self.store.parse_external_id(id).is_some() => {
-                    return bad_request("cursor: from another query (destination, state, since and until must stay the same)")
+                    return bad_request(
+                        "cursor: from another query (destination, state, since and until must stay the same)",
+                    )
                 }
                 _ => return bad_request("cursor: a next_cursor this API gave"),
             },

@@ -236,7 +236,9 @@ impl Store {
     pub async fn replay_delivered(&self, dest: &str, sel: &Selection) -> Result<usize, StoreError> {
         match &self.0 {
             Backend::Local(s) => s.replay_delivered(dest, sel).await,
-            Backend::Jet(_) => Err(StoreError::Unsupported("replay of delivered messages with store.kind = \"jetstream\"")),
+            Backend::Jet(_) => {
+                Err(StoreError::Unsupported("replay of delivered messages with store.kind = \"jetstream\""))
+            }
         }
     }
 

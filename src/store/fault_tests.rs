@@ -78,18 +78,21 @@ impl Model {
     }
 }
 
-fn options(disk: &FaultyDisk, cut: bool) -> StoreOptions {
+/// `retain`: delivered messages are kept (`retain.rs`), so recovery must
+/// tell them from pending ones.
+fn options(disk: &FaultyDisk, cut: bool, retain: bool) -> StoreOptions {
     StoreOptions {
         segment_bytes: Some(700),
         cut_damaged_log: cut,
+        retain_delivered: retain.then_some(Duration::from_secs(3600)),
         disk: DiskHandle(Arc::new(disk.clone())),
         ..StoreOptions::default()
     }
 }
 
-fn open(dir: &Path, disk: &FaultyDisk) -> Result<Local, StoreError> {
+fn open(dir: &Path, disk: &FaultyDisk, retain: bool) -> Result<Local, StoreError> {
     disk.clear_faults();
-    Local::open(dir, options(disk, false), |_, _| {})
+    Local::open(dir, options(disk, false, retain), |_, _| {})
 }
 
 /// After a reopen: every acknowledged message is there with its bytes; of
@@ -147,8 +150,10 @@ proptest! {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         let dir = tempfile::tempdir().expect("tempdir");
         let disk = FaultyDisk::new(seed);
+        // Half the cases keep delivered messages.
+        let retain = seed % 2 == 1;
         rt.block_on(async {
-            let mut store = open(dir.path(), &disk).expect("open");
+            let mut store = open(dir.path(), &disk, retain).expect("open");
             let mut model = Model::default();
             for step in steps {
                 match step {
@@ -206,13 +211,13 @@ proptest! {
                         store.crash().await;
                         drop(store);
                         disk.power_loss();
-                        store = open(dir.path(), &disk).expect("reopen after power loss");
+                        store = open(dir.path(), &disk, retain).expect("reopen after power loss");
                         adopt(&store, &mut model)?;
                     }
                     Step::Reopen => {
                         let _ = store.close().await;
                         drop(store);
-                        store = open(dir.path(), &disk).expect("reopen");
+                        store = open(dir.path(), &disk, retain).expect("reopen");
                         adopt(&store, &mut model)?;
                     }
                     Step::FlipBit => {
@@ -228,7 +233,7 @@ proptest! {
                         } else {
                             None
                         };
-                        match (open(dir.path(), &disk), flipped) {
+                        match (open(dir.path(), &disk, retain), flipped) {
                             (Ok(s), None) => {
                                 store = s;
                                 adopt(&store, &mut model)?;
@@ -246,7 +251,7 @@ proptest! {
                                 prop_assert!(e.to_string().contains(&path.display().to_string()) && e.to_string().contains(&format!("offset {found}")), "{}", e);
                                 // What an operator does: repair, which cuts there.
                                 disk.clear_faults();
-                                store = Local::open(dir.path(), options(&disk, true), |_, _| {}).expect("repair opens");
+                                store = Local::open(dir.path(), options(&disk, true, retain), |_, _| {}).expect("repair opens");
                                 // Whatever is left has its bytes; what the cut took is gone.
                                 for of in [&mut model.acked, &mut model.maybe] {
                                     let ids: Vec<u64> = of.keys().copied().collect();

@@ -557,7 +557,9 @@ pub enum RetainedPlace {
     Unplaced,
     Log(super::segments::Loc),
     /// A copy in `kept`; `origin` is its frame's segment, 0 if none.
-    Kept { origin: u64 },
+    Kept {
+        origin: u64,
+    },
 }
 
 const RETAINED_UNPLACED: u8 = 0;
@@ -590,9 +592,7 @@ impl RetainedRecord {
         let finished_ms = r.u64()?;
         let place = match r.u8()? {
             RETAINED_UNPLACED => RetainedPlace::Unplaced,
-            RETAINED_LOG => {
-                RetainedPlace::Log(super::segments::Loc { seg: r.u64()?, offset: r.u64()?, len: r.u32()? })
-            }
+            RETAINED_LOG => RetainedPlace::Log(super::segments::Loc { seg: r.u64()?, offset: r.u64()?, len: r.u32()? }),
             RETAINED_KEPT => RetainedPlace::Kept { origin: r.u64()? },
             k => return Err(bad(WHAT, format!("unknown place {k}"))),
         };

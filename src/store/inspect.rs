@@ -120,7 +120,9 @@ impl Local {
                     };
                     (state, r.history)
                 }
-                (None, Some(StateRecord::Retry { due_ms, history, .. })) => (DeliveryState::Pending { due_ms }, history),
+                (None, Some(StateRecord::Retry { due_ms, history, .. })) => {
+                    (DeliveryState::Pending { due_ms }, history)
+                }
                 (None, None) => (DeliveryState::Pending { due_ms: id_received_ms(id) }, Vec::new()),
             };
             deliveries.push(DeliveryView { destination: d, state, attempts });

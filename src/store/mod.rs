@@ -230,22 +230,11 @@ impl Lease {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settle {
     /// Delivered by `attempt` (kept in the delivery's history).
-    Delivered {
-        attempt: Attempt,
-    },
+    Delivered { attempt: Attempt },
     /// Failed; try again at `at_ms` (unix ms).
-    Retry {
-        at_ms: u64,
-        status: Option<u16>,
-        error: String,
-        attempt: Attempt,
-    },
+    Retry { at_ms: u64, status: Option<u16>, error: String, attempt: Attempt },
     /// Failed for good: into the dead letters.
-    Dead {
-        status: Option<u16>,
-        reason: String,
-        attempt: Attempt,
-    },
+    Dead { status: Option<u16>, reason: String, attempt: Attempt },
 }
 
 /// Result of [`Store::due`].

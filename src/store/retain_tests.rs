@@ -99,7 +99,11 @@ fn delivered_messages_are_kept_with_their_attempts_until_swept() {
         let now_sealed = store.inner.log.sealed();
         assert!(sealed.iter().all(|s| now_sealed.contains(s)), "{sealed:?} kept: {now_sealed:?}");
         let unneeded = lock(&store.inner.unneeded).clone();
-        assert!(unneeded.iter().all(|s| !sealed.contains(s)), "recovery counts retained messages as live: {unneeded:?} {:?}", lock(&store.inner.live));
+        assert!(
+            unneeded.iter().all(|s| !sealed.contains(s)),
+            "recovery counts retained messages as live: {unneeded:?} {:?}",
+            lock(&store.inner.live)
+        );
         let found = store.inspect(ids[0]).await.expect("inspect").expect("retained after a restart");
         assert_eq!(state_of(&found, "a").1, vec![503, 200]);
         assert_eq!(delivered_to(&store, "a"), ids);
@@ -192,8 +196,7 @@ fn recovery_settles_a_send_again_cut_by_a_crash() {
         let (x, y) = (append(&store, "x", &["a"]), append(&store, "y", &["a"]));
         store.sync().await.expect("sync");
         deliver_all(&store, "a", 200);
-        let Some(RetainedRecord { place: RetainedPlace::Log(loc), .. }) = store.retained_record(x).expect("get")
-        else {
+        let Some(RetainedRecord { place: RetainedPlace::Log(loc), .. }) = store.retained_record(x).expect("get") else {
             panic!("x retained in the log")
         };
         let retry = StateRecord::Retry { due_ms: 0, record: QueueRecord::default(), history: vec![] }.encode();
@@ -260,10 +263,7 @@ fn a_kept_copy_is_retained_and_swept_with_its_keys() {
         store.dead_letter("a", &lease, &dead).expect("dead letter");
         deliver_all(&store, "b", 200);
         assert_eq!(store.purge_dead("a", &Selection::all()).await.expect("purge"), 1);
-        assert!(matches!(
-            store.retained_record(id).expect("get").map(|r| r.place),
-            Some(RetainedPlace::Kept { .. })
-        ));
+        assert!(matches!(store.retained_record(id).expect("get").map(|r| r.place), Some(RetainedPlace::Kept { .. })));
         store.close().await.expect("close");
         drop(store);
         let store = open_retaining(dir.path());

@@ -274,9 +274,17 @@ fn leftovers_of_an_interrupted_last_settle_are_removed_at_open() {
             // was deleted; a state key of a message that is nowhere; a kept
             // copy whose last settle did not get to delete it.
             store.inner.done_tree(seg).expect("tree").insert(state_key("a", done_id), &[]).expect("insert");
-            store.inner.state.insert(state_key("b", 424242), StateRecord::Done { history: vec![] }.encode()).expect("insert");
+            store
+                .inner
+                .state
+                .insert(state_key("b", 424242), StateRecord::Done { history: vec![] }.encode())
+                .expect("insert");
             store.inner.kept.insert(id_key(dead_id), msg("dead, then purged").encode_for(&["a"])).expect("insert");
-            store.inner.state.insert(state_key("a", dead_id), StateRecord::Done { history: vec![] }.encode()).expect("insert");
+            store
+                .inner
+                .state
+                .insert(state_key("a", dead_id), StateRecord::Done { history: vec![] }.encode())
+                .expect("insert");
             store.close().await.expect("close");
             (done_id, kept_id, dead_id, seg)
         };

@@ -210,6 +210,7 @@ fn what_jetstream_cannot_do_is_a_config_error() {
     for (toml, key, why) in [
         (jet("ordering = \"fifo\"", ""), "destinations.a.ordering", "not available"),
         (jet("", "replicas = 2\n"), "", ""),
+        (jet("", "retain_delivered = \"1h\"\n"), "store.retain_delivered", "not available"),
         (jet("", "token = \"t\"\nnkey = \"SUx\"\n"), "store", "one way to authenticate"),
         (jet("", "").replace("ack_wait = \"3s\"", "ack_wait = \"1s\""), "store.ack_wait", "at least 3s"),
         (

@@ -402,15 +402,20 @@ async fn retained_delivered_messages_are_shown_listed_and_sent_again() {
     let (s, _, body) = get(&relay.admin_url("/api/messages?destination=billing&state=delivered")).await;
     assert_eq!(s, 200);
     let listed: serde_json::Value = serde_json::from_slice(&body).expect("json");
-    let listed: Vec<&str> = listed["messages"].as_array().expect("list").iter().filter_map(|m| m["id"].as_str()).collect();
+    let listed: Vec<&str> =
+        listed["messages"].as_array().expect("list").iter().filter_map(|m| m["id"].as_str()).collect();
     assert_eq!(listed, ids.iter().map(String::as_str).collect::<Vec<_>>());
 
     // Sent again, to billing alone: by id through the API, by time through
     // the CLI.
     let got_before = flaky.count();
-    let (s, _, body) =
-        request("POST", &relay.admin_url(&format!("/api/destinations/billing/replay?state=delivered&id={}", ids[1])), &[], "")
-            .await;
+    let (s, _, body) = request(
+        "POST",
+        &relay.admin_url(&format!("/api/destinations/billing/replay?state=delivered&id={}", ids[1])),
+        &[],
+        "",
+    )
+    .await;
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&body).expect("json")["replayed"], 1);
     let got = flaky.wait_for(got_before + 1, WAIT).await;
