@@ -92,7 +92,7 @@ async fn the_openapi_description_matches_the_live_admin_api() {
         assert!(std::time::Instant::now() < deadline, "no dead letter");
         tokio::time::sleep(POLL).await;
     }
-    let (_, _, b) = call("DELETE", "/api/dead-letters/down?wait=0".into()).await;
+    let (_, _, b) = call("POST", "/api/dead-letters/app/replay?wait=0".into()).await;
     let op =
         serde_json::from_slice::<serde_json::Value>(&b).expect("json")["operation"].as_str().expect("op").to_string();
 
