@@ -92,7 +92,36 @@ impl Local {
         if !due.is_empty() {
             tracing::debug!(messages = due.len(), "forgot retained messages past store.retain_delivered");
         }
-        Ok(due.len())
+        Ok(due.len() + self.make_room()?)
+    }
+
+    /// Retention yields to new callbacks: while the filesystem has less
+    /// than twice `min_free_bytes` free (ingress refuses below once), the
+    /// oldest retained messages are forgotten before their time, a tenth
+    /// of them (at least 1,000) per sweep. Returns how many.
+    fn make_room(&self) -> Result<usize, StoreError> {
+        let inner = &self.inner;
+        let Some(min) = inner.min_free_bytes else { return Ok(0) };
+        let free = self.free_bytes();
+        if free >= min.saturating_mul(2) || inner.retained_count.load(Ordering::Relaxed) == 0 {
+            return Ok(0);
+        }
+        let batch = (inner.retained_count.load(Ordering::Relaxed) / 10).max(1000) as usize;
+        let mut oldest = Vec::with_capacity(batch.min(100_000));
+        for item in inner.retained.iter().take(batch) {
+            let (k, v) = item?;
+            oldest.push((parse_id_key(&k)?, RetainedRecord::decode(&v)?));
+        }
+        for (id, r) in &oldest {
+            self.forget(*id, r)?;
+        }
+        tracing::warn!(
+            messages = oldest.len(),
+            free_bytes = free,
+            min_free_bytes = min,
+            "disk nearly full: forgot the oldest retained messages before store.retain_delivered"
+        );
+        Ok(oldest.len())
     }
 
     /// Forgets retained message `id` (its record as read: `r`).

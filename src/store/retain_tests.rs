@@ -282,3 +282,34 @@ fn a_kept_copy_is_retained_and_swept_with_its_keys() {
         store.close().await.expect("close");
     });
 }
+
+/// Retention yields to new callbacks: with the filesystem under twice
+/// `min_free_bytes`, the oldest retained messages are forgotten before
+/// their time.
+#[test]
+fn a_nearly_full_disk_forgets_the_oldest_retained_messages_first() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open_retaining(dir.path());
+        let ids: Vec<u64> = (0..3).map(|i| append(&store, &format!("m{i}"), &["a"])).collect();
+        store.sync().await.expect("sync");
+        deliver_all(&store, "a", 200);
+        assert_eq!(store.sweep_retained(now_ms()).expect("sweep"), 0, "plenty of room: kept");
+        store.close().await.expect("close");
+        drop(store);
+        // The same disk, with a floor above what it has free.
+        let free = open::free_space(dir.path()).expect("statvfs");
+        let opts = StoreOptions {
+            segment_bytes: Some(700),
+            retain_delivered: Some(HOUR),
+            sweep_every: Some(HOUR),
+            min_free_bytes: Some(free / 2 + 1),
+            ..StoreOptions::default()
+        };
+        let store = Local::open(dir.path(), opts, |_, _| {}).expect("open");
+        assert_eq!(store.retained(), 3);
+        assert_eq!(store.sweep_retained(now_ms()).expect("sweep"), 3, "forgotten before their time");
+        assert!(store.inspect(ids[0]).await.expect("inspect").is_none());
+        store.close().await.expect("close");
+    });
+}
