@@ -11,7 +11,8 @@
 //! | `meta`  | `last_id`                            | u64 BE                             |
 //! | `state` | destination, 0x00, message id u64 BE | [`StateRecord`]: retry, done or dead |
 //! | `kept`  | message id, u64 BE                   | [`MessageRecord`] of a message with a dead letter |
-//! | `done-<seq>` | destination, 0x00, message id u64 BE | empty: delivered (message in segment `seq`) |
+//! | `done-<seq>` | destination, 0x00, message id u64 BE | [`DoneMark`]: delivered (with its attempts) or purged (message in segment `seq`) |
+//! | `retained` | message id, u64 BE | [`RetainedRecord`]: kept after delivery until then, and where its record is |
 //!
 //! A message's deliveries are its record's destination list: one frame,
 //! written and synced by one group commit, so a message and its pending

@@ -22,13 +22,16 @@
 //! `open.rs` (open, close, background work), `recover.rs` (rebuilding memory
 //! from disk), `settle.rs` (settling, keeping, evacuating), `dead.rs` (dead
 //! letters), `reclaim.rs` (deleting emptied segments), `seal.rs` (records
-//! sealed at rest with AES-256-GCM, when configured).
+//! sealed at rest with AES-256-GCM, when configured), `retain.rs` (messages
+//! kept after delivery, `store.retain_delivered`: listed, sent again,
+//! swept), `inspect.rs` and `lookup.rs` (what operators ask).
 //!
 //! **Threads**: `switchboard-log` (the message log's group commit: write
 //! the batch, fdatasync; ingress waits for it), `switchboard-sled` (sled's
 //! group commit: flush, fdatasync; nobody on the request path waits for
 //! it), sled's own I/O threads; two tokio tasks (the idle ticker: a flush
-//! backstop every 500 ms and the sparse-segment check; the reclaimer); and
+//! backstop every 500 ms, the sparse-segment check and the sweep of
+//! retained messages; the reclaimer); and
 //! the blocking pool for what reads the disk or writes more than one sled
 //! key (open and recovery, a fetch that misses the cache, dead letters,
 //! replay, purge, evacuation). Runtime threads never wait for the disk.
