@@ -224,11 +224,19 @@ async fn bench(s: Settings) -> AnyResult<()> {
     // 4. Fan-out to 3 healthy destinations: saturating, then at a fixed rate.
     let (mut fan_peak, mut iso_peak) = (0.0, 0.0);
     let (mut fan_rate, mut fan_lag) = (0.0, 0.0);
-    if s.wants("4") || s.wants("5") || s.wants("5b") {
+    let mut fan_all = 0.0;
+    if s.wants("4") || s.wants("5") || s.wants("5b") || s.wants("4r") {
         let (fan, peak) = fan_out(&s, &fresh_dir(), Third::Healthy, epoch).await?;
         fan_rate = fan.healthy_rate;
+        fan_all = fan.all_rate;
         fan_lag = fan.healthy_lag_p99;
         fan_peak = peak;
+    }
+    if s.wants("4r") {
+        let (kept, _) = fan_out(&s, &fresh_dir(), Third::Retaining, epoch).await?;
+        if fan_all > 0.0 {
+            row("4r. vs run 4", &format!("deliveries {:.0} % of run 4's", kept.all_rate / fan_all * 100.0));
+        }
     }
     if s.wants("4b") {
         fan_out_fixed(&s, &fresh_dir(), 6000, Third::Healthy, epoch).await?;

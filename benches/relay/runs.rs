@@ -6,6 +6,8 @@ use super::*;
 pub(crate) struct FanOut {
     pub(crate) ingest_rate: f64,
     pub(crate) healthy_rate: f64,
+    /// Deliveries per second to all three during the run.
+    pub(crate) all_rate: f64,
     /// Lag p99 (ms) of the two destinations that are healthy in every run.
     pub(crate) healthy_lag_p99: f64,
 }
@@ -20,6 +22,9 @@ pub(crate) enum Third {
     /// Answers in 5 ms, 503 to 30 % of requests; every destination with
     /// the breaker and ordering per key on (run 5b).
     Flaky,
+    /// Healthy, and the relay keeps delivered messages for an hour
+    /// (`store.retain_delivered`, run 4r).
+    Retaining,
 }
 
 /// What run 5b turns on for every destination.
@@ -30,7 +35,7 @@ pub(crate) async fn fan_out(s: &Settings, dir: &Path, third: Third, epoch: Insta
     let a = Receiver::start(Mode::Ok, epoch).await?;
     let b = Receiver::start(Mode::Ok, epoch).await?;
     let c_mode = match third {
-        Third::Healthy => Mode::Ok,
+        Third::Healthy | Third::Retaining => Mode::Ok,
         Third::BlackHole => Mode::BlackHole,
         Third::Flaky => Mode::Flaky,
     };
@@ -41,9 +46,11 @@ pub(crate) async fn fan_out(s: &Settings, dir: &Path, third: Third, epoch: Insta
     };
     let c_extra =
         if third == Third::BlackHole { "concurrency = 32\ntimeout = \"5s\"".to_string() } else { extra.clone() };
-    let relay = Relay::start(
+    let store_extra = if third == Third::Retaining { "retain_delivered = \"1h\"" } else { "" };
+    let relay = Relay::start_with_store(
         dir,
         &[("a", a.url(), extra.as_str()), ("b", b.url(), extra.as_str()), ("c", c.url(), c_extra.as_str())],
+        store_extra,
     )
     .await?;
     let load = closed_loop(relay.ingress, "/in", s.connections, s.run, u64::MAX, epoch).await;
@@ -58,14 +65,31 @@ pub(crate) async fn fan_out(s: &Settings, dir: &Path, third: Third, epoch: Insta
     let mut lags: Vec<u32> = a.lags_us.lock().map(|v| v.clone()).unwrap_or_default();
     lags.extend(b.lags_us.lock().map(|v| v.clone()).unwrap_or_default());
     let healthy_lag_p99 = percentile(&mut lags.clone(), 0.99);
-    if third == Third::Healthy {
+    if matches!(third, Third::Healthy | Third::Retaining) {
         lags.extend(c.lags_us.lock().map(|v| v.clone()).unwrap_or_default());
     }
     let all_delivered = delivered_during + if third == Third::BlackHole { 0 } else { c.count.load(Ordering::Relaxed) };
-    let result = FanOut { ingest_rate: load.rps(), healthy_rate: delivered_during as f64 / secs, healthy_lag_p99 };
+    let result = FanOut {
+        ingest_rate: load.rps(),
+        healthy_rate: delivered_during as f64 / secs,
+        all_rate: all_delivered as f64 / secs,
+        healthy_lag_p99,
+    };
     let caught_up =
         catch_up.map(|d| format!("{:.1} s after", d.as_secs_f64())).unwrap_or_else(|| "not within 60 s".into());
+    let retained = relay.metric("switchboard_store_retained_messages").await;
     match third {
+        Third::Retaining => row(
+            "4r. fan-out x3, retain_delivered 1h",
+            &format!(
+                "ingest {:.0} msg/s, deliveries {:.0}/s during the run, caught up {}, lag p99 {:.1} ms, retained at end {:.0}",
+                load.rps(),
+                all_delivered as f64 / secs,
+                caught_up,
+                percentile(&mut lags, 0.99),
+                retained,
+            ),
+        ),
         Third::Healthy => row(
             "4. fan-out x3",
             &format!(
@@ -169,7 +193,12 @@ pub(crate) async fn fan_out_fixed(
         ),
     );
     relay.stop();
-    Ok(FanOut { ingest_rate: load.ok as f64 / secs, healthy_rate: healthy_delivered as f64 / secs, healthy_lag_p99 })
+    Ok(FanOut {
+        ingest_rate: load.ok as f64 / secs,
+        healthy_rate: healthy_delivered as f64 / secs,
+        all_rate: delivered as f64 / secs,
+        healthy_lag_p99,
+    })
 }
 
 pub(crate) async fn backlog(s: &Settings, dir: &Path, epoch: Instant) -> AnyResult<()> {
