@@ -123,12 +123,19 @@ pub(super) fn rebuild(
     }
     // A `Done` mark ends a delivery whatever `state` says.
     let mut done_trees = BTreeMap::new();
+    let mut retained_marks: HashMap<u64, u32> = HashMap::new();
     for name in db.tree_names() {
         let Some(seq) = parse_done_tree_name(&name) else { continue };
         let tree = db.open_tree(&name)?;
         for k in tree.iter().keys() {
             let k = k?;
             let (dest, id) = parse_state_key(&k)?;
+            // A retained message's marks are only counted (there may be
+            // millions): the log scan checks it has them all.
+            if retained.get(&id).is_some_and(|r| matches!(r.place, RetainedPlace::Log(loc) if loc.seg == seq)) {
+                *retained_marks.entry(id).or_default() += 1;
+                continue;
+            }
             b.states.insert((dest.to_string(), id), StateRecord::Done { history: Vec::new() });
         }
         done_trees.insert(seq, tree);
@@ -185,19 +192,37 @@ pub(super) fn rebuild(
                     *origin = NonZeroU64::new(r.loc.seg);
                 }
             }
-        } else if b.add(r.id, r.record, Place::Log(r.loc))? {
-            *live.entry(r.loc.seg).or_default() += 1;
-            if retained.contains_key(&r.id) {
-                stale.push(r.id);
+        } else {
+            let counted = retained_marks.get(&r.id).map(|n| *n as usize);
+            let all_marked = match counted {
+                Some(n) => n == record_destinations(r.record)?.len(),
+                None => false,
+            };
+            if counted.is_some() && !all_marked {
+                // Counted but not all there (sent again, cut by a crash):
+                // its marks as any message's.
+                if let Some(tree) = done_trees.get(&r.loc.seg) {
+                    for d in record_destinations(r.record)? {
+                        if tree.get(state_key(&d, r.id))?.is_some() {
+                            b.states.insert((d, r.id), StateRecord::Done { history: Vec::new() });
+                        }
+                    }
+                }
             }
-        } else if let Some(kept) = retained.get_mut(&r.id) {
-            // Retained: it holds its segment.
-            *live.entry(r.loc.seg).or_default() += 1;
-            retained_log.insert(r.id);
-            b.lookup.add(r.id, &record_marks(r.record)?.index);
-            if kept.place != RetainedPlace::Log(r.loc) {
-                kept.place = RetainedPlace::Log(r.loc);
-                retained_tree.insert(id_key(r.id), kept.encode())?;
+            if !all_marked && b.add(r.id, r.record, Place::Log(r.loc))? {
+                *live.entry(r.loc.seg).or_default() += 1;
+                if retained.contains_key(&r.id) {
+                    stale.push(r.id);
+                }
+            } else if let Some(kept) = retained.get_mut(&r.id) {
+                // Retained: it holds its segment.
+                *live.entry(r.loc.seg).or_default() += 1;
+                retained_log.insert(r.id);
+                b.lookup.add(r.id, &record_marks(r.record)?.index);
+                if kept.place != RetainedPlace::Log(r.loc) {
+                    kept.place = RetainedPlace::Log(r.loc);
+                    retained_tree.insert(id_key(r.id), kept.encode())?;
+                }
             }
         }
         if with_dedupe {

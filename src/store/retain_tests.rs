@@ -193,9 +193,10 @@ fn recovery_settles_a_send_again_cut_by_a_crash() {
     rt().block_on(async {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = open_retaining(dir.path());
-        let (x, y) = (append(&store, "x", &["a"]), append(&store, "y", &["a"]));
+        let (x, y) = (append(&store, "x", &["a", "b"]), append(&store, "y", &["a"]));
         store.sync().await.expect("sync");
         deliver_all(&store, "a", 200);
+        deliver_all(&store, "b", 200);
         let Some(RetainedRecord { place: RetainedPlace::Log(loc), .. }) = store.retained_record(x).expect("get") else {
             panic!("x retained in the log")
         };
@@ -208,6 +209,7 @@ fn recovery_settles_a_send_again_cut_by_a_crash() {
         drop(store);
         let store = open_retaining(dir.path());
         assert_eq!(due(&store, "a").iter().map(|l| l.id).collect::<Vec<_>>(), vec![x]);
+        assert!(due(&store, "b").is_empty(), "b's mark still counts");
         assert!(store.retained_record(x).expect("get").is_none(), "live again: not retained");
         assert!(store.retained_record(y).expect("get").is_some(), "y's mark won: still retained");
         assert!(store.inner.state.get(state_key("a", y)).expect("get").is_none(), "its stray state dropped");
