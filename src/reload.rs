@@ -289,6 +289,9 @@ fn restart_needed(old: &Config, new: &Config) {
     if old.store.path != new.store.path || old.store.jetstream.is_some() != new.store.jetstream.is_some() {
         keys.push("store");
     }
+    if old.store.retain_delivered != new.store.retain_delivered {
+        keys.push("store.retain_delivered");
+    }
     if !keys.is_empty() {
         tracing::warn!(keys = %keys.join(", "), "these settings changed but take effect only after a restart");
     }
