@@ -16,6 +16,11 @@
 //! addresses, ingress limits, the store) is logged and left as it runs.
 //! Certificates of the listeners are re-read too, as before.
 //!
+//! The routes' sender-credential headers are one map every worker reads
+//! per attempt, swapped before the routes: a header that becomes a
+//! credential is withheld at once by every destination (that did not ask
+//! for credentials), and one that stops being one stays withheld until a
+//! restart (callbacks stored under the old route still carry it).
 //! A secret written in the table is compared as written; one read from
 //! `env:`/`file:` is read again when its destination's table changes.
 //! The JetStream store's consumers are made at start: there, a reload that
@@ -103,7 +108,28 @@ pub(crate) struct Reloader {
     pub(crate) loaded: Arc<Loaded>,
     /// Client certificates of destinations, by name (as loaded at start).
     pub(crate) client_certs: HashMap<String, crate::server::tls::CertStore>,
+    /// The senders' credential headers by route, shared by the workers.
+    credentials: crate::delivery::Credentials,
     workers: HashMap<String, Running>,
+}
+
+/// The credential headers of `routes`, added to those of `before` (a
+/// header that was a route's credential stays withheld: callbacks stored
+/// under the old settings still carry it).
+fn credential_map(
+    before: &HashMap<String, Vec<http::HeaderName>>,
+    routes: &[crate::ingress::Route],
+) -> HashMap<String, Vec<http::HeaderName>> {
+    let mut map = before.clone();
+    for r in routes {
+        let names = map.entry(r.path.clone()).or_default();
+        for h in &r.credential_headers {
+            if !names.contains(h) {
+                names.push(h.clone());
+            }
+        }
+    }
+    map
 }
 
 /// Each destination's table in the file, as text.
@@ -130,7 +156,9 @@ impl Reloader {
         loaded: Arc<Loaded>,
         client_certs: HashMap<String, crate::server::tls::CertStore>,
     ) -> Reloader {
+        let credentials = Arc::new(arc_swap::ArcSwap::from_pointee(credential_map(&HashMap::new(), &config.routes)));
         Reloader {
+            credentials,
             config,
             store,
             metrics,
@@ -148,24 +176,17 @@ impl Reloader {
     /// Starts a worker for every configured destination.
     pub(crate) fn start_all(&mut self) -> anyhow::Result<()> {
         let prints = fingerprints(&self.config.source);
-        let (dests, routes) = (self.config.destinations.clone(), self.config.routes.clone());
-        for d in dests {
+        for d in self.config.destinations.clone() {
             let print = prints.get(&*d.name).cloned().unwrap_or_default();
-            self.start(d, print, &routes)?;
+            self.start(d, print)?;
         }
         Ok(())
     }
 
-    /// Starts `dest`'s worker; `routes` say which sender headers it withholds.
-    fn start(
-        &mut self,
-        dest: Arc<crate::delivery::Destination>,
-        fingerprint: String,
-        routes: &[crate::ingress::Route],
-    ) -> anyhow::Result<()> {
+    /// Starts `dest`'s worker.
+    fn start(&mut self, dest: Arc<crate::delivery::Destination>, fingerprint: String) -> anyhow::Result<()> {
         use anyhow::Context;
-        let credentials: Arc<HashMap<String, Vec<http::HeaderName>>> =
-            Arc::new(routes.iter().map(|r| (r.path.clone(), r.credential_headers.clone())).collect());
+        let credentials = self.credentials.clone();
         self.wakers.add(&dest.name);
         let cert = match &dest.client_cert {
             None => None,
@@ -244,7 +265,10 @@ impl Reloader {
             );
         }
         restart_needed(old, &new);
-        // Workers first: a route may name a destination only now added.
+        // Credentials first: every worker withholds the new route's
+        // credential headers before ingress accepts a callback under it.
+        self.credentials.store(Arc::new(credential_map(&self.credentials.load(), &new.routes)));
+        // Workers next: a route may name a destination only now added.
         let prints = fingerprints(&new.source);
         let mut changed = Vec::new();
         for d in &new.destinations {
@@ -254,9 +278,9 @@ impl Reloader {
                 Some(_) => {
                     self.stop(&d.name).await;
                     changed.push(d.name.to_string());
-                    self.start(d.clone(), print, &new.routes)?;
+                    self.start(d.clone(), print)?;
                 }
-                None => self.start(d.clone(), print, &new.routes)?,
+                None => self.start(d.clone(), print)?,
             }
         }
         for name in &removed {

@@ -139,7 +139,9 @@ fn build_client(dest: &Destination, client_cert: Option<crate::server::tls::Cert
 pub struct Worker {
     dest: Arc<Destination>,
     /// Per route: the sender-credential headers this destination does not get.
-    withheld: Arc<HashMap<String, Vec<HeaderName>>>,
+    /// The senders' credential headers by route (`None`: this destination
+    /// gets them, `forward_sender_credentials`).
+    withheld: Option<Credentials>,
     store: Store,
     metrics: Arc<Metrics>,
     /// The HTTP client and the client-certificate generation it was built
@@ -153,6 +155,11 @@ pub struct Worker {
     breaker_state: Arc<std::sync::atomic::AtomicU8>,
 }
 
+/// Per route, the request headers that carry its senders' credentials:
+/// one map shared by every worker, swapped by a reload (so a header that
+/// becomes a credential is withheld by every destination at once).
+pub type Credentials = Arc<arc_swap::ArcSwap<HashMap<String, Vec<HeaderName>>>>;
+
 impl Worker {
     /// `credentials` maps each route to the headers that carry its senders'
     /// credentials; they are withheld unless the destination sets
@@ -160,7 +167,7 @@ impl Worker {
     /// client certificate, loaded (and reloaded) by the caller.
     pub fn new(
         dest: Arc<Destination>,
-        credentials: Arc<HashMap<String, Vec<HeaderName>>>,
+        credentials: Credentials,
         client_cert: Option<crate::server::tls::CertStore>,
         store: Store,
         metrics: Arc<Metrics>,
@@ -170,7 +177,7 @@ impl Worker {
         let client = arc_swap::ArcSwap::from_pointee((generation, build_client(&dest, client_cert.clone())?));
         let wake = wakers.get(&dest.name);
         let breaker_state = wakers.breaker(&dest.name);
-        let withheld = if dest.forward_sender_credentials { Arc::default() } else { credentials };
+        let withheld = (!dest.forward_sender_credentials).then_some(credentials);
         Ok(Worker { dest, withheld, store, metrics, client, client_cert, wake, breaker_state })
     }
 
@@ -479,7 +486,9 @@ impl Worker {
         let mut req = http::Request::post(self.dest.url.clone()).body(Full::new(body.clone()))?;
         let headers = req.headers_mut();
         let mut forwarded_for: Option<Vec<u8>> = None;
-        let withheld: &[HeaderName] = self.withheld.get(&msg.route).map(Vec::as_slice).unwrap_or_default();
+        let credentials = self.withheld.as_ref().map(|c| c.load());
+        let withheld: &[HeaderName] =
+            credentials.as_ref().and_then(|c| c.get(&msg.route)).map(Vec::as_slice).unwrap_or_default();
         for (name, value) in &msg.headers {
             let (Ok(name), Ok(value)) =
                 (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_maybe_shared(value.clone()))

@@ -90,3 +90,62 @@ async fn reloads_under_load_lose_nothing_and_take_effect() {
     assert_eq!(lost, 0);
     assert_eq!(refused, 0, "a reload never refuses callbacks");
 }
+
+/// A reload that makes a header a sender credential (auth added to a
+/// route) withholds it at once from every destination, those whose own
+/// settings did not change (their workers keep running) included; and
+/// after auth is taken off again, callbacks stored under it still do not
+/// carry it on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_adds_sender_auth_withholds_its_header_from_unchanged_destinations() {
+    let app = TestReceiver::ok().await;
+    let paused_app = TestReceiver::ok().await;
+    let fwd = TestReceiver::ok().await;
+    let dir = std::sync::Arc::new(tempfile::tempdir().expect("tempdir"));
+    // `fwd` asks for the sender's credentials, so the route stores them.
+    let base = config(&[
+        ("app", &app.url("/app"), ""),
+        ("later", &paused_app.url("/later"), ""),
+        ("fwd", &fwd.url("/fwd"), "forward_sender_credentials = true"),
+    ]);
+    let with_auth = base.replace(
+        "[destinations.app]",
+        "[routes.auth.header]\nname = \"X-Token\"\nvalues = [\"s3cret-token\"]\n[destinations.app]",
+    );
+    let reload = std::sync::Arc::new(tokio::sync::Notify::new());
+    let relay = TestRelay::start_with_reload(dir.clone(), &base, reload.clone()).await;
+    let reloads = |n: f64| {
+        let relay = &relay;
+        async move {
+            relay.wait_metrics("reloaded", |m| metric(m, "switchboard_config_reloads_total{result=\"ok\"}") == n).await;
+        }
+    };
+    let url = relay.url("/in");
+    let send = || request("POST", &url, &[("x-token", "s3cret-token")], "cb");
+    assert_eq!(send().await.0, 200);
+    paused_app.wait_for(1, WAIT).await;
+    let got = app.wait_for(1, WAIT).await;
+    assert_eq!(got[0].header("x-token").as_deref(), Some("s3cret-token"), "an ordinary header before");
+
+    write_config(dir.path(), &with_auth);
+    reload.notify_one();
+    reloads(1.0).await;
+    // `later` is paused while the route has auth: its copy is delivered
+    // only after auth is gone again.
+    let (s, _, _) = request("POST", &relay.admin_url("/api/destinations/later/pause"), &[], "").await;
+    assert_eq!(s, 200);
+    assert_eq!(send().await.0, 200);
+    let got = app.wait_for(2, WAIT).await;
+    assert_eq!(got[1].header("x-token"), None, "a credential now: withheld by the unchanged destination");
+    let got = fwd.wait_for(2, WAIT).await;
+    assert_eq!(got[1].header("x-token").as_deref(), Some("s3cret-token"), "forwarded where asked");
+
+    write_config(dir.path(), &base);
+    reload.notify_one();
+    reloads(2.0).await;
+    let (s, _, _) = request("POST", &relay.admin_url("/api/destinations/later/resume"), &[], "").await;
+    assert_eq!(s, 200);
+    let got = paused_app.wait_for(2, WAIT).await;
+    assert_eq!(got.iter().filter(|r| r.header("x-token").is_some()).count(), 1, "only the one sent before auth");
+    relay.stop().await.expect("stop");
+}
