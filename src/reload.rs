@@ -291,7 +291,14 @@ impl Reloader {
         }
         self.metrics.preregister(&new.routes, &new.destinations);
         self.ingress.routes.store(Arc::new(crate::config::route_table(&new.routes)));
-        self.admin.view.store(Arc::new(crate::admin::View::of(&new)));
+        // Masked in answers as long as they are withheld.
+        let mut view = crate::admin::View::of(&new);
+        for h in self.credentials.load().values().flatten() {
+            if !view.sensitive.contains(h) {
+                view.sensitive.push(h.clone());
+            }
+        }
+        self.admin.view.store(Arc::new(view));
         self.config = new;
         Ok(format!("added [{}], removed [{}], changed [{}]", added.join(", "), removed.join(", "), changed.join(", ")))
     }

@@ -107,7 +107,8 @@ async fn a_reload_that_adds_sender_auth_withholds_its_header_from_unchanged_dest
         ("app", &app.url("/app"), ""),
         ("later", &paused_app.url("/later"), ""),
         ("fwd", &fwd.url("/fwd"), "forward_sender_credentials = true"),
-    ]);
+    ])
+    .replace("[store]\n", "[store]\nretain_delivered = \"1h\"\n");
     let with_auth = base.replace(
         "[destinations.app]",
         "[routes.auth.header]\nname = \"X-Token\"\nvalues = [\"s3cret-token\"]\n[destinations.app]",
@@ -147,5 +148,11 @@ async fn a_reload_that_adds_sender_auth_withholds_its_header_from_unchanged_dest
     assert_eq!(s, 200);
     let got = paused_app.wait_for(2, WAIT).await;
     assert_eq!(got.iter().filter(|r| r.header("x-token").is_some()).count(), 1, "only the one sent before auth");
+    // Inspection masks it too (the second callback is stored with it).
+    let id = got[1].header("x-switchboard-id").expect("id");
+    let (s, _, body) = get(&relay.admin_url(&format!("/api/messages/{id}"))).await;
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(s, 200, "retained: {text}");
+    assert!(text.contains("x-token") && !text.contains("s3cret-token"), "{text}");
     relay.stop().await.expect("stop");
 }
