@@ -53,11 +53,20 @@ impl Local {
     /// Moves the dead letters of `dest` that `sel` covers back into its
     /// queue, due now, with a fresh attempt count. Returns how many.
     pub async fn replay_dead(&self, dest: &str, sel: &Selection) -> Result<usize, StoreError> {
-        let (store, name, sel) = (self.clone(), dest.to_string(), sel.clone());
-        let moved = blocking(move || store.replay_dead_now(&name, &sel)).await?;
-        // An operator action: make it durable before answering.
+        let (name, sel) = (dest.to_string(), sel.clone());
+        self.operator_action(move |store| store.replay_dead_now(&name, &sel)).await
+    }
+
+    /// An operator action: `work` on the blocking pool, made durable
+    /// before it answers.
+    pub(super) async fn operator_action<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(Local) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.clone();
+        let done = blocking(move || work(store)).await?;
         self.sync_state().await?;
-        Ok(moved)
+        Ok(done)
     }
 
     pub(super) fn replay_dead_now(&self, dest: &str, sel: &Selection) -> Result<usize, StoreError> {
@@ -92,10 +101,8 @@ impl Local {
     /// Deletes the dead letters of `dest` that `sel` covers: each counts as
     /// settled, and a message nothing else needs is deleted. Returns how many.
     pub async fn purge_dead(&self, dest: &str, sel: &Selection) -> Result<usize, StoreError> {
-        let (store, name, sel) = (self.clone(), dest.to_string(), sel.clone());
-        let purged = blocking(move || store.purge_dead_now(&name, &sel)).await?;
-        self.sync_state().await?;
-        Ok(purged)
+        let (name, sel) = (dest.to_string(), sel.clone());
+        self.operator_action(move |store| store.purge_dead_now(&name, &sel)).await
     }
 
     pub(super) fn purge_dead_now(&self, dest: &str, sel: &Selection) -> Result<usize, StoreError> {
@@ -123,8 +130,8 @@ impl Local {
     /// Pauses `dest` (with why) or resumes it (`None`); durable before it
     /// returns, so a restart keeps the state.
     pub async fn set_paused(&self, dest: &str, reason: Option<String>) -> Result<(), StoreError> {
-        let (store, name, why) = (self.clone(), dest.to_string(), reason.clone());
-        blocking(move || {
+        let (name, why) = (dest.to_string(), reason.clone());
+        self.operator_action(move |store| {
             let key = [open::PAUSED_PREFIX, name.as_bytes()].concat();
             match &why {
                 Some(r) => store.inner.meta.insert(key, r.as_bytes()).map(|_| ())?,
@@ -137,7 +144,6 @@ impl Local {
             };
             Ok(())
         })
-        .await?;
-        self.sync_state().await
+        .await
     }
 }

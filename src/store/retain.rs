@@ -244,10 +244,8 @@ impl Local {
     /// each becomes pending there, due now (its attempts kept), through
     /// its queue like any delivery. Returns how many.
     pub async fn replay_delivered(&self, dest: &str, sel: &Selection) -> Result<usize, StoreError> {
-        let (store, name, sel) = (self.clone(), dest.to_string(), sel.clone());
-        let moved = blocking(move || store.replay_delivered_now(&name, &sel)).await?;
-        self.sync_state().await?;
-        Ok(moved)
+        let (name, sel) = (dest.to_string(), sel.clone());
+        self.operator_action(move |store| store.replay_delivered_now(&name, &sel)).await
     }
 
     /// The delivered messages of `dest` an operation covers.
