@@ -21,8 +21,9 @@
 //! credential is withheld at once by every destination (that did not ask
 //! for credentials), and one that stops being one stays withheld until a
 //! restart (callbacks stored under the old route still carry it).
-//! A secret written in the table is compared as written; one read from
-//! `env:`/`file:` is read again when its destination's table changes.
+//! A destination restarts when its table's text changes or a secret file
+//! it names (`file:`) does: a secret rotated on disk is picked up by the
+//! next reload. `env:` values cannot change under a running process.
 //! The JetStream store's consumers are made at start: there, a reload that
 //! adds or removes destinations is refused (restart the relays one by one).
 
@@ -89,7 +90,7 @@ fn file_hash(path: &std::path::Path) -> String {
 
 /// A destination's running worker.
 struct Running {
-    /// The destination's table as the file wrote it (what a reload compares).
+    /// The destination's table as the file wrote it, with its secret files' hashes (what a reload compares).
     fingerprint: String,
     stop: CancellationToken,
     done: tokio::task::JoinHandle<()>,
@@ -132,14 +133,40 @@ fn credential_map(
     map
 }
 
-/// Each destination's table in the file, as text.
+/// Each destination's table in the file, as text, with the hash of every
+/// secret file it names (`file:`): a secret rotated on disk changes it too.
 fn fingerprints(path: &std::path::Path) -> HashMap<String, String> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let Ok(v) = toml::from_str::<toml::Value>(&text) else { return HashMap::new() };
     v.get("destinations")
         .and_then(|d| d.as_table())
-        .map(|t| t.iter().map(|(k, v)| (k.clone(), v.to_string())).collect())
+        .map(|t| {
+            t.iter()
+                .map(|(k, v)| {
+                    let mut print = v.to_string();
+                    secret_files(v, &mut |file| {
+                        print.push('\0');
+                        print.push_str(&file_hash(std::path::Path::new(file)));
+                    });
+                    (k.clone(), print)
+                })
+                .collect()
+        })
         .unwrap_or_default()
+}
+
+/// Calls `found` with the path of every `file:` string in `v`.
+fn secret_files(v: &toml::Value, found: &mut impl FnMut(&str)) {
+    match v {
+        toml::Value::String(s) => {
+            if let Some(path) = s.strip_prefix("file:") {
+                found(path);
+            }
+        }
+        toml::Value::Array(items) => items.iter().for_each(|i| secret_files(i, found)),
+        toml::Value::Table(t) => t.values().for_each(|i| secret_files(i, found)),
+        _ => {}
+    }
 }
 
 impl Reloader {

@@ -156,3 +156,33 @@ async fn a_reload_that_adds_sender_auth_withholds_its_header_from_unchanged_dest
     assert!(text.contains("x-token") && !text.contains("s3cret-token"), "{text}");
     relay.stop().await.expect("stop");
 }
+
+/// A secret a destination reads from a file (`file:`), rotated on disk:
+/// the next reload restarts that destination with the new value, though
+/// its table's text did not change (how mounted Kubernetes secrets and
+/// Vault agents rotate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_picks_up_a_destination_secret_rotated_in_its_file() {
+    let app = TestReceiver::ok().await;
+    let dir = std::sync::Arc::new(tempfile::tempdir().expect("tempdir"));
+    let token = dir.path().join("token");
+    std::fs::write(&token, "first-token\n").expect("write token");
+    let toml = config(&[(
+        "app",
+        &app.url("/app"),
+        &format!("add_headers = {{ \"X-Token\" = \"file:{}\" }}", token.display()),
+    )]);
+    let reload = std::sync::Arc::new(tokio::sync::Notify::new());
+    let relay = TestRelay::start_with_reload(dir.clone(), &toml, reload.clone()).await;
+    assert_eq!(post(&relay.url("/in"), "text/plain", "one").await.0, 200);
+    let got = app.wait_for(1, WAIT).await;
+    assert_eq!(got[0].header("x-token").as_deref(), Some("first-token"));
+
+    std::fs::write(&token, "second-token\n").expect("rotate token");
+    reload.notify_one();
+    relay.wait_metrics("reloaded", |m| metric(m, "switchboard_config_reloads_total{result=\"ok\"}") == 1.0).await;
+    assert_eq!(post(&relay.url("/in"), "text/plain", "two").await.0, 200);
+    let got = app.wait_for(2, WAIT).await;
+    assert_eq!(got[1].header("x-token").as_deref(), Some("second-token"), "the rotated value");
+    relay.stop().await.expect("stop");
+}
