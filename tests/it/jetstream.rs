@@ -260,3 +260,60 @@ async fn a_long_attempt_keeps_its_lease() {
     assert_eq!(slow.count(), 1, "the message was handed out again during the attempt");
     relay.stop().await.expect("stop");
 }
+
+/// The JetStream store over TLS to a server that requires a client
+/// certificate, authenticated by an NKey (the production setup): callbacks
+/// are stored and delivered. Without the client certificate, or with
+/// another NKey, the relay refuses to run with one line that names no
+/// secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_over_tls_with_a_client_certificate_and_an_nkey() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = crate::tls::Ca::new();
+    let (server_cert, server_key) = crate::tls::write_pair(dir.path(), "nats", &ca.leaf(1, None));
+    let (client_cert, client_key) = crate::tls::write_pair(dir.path(), "relay", &ca.leaf(2, None));
+    let ca_file = dir.path().join("ca.crt");
+    std::fs::write(&ca_file, ca.cert.pem()).expect("write ca");
+    let user = nkeys::KeyPair::new_user();
+    let seed = user.seed().expect("seed");
+    let nats = NatsNode::single_with(
+        dir.path(),
+        free_port(),
+        &format!(
+            "tls {{ cert_file: {:?}, key_file: {:?}, ca_file: {:?}, verify: true }}\nauthorization {{ users = [ {{ nkey: {:?} }} ] }}",
+            server_cert.display().to_string(),
+            server_key.display().to_string(),
+            ca_file.display().to_string(),
+            user.public_key()
+        ),
+    );
+    let r = TestReceiver::ok().await;
+    let url = format!("tls://127.0.0.1:{}", nats.port);
+    let toml = |store_extra: &str| {
+        jet_config(&[url.clone()], "tlsnk", 1, &[("a", &r.url("/a"), "")])
+            .replace("replicas = 1\n", &format!("replicas = 1\n{store_extra}"))
+    };
+    let tls = format!(
+        "ca_file = {:?}\nclient_cert = {:?}\nclient_key = {:?}\n",
+        ca_file.display().to_string(),
+        client_cert.display().to_string(),
+        client_key.display().to_string()
+    );
+    let relay = TestRelay::start(&toml(&format!("{tls}nkey = {seed:?}\n"))).await;
+    let (s, _, body) = post(&relay.url("/in"), "text/plain", "over tls").await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+    let got = r.wait_for(1, WAIT).await;
+    assert_eq!(&got[0].body[..], b"over tls");
+    relay.stop().await.expect("stop");
+
+    // Another NKey; then no client certificate.
+    let other = nkeys::KeyPair::new_user().seed().expect("seed");
+    let no_cert = format!("ca_file = {:?}\n", ca_file.display().to_string());
+    for (extra, secret) in [(format!("{tls}nkey = {other:?}\n"), other.clone()), (format!("{no_cert}nkey = {seed:?}\n"), seed.clone())] {
+        let path = crate::binary::write(dir.path(), &toml(&extra));
+        let (code, err) = run_until_exit(&path).await;
+        assert_ne!(code, Some(0), "{err}");
+        assert!(!err.contains(&secret), "no seed in errors: {err}");
+        assert!(err.trim().lines().count() <= 3, "a short reason: {err}");
+    }
+}
