@@ -290,7 +290,7 @@ async fn jetstream_over_tls_with_a_client_certificate_and_an_nkey() {
     let r = TestReceiver::ok().await;
     let url = format!("tls://127.0.0.1:{}", nats.port);
     let toml = |store_extra: &str| {
-        jet_config(&[url.clone()], "tlsnk", 1, &[("a", &r.url("/a"), "")])
+        jet_config(std::slice::from_ref(&url), "tlsnk", 1, &[("a", &r.url("/a"), "")])
             .replace("replicas = 1\n", &format!("replicas = 1\n{store_extra}"))
     };
     let tls = format!(
@@ -309,11 +309,13 @@ async fn jetstream_over_tls_with_a_client_certificate_and_an_nkey() {
     // Another NKey; then no client certificate.
     let other = nkeys::KeyPair::new_user().seed().expect("seed");
     let no_cert = format!("ca_file = {:?}\n", ca_file.display().to_string());
-    for (extra, secret) in [(format!("{tls}nkey = {other:?}\n"), other.clone()), (format!("{no_cert}nkey = {seed:?}\n"), seed.clone())] {
+    for (extra, secret) in
+        [(format!("{no_cert}nkey = {seed:?}\n"), seed.clone()), (format!("{tls}nkey = {other:?}\n"), other.clone())]
+    {
         let path = crate::binary::write(dir.path(), &toml(&extra));
         let (code, err) = run_until_exit(&path).await;
         assert_ne!(code, Some(0), "{err}");
         assert!(!err.contains(&secret), "no seed in errors: {err}");
-        assert!(err.trim().lines().count() <= 3, "a short reason: {err}");
+        assert!(err.contains("refused the credentials") || err.contains("TLS with NATS failed"), "{err}");
     }
 }

@@ -167,7 +167,15 @@ impl Jet {
             }
             ConnectErrorKind::Tls => Refused::Fatal(format!("TLS with NATS failed: {e}")),
             ConnectErrorKind::ServerParse => Refused::Fatal(format!("store.servers: {e}")),
-            _ => Refused::Unreachable(e.to_string()),
+            // A TLS handshake the server or we refused (no or an unknown
+            // client certificate, an untrusted server): a setting to fix,
+            // not an outage to wait out.
+            _ => match tls_refusal(&e) {
+                Some(why) => Refused::Fatal(format!(
+                    "TLS with NATS failed: {why} (check store.ca_file, store.client_cert and store.client_key)"
+                )),
+                None => Refused::Unreachable(e.to_string()),
+            },
         })
     }
 
@@ -428,4 +436,21 @@ async fn ensure_bucket(js: &jetstream::Context, want: kv::Config) -> Result<kv::
 
 fn setup_error(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("JetStream: {what}: {e}"))
+}
+
+/// The TLS error behind a failed connection, if a handshake was refused.
+fn tls_refusal(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
+            err.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|i| i.downcast_ref::<rustls::Error>())
+        });
+        if let Some(t) = tls {
+            return Some(t.to_string());
+        }
+        cur = err.source();
+    }
+    None
 }
