@@ -290,7 +290,18 @@ impl Admin {
     }
 
     async fn dead_letter_list(&self, dest: &str, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-        let limit = query_params(req).get("limit").and_then(|l| l.parse().ok()).unwrap_or(100usize);
+        let limit = match query_params(req).get("limit").map(|l| l.parse::<usize>()) {
+            None => 100,
+            Some(Ok(n)) if n >= 1 => n,
+            Some(_) => {
+                return json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": "limit: a positive number" }))
+            }
+        };
+        if !self.view.load().destinations.iter().any(|d| d == dest)
+            && !self.store.known_destinations().iter().any(|d| d == dest)
+        {
+            return json(StatusCode::NOT_FOUND, serde_json::json!({ "error": "unknown destination" }));
+        }
         match self.store.list_dead(dest, limit).await {
             Ok(list) => {
                 let items: Vec<_> = list
@@ -307,7 +318,7 @@ impl Admin {
                     .collect();
                 json(StatusCode::OK, serde_json::json!({ "destination": dest, "dead_letters": items }))
             }
-            Err(e) => json(StatusCode::INTERNAL_SERVER_ERROR, serde_json::json!({ "error": e.to_string() })),
+            Err(e) => messages::store_error(&e),
         }
     }
 

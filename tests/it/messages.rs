@@ -129,6 +129,8 @@ async fn a_message_shows_each_destinations_state_and_attempts() {
         (other_query.as_str(), 400, "from another query"),
         ("/api/messages?destination=nowhere", 404, "unknown destination"),
         ("/api/messages/msg_nope", 400, "not a message id"),
+        ("/api/dead-letters/nowhere", 404, "unknown destination"),
+        ("/api/dead-letters/busy?limit=none", 400, "limit:"),
     ] {
         let (s, _, body) = get(&relay.admin_url(q)).await;
         let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
