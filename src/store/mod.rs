@@ -38,7 +38,7 @@
 //!
 //! **Lock order** (never taken the other way): the log's queue
 //! (`segments.pending`) → a message's stripe (`msgs[id % 64]`) → the index
-//! or the record cache (never both at once) → `live`, `unneeded`,
+//! or the record cache (never both at once) → `live`, `unneeded`, `retained_unplaced`,
 //! `done_trees` (leaves). The log's `writer` is taken by the flusher alone,
 //! before `files`. A stripe serializes everything done to one message: a
 //! settling change starts by locking it (`Store::leased`).
