@@ -202,42 +202,54 @@ impl Local {
         let inner = &self.inner;
         let range = state_key(dest, from)..state_key(dest, to);
         let mut found: BTreeSet<u64> = BTreeSet::new();
-        // Each source is in id order: its first `limit + 1` that qualify are
-        // all any page can take from it.
-        let mut take = |iter: &mut dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
-                        delivered: &dyn Fn(&[u8]) -> Result<bool, StoreError>|
-         -> Result<(), StoreError> {
-            let mut n = 0;
-            for item in iter {
-                let (k, v) = item?;
-                if !delivered(&v)? {
-                    continue;
-                }
-                let (_, id) = parse_state_key(&k)?;
-                if self.place_of(id)?.is_none() {
-                    continue; // done everywhere, not retained: its segment is not deleted yet
-                }
-                found.insert(id);
-                n += 1;
-                if n > limit {
-                    break;
-                }
-            }
-            Ok(())
-        };
+        // Segments hold ids in order (ids are taken in log order): once a
+        // page is full, later segments cannot add to it.
         let trees: Vec<sled::Tree> = lock(&inner.done_trees).values().cloned().collect();
         for tree in trees {
-            take(&mut tree.range(range.clone()), &|v| Ok(matches!(DoneMark::decode(v)?, DoneMark::Delivered(_))))?;
+            if found.len() > limit {
+                break;
+            }
+            let delivered = |v: &[u8]| Ok(matches!(DoneMark::decode(v)?, DoneMark::Delivered(_)));
+            self.take_stored(tree.range(range.clone()), delivered, limit, &mut found)?;
         }
-        take(&mut inner.state.range(range.clone()), &|v| {
-            Ok(matches!(StateRecord::decode(v)?, StateRecord::Done { .. }))
-        })?;
+        // Kept copies' marks, any id.
+        let delivered = |v: &[u8]| Ok(matches!(StateRecord::decode(v)?, StateRecord::Done { .. }));
+        self.take_stored(inner.state.range(range), delivered, limit, &mut found)?;
         let mut page = Page { ids: found.into_iter().take(limit + 1).collect(), next: None };
         if page.ids.len() > limit {
             page.ids.truncate(limit);
             page.next = page.ids.last().copied();
         }
         Ok(page)
+    }
+
+    /// Adds to `found` the first `limit + 1` ids of `marks` (in id order)
+    /// whose value says `delivered` and whose message is still stored (all
+    /// a page can take from that source).
+    fn take_stored(
+        &self,
+        marks: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+        delivered: impl Fn(&[u8]) -> Result<bool, StoreError>,
+        limit: usize,
+        found: &mut BTreeSet<u64>,
+    ) -> Result<(), StoreError> {
+        let mut n = 0;
+        for item in marks {
+            let (k, v) = item?;
+            if !delivered(&v)? {
+                continue;
+            }
+            let (_, id) = parse_state_key(&k)?;
+            if self.place_of(id)?.is_none() {
+                continue; // done everywhere, not retained: its segment is not deleted yet
+            }
+            found.insert(id);
+            n += 1;
+            if n > limit {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// Sends the stored messages `dest` got that `sel` covers to it again:

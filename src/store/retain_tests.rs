@@ -89,6 +89,11 @@ fn delivered_messages_are_kept_with_their_attempts_until_swept() {
         assert_eq!(delivered_to(&store, "a"), ids);
         let page = store.delivered_page("b", 0, u64::MAX, 3).expect("page");
         assert_eq!((page.ids.as_slice(), page.next), (&ids[..3], Some(ids[2])));
+        // The next pages, across segments of two messages each.
+        let page = store.delivered_page("b", ids[2] + 1, u64::MAX, 3).expect("page");
+        assert_eq!((page.ids.as_slice(), page.next), (&ids[3..6], Some(ids[5])));
+        let page = store.delivered_page("b", ids[5] + 1, u64::MAX, 3).expect("page");
+        assert_eq!((page.ids.as_slice(), page.next), (&ids[6..], None));
         assert!(delivered_to(&store, "c").is_empty());
 
         // A restart finds them again, still holding their segments.
