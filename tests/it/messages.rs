@@ -372,7 +372,7 @@ async fn retained_delivered_messages_are_shown_listed_and_sent_again() {
     let other = TestReceiver::ok().await;
     let fast = "retry = { initial = \"10ms\", max_interval = \"20ms\" }";
     let toml = config(&[("billing", &flaky.url("/b"), fast), ("audit", &other.url("/a"), "")])
-        .replace("[store]\n", "[store]\nretain_delivered = \"5s\"\n")
+        .replace("[store]\n", "[store]\nretain_delivered = \"8s\"\n")
         .replace("path = \"/in\"\n", "path = \"/in\"\nindex = [\"n\"]\n");
     let dir = std::sync::Arc::new(tempfile::tempdir().expect("tempdir"));
     let relay = TestRelay::start_in(dir.clone(), &toml).await;
