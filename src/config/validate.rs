@@ -842,6 +842,9 @@ impl RawConfig {
                 ));
             }
         }
+        if self.store.kind == crate::config::raw::RawStoreKind::Jetstream {
+            w.push("store.kind: with \"jetstream\", the admin API's message inspection and listing (GET /api/messages...) and replay of delivered messages answer 501; dead letters, pauses, replays and purges of dead letters work (the local store has both)".to_string());
+        }
         if let Ok(addr) = self.admin.addr.parse::<SocketAddr>() {
             if !addr.ip().is_loopback() && self.admin.token.is_none() {
                 w.push(format!("admin.addr: {addr} is not loopback and admin.token is not set: anyone who can reach it can read metrics and replay dead letters"));

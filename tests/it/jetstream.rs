@@ -237,6 +237,11 @@ fn what_jetstream_cannot_do_is_a_config_error() {
         &jet("", "").replace("replicas = 1\n", "replicas = 2\n"),
     ));
     assert!(String::from_utf8_lossy(&out.stderr).contains("store.replicas"), "must be 1 or 3");
+    // A valid file passes, and `check` says what this store lacks.
+    let out = crate::binary::check(&crate::binary::write(dir.path(), &jet("", "")));
+    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert!(all.contains("store.kind") && all.contains("answer 501"), "{all}");
 }
 
 /// An attempt longer than the consumer's ack_wait (3 s here) keeps its
