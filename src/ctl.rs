@@ -303,7 +303,16 @@ pub fn status_table(v: &serde_json::Value) -> String {
             d["dead_letters"].to_string(),
         ]);
     }
-    table(&rows)
+    let mut out = table(&rows);
+    let store = &v["store"];
+    if let Some(kind) = store["kind"].as_str() {
+        out.push_str(&format!(
+            "store: {kind}, {:.1} MiB pending, {} message(s) kept after delivery\n",
+            store["bytes"].as_f64().unwrap_or(0.0) / 1_048_576.0,
+            store["retained_messages"].as_u64().unwrap_or(0)
+        ));
+    }
+    out
 }
 
 /// Dead letters as a table.
@@ -415,10 +424,14 @@ mod tests {
         ]});
         let t = status_table(&v);
         let lines: Vec<&str> = t.lines().collect();
-        assert_eq!(lines.len(), 3);
+        assert_eq!(lines.len(), 3, "no store line without a store: {t}");
         assert!(lines[0].starts_with("DESTINATION           STATE"), "{t}");
         assert!(lines[1].contains("3s") && lines[1].contains("41.0"), "{t}");
         assert!(lines[2].starts_with("old (not configured)"), "{t}");
+        let mut v = v;
+        v["store"] = serde_json::json!({ "kind": "local", "bytes": 3_145_728, "retained_messages": 42 });
+        let t = status_table(&v);
+        assert!(t.ends_with("store: local, 3.0 MiB pending, 42 message(s) kept after delivery\n"), "{t}");
     }
 
     #[test]

@@ -286,7 +286,12 @@ impl Admin {
                 })
             })
             .collect();
-        json(StatusCode::OK, serde_json::json!({ "destinations": list }))
+        let store = serde_json::json!({
+            "kind": self.store.kind(),
+            "bytes": self.store.bytes(),
+            "retained_messages": self.store.retained(),
+        });
+        json(StatusCode::OK, serde_json::json!({ "destinations": list, "store": store }))
     }
 
     async fn dead_letter_list(&self, dest: &str, req: &Request<Incoming>) -> Response<Full<Bytes>> {

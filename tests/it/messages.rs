@@ -393,6 +393,13 @@ async fn retained_delivered_messages_are_shown_listed_and_sent_again() {
     let (s, v) = show(&relay, &ids[0]).await;
     assert_eq!(s, 200, "{v}");
     assert!(v["retained_until"].is_string(), "{v}");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["status", "--admin", &relay.admin_url("")])
+        .output()
+        .await
+        .expect("cli");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("store: local") && text.contains("3 message(s) kept after delivery"), "{text}");
     let billing = v["destinations"].as_array().and_then(|a| a.iter().find(|d| d["name"] == "billing")).cloned();
     let billing = billing.expect("billing");
     assert_eq!(billing["state"], "delivered", "{v}");
