@@ -464,9 +464,9 @@ impl Worker {
         // Drain (a bounded amount of) the body so the connection can be pooled;
         // the status alone decides the outcome.
         let body = tokio::time::timeout_at(deadline, Limited::new(resp.into_body(), MAX_RESPONSE_BODY).collect()).await;
-        // Only a failed attempt's answer is kept (a delivered one's is not).
+        // The answer's first bytes go into the attempt history.
         let snippet = match body {
-            Ok(Ok(b)) if !(200..300).contains(&status) => {
+            Ok(Ok(b)) => {
                 let b = b.to_bytes();
                 b[..b.len().min(crate::store::SNIPPET_LEN)].to_vec()
             }

@@ -48,6 +48,7 @@ async fn a_message_shows_each_destinations_state_and_attempts() {
     assert_eq!(ok_d["state"], "delivered", "{v}");
     assert!(ok_d["delivered_at"].is_string(), "{v}");
     assert_eq!(ok_d["attempts"][0]["status"], 200, "the delivering attempt is kept: {v}");
+    assert_eq!(ok_d["attempts"][0]["response"], "ok", "with the answer's first bytes: {v}");
     assert_eq!(dest("other").expect("other")["state"], "filtered", "{v}");
 
     let (_, _, body) = get(&relay.admin_url(&format!("/api/messages/{id}?body=1"))).await;
