@@ -842,6 +842,9 @@ impl RawConfig {
                 ));
             }
         }
+        if !self.store.retain_delivered.is_zero() && self.store.min_free_bytes == 0 {
+            w.push("store.retain_delivered with store.min_free_bytes = 0: nothing stops retained messages from filling the disk (retention yields to new callbacks only below twice min_free_bytes)".to_string());
+        }
         if self.store.kind == crate::config::raw::RawStoreKind::Jetstream {
             w.push("store.kind: with \"jetstream\", the admin API's message inspection and listing (GET /api/messages...) and replay of delivered messages answer 501; dead letters, pauses, replays and purges of dead letters work (the local store has both)".to_string());
         }

@@ -267,6 +267,17 @@ fn check_warns_about_ports_and_plain_http_but_passes() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("port 8080"), "{stderr}");
     assert!(stderr.contains("port 9001"), "{stderr}");
+
+    // Retention with nothing guarding the disk.
+    let unguarded = config(&[("a", "http://127.0.0.1:1/", "")])
+        .replace("[store]\n", "[store]\nretain_delivered = \"1d\"\nmin_free_bytes = 0\n");
+    let out = crate::binary::check(&write(dir.path(), &unguarded));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("store.retain_delivered with store.min_free_bytes = 0"), "{stderr}");
+    let guarded = unguarded.replace("min_free_bytes = 0\n", "");
+    let out = crate::binary::check(&write(dir.path(), &guarded));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("store.retain_delivered"));
 }
 
 /// The configuration contract from the HTTPS issue, exactly as written
