@@ -23,7 +23,8 @@ use super::*;
 
 impl Local {
     /// Retains message `id`, which every destination is done with (its
-    /// last `Done` is written); the caller holds its stripe.
+    /// last `Done` is written, its retry states gone); the caller holds its
+    /// stripe.
     pub(super) fn retain(&self, msgs: &mut BTreeMap<u64, Msg>, id: u64, m: &Msg) -> Result<(), StoreError> {
         let inner = &self.inner;
         let place = match m.place {
@@ -31,15 +32,6 @@ impl Local {
             Place::Kept(origin) => RetainedPlace::Kept { origin: origin.map_or(0, NonZeroU64::get) },
             Place::Unplaced => RetainedPlace::Unplaced,
         };
-        if m.has_state && !matches!(m.place, Place::Kept(_)) {
-            // Retry states of a delivered message: their attempts are in
-            // the marks now.
-            if let Some(raw) = self.record_at(id, m.place)? {
-                for d in record_destinations(&raw)? {
-                    inner.state.remove(state_key(&d, id))?;
-                }
-            }
-        }
         let record = RetainedRecord { finished_ms: now_ms(), place };
         inner.retained.insert(id_key(id), record.encode())?;
         inner.sled_written();

@@ -147,24 +147,22 @@ impl Local {
             }
             return Ok(());
         }
+        if m.has_state && !matches!(m.place, Place::Kept(_)) {
+            // Retry states of a finished message are dead weight (their
+            // attempts are in the marks); a kept copy's are its marks.
+            if let Some(raw) = self.record_at(id, m.place)? {
+                for d in record_destinations(&raw)? {
+                    inner.state.remove(state_key(&d, id))?;
+                }
+            }
+        }
         if retain {
             return self.retain(msgs, id, &m);
         }
         match m.place {
             Place::Kept(origin) => self.drop_kept(id, origin.map(NonZeroU64::get))?,
-            Place::Log(_) | Place::Unplaced => {
-                if m.has_state {
-                    // Retry states of a delivered message are dead weight.
-                    if let Some(raw) = self.record_at(id, m.place)? {
-                        for d in record_destinations(&raw)? {
-                            inner.state.remove(state_key(&d, id))?;
-                        }
-                    }
-                }
-                if let Place::Log(loc) = m.place {
-                    inner.segment_released(loc.seg);
-                }
-            }
+            Place::Log(loc) => inner.segment_released(loc.seg),
+            Place::Unplaced => {}
         }
         msgs.remove(&id);
         {

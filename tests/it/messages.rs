@@ -93,29 +93,17 @@ async fn a_message_shows_each_destinations_state_and_attempts() {
 
     // The same through the CLI.
     let admin = relay.admin_url("");
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(["messages", "show", &id, "--admin", &admin])
-        .output()
-        .await
-        .expect("cli");
+    let out = cli(&["messages", "show", &id, "--admin", &admin]).await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(
         text.contains("busy") && text.contains("purged") && text.contains("connect") && text.contains("filtered"),
         "{text}"
     );
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(["messages", "list", "down", "--limit", "2", "--admin", &admin])
-        .output()
-        .await
-        .expect("cli");
+    let out = cli(&["messages", "list", "down", "--limit", "2", "--admin", &admin]).await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&ids[1]) && text.contains(&format!("--cursor {}.", ids[1])), "{text}");
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(["messages", "show", "msg_nope", "--admin", &admin])
-        .output()
-        .await
-        .expect("cli");
+    let out = cli(&["messages", "show", "msg_nope", "--admin", &admin]).await;
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
 
     // Bad input: one clear reason.
@@ -155,15 +143,16 @@ async fn a_message_shows_each_destinations_state_and_attempts() {
         assert_eq!(s, status, "{method} {q}: {v}");
         assert!(v["error"].as_str().is_some_and(|e| e.contains(why)), "{method} {q}: {v}");
     }
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(["dlq", "replay", "busy", "--since", &future.to_string(), "--admin", &admin])
-        .output()
-        .await
-        .expect("cli");
+    let out = cli(&["dlq", "replay", "busy", "--since", &future.to_string(), "--admin", &admin]).await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("nothing to replay") && err.trim().lines().count() == 1, "{err}");
     relay.stop().await.expect("stop");
+}
+
+/// Runs the CLI binary with `args`.
+async fn cli(args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard")).args(args).output().await.expect("cli")
 }
 
 fn trace_parts(tp: &str) -> (String, String) {
@@ -266,11 +255,8 @@ async fn dead_letters_replay_and_purge_by_time_range_as_operations() {
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&body).expect("json")["purged"], 1);
 
     // The CLI: the one left, by --since.
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(["dlq", "replay", "picky", "--since", &boundary[1].to_string(), "--admin", &relay.admin_url("")])
-        .output()
-        .await
-        .expect("cli");
+    let out =
+        cli(&["dlq", "replay", "picky", "--since", &boundary[1].to_string(), "--admin", &relay.admin_url("")]).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("replayed 1"), "{}", String::from_utf8_lossy(&out.stdout));
     let got = r.wait_for(7, WAIT).await;
@@ -319,11 +305,7 @@ async fn messages_are_found_by_an_indexed_field_across_a_restart() {
 
     let relay = TestRelay::start_in(dir.clone(), &toml).await;
     assert_eq!(find(&relay, "r-1").await, r1, "rebuilt at open");
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(["messages", "find", "requestId", "r-1", "--admin", &relay.admin_url("")])
-        .output()
-        .await
-        .expect("cli");
+    let out = cli(&["messages", "find", "requestId", "r-1", "--admin", &relay.admin_url("")]).await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&r1[0]) && text.contains(&r1[1]), "{text}");
     accept.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -394,11 +376,7 @@ async fn retained_delivered_messages_are_shown_listed_and_sent_again() {
     let (s, v) = show(&relay, &ids[0]).await;
     assert_eq!(s, 200, "{v}");
     assert!(v["retained_until"].is_string(), "{v}");
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(["status", "--admin", &relay.admin_url("")])
-        .output()
-        .await
-        .expect("cli");
+    let out = cli(&["status", "--admin", &relay.admin_url("")]).await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("store: local") && text.contains("3 message(s) kept after delivery"), "{text}");
     let billing = v["destinations"].as_array().and_then(|a| a.iter().find(|d| d["name"] == "billing")).cloned();
@@ -430,11 +408,8 @@ async fn retained_delivered_messages_are_shown_listed_and_sent_again() {
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&body).expect("json")["replayed"], 1);
     let got = flaky.wait_for(got_before + 1, WAIT).await;
     assert_eq!(got[got_before].header("x-switchboard-id").as_deref(), Some(ids[1].as_str()), "the same id");
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(["messages", "replay", "billing", "--since", &before.to_string(), "--admin", &relay.admin_url("")])
-        .output()
-        .await
-        .expect("cli");
+    let out =
+        cli(&["messages", "replay", "billing", "--since", &before.to_string(), "--admin", &relay.admin_url("")]).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("sending 3 message(s) again"), "{:?}", out);
     flaky.wait_for(got_before + 4, WAIT).await;
