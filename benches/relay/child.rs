@@ -10,22 +10,31 @@ pub(crate) struct Relay {
 }
 
 impl Relay {
-    pub(crate) async fn start(dir: &Path, destinations: &[(&str, String, &str)]) -> AnyResult<Relay> {
-        Self::start_with_store(dir, destinations, "").await
+    pub(crate) async fn start(s: &Settings, dir: &Path, destinations: &[(&str, String, &str)]) -> AnyResult<Relay> {
+        Self::start_with_store(s, dir, destinations, "").await
     }
 
     /// [`Relay::start`] with extra `[store]`-level TOML (e.g. encryption).
     pub(crate) async fn start_with_store(
+        s: &Settings,
         dir: &Path,
         destinations: &[(&str, String, &str)],
         store_extra: &str,
     ) -> AnyResult<Relay> {
         let store = format!("[store]\npath = \"{}\"\nmin_free_bytes = 0\n{store_extra}\n", dir.join("store").display());
-        Self::start_on(dir, destinations, &store).await
+        Self::start_on(s, dir, destinations, &store).await
     }
 
-    /// A relay whose `[store]` section is `store` (e.g. JetStream's).
-    pub(crate) async fn start_on(dir: &Path, destinations: &[(&str, String, &str)], store: &str) -> AnyResult<Relay> {
+    /// A relay whose `[store]` section is `store` (e.g. JetStream's), run
+    /// from the binary the settings name (this build's, or a baseline's).
+    /// A relay that exits before it listens (e.g. an older build refusing
+    /// a key it does not know) is an error carrying its last log lines.
+    pub(crate) async fn start_on(
+        s: &Settings,
+        dir: &Path,
+        destinations: &[(&str, String, &str)],
+        store: &str,
+    ) -> AnyResult<Relay> {
         let names: Vec<String> = destinations.iter().map(|(n, _, _)| format!("{n:?}")).collect();
         let mut toml = format!(
             "{store}[[listeners]]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n[shutdown]\ngrace_period = \"2s\"\n[[routes]]\npath = \"/in\"\ndestinations = [{}]\n",
@@ -36,7 +45,7 @@ impl Relay {
         }
         let path = dir.join("bench.toml");
         std::fs::write(&path, toml)?;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        let mut child = Command::new(&s.bin)
             .args(["run", "--log-format", "json", "--config"])
             .arg(&path)
             .env("RUST_LOG", "switchboard=info,warn")
@@ -46,9 +55,18 @@ impl Relay {
             .spawn()?;
         let stderr = child.stderr.take().ok_or("no stderr")?;
         let (tx, rx) = std::sync::mpsc::channel::<(String, SocketAddr)>();
+        let last_lines = Arc::new(Mutex::new(Vec::<String>::new()));
+        let kept = last_lines.clone();
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    if let Ok(mut k) = kept.lock() {
+                        k.push(line);
+                        let excess = k.len().saturating_sub(3);
+                        k.drain(..excess);
+                    }
+                    continue;
+                };
                 if let (Some(msg), Some(addr)) =
                     (v["message"].as_str(), v["addr"].as_str().and_then(|a| a.parse().ok()))
                 {
@@ -58,7 +76,15 @@ impl Relay {
         });
         let (mut ingress, mut admin) = (None, None);
         while ingress.is_none() || admin.is_none() {
-            let (msg, addr) = rx.recv_timeout(Duration::from_secs(60))?;
+            let (msg, addr) = match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(got) => got,
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    let said = last_lines.lock().map(|l| l.join(" / ")).unwrap_or_default();
+                    return Err(format!("relay {} did not start ({e}): {said}", s.bin.display()).into());
+                }
+            };
             match msg.as_str() {
                 "ingress listening" => ingress = Some(addr),
                 "admin listening" => admin = Some(addr),

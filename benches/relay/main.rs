@@ -14,6 +14,10 @@
 //!
 //! `--quick` (what CI runs) uses short runs and a small backlog: a smoke test
 //! of the harness, its figures are not measurements.
+//!
+//! `--baseline REV [--rounds N]` measures each selected run against a fixed
+//! older build, alternating, and prints medians and ratios (`baseline.rs`).
+//! Performance claims are made that way, never against the previous commit.
 
 use std::convert::Infallible;
 use std::io::BufRead;
@@ -39,6 +43,10 @@ struct Settings {
     run: Duration,
     connections: usize,
     backlog: u64,
+    /// The relay binary the runs start: this build's, or a baseline's.
+    bin: PathBuf,
+    /// The figures the runs recorded, for `--baseline`'s comparison.
+    figures: Mutex<Vec<baseline::Figure>>,
 }
 
 fn main() -> AnyResult<()> {
@@ -53,28 +61,65 @@ fn main() -> AnyResult<()> {
     }
     let quick = std::env::args().any(|a| a == "--quick");
     let args: Vec<String> = std::env::args().collect();
-    let only = args
-        .iter()
-        .position(|a| a == "--only")
-        .and_then(|i| args.get(i + 1))
-        .map(|list| list.split(',').map(|r| r.trim().to_string()).collect::<Vec<_>>());
+    let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
+    let only = value("--only").map(|list| list.split(',').map(|r| r.trim().to_string()).collect::<Vec<_>>());
+    if let Some(unknown) = only.iter().flatten().find(|r| !baseline::RUNS.contains(&r.as_str())) {
+        return Err(format!("--only: no run {unknown:?} (runs: {})", baseline::RUNS.join(", ")).into());
+    }
+    let rounds = match value("--rounds") {
+        Some(n) => n.parse::<usize>().ok().filter(|n| *n > 0).ok_or("--rounds takes a positive number")?,
+        None => 3,
+    };
     let settings = Settings {
         quick,
         only,
         run: if quick { Duration::from_secs(2) } else { Duration::from_secs(10) },
         connections: 64,
         backlog: if quick { 2_000 } else { 200_000 },
+        bin: PathBuf::from(env!("CARGO_BIN_EXE_switchboard")),
+        figures: Mutex::new(Vec::new()),
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(bench(settings))
+    match value("--baseline") {
+        Some(rev) => {
+            let bin = baseline::build(&rev)?;
+            rt.block_on(baseline::compare(settings, &rev, bin, rounds))
+        }
+        None => rt.block_on(bench(&settings)),
+    }
 }
 
 impl Settings {
     fn wants(&self, run: &str) -> bool {
         self.only.as_ref().is_none_or(|o| o.iter().any(|r| r == run))
     }
+
+    /// These settings for one run, with the relay binary `bin`.
+    fn for_run(&self, run: &str, bin: PathBuf) -> Settings {
+        Settings {
+            quick: self.quick,
+            only: Some(vec![run.to_string()]),
+            run: self.run,
+            connections: self.connections,
+            backlog: self.backlog,
+            bin,
+            figures: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Records a figure of `run` (only the selected run's are compared).
+    fn figure(&self, name: &str, value: f64, better: baseline::Better) {
+        if let Ok(mut f) = self.figures.lock() {
+            f.push(baseline::Figure { name: name.to_string(), value, better });
+        }
+    }
+
+    fn take_figures(&self) -> Vec<baseline::Figure> {
+        self.figures.lock().map(|mut f| std::mem::take(&mut *f)).unwrap_or_default()
+    }
 }
 
+mod baseline;
 mod ceiling;
 mod child;
 mod load;
@@ -108,7 +153,7 @@ fn row(name: &str, figures: &str) {
     println!("| {name:<34} | {figures} |");
 }
 
-async fn bench(s: Settings) -> AnyResult<()> {
+async fn bench(s: &Settings) -> AnyResult<()> {
     let epoch = Instant::now();
     let tmp = tempfile::tempdir()?;
     let mut n = 0;
@@ -137,7 +182,7 @@ async fn bench(s: Settings) -> AnyResult<()> {
         // once, so a change in the machine's speed during the run (this VM's
         // neighbours) weighs on both figures alike instead of on the ratio.
         let (mut server, ceiling_addr) = spawn_ceiling_server()?;
-        let relay = Relay::start(&fresh_dir(), &[("paused", "http://127.0.0.1:1/".into(), "paused = true")]).await?;
+        let relay = Relay::start(s, &fresh_dir(), &[("paused", "http://127.0.0.1:1/".into(), "paused = true")]).await?;
         idle = relay.rss_mb();
         let rounds = if s.quick { 2 } else { 5 };
         let slice = s.run / rounds;
@@ -193,18 +238,23 @@ async fn bench(s: Settings) -> AnyResult<()> {
                 ingest_cpu * 1e6 / ingest.rps().max(1.0)
             ),
         );
+        use baseline::Better::*;
+        s.figure("1 ceiling req/s", ceiling.rps(), Higher);
+        s.figure("2 durable ingest req/s", ingest.rps(), Higher);
+        s.figure("2 % of ceiling", 100.0 * ingest.rps() / ceiling.rps(), Higher);
+        s.figure("2 relay CPU us/request", ingest_cpu * 1e6 / ingest.rps().max(1.0), Lower);
         ingest_peak = relay.peak_mb();
         relay.stop();
     }
     if s.wants("2e") {
-        encrypted_ingest(&s, &fresh_dir(), &fresh_dir(), epoch).await?;
+        encrypted_ingest(s, &fresh_dir(), &fresh_dir(), epoch).await?;
     }
     if s.wants("2f") {
-        filtered_ingest(&s, &fresh_dir(), &fresh_dir(), epoch).await?;
+        filtered_ingest(s, &fresh_dir(), &fresh_dir(), epoch).await?;
     }
     if s.wants("3") {
         // 3. Ack latency at a fixed rate.
-        let relay = Relay::start(&fresh_dir(), &[("paused", "http://127.0.0.1:1/".into(), "paused = true")]).await?;
+        let relay = Relay::start(s, &fresh_dir(), &[("paused", "http://127.0.0.1:1/".into(), "paused = true")]).await?;
         let fixed = open_loop(relay.ingress, "/in", 1000, s.run, epoch).await;
         row(
             "3. ack latency at 1000 req/s (open)",
@@ -217,6 +267,7 @@ async fn bench(s: Settings) -> AnyResult<()> {
                 fixed.pct(0.999)
             ),
         );
+        s.figure("3 ack p99 ms", fixed.pct(0.99), baseline::Better::Lower);
         fixed_peak = relay.peak_mb();
         relay.stop();
     }
@@ -226,24 +277,24 @@ async fn bench(s: Settings) -> AnyResult<()> {
     let (mut fan_rate, mut fan_lag) = (0.0, 0.0);
     let mut fan_all = 0.0;
     if s.wants("4") || s.wants("5") || s.wants("5b") || s.wants("4r") {
-        let (fan, peak) = fan_out(&s, &fresh_dir(), Third::Healthy, epoch).await?;
+        let (fan, peak) = fan_out(s, &fresh_dir(), Third::Healthy, epoch).await?;
         fan_rate = fan.healthy_rate;
         fan_all = fan.all_rate;
         fan_lag = fan.healthy_lag_p99;
         fan_peak = peak;
     }
     if s.wants("4r") {
-        let (kept, _) = fan_out(&s, &fresh_dir(), Third::Retaining, epoch).await?;
+        let (kept, _) = fan_out(s, &fresh_dir(), Third::Retaining, epoch).await?;
         if fan_all > 0.0 {
             row("4r. vs run 4", &format!("deliveries {:.0} % of run 4's", kept.all_rate / fan_all * 100.0));
         }
     }
     if s.wants("4b") {
-        fan_out_fixed(&s, &fresh_dir(), 6000, Third::Healthy, epoch).await?;
+        fan_out_fixed(s, &fresh_dir(), 6000, Third::Healthy, epoch).await?;
     }
     // 5. Isolation: one of the three black-holed.
     if s.wants("5") {
-        let (iso, peak) = fan_out(&s, &fresh_dir(), Third::BlackHole, epoch).await?;
+        let (iso, peak) = fan_out(s, &fresh_dir(), Third::BlackHole, epoch).await?;
         iso_peak = peak;
         row(
             "5. isolation (1 of 3 black-holed)",
@@ -258,7 +309,7 @@ async fn bench(s: Settings) -> AnyResult<()> {
 
     // 5b. A flaky third destination, breaker and ordering per key on.
     if s.wants("5b") {
-        let (flaky, _) = fan_out(&s, &fresh_dir(), Third::Flaky, epoch).await?;
+        let (flaky, _) = fan_out(s, &fresh_dir(), Third::Flaky, epoch).await?;
         row(
             "5b. vs run 4 (a and b)",
             &format!(
@@ -274,8 +325,8 @@ async fn bench(s: Settings) -> AnyResult<()> {
     // with, against itself without the flaky one: lag is a figure there
     // (in a saturating run it is the backlog's age).
     if s.wants("5c") {
-        let base = fan_out_fixed(&s, &fresh_dir(), RATE_5C, Third::Healthy, epoch).await?;
-        let flaky = fan_out_fixed(&s, &fresh_dir(), RATE_5C, Third::Flaky, epoch).await?;
+        let base = fan_out_fixed(s, &fresh_dir(), RATE_5C, Third::Healthy, epoch).await?;
+        let flaky = fan_out_fixed(s, &fresh_dir(), RATE_5C, Third::Flaky, epoch).await?;
         row(
             "5c. flaky vs healthy third (a and b)",
             &format!(
@@ -297,17 +348,17 @@ async fn bench(s: Settings) -> AnyResult<()> {
 
     // 7. Backlog and recovery.
     if s.wants("7") {
-        backlog(&s, &fresh_dir(), epoch).await?;
+        backlog(s, &fresh_dir(), epoch).await?;
     }
 
     // 8. Many large bodies at once.
     if s.wants("8") {
-        large_bodies(&s, &fresh_dir(), epoch).await?;
+        large_bodies(s, &fresh_dir(), epoch).await?;
     }
 
     // 9. The JetStream store next to the local one.
     if s.wants("9") {
-        nats::jetstream(&s, &fresh_dir(), epoch).await?;
+        nats::jetstream(s, &fresh_dir(), epoch).await?;
     }
     println!("done in {:.0} s", epoch.elapsed().as_secs_f64());
     Ok(())

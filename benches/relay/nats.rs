@@ -112,12 +112,18 @@ async fn load_all(relays: &[Relay], s: &Settings, epoch: Instant) -> LoadResult 
 }
 
 /// Starts `n` relays on `store` (each waits until its store is ready).
-async fn relays(dir: &Path, n: usize, dests: &[(&str, String, &str)], store: &str) -> AnyResult<Vec<Relay>> {
+async fn relays(
+    s: &Settings,
+    dir: &Path,
+    n: usize,
+    dests: &[(&str, String, &str)],
+    store: &str,
+) -> AnyResult<Vec<Relay>> {
     let mut out = Vec::new();
     for i in 0..n {
         let d = dir.join(format!("relay{i}"));
         std::fs::create_dir_all(&d)?;
-        let r = Relay::start_on(&d, dests, store).await?;
+        let r = Relay::start_on(s, &d, dests, store).await?;
         let ready = wait_ready(r.admin, Duration::from_secs(60)).await;
         if !ready {
             return Err("relay not ready within 60 s".into());
@@ -155,7 +161,7 @@ async fn measure(
     epoch: Instant,
 ) -> AnyResult<Figures> {
     let paused = [("paused", "http://127.0.0.1:1/".to_string(), "paused = true")];
-    let rs = relays(&dir.join("ingest"), n_relays, &paused, store).await?;
+    let rs = relays(s, &dir.join("ingest"), n_relays, &paused, store).await?;
     let cpu0: f64 = rs.iter().map(Relay::cpu_secs).sum();
     let ncpu0: f64 = nats.iter().map(Node::cpu_secs).sum();
     let ingest = load_all(&rs, s, epoch).await;
@@ -174,7 +180,7 @@ async fn measure(
     // Another stream for the fan-out: the ingest run's messages stay behind
     // the paused destination's consumer.
     let store = store.replace("stream = \"bench\"", "stream = \"fanout\"").replace("local-store", "local-fanout");
-    let rs = relays(&dir.join("fanout"), n_relays, &dests, &store).await?;
+    let rs = relays(s, &dir.join("fanout"), n_relays, &dests, &store).await?;
     let load = load_all(&rs, s, epoch).await;
     let delivered: u64 = recv.iter().map(|r| r.count.load(Ordering::Relaxed)).sum();
     let deliveries = delivered as f64 / load.elapsed.as_secs_f64();

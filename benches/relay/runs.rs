@@ -2,6 +2,7 @@
 //! backlog and recovery, large bodies.
 
 use super::*;
+use baseline::Better::{Higher, Lower};
 
 pub(crate) struct FanOut {
     pub(crate) ingest_rate: f64,
@@ -48,12 +49,15 @@ pub(crate) async fn fan_out(s: &Settings, dir: &Path, third: Third, epoch: Insta
         if third == Third::BlackHole { "concurrency = 32\ntimeout = \"5s\"".to_string() } else { extra.clone() };
     let store_extra = if third == Third::Retaining { "retain_delivered = \"1h\"" } else { "" };
     let relay = Relay::start_with_store(
+        s,
         dir,
         &[("a", a.url(), extra.as_str()), ("b", b.url(), extra.as_str()), ("c", c.url(), c_extra.as_str())],
         store_extra,
     )
     .await?;
+    let cpu0 = relay.cpu_secs();
     let load = closed_loop(relay.ingress, "/in", s.connections, s.run, u64::MAX, epoch).await;
+    let cpu = relay.cpu_secs() - cpu0;
     let delivered_during = a.count.load(Ordering::Relaxed) + b.count.load(Ordering::Relaxed);
     let depth_a = relay.metric("switchboard_queue_depth{destination=\"a\"}").await;
     // Let the healthy destinations catch up (bounded), to see the backlog drain.
@@ -78,32 +82,45 @@ pub(crate) async fn fan_out(s: &Settings, dir: &Path, third: Third, epoch: Insta
     let caught_up =
         catch_up.map(|d| format!("{:.1} s after", d.as_secs_f64())).unwrap_or_else(|| "not within 60 s".into());
     let retained = relay.metric("switchboard_store_retained_messages").await;
+    // Relay CPU during the run per request handled (an ingest or a delivery).
+    let cpu_us = cpu * 1e6 / (load.ok + all_delivered).max(1) as f64;
     match third {
-        Third::Retaining => row(
-            "4r. fan-out x3, retain_delivered 1h",
-            &format!(
-                "ingest {:.0} msg/s, deliveries {:.0}/s during the run, caught up {}, lag p99 {:.1} ms, retained at end {:.0}",
-                load.rps(),
-                all_delivered as f64 / secs,
-                caught_up,
-                percentile(&mut lags, 0.99),
-                retained,
-            ),
-        ),
-        Third::Healthy => row(
-            "4. fan-out x3",
-            &format!(
-                "ingest {:.0} msg/s, deliveries {:.0}/s during the run, queue depth (a) at end {:.0}, caught up {}, lag p50 {:.1} ms, p99 {:.1} ms (a+b only: p99 {:.1} ms)",
-                load.rps(),
-                all_delivered as f64 / secs,
-                depth_a,
-                caught_up,
-                percentile(&mut lags.clone(), 0.5),
-                percentile(&mut lags, 0.99),
-                healthy_lag_p99,
-            ),
-        ),
+        Third::Retaining => {
+            s.figure("4r deliveries/s", result.all_rate, Higher);
+            s.figure("4r ingest msg/s", result.ingest_rate, Higher);
+            row(
+                "4r. fan-out x3, retain_delivered 1h",
+                &format!(
+                    "ingest {:.0} msg/s, deliveries {:.0}/s during the run, caught up {}, lag p99 {:.1} ms, retained at end {:.0}, relay CPU {cpu_us:.1} us per request",
+                    load.rps(),
+                    all_delivered as f64 / secs,
+                    caught_up,
+                    percentile(&mut lags, 0.99),
+                    retained,
+                ),
+            )
+        }
+        Third::Healthy => {
+            s.figure("4 deliveries/s", result.all_rate, Higher);
+            s.figure("4 ingest msg/s", result.ingest_rate, Higher);
+            s.figure("4 relay CPU us/request", cpu_us, Lower);
+            row(
+                "4. fan-out x3",
+                &format!(
+                    "ingest {:.0} msg/s, deliveries {:.0}/s during the run, queue depth (a) at end {:.0}, caught up {}, lag p50 {:.1} ms, p99 {:.1} ms (a+b only: p99 {:.1} ms), relay CPU {cpu_us:.1} us per request (ingest or delivery)",
+                    load.rps(),
+                    all_delivered as f64 / secs,
+                    depth_a,
+                    caught_up,
+                    percentile(&mut lags.clone(), 0.5),
+                    percentile(&mut lags, 0.99),
+                    healthy_lag_p99,
+                ),
+            )
+        }
         Third::Flaky => {
+            s.figure("5b healthy deliveries/s", result.healthy_rate, Higher);
+            s.figure("5b lag p99 ms (a+b)", healthy_lag_p99, Lower);
             let flaky_ok = c.count.load(Ordering::Relaxed);
             let refused = c.refused.load(Ordering::Relaxed);
             let opened = relay.metric("switchboard_breaker_state{destination=\"c\",state=\"open\"}").await;
@@ -121,7 +138,7 @@ pub(crate) async fn fan_out(s: &Settings, dir: &Path, third: Third, epoch: Insta
                 ),
             )
         }
-        Third::BlackHole => {}
+        Third::BlackHole => s.figure("5 healthy deliveries/s", result.healthy_rate, Higher),
     }
     let peak = relay.peak_mb();
     relay.stop();
@@ -151,7 +168,8 @@ pub(crate) async fn fan_out_fixed(
     };
     let extra = extra.as_str();
     let relay =
-        Relay::start(dir, &[("a", rs[0].url(), extra), ("b", rs[1].url(), extra), ("c", rs[2].url(), extra)]).await?;
+        Relay::start(s, dir, &[("a", rs[0].url(), extra), ("b", rs[1].url(), extra), ("c", rs[2].url(), extra)])
+            .await?;
     let cpu0 = relay.cpu_secs();
     let load = open_loop(relay.ingress, "/in", rate, s.run, epoch).await;
     let secs = load.elapsed.as_secs_f64();
@@ -170,6 +188,14 @@ pub(crate) async fn fan_out_fixed(
     if third != Third::Flaky {
         lags.extend(rs[2].lags_us.lock().map(|v| v.clone()).unwrap_or_default());
     }
+    let tag = match third {
+        Third::Flaky => "5c flaky".to_string(),
+        _ if rate == 6000 => "4b".to_string(),
+        _ => "5c healthy".to_string(),
+    };
+    s.figure(&format!("{tag} deliveries/s"), delivered as f64 / secs, Higher);
+    s.figure(&format!("{tag} lag p99 ms (a+b)"), healthy_lag_p99, Lower);
+    s.figure(&format!("{tag} relay CPU % of a core"), cpu * 100.0, Lower);
     let name = match third {
         Third::Flaky => format!("5c. {rate} msg/s, flaky third, flow ctl"),
         _ if rate == 6000 => format!("4b. fan-out x3 at {rate} msg/s (open)"),
@@ -203,7 +229,7 @@ pub(crate) async fn fan_out_fixed(
 
 pub(crate) async fn backlog(s: &Settings, dir: &Path, epoch: Instant) -> AnyResult<()> {
     // Fill: the destination is paused, so everything stays pending.
-    let relay = Relay::start(dir, &[("down", "http://127.0.0.1:1/".into(), "paused = true")]).await?;
+    let relay = Relay::start(s, dir, &[("down", "http://127.0.0.1:1/".into(), "paused = true")]).await?;
     let fill = closed_loop(relay.ingress, "/in", s.connections, Duration::from_secs(600), s.backlog, epoch).await;
     relay.stop();
     // Restart with the destination up.
@@ -211,13 +237,16 @@ pub(crate) async fn backlog(s: &Settings, dir: &Path, epoch: Instant) -> AnyResu
     let url = format!("http://{}/cb", listener.local_addr()?);
     let receiver = Receiver::on(listener, Mode::Ok, epoch)?;
     let started = Instant::now();
-    let relay = Relay::start(dir, &[("down", url, "concurrency = 32")]).await?;
+    let relay = Relay::start(s, dir, &[("down", url, "concurrency = 32")]).await?;
     let up = started.elapsed();
     let first = wait_until(Duration::from_secs(120), || receiver.count.load(Ordering::Relaxed) > 0).await;
     let rss_backlog = relay.rss_mb();
     let drain_start = Instant::now();
     let drained = wait_until(Duration::from_secs(600), || receiver.count.load(Ordering::Relaxed) >= fill.ok).await;
     let drain_rate = receiver.count.load(Ordering::Relaxed) as f64 / drain_start.elapsed().as_secs_f64();
+    s.figure("7 drain msg/s", drain_rate, Higher);
+    s.figure("7 first delivery s after start", first.map_or(f64::NAN, |d| (d + up).as_secs_f64()), Lower);
+    s.figure("7 RSS with backlog MB", rss_backlog, Lower);
     row(
         "7. backlog and recovery",
         &format!(
@@ -235,14 +264,14 @@ pub(crate) async fn backlog(s: &Settings, dir: &Path, epoch: Instant) -> AnyResu
     Ok(())
 }
 
-/// Run 8: `n` concurrent POSTs of 1 MiB each (500 in full mode), every one
+/// Run 8: `n` concurrent POSTs of 1 MiB each (600 in full mode), every one
 /// on its own connection, against the defaults (`max_body` 1 MiB,
 /// `max_buffered_bytes` 64 MiB). Reports the relay's peak RSS and checks
 /// that every acknowledged body reached the destination whole.
 pub(crate) async fn large_bodies(s: &Settings, dir: &Path, epoch: Instant) -> AnyResult<()> {
-    let n = if s.quick { 50 } else { 500 };
+    let n = if s.quick { 50 } else { 600 };
     let receiver = Receiver::start(Mode::Ok, epoch).await?;
-    let relay = Relay::start(dir, &[("a", receiver.url(), "")]).await?;
+    let relay = Relay::start(s, dir, &[("a", receiver.url(), "")]).await?;
     let idle = relay.peak_mb();
     let started = Instant::now();
     let mut posts = tokio::task::JoinSet::new();
@@ -262,6 +291,9 @@ pub(crate) async fn large_bodies(s: &Settings, dir: &Path, epoch: Instant) -> An
     }
     let took = started.elapsed();
     let delivered = wait_until(Duration::from_secs(120), || receiver.intact.load(Ordering::Relaxed) >= acked).await;
+    s.figure("8 peak RSS MB", relay.peak_mb(), Lower);
+    s.figure("8 acknowledged", acked as f64, Higher);
+    s.figure("8 delivered intact", receiver.intact.load(Ordering::Relaxed) as f64, Higher);
     row(
         &format!("8. {n} concurrent 1 MiB POSTs"),
         &format!(
@@ -293,9 +325,11 @@ pub(crate) async fn filtered_ingest(
     fn three(extra: &str) -> Vec<(&'static str, String, &str)> {
         ["a", "b", "c"].iter().map(|n| (*n, "http://127.0.0.1:1/".to_string(), extra)).collect()
     }
-    let plain = Relay::start(plain_dir, &three(&none)).await?;
-    let filtered = Relay::start(filtered_dir, &three(&by_body)).await?;
+    let plain = Relay::start(s, plain_dir, &three(&none)).await?;
+    let filtered = Relay::start(s, filtered_dir, &three(&by_body)).await?;
     let [(p, p_us), (f, f_us)] = alternate(s, [&plain, &filtered], epoch).await;
+    s.figure("2f no filters req/s", p.rps(), Higher);
+    s.figure("2f 3 body filters req/s", f.rps(), Higher);
     row(
         "2f. durable ingest, 3 destinations, with and without body filters",
         &format!(
@@ -322,16 +356,19 @@ pub(crate) async fn encrypted_ingest(
     epoch: Instant,
 ) -> AnyResult<()> {
     let one = |extra: &'static str| vec![("paused", "http://127.0.0.1:1/".to_string(), extra)];
-    let plain = Relay::start(plain_dir, &one("paused = true")).await?;
+    let plain = Relay::start(s, plain_dir, &one("paused = true")).await?;
     // 32 bytes of 0x07, base64.
     let key = "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
     let sealed = Relay::start_with_store(
+        s,
         sealed_dir,
         &one("paused = true"),
         &format!("[store.encryption]\nkeys = [{{ id = \"k1\", key = \"{key}\" }}]"),
     )
     .await?;
     let [(p, p_us), (e, e_us)] = alternate(s, [&plain, &sealed], epoch).await;
+    s.figure("2e plain req/s", p.rps(), Higher);
+    s.figure("2e sealed req/s", e.rps(), Higher);
     row(
         "2e. durable ingest with and without encryption at rest",
         &format!(
