@@ -37,6 +37,9 @@ pub(crate) trait SegFile: Send + Sync {
     /// `pwritev`: may write less than asked.
     fn write_vectored_at(&self, slices: &[IoSlice<'_>], offset: u64) -> io::Result<usize>;
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Reads up to `buf.len()` bytes at `offset`: fewer only at the end of
+    /// the file. Returns how many.
+    fn read_up_to(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
     /// `fdatasync`.
     fn sync_data(&self) -> io::Result<()>;
     /// Truncates to `len` and makes that durable (`ftruncate` + `fsync`).
@@ -104,6 +107,19 @@ impl SegFile for File {
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         FileExt::read_exact_at(self, buf, offset)
+    }
+
+    fn read_up_to(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let mut done = 0;
+        while done < buf.len() {
+            match FileExt::read_at(self, &mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
     }
 
     fn sync_data(&self) -> io::Result<()> {

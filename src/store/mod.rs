@@ -72,6 +72,7 @@ mod inspect;
 mod jetstream;
 mod lookup;
 mod open;
+mod reads;
 mod reclaim;
 mod recover;
 mod remembered;
@@ -408,6 +409,8 @@ struct Inner {
     /// Live messages, striped by id. Operations on one message hold its stripe.
     msgs: Vec<Mutex<BTreeMap<u64, Msg>>>,
     cache: Mutex<RecordCache>,
+    /// Fetches waiting for a record read back from the log (`reads.rs`).
+    reads: Mutex<reads::ReadQueue>,
     /// Per segment: messages placed in it that are still live.
     live: Mutex<BTreeMap<u64, u32>>,
     /// Open done trees by segment.

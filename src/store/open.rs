@@ -101,6 +101,7 @@ impl Local {
             index: Index::new(index),
             msgs,
             cache: Mutex::new(RecordCache::default()),
+            reads: Mutex::new(Default::default()),
             live: Mutex::new(live),
             done_trees: Mutex::new(done_trees),
             unneeded: Mutex::new(BTreeSet::new()),

@@ -15,8 +15,15 @@ impl Local {
     /// undamaged store): the lease is then dropped, so it cannot wedge its
     /// destination.
     pub async fn fetch(&self, lease: &Lease) -> Result<Option<MessageRecord>, StoreError> {
-        if let Some(raw) = lock(&self.inner.cache).map.get(&lease.id).cloned() {
+        let cached = lock(&self.inner.cache).get(lease.id);
+        if let Some(raw) = cached {
             return Ok(Some(MessageRecord::decode(raw)?));
+        }
+        // A record in the log is read back in a batch with others
+        // (`reads.rs`); a kept copy (sled), or a message that is gone, here.
+        let place = lock(self.stripe(lease.id)).get(&lease.id).map(|m| m.place);
+        if let Some(Place::Log(loc)) = place {
+            return Ok(Some(MessageRecord::decode(self.read_back(lease.id, loc).await?)?));
         }
         let (store, lease) = (self.clone(), lease.clone());
         blocking(move || {
@@ -74,8 +81,8 @@ impl Local {
     /// The record of message `id`, which is at `place` (the caller may hold
     /// its stripe).
     pub(super) fn record_at(&self, id: u64, place: Place) -> Result<Option<Bytes>, StoreError> {
-        if let Some(r) = lock(&self.inner.cache).map.get(&id) {
-            return Ok(Some(r.clone()));
+        if let Some(r) = lock(&self.inner.cache).get(id) {
+            return Ok(Some(r));
         }
         match place {
             Place::Log(loc) => Ok(Some(self.inner.log.read(id, loc)?)),
@@ -84,7 +91,7 @@ impl Local {
                 None => Ok(None),
             },
             // Placement and eviction happen in that order, under the flusher.
-            Place::Unplaced => Ok(lock(&self.inner.cache).map.get(&id).cloned()),
+            Place::Unplaced => Ok(lock(&self.inner.cache).get(id)),
         }
     }
 

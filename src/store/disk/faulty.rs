@@ -286,6 +286,15 @@ impl SegFile for FaultyFile {
         })
     }
 
+    fn read_up_to(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.with(Some(FaultOp::Read), |f| {
+            let start = (offset as usize).min(f.current.len());
+            let src = &f.current[start..f.current.len().min(start + buf.len())];
+            buf[..src.len()].copy_from_slice(src);
+            Ok(src.len())
+        })
+    }
+
     fn sync_data(&self) -> io::Result<()> {
         self.with(Some(FaultOp::Sync), |f| {
             f.durable = f.current.clone();

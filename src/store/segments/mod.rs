@@ -66,6 +66,10 @@ pub(crate) struct Loc {
     pub len: u32,
 }
 
+/// A record found after a wanted one ([`SegmentLog::read_ahead`]): its id,
+/// where it is, its bytes.
+pub(crate) type Following = (u64, Loc, Bytes);
+
 /// What one flush wrote.
 #[derive(Debug, Default)]
 pub(crate) struct Placed {
@@ -195,6 +199,17 @@ fn parse_batch_header(h: &[u8], seg: u64) -> Result<(u64, u64), &'static str> {
         return Err("batch header of another segment");
     }
     Ok((be_u64_at(h, 16), be_u64_at(h, 24)))
+}
+
+/// The frame at `pos` of `data`, checked: its id and payload length. An
+/// error if it is not whole within `data` or does not check.
+fn frame_at(data: &[u8], pos: usize) -> Result<(u64, u32), &'static str> {
+    let mut header = [0u8; FRAME_HEADER as usize];
+    header.copy_from_slice(data.get(pos..pos + FRAME_HEADER as usize).ok_or("frame cut short")?);
+    let len = frame_len(header)?;
+    let start = pos + FRAME_HEADER as usize;
+    let payload = data.get(start..start + len as usize).ok_or("frame cut short")?;
+    Ok((check_frame(header, payload)?, len))
 }
 
 fn frame_len(header: [u8; 8]) -> Result<u32, &'static str> {
@@ -344,37 +359,78 @@ impl SegmentLog {
 
     /// Reads the record at `loc`, checking its frame.
     pub(crate) fn read(&self, id: u64, loc: Loc) -> Result<Bytes, LogError> {
+        Ok(self.read_ahead(id, loc, 0)?.0)
+    }
+
+    /// Reads the record at `loc` (checked as [`SegmentLog::read`] checks it)
+    /// and, in the same read, up to `ahead` bytes that follow it in the
+    /// segment: the records of the whole frames found there, each with its
+    /// id and place (a copy, so that none pins the read's buffer).
+    ///
+    /// Reading ahead is best effort: it stops at the first frame that is
+    /// cut by the end of what was read, or that does not check (bytes past
+    /// the last synced batch may be anything); the caller keeps only the
+    /// records that its index places where they were found.
+    pub(crate) fn read_ahead(&self, id: u64, loc: Loc, ahead: usize) -> Result<(Bytes, Vec<Following>), LogError> {
         let path = seg_path(&self.dir, loc.seg);
         let file = self.files.read().map_err(|_| LogError::Broken)?.get(&loc.seg).cloned();
         let Some(file) = file else {
             return Err(io_err(&path)(std::io::Error::new(std::io::ErrorKind::NotFound, "segment deleted")));
         };
-        let mut buf = vec![0u8; FRAME_HEADER as usize + loc.len as usize];
-        file.read_exact_at(&mut buf, loc.offset).map_err(io_err(&path))?;
-        let mut header = [0u8; 8];
-        header.copy_from_slice(&buf[..FRAME_HEADER as usize]);
+        let wanted = FRAME_HEADER as usize + loc.len as usize;
+        let mut buf = vec![0u8; wanted + ahead];
+        let got = if ahead == 0 {
+            file.read_exact_at(&mut buf, loc.offset).map_err(io_err(&path))?;
+            wanted
+        } else {
+            let got = file.read_up_to(&mut buf, loc.offset).map_err(io_err(&path))?;
+            if got < wanted {
+                let eof = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "frame beyond the end of its segment");
+                return Err(io_err(&path)(eof));
+            }
+            got
+        };
+        buf.truncate(got);
         let data = Bytes::from(buf);
-        let payload = &data[FRAME_HEADER as usize..];
-        let found = frame_len(header).and_then(|len| {
-            if len != loc.len {
-                return Err("frame length does not match its index entry");
+        let corrupt = |detail| LogError::Corrupt { path: path.clone(), offset: loc.offset, detail };
+        let mut header = [0u8; FRAME_HEADER as usize];
+        header.copy_from_slice(&data[..FRAME_HEADER as usize]);
+        match frame_len(header) {
+            Ok(len) if len != loc.len => return Err(corrupt("frame length does not match its index entry")),
+            Ok(_) => {}
+            Err(detail) => return Err(corrupt(detail)),
+        }
+        let record = match frame_at(&data, 0) {
+            Ok((found, _)) if found == id => data.slice(FRAME_HEADER as usize + ID_LEN..wanted),
+            Ok(_) => return Err(corrupt("record does not match its index entry")),
+            Err(detail) => return Err(corrupt(detail)),
+        };
+        let record = self.open_record(id, record).map_err(corrupt)?;
+        let mut following = Vec::new();
+        let mut pos = wanted;
+        while pos + FRAME_HEADER as usize <= data.len() {
+            let word = u32::from_be_bytes([data[pos], data[pos + 1], data[pos + 2], data[pos + 3]]);
+            if word == BATCH_MAGIC {
+                pos += BATCH_HEADER as usize;
+                continue;
             }
-            check_frame(header, payload)
-        });
-        match found {
-            Ok(found) if found == id => {
-                let record = data.slice(FRAME_HEADER as usize + ID_LEN..);
-                match &self.sealer {
-                    None => Ok(record),
-                    Some(s) => crate::store::seal::Sealer::open(Some(s), id, &record)
-                        .map(Bytes::from)
-                        .map_err(|e| LogError::Corrupt { path, offset: loc.offset, detail: sealed_detail(&e) }),
-                }
+            let Ok((found, len)) = frame_at(&data, pos) else { break };
+            let start = pos + FRAME_HEADER as usize + ID_LEN;
+            let end = pos + FRAME_HEADER as usize + len as usize;
+            let Ok(opened) = self.open_record(found, Bytes::copy_from_slice(&data[start..end])) else { break };
+            following.push((found, Loc { seg: loc.seg, offset: loc.offset + pos as u64, len }, opened));
+            pos = end;
+        }
+        Ok((record, following))
+    }
+
+    /// A record as read from a frame, opened if the log is sealed.
+    fn open_record(&self, id: u64, record: Bytes) -> Result<Bytes, &'static str> {
+        match &self.sealer {
+            None => Ok(record),
+            Some(s) => {
+                crate::store::seal::Sealer::open(Some(s), id, &record).map(Bytes::from).map_err(|e| sealed_detail(&e))
             }
-            Ok(_) => {
-                Err(LogError::Corrupt { path, offset: loc.offset, detail: "record does not match its index entry" })
-            }
-            Err(detail) => Err(LogError::Corrupt { path, offset: loc.offset, detail }),
         }
     }
 

@@ -274,3 +274,48 @@ fn six_records_in_three_batches(log: &SegmentLog) -> Vec<(u64, Loc)> {
     }
     locs
 }
+
+/// Reading ahead returns the whole, checked frames that follow the wanted
+/// one, across batch headers, and stops at a frame cut by the read's end
+/// or by damage; the wanted frame is checked as a plain read checks it.
+#[test]
+fn read_ahead_returns_following_frames_across_batches_and_stops_at_damage() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut seen = Vec::new();
+    let log = SegmentLog::open(Arc::new(crate::store::disk::RealDisk), None, dir.path(), 1 << 20, None, false, |s| {
+        seen.push(s.id);
+        Ok(())
+    })
+    .expect("open");
+    let mut locs = Vec::new();
+    for batch in 0..3u64 {
+        for i in 0..4u64 {
+            let id = batch * 4 + i + 1;
+            log.push(|| id, Bytes::from(format!("record {id:02}")));
+        }
+        locs.extend(log.flush().expect("flush").records);
+    }
+    let (first_id, first) = locs[0];
+    let (record, following) = log.read_ahead(first_id, first, 4096).expect("read ahead");
+    assert_eq!(record, Bytes::from("record 01"));
+    let ids: Vec<u64> = following.iter().map(|(id, _, _)| *id).collect();
+    assert_eq!(ids, (2..=12).collect::<Vec<u64>>(), "every later frame, across two batch headers");
+    for (id, loc, bytes) in &following {
+        assert_eq!(locs.iter().find(|(i, _)| i == id).map(|(_, l)| *l), Some(*loc), "record {id}'s place");
+        assert_eq!(bytes, &Bytes::from(format!("record {id:02}")));
+    }
+    // A read that ends inside the third frame after the wanted one.
+    let frame = (FRAME_HEADER + u64::from(first.len)) as usize;
+    let (_, cut) = log.read_ahead(first_id, first, 2 * frame + 5).expect("read ahead");
+    assert_eq!(cut.iter().map(|(id, _, _)| *id).collect::<Vec<_>>(), vec![2, 3]);
+    // Damage in frame 6: the read-ahead stops before it; frame 6 itself reads as corrupt.
+    let (id6, loc6) = locs[5];
+    let path = seg_path(dir.path(), loc6.seg);
+    let file = std::fs::OpenOptions::new().write(true).open(&path).expect("open segment");
+    std::os::unix::fs::FileExt::write_all_at(&file, b"X", loc6.offset + FRAME_HEADER + 9).expect("damage");
+    let (_, stopped) = log.read_ahead(first_id, first, 4096).expect("read ahead");
+    assert_eq!(stopped.iter().map(|(id, _, _)| *id).collect::<Vec<_>>(), vec![2, 3, 4, 5]);
+    assert!(matches!(log.read_ahead(id6, loc6, 4096), Err(LogError::Corrupt { .. })));
+    // The wanted frame's id must match its index entry.
+    assert!(matches!(log.read_ahead(99, first, 4096), Err(LogError::Corrupt { .. })));
+}
