@@ -90,6 +90,8 @@ pub struct View {
     pub ready_room: u64,
     /// Bearer token for everything but /healthz and /readyz.
     pub token: Option<crate::secret::Secret>,
+    /// Host names answered besides IP addresses and `localhost`.
+    pub allowed_hosts: Vec<String>,
     /// Each route's destinations (a message's other ones were filtered out).
     pub routes: HashMap<String, Vec<String>>,
     /// Headers that carry senders' credentials: shown masked.
@@ -104,6 +106,7 @@ impl View {
             destinations: config.destinations.iter().map(|d| d.name.to_string()).collect(),
             ready_room: config.ingress.max_body,
             token: config.admin.token.clone(),
+            allowed_hosts: config.admin.allowed_hosts.clone(),
             routes: config
                 .routes
                 .iter()
@@ -140,18 +143,74 @@ fn cross_site(req: &Request<Incoming>) -> bool {
     origin.split_once("://").map(|(_, rest)| rest) != Some(host)
 }
 
+/// The credentials of an `Authorization: Bearer ...` value; the scheme
+/// is case-insensitive (RFC 9110, 11.1).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim_start())
+}
+
+/// The host a request names (`Host`, or the HTTP/2 `:authority`), without
+/// its port, lower case; `None` if it names none.
+fn named_host(req: &Request<Incoming>) -> Option<String> {
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).map(str::to_string))?;
+    let authority = authority.rsplit_once('@').map_or(authority.as_str(), |(_, h)| h);
+    let host = match authority.strip_prefix('[') {
+        // An IPv6 literal: `[::1]:9090`.
+        Some(rest) => rest.split_once(']').map_or(rest, |(ip, _)| ip),
+        None => match authority.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => authority,
+        },
+    };
+    Some(host.trim_end_matches('.').to_ascii_lowercase())
+}
+
+/// Whether the admin API answers a request naming `host`. DNS rebinding
+/// makes a page of another site reach this listener under that site's
+/// name, with the browser's `Origin` matching its `Host`: so a name is
+/// refused unless the operator listed it. An IP address cannot be rebound
+/// (a browser sends the address it connected to), and `localhost` resolves
+/// on this machine only.
+fn host_allowed(host: Option<&str>, allowed: &[String]) -> bool {
+    match host {
+        // HTTP/1.0 without `Host`: no browser sends that.
+        None => true,
+        Some(h) => h.parse::<std::net::IpAddr>().is_ok() || h == "localhost" || allowed.iter().any(|a| a == h),
+    }
+}
+
 /// The status page: one file, no external assets (works air-gapped).
 const STATUS_PAGE: &str = include_str!("status.html");
+
+/// The page's content security policy: its one inline script is allowed
+/// by its SHA-256 (so no other script, injected or not, runs), and the
+/// page talks to this listener only and is never framed.
+fn status_page_policy() -> &'static HeaderValue {
+    static POLICY: std::sync::OnceLock<HeaderValue> = std::sync::OnceLock::new();
+    POLICY.get_or_init(|| {
+        use base64::Engine;
+        use sha2::Digest;
+        let script = STATUS_PAGE
+            .split_once("<script>")
+            .and_then(|(_, rest)| rest.split_once("</script>"))
+            .map_or("", |(script, _)| script);
+        let hash = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(script.as_bytes()));
+        let policy = format!("default-src 'none'; script-src 'sha256-{hash}'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'");
+        HeaderValue::from_str(&policy).unwrap_or_else(|_| HeaderValue::from_static("default-src 'none'"))
+    })
+}
 
 /// `GET /`: the page, with a policy that lets it talk to this listener
 /// only, run its own inline script and nothing else, and never be framed.
 fn status_page() -> Response<Full<Bytes>> {
     let mut resp = respond(StatusCode::OK, "text/html; charset=utf-8", STATUS_PAGE);
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
-    );
+    h.insert(header::CONTENT_SECURITY_POLICY, status_page_policy().clone());
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
     resp
@@ -191,12 +250,8 @@ impl Admin {
         use subtle::ConstantTimeEq;
         let view = self.view.load();
         let Some(token) = &view.token else { return true };
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or_default();
+        let given =
+            req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer).unwrap_or_default();
         token.expose().as_bytes().ct_eq(given.as_bytes()).into()
     }
 
@@ -205,6 +260,16 @@ impl Admin {
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         // The status page itself holds no data (it asks for the token).
         let open = matches!(segments.as_slice(), ["healthz"] | ["readyz"] | [""]);
+        let host = named_host(&req);
+        let probe = matches!(segments.as_slice(), ["healthz"] | ["readyz"]);
+        if !probe && !host_allowed(host.as_deref(), &self.view.load().allowed_hosts) {
+            let host = host.unwrap_or_default();
+            let shown: String = host.chars().take(100).collect();
+            return json(
+                StatusCode::FORBIDDEN,
+                serde_json::json!({ "error": format!("host {shown:?} is not this admin listener's name: use its IP address or localhost, or list the name in admin.allowed_hosts") }),
+            );
+        }
         if !open && !self.authorized(&req) {
             let mut resp = json(StatusCode::UNAUTHORIZED, serde_json::json!({ "error": "bearer token required" }));
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -344,5 +409,43 @@ impl Admin {
             }
             Err(e) => json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({ "error": e.to_string() })),
         }
+    }
+}
+
+#[cfg(test)]
+mod policy_tests {
+    use super::*;
+
+    /// Regression (issue 23, point 5): the page's policy allowed any inline
+    /// script (`'unsafe-inline'`). It names the page's own script by hash;
+    /// the headless-browser test (`tests/it/status_page.rs`) shows the page
+    /// still works under it.
+    #[test]
+    fn the_status_page_allows_only_its_own_script() {
+        let policy = status_page_policy().to_str().expect("ascii").to_string();
+        let script_src = policy.split(';').find(|d| d.trim().starts_with("script-src")).expect("script-src");
+        assert!(!script_src.contains("unsafe-inline"), "{policy}");
+        assert!(script_src.trim().starts_with("script-src 'sha256-") && script_src.len() > 60, "{policy}");
+        assert_eq!(STATUS_PAGE.matches("<script").count(), 1, "one inline script, the one hashed");
+    }
+
+    #[test]
+    fn host_names_are_parsed_and_only_ips_localhost_and_listed_names_allowed() {
+        let listed = vec!["relay.internal".to_string()];
+        for (host, ok) in [
+            (Some("127.0.0.1"), true),
+            (Some("::1"), true),
+            (Some("localhost"), true),
+            (Some("relay.internal"), true),
+            (Some("rebind.evil.example"), false),
+            (Some("localhost.evil.example"), false),
+            (None, true),
+        ] {
+            assert_eq!(host_allowed(host, &listed), ok, "{host:?}");
+        }
+        assert_eq!(bearer("bearer abc"), Some("abc"));
+        assert_eq!(bearer("BEARER abc"), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearerabc"), None);
     }
 }

@@ -18,9 +18,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod files;
 mod raw;
 mod validate;
 
+pub use self::files::permission_warnings;
 pub use self::raw::*;
 
 use figment::providers::{Env, Format, Toml};
@@ -95,6 +97,8 @@ pub struct AdminConfig {
     pub addr: SocketAddr,
     pub token: Option<Secret>,
     pub tls: Option<crate::server::tls::TlsFiles>,
+    /// `allowed_hosts`, lower case, without a trailing dot.
+    pub allowed_hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -384,11 +384,15 @@ pub struct RawAdmin {
     pub token: Option<SecretString>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<RawTls>,
+    /// Host names the admin API answers to besides IP addresses and
+    /// `localhost` (a request naming another host is refused: DNS rebinding).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for RawAdmin {
     fn default() -> Self {
-        RawAdmin { addr: default_admin_addr(), token: None, tls: None }
+        RawAdmin { addr: default_admin_addr(), token: None, tls: None, allowed_hosts: Vec::new() }
     }
 }
 

@@ -152,7 +152,24 @@ impl RawConfig {
                 p.add("admin.addr", format!("admin and ingress listener on the same address {a}"));
             }
         }
-        Some(AdminConfig { addr: admin?, token: admin_token, tls: admin_tls })
+        let mut allowed_hosts = Vec::new();
+        for (i, h) in self.admin.allowed_hosts.iter().enumerate() {
+            let name = h.trim_end_matches('.').to_ascii_lowercase();
+            let valid = !name.is_empty()
+                && name.len() <= 253
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+            if valid {
+                allowed_hosts.push(name);
+            } else {
+                p.add(
+                    format!("admin.allowed_hosts[{i}]"),
+                    format!(
+                        "{h:?} is not a host name (a name such as \"switchboard.internal\", without scheme or port)"
+                    ),
+                );
+            }
+        }
+        Some(AdminConfig { addr: admin?, token: admin_token, tls: admin_tls, allowed_hosts })
     }
 
     fn validate_destinations(&self, p: &mut Problems) -> Vec<Arc<Destination>> {

@@ -362,3 +362,110 @@ async fn cross_site_requests_cannot_change_anything_on_the_admin_api() {
     assert_eq!(s, 200, "curl and the CLI may");
     relay.stop().await.expect("stop");
 }
+
+/// Regression (DNS rebinding, issue 23): a page of another site whose name
+/// was rebound to the admin listener's address sends that name as `Host`
+/// and a matching `Origin`; without a token it purged dead letters. The
+/// admin API now answers only to IP addresses, `localhost` and the names
+/// in `admin.allowed_hosts`; the probes answer to anything.
+#[tokio::test]
+async fn dns_rebinding_names_get_nothing_from_the_admin_api() {
+    let r = TestReceiver::ok().await;
+    let cfg = config(&[("app", &r.url("/a"), "")]).replace(
+        "[admin]\naddr = \"127.0.0.1:0\"\n",
+        "[admin]\naddr = \"127.0.0.1:0\"\nallowed_hosts = [\"Relay.Internal.\"]\n",
+    );
+    let relay = TestRelay::start(&cfg).await;
+    let port =
+        relay.admin_url("").trim_start_matches("http://").rsplit_once(':').map(|(_, p)| p.to_string()).expect("port");
+    let evil = format!("rebind.evil.example:{port}");
+    let evil_origin = format!("http://{evil}");
+    let pause = relay.admin_url("/api/destinations/app/pause");
+    let (s, _, body) = request("POST", &pause, &[("host", &evil), ("origin", &evil_origin)], "").await;
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(s, 403, "{text}");
+    assert!(text.contains("rebind.evil.example") && text.contains("admin.allowed_hosts"), "says why: {text}");
+    let (s, _, _) = request("GET", &relay.admin_url("/api/destinations"), &[("host", &evil)], "").await;
+    assert_eq!(s, 403, "reading is refused too");
+    let (s, _, _) = request("GET", &relay.admin_url("/metrics"), &[("host", &evil)], "").await;
+    assert_eq!(s, 403);
+    let (_, _, body) = get(&relay.admin_url("/api/destinations")).await;
+    assert!(String::from_utf8_lossy(&body).contains("\"state\":\"active\""), "nothing was paused");
+    // Probes answer to any name (a load balancer's health check).
+    let (s, _, _) = request("GET", &relay.admin_url("/healthz"), &[("host", &evil)], "").await;
+    assert_eq!(s, 200);
+    // IP addresses, localhost and the listed name are this listener's.
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("relay.internal:{port}"),
+        "[::1]".to_string(),
+    ] {
+        let (s, _, body) = request("GET", &relay.admin_url("/api/destinations"), &[("host", &host)], "").await;
+        assert_eq!(s, 200, "{host}: {}", String::from_utf8_lossy(&body));
+    }
+    let listed = format!("http://relay.internal:{port}");
+    let (s, _, _) =
+        request("POST", &pause, &[("host", &format!("relay.internal:{port}")), ("origin", &listed)], "").await;
+    assert_eq!(s, 200, "a listed name's own page may change things");
+    relay.stop().await.expect("stop");
+}
+
+/// The `Bearer` scheme is case-insensitive (RFC 9110, 11.1): `bearer` and
+/// `BEARER` with the right token are let in (issue 23, point 5).
+#[tokio::test]
+async fn admin_token_scheme_is_case_insensitive() {
+    let r = TestReceiver::ok().await;
+    let cfg = config(&[("app", &r.url("/a"), "")])
+        .replace("[admin]\naddr = \"127.0.0.1:0\"\n", "[admin]\naddr = \"127.0.0.1:0\"\ntoken = \"admintok\"\n");
+    let relay = TestRelay::start(&cfg).await;
+    let url = relay.admin_url("/api/destinations");
+    for value in ["Bearer admintok", "bearer admintok", "BEARER admintok"] {
+        let (s, _, _) = request("GET", &url, &[("authorization", value)], "").await;
+        assert_eq!(s, 200, "{value}");
+    }
+    for value in ["bearer wrong", "Basic admintok", "bearer", "admintok"] {
+        let (s, _, _) = request("GET", &url, &[("authorization", value)], "").await;
+        assert_eq!(s, 401, "{value}");
+    }
+    relay.stop().await.expect("stop");
+}
+
+/// Regression (issue 23, point 4): a JSON body nested deeper than the
+/// parser's 128 levels could not be stripped and went to a stripping
+/// destination with its password. It is now a dead letter there, with the
+/// reason, while the destination that strips nothing gets the original.
+#[tokio::test]
+async fn a_json_body_too_deep_to_strip_never_reaches_a_stripping_destination() {
+    let stripped = TestReceiver::ok().await;
+    let original = TestReceiver::ok().await;
+    let relay = TestRelay::start(&config(&[
+        ("app", &stripped.url("/app"), "strip_body_fields = [\"password\"]"),
+        ("audit", &original.url("/audit"), ""),
+    ]))
+    .await;
+    let deep = format!("{{\"password\":\"pw-Secret-31\",\"x\":{}1{}}}", "[".repeat(200), "]".repeat(200));
+    assert_eq!(post(&relay.url("/in"), "application/json", deep.clone()).await.0, 200);
+    let audit = original.wait_for(1, WAIT).await;
+    assert_eq!(audit[0].body, deep.as_bytes(), "the other destination gets the original bytes");
+    let url = relay.admin_url("/api/dead-letters/app");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let listed = loop {
+        let (_, _, body) = get(&url).await;
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        if v["dead_letters"].as_array().is_some_and(|d| !d.is_empty()) {
+            break v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no dead letter for app: {v}");
+        tokio::time::sleep(POLL).await; // polling the admin API, bounded
+    };
+    let reason = listed["dead_letters"][0]["reason"].as_str().unwrap_or_default().to_string();
+    assert!(reason.contains("strip_body_fields") && reason.contains("cannot be parsed"), "{reason}");
+    assert!(!reason.contains("pw-Secret-31"));
+    assert_eq!(listed["dead_letters"][0]["attempts"], 1, "not retried");
+    // A plain body that is not JSON still goes (nothing to strip), counted.
+    assert_eq!(post(&relay.url("/in"), "text/xml", "<a/>").await.0, 200);
+    let got = stripped.wait_for(1, WAIT).await;
+    assert_eq!(&got[0].body[..], b"<a/>", "the deep body never reached app");
+    relay.stop().await.expect("stop");
+}
