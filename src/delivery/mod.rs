@@ -310,9 +310,13 @@ impl Worker {
             }
         };
         let attempt = lease.attempts().saturating_add(1);
+        let body = match self.body_for(&msg) {
+            Ok(body) => body,
+            Err(reason) => return (self.unsendable(&lease, attempt, reason).await, None),
+        };
         let started = Instant::now();
         let started_ms = now_ms();
-        let (outcome, snippet) = self.send(&msg, lease.id, attempt).await;
+        let (outcome, snippet) = self.send(&msg, body, lease.id, attempt).await;
         let record = crate::store::Attempt {
             at_ms: started_ms,
             duration_ms: started.elapsed().as_millis().min(u128::from(u32::MAX)) as u32,
@@ -438,8 +442,8 @@ impl Worker {
     /// Sends one attempt and classifies its result; with the first bytes
     /// of the response body. Never logs the URL (it may carry a token in
     /// its path or query).
-    async fn send(&self, msg: &crate::store::MessageRecord, id: u64, attempt: u32) -> (Outcome, Vec<u8>) {
-        let req = match self.build_request(msg, id, attempt) {
+    async fn send(&self, msg: &crate::store::MessageRecord, body: Bytes, id: u64, attempt: u32) -> (Outcome, Vec<u8>) {
+        let req = match self.build_request(msg, body, id, attempt) {
             Ok(r) => r,
             Err(e) => {
                 return (Outcome::Permanent { status: 0, reason: format!("cannot build request: {e}") }, Vec::new())
@@ -478,10 +482,10 @@ impl Worker {
     fn build_request(
         &self,
         msg: &crate::store::MessageRecord,
+        body: Bytes,
         id: u64,
         attempt: u32,
     ) -> Result<http::Request<Full<Bytes>>, http::Error> {
-        let body = self.body_for(msg);
         let signer = self.dest.signing.as_deref();
         let mut req = http::Request::post(self.dest.url.clone()).body(Full::new(body.clone()))?;
         let headers = req.headers_mut();
@@ -568,28 +572,54 @@ impl Worker {
 impl Worker {
     /// The body as this destination gets it: the original bytes, or with the
     /// `strip_body_fields` removed when it is a JSON object. Stripping
-    /// re-encodes the JSON compactly (field order kept); a body that is not a
-    /// JSON object goes out unchanged and is counted.
-    fn body_for(&self, msg: &crate::store::MessageRecord) -> Bytes {
+    /// re-encodes the JSON compactly (field order kept); a body that is not
+    /// JSON (XML, text) goes out unchanged and is counted. A body that looks
+    /// like JSON but cannot be parsed (nested deeper than the parser's 128
+    /// levels, or broken) is an error: it may hold the very fields the
+    /// destination asked never to get, so it is not sent at all.
+    fn body_for(&self, msg: &crate::store::MessageRecord) -> Result<Bytes, String> {
         if self.dest.strip_body_fields.is_empty() {
-            return msg.body.clone();
+            return Ok(msg.body.clone());
         }
         match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&msg.body) {
             Ok(mut map) => {
                 for f in &self.dest.strip_body_fields {
                     map.shift_remove(f);
                 }
-                match serde_json::to_vec(&map) {
-                    Ok(v) => Bytes::from(v),
-                    Err(_) => msg.body.clone(),
-                }
+                serde_json::to_vec(&map).map(Bytes::from).map_err(|e| format!("strip_body_fields: cannot re-encode the body: {e}"))
             }
+            Err(e) if looks_like_json(&msg.body) => Err(format!(
+                "strip_body_fields: the body looks like JSON but cannot be parsed ({}), so its fields cannot be removed; not sent",
+                e.to_string().chars().take(120).collect::<String>()
+            )),
             Err(_) => {
                 self.metrics.strip_skipped.with_label_values(&[&self.dest.name]).inc();
-                msg.body.clone()
+                Ok(msg.body.clone())
             }
         }
     }
+
+    /// A message this destination must not be sent (its body cannot be
+    /// made what the destination asked for): a dead letter at once, with
+    /// the reason, never retried (the same bytes give the same result).
+    /// Returns whether the store took the change.
+    async fn unsendable(&self, lease: &Lease, attempt: u32, reason: String) -> bool {
+        let name: &str = &self.dest.name;
+        self.metrics.deliveries.with_label_values(&[name, "dead_lettered"]).inc();
+        tracing::warn!(destination = name, id = %self.store.external_id(lease.id), attempt, reason = %reason, "delivery moved to the dead-letter store");
+        let record = crate::store::Attempt { at_ms: now_ms(), error: reason.clone(), ..Default::default() };
+        let dead = Settle::Dead { status: None, reason, attempt: record };
+        if let Err(e) = self.store.settle(lease, dead).await {
+            self.store_failed(&e);
+            return false;
+        }
+        true
+    }
+}
+
+/// Whether `body` starts (after white space) like a JSON object.
+fn looks_like_json(body: &[u8]) -> bool {
+    body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
 }
 
 /// The ThingSpace `requestId` of a JSON body, for log lines about a failed

@@ -117,8 +117,16 @@ impl Auth {
     pub fn check(&self, headers: &HeaderMap, body: &[u8], now: SystemTime) -> Result<(), Rejection> {
         match self {
             Auth::BodyFields { username_field, password_field, username, passwords } => {
-                let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(body) else {
-                    return Err(reject("not_json", "this route expects a JSON object body with credentials"));
+                let map = match serde_json::from_slice::<serde_json::Value>(body) {
+                    Ok(serde_json::Value::Object(map)) => map,
+                    // serde_json stops at 128 levels; say so rather than "not JSON".
+                    Err(e) if e.to_string().starts_with("recursion limit exceeded") => {
+                        return Err(reject(
+                            "not_json",
+                            "the JSON body is nested deeper than 128 levels: too deep to read credentials from",
+                        ))
+                    }
+                    _ => return Err(reject("not_json", "this route expects a JSON object body with credentials")),
                 };
                 let (Some(u), Some(p)) = (
                     map.get(username_field).and_then(|v| v.as_str()),
