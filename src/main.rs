@@ -15,6 +15,16 @@ use tokio_util::sync::CancellationToken;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Makes every file and directory the relay creates from here on private
+/// to its user (0600, 0700), whatever umask it was started with: the store
+/// holds callback bodies and the credentials in them. A stricter umask the
+/// operator chose is kept (077 is only added).
+fn private_files() {
+    use nix::sys::stat::{umask, Mode};
+    let old = umask(Mode::from_bits_truncate(0o077));
+    umask(old | Mode::from_bits_truncate(0o077));
+}
+
 /// Exit status for an invalid configuration (sysexits' EX_CONFIG).
 const EXIT_CONFIG: u8 = 78;
 
@@ -23,7 +33,8 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => match Config::load_raw(&config).and_then(|raw| {
             let printed = format!("# store encryption: {}\n{}", raw.encryption_summary(), raw.to_masked_toml());
-            let warnings = raw.warnings();
+            let mut warnings = raw.warnings();
+            warnings.extend(switchboard::config::permission_warnings(&raw, &config));
             raw.validate(&config).map(|_| (printed, warnings))
         }) {
             Ok((printed, warnings)) => {
@@ -57,6 +68,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
+            private_files();
             init_logging(LogFormat::Human, "info");
             let done = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -211,15 +223,23 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run { config, log_format } => {
-            let config = match Config::load(&config) {
+        Command::Run { config: path, log_format } => {
+            let loaded = Config::load_raw(&path).and_then(|raw| {
+                let warnings = switchboard::config::permission_warnings(&raw, &path);
+                raw.validate(&path).map(|c| (c, warnings))
+            });
+            let (config, warnings) = match loaded {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("error: {e}");
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
+            private_files();
             init_logging(log_format.map(Into::into).unwrap_or(config.log.format), &config.log.level);
+            for w in warnings {
+                tracing::warn!(problem = %w, "file permissions");
+            }
             match run(config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -9,6 +9,7 @@ use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, Read};
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -65,9 +66,13 @@ pub(crate) fn write_all_at(file: &dyn SegFile, mut slices: &mut [IoSlice<'_>], m
 /// The real filesystem.
 pub(crate) struct RealDisk;
 
+/// Segment files are opened without following links: a link planted in the
+/// store would make the relay write where it points.
+const NO_FOLLOW: i32 = nix::fcntl::OFlag::O_NOFOLLOW.bits();
+
 impl Disk for RealDisk {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
-        std::fs::create_dir_all(dir)
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
     }
 
     fn list(&self, dir: &Path) -> io::Result<Vec<OsString>> {
@@ -83,11 +88,19 @@ impl Disk for RealDisk {
     }
 
     fn open(&self, path: &Path) -> io::Result<Arc<dyn SegFile>> {
-        Ok(Arc::new(OpenOptions::new().read(true).write(true).open(path)?))
+        Ok(Arc::new(OpenOptions::new().read(true).write(true).custom_flags(NO_FOLLOW).open(path)?))
     }
 
     fn create_new(&self, path: &Path) -> io::Result<Arc<dyn SegFile>> {
-        Ok(Arc::new(OpenOptions::new().read(true).write(true).create_new(true).open(path)?))
+        Ok(Arc::new(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(NO_FOLLOW)
+                .open(path)?,
+        ))
     }
 
     fn remove(&self, path: &Path) -> io::Result<()> {

@@ -24,6 +24,8 @@ pub enum StoreError {
     Locked { path: PathBuf, pid: Option<u32> },
     #[error("cannot open store at {path}: {source}")]
     OpenIo { path: PathBuf, source: std::io::Error },
+    #[error("{path} is a symbolic link: the store follows no link inside its directory (someone may have planted it to make the relay overwrite another file); remove it")]
+    Link { path: PathBuf },
     #[error("store at {path} has format version {found}; this build reads version {expected} (data left untouched)")]
     Version { path: PathBuf, found: u32, expected: u32 },
     #[error("store at {path} holds data but no format marker; refusing to use it (data left untouched)")]

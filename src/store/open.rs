@@ -27,9 +27,13 @@ impl Local {
         on_flush: impl Fn(Duration, bool) + Send + Sync + 'static,
     ) -> Result<Local, StoreError> {
         let store_lock = lock_dir(path)?;
+        refuse_links(path)?;
         let db = open_sled(path, opts.cache_bytes)?;
         let meta = db.open_tree("meta")?;
         let log_dir = path.join(SEGMENTS_DIR);
+        if log_dir.is_dir() {
+            refuse_links(&log_dir)?;
+        }
         check_format(path, &db, &meta, &log_dir)?;
         let uid = store_uid(&meta)?;
         let paused = paused_destinations(&meta)?;
@@ -268,8 +272,9 @@ impl Local {
 pub(super) fn lock_dir(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, StoreError> {
     use nix::fcntl::{Flock, FlockArg};
     use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let io = |source| StoreError::OpenIo { path: path.to_path_buf(), source };
-    std::fs::create_dir_all(path).map_err(io)?;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path).map_err(io)?;
     let lock_path = path.join("switchboard.lock");
     let started = std::time::Instant::now();
     loop {
@@ -278,8 +283,10 @@ pub(super) fn lock_dir(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, 
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
             .open(&lock_path)
-            .map_err(io)?;
+            .map_err(|e| no_link(&lock_path, e).unwrap_or_else(io))?;
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(mut f) => {
                 f.set_len(0).map_err(io)?;
@@ -298,6 +305,28 @@ pub(super) fn lock_dir(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, 
             Err((_, e)) => return Err(io(std::io::Error::from(e))),
         }
     }
+}
+
+/// A refusal to follow a link (`O_NOFOLLOW` answers `ELOOP`) as the
+/// store's own error, naming the link; any other error as it is.
+pub(super) fn no_link(path: &Path, e: std::io::Error) -> Result<StoreError, std::io::Error> {
+    match e.raw_os_error() {
+        Some(code) if code == nix::errno::Errno::ELOOP as i32 => Ok(StoreError::Link { path: path.to_path_buf() }),
+        _ => Err(e),
+    }
+}
+
+/// Refuses the store if an entry of its directory is a symbolic link: sled
+/// opens its files itself, following links, so they are checked before it
+/// does (segment files are opened with `O_NOFOLLOW`, see `disk.rs`).
+pub(super) fn refuse_links(dir: &Path) -> Result<(), StoreError> {
+    let entries = std::fs::read_dir(dir).map_err(|source| StoreError::OpenIo { path: dir.to_path_buf(), source })?;
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_symlink()) {
+            return Err(StoreError::Link { path: entry.path() });
+        }
+    }
+    Ok(())
 }
 
 pub(super) fn free_space(path: &Path) -> Option<u64> {
