@@ -24,9 +24,10 @@
 //! most 64 KiB in all, at most `max_connections` connections across all
 //! listeners (further ones wait in the kernel's accept queue) and, when
 //! set, `max_connections_per_ip` from one address. Request bodies held in
-//! memory are bounded by `max_buffered_bytes` in all: a request takes its
-//! share before its body is read (its `Content-Length`, or chunk by chunk)
-//! and gives it back once answered. The body is read straight into the
+//! memory are bounded by `max_buffered_bytes` in all (`budget.rs`): a
+//! request is charged its bytes as they arrive and gives them back once
+//! answered, one client address holds at most a quarter of the budget, and
+//! small callbacks have a reserve. The body is read straight into the
 //! store's record ([`Draft`]), its only copy in the relay.
 //!
 //! The client address is the TCP peer, or, when the peer is one of the
@@ -46,11 +47,11 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::server::allowed;
 
 pub mod auth;
+pub mod budget;
 pub mod dedupe;
 pub mod filter;
 pub mod order;
@@ -103,13 +104,15 @@ pub struct Ingress {
     pub metrics: Arc<Metrics>,
     pub wakers: Wakers,
     /// Bytes of request bodies that may be held in memory (`max_buffered_bytes`).
-    pub buffered: Arc<Semaphore>,
+    pub budget: Arc<budget::BodyBudget>,
     /// Refusals for a store reason are logged once a second at most: when
     /// the last line went out (unix ms), and how many refusals it did not
     /// say since (an outage at hundreds of callbacks a second would
     /// otherwise write hundreds of lines a second).
     refusal_logged_ms: std::sync::atomic::AtomicU64,
     refusals_unlogged: std::sync::atomic::AtomicU64,
+    /// When a refusal for want of body memory was last logged (unix ms).
+    budget_logged_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Ingress {
@@ -120,7 +123,7 @@ impl Ingress {
         metrics: Arc<Metrics>,
         wakers: Wakers,
     ) -> Ingress {
-        let budget = usize::try_from(config.max_buffered_bytes).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
+        let budget = budget::BodyBudget::new(config.max_buffered_bytes);
         let routes = arc_swap::ArcSwap::from_pointee(routes);
         Ingress {
             routes,
@@ -128,9 +131,10 @@ impl Ingress {
             store,
             metrics,
             wakers,
-            buffered: Arc::new(Semaphore::new(budget)),
+            budget,
             refusal_logged_ms: Default::default(),
             refusals_unlogged: Default::default(),
+            budget_logged_ms: Default::default(),
         }
     }
 }
@@ -151,31 +155,6 @@ pub struct ListenerIngress {
 impl crate::server::Handler for ListenerIngress {
     async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
         self.ingress.handle(req, peer, &self.ctx).await
-    }
-}
-
-/// A request's share of `max_buffered_bytes`, given back (and the gauge
-/// lowered) when the request is answered.
-struct Buffered {
-    permit: Option<OwnedSemaphorePermit>,
-    gauge: prometheus::IntGauge,
-}
-
-impl Buffered {
-    fn add(&mut self, p: OwnedSemaphorePermit) {
-        self.gauge.add(p.num_permits() as i64);
-        match &mut self.permit {
-            Some(held) => held.merge(p),
-            None => self.permit = Some(p),
-        }
-    }
-}
-
-impl Drop for Buffered {
-    fn drop(&mut self) {
-        if let Some(p) = &self.permit {
-            self.gauge.sub(p.num_permits() as i64);
-        }
     }
 }
 
@@ -244,7 +223,7 @@ impl Ingress {
         }
         let hint = declared.unwrap_or(0) as usize;
         let draft = Draft::new(now_ms(), &route.path, &client.to_string(), &headers, &route.destinations, hint);
-        let (draft, _buffered) = match self.read_body(body, draft, declared, route).await {
+        let (draft, _held) = match self.read_body(body, draft, declared, route, client).await {
             Ok(read) => read,
             Err(resp) => return resp,
         };
@@ -376,21 +355,20 @@ impl Ingress {
     }
 
     /// Reads the body into `draft` within `body_read_timeout`, holding its
-    /// bytes' share of `max_buffered_bytes`: all of a declared length before
-    /// the first byte is read, chunk by chunk otherwise.
+    /// share of `max_buffered_bytes` from its first byte on: all of a
+    /// declared length then, chunk by chunk otherwise (`budget.rs`).
     async fn read_body(
         &self,
         mut body: Incoming,
         mut draft: Draft,
         declared: Option<u64>,
         route: &Route,
-    ) -> Result<(Draft, Buffered), Response<Full<Bytes>>> {
+        client: IpAddr,
+    ) -> Result<(Draft, budget::Held), Response<Full<Bytes>>> {
         let deadline = tokio::time::Instant::now() + self.config.body_read_timeout;
-        let mut held = Buffered { permit: None, gauge: self.metrics.ingress_buffered_bytes.clone() };
-        if let Some(n) = declared.filter(|n| *n > 0) {
-            held.add(self.room(n, deadline, route).await?);
-        }
+        let mut held = self.budget.hold(client, self.metrics.ingress_buffered_bytes.clone());
         let mut read: u64 = 0;
+        let mut charged = false;
         loop {
             let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
                 Err(_) => return Err(close(error(StatusCode::REQUEST_TIMEOUT, "request body not received in time"))),
@@ -403,38 +381,68 @@ impl Ingress {
             if read > route.max_body {
                 return Err(too_large(route.max_body));
             }
-            if declared.is_none() && !chunk.is_empty() {
-                held.add(self.room(chunk.len() as u64, deadline, route).await?);
+            match declared {
+                _ if chunk.is_empty() => {}
+                Some(n) if !charged => {
+                    self.room(&mut held, n, n <= budget::SMALL_BODY, deadline, route).await?;
+                    charged = true;
+                }
+                Some(_) => {}
+                None => self.room(&mut held, chunk.len() as u64, read <= budget::SMALL_BODY, deadline, route).await?,
             }
             draft.extend(&chunk);
         }
         Ok((draft, held))
     }
 
-    /// `n` bytes of `max_buffered_bytes`, waiting for them until `deadline`.
+    /// `n` more bytes of `max_buffered_bytes` for `held`, waiting for them
+    /// until `deadline`.
     async fn room(
         &self,
+        held: &mut budget::Held,
         n: u64,
+        small: bool,
         deadline: tokio::time::Instant,
         route: &Route,
-    ) -> Result<OwnedSemaphorePermit, Response<Full<Bytes>>> {
-        // n <= max_body <= 512 MiB (validation), so it fits a u32.
-        let n = u32::try_from(n).unwrap_or(u32::MAX);
-        if let Ok(p) = self.buffered.clone().try_acquire_many_owned(n) {
-            return Ok(p);
-        }
+    ) -> Result<(), Response<Full<Bytes>>> {
         let waits = &self.metrics.ingress_buffer_waits;
-        match tokio::time::timeout_at(deadline, self.buffered.clone().acquire_many_owned(n)).await {
-            Ok(Ok(p)) => {
-                waits.with_label_values(&[&route.path, "admitted"]).inc();
-                Ok(p)
+        match held.take(n, small, deadline).await {
+            Ok(waited) => {
+                if waited {
+                    waits.with_label_values(&[&route.path, "admitted"]).inc();
+                }
+                Ok(())
             }
-            _ => {
+            Err(why) => {
                 waits.with_label_values(&[&route.path, "refused"]).inc();
-                tracing::warn!(route = %route.path, bytes = n, "refusing a callback: ingress.max_buffered_bytes stayed full for body_read_timeout");
-                Err(close(self.retry_later("too many request bodies in memory right now; retry later")))
+                let reason = match why {
+                    budget::Refused::Peer => {
+                        "this client address holds its share of the relay's body memory (a quarter of ingress.max_buffered_bytes); retry later"
+                    }
+                    budget::Refused::Full => "too many request bodies in memory right now; retry later",
+                };
+                self.log_budget_refusal(route, why);
+                Err(close(self.retry_later(reason)))
             }
         }
+    }
+
+    /// One warning a second at most for refusals for want of body memory
+    /// (a flood would otherwise write one line per request).
+    fn log_budget_refusal(&self, route: &Route, why: budget::Refused) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = now_ms();
+        let last = self.budget_logged_ms.load(Relaxed);
+        if now.saturating_sub(last) < 1000
+            || self.budget_logged_ms.compare_exchange(last, now, Relaxed, Relaxed).is_err()
+        {
+            return;
+        }
+        let what = match why {
+            budget::Refused::Peer => "one client address held its quarter of ingress.max_buffered_bytes",
+            budget::Refused::Full => "ingress.max_buffered_bytes stayed full for body_read_timeout",
+        };
+        tracing::warn!(route = %route.path, "refusing callbacks: {what}");
     }
 
     fn retry_later(&self, reason: &str) -> Response<Full<Bytes>> {

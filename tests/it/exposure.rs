@@ -184,9 +184,9 @@ async fn errors_from_the_http_layer_are_json() {
     assert_eq!(json_error(&resp), "no route for this path");
 }
 
-/// Sends a head declaring `len` body bytes and a few of them, then stalls.
-async fn stalled_body(addr: SocketAddr, len: usize) -> TcpStream {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
+/// A request from `src` that declares `len` body bytes and sends 3.
+async fn stalled_body_from(src: &str, addr: SocketAddr, len: usize) -> TcpStream {
+    let mut s = connect_from(src, addr).await;
     let head = format!("POST /in HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: {len}\r\n\r\nabc");
     s.write_all(head.as_bytes()).await.expect("write");
     s
@@ -234,14 +234,21 @@ async fn bodies_in_memory_are_bounded_by_max_buffered_bytes() {
     // both expire in one tick and the chunked request may get the room back
     // at its own deadline: this wait makes that gap, it synchronises nothing.
     tokio::time::sleep(DEADLINE_GAP).await;
-    let holder = stalled_body(relay.ingress, MIB).await;
+    // From another address: one address may hold only a quarter (or one
+    // body) of the budget, and the waiter should meet a full budget, not
+    // its own address's limit.
+    let holder = stalled_body_from("127.0.0.2", relay.ingress, MIB).await;
     relay
         .wait_metrics("the stalled body holds the room", |m| {
             metric(m, "switchboard_ingress_buffered_bytes") == MIB as f64
         })
         .await;
-    // The chunked request's first chunk finds no room before its deadline.
-    chunked.write_all(b"5\r\nhello\r\n").await.expect("write chunk");
+    // The chunked request's first chunk finds no room before its deadline
+    // (70 KiB: more than a small callback, which has a reserve).
+    let chunk = vec![b'c'; 70 << 10];
+    chunked.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).await.expect("write chunk size");
+    chunked.write_all(&chunk).await.expect("write chunk");
+    chunked.write_all(b"\r\n").await.expect("write chunk end");
     let resp = read_all(&mut chunked, WAIT).await;
     assert_eq!(status_of(&resp), Some(503), "{resp:?}");
     assert!(resp.to_ascii_lowercase().contains("retry-after: "), "{resp}");
@@ -607,4 +614,87 @@ async fn refusals_are_logged_once_a_second_not_per_callback() {
     let logs = relay.logs();
     let lines = logs.lines().filter(|l| l.contains("refusing a callback")).count();
     assert!((1..=3).contains(&lines), "{lines} log lines for {refused} refusals:\n{logs}");
+}
+
+/// Regression (issue 23, point 1): a request took its whole declared
+/// `Content-Length` of the body budget before sending a byte, and kept it
+/// for `body_read_timeout`: 64 requests declaring 1 MiB from one address,
+/// sending nothing, made every other sender wait ~29 s. Now nothing is held
+/// before a body's first byte, one address holds at most a quarter of the
+/// budget, and small callbacks have a reserve when the budget is full.
+/// The real binary; attackers on 127.0.0.2-6, the honest sender on
+/// 127.0.0.1. "In time" is far under `body_read_timeout` (10 s here),
+/// which is what every request waited before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_bodies_that_never_come_hold_nothing_and_one_address_holds_a_quarter() {
+    const MIB: usize = 1 << 20;
+    let r = TestReceiver::ok().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = binary_config(
+        &r,
+        "max_body = 1048576\nmax_buffered_bytes = 4194304\nbody_read_timeout = \"10s\"\nheader_read_timeout = \"60s\"",
+    );
+    let relay = RelayProcess::start(&write(dir.path(), &toml)).await;
+    let in_time = Duration::from_secs(3);
+    // 1. From one address: 16 declaring 1 MiB and sending nothing, 8 more
+    // sending their first bytes (they hold the address's quarter: 1 MiB).
+    let mut attack = Vec::new();
+    for _ in 0..16 {
+        let mut s = connect_from("127.0.0.2", relay.ingress).await;
+        let head = format!("POST /in HTTP/1.1\r\nHost: x\r\nContent-Length: {MIB}\r\n\r\n");
+        s.write_all(head.as_bytes()).await.expect("write");
+        attack.push(s);
+    }
+    for _ in 0..8 {
+        attack.push(stalled_body_from("127.0.0.2", relay.ingress, MIB).await);
+    }
+    let admin = format!("http://{}/metrics", relay.admin);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, _, m) = get(&admin).await;
+        if metric(&String::from_utf8_lossy(&m), "switchboard_ingress_buffered_bytes") >= MIB as f64 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the attack never held its quarter");
+        tokio::time::sleep(POLL).await; // polling a metric of another process, bounded
+    }
+    let (_, _, m) = get(&admin).await;
+    assert_eq!(
+        metric(&String::from_utf8_lossy(&m), "switchboard_ingress_buffered_bytes"),
+        MIB as f64,
+        "one address holds its quarter, the bodies that never came hold nothing"
+    );
+    let sample = sample("niddservice-uplink.json");
+    let large = bytes::Bytes::from(vec![b'l'; MIB / 2]);
+    for body in [sample.clone(), large] {
+        let started = tokio::time::Instant::now();
+        let (s, _, _) = post(&relay.url("/in"), "application/json", body.clone()).await;
+        assert_eq!(s, 200);
+        assert!(started.elapsed() < in_time, "an honest {} bytes waited {:?}", body.len(), started.elapsed());
+    }
+    // 2. Four more addresses fill the rest of the budget: a small callback
+    // still gets through (the reserve); memory stays within the budget and
+    // its reserve (a sixteenth).
+    for src in ["127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6"] {
+        attack.push(stalled_body_from(src, relay.ingress, MIB).await);
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, _, m) = get(&admin).await;
+        if metric(&String::from_utf8_lossy(&m), "switchboard_ingress_buffered_bytes") >= 4.0 * MIB as f64 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the budget never filled");
+        tokio::time::sleep(POLL).await; // polling a metric of another process, bounded
+    }
+    let started = tokio::time::Instant::now();
+    let (s, _, _) = post(&relay.url("/in"), "application/json", sample.clone()).await;
+    assert_eq!(s, 200, "a small callback has a reserve");
+    assert!(started.elapsed() < in_time, "the small callback waited {:?}", started.elapsed());
+    let (_, _, m) = get(&admin).await;
+    let held = metric(&String::from_utf8_lossy(&m), "switchboard_ingress_buffered_bytes");
+    assert!(held <= (4 * MIB + MIB / 4) as f64, "held {held}");
+    let got = r.wait_for(3, WAIT).await;
+    assert!(got.iter().filter(|g| g.body == sample).count() == 2, "both small callbacks delivered");
+    drop(attack);
 }
