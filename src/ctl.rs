@@ -28,6 +28,8 @@ pub enum CtlError {
     Unreachable { url: String, why: String },
     #[error("token refused by the relay at {0} (--token, SWITCHBOARD_ADMIN_TOKEN or admin.token)")]
     TokenRefused(String),
+    #[error("the relay at {0} requires a token: give --token, SWITCHBOARD_ADMIN_TOKEN, or --config with admin.token")]
+    TokenRequired(String),
     #[error("no such destination: {0}")]
     NoSuchDestination(String),
     #[error("no such message: {0} (unknown, or deleted once delivered everywhere: store.retain_delivered keeps them)")]
@@ -36,6 +38,9 @@ pub enum CtlError {
     Failed(String),
     #[error("{0}")]
     Config(String),
+    /// The command line does not say what is needed (exit 2, as clap's).
+    #[error("{0}")]
+    Usage(String),
 }
 
 impl CtlError {
@@ -43,9 +48,10 @@ impl CtlError {
         match self {
             CtlError::Failed(_) => 1,
             CtlError::Unreachable { .. } => 3,
-            CtlError::TokenRefused(_) => 4,
+            CtlError::TokenRefused(_) | CtlError::TokenRequired(_) => 4,
             CtlError::NoSuchDestination(_) | CtlError::NoSuchMessage(_) => 5,
             CtlError::Config(_) => 78,
+            CtlError::Usage(_) => 2,
         }
     }
 }
@@ -86,16 +92,23 @@ impl AdminClient {
             None => None,
         };
         let base = match (&target.admin, &raw) {
+            // `127.0.0.1:9090` is taken as `http://127.0.0.1:9090`.
+            (Some(url), _) if !url.contains("://") => format!("http://{}", url.trim_end_matches('/')),
             (Some(url), _) => url.trim_end_matches('/').to_string(),
             (None, Some(raw)) => format!("http://{}", raw.admin.addr.replace("0.0.0.0", "127.0.0.1")),
             (None, None) => {
-                return Err(CtlError::Config(
+                return Err(CtlError::Usage(
                     "where is the relay? give --admin URL (or SWITCHBOARD_ADMIN, or --config FILE)".into(),
                 ))
             }
         };
+        if base.parse::<http::Uri>().map_or(true, |u| u.host().is_none()) {
+            return Err(CtlError::Usage(format!(
+                "--admin {base}: not an address; give it as http://HOST:PORT or HOST:PORT"
+            )));
+        }
         if base.starts_with("https://") {
-            return Err(CtlError::Config(format!(
+            return Err(CtlError::Usage(format!(
                 "{base}: the CLI speaks plain HTTP to the admin API; reach an admin.tls listener through a port-forward or a TLS-terminating proxy"
             )));
         }
@@ -109,13 +122,21 @@ impl AdminClient {
         Ok(AdminClient { base, token, client: Client::builder(TokioExecutor::new()).build_http() })
     }
 
+    /// A 401: no token was given, or the one given is wrong.
+    fn token_error(&self) -> CtlError {
+        match self.token {
+            None => CtlError::TokenRequired(self.base.clone()),
+            Some(_) => CtlError::TokenRefused(self.base.clone()),
+        }
+    }
+
     /// One request; the answer's JSON, or the error it stands for.
     async fn call(&self, method: &str, path: &str) -> Result<serde_json::Value, CtlError> {
         let (status, body) = self.raw(method, path).await?;
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
         match status {
             200..=299 => Ok(v),
-            401 => Err(CtlError::TokenRefused(self.base.clone())),
+            401 => Err(self.token_error()),
             _ => Err(CtlError::Failed(format!(
                 "{method} {path}: {status} {}",
                 v["error"].as_str().unwrap_or("(no reason given)")
@@ -167,7 +188,7 @@ impl AdminClient {
     async fn delivered(&self) -> Result<std::collections::HashMap<String, f64>, CtlError> {
         let (status, body) = self.raw("GET", "/metrics").await?;
         if status == 401 {
-            return Err(CtlError::TokenRefused(self.base.clone()));
+            return Err(self.token_error());
         }
         let text = String::from_utf8_lossy(&body);
         let mut out = std::collections::HashMap::new();
@@ -248,7 +269,7 @@ impl AdminClient {
         let v: serde_json::Value = serde_json::from_slice(&raw).unwrap_or(serde_json::Value::Null);
         match status {
             200 => Ok(v),
-            401 => Err(CtlError::TokenRefused(self.base.clone())),
+            401 => Err(self.token_error()),
             404 => Err(CtlError::NoSuchMessage(id.to_string())),
             _ => Err(CtlError::Failed(format!("{status} {}", v["error"].as_str().unwrap_or("(no reason given)")))),
         }
@@ -441,7 +462,23 @@ mod tests {
             CtlError::Unreachable { url: String::new(), why: String::new() }.exit_code(),
             CtlError::TokenRefused(String::new()).exit_code(),
             CtlError::NoSuchDestination(String::new()).exit_code(),
+            CtlError::Usage(String::new()).exit_code(),
+            CtlError::Config(String::new()).exit_code(),
         ];
-        assert_eq!(codes, [1, 3, 4, 5]);
+        assert_eq!(codes, [1, 3, 4, 5, 2, 78]);
+    }
+
+    /// Regression (issue 23, point 10): `--admin 127.0.0.1:9090` (no scheme)
+    /// failed as "invalid format" with exit 78; no address at all exited 78.
+    #[test]
+    fn admin_addresses_without_a_scheme_are_http_and_a_missing_one_is_a_usage_error() {
+        let target = |admin: Option<&str>| Target { admin: admin.map(str::to_string), token: None, config: None };
+        let client = AdminClient::new(&target(Some("127.0.0.1:9090"))).expect("accepted");
+        assert_eq!(client.base, "http://127.0.0.1:9090");
+        assert!(client.token_error().to_string().contains("requires a token"));
+        for bad in [None, Some("https://127.0.0.1:9090"), Some("not an address")] {
+            let err = AdminClient::new(&target(bad)).err().expect("refused");
+            assert_eq!(err.exit_code(), 2, "{bad:?}: {err}");
+        }
     }
 }

@@ -91,6 +91,17 @@ async fn the_cli_shows_status_handles_dead_letters_and_destinations() {
     assert_eq!(code, 4, "{err}");
     assert!(err.starts_with("error: token refused") && err.lines().count() == 1, "{err}");
     assert!(!err.contains("wrong") && !err.contains(TOKEN), "no token in errors: {err}");
+    // Issue 23, point 10: no token is "required", not "refused"; an
+    // address without a scheme is plain HTTP; no address is a usage error.
+    let (code, _, err) = sb(&["status", "--admin", &admin]).await;
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("requires a token") && err.lines().count() == 1, "{err}");
+    let bare = admin.trim_start_matches("http://").to_string();
+    let (code, out, err) = sb(&["destinations", "resume", "app", "--admin", &bare, "--token", TOKEN]).await;
+    assert_eq!((code, out.trim()), (0, "app: active"), "{err}");
+    let (code, _, err) = sb(&["status"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("where is the relay?"), "{err}");
     let gone = format!("http://{}", dead_addr().await);
     let (code, _, err) = sb(&["status", "--admin", &gone]).await;
     assert_eq!(code, 3, "{err}");
