@@ -56,10 +56,21 @@ pub(crate) struct GroupCommit {
     /// wakes exactly the waiters of `g` and leaves those of `g + 1` asleep.
     waiters: [Notify; 2],
     /// Set when a flush is wanted; the flusher thread waits on `wanted`.
-    want: Mutex<bool>,
+    want: Mutex<Want>,
     wanted: Condvar,
+    /// Least time between the starts of two flushes nobody waits for
+    /// (asked for by [`GroupCommit::poke`] alone); zero: none.
+    pace: std::time::Duration,
     /// Flushes that failed in a row (0 after any success).
     failing: AtomicU64,
+}
+
+/// What the flusher is asked for.
+#[derive(Debug, Default, Clone, Copy)]
+struct Want {
+    flush: bool,
+    /// Someone waits for it: no pacing.
+    waiter: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,12 +130,19 @@ impl Durability {
 
 impl GroupCommit {
     pub(crate) fn new() -> Arc<GroupCommit> {
+        Self::paced(std::time::Duration::ZERO)
+    }
+
+    /// A group commit whose flushes that nobody waits for start at most
+    /// once per `pace` (a waiter's flush starts at once, as always).
+    pub(crate) fn paced(pace: std::time::Duration) -> Arc<GroupCommit> {
         Arc::new(GroupCommit {
             started: AtomicU64::new(0),
             done: AtomicU64::new(pack(0, true)),
             waiters: [Notify::new(), Notify::new()],
-            want: Mutex::new(false),
+            want: Mutex::new(Want::default()),
             wanted: Condvar::new(),
+            pace,
             failing: AtomicU64::new(0),
         })
     }
@@ -138,7 +156,7 @@ impl GroupCommit {
         // created before it, polled or not).
         let notified = slot.notified();
         tokio::pin!(notified);
-        self.poke();
+        self.ask(true);
         loop {
             let (generation, ok) = unpack(self.done.load(Ordering::SeqCst));
             if generation == STOPPED {
@@ -170,16 +188,29 @@ impl GroupCommit {
         after_failure: &'static str,
         on_flush: impl Fn(std::time::Duration, bool),
     ) {
+        let mut last_start: Option<Instant> = None;
         loop {
             {
                 let mut want = self.want.lock().unwrap_or_else(|p| p.into_inner());
-                while !*want {
+                while !want.flush {
                     want = self.wanted.wait(want).unwrap_or_else(|p| p.into_inner());
                 }
-                *want = false;
+                // Only pokes: wait out the pace, unless a waiter comes or
+                // the store stops meanwhile.
+                if let Some(at) = last_start.map(|l| l + self.pace) {
+                    while !want.waiter && !stop.load(Ordering::SeqCst) {
+                        let left = at.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            break;
+                        }
+                        want = self.wanted.wait_timeout(want, left).unwrap_or_else(|p| p.into_inner()).0;
+                    }
+                }
+                *want = Want::default();
             }
             let generation = self.started.fetch_add(1, Ordering::SeqCst) + 1;
             let start = Instant::now();
+            last_start = Some(start);
             let ok = match flush() {
                 Ok(()) => true,
                 Err(e) => {
@@ -215,11 +246,17 @@ impl GroupCommit {
         self.failing.load(Ordering::SeqCst)
     }
 
-    /// Asks the flusher for a flush (also used at shutdown so it notices `stop`).
+    /// Asks the flusher for a flush that nobody waits for: it may wait out
+    /// the pace (also used at shutdown so it notices `stop`).
     pub(crate) fn poke(&self) {
+        self.ask(false);
+    }
+
+    fn ask(&self, waiter: bool) {
         let mut want = self.want.lock().unwrap_or_else(|p| p.into_inner());
-        if !*want {
-            *want = true;
+        if !want.flush || (waiter && !want.waiter) {
+            want.flush = true;
+            want.waiter |= waiter;
             self.wanted.notify_one();
         }
     }
@@ -292,6 +329,51 @@ mod tests {
         commit.poke();
         flusher.join().expect("flusher");
         assert_eq!(written.load(Ordering::SeqCst), WRITERS * ROUNDS);
+    }
+
+    /// A paced commit: pokes after a flush wait out the pace (here an
+    /// hour: they would never flush on their own), a waiter's flush starts
+    /// at once and covers them, and stopping does not wait for the pace.
+    #[test]
+    fn pokes_wait_out_the_pace_and_a_waiter_does_not() {
+        use std::sync::atomic::AtomicBool;
+        let commit = GroupCommit::paced(std::time::Duration::from_secs(3600));
+        let flushes = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let flusher = {
+            let (commit, flushes, stop) = (commit.clone(), flushes.clone(), stop.clone());
+            std::thread::spawn(move || {
+                commit.run(
+                    || {
+                        flushes.fetch_add(1, Ordering::SeqCst);
+                        Ok(())
+                    },
+                    &stop,
+                    "test",
+                    |_, _| {},
+                )
+            })
+        };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async {
+            // The first poke flushes at once (no flush before it).
+            commit.poke();
+            let limit = std::time::Duration::from_secs(20);
+            let first = tokio::time::timeout(limit, async {
+                while flushes.load(Ordering::SeqCst) == 0 {
+                    tokio::task::yield_now().await;
+                }
+            });
+            first.await.expect("the first poke flushed");
+            for _ in 0..100 {
+                commit.poke();
+            }
+            tokio::time::timeout(limit, commit.wait_durable()).await.expect("unpaced").expect("ok");
+        });
+        assert_eq!(flushes.load(Ordering::SeqCst), 2, "the pokes joined the waiter's flush");
+        stop.store(true, Ordering::SeqCst);
+        commit.poke();
+        flusher.join().expect("flusher stops without waiting out the pace");
     }
 
     async fn futures_join(tasks: Vec<tokio::task::JoinHandle<()>>) {

@@ -68,7 +68,7 @@ impl Local {
         )?;
 
         let commit = GroupCommit::new();
-        let state_commit = GroupCommit::new();
+        let state_commit = GroupCommit::paced(SETTLE_FLUSH_PACE);
         let stop = Arc::new(AtomicBool::new(false));
         let inner = Arc::new(Inner {
             path: path.to_path_buf(),
