@@ -118,7 +118,7 @@ impl Relay {
 
     pub(crate) async fn metric(&self, series: &str) -> f64 {
         let Ok(mut c) = connect(self.admin).await else { return f64::NAN };
-        let req = http::Request::get("/metrics").header("host", "x").body(Full::new(Bytes::new()));
+        let req = http::Request::get("/metrics").header("host", self.admin.to_string()).body(Full::new(Bytes::new()));
         let Ok(req) = req else { return f64::NAN };
         let Ok(resp) = c.send_request(req).await else { return f64::NAN };
         let Ok(b) = resp.into_body().collect().await else { return f64::NAN };
