@@ -243,8 +243,8 @@ fn main() -> ExitCode {
             match run(config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
+                    // Logging is set up (to stderr): one line, not two.
                     tracing::error!(error = format!("{e:#}"), "switchboard stopped with an error");
-                    eprintln!("error: {e:#}");
                     ExitCode::FAILURE
                 }
             }
@@ -315,9 +315,18 @@ async fn with_progress(
 }
 
 fn init_logging(format: LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // h2 warns once per connection it closes for a rapid-reset flood; the
+    // server counts those and logs them once a second (`server/mod.rs`).
+    // A filter that names h2 itself is left as written.
+    let named = std::env::var("RUST_LOG").map_or_else(|_| level.contains("h2"), |v| v.contains("h2"));
+    if !named {
+        if let Ok(d) = "h2=error".parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     // Colour only for a person at a terminal: never in files or journals,
     // and never when NO_COLOR is set (https://no-color.org).
     use std::io::IsTerminal;

@@ -146,7 +146,7 @@ impl Metrics {
             connections_refused: counter_vec(
                 &r,
                 "switchboard_connections_refused_total",
-                "Connections closed by a listener before a request was served, by listener and reason (ip_not_allowed, per_ip_limit, head_timeout)",
+                "Connections closed by a listener before a request was served (or an HTTP/2 one for resetting too many streams), by listener and reason (ip_not_allowed, per_ip_limit, head_timeout, h2_resets)",
                 &["listener", "reason"],
             ),
             ingress_buffered_bytes: int_gauge(

@@ -124,7 +124,7 @@ pub struct RawHmac {
     pub encoding: crate::ingress::auth::Encoding,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timestamp_header: Option<String>,
-    #[serde(default = "default_tolerance", with = "humantime_serde")]
+    #[serde(default = "default_tolerance", with = "crate::config::duration")]
     pub tolerance: Duration,
     pub secrets: Vec<SecretString>,
 }
@@ -159,7 +159,7 @@ pub struct RawStore {
     pub encryption: Option<RawEncryption>,
     /// How long a message is kept (with its attempts) once every
     /// destination is done with it; 0s: deleted at once.
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "crate::config::duration")]
     pub retain_delivered: Duration,
     /// "local" (the default: `path`) or "jetstream" (the keys below).
     #[serde(default)]
@@ -197,11 +197,11 @@ pub struct RawStore {
     pub max_ack_pending: usize,
     /// JetStream: how long a lease lasts without renewal (a killed relay's
     /// messages go to another after this).
-    #[serde(default = "default_ack_wait", with = "humantime_serde")]
+    #[serde(default = "default_ack_wait", with = "crate::config::duration")]
     pub ack_wait: Duration,
     /// JetStream: how long ingress waits for the stream's acknowledgement
     /// before answering 503.
-    #[serde(default = "default_publish_timeout", with = "humantime_serde")]
+    #[serde(default = "default_publish_timeout", with = "crate::config::duration")]
     pub publish_timeout: Duration,
 }
 
@@ -298,9 +298,9 @@ fn default_store_path() -> PathBuf {
 pub struct RawIngress {
     #[serde(default = "default_max_body")]
     pub max_body: u64,
-    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    #[serde(default = "default_header_read_timeout", with = "crate::config::duration")]
     pub header_read_timeout: Duration,
-    #[serde(default = "default_body_read_timeout", with = "humantime_serde")]
+    #[serde(default = "default_body_read_timeout", with = "crate::config::duration")]
     pub body_read_timeout: Duration,
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
@@ -316,7 +316,7 @@ pub struct RawIngress {
     pub max_buffered_bytes: u64,
     #[serde(default = "default_max_headers")]
     pub max_headers: usize,
-    #[serde(default = "default_retry_after", with = "humantime_serde")]
+    #[serde(default = "default_retry_after", with = "crate::config::duration")]
     pub retry_after: Duration,
 }
 
@@ -430,7 +430,7 @@ fn default_log_level() -> String {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawShutdown {
-    #[serde(default = "default_grace", with = "humantime_serde")]
+    #[serde(default = "default_grace", with = "crate::config::duration")]
     pub grace_period: Duration,
 }
 
@@ -460,7 +460,7 @@ pub struct RawRoute {
     /// Answer a request whose body equals one accepted on this route within
     /// this window with the first one's id, storing nothing (senders such as
     /// ThingSpace resend callbacks they think were slow). Unset: off.
-    #[serde(default, with = "humantime_serde::option", skip_serializing_if = "Option::is_none")]
+    #[serde(default, with = "crate::config::duration::option", skip_serializing_if = "Option::is_none")]
     pub dedupe_window: Option<Duration>,
     /// Resent callbacks answered with the first one's id, remembered across
     /// restarts: `{ window = "24h", ignore = ["callbackCount"] }`.
@@ -476,9 +476,9 @@ pub struct RawRoute {
 #[serde(deny_unknown_fields)]
 pub struct RawDestination {
     pub url: String,
-    #[serde(default = "default_timeout", with = "humantime_serde")]
+    #[serde(default = "default_timeout", with = "crate::config::duration")]
     pub timeout: Duration,
-    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    #[serde(default = "default_connect_timeout", with = "crate::config::duration")]
     pub connect_timeout: Duration,
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
@@ -575,7 +575,7 @@ pub struct RawFilter {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawDedupe {
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub window: Duration,
     /// Top-level JSON fields left out of the key (e.g. ThingSpace's
     /// `callbackCount`, which a resend increments).
@@ -622,7 +622,7 @@ pub enum RawOrdering {
 #[serde(deny_unknown_fields)]
 pub struct RawBreaker {
     pub failures: u32,
-    #[serde(default = "default_cool_down", with = "humantime_serde")]
+    #[serde(default = "default_cool_down", with = "crate::config::duration")]
     pub cool_down: Duration,
 }
 
@@ -677,9 +677,9 @@ fn default_concurrency() -> usize {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRetry {
-    #[serde(default = "default_initial", with = "humantime_serde")]
+    #[serde(default = "default_initial", with = "crate::config::duration")]
     pub initial: Duration,
-    #[serde(default = "default_max_interval", with = "humantime_serde")]
+    #[serde(default = "default_max_interval", with = "crate::config::duration")]
     pub max_interval: Duration,
     #[serde(default = "default_multiplier")]
     pub multiplier: f64,
@@ -688,9 +688,9 @@ pub struct RawRetry {
     /// 0 means no limit on attempts (then `max_age` bounds retries).
     #[serde(default)]
     pub max_attempts: u32,
-    #[serde(default = "default_max_age", with = "humantime_serde")]
+    #[serde(default = "default_max_age", with = "crate::config::duration")]
     pub max_age: Duration,
-    #[serde(default = "default_retry_after_cap", with = "humantime_serde")]
+    #[serde(default = "default_retry_after_cap", with = "crate::config::duration")]
     pub retry_after_cap: Duration,
 }
 

@@ -354,14 +354,49 @@ impl RawConfig {
         for d in masked.destinations.values_mut() {
             d.url = mask_url(&d.url);
         }
-        toml::to_string_pretty(&masked).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
+        let mut value = match toml::Value::try_from(&masked) {
+            Ok(v) => v,
+            Err(e) => return format!("# cannot print config: {e}\n"),
+        };
+        // A local store does not use the JetStream keys: printing their
+        // defaults would suggest it does.
+        if masked.store.kind == RawStoreKind::Local {
+            if let Some(store) = value.get_mut("store").and_then(toml::Value::as_table_mut) {
+                for key in JETSTREAM_KEYS {
+                    store.remove(*key);
+                }
+            }
+        }
+        toml::to_string_pretty(&value).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
     }
 }
 
-/// Masks what may be a secret in a URL: the password of `user:password@`
-/// and every query-string value (`?token=***`); names stay readable.
+/// The `[store]` keys only a JetStream store reads.
+const JETSTREAM_KEYS: &[&str] = &[
+    "servers",
+    "stream",
+    "replicas",
+    "user",
+    "password",
+    "token",
+    "nkey",
+    "creds_file",
+    "ca_file",
+    "client_cert",
+    "client_key",
+    "max_ack_pending",
+    "ack_wait",
+    "publish_timeout",
+];
+
+/// Masks what may be a secret in a URL: the user and password of
+/// `user:password@` (a user name is half a credential) and every
+/// query-string value (`?token=***`); names stay readable.
 pub fn mask_url(url: &str) -> String {
     let Ok(mut u) = url::Url::parse(url) else { return url.to_string() };
+    if !u.username().is_empty() {
+        let _ = u.set_username("***");
+    }
     if u.password().is_some() {
         let _ = u.set_password(Some("***"));
     }

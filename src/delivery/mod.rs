@@ -208,8 +208,11 @@ impl Worker {
         let mut inflight: HashSet<u64> = HashSet::new();
         let mut tasks: JoinSet<(bool, Option<bool>)> = JoinSet::new();
         let mut breaker = this.dest.breaker.map(|c| breaker::Breaker::new(c, this.breaker_state.clone()));
-        this.export_breaker(breaker::State::Closed);
+        this.publish_breaker(breaker::State::Closed);
         let mut task_ids: HashMap<tokio::task::Id, u64> = HashMap::new();
+        // Failed attempts in a row, to say so once the destination answers
+        // again (at the default log level only failures were visible).
+        let mut failed_in_a_row: u64 = 0;
         // After a store failure, leasing pauses: the failed entries are still
         // due, and re-sending them at full speed would only repeat the failure.
         let mut paused_until: Option<tokio::time::Instant> = None;
@@ -271,6 +274,15 @@ impl Worker {
                         if let Some(state) = b.record(*ok, tokio::time::Instant::now()) {
                             this.export_breaker(state);
                         }
+                    }
+                    match &done {
+                        Ok((_, (_, Some(false)))) => failed_in_a_row += 1,
+                        Ok((_, (_, Some(true)))) if failed_in_a_row > 0 => {
+                            let waiting = this.store.stats(&name).depth;
+                            tracing::info!(destination = %name, failed_attempts = failed_in_a_row, waiting, "destination answers again: delivering");
+                            failed_in_a_row = 0;
+                        }
+                        _ => {}
                     }
                     match done {
                         Ok((_, (true, _))) => {}
@@ -349,7 +361,7 @@ impl Worker {
             }
             Action::RetryAfter(delay) => {
                 m.deliveries.with_label_values(&[name, "retried"]).inc();
-                tracing::info!(destination = name, id = %self.store.external_id(lease.id), request_id = request_id(&msg.body).as_deref(), attempt, reason = outcome.reason(), retry_in = %humantime::format_duration(round_ms(delay)), "delivery failed; will retry");
+                tracing::info!(destination = name, id = %self.store.external_id(lease.id), request_id = request_id(&msg.body).as_deref(), attempt, reason = outcome.reason(), retry_in = %crate::config::duration::format(delay), "delivery failed; will retry");
                 Settle::Retry {
                     at_ms: now + delay.as_millis() as u64,
                     status: outcome.status(),
@@ -370,22 +382,29 @@ impl Worker {
         (true, Some(healthy))
     }
 
-    /// Publishes the breaker's state (gauge and the admin API's view) and
-    /// logs a change once.
-    fn export_breaker(&self, state: breaker::State) {
+    /// Publishes the breaker's state: the gauge and the admin API's view.
+    fn publish_breaker(&self, state: breaker::State) {
         let name: &str = &self.dest.name;
         for s in [breaker::State::Closed, breaker::State::Open, breaker::State::HalfOpen] {
             let v = if s == state { 1.0 } else { 0.0 };
             self.metrics.breaker_state.with_label_values(&[name, s.as_str()]).set(v);
         }
         self.breaker_state.store(state as u8, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Publishes a change of the breaker's state and logs it once (a close
+    /// with how many deliveries are waiting).
+    fn export_breaker(&self, state: breaker::State) {
+        let name: &str = &self.dest.name;
+        self.publish_breaker(state);
         match state {
             breaker::State::Open => {
                 tracing::warn!(destination = name, "circuit breaker open: no attempts until the cool-down ends")
             }
             breaker::State::HalfOpen => tracing::info!(destination = name, "circuit breaker half-open: one probe"),
             breaker::State::Closed if self.dest.breaker.is_some() => {
-                tracing::debug!(destination = name, "circuit breaker closed")
+                let waiting = self.store.stats(name).depth;
+                tracing::info!(destination = name, waiting, "circuit breaker closed")
             }
             breaker::State::Closed => {}
         }
@@ -632,10 +651,6 @@ fn request_id(body: &[u8]) -> Option<String> {
         request_id: Option<String>,
     }
     serde_json::from_slice::<Probe>(body).ok()?.request_id.filter(|r| r.len() <= 128)
-}
-
-fn round_ms(d: Duration) -> Duration {
-    Duration::from_millis(d.as_millis() as u64)
 }
 
 /// The error and its causes on one line, bounded in length.

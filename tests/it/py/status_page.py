@@ -43,6 +43,12 @@ try:
     wait.until(lambda d: "billing" in dests(d) and "<script>" in dests(d) and "retrying" in dests(d))
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#dead button[data-id]"))
     assert driver.execute_script("return window.pwned") is None, "a destination's answer ran as script"
+    # Issue 23, point 8: the dead-letter table has column headers, and the
+    # store's average flush time is read from the metric that exists.
+    headers = [h.text for h in driver.find_elements(By.CSS_SELECTOR, "#dead table th")]
+    assert "message" in headers and "last status and reason" in headers, headers
+    wait.until(lambda d: "ms on average" in d.find_element(By.ID, "store").text
+               and "flush - ms" not in d.find_element(By.ID, "store").text)
     driver.save_screenshot(f"{shots}/1-failing.png")
     wait.until(lambda d: click(d, "#dead button[data-id]"))
     wait.until(lambda d: click(d, "button[data-destination='audit']"))
