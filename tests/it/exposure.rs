@@ -757,3 +757,36 @@ async fn rapid_reset_floods_are_counted_and_logged_once_a_second() {
     // The listener still serves.
     assert_eq!(post(&relay.url("/in"), "application/json", "{}").await.0, 200);
 }
+
+/// Issue 23, point 9: at the default level a recovery was invisible (only
+/// failures were logged). The first attempt that succeeds after failures
+/// logs one line with how many failed and how many wait; a retry's delay
+/// is logged without a space (`retry_in=1s500ms`, not `1s 500ms`).
+#[tokio::test]
+async fn a_destination_answering_again_is_logged_once() {
+    // The script's index counts requests: the first three fail.
+    let r = TestReceiver::scripted(|n, _| Reply::Status(if n < 3 { 503 } else { 200 })).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml =
+        config(&[("flaky", &r.url("/f"), "[destinations.flaky.retry]\ninitial = \"20ms\"\nmax_interval = \"50ms\"")]);
+    let relay = RelayProcess::start(&write(dir.path(), &toml)).await;
+    assert_eq!(post(&relay.url("/in"), "application/json", "{}").await.0, 200);
+    r.wait_for(4, WAIT).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let logs = loop {
+        let logs = relay.logs();
+        if logs.contains("destination answers again") {
+            break logs;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no recovery line:\n{logs}");
+        tokio::time::sleep(POLL).await; // polling another process's log, bounded
+    };
+    let line = logs.lines().find(|l| l.contains("destination answers again")).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(line).expect("json log line");
+    assert_eq!(v["failed_attempts"], 3, "{line}");
+    assert_eq!(v["destination"], "flaky", "{line}");
+    assert_eq!(logs.matches("destination answers again").count(), 1, "{logs}");
+    let retry = logs.lines().find(|l| l.contains("will retry")).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(retry).expect("json log line");
+    assert!(v["retry_in"].as_str().is_some_and(|s| !s.contains(' ') && s.ends_with("ms")), "{retry}");
+}
