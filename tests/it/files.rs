@@ -6,7 +6,6 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Command;
 
 use nix::sys::signal::Signal;
 
@@ -62,18 +61,19 @@ async fn a_link_planted_in_the_store_is_refused_and_its_target_untouched() {
     for planted in ["switchboard.lock", "db"] {
         let link = store.join(planted);
         std::os::unix::fs::symlink(&victim, &link).expect("plant link");
-        let out = tokio::task::spawn_blocking({
-            let path = path.clone();
-            move || {
-                Command::new(env!("CARGO_BIN_EXE_switchboard"))
-                    .args(["run", "--config"])
-                    .arg(&path)
-                    .output()
-                    .expect("run switchboard")
-            }
-        })
-        .await
-        .expect("join");
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("run switchboard");
+        // A relay that starts on the link runs until killed: that is the failure.
+        let out = tokio::time::timeout(WAIT, child.wait_with_output())
+            .await
+            .unwrap_or_else(|_| panic!("{planted}: the relay started on a planted link"))
+            .expect("wait");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{planted}: started on a planted link");
         assert!(err.contains(&format!("{planted} is a symbolic link")), "{planted}: {err}");
