@@ -243,8 +243,11 @@ fn main() -> ExitCode {
             match run(config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    // Logging is set up (to stderr): one line, not two.
-                    tracing::error!(error = format!("{e:#}"), "switchboard stopped with an error");
+                    // Logging is set up (to stderr): one line, not two. The
+                    // error is the message itself, so the human format
+                    // prints it as written (a field's value would be quoted
+                    // and escaped).
+                    tracing::error!("switchboard stopped: {e:#}");
                     ExitCode::FAILURE
                 }
             }
