@@ -103,6 +103,7 @@ pub enum Command {
         /// Answer this share of requests (0.0-1.0) with --fail-status instead.
         #[arg(long, default_value_t = 0.0)]
         fail_ratio: f64,
+        /// Status for the --fail-ratio share of requests.
         #[arg(long, default_value_t = 503)]
         fail_status: u16,
     },
@@ -163,6 +164,15 @@ pub enum DlqAction {
     },
 }
 
+/// A `--since`/`--until` value, checked here (a usage error, exit 2)
+/// rather than by the relay; passed on as written.
+fn time_arg(s: &str) -> Result<String, String> {
+    match crate::admin::messages::parse_time(s) {
+        Some(_) => Ok(s.to_string()),
+        None => Err("a time in RFC 3339 (2026-12-02T09:00:00Z) or unix milliseconds".to_string()),
+    }
+}
+
 /// Which messages a replay or purge covers.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DeadSelect {
@@ -170,10 +180,10 @@ pub struct DeadSelect {
     #[arg(long)]
     pub id: Option<String>,
     /// Received at or after (RFC 3339, e.g. 2026-12-02T09:00:00Z, or unix ms).
-    #[arg(long)]
+    #[arg(long, value_parser = time_arg)]
     pub since: Option<String>,
     /// Received at or before.
-    #[arg(long)]
+    #[arg(long, value_parser = time_arg)]
     pub until: Option<String>,
 }
 
@@ -222,13 +232,13 @@ pub enum MessagesAction {
     List {
         destination: String,
         /// pending, dead or delivered.
-        #[arg(long, default_value = "pending")]
+        #[arg(long, default_value = "pending", value_parser = ["pending", "dead", "delivered"])]
         state: String,
         /// Received at or after (RFC 3339, e.g. 2026-12-02T09:00:00Z, or unix ms).
-        #[arg(long)]
+        #[arg(long, value_parser = time_arg)]
         since: Option<String>,
         /// Received at or before.
-        #[arg(long)]
+        #[arg(long, value_parser = time_arg)]
         until: Option<String>,
         /// At most this many (1-1000); the output says how to get the next page.
         #[arg(long, default_value_t = 100)]

@@ -19,8 +19,9 @@ fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
-/// `T` of `since`/`until`: RFC 3339, or unix milliseconds.
-pub(super) fn parse_time(s: &str) -> Option<u64> {
+/// `T` of `since`/`until`: RFC 3339, or unix milliseconds (the CLI checks
+/// its arguments with it too).
+pub(crate) fn parse_time(s: &str) -> Option<u64> {
     if let Ok(ms) = s.parse::<u64>() {
         return Some(ms);
     }

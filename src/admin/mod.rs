@@ -60,7 +60,7 @@ use crate::metrics::Metrics;
 use crate::store::{now_ms, Store};
 use crate::wake::Wakers;
 
-mod messages;
+pub(crate) mod messages;
 mod operations;
 
 use self::operations::Kind;

@@ -102,6 +102,16 @@ async fn the_cli_shows_status_handles_dead_letters_and_destinations() {
     let (code, _, err) = sb(&["status"]).await;
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("where is the relay?"), "{err}");
+    // A misspelt state or a time the relay cannot read: the CLI says so
+    // (exit 2), not a raw API path with exit 1.
+    let (code, _, err) = sb(&["messages", "list", "app", "--state", "pendng", "--admin", &admin]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("pendng") && err.contains("delivered"), "{err}");
+    let (code, _, err) = sb(&["messages", "list", "app", "--since", "yesterday", "--admin", &admin]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("RFC 3339"), "{err}");
+    let (code, _, err) = sb(&["dlq", "replay", "app", "--until", "soon", "--admin", &admin]).await;
+    assert_eq!(code, 2, "{err}");
     let gone = format!("http://{}", dead_addr().await);
     let (code, _, err) = sb(&["status", "--admin", &gone]).await;
     assert_eq!(code, 3, "{err}");
