@@ -8,8 +8,8 @@
 //! through a port-forward or a proxy that terminates TLS).
 //!
 //! Exit codes (also in README): 0 done; 1 the relay answered with an error;
-//! 3 relay not reachable; 4 token refused; 5 no such destination or
-//! message; 78 the config file given cannot be read.
+//! 2 bad usage; 3 relay not reachable; 4 token required or refused; 5 no
+//! such destination or message; 78 the config file given cannot be read.
 
 use std::time::Duration;
 
