@@ -166,7 +166,8 @@ pub async fn send_test(
 }
 
 /// Polls `GET /api/messages/{id}` until the message is gone (every
-/// destination delivered it) or `wait` is over.
+/// destination delivered it), every destination is done with it and one
+/// dead-lettered it, or `wait` is over.
 async fn follow(config: &Config, id: &str, wait: Duration, mut lines: Vec<String>) -> anyhow::Result<TestReport> {
     let target = crate::ctl::Target {
         admin: Some(format!("http://{}", loopback(config.admin.addr))),
@@ -189,6 +190,18 @@ async fn follow(config: &Config, id: &str, wait: Duration, mut lines: Vec<String
                 if done {
                     lines.push("delivered to every destination of the route".into());
                     return Ok(TestReport { lines, delivered: true });
+                }
+                // Every destination is done with it and one dead-lettered
+                // it: waiting longer changes nothing.
+                let states: Vec<&str> = v["destinations"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|d| d["state"].as_str()).collect())
+                    .unwrap_or_default();
+                let ended = |s: &&str| matches!(*s, "delivered" | "filtered" | "dead" | "purged");
+                if !states.is_empty() && states.iter().all(ended) {
+                    lines.push("dead-lettered at a destination (waiting longer would not change that):".into());
+                    lines.extend(crate::ctl::message_text(&v).lines().map(str::to_string));
+                    return Ok(TestReport { lines, delivered: false });
                 }
                 if Instant::now() >= deadline {
                     break v;

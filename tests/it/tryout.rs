@@ -94,4 +94,18 @@ async fn send_test_follows_a_sample_to_every_destination_or_says_where_it_is_stu
         out.contains("not delivered everywhere within 1s") && out.contains("pending") && out.contains("connect"),
         "{out}"
     );
+
+    // Issue 23, point 10: a destination that refuses it for good (400: a
+    // dead letter at once) ends the wait; it is not waited out.
+    let refusing = TestReceiver::scripted(|_, _| Reply::Status(400)).await;
+    let dead = toml.replace(&r.url("/app"), &refusing.url("/app"));
+    let path = write(dir.path(), &dead);
+    drop(_relay);
+    let _relay = RelayProcess::start(&path).await;
+    let (code, out, _) =
+        run(vec!["send-test".into(), "--config".into(), path.display().to_string(), "--wait".into(), "60s".into()])
+            .await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("dead-lettered at a destination") && out.contains("dead"), "{out}");
+    assert!(!out.contains("within 1m"), "waited out --wait: {out}");
 }
