@@ -340,13 +340,7 @@ pub fn status_table(v: &serde_json::Value) -> String {
 pub fn dead_letter_table(v: &serde_json::Value) -> String {
     let mut rows = vec![["ID", "ATTEMPTS", "LAST STATUS", "DEAD SINCE", "REASON"].map(String::from)];
     for d in v["dead_letters"].as_array().into_iter().flatten() {
-        let at = d["dead_at_ms"]
-            .as_u64()
-            .map(|ms| {
-                let t = std::time::UNIX_EPOCH + Duration::from_millis(ms);
-                humantime::format_rfc3339_seconds(t).to_string()
-            })
-            .unwrap_or_default();
+        let at = d["dead_at"].as_str().unwrap_or_default().to_string();
         rows.push([
             d["id"].as_str().unwrap_or_default().to_string(),
             d["attempts"].to_string(),

@@ -15,7 +15,7 @@ use crate::store::{DeliveryState, Inspection, Listing, StoreError};
 /// Most messages one page lists.
 const MAX_PAGE: usize = 1000;
 
-fn rfc3339(ms: u64) -> String {
+pub(super) fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 

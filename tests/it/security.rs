@@ -463,6 +463,10 @@ async fn a_json_body_too_deep_to_strip_never_reaches_a_stripping_destination() {
     assert!(reason.contains("strip_body_fields") && reason.contains("cannot be parsed"), "{reason}");
     assert!(!reason.contains("pw-Secret-31"));
     assert_eq!(listed["dead_letters"][0]["attempts"], 1, "not retried");
+    // Issue 23, point 10: one time format in the API, RFC 3339 UTC.
+    let at = listed["dead_letters"][0]["dead_at"].as_str().unwrap_or_default();
+    assert!(humantime::parse_rfc3339(at).is_ok() && at.ends_with('Z'), "{listed}");
+    assert!(listed["dead_letters"][0].get("dead_at_ms").is_none(), "{listed}");
     // A plain body that is not JSON still goes (nothing to strip), counted.
     assert_eq!(post(&relay.url("/in"), "text/xml", "<a/>").await.0, 200);
     let got = stripped.wait_for(1, WAIT).await;
