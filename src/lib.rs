@@ -35,6 +35,7 @@ pub mod secret;
 pub mod server;
 pub mod shutdown;
 pub mod store;
+pub mod throttle;
 pub mod trace;
 pub mod tryout;
 pub mod wake;

@@ -2,6 +2,11 @@
 //! say, with every default. `deny_unknown_fields` everywhere, so a typo is an
 //! error naming the key. These structs are also what `switchboard check`
 //! prints (secrets masked); validation into typed values is in the parent.
+//!
+//! Longer than our usual file on purpose: it is the file format's one
+//! reference, a struct per table with its defaults and a doc line per key
+//! (most of its lines); split by section it would no longer read as the
+//! file an operator writes.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -52,11 +52,15 @@ pub struct BodyBudget {
 
 /// What one request holds; given back on drop.
 pub struct Held {
-    permits: Vec<OwnedSemaphorePermit>,
+    /// Of its address's share (at most the whole share, however large
+    /// the body), of the budget, of the reserve.
+    own: Option<OwnedSemaphorePermit>,
+    shared: Option<OwnedSemaphorePermit>,
+    reserved: Option<OwnedSemaphorePermit>,
     bytes: u64,
     gauge: prometheus::IntGauge,
-    /// For dropping the client's entry once nothing of it is held.
-    owner: Option<(Arc<BodyBudget>, IpAddr)>,
+    budget: Arc<BodyBudget>,
+    peer: IpAddr,
 }
 
 impl BodyBudget {
@@ -73,7 +77,7 @@ impl BodyBudget {
 
     /// An empty hold for a request from `peer`.
     pub fn hold(self: &Arc<Self>, peer: IpAddr, gauge: prometheus::IntGauge) -> Held {
-        Held { permits: Vec::new(), bytes: 0, gauge, owner: Some((self.clone(), peer)) }
+        Held { own: None, shared: None, reserved: None, bytes: 0, gauge, budget: self.clone(), peer }
     }
 
     fn peer(&self, ip: IpAddr) -> Arc<Semaphore> {
@@ -97,42 +101,52 @@ impl Held {
     /// most; `small`: the whole body is known to be at most [`SMALL_BODY`].
     /// Returns whether it had to wait.
     pub async fn take(&mut self, n: u64, small: bool, deadline: tokio::time::Instant) -> Result<bool, Refused> {
-        let Some((budget, ip)) = self.owner.clone() else { return Err(Refused::Full) };
+        let budget = self.budget.clone();
         // n <= max_body <= 512 MiB (validation), so it fits a u32. A body
-        // larger than a share takes the whole share.
+        // larger than a share takes the whole share (and no more, over all
+        // its chunks).
         let n = u32::try_from(n).unwrap_or(u32::MAX);
-        let own = n.min(budget.peer_share);
-        let peer = budget.peer(ip);
+        let own_held = self.own.as_ref().map_or(0, |p| p.num_permits() as u32);
+        let own = n.min(budget.peer_share.saturating_sub(own_held));
         let mut waited = false;
-        let mine = match peer.clone().try_acquire_many_owned(own) {
-            Ok(p) => p,
-            Err(_) => {
-                waited = true;
-                match tokio::time::timeout_at(deadline, peer.acquire_many_owned(own)).await {
-                    Ok(Ok(p)) => p,
-                    _ => return Err(Refused::Peer),
-                }
-            }
-        };
-        let shared = match budget.all.clone().try_acquire_many_owned(n) {
-            Ok(p) => p,
-            Err(TryAcquireError::NoPermits) if small => match budget.reserve.clone().try_acquire_many_owned(n) {
+        if own > 0 {
+            let peer = budget.peer(self.peer);
+            let mine = match peer.clone().try_acquire_many_owned(own) {
                 Ok(p) => p,
                 Err(_) => {
                     waited = true;
-                    wait(&budget.all, n, deadline).await?
+                    match tokio::time::timeout_at(deadline, peer.acquire_many_owned(own)).await {
+                        Ok(Ok(p)) => p,
+                        _ => return Err(Refused::Peer),
+                    }
+                }
+            };
+            merge(&mut self.own, mine);
+        }
+        match budget.all.clone().try_acquire_many_owned(n) {
+            Ok(p) => merge(&mut self.shared, p),
+            Err(TryAcquireError::NoPermits) if small => match budget.reserve.clone().try_acquire_many_owned(n) {
+                Ok(p) => merge(&mut self.reserved, p),
+                Err(_) => {
+                    waited = true;
+                    merge(&mut self.shared, wait(&budget.all, n, deadline).await?);
                 }
             },
             Err(_) => {
                 waited = true;
-                wait(&budget.all, n, deadline).await?
+                merge(&mut self.shared, wait(&budget.all, n, deadline).await?);
             }
-        };
-        self.permits.push(mine);
-        self.permits.push(shared);
+        }
         self.bytes += u64::from(n);
         self.gauge.add(i64::from(n));
         Ok(waited)
+    }
+}
+
+fn merge(held: &mut Option<OwnedSemaphorePermit>, more: OwnedSemaphorePermit) {
+    match held {
+        Some(p) => p.merge(more),
+        None => *held = Some(more),
     }
 }
 
@@ -146,10 +160,10 @@ async fn wait(s: &Arc<Semaphore>, n: u32, deadline: tokio::time::Instant) -> Res
 impl Drop for Held {
     fn drop(&mut self) {
         self.gauge.sub(self.bytes as i64);
-        self.permits.clear();
-        if let Some((budget, ip)) = self.owner.take() {
-            budget.release(ip);
-        }
+        // The permits go first: `release` forgets the address only once
+        // nothing of it is held.
+        (self.own, self.shared, self.reserved) = (None, None, None);
+        self.budget.release(self.peer);
     }
 }
 
@@ -197,5 +211,10 @@ mod tests {
         assert_eq!(big.take(8 << 20, false, soon()).await, Ok(false));
         let mut next = budget.hold(a, gauge());
         assert_eq!(next.take(1, true, soon()).await, Err(Refused::Peer));
+        // So does one chunked body larger than a share, chunk by chunk.
+        let mut chunked = budget.hold("10.0.0.9".parse().expect("ip"), gauge());
+        for _ in 0..6 {
+            assert_eq!(chunked.take(1 << 20, false, soon()).await, Ok(false), "6 MiB in chunks, share 4 MiB");
+        }
     }
 }

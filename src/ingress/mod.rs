@@ -105,14 +105,12 @@ pub struct Ingress {
     pub wakers: Wakers,
     /// Bytes of request bodies that may be held in memory (`max_buffered_bytes`).
     pub budget: Arc<budget::BodyBudget>,
-    /// Refusals for a store reason are logged once a second at most: when
-    /// the last line went out (unix ms), and how many refusals it did not
-    /// say since (an outage at hundreds of callbacks a second would
-    /// otherwise write hundreds of lines a second).
-    refusal_logged_ms: std::sync::atomic::AtomicU64,
-    refusals_unlogged: std::sync::atomic::AtomicU64,
-    /// When a refusal for want of body memory was last logged (unix ms).
-    budget_logged_ms: std::sync::atomic::AtomicU64,
+    /// Refusals for a store reason are logged once a second at most (an
+    /// outage at hundreds of callbacks a second would otherwise write
+    /// hundreds of lines a second).
+    refusals_logged: crate::throttle::LogThrottle,
+    /// Refusals for want of body memory, likewise.
+    budget_refusals_logged: crate::throttle::LogThrottle,
 }
 
 impl Ingress {
@@ -132,9 +130,8 @@ impl Ingress {
             metrics,
             wakers,
             budget,
-            refusal_logged_ms: Default::default(),
-            refusals_unlogged: Default::default(),
-            budget_logged_ms: Default::default(),
+            refusals_logged: Default::default(),
+            budget_refusals_logged: Default::default(),
         }
     }
 }
@@ -430,19 +427,12 @@ impl Ingress {
     /// One warning a second at most for refusals for want of body memory
     /// (a flood would otherwise write one line per request).
     fn log_budget_refusal(&self, route: &Route, why: budget::Refused) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let now = now_ms();
-        let last = self.budget_logged_ms.load(Relaxed);
-        if now.saturating_sub(last) < 1000
-            || self.budget_logged_ms.compare_exchange(last, now, Relaxed, Relaxed).is_err()
-        {
-            return;
-        }
+        let Some(also) = self.budget_refusals_logged.admit() else { return };
         let what = match why {
             budget::Refused::Peer => "one client address held its quarter of ingress.max_buffered_bytes",
             budget::Refused::Full => "ingress.max_buffered_bytes stayed full for body_read_timeout",
         };
-        tracing::warn!(route = %route.path, "refusing callbacks: {what}");
+        tracing::warn!(route = %route.path, also_refused_since_last_line = also, "refusing callbacks: {what}");
     }
 
     fn retry_later(&self, reason: &str) -> Response<Full<Bytes>> {
@@ -456,16 +446,9 @@ impl Ingress {
             let limit = self.store.max_record().unwrap_or(*n as u64);
             return too_large(limit);
         }
-        use std::sync::atomic::Ordering::Relaxed;
-        let now = now_ms();
-        let last = self.refusal_logged_ms.load(Relaxed);
-        let due = now.saturating_sub(last) >= 1000
-            && self.refusal_logged_ms.compare_exchange(last, now, Relaxed, Relaxed).is_ok();
-        if !due {
-            self.refusals_unlogged.fetch_add(1, Relaxed);
+        let Some(also) = self.refusals_logged.admit() else {
             return self.retry_later("cannot store the message right now; retry later");
-        }
-        let also = self.refusals_unlogged.swap(0, Relaxed);
+        };
         if e.is_transient() {
             tracing::warn!(error = %e, also_refused_since_last_line = also, "refusing a callback: the store cannot take it right now");
         } else {

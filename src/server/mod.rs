@@ -33,7 +33,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -178,7 +178,7 @@ pub async fn serve<H: Handler>(
     let tracker = TaskTracker::new();
     let local = listener.local_addr().ok();
     let kind = cfg.kind;
-    let resets = Arc::new(ResetLog::default());
+    let resets = Arc::new(crate::throttle::LogThrottle::default());
     loop {
         let permit = tokio::select! {
             p = limits.global.clone().acquire_owned() => match p {
@@ -255,34 +255,14 @@ struct Connection<H> {
     handler: Arc<H>,
     metrics: Arc<Metrics>,
     kind: &'static str,
-    resets: Arc<ResetLog>,
-}
-
-/// HTTP/2 connections closed for resetting too many streams (a "rapid
-/// reset" flood, CVE-2023-44487): h2 refuses them with `ENHANCE_YOUR_CALM`
-/// and its own warning per connection, which a flood turns into a line per
-/// connection. Its warnings are filtered out (`main.rs`); these are counted
-/// (`switchboard_connections_refused_total{reason="h2_resets"}`) and logged
-/// here once a second at most, with how many since the last line.
-#[derive(Default)]
-struct ResetLog {
-    logged_ms: AtomicU64,
-    unlogged: AtomicU64,
-}
-
-impl ResetLog {
-    fn note(&self, kind: &str, peer: SocketAddr) {
-        let now = crate::store::now_ms();
-        let last = self.logged_ms.load(Ordering::Relaxed);
-        if now.saturating_sub(last) < 1000
-            || self.logged_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_err()
-        {
-            self.unlogged.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        let more = self.unlogged.swap(0, Ordering::Relaxed);
-        tracing::warn!(listener = kind, peer = %peer, more_since_last_line = more, "closed an HTTP/2 connection that reset too many streams");
-    }
+    /// HTTP/2 connections closed for resetting too many streams (a "rapid
+    /// reset" flood, CVE-2023-44487): h2 refuses them with
+    /// `ENHANCE_YOUR_CALM` and its own warning per connection, which a
+    /// flood turns into a line per connection. Its warnings are filtered
+    /// out (`main.rs`); these are counted
+    /// (`switchboard_connections_refused_total{reason="h2_resets"}`) and
+    /// logged here once a second at most.
+    resets: Arc<crate::throttle::LogThrottle>,
 }
 
 /// Whether a connection's error is h2 refusing a peer that reset too many
@@ -344,7 +324,9 @@ impl<H: Handler> Connection<H> {
         if let Err(e) = result {
             if too_many_resets(e.as_ref()) {
                 self.metrics.connections_refused.with_label_values(&[self.kind, "h2_resets"]).inc();
-                self.resets.note(self.kind, peer);
+                if let Some(more) = self.resets.admit() {
+                    tracing::warn!(listener = self.kind, peer = %peer, more_since_last_line = more, "closed an HTTP/2 connection that reset too many streams");
+                }
             }
             tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
         }

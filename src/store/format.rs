@@ -1,4 +1,7 @@
 //! The on-disk format: every key and record the store writes, in one place.
+//! Longer than our usual file on purpose (rule 7 of STYLE: stored records
+//! are a versioned format defined in one file): a reader checks a format
+//! change against this one file.
 //!
 //! Format version 2 (recorded under `meta/format`). Message records are in
 //! the message log, `segments/seg-<seq>` (framing in `segments.rs`);

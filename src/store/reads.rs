@@ -117,3 +117,50 @@ impl Local {
         Ok(record)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{all_due, dests, msg, open, rt};
+    use super::*;
+
+    /// A fetch that misses the cache reads the record back from the log with
+    /// the records that follow it: the next fetches, this destination's and
+    /// the other's, find them in memory. Many concurrent misses are served by
+    /// one queue and each gets its own record.
+    #[test]
+    fn a_cache_miss_reads_ahead_and_concurrent_misses_get_their_own_records() {
+        rt().block_on(async {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let store = open(dir.path());
+            let mut ids = Vec::new();
+            for i in 0..40 {
+                ids.push(store.append(&msg(&format!("body {i}")), &dests(&["a", "b"])).expect("append"));
+                if i % 7 == 0 {
+                    // Several batches: the read-ahead crosses batch headers.
+                    store.sync().await.expect("sync");
+                }
+            }
+            store.sync().await.expect("sync");
+            store.close().await.expect("close");
+            drop(store);
+            // Reopened: nothing is in memory.
+            let store = open(dir.path());
+            assert!(ids.iter().all(|id| lock(&store.inner.cache).get(*id).is_none()), "a fresh cache");
+            let leases = all_due(&store, "a");
+            let first = store.fetch(&leases[0]).await.expect("fetch").expect("found");
+            assert_eq!(first.body, Bytes::from("body 0"));
+            let cached = ids[1..].iter().filter(|id| lock(&store.inner.cache).get(**id).is_some()).count();
+            assert_eq!(cached, ids.len() - 1, "the records after the first one were read ahead");
+            // Every destination's fetches, all at once.
+            lock(&store.inner.cache).remove(ids[20]);
+            let mut all = leases.clone();
+            all.extend(all_due(&store, "b"));
+            let fetched = futures_util::future::join_all(all.iter().map(|l| store.fetch(l))).await;
+            for (lease, got) in all.iter().zip(fetched) {
+                let i = ids.iter().position(|id| *id == lease.id).expect("known id");
+                assert_eq!(got.expect("fetch").expect("found").body, Bytes::from(format!("body {i}")));
+            }
+            store.close().await.expect("close");
+        });
+    }
+}

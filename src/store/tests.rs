@@ -7,11 +7,11 @@ use proptest::prelude::*;
 
 use super::*;
 
-fn rt() -> tokio::runtime::Runtime {
+pub(super) fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
 }
 
-fn open(path: &Path) -> Local {
+pub(super) fn open(path: &Path) -> Local {
     Local::open(path, StoreOptions::default(), |_, _| {}).expect("open store")
 }
 
@@ -31,7 +31,7 @@ fn last_segment_with_data(store: &Path) -> Option<std::path::PathBuf> {
         .max()
 }
 
-fn msg(body: &str) -> MessageRecord {
+pub(super) fn msg(body: &str) -> MessageRecord {
     MessageRecord {
         received_ms: now_ms(),
         route: "/in".into(),
@@ -41,11 +41,11 @@ fn msg(body: &str) -> MessageRecord {
     }
 }
 
-fn dests(names: &[&str]) -> Vec<Arc<str>> {
+pub(super) fn dests(names: &[&str]) -> Vec<Arc<str>> {
     names.iter().map(|n| Arc::from(*n)).collect()
 }
 
-fn all_due(store: &Local, dest: &str) -> Vec<Lease> {
+pub(super) fn all_due(store: &Local, dest: &str) -> Vec<Lease> {
     store.due(dest, u64::MAX, usize::MAX, &HashSet::new()).leases
 }
 
@@ -636,47 +636,6 @@ fn the_order_of_keys_survives_a_crash() {
         assert_eq!(store.replay_dead_now("d", &Selection::all()).expect("replay"), 1);
         let heads: Vec<u64> = all_due(&store, "d").iter().map(|l| l.id).collect();
         assert_eq!(heads, vec![ids[0], ids[1]], "the replayed dead letter is its key's head again");
-        store.close().await.expect("close");
-    });
-}
-
-/// A fetch that misses the cache reads the record back from the log with
-/// the records that follow it: the next fetches, this destination's and
-/// the other's, find them in memory. Many concurrent misses are served by
-/// one queue and each gets its own record.
-#[test]
-fn a_cache_miss_reads_ahead_and_concurrent_misses_get_their_own_records() {
-    rt().block_on(async {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = open(dir.path());
-        let mut ids = Vec::new();
-        for i in 0..40 {
-            ids.push(store.append(&msg(&format!("body {i}")), &dests(&["a", "b"])).expect("append"));
-            if i % 7 == 0 {
-                // Several batches: the read-ahead crosses batch headers.
-                store.sync().await.expect("sync");
-            }
-        }
-        store.sync().await.expect("sync");
-        store.close().await.expect("close");
-        drop(store);
-        // Reopened: nothing is in memory.
-        let store = open(dir.path());
-        assert!(ids.iter().all(|id| lock(&store.inner.cache).get(*id).is_none()), "a fresh cache");
-        let leases = all_due(&store, "a");
-        let first = store.fetch(&leases[0]).await.expect("fetch").expect("found");
-        assert_eq!(first.body, Bytes::from("body 0"));
-        let cached = ids[1..].iter().filter(|id| lock(&store.inner.cache).get(**id).is_some()).count();
-        assert_eq!(cached, ids.len() - 1, "the records after the first one were read ahead");
-        // Every destination's fetches, all at once.
-        lock(&store.inner.cache).remove(ids[20]);
-        let mut all = leases.clone();
-        all.extend(all_due(&store, "b"));
-        let fetched = futures_util::future::join_all(all.iter().map(|l| store.fetch(l))).await;
-        for (lease, got) in all.iter().zip(fetched) {
-            let i = ids.iter().position(|id| *id == lease.id).expect("known id");
-            assert_eq!(got.expect("fetch").expect("found").body, Bytes::from(format!("body {i}")));
-        }
         store.close().await.expect("close");
     });
 }

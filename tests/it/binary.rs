@@ -102,6 +102,22 @@ impl RelayProcess {
     pub fn logs(&self) -> String {
         self.logs.lock().expect("lock").join("\n")
     }
+
+    /// Polls the relay's `/metrics` until `pred` holds (bounded by WAIT);
+    /// returns the text that satisfied it.
+    pub async fn wait_metrics(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let url = format!("http://{}/metrics", self.admin);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let (_, _, m) = get(&url).await;
+            let text = String::from_utf8_lossy(&m).into_owned();
+            if pred(&text) {
+                return text;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{what}: not within {WAIT:?}:\n{text}");
+            tokio::time::sleep(POLL).await; // polling another process's metrics, bounded
+        }
+    }
 }
 
 impl Drop for RelayProcess {

@@ -648,19 +648,12 @@ async fn declared_bodies_that_never_come_hold_nothing_and_one_address_holds_a_qu
     for _ in 0..8 {
         attack.push(stalled_body_from("127.0.0.2", relay.ingress, MIB).await);
     }
+    let held = |m: &str| metric(m, "switchboard_ingress_buffered_bytes");
+    relay.wait_metrics("the attack holds its quarter", |m| held(m) >= MIB as f64).await;
     let admin = format!("http://{}/metrics", relay.admin);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (_, _, m) = get(&admin).await;
-        if metric(&String::from_utf8_lossy(&m), "switchboard_ingress_buffered_bytes") >= MIB as f64 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the attack never held its quarter");
-        tokio::time::sleep(POLL).await; // polling a metric of another process, bounded
-    }
     let (_, _, m) = get(&admin).await;
     assert_eq!(
-        metric(&String::from_utf8_lossy(&m), "switchboard_ingress_buffered_bytes"),
+        held(&String::from_utf8_lossy(&m)),
         MIB as f64,
         "one address holds its quarter, the bodies that never came hold nothing"
     );
@@ -678,22 +671,14 @@ async fn declared_bodies_that_never_come_hold_nothing_and_one_address_holds_a_qu
     for src in ["127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6"] {
         attack.push(stalled_body_from(src, relay.ingress, MIB).await);
     }
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (_, _, m) = get(&admin).await;
-        if metric(&String::from_utf8_lossy(&m), "switchboard_ingress_buffered_bytes") >= 4.0 * MIB as f64 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the budget never filled");
-        tokio::time::sleep(POLL).await; // polling a metric of another process, bounded
-    }
+    relay.wait_metrics("the budget fills", |m| held(m) >= 4.0 * MIB as f64).await;
     let started = tokio::time::Instant::now();
     let (s, _, _) = post(&relay.url("/in"), "application/json", sample.clone()).await;
     assert_eq!(s, 200, "a small callback has a reserve");
     assert!(started.elapsed() < in_time, "the small callback waited {:?}", started.elapsed());
     let (_, _, m) = get(&admin).await;
-    let held = metric(&String::from_utf8_lossy(&m), "switchboard_ingress_buffered_bytes");
-    assert!(held <= (4 * MIB + MIB / 4) as f64, "held {held}");
+    let now = held(&String::from_utf8_lossy(&m));
+    assert!(now <= (4 * MIB + MIB / 4) as f64, "held {now}");
     let got = r.wait_for(3, WAIT).await;
     assert!(got.iter().filter(|g| g.body == sample).count() == 2, "both small callbacks delivered");
     drop(attack);
@@ -739,17 +724,8 @@ async fn rapid_reset_floods_are_counted_and_logged_once_a_second() {
         // The server answers with GOAWAY and closes.
         let _ = read_all(&mut s, WAIT).await;
     }
-    let admin = format!("http://{}/metrics", relay.admin);
     let series = "switchboard_connections_refused_total{listener=\"ingress\",reason=\"h2_resets\"}";
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (_, _, m) = get(&admin).await;
-        if metric(&String::from_utf8_lossy(&m), series) == CONNECTIONS as f64 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{}", String::from_utf8_lossy(&m));
-        tokio::time::sleep(POLL).await; // polling a metric of another process, bounded
-    }
+    relay.wait_metrics("every flood counted", |m| metric(m, series) == CONNECTIONS as f64).await;
     let logs = relay.logs();
     let lines = logs.lines().filter(|l| l.contains("reset too many streams")).count();
     assert!((1..CONNECTIONS).contains(&lines), "{lines} lines for {CONNECTIONS} connections:\n{logs}");
