@@ -107,7 +107,7 @@ pub enum Command {
         #[arg(long, default_value_t = 503)]
         fail_status: u16,
     },
-    /// Pause or resume deliveries to a destination of a running relay.
+    /// Pause, resume or retry now the deliveries to a destination of a running relay.
     Destinations {
         #[command(subcommand)]
         action: DestinationAction,
@@ -259,8 +259,16 @@ pub enum DestinationAction {
         #[command(flatten)]
         target: AdminArgs,
     },
-    /// Deliver to NAME again.
+    /// Deliver to NAME again (retries that waited are due at once).
     Resume {
+        name: String,
+        #[command(flatten)]
+        target: AdminArgs,
+    },
+    /// Send NAME's deliveries that wait for a retry now, instead of at
+    /// their retry times (the relay does this by itself when NAME answers
+    /// again after failures).
+    RetryNow {
         name: String,
         #[command(flatten)]
         target: AdminArgs,

@@ -164,45 +164,10 @@ impl AdminClient {
         Ok((status, body))
     }
 
-    /// `GET /api/destinations`, with a delivery rate per destination from
-    /// two scrapes of `/metrics` one second apart.
+    /// `GET /api/destinations` (each with its deliveries per second over
+    /// the last minute, kept by the relay).
     pub async fn status(&self) -> Result<serde_json::Value, CtlError> {
-        let before = self.delivered().await?;
-        let started = std::time::Instant::now();
-        let mut list = self.call("GET", "/api/destinations").await?;
-        let elapsed_until = started + Duration::from_secs(1);
-        tokio::time::sleep_until(elapsed_until.into()).await;
-        let after = self.delivered().await?;
-        let secs = started.elapsed().as_secs_f64();
-        if let Some(items) = list["destinations"].as_array_mut() {
-            for d in items {
-                let name = d["name"].as_str().unwrap_or_default().to_string();
-                let rate = after.get(&name).copied().unwrap_or(0.0) - before.get(&name).copied().unwrap_or(0.0);
-                d["delivered_per_second"] = serde_json::json!((rate / secs * 10.0).round() / 10.0);
-            }
-        }
-        Ok(list)
-    }
-
-    /// Deliveries so far per destination, from `/metrics`.
-    async fn delivered(&self) -> Result<std::collections::HashMap<String, f64>, CtlError> {
-        let (status, body) = self.raw("GET", "/metrics").await?;
-        if status == 401 {
-            return Err(self.token_error());
-        }
-        let text = String::from_utf8_lossy(&body);
-        let mut out = std::collections::HashMap::new();
-        for line in text.lines() {
-            let Some(rest) = line.strip_prefix("switchboard_deliveries_total{destination=\"") else { continue };
-            let Some((name, rest)) = rest.split_once('"') else { continue };
-            if !rest.starts_with(",outcome=\"delivered\"}") {
-                continue;
-            }
-            if let Some(v) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
-                out.insert(name.to_string(), v);
-            }
-        }
-        Ok(out)
+        self.call("GET", "/api/destinations").await
     }
 
     /// Fails with [`CtlError::NoSuchDestination`] unless the relay knows `dest`.
@@ -290,10 +255,10 @@ impl AdminClient {
         self.call("GET", &q).await
     }
 
-    pub async fn set_paused(&self, dest: &str, pause: bool) -> Result<serde_json::Value, CtlError> {
+    /// `verb`: `pause`, `resume` or `retry-now`.
+    pub async fn destination(&self, dest: &str, verb: &str) -> Result<serde_json::Value, CtlError> {
         self.known(dest).await?;
-        let verb = if pause { "pause" } else { "resume" };
-        self.call("POST", &format!("/api/destinations/{dest}/{verb}")).await
+        self.call("POST", &format!("/api/destinations/{}/{verb}", encode(dest))).await
     }
 }
 
@@ -304,7 +269,7 @@ fn encode(s: &str) -> String {
 /// `status` as a table.
 pub fn status_table(v: &serde_json::Value) -> String {
     let mut rows =
-        vec![["DESTINATION", "STATE", "BREAKER", "PENDING", "OLDEST", "DELIVERED/S", "DEAD"].map(String::from)];
+        vec![["DESTINATION", "STATE", "BREAKER", "PENDING", "OLDEST", "DELIVERED/S (1 MIN)", "DEAD"].map(String::from)];
     for d in v["destinations"].as_array().into_iter().flatten() {
         let oldest = d["oldest_age_seconds"]
             .as_f64()

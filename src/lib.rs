@@ -30,6 +30,7 @@ pub mod delivery;
 pub mod headers;
 pub mod ingress;
 pub mod metrics;
+pub mod recent;
 pub mod reload;
 pub mod secret;
 pub mod server;

@@ -145,19 +145,20 @@ fn main() -> ExitCode {
             )
         }
         Command::Destinations { action } => {
-            let (name, pause, target) = match action {
-                DestinationAction::Pause { name, target } => (name, true, target),
-                DestinationAction::Resume { name, target } => (name, false, target),
+            let (name, verb, target) = match action {
+                DestinationAction::Pause { name, target } => (name, "pause", target),
+                DestinationAction::Resume { name, target } => (name, "resume", target),
+                DestinationAction::RetryNow { name, target } => (name, "retry-now", target),
             };
             ctl(
                 &target,
-                |c| async move { c.set_paused(&name, pause).await },
+                |c| async move { c.destination(&name, verb).await },
                 |v| {
-                    println!(
-                        "{}: {}",
-                        v["destination"].as_str().unwrap_or_default(),
-                        v["state"].as_str().unwrap_or_default()
-                    )
+                    let name = v["destination"].as_str().unwrap_or_default();
+                    match v["brought_forward"].as_u64() {
+                        Some(n) => println!("{name}: {n} waiting retries due now"),
+                        None => println!("{name}: {}", v["state"].as_str().unwrap_or_default()),
+                    }
                 },
             )
         }

@@ -1,7 +1,9 @@
 //! What a destination's worker shares with the rest of the relay: its
 //! wake-up signal (ingress, on a new message, and admin, on a replay or a
 //! resume, wake it; otherwise it sleeps until its next due time) and its
-//! circuit breaker's state (read by the admin API). A module of its own so
+//! circuit breaker's state (read by the admin API), and its recent
+//! deliveries (`recent.rs`, written by the worker, read by the admin API).
+//! A module of its own so
 //! that ingress, delivery and admin, peers over the store, need not import
 //! each other.
 
@@ -11,10 +13,19 @@ use std::sync::Arc;
 
 use tokio::sync::Notify;
 
-#[derive(Default, Clone)]
+use crate::recent::Recent;
+
+#[derive(Clone)]
 struct Shared {
     wake: Arc<Notify>,
     breaker: Arc<AtomicU8>,
+    recent: Arc<Recent>,
+}
+
+impl Default for Shared {
+    fn default() -> Shared {
+        Shared { wake: Arc::default(), breaker: Arc::default(), recent: Arc::new(Recent::new(crate::store::now_ms())) }
+    }
 }
 
 /// One entry per configured destination (a reload adds new ones); cheap
@@ -32,7 +43,7 @@ impl Wakers {
     pub fn add(&self, destination: &Arc<str>) {
         self.0.rcu(|map| {
             let mut map = HashMap::clone(map);
-            map.entry(destination.clone()).or_insert_with(|| Shared { wake: Arc::default(), breaker: Arc::default() });
+            map.entry(destination.clone()).or_insert_with(Shared::default);
             map
         });
     }
@@ -63,5 +74,15 @@ impl Wakers {
     /// 2 half-open).
     pub fn breaker(&self, destination: &str) -> Arc<AtomicU8> {
         self.0.load().get(destination).map(|s| s.breaker.clone()).unwrap_or_default()
+    }
+
+    /// The destination's recent deliveries (a fresh, unshared one for an
+    /// unknown name).
+    pub fn recent(&self, destination: &str) -> Arc<Recent> {
+        self.0
+            .load()
+            .get(destination)
+            .map(|s| s.recent.clone())
+            .unwrap_or_else(|| Arc::new(Recent::new(crate::store::now_ms())))
     }
 }

@@ -19,7 +19,10 @@
 //!   a failed flush), so a load
 //!   balancer sends them elsewhere. It turns 200 again by itself once the
 //!   store accepts again.
-//! - `GET /api/destinations`: pending depth, oldest age and dead letters per destination.
+//! - `GET /api/destinations`: per destination its pending depth, oldest
+//!   age, dead letters, state, breaker, deliveries per second over the
+//!   last minute and `recent`: 15 minutes of delivered and failed attempts
+//!   in 10-second buckets, kept by the relay (oldest first).
 //! - `GET /api/dead-letters/{destination}?limit=N`: dead letters, oldest first (default 100).
 //! - `POST /api/dead-letters/{destination}/replay[?id=MSG_ID][&since=T][&until=T][&wait=0]`:
 //!   moves dead letters (all, one, or those received in a time range) back
@@ -31,7 +34,13 @@
 //!   `total`, `done`, `finished`, the count or the error.
 //! - `POST /api/destinations/{destination}/pause` and `/resume`: stops or
 //!   restarts deliveries to a destination (its queue is kept); persisted.
-//!   A `410 Gone` from a destination pauses it the same way.
+//!   A `410 Gone` from a destination pauses it the same way. A resume
+//!   makes the retries that waited due at once.
+//! - `POST /api/destinations/{destination}/retry-now`: the destination's
+//!   deliveries waiting for a retry are due now (the worker sends them
+//!   within its concurrency, rate limit and breaker); answers how many.
+//!   The worker does the same by itself when the destination answers again
+//!   after failures. 501 with `store.kind = "jetstream"`.
 //! - `DELETE /api/dead-letters/{destination}[?id=MSG_ID][&since=T][&until=T][&wait=0]`:
 //!   deletes dead letters likewise; messages nothing else needs are deleted too.
 //! - `GET /api/messages/{id}[?body=1]`: one message: route, receive time,
@@ -304,6 +313,7 @@ impl Admin {
             (&Method::POST, ["api", "destinations", dest, "replay"]) => self.destination_replay(dest, &req).await,
             (&Method::POST, ["api", "destinations", dest, "pause"]) => self.pause(dest, true).await,
             (&Method::POST, ["api", "destinations", dest, "resume"]) => self.pause(dest, false).await,
+            (&Method::POST, ["api", "destinations", dest, "retry-now"]) => self.retry_now(dest),
             _ => json(StatusCode::NOT_FOUND, serde_json::json!({ "error": "not found" })),
         }
     }
@@ -339,6 +349,7 @@ impl Admin {
             .iter()
             .map(|d| {
                 let s = self.store.stats(d);
+                let recent = self.wakers.recent(d).series(now);
                 serde_json::json!({
                     "name": d,
                     "configured": view.destinations.contains(d),
@@ -348,6 +359,12 @@ impl Admin {
                     "state": if self.store.paused_reason(d).is_some() { "paused" } else { "active" },
                     "breaker": self.wakers.breaker_state(d),
                     "paused_reason": self.store.paused_reason(d),
+                    "delivered_per_second": recent.delivered_per_second,
+                    "recent": {
+                        "bucket_seconds": recent.bucket_seconds,
+                        "delivered": recent.delivered,
+                        "failed": recent.failed,
+                    },
                 })
             })
             .collect();
@@ -392,6 +409,22 @@ impl Admin {
         }
     }
 
+    /// Makes the destination's waiting retries due now (the worker sends
+    /// them within its concurrency, rate limit and breaker).
+    fn retry_now(&self, dest: &str) -> Response<Full<Bytes>> {
+        if !self.view.load().destinations.iter().any(|d| d == dest) {
+            return json(StatusCode::NOT_FOUND, serde_json::json!({ "error": "unknown destination" }));
+        }
+        match self.store.retry_now(dest) {
+            Ok(n) => {
+                self.wakers.wake(dest);
+                tracing::info!(destination = %dest, brought_forward = n, "retries brought forward by an operator");
+                json(StatusCode::OK, serde_json::json!({ "destination": dest, "brought_forward": n }))
+            }
+            Err(e) => messages::store_error(&e),
+        }
+    }
+
     /// Pauses or resumes a configured destination; persisted, so a restart
     /// keeps it (only `paused = true` in the configuration pauses again at
     /// start).
@@ -402,6 +435,11 @@ impl Admin {
         let reason = pause.then(|| "paused by an operator".to_string());
         match self.store.set_paused(dest, reason).await {
             Ok(()) => {
+                if !pause {
+                    // Resumed: retries that waited out the pause go now.
+                    // (JetStream cannot bring them forward; they keep their delay.)
+                    let _ = self.store.retry_now(dest);
+                }
                 self.wakers.wake(dest);
                 tracing::info!(destination = %dest, paused = pause, "destination state changed by an operator");
                 let state = if pause { "paused" } else { "active" };

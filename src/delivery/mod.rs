@@ -141,6 +141,8 @@ pub struct Worker {
     wake: Arc<Notify>,
     /// This destination's breaker state, as the admin API sees it.
     breaker_state: Arc<std::sync::atomic::AtomicU8>,
+    /// Its last 15 minutes of settled attempts, for the admin API.
+    recent: Arc<crate::recent::Recent>,
 }
 
 /// Per route, the request headers that carry its senders' credentials:
@@ -165,8 +167,9 @@ impl Worker {
         let client = arc_swap::ArcSwap::from_pointee((generation, build_client(&dest, client_cert.clone())?));
         let wake = wakers.get(&dest.name);
         let breaker_state = wakers.breaker(&dest.name);
+        let recent = wakers.recent(&dest.name);
         let withheld = (!dest.forward_sender_credentials).then_some(credentials);
-        Ok(Worker { dest, withheld, store, metrics, client, client_cert, wake, breaker_state })
+        Ok(Worker { dest, withheld, store, metrics, client, client_cert, wake, breaker_state, recent })
     }
 
     /// Runs until `shutdown`, then waits up to `grace` for attempts in flight;
@@ -266,8 +269,13 @@ impl Worker {
                     match &done {
                         Ok((_, (_, Some(false)))) => failed_in_a_row += 1,
                         Ok((_, (_, Some(true)))) if failed_in_a_row > 0 => {
+                            // Whatever waits for a retry is due now: the
+                            // receiver is back, and its timers may be minutes
+                            // out. The lease below stays within the
+                            // concurrency, rate limit and breaker.
+                            let brought_forward = this.store.retry_now(&name).unwrap_or(0);
                             let waiting = this.store.stats(&name).depth;
-                            tracing::info!(destination = %name, failed_attempts = failed_in_a_row, waiting, "destination answers again: delivering");
+                            tracing::info!(destination = %name, failed_attempts = failed_in_a_row, waiting, brought_forward, "destination answers again: delivering");
                             failed_in_a_row = 0;
                         }
                         _ => {}
@@ -332,6 +340,7 @@ impl Worker {
         m.delivery_attempts.with_label_values(&[name, outcome.result_label()]).inc();
 
         let now = now_ms();
+        self.recent.record(now, matches!(outcome, Outcome::Delivered { .. }));
         let age = Duration::from_millis(now.saturating_sub(msg.received_ms));
         if outcome.status() == Some(410) {
             return (self.gone(&lease, now, record).await, Some(false));
@@ -493,6 +502,7 @@ impl Worker {
     async fn unsendable(&self, lease: &Lease, attempt: u32, reason: String) -> bool {
         let name: &str = &self.dest.name;
         self.metrics.deliveries.with_label_values(&[name, "dead_lettered"]).inc();
+        self.recent.record(now_ms(), false);
         tracing::warn!(destination = name, id = %self.store.external_id(lease.id), attempt, reason = %reason, "delivery moved to the dead-letter store");
         let record = crate::store::Attempt { at_ms: now_ms(), error: reason.clone(), ..Default::default() };
         let dead = Settle::Dead { status: None, reason, attempt: record };

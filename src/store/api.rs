@@ -185,6 +185,18 @@ impl Store {
         }
     }
 
+    /// Makes `dest`'s deliveries that wait for a retry due now, when the
+    /// destination answers again or an operator asks; returns how many.
+    /// The worker still leases them within its concurrency and rate limit.
+    /// JetStream: `Unsupported` (a nak'd message is the server's until its
+    /// delay is over; there is no way to ask for it sooner).
+    pub fn retry_now(&self, dest: &str) -> Result<usize, StoreError> {
+        match &self.0 {
+            Backend::Local(s) => Ok(s.retry_now(dest)),
+            Backend::Jet(_) => Err(StoreError::Unsupported("bringing retries forward with store.kind = \"jetstream\"")),
+        }
+    }
+
     /// The message of `lease` (`None` if it is gone: the lease is dropped).
     pub async fn fetch(&self, lease: &Lease) -> Result<Option<MessageRecord>, StoreError> {
         match &self.0 {

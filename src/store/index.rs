@@ -140,6 +140,33 @@ impl DestIndex {
         }
     }
 
+    /// Every delivery waiting for a retry later than `now_ms` is due at
+    /// `now_ms` instead (keeping its retry state); returns how many. Only
+    /// entries due later than `now_ms` move, so none is leased (a lease
+    /// was due when it was taken) and every lease stays current.
+    fn expedite(&mut self, now_ms: u64) -> usize {
+        let later: Vec<(u64, u64)> = self.due.range((now_ms.saturating_add(1), 0)..).map(|(k, _)| *k).collect();
+        for &(due_ms, id) in &later {
+            let state = self.due.remove(&(due_ms, id)).flatten();
+            self.due.insert((now_ms, id), state);
+        }
+        let mut moved = later.len();
+        if let Some(order) = self.order.as_deref_mut() {
+            for chain in order.chains.values_mut() {
+                let mut heads = true;
+                for (_, (due_ms, _)) in chain.iter_mut() {
+                    if *due_ms > now_ms {
+                        *due_ms = now_ms;
+                        // The head's move is counted above, with its entry in `due`.
+                        moved += usize::from(!heads);
+                    }
+                    heads = false;
+                }
+            }
+        }
+        moved
+    }
+
     /// `id`, due at `old_due`, is due again at `due_ms` with `record`.
     fn reschedule(&mut self, old_due: u64, id: u64, due_ms: u64, record: QueueRecord) {
         let key = self.order.as_deref().and_then(|o| o.key_of.get(&id).copied());
@@ -284,6 +311,15 @@ impl Index {
         e.insert(id, now_ms, None, key);
     }
 
+    /// Brings `dest`'s waiting retries forward to `now_ms` (a destination
+    /// that answers again, a resume, an operator's retry-now). Memory only:
+    /// the later due times stay on disk, so after a crash the retries wait
+    /// for their timers again, as they would have without this. Returns
+    /// how many moved.
+    pub(super) fn expedite(&self, dest: &str, now_ms: u64) -> usize {
+        lock(&self.0).get_mut(dest).map_or(0, |e| e.expedite(now_ms))
+    }
+
     /// A dead letter of `dest` was deleted.
     pub(super) fn purged(&self, dest: &str, id: u64, _: &Written) {
         if let Some(e) = lock(&self.0).get_mut(dest) {
@@ -361,6 +397,27 @@ mod tests {
         assert_eq!(two.attempts(), 2);
         index.settled(&two, &Written::pushed());
         assert_eq!(ids(&index, 1_000), vec![3]);
+    }
+
+    #[test]
+    fn expedite_makes_waiting_retries_due_now_and_keeps_their_state_and_order() {
+        // 1, 2 unordered; 3, 4 of one key (4 waits behind 3).
+        let index = queued(|id| (id > 2).then_some(9), 4);
+        let one = lease(&index, 1);
+        index.rescheduled(&one, 60_000, QueueRecord { attempts: 1, ..Default::default() }, &Written::pushed());
+        let three = lease(&index, 3);
+        index.rescheduled(&three, 90_000, QueueRecord { attempts: 2, ..Default::default() }, &Written::pushed());
+        let two = lease(&index, 2);
+        assert_eq!(ids(&index, 100), vec![2], "only 2, never tried, is due");
+        assert_eq!(index.expedite(D, 100), 2, "1 and the head 3 waited for a retry");
+        assert_eq!(ids(&index, 100), vec![2, 1, 3], "due now; 2 (leased, due since 0) untouched");
+        assert!(index.is_current(&two), "a lease in flight stays current");
+        let three = lease(&index, 3);
+        assert_eq!(three.attempts(), 2, "the retry state stayed");
+        index.settled(&three, &Written::pushed());
+        assert_eq!(ids(&index, 100), vec![2, 4, 1], "the key's next message follows");
+        assert_eq!(index.expedite(D, 100), 0, "nothing waits any more");
+        assert_eq!(index.expedite("unknown", 100), 0);
     }
 
     #[test]

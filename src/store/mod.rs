@@ -674,6 +674,12 @@ impl Local {
         self.inner.index.due(dest, now_ms, limit, skip)
     }
 
+    /// Makes `dest`'s waiting retries due now (memory only; see
+    /// `Index::expedite`). Returns how many.
+    pub fn retry_now(&self, dest: &str) -> usize {
+        self.inner.index.expedite(dest, now_ms())
+    }
+
     pub fn stats(&self, dest: &str) -> DestStats {
         self.inner.index.stats(dest)
     }

@@ -19,6 +19,7 @@ mod openapi;
 mod order;
 mod policy;
 mod promises;
+mod recovery;
 mod relay;
 mod reload;
 mod security;

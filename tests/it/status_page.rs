@@ -1,8 +1,9 @@
 //! The status page in a real browser (headless Chromium through selenium):
 //! a receiver that is down shows as failing, with its backlog and dead
 //! letters; a destination's answer holding a <script> is shown as text;
-//! Replay on a dead letter and Resume on a paused destination, clicked on
-//! the page, make the receivers get the callbacks. Screenshots of both
+//! the sparklines show the relay's last 15 minutes on the first load;
+//! Replay on a dead letter, Retry now and Resume on a paused destination,
+//! clicked on the page, make the receivers get the callbacks. Screenshots of both
 //! states go to target/status-page/. If Chromium cannot start, the test
 //! says so and fails.
 
@@ -59,6 +60,14 @@ async fn the_status_page_shows_failures_and_replays_and_resumes_in_a_browser() {
         assert!(std::time::Instant::now() < deadline, "setup: {m}");
         tokio::time::sleep(POLL).await;
     }
+    // The relay keeps the last 15 minutes per destination (issue 23,
+    // point 8): the page draws them on its first load.
+    let (_, _, body) = request("GET", &relay.admin_url("/api/destinations"), &auth, "").await;
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    let x = v["destinations"].as_array().expect("list").iter().find(|d| d["name"] == "xss").expect("xss").clone();
+    let failed: u64 = x["recent"]["failed"].as_array().expect("failed").iter().filter_map(|n| n.as_u64()).sum();
+    assert_eq!((failed, x["recent"]["bucket_seconds"].as_u64()), (2, Some(10)), "{x}");
+    assert_eq!(x["recent"]["delivered"].as_array().map(Vec::len), Some(90), "{x}");
     // The billing receiver comes up; the page replays one of its dead letters.
     let billing = TestReceiver::ok_at(billing_addr).await;
     let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/status-page");
@@ -77,6 +86,7 @@ async fn the_status_page_shows_failures_and_replays_and_resumes_in_a_browser() {
         String::from_utf8_lossy(&out.stderr)
     );
     billing.wait_for(1, WAIT).await;
+    xss.wait_for(4, WAIT).await; // Retry now sent its two waiting retries (1 h timers)
     audit.wait_for(2, WAIT).await;
     assert!(shots.join("1-failing.png").exists() && shots.join("2-replayed-and-resumed.png").exists());
     relay.stop().await.expect("stop");

@@ -2,7 +2,7 @@
 chromedriver, through selenium): logs in with the token, waits for the
 failing state, checks that a destination's answer holding a <script> is
 shown as text and never runs, screenshots, clicks Replay on a dead letter
-of `billing` and Resume on the paused `audit`, waits for the page to show
+of `billing`, Retry now on `xss` and Resume on the paused `audit`, waits for the page to show
 it, screenshots again. Arguments: page URL, token, screenshot directory.
 Prints "ok" or fails with a reason.
 """
@@ -49,7 +49,24 @@ try:
     assert "message" in headers and "last status and reason" in headers, headers
     wait.until(lambda d: "ms on average" in d.find_element(By.ID, "store").text
                and "flush - ms" not in d.find_element(By.ID, "store").text)
+    # Issue 23, point 8: on a fresh load the sparklines already show the
+    # last 15 minutes (kept by the relay): xss's two failed attempts are
+    # drawn, not a flat line. Then its Retry now button sends them again.
+    def failed_line_drawn(d, name):
+        try:
+            for row in d.find_elements(By.CSS_SELECTOR, "#dests tr"):
+                if row.find_element(By.CSS_SELECTOR, "td").text == name:
+                    line = row.find_element(By.CSS_SELECTOR, "polyline[stroke-dasharray]")
+                    ys = [float(p.split(",")[1]) for p in line.get_attribute("points").split()]
+                    return min(ys) < 23
+        except (StaleElementReferenceException, NoSuchElementException):
+            return None
+        return None
+
+    drawn = wait.until(lambda d: None if (v := failed_line_drawn(d, "xss")) is None else [v])
+    assert drawn[0], "xss's failed attempts are not drawn on the first load"
     driver.save_screenshot(f"{shots}/1-failing.png")
+    wait.until(lambda d: click(d, "button[data-retry-now='xss']"))
     wait.until(lambda d: click(d, "#dead button[data-id]"))
     wait.until(lambda d: click(d, "button[data-destination='audit']"))
 
