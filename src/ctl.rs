@@ -32,8 +32,9 @@ pub enum CtlError {
     TokenRequired(String),
     #[error("no such destination: {0}")]
     NoSuchDestination(String),
-    #[error("no such message: {0} (unknown, or deleted once delivered everywhere: store.retain_delivered keeps them)")]
-    NoSuchMessage(String),
+    /// The id, and the relay's word on why (how long it keeps delivered messages).
+    #[error("no such message: {0} ({1})")]
+    NoSuchMessage(String, String),
     #[error("{0}")]
     Failed(String),
     #[error("{0}")]
@@ -49,7 +50,7 @@ impl CtlError {
             CtlError::Failed(_) => 1,
             CtlError::Unreachable { .. } => 3,
             CtlError::TokenRefused(_) | CtlError::TokenRequired(_) => 4,
-            CtlError::NoSuchDestination(_) | CtlError::NoSuchMessage(_) => 5,
+            CtlError::NoSuchDestination(_) | CtlError::NoSuchMessage(..) => 5,
             CtlError::Config(_) => 78,
             CtlError::Usage(_) => 2,
         }
@@ -235,7 +236,11 @@ impl AdminClient {
         match status {
             200 => Ok(v),
             401 => Err(self.token_error()),
-            404 => Err(CtlError::NoSuchMessage(id.to_string())),
+            404 => {
+                let why = v["error"].as_str().unwrap_or_default();
+                let why = why.strip_prefix("no such message: ").unwrap_or(why);
+                Err(CtlError::NoSuchMessage(id.to_string(), why.to_string()))
+            }
             _ => Err(CtlError::Failed(format!("{status} {}", v["error"].as_str().unwrap_or("(no reason given)")))),
         }
     }
@@ -369,6 +374,9 @@ pub fn message_list_text(v: &serde_json::Value) -> String {
     let mut out = table(&rows);
     if let Some(next) = v["next_cursor"].as_str() {
         out.push_str(&format!("(more: --cursor {next})\n"));
+    }
+    if let (1, Some(retention)) = (rows.len(), v["retention"].as_str()) {
+        out.push_str(&format!("(none: {retention})\n"));
     }
     out
 }

@@ -95,6 +95,11 @@ fn store_options(config: &Config, cut_damaged_log: bool) -> anyhow::Result<Store
         dedupe_retention: config.routes.iter().filter_map(|r| r.dedupe.as_ref().map(|d| d.window)).max(),
         dedupe_max_keys: config.store.dedupe_max_keys,
         retain_delivered: config.store.retain_delivered,
+        retain_max_bytes: match config.store.retain_max_bytes {
+            config::RetainBytes::ShareOfDisk => config::retain_share_of_disk(&config.store.path),
+            config::RetainBytes::Limit(n) => Some(n),
+            config::RetainBytes::Unbounded => None,
+        },
         max_bytes: config.store.max_bytes,
         min_free_bytes: config.store.min_free_bytes,
         cache_bytes: None,

@@ -32,7 +32,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => match Config::load_raw(&config).and_then(|raw| {
-            let printed = format!("# store encryption: {}\n{}", raw.encryption_summary(), raw.to_masked_toml());
+            let printed = format!(
+                "# store encryption: {}\n# delivered messages: {}\n{}",
+                raw.encryption_summary(),
+                raw.retention_summary(),
+                raw.to_masked_toml()
+            );
             let mut warnings = raw.warnings();
             warnings.extend(switchboard::config::permission_warnings(&raw, &config));
             raw.validate(&config).map(|_| (printed, warnings))

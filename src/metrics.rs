@@ -55,6 +55,7 @@ pub struct Metrics {
     pub dedupe_forgotten: IntGauge,
     pub store_bytes: IntGauge,
     pub store_retained: IntGauge,
+    pub store_retained_bytes: IntGauge,
     pub store_max_bytes: IntGauge,
     pub store_disk_bytes: IntGauge,
     pub store_free_bytes: IntGauge,
@@ -278,6 +279,11 @@ impl Metrics {
                 "switchboard_store_retained_messages",
                 "Messages kept after every destination was done with them (store.retain_delivered)",
             ),
+            store_retained_bytes: int_gauge(
+                &r,
+                "switchboard_store_retained_bytes",
+                "Bytes of the messages kept after delivery (what store.retain_max_bytes bounds)",
+            ),
             store_max_bytes: int_gauge(&r, "switchboard_store_max_bytes", "Configured store.max_bytes (0: no limit)"),
             store_disk_bytes: int_gauge(&r, "switchboard_store_disk_bytes", "Size of the store's files on disk"),
             store_info: gauge_vec(
@@ -376,6 +382,7 @@ impl Metrics {
         }
         self.store_bytes.set(store.bytes() as i64);
         self.store_retained.set(store.retained().min(i64::MAX as u64) as i64);
+        self.store_retained_bytes.set(store.retained_bytes().min(i64::MAX as u64) as i64);
         let (keys, forgotten) = store.dedupe_figures();
         self.dedupe_keys.set(keys as i64);
         self.dedupe_forgotten.set(forgotten.min(i64::MAX as u64) as i64);

@@ -178,7 +178,7 @@ async fn follow(config: &Config, id: &str, wait: Duration, mut lines: Vec<String
     let deadline = Instant::now() + wait;
     let last = loop {
         match admin.message(id, false).await {
-            Err(crate::ctl::CtlError::NoSuchMessage(_)) => {
+            Err(crate::ctl::CtlError::NoSuchMessage(..)) => {
                 lines.push("delivered to every destination of the route".into());
                 return Ok(TestReport { lines, delivered: true });
             }

@@ -50,7 +50,7 @@ impl Admin {
             Ok(Some(found)) => json(StatusCode::OK, self.message_json(&found, q.get("body").is_some_and(|b| b == "1"))),
             Ok(None) => json(
                 StatusCode::NOT_FOUND,
-                json!({ "error": "no such message: unknown, or deleted once every destination was done with it (store.retain_delivered keeps delivered messages)" }),
+                json!({ "error": format!("no such message: unknown, or forgotten once every destination was done with it ({})", self.retention_text()) }),
             ),
             Err(e) => store_error(&e),
         }
@@ -233,9 +233,32 @@ impl Admin {
                     })
                     .collect();
                 let next = page.next.map(|id| format!("{}.{query}", self.store.external_id(id)));
-                json(StatusCode::OK, json!({ "destination": dest, "messages": messages, "next_cursor": next }))
+                let mut answer = json!({ "destination": dest, "messages": messages, "next_cursor": next });
+                if state == Listing::Delivered {
+                    // An empty list of delivered messages most often means
+                    // they were not kept: say how long they are.
+                    answer["retention"] = json!(self.retention_text());
+                }
+                json(StatusCode::OK, answer)
             }
             Err(e) => store_error(&e),
+        }
+    }
+}
+
+impl Admin {
+    /// How long and how much of delivered messages the store keeps, in
+    /// words, with the keys that change it.
+    fn retention_text(&self) -> String {
+        match self.store.retention() {
+            (0, _) => "delivered messages are not kept: store.retain_delivered = \"0s\"".to_string(),
+            (ms, bytes) => {
+                let time = crate::config::duration::format(std::time::Duration::from_millis(ms));
+                match bytes {
+                    Some(b) => format!("delivered messages are kept {time} (store.retain_delivered), at most {b} bytes of them (store.retain_max_bytes), the oldest go first"),
+                    None => format!("delivered messages are kept {time} (store.retain_delivered)"),
+                }
+            }
         }
     }
 }

@@ -20,6 +20,35 @@ impl RawConfig {
         }
     }
 
+    /// How long and how much of delivered messages is kept, defaults
+    /// included (for `switchboard check`: a default of 24 h is not in the
+    /// file, and "did it reach billing?" depends on it).
+    pub fn retention_summary(&self) -> String {
+        let jetstream = self.store.kind == RawStoreKind::Jetstream;
+        let time = match self.store.retain_delivered {
+            Some(d) if d.is_zero() => return "not kept (store.retain_delivered = \"0s\")".to_string(),
+            Some(d) => format!("kept {} (store.retain_delivered)", crate::config::duration::format(d)),
+            None if jetstream => {
+                return "not kept (store.retain_delivered is not available with JetStream)".to_string()
+            }
+            None => format!(
+                "kept {} (store.retain_delivered, the default)",
+                crate::config::duration::format(super::DEFAULT_RETAIN_DELIVERED)
+            ),
+        };
+        let bytes = match self.store.retain_max_bytes {
+            Some(0) => "no byte bound (store.retain_max_bytes = 0)".to_string(),
+            Some(n) => format!("at most {n} bytes (store.retain_max_bytes)"),
+            None => match retain_share_of_disk(&self.store.path) {
+                Some(n) => format!(
+                    "at most {n} bytes, a tenth of the store's filesystem (store.retain_max_bytes, the default)"
+                ),
+                None => "at most a tenth of the store's filesystem (store.retain_max_bytes, the default)".to_string(),
+            },
+        };
+        format!("{time}, {bytes}; the oldest go first when the disk runs low")
+    }
+
     /// The configuration as TOML, secrets masked (for `switchboard check`).
     pub fn to_masked_toml(&self) -> String {
         let mut masked = self.clone();
@@ -128,7 +157,7 @@ impl RawConfig {
                 ));
             }
         }
-        if !self.store.retain_delivered.is_zero() && self.store.min_free_bytes == 0 {
+        if self.store.retain_delivered.is_some_and(|d| !d.is_zero()) && self.store.min_free_bytes == 0 {
             w.push("store.retain_delivered with store.min_free_bytes = 0: nothing stops retained messages from filling the disk (retention yields to new callbacks only below twice min_free_bytes)".to_string());
         }
         if self.store.kind == crate::config::raw::RawStoreKind::Jetstream {
@@ -145,6 +174,12 @@ impl RawConfig {
 
 /// Size of the filesystem that holds `path` (or, before the store exists,
 /// its nearest existing ancestor).
+/// The default `store.retain_max_bytes` for a store at `path`: a tenth of
+/// its filesystem (`None` if it cannot be measured).
+pub fn retain_share_of_disk(path: &Path) -> Option<u64> {
+    filesystem_size(path).map(|size| (size as f64 * super::DEFAULT_RETAIN_SHARE_OF_DISK) as u64)
+}
+
 fn filesystem_size(path: &Path) -> Option<u64> {
     let existing = path.ancestors().find(|p| p.exists() && !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let st = nix::sys::statvfs::statvfs(existing).ok()?;

@@ -24,6 +24,7 @@ mod files;
 mod raw;
 mod validate;
 
+pub use self::check::retain_share_of_disk;
 pub use self::files::permission_warnings;
 pub use self::raw::*;
 
@@ -109,13 +110,31 @@ pub struct StoreConfig {
     pub max_bytes: Option<u64>,
     pub min_free_bytes: Option<u64>,
     pub dedupe_max_keys: usize,
-    /// `retain_delivered`: how long messages are kept after delivery.
+    /// `retain_delivered`: how long messages are kept after delivery
+    /// (`None`: not kept; the local store's default is 24 h).
     pub retain_delivered: Option<Duration>,
+    /// `retain_max_bytes`: how many bytes of them at most.
+    pub retain_max_bytes: RetainBytes,
     /// Encryption keys (id, base64 of 32 bytes), the first seals; empty: off.
     pub encryption: Vec<(String, Secret)>,
     /// `kind = "jetstream"`: the NATS JetStream store instead of the local one.
     pub jetstream: Option<crate::store::JetConfig>,
 }
+
+/// The bound on bytes kept after delivery (`store.retain_max_bytes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetainBytes {
+    /// The default: a tenth of the store's filesystem, measured at open.
+    ShareOfDisk,
+    Limit(u64),
+    /// `0`: bounded only by time and free space.
+    Unbounded,
+}
+
+/// The default retention of delivered messages with the local store.
+pub const DEFAULT_RETAIN_DELIVERED: Duration = Duration::from_secs(24 * 3600);
+/// The default `retain_max_bytes`: this share of the store's filesystem.
+pub const DEFAULT_RETAIN_SHARE_OF_DISK: f64 = 0.10;
 
 impl Config {
     /// Loads and validates `path`, with `SWITCHBOARD_` environment overrides.

@@ -163,9 +163,15 @@ pub struct RawStore {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<RawEncryption>,
     /// How long a message is kept (with its attempts) once every
-    /// destination is done with it; 0s: deleted at once.
-    #[serde(default, with = "crate::config::duration")]
-    pub retain_delivered: Duration,
+    /// destination is done with it; 0s: deleted at once. Absent: 24h with
+    /// the local store, off with JetStream.
+    #[serde(default, with = "crate::config::duration::option", skip_serializing_if = "Option::is_none")]
+    pub retain_delivered: Option<Duration>,
+    /// At most this many bytes of messages kept after delivery (the
+    /// oldest are forgotten first); 0: no bound but time and free space.
+    /// Absent: a tenth of the store's filesystem.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retain_max_bytes: Option<u64>,
     /// "local" (the default: `path`) or "jetstream" (the keys below).
     #[serde(default)]
     pub kind: RawStoreKind,
@@ -268,7 +274,8 @@ impl Default for RawStore {
             min_free_bytes: default_min_free_bytes(),
             dedupe_max_keys: default_dedupe_max_keys(),
             encryption: None,
-            retain_delivered: Duration::ZERO,
+            retain_delivered: None,
+            retain_max_bytes: None,
             kind: RawStoreKind::Local,
             servers: Vec::new(),
             stream: default_stream(),

@@ -68,7 +68,16 @@ impl RawConfig {
             store: StoreConfig {
                 encryption,
                 dedupe_max_keys: self.store.dedupe_max_keys,
-                retain_delivered: (!self.store.retain_delivered.is_zero()).then_some(self.store.retain_delivered),
+                retain_delivered: match self.store.retain_delivered {
+                    Some(d) => (!d.is_zero()).then_some(d),
+                    None if jetstream.is_none() => Some(super::DEFAULT_RETAIN_DELIVERED),
+                    None => None,
+                },
+                retain_max_bytes: match self.store.retain_max_bytes {
+                    None => super::RetainBytes::ShareOfDisk,
+                    Some(0) => super::RetainBytes::Unbounded,
+                    Some(n) => super::RetainBytes::Limit(n),
+                },
                 path: self.store.path,
                 max_bytes: (self.store.max_bytes > 0).then_some(self.store.max_bytes),
                 min_free_bytes: (self.store.min_free_bytes > 0).then_some(self.store.min_free_bytes),

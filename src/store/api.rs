@@ -279,10 +279,27 @@ impl Store {
         }
     }
 
+    /// How long delivered messages are kept (ms; 0: not kept) and how many
+    /// bytes of them at most (`None`: no byte bound).
+    pub fn retention(&self) -> (u64, Option<u64>) {
+        match &self.0 {
+            Backend::Local(s) => s.retention(),
+            Backend::Jet(_) => (0, None),
+        }
+    }
+
     /// Messages kept after delivery (`store.retain_delivered`).
     pub fn retained(&self) -> u64 {
         match &self.0 {
             Backend::Local(s) => s.retained(),
+            Backend::Jet(_) => 0,
+        }
+    }
+
+    /// Bytes of the messages kept after delivery (`store.retain_max_bytes`).
+    pub fn retained_bytes(&self) -> u64 {
+        match &self.0 {
+            Backend::Local(s) => s.retained_bytes(),
             Backend::Jet(_) => 0,
         }
     }

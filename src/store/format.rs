@@ -551,6 +551,10 @@ pub struct RetainedRecord {
     /// the retention.
     pub finished_ms: u64,
     pub place: RetainedPlace,
+    /// Its record's size in bytes (what `store.retain_max_bytes` counts);
+    /// 0 in records written before it was kept (recovery counts a log
+    /// frame's size for those).
+    pub len: u32,
 }
 
 /// Where a retained message's record is.
@@ -587,6 +591,7 @@ impl RetainedRecord {
                 out.extend_from_slice(&origin.to_be_bytes());
             }
         }
+        out.extend_from_slice(&self.len.to_be_bytes());
         out
     }
 
@@ -600,7 +605,9 @@ impl RetainedRecord {
             RETAINED_KEPT => RetainedPlace::Kept { origin: r.u64()? },
             k => return Err(bad(WHAT, format!("unknown place {k}"))),
         };
-        Ok(RetainedRecord { finished_ms, place })
+        // A trailing size; absent in records of earlier builds.
+        let len = if r.pos < r.buf.len() { r.u32()? } else { 0 };
+        Ok(RetainedRecord { finished_ms, place, len })
     }
 }
 
@@ -860,8 +867,11 @@ mod tests {
             RetainedPlace::Log(crate::store::segments::Loc { seg: 3, offset: 4096, len: 700 }),
             RetainedPlace::Kept { origin: 9 },
         ] {
-            let r = RetainedRecord { finished_ms: 1234, place };
+            let r = RetainedRecord { finished_ms: 1234, place, len: 700 };
             assert_eq!(RetainedRecord::decode(&r.encode()).expect("retained"), r);
+            // Written by an earlier build: no size.
+            let old = &r.encode()[..r.encode().len() - 4];
+            assert_eq!(RetainedRecord::decode(old).expect("retained"), RetainedRecord { len: 0, ..r });
         }
         assert!(RetainedRecord::decode(&[RECORD_V1, 0, 0]).is_err());
         // Only the last HISTORY_LEN attempts are kept, snippets bounded.

@@ -148,6 +148,10 @@ pub struct StoreOptions {
     /// How long a message is kept after every destination is done with it
     /// (`retain.rs`); `None` or zero: deleted at once.
     pub retain_delivered: Option<Duration>,
+    /// At most this many bytes of retained messages (the oldest are
+    /// forgotten first, at the next sweep); `None`: no bound but time and
+    /// free space.
+    pub retain_max_bytes: Option<u64>,
     /// How often retained messages past their time are forgotten; `None`:
     /// a tenth of the retention, between 1 s and 60 s. Short values are for
     /// tests.
@@ -374,8 +378,11 @@ struct Inner {
     retained: sled::Tree,
     /// `store.retain_delivered` in ms; 0: off.
     retain_ms: u64,
-    /// Messages in `retained`.
+    /// Messages in `retained`, and their bytes.
     retained_count: AtomicU64,
+    retained_bytes: AtomicU64,
+    /// `store.retain_max_bytes`.
+    retain_max_bytes: Option<u64>,
     /// Retained messages settled before their batch was flushed: the flush
     /// places them (`flush.rs`).
     retained_unplaced: Mutex<HashSet<u64>>,

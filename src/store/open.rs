@@ -52,6 +52,7 @@ impl Local {
             dedupe_keys,
             lookup,
             retained: retained_count,
+            retained_bytes,
             done_trees,
         } = recover::rebuild(
             opts.disk.0.clone(),
@@ -80,6 +81,8 @@ impl Local {
             retained,
             retain_ms: opts.retain_delivered.map_or(0, |d| d.as_millis() as u64),
             retained_count: AtomicU64::new(retained_count),
+            retained_bytes: AtomicU64::new(retained_bytes),
+            retain_max_bytes: opts.retain_max_bytes,
             retained_unplaced: Mutex::new(HashSet::new()),
             remembered: Mutex::new(remember(&dedupe, &dedupe_keys, &opts)?),
             dedupe,

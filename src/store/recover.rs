@@ -29,8 +29,9 @@ pub(super) struct Rebuilt {
     pub dedupe_keys: Vec<(u64, [u8; 16])>,
     /// Lookup keys of the live and retained messages.
     pub lookup: super::lookup::Lookup,
-    /// Messages retained after delivery.
+    /// Messages retained after delivery, and their bytes.
     pub retained: u64,
+    pub retained_bytes: u64,
     /// The done trees of the segments there are.
     pub done_trees: BTreeMap<u64, sled::Tree>,
 }
@@ -272,6 +273,14 @@ pub(super) fn rebuild(
         dedupe_keys,
         lookup: b.lookup,
         retained: retained.len() as u64,
+        // Records of earlier builds have no size: a log frame's is close.
+        retained_bytes: retained
+            .values()
+            .map(|r| match (r.len, r.place) {
+                (0, RetainedPlace::Log(loc)) => u64::from(loc.len),
+                (len, _) => u64::from(len),
+            })
+            .sum(),
         done_trees,
     })
 }

@@ -32,13 +32,14 @@ impl Local {
             Place::Kept(origin) => RetainedPlace::Kept { origin: origin.map_or(0, NonZeroU64::get) },
             Place::Unplaced => RetainedPlace::Unplaced,
         };
-        let record = RetainedRecord { finished_ms: now_ms(), place };
+        let record = RetainedRecord { finished_ms: now_ms(), place, len: m.len };
         inner.retained.insert(id_key(id), record.encode())?;
         inner.sled_written();
         if place == RetainedPlace::Unplaced {
             lock(&inner.retained_unplaced).insert(id);
         }
         inner.retained_count.fetch_add(1, Ordering::Relaxed);
+        inner.retained_bytes.fetch_add(u64::from(m.len), Ordering::Relaxed);
         msgs.remove(&id);
         lock(&inner.cache).remove(id);
         inner.bytes.fetch_sub(u64::from(m.len), Ordering::Relaxed);
@@ -48,6 +49,17 @@ impl Local {
     /// Messages retained now.
     pub fn retained(&self) -> u64 {
         self.inner.retained_count.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of the messages retained now.
+    pub fn retained_bytes(&self) -> u64 {
+        self.inner.retained_bytes.load(Ordering::Relaxed)
+    }
+
+    /// How long and how many bytes delivered messages are kept
+    /// (`store.retain_delivered`, `store.retain_max_bytes`).
+    pub fn retention(&self) -> (u64, Option<u64>) {
+        (self.inner.retain_ms, self.inner.retain_max_bytes)
     }
 
     /// The retained record of message `id`, if it is retained.
@@ -87,16 +99,45 @@ impl Local {
         Ok(due.len() + self.make_room()?)
     }
 
-    /// Retention yields to new callbacks: while the filesystem has less
-    /// than twice `min_free_bytes` free (ingress refuses below once), the
-    /// oldest retained messages are forgotten before their time, a tenth
-    /// of them (at least 1,000) per sweep. Returns how many.
+    /// Retention is bounded in bytes and yields to new callbacks: above
+    /// `retain_max_bytes` the oldest retained messages are forgotten until
+    /// it holds; while the filesystem has less than twice
+    /// `min_free_bytes` free (ingress refuses below once), the oldest are
+    /// forgotten before their time, a tenth of them (at least 1,000) per
+    /// sweep. Returns how many.
     fn make_room(&self) -> Result<usize, StoreError> {
         let inner = &self.inner;
-        let Some(min) = inner.min_free_bytes else { return Ok(0) };
+        let mut forgotten = 0;
+        if let Some(max) = inner.retain_max_bytes {
+            let before = inner.retained_bytes.load(Ordering::Relaxed);
+            if before > max {
+                let mut oldest = Vec::new();
+                let mut over = before - max;
+                for item in inner.retained.iter() {
+                    let (k, v) = item?;
+                    let r = RetainedRecord::decode(&v)?;
+                    over = over.saturating_sub(u64::from(r.len).max(1));
+                    oldest.push((parse_id_key(&k)?, r));
+                    if over == 0 {
+                        break;
+                    }
+                }
+                for (id, r) in &oldest {
+                    self.forget(*id, r)?;
+                }
+                tracing::info!(
+                    messages = oldest.len(),
+                    retained_bytes = before,
+                    retain_max_bytes = max,
+                    "forgot the oldest retained messages before store.retain_delivered: store.retain_max_bytes reached"
+                );
+                forgotten += oldest.len();
+            }
+        }
+        let Some(min) = inner.min_free_bytes else { return Ok(forgotten) };
         let free = self.free_bytes();
         if free >= min.saturating_mul(2) || inner.retained_count.load(Ordering::Relaxed) == 0 {
-            return Ok(0);
+            return Ok(forgotten);
         }
         let batch = (inner.retained_count.load(Ordering::Relaxed) / 10).max(1000) as usize;
         let mut oldest = Vec::with_capacity(batch.min(100_000));
@@ -113,7 +154,7 @@ impl Local {
             min_free_bytes = min,
             "disk nearly full: forgot the oldest retained messages before store.retain_delivered"
         );
-        Ok(oldest.len())
+        Ok(forgotten + oldest.len())
     }
 
     /// Forgets retained message `id` (its record as read: `r`).
@@ -139,6 +180,7 @@ impl Local {
         }
         drop(msgs);
         inner.retained_count.fetch_sub(1, Ordering::Relaxed);
+        inner.unretained(r);
         let mut lookup = lock(&inner.lookup);
         if !lookup.is_empty() {
             lookup.remove(id);
@@ -326,6 +368,9 @@ impl Local {
                 msgs.insert(id, Msg { place, len, has_state: true, pending: 1, dead: 0 });
                 inner.bytes.fetch_add(u64::from(len), Ordering::Relaxed);
                 inner.retained_count.fetch_sub(1, Ordering::Relaxed);
+                if let Some(r) = &retained {
+                    inner.unretained(r);
+                }
             }
         }
         drop(msgs);
@@ -337,6 +382,12 @@ impl Local {
 }
 
 impl Inner {
+    /// `r`'s bytes no longer count as retained.
+    fn unretained(&self, r: &RetainedRecord) {
+        let len = u64::from(r.len);
+        let _ = self.retained_bytes.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| Some(b.saturating_sub(len)));
+    }
+
     /// The flush placed message `id`, settled before it: if it is retained,
     /// its record now says where it is, and it holds its segment (true).
     /// The caller holds its stripe.

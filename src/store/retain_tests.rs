@@ -131,6 +131,50 @@ fn delivered_messages_are_kept_with_their_attempts_until_swept() {
     });
 }
 
+/// Issue 23, point 7: retention is bounded in bytes too: past
+/// `retain_max_bytes` the oldest retained messages are forgotten at the
+/// next sweep, before their time; the count survives a restart.
+#[test]
+fn retained_bytes_are_bounded_oldest_first_and_counted_across_a_restart() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let open = |max: Option<u64>| {
+            let opts = StoreOptions {
+                segment_bytes: Some(700),
+                retain_delivered: Some(HOUR),
+                retain_max_bytes: max,
+                sweep_every: Some(HOUR),
+                ..StoreOptions::default()
+            };
+            Local::open(dir.path(), opts, |_, _| {}).expect("open store")
+        };
+        let store = open(None);
+        let ids: Vec<u64> = (0..6).map(|i| append(&store, &format!("m{i:0>200}"), &["a"])).collect();
+        store.sync().await.expect("sync");
+        deliver_all(&store, "a", 200);
+        assert_eq!(store.retained(), 6);
+        let six = store.retained_bytes();
+        assert!(six >= 6 * 200, "{six}");
+        let one = six / 6;
+        assert_eq!(store.sweep_retained(now_ms()).expect("sweep"), 0, "no byte bound: nothing goes");
+        store.close().await.expect("close");
+        drop(store);
+
+        // Reopened with room for four: the count is read back, and the two
+        // oldest go at the sweep.
+        let store = open(Some(4 * one));
+        assert_eq!(store.retained_bytes(), six, "counted again at open");
+        assert_eq!(store.sweep_retained(now_ms()).expect("sweep"), 2);
+        assert_eq!((store.retained(), store.retained_bytes()), (4, 4 * one));
+        assert!(store.inspect(ids[0]).await.expect("inspect").is_none(), "the oldest went first");
+        assert!(store.inspect(ids[1]).await.expect("inspect").is_none());
+        assert!(store.inspect(ids[2]).await.expect("inspect").is_some());
+        assert_eq!(delivered_to(&store, "a"), ids[2..]);
+        assert_eq!(store.sweep_retained(now_ms()).expect("sweep"), 0, "within the bound now");
+        store.close().await.expect("close");
+    });
+}
+
 /// Without retention a message is deleted once delivered (as before), but
 /// while it is pending elsewhere it is listed as delivered to the one that
 /// got it, and can be sent to it again.

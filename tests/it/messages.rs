@@ -310,7 +310,7 @@ async fn messages_are_found_by_an_indexed_field_across_a_restart() {
     assert!(text.contains(&r1[0]) && text.contains(&r1[1]), "{text}");
     accept.store(true, std::sync::atomic::Ordering::SeqCst);
     relay.wait_metrics("all delivered", |m| metric(m, "switchboard_queue_depth{destination=\"app\"}") == 0.0).await;
-    assert!(find(&relay, "r-1").await.is_empty(), "delivered messages are not kept");
+    assert_eq!(find(&relay, "r-1").await, r1, "delivered messages are kept (store.retain_delivered: 24h by default)");
     relay.stop().await.expect("stop");
 }
 
@@ -439,5 +439,59 @@ async fn retained_delivered_messages_are_shown_listed_and_sent_again() {
         assert!(std::time::Instant::now() < deadline, "still there after {WAIT:?}: {v}");
         tokio::time::sleep(POLL).await;
     }
+    relay.stop().await.expect("stop");
+}
+
+/// Issue 23, point 7: "did callback X reach billing?" has an answer by
+/// default: a delivered message is kept (24 h, bounded in bytes), and
+/// `check` says how long and how much; with retention off, a 404 and an
+/// empty list of delivered messages say why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_delivered_messages_are_kept_and_empty_answers_say_why() {
+    let r = TestReceiver::ok().await;
+    let toml = config(&[("billing", &r.url("/b"), "")]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (path, loaded) = write_config(dir.path(), &toml);
+    assert_eq!(loaded.store.retain_delivered, Some(std::time::Duration::from_secs(24 * 3600)));
+    let out = cli(&["check", "--config", &path.display().to_string()]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("# delivered messages: kept 24h (store.retain_delivered, the default), at most ")
+            && text.contains("a tenth of the store's filesystem (store.retain_max_bytes, the default)"),
+        "{text}"
+    );
+
+    let relay = TestRelay::start(&toml).await;
+    let id = acked_id(&post(&relay.url("/in"), "application/json", r#"{"n":1}"#).await.2);
+    relay
+        .wait_metrics("delivered and kept", |m| {
+            metric(m, "switchboard_store_retained_messages") == 1.0 && metric(m, "switchboard_store_retained_bytes") > 0.0
+        })
+        .await;
+    let (s, v) = show(&relay, &id).await;
+    assert_eq!((s, v["destinations"][0]["state"].as_str()), (200, Some("delivered")), "{v}");
+    let (_, _, b) = get(&relay.admin_url("/api/messages?destination=billing&state=delivered")).await;
+    let listed: serde_json::Value = serde_json::from_slice(&b).expect("json");
+    assert_eq!(listed["messages"][0]["id"], id.as_str(), "{listed}");
+    let retention = listed["retention"].as_str().unwrap_or_default();
+    assert!(retention.contains("kept 24h") && retention.contains("retain_max_bytes"), "{listed}");
+    relay.stop().await.expect("stop");
+
+    // Off: the answers say so, not just 404 or an empty table.
+    let off = toml.replace("[store]\n", "[store]\nretain_delivered = \"0s\"\n");
+    let relay = TestRelay::start(&off).await;
+    let id = acked_id(&post(&relay.url("/in"), "application/json", r#"{"n":2}"#).await.2);
+    r.wait_for(2, WAIT).await;
+    relay.wait_metrics("settled", |m| metric(m, "switchboard_queue_depth{destination=\"billing\"}") == 0.0).await;
+    let (s, v) = show(&relay, &id).await;
+    assert_eq!(s, 404, "{v}");
+    assert!(v["error"].as_str().is_some_and(|e| e.contains("store.retain_delivered = \"0s\"")), "{v}");
+    let out = cli(&["messages", "list", "billing", "--state", "delivered", "--admin", &relay.admin_url("")]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("(none: delivered messages are not kept: store.retain_delivered = \"0s\")"), "{text}");
+    let out = cli(&["messages", "show", &id, "--admin", &relay.admin_url("")]).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&id) && err.contains("retain_delivered = \"0s\""), "{err}");
     relay.stop().await.expect("stop");
 }

@@ -51,7 +51,7 @@ pub(super) fn validate_store_kind(p: &mut Problems, raw: &RawConfig) -> Option<J
     if s.max_ack_pending == 0 {
         p.add("store.max_ack_pending", "must be greater than 0");
     }
-    if !s.retain_delivered.is_zero() {
+    if s.retain_delivered.is_some_and(|d| !d.is_zero()) {
         p.add(
             "store.retain_delivered",
             "keeping delivered messages is not available with kind = \"jetstream\" (the stream deletes a message once every destination acknowledged it)",
