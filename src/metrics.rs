@@ -389,7 +389,7 @@ impl Metrics {
         self.store_max_bytes.set(store.max_bytes().unwrap_or(0) as i64);
         self.store_disk_bytes.set(store.disk_bytes() as i64);
         self.store_free_bytes.set(store.free_bytes().min(i64::MAX as u64) as i64);
-        self.store_info.with_label_values(&[store.kind()]).set(1.0);
+        self.store_info.with_label_values(&[store.kind().as_str()]).set(1.0);
         self.store_accepting.set(i64::from(store.accepting(0).is_ok()));
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {

@@ -40,7 +40,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::delivery::Worker;
 use crate::metrics::Metrics;
-use crate::store::{lock, Store};
+use crate::store::{lock, Capability, Store};
 use crate::wake::Wakers;
 
 /// The configuration file loaded, for `GET /api/config`.
@@ -285,11 +285,11 @@ impl Reloader {
         let (old_names, new_names) = (names(old), names(&new));
         let added: Vec<String> = new_names.iter().filter(|n| !old_names.contains(n)).cloned().collect();
         let removed: Vec<String> = old_names.iter().filter(|n| !new_names.contains(n)).cloned().collect();
-        if self.store.kind() == "jetstream" && (!added.is_empty() || !removed.is_empty()) {
-            anyhow::bail!(
-                "adding or removing destinations ({}) with store.kind = \"jetstream\" needs a restart (its consumers are made at start)",
-                added.iter().chain(&removed).cloned().collect::<Vec<_>>().join(", ")
-            );
+        if let (Some(refusal), false) = (
+            self.store.capabilities().refusal(Capability::DestinationsOnReload),
+            added.is_empty() && removed.is_empty(),
+        ) {
+            anyhow::bail!("{} ({refusal})", added.iter().chain(&removed).cloned().collect::<Vec<_>>().join(", "));
         }
         restart_needed(old, &new);
         // Credentials first: every worker withholds the new route's

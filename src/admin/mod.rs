@@ -66,7 +66,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 
 use crate::metrics::Metrics;
-use crate::store::{now_ms, Store};
+use crate::store::{now_ms, Capability, Store};
 use crate::wake::Wakers;
 
 pub(crate) mod messages;
@@ -369,7 +369,12 @@ impl Admin {
             })
             .collect();
         let store = serde_json::json!({
-            "kind": self.store.kind(),
+            "kind": self.store.kind().as_str(),
+            // What this backend can do; the page hides what it cannot.
+            "capabilities": Capability::ALL
+                .iter()
+                .map(|c| (c.name().to_string(), serde_json::json!(self.store.capabilities().has(*c))))
+                .collect::<serde_json::Map<_, _>>(),
             "bytes": self.store.bytes(),
             "retained_messages": self.store.retained(),
         });

@@ -24,12 +24,12 @@ impl RawConfig {
     /// included (for `switchboard check`: a default of 24 h is not in the
     /// file, and "did it reach billing?" depends on it).
     pub fn retention_summary(&self) -> String {
-        let jetstream = self.store.kind == RawStoreKind::Jetstream;
+        let caps = super::validate::store_kind(self).capabilities();
         let time = match self.store.retain_delivered {
             Some(d) if d.is_zero() => return "not kept (store.retain_delivered = \"0s\")".to_string(),
             Some(d) => format!("kept {} (store.retain_delivered)", crate::config::duration::format(d)),
-            None if jetstream => {
-                return "not kept (store.retain_delivered is not available with JetStream)".to_string()
+            None if !caps.has(crate::store::Capability::Retention) => {
+                return format!("not kept ({})", caps.refusal(crate::store::Capability::Retention).unwrap_or_default())
             }
             None => format!(
                 "kept {} (store.retain_delivered, the default)",
@@ -160,8 +160,15 @@ impl RawConfig {
         if self.store.retain_delivered.is_some_and(|d| !d.is_zero()) && self.store.min_free_bytes == 0 {
             w.push("store.retain_delivered with store.min_free_bytes = 0: nothing stops retained messages from filling the disk (retention yields to new callbacks only below twice min_free_bytes)".to_string());
         }
-        if self.store.kind == crate::config::raw::RawStoreKind::Jetstream {
-            w.push("store.kind: with \"jetstream\", the admin API's message inspection and listing (GET /api/messages...) and replay of delivered messages answer 501; dead letters, pauses, replays and purges of dead letters work (the local store has both)".to_string());
+        let caps = super::validate::store_kind(self).capabilities();
+        let lacking: Vec<&str> =
+            crate::store::Capability::ALL.iter().filter(|c| !caps.has(**c)).map(|c| c.what()).collect();
+        if !lacking.is_empty() {
+            w.push(format!(
+                "store.kind: \"{}\" does not provide {} (the admin API answers 501 for them; the local store has them)",
+                caps.kind(),
+                lacking.join(", ")
+            ));
         }
         if let Ok(addr) = self.admin.addr.parse::<SocketAddr>() {
             if !addr.ip().is_loopback() && self.admin.token.is_none() {

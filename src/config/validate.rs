@@ -11,6 +11,7 @@ use super::*;
 mod destination;
 use self::destination::validate_destination;
 mod store;
+pub(super) use self::store::store_kind;
 
 /// Collects problems during validation.
 struct Problems(Vec<Problem>);
@@ -44,6 +45,7 @@ impl RawConfig {
         }
         let encryption = validate_encryption(&mut p, self.store.encryption.as_ref());
         let mut jetstream = store::validate_store_kind(&mut p, &self);
+        store::validate_capabilities(&mut p, &self);
         self.check_ingress(&mut p);
         let listeners = self.validate_listeners(&mut p);
         let admin = self.validate_admin(&mut p, &listeners);
@@ -70,7 +72,9 @@ impl RawConfig {
                 dedupe_max_keys: self.store.dedupe_max_keys,
                 retain_delivered: match self.store.retain_delivered {
                     Some(d) => (!d.is_zero()).then_some(d),
-                    None if jetstream.is_none() => Some(super::DEFAULT_RETAIN_DELIVERED),
+                    None if store::store_kind(&self).capabilities().has(crate::store::Capability::Retention) => {
+                        Some(super::DEFAULT_RETAIN_DELIVERED)
+                    }
                     None => None,
                 },
                 retain_max_bytes: match self.store.retain_max_bytes {

@@ -11,9 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::jetstream::{Jet, JetConfig};
+use super::local::Local;
 use super::{
-    Appended, AppendedIn, DeadLetter, DestStats, Draft, Due, Inspection, Lease, Local, Marks, MessageQuery,
-    MessageRecord, Page, Selection, Settle, Source, StoreError, StoreOptions,
+    Appended, AppendedIn, Capabilities, Capability, DeadLetter, DestStats, Draft, Due, Inspection, Lease, Marks,
+    MessageQuery, MessageRecord, Page, Selection, Settle, Source, StoreError, StoreKind, StoreOptions,
 };
 
 /// The durable store the relay runs on. Cheap to clone.
@@ -52,12 +53,23 @@ impl Store {
         Ok(Store(Backend::Jet(Jet::open(config, destinations, wakers).await?)))
     }
 
-    /// Which kind of store this is (`local`, `jetstream`), for logs and `/api/config`.
-    pub fn kind(&self) -> &'static str {
+    /// Which kind of store this is.
+    pub fn kind(&self) -> StoreKind {
         match &self.0 {
-            Backend::Local(_) => "local",
-            Backend::Jet(_) => "jetstream",
+            Backend::Local(_) => StoreKind::Local,
+            Backend::Jet(_) => StoreKind::JetStream,
         }
+    }
+
+    /// What this store can do (`capabilities.rs`, the one table).
+    pub fn capabilities(&self) -> Capabilities {
+        self.kind().capabilities()
+    }
+
+    /// The refusal of something this backend cannot do.
+    fn unsupported<T>(&self, c: Capability) -> Result<T, StoreError> {
+        let why = self.capabilities().refusal(c);
+        Err(StoreError::Unsupported(why.unwrap_or_else(|| format!("{} is not available", c.what()))))
     }
 
     /// The largest stored record the store takes, if it has a limit of its
@@ -112,9 +124,7 @@ impl Store {
     pub fn lookup(&self, key: u64) -> Result<Vec<u64>, StoreError> {
         match &self.0 {
             Backend::Local(s) => Ok(s.lookup(key)),
-            Backend::Jet(_) => {
-                Err(StoreError::Unsupported("lookup by an indexed field with store.kind = \"jetstream\""))
-            }
+            Backend::Jet(_) => self.unsupported(Capability::Lookup),
         }
     }
 
@@ -193,7 +203,7 @@ impl Store {
     pub fn retry_now(&self, dest: &str) -> Result<usize, StoreError> {
         match &self.0 {
             Backend::Local(s) => Ok(s.retry_now(dest)),
-            Backend::Jet(_) => Err(StoreError::Unsupported("bringing retries forward with store.kind = \"jetstream\"")),
+            Backend::Jet(_) => self.unsupported(Capability::RetryNow),
         }
     }
 
@@ -248,9 +258,7 @@ impl Store {
     pub async fn replay_delivered(&self, dest: &str, sel: &Selection) -> Result<usize, StoreError> {
         match &self.0 {
             Backend::Local(s) => s.replay_delivered(dest, sel).await,
-            Backend::Jet(_) => {
-                Err(StoreError::Unsupported("replay of delivered messages with store.kind = \"jetstream\""))
-            }
+            Backend::Jet(_) => self.unsupported(Capability::ReplayDelivered),
         }
     }
 
@@ -261,7 +269,7 @@ impl Store {
         match (&self.0, source) {
             (Backend::Local(s), source) => {
                 let (s, dest) = (s.clone(), dest.to_string());
-                super::blocking(move || match source {
+                super::local::blocking(move || match source {
                     Source::Dead => s.dead_ids(&dest, &sel).map(|ids| ids.len()),
                     Source::Delivered => s.delivered_ids(&dest, &sel).map(|ids| ids.len()),
                 })
@@ -273,9 +281,7 @@ impl Store {
                 .iter()
                 .filter(|d| sel.covers(d.id, super::id_received_ms(d.id)))
                 .count()),
-            (Backend::Jet(_), Source::Delivered) => {
-                Err(StoreError::Unsupported("replay of delivered messages with store.kind = \"jetstream\""))
-            }
+            (Backend::Jet(_), Source::Delivered) => self.unsupported(Capability::ReplayDelivered),
         }
     }
 
@@ -311,7 +317,7 @@ impl Store {
     pub async fn inspect(&self, id: u64) -> Result<Option<Inspection>, StoreError> {
         match &self.0 {
             Backend::Local(s) => s.inspect(id).await,
-            Backend::Jet(_) => Err(StoreError::Unsupported("message inspection with store.kind = \"jetstream\"")),
+            Backend::Jet(_) => self.unsupported(Capability::Inspection),
         }
     }
 
@@ -319,7 +325,7 @@ impl Store {
     pub async fn list_messages(&self, q: &MessageQuery) -> Result<Page, StoreError> {
         match &self.0 {
             Backend::Local(s) => s.list_messages(q).await,
-            Backend::Jet(_) => Err(StoreError::Unsupported("message listing with store.kind = \"jetstream\"")),
+            Backend::Jet(_) => self.unsupported(Capability::Listing),
         }
     }
 

@@ -1,12 +1,11 @@
 //! The store's errors: typed, without the types of the engines behind it
-//! (sled's errors are turned into [`StoreError::Io`], [`StoreError::Corrupt`]
+//! (the local store's sled errors are turned into [`StoreError::Io`], [`StoreError::Corrupt`]
 //! or [`EngineError`] here, the one place that knows them).
 
 use std::path::PathBuf;
 
-use super::commit::CommitError;
-use super::format::DecodeError;
-use super::segments::LogError;
+use super::local::{CommitError, LogError};
+use super::record::DecodeError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -48,9 +47,10 @@ pub enum StoreError {
     /// connected, a publish not acknowledged in time).
     #[error("store unavailable: {0}")]
     Unavailable(String),
-    /// What this kind of store does not do.
-    #[error("{0} is not available")]
-    Unsupported(&'static str),
+    /// What this kind of store does not do: its refusal from the
+    /// capability table (`capabilities.rs`), what and why.
+    #[error("{0}")]
+    Unsupported(String),
     /// The store cannot be used as configured (credentials refused, a
     /// stream whose settings contradict the configuration).
     #[error("{0}")]
@@ -62,16 +62,7 @@ pub enum StoreError {
 /// operation, a bug it reports). Kept as text: nothing branches on it.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct EngineError(String);
-
-impl From<sled::Error> for StoreError {
-    fn from(e: sled::Error) -> Self {
-        match e {
-            sled::Error::Io(source) => StoreError::Io { what: "sled", source },
-            other => StoreError::Engine(EngineError(other.to_string())),
-        }
-    }
-}
+pub struct EngineError(pub(in crate::store) String);
 
 impl From<CommitError> for StoreError {
     fn from(e: CommitError) -> Self {

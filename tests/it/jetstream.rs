@@ -241,7 +241,9 @@ fn what_jetstream_cannot_do_is_a_config_error() {
     let out = crate::binary::check(&crate::binary::write(dir.path(), &jet("", "")));
     let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "{all}");
-    assert!(all.contains("store.kind") && all.contains("answer 501"), "{all}");
+    // The capability table's row, every entry named.
+    assert!(all.contains("store.kind: \"jetstream\" does not provide message inspection, message listing"), "{all}");
+    assert!(all.contains("answers 501") && all.contains("ordering per key"), "{all}");
 }
 
 /// An attempt longer than the consumer's ack_wait (3 s here) keeps its

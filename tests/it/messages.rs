@@ -466,7 +466,8 @@ async fn by_default_delivered_messages_are_kept_and_empty_answers_say_why() {
     let id = acked_id(&post(&relay.url("/in"), "application/json", r#"{"n":1}"#).await.2);
     relay
         .wait_metrics("delivered and kept", |m| {
-            metric(m, "switchboard_store_retained_messages") == 1.0 && metric(m, "switchboard_store_retained_bytes") > 0.0
+            metric(m, "switchboard_store_retained_messages") == 1.0
+                && metric(m, "switchboard_store_retained_bytes") > 0.0
         })
         .await;
     let (s, v) = show(&relay, &id).await;

@@ -2,7 +2,42 @@
 
 use super::*;
 use crate::config::raw::RawStoreKind;
-use crate::store::{JetAuth, JetConfig};
+use crate::store::{Capability, JetAuth, JetConfig, StoreKind};
+
+/// The kind of store the file asks for.
+pub(in crate::config) fn store_kind(raw: &RawConfig) -> StoreKind {
+    match raw.store.kind {
+        RawStoreKind::Local => StoreKind::Local,
+        RawStoreKind::Jetstream => StoreKind::JetStream,
+    }
+}
+
+/// Keys that ask for something the store kind cannot do, each refused
+/// with the capability table's reason (`store/capabilities.rs`).
+pub(super) fn validate_capabilities(p: &mut Problems, raw: &RawConfig) {
+    let caps = store_kind(raw).capabilities();
+    let mut refuse = |key: String, c: Capability| {
+        if let Some(why) = caps.refusal(c) {
+            p.add(key, why);
+        }
+    };
+    if raw.store.retain_delivered.is_some_and(|d| !d.is_zero()) {
+        refuse("store.retain_delivered".into(), Capability::Retention);
+    }
+    if raw.store.encryption.is_some() {
+        refuse("store.encryption".into(), Capability::EncryptionAtRest);
+    }
+    for (i, r) in raw.routes.iter().enumerate() {
+        if !r.index.is_empty() {
+            refuse(format!("routes[{i}].index"), Capability::Lookup);
+        }
+    }
+    for (name, d) in &raw.destinations {
+        if d.ordering != crate::config::raw::RawOrdering::None {
+            refuse(format!("destinations.{name}.ordering"), Capability::Ordering);
+        }
+    }
+}
 
 /// The JetStream settings, `None` for the local store (or with problems
 /// recorded). Keys of the other kind are refused, so a file never says
@@ -50,31 +85,6 @@ pub(super) fn validate_store_kind(p: &mut Problems, raw: &RawConfig) -> Option<J
     }
     if s.max_ack_pending == 0 {
         p.add("store.max_ack_pending", "must be greater than 0");
-    }
-    if s.retain_delivered.is_some_and(|d| !d.is_zero()) {
-        p.add(
-            "store.retain_delivered",
-            "keeping delivered messages is not available with kind = \"jetstream\" (the stream deletes a message once every destination acknowledged it)",
-        );
-    }
-    if s.encryption.is_some() {
-        p.add("store.encryption", "encryption at rest is not available with kind = \"jetstream\" (use NATS's own: jetstream { cipher } on the servers)");
-    }
-    for (i, r) in raw.routes.iter().enumerate() {
-        if !r.index.is_empty() {
-            p.add(
-                format!("routes[{i}].index"),
-                "lookup by an indexed field is not available with store.kind = \"jetstream\"",
-            );
-        }
-    }
-    for (name, d) in &raw.destinations {
-        if d.ordering != crate::config::raw::RawOrdering::None {
-            p.add(
-                format!("destinations.{name}.ordering"),
-                "ordering per key is not available with store.kind = \"jetstream\" (any relay may deliver any message)",
-            );
-        }
     }
     let auth = match (&s.user, &s.password, &s.token, &s.nkey, &s.creds_file) {
         (None, None, None, None, None) => JetAuth::None,

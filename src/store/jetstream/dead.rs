@@ -9,7 +9,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 
 use super::{Jet, Names, H_ATTEMPTS, H_DEAD_AT, H_FOR, H_ID, H_REASON, H_STATUS};
-use crate::store::format::id_received_ms;
+use crate::store::record::id_received_ms;
 use crate::store::{lock, now_ms, DeadLetter, DestStats, Selection, StoreError};
 
 /// Most dead letters one replay or purge walks through.
@@ -186,7 +186,7 @@ impl Jet {
 
 /// The receive time a record carries.
 fn record_received_ms(m: &StreamMessage) -> Option<u64> {
-    crate::store::format::MessageRecord::decode(m.payload.clone()).ok().map(|r| r.received_ms)
+    crate::store::record::MessageRecord::decode(m.payload.clone()).ok().map(|r| r.received_ms)
 }
 
 fn dead_letter_of(m: &StreamMessage) -> DeadLetter {

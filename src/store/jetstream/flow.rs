@@ -10,7 +10,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 
 use super::{Dest, Jet, Names, H_FOR, H_ID};
-use crate::store::format::{record_destinations, Draft, MessageRecord, QueueRecord};
+use crate::store::record::{record_destinations, Draft, MessageRecord, QueueRecord};
 use crate::store::{lock, now_ms, Due, Handle, Lease, Settle, StoreError};
 
 /// How long one pull request waits for messages on the server.

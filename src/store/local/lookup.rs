@@ -56,34 +56,17 @@ impl Lookup {
     }
 }
 
-/// The key of `field` having `value` (a JSON string's characters, any other
-/// JSON value's compact text): 8 bytes of SHA-256 of both.
-pub fn key(field: &str, value: &serde_json::Value) -> u64 {
-    use sha2::{Digest, Sha256};
-    let text = match value {
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
-    let mut h = Sha256::new();
-    h.update(field.as_bytes());
-    h.update([0u8]);
-    h.update(text.as_bytes());
-    let d = h.finalize();
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&d[..8]);
-    u64::from_be_bytes(b)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::lookup_key;
 
     #[test]
     fn add_find_remove() {
         let mut l = Lookup::default();
-        let k = key("requestId", &serde_json::json!("r-1"));
-        assert_eq!(k, key("requestId", &serde_json::json!("r-1")));
-        assert_ne!(k, key("requestId", &serde_json::json!("r-2")));
+        let k = lookup_key("requestId", &serde_json::json!("r-1"));
+        assert_eq!(k, lookup_key("requestId", &serde_json::json!("r-1")));
+        assert_ne!(k, lookup_key("requestId", &serde_json::json!("r-2")));
         l.add(5, &[k]);
         l.add(3, &[k]);
         assert_eq!(l.find(k), vec![3, 5]);

@@ -45,7 +45,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
 
-use crate::store::disk::{write_all_at, Disk, SegFile};
+use crate::store::local::disk::{write_all_at, Disk, SegFile};
 
 const FRAME_HEADER: u64 = 8;
 const ID_LEN: usize = 8;

@@ -12,7 +12,7 @@ fn open_after(
     clean_end: Option<(u64, u64)>,
     seen: &mut Vec<(u64, Bytes)>,
 ) -> Result<SegmentLog, crate::store::StoreError> {
-    SegmentLog::open(Arc::new(crate::store::disk::RealDisk), None, dir, 100, clean_end, false, |s| {
+    SegmentLog::open(Arc::new(crate::store::local::disk::RealDisk), None, dir, 100, clean_end, false, |s| {
         seen.push((s.id, Bytes::copy_from_slice(s.record)));
         Ok(())
     })
@@ -144,8 +144,10 @@ fn after_a_clean_close_a_bad_last_frame_is_damage_not_a_torn_tail() {
 fn after_a_crash_only_the_last_batch_is_cut() {
     let dir = tempfile::tempdir().expect("tempdir");
     let log =
-        SegmentLog::open(Arc::new(crate::store::disk::RealDisk), None, dir.path(), 1 << 20, None, false, |_| Ok(()))
-            .expect("open");
+        SegmentLog::open(Arc::new(crate::store::local::disk::RealDisk), None, dir.path(), 1 << 20, None, false, |_| {
+            Ok(())
+        })
+        .expect("open");
     let locs = six_records_in_three_batches(&log);
     let path = seg_path(dir.path(), log.current());
     drop(log);
@@ -158,11 +160,18 @@ fn after_a_crash_only_the_last_batch_is_cut() {
         data[flip_at] ^= 0xff;
         std::fs::write(&path, &data).expect("write");
         let mut seen = Vec::new();
-        let opened =
-            SegmentLog::open(Arc::new(crate::store::disk::RealDisk), None, dir.path(), 1 << 20, None, false, |s| {
+        let opened = SegmentLog::open(
+            Arc::new(crate::store::local::disk::RealDisk),
+            None,
+            dir.path(),
+            1 << 20,
+            None,
+            false,
+            |s| {
                 seen.push(s.id);
                 Ok(())
-            });
+            },
+        );
         (opened.map(|_| seen), data)
     };
 
@@ -194,8 +203,10 @@ fn a_segment_cut_inside_a_batch_opens_cleanly_later() {
         }
     }
     let log =
-        SegmentLog::open(Arc::new(crate::store::disk::RealDisk), None, dir.path(), 1 << 20, None, false, |_| Ok(()))
-            .expect("open");
+        SegmentLog::open(Arc::new(crate::store::local::disk::RealDisk), None, dir.path(), 1 << 20, None, false, |_| {
+            Ok(())
+        })
+        .expect("open");
     for id in 1..=3u64 {
         log.push(|| id, Bytes::from(format!("record {id}")));
     }
@@ -210,7 +221,7 @@ fn a_segment_cut_inside_a_batch_opens_cleanly_later() {
 
     let mut seen = Vec::new();
     let log = SegmentLog::open(
-        Arc::new(crate::store::disk::RealDisk),
+        Arc::new(crate::store::local::disk::RealDisk),
         None,
         dir.path(),
         1 << 20,
@@ -227,9 +238,16 @@ fn a_segment_cut_inside_a_batch_opens_cleanly_later() {
     drop(log);
 
     let mut seen = Vec::new();
-    let _ =
-        SegmentLog::open(Arc::new(crate::store::disk::RealDisk), None, dir.path(), 1 << 20, end, false, ids(&mut seen))
-            .expect("reopen");
+    let _ = SegmentLog::open(
+        Arc::new(crate::store::local::disk::RealDisk),
+        None,
+        dir.path(),
+        1 << 20,
+        end,
+        false,
+        ids(&mut seen),
+    )
+    .expect("reopen");
     assert_eq!(seen, [1, 2, 4]);
 }
 
@@ -238,8 +256,9 @@ fn a_segment_cut_inside_a_batch_opens_cleanly_later() {
 #[test]
 fn a_damaged_sealed_segment_is_cut_on_request_and_then_opens_normally() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let log = SegmentLog::open(Arc::new(crate::store::disk::RealDisk), None, dir.path(), 150, None, false, |_| Ok(()))
-        .expect("open");
+    let log =
+        SegmentLog::open(Arc::new(crate::store::local::disk::RealDisk), None, dir.path(), 150, None, false, |_| Ok(()))
+            .expect("open");
     let locs = six_records_in_three_batches(&log);
     drop(log);
     // Records 1 and 2 are the first batch of segment 1; damage record 2.
@@ -251,7 +270,7 @@ fn a_damaged_sealed_segment_is_cut_on_request_and_then_opens_normally() {
 
     let open_ids = |cut: bool| {
         let mut seen = Vec::new();
-        SegmentLog::open(Arc::new(crate::store::disk::RealDisk), None, dir.path(), 150, None, cut, |s| {
+        SegmentLog::open(Arc::new(crate::store::local::disk::RealDisk), None, dir.path(), 150, None, cut, |s| {
             seen.push(s.id);
             Ok(())
         })
@@ -282,11 +301,12 @@ fn six_records_in_three_batches(log: &SegmentLog) -> Vec<(u64, Loc)> {
 fn read_ahead_returns_following_frames_across_batches_and_stops_at_damage() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut seen = Vec::new();
-    let log = SegmentLog::open(Arc::new(crate::store::disk::RealDisk), None, dir.path(), 1 << 20, None, false, |s| {
-        seen.push(s.id);
-        Ok(())
-    })
-    .expect("open");
+    let log =
+        SegmentLog::open(Arc::new(crate::store::local::disk::RealDisk), None, dir.path(), 1 << 20, None, false, |s| {
+            seen.push(s.id);
+            Ok(())
+        })
+        .expect("open");
     let mut locs = Vec::new();
     for batch in 0..3u64 {
         for i in 0..4u64 {

@@ -33,7 +33,7 @@ impl Local {
     }
 
     /// The dead letters of `dest` an operation covers (its total reported).
-    pub(super) fn dead_ids(&self, dest: &str, sel: &Selection) -> Result<Vec<u64>, StoreError> {
+    pub(in crate::store) fn dead_ids(&self, dest: &str, sel: &Selection) -> Result<Vec<u64>, StoreError> {
         let ids: Vec<u64> = match sel.only {
             Some(id) => vec![id],
             None => self.dead_letters(dest, usize::MAX)?.into_iter().map(|e| e.id).collect(),

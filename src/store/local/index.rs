@@ -235,8 +235,8 @@ impl Index {
     }
 
     /// Up to `limit` pending ids of `dest` within `from..to`, oldest first.
-    pub(super) fn pending_page(&self, dest: &str, from: u64, to: u64, limit: usize) -> super::inspect::Page {
-        let mut page = super::inspect::Page::default();
+    pub(super) fn pending_page(&self, dest: &str, from: u64, to: u64, limit: usize) -> crate::store::Page {
+        let mut page = crate::store::Page::default();
         if from >= to {
             return page;
         }

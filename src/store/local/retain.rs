@@ -295,7 +295,7 @@ impl Local {
     }
 
     /// The delivered messages of `dest` an operation covers.
-    pub(super) fn delivered_ids(&self, dest: &str, sel: &Selection) -> Result<Vec<u64>, StoreError> {
+    pub(in crate::store) fn delivered_ids(&self, dest: &str, sel: &Selection) -> Result<Vec<u64>, StoreError> {
         let unit = 1u64 << ID_SEQ_BITS;
         let ids = match sel.only {
             Some(id) => match self.place_of(id)? {
