@@ -167,7 +167,7 @@ pub enum DlqAction {
 /// A `--since`/`--until` value, checked here (a usage error, exit 2)
 /// rather than by the relay; passed on as written.
 fn time_arg(s: &str) -> Result<String, String> {
-    match crate::admin::messages::parse_time(s) {
+    match crate::text::parse_time(s) {
         Some(_) => Ok(s.to_string()),
         None => Err("a time in RFC 3339 (2026-12-02T09:00:00Z) or unix milliseconds".to_string()),
     }

@@ -157,7 +157,7 @@ impl AdminClient {
             Err(_) => {
                 return Err(unreachable(format!("no answer within {}", humantime::format_duration(REQUEST_TIMEOUT))))
             }
-            Ok(Err(e)) => return Err(unreachable(crate::delivery::error_chain(&e))),
+            Ok(Err(e)) => return Err(unreachable(crate::text::error_chain(&e))),
             Ok(Ok(r)) => r,
         };
         let status = resp.status().as_u16();

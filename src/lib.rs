@@ -36,7 +36,9 @@ pub mod secret;
 pub mod server;
 pub mod shutdown;
 pub mod store;
+pub mod text;
 pub mod throttle;
+pub mod tls;
 pub mod trace;
 pub mod tryout;
 pub mod wake;
@@ -162,7 +164,9 @@ pub async fn run_with_reload(
         config.listeners.len()
     );
     let metrics = Arc::new(Metrics::new());
-    metrics.preregister(&config.routes, &config.destinations);
+    metrics.preregister();
+    crate::ingress::preregister(&metrics, &config.routes);
+    crate::delivery::preregister(&metrics, &config.destinations);
     // Certificates first: a listener that cannot serve TLS must stop start-up.
     let certs = Certificates::load(&config)?;
     let wakers = Wakers::new(config.destinations.iter().map(|d| &d.name));
@@ -208,13 +212,13 @@ pub async fn run_with_reload(
 /// The certificates of the TLS listeners, loaded once at start.
 struct Certificates {
     /// Per ingress listener, in order.
-    ingress: Vec<Option<server::tls::CertStore>>,
-    admin: Option<server::tls::CertStore>,
+    ingress: Vec<Option<tls::CertStore>>,
+    admin: Option<tls::CertStore>,
     /// Per destination with a client certificate.
-    destinations: HashMap<String, server::tls::CertStore>,
+    destinations: HashMap<String, tls::CertStore>,
     /// Every one with the name it is reported under (listener address,
     /// "admin", or "destination/NAME").
-    all: Vec<(String, server::tls::CertStore)>,
+    all: Vec<(String, tls::CertStore)>,
 }
 
 impl Certificates {
@@ -225,7 +229,7 @@ impl Certificates {
             let tls = match &l.tls {
                 Some(files) => {
                     let store =
-                        server::tls::CertStore::open(files.clone()).with_context(|| format!("listener {}", l.addr))?;
+                        tls::CertStore::open(files.clone()).with_context(|| format!("listener {}", l.addr))?;
                     all.push((l.addr.to_string(), store.clone()));
                     Some(store)
                 }
@@ -235,7 +239,7 @@ impl Certificates {
         }
         let admin = match &config.admin.tls {
             Some(files) => {
-                let store = server::tls::CertStore::open(files.clone()).context("admin listener")?;
+                let store = tls::CertStore::open(files.clone()).context("admin listener")?;
                 all.push(("admin".to_string(), store.clone()));
                 Some(store)
             }
@@ -244,7 +248,7 @@ impl Certificates {
         let mut destinations = HashMap::new();
         for d in &config.destinations {
             if let Some(files) = &d.client_cert {
-                let store = server::tls::CertStore::open(files.clone())
+                let store = tls::CertStore::open(files.clone())
                     .with_context(|| format!("client certificate of destination {}", d.name))?;
                 all.push((format!("destination/{}", d.name), store.clone()));
                 destinations.insert(d.name.to_string(), store);
@@ -303,7 +307,7 @@ impl Parts<'_> {
     fn start_ingress(
         &self,
         sockets: Vec<TcpListener>,
-        tls: Vec<Option<server::tls::CertStore>>,
+        tls: Vec<Option<tls::CertStore>>,
     ) -> Arc<ingress::Ingress> {
         let config = self.config;
         let ingress = Arc::new(ingress::Ingress::new(
@@ -341,7 +345,7 @@ impl Parts<'_> {
     fn start_admin(
         &self,
         socket: TcpListener,
-        tls: Option<server::tls::CertStore>,
+        tls: Option<tls::CertStore>,
         ready: Arc<AtomicBool>,
         loaded: Arc<reload::Loaded>,
     ) -> Arc<admin::Admin> {
@@ -400,7 +404,7 @@ impl Parts<'_> {
 /// their files change.
 /// A failed reload keeps the certificate in use and says why.
 async fn watch_certificates(
-    certs: Vec<(String, server::tls::CertStore)>,
+    certs: Vec<(String, tls::CertStore)>,
     metrics: Arc<Metrics>,
     reload: Arc<Notify>,
     shutdown: CancellationToken,
@@ -408,7 +412,7 @@ async fn watch_certificates(
     loop {
         let forced = tokio::select! {
             _ = reload.notified() => true,
-            _ = tokio::time::sleep(server::tls::WATCH_INTERVAL) => false,
+            _ = tokio::time::sleep(tls::WATCH_INTERVAL) => false,
             _ = shutdown.cancelled() => return,
         };
         for (name, store) in &certs {

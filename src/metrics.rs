@@ -320,50 +320,15 @@ impl Metrics {
         }
     }
 
-    /// Creates, at 0, the series whose label values are known before the
-    /// first event, so `rate()` and `increase()` see the first one and
-    /// dashboards show 0 rather than nothing on a fresh relay: requests
-    /// per route and the statuses ingress answers with, refusals per reason,
-    /// deliveries per outcome and attempts per result of every destination.
-    pub fn preregister(
-        &self,
-        routes: &[crate::ingress::Route],
-        destinations: &[std::sync::Arc<crate::delivery::Destination>],
-    ) {
-        /// The statuses ingress itself answers with.
-        const CODES: [&str; 8] = ["200", "400", "401", "403", "405", "408", "413", "503"];
+    /// Creates, at 0, the series of the relay itself whose label values
+    /// are known before the first event (each stage creates its own:
+    /// `ingress::preregister`, `delivery::preregister`), so `rate()` and
+    /// `increase()` see the first event and dashboards show 0 rather than
+    /// nothing on a fresh relay.
+    pub fn preregister(&self) {
         self.ingress_requests.with_label_values(&["unmatched", "404"]);
         self.config_reloads.with_label_values(&["ok"]);
         self.config_reloads.with_label_values(&["error"]);
-        for r in routes {
-            for code in CODES {
-                self.ingress_requests.with_label_values(&[&r.path, code]);
-            }
-            self.ingress_rejected.with_label_values(&[&r.path, "ip_not_allowed"]);
-            if r.auth.is_some() {
-                for reason in crate::ingress::auth::REJECTION_LABELS {
-                    self.ingress_rejected.with_label_values(&[&r.path, reason]);
-                }
-            }
-            if r.dedupe.is_some() {
-                self.ingress_duplicates.with_label_values(&[&r.path]);
-            }
-            if r.filters.iter().any(|f| f.as_ref().is_some_and(|f| f.reads_body())) {
-                self.filter_unparsable.with_label_values(&[&r.path]);
-            }
-        }
-        for d in destinations {
-            let name: &str = &d.name;
-            for outcome in ["delivered", "retried", "dead_lettered", "filtered"] {
-                self.deliveries.with_label_values(&[name, outcome]);
-            }
-            for result in crate::delivery::retry::Outcome::RESULT_LABELS {
-                self.delivery_attempts.with_label_values(&[name, result]);
-            }
-            if d.ordering.is_some() {
-                self.order_key_missing.with_label_values(&[name]);
-            }
-        }
     }
 
     /// Refreshes the gauges computed from the store, then encodes everything.

@@ -108,7 +108,7 @@ pub(crate) struct Reloader {
     pub(crate) admin: Arc<crate::admin::Admin>,
     pub(crate) loaded: Arc<Loaded>,
     /// Client certificates of destinations, by name (as loaded at start).
-    pub(crate) client_certs: HashMap<String, crate::server::tls::CertStore>,
+    pub(crate) client_certs: HashMap<String, crate::tls::CertStore>,
     /// The senders' credential headers by route, shared by the workers.
     credentials: crate::delivery::Credentials,
     workers: HashMap<String, Running>,
@@ -181,7 +181,7 @@ impl Reloader {
         ingress: Arc<crate::ingress::Ingress>,
         admin: Arc<crate::admin::Admin>,
         loaded: Arc<Loaded>,
-        client_certs: HashMap<String, crate::server::tls::CertStore>,
+        client_certs: HashMap<String, crate::tls::CertStore>,
     ) -> Reloader {
         let credentials = Arc::new(arc_swap::ArcSwap::from_pointee(credential_map(&HashMap::new(), &config.routes)));
         Reloader {
@@ -220,7 +220,7 @@ impl Reloader {
             Some(files) => match self.client_certs.get(&*dest.name) {
                 Some(c) if c.files() == files => Some(c.clone()),
                 _ => {
-                    let c = crate::server::tls::CertStore::open(files.clone())
+                    let c = crate::tls::CertStore::open(files.clone())
                         .with_context(|| format!("client certificate of destination {}", dest.name))?;
                     self.client_certs.insert(dest.name.to_string(), c.clone());
                     Some(c)
@@ -316,7 +316,8 @@ impl Reloader {
             tracing::warn!(destination = %name, pending = s.depth, dead_letters = s.dead,
                 "destination removed from the configuration: its deliveries are kept, not delivered, until it comes back or they are purged");
         }
-        self.metrics.preregister(&new.routes, &new.destinations);
+        crate::ingress::preregister(&self.metrics, &new.routes);
+        crate::delivery::preregister(&self.metrics, &new.destinations);
         self.ingress.routes.store(Arc::new(crate::config::route_table(&new.routes)));
         // Masked in answers as long as they are withheld.
         let mut view = crate::admin::View::of(&new);

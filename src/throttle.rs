@@ -17,7 +17,7 @@ impl LogThrottle {
     /// `Some(n)` if a line may go out now, `n` being the events not logged
     /// since the last one; `None` (the event counted) otherwise.
     pub fn admit(&self) -> Option<u64> {
-        let now = crate::store::now_ms();
+        let now = crate::text::now_ms();
         let last = self.logged_ms.load(Relaxed);
         if now.saturating_sub(last) < 1000 || self.logged_ms.compare_exchange(last, now, Relaxed, Relaxed).is_err() {
             self.unlogged.fetch_add(1, Relaxed);

@@ -24,7 +24,7 @@ struct Shared {
 
 impl Default for Shared {
     fn default() -> Shared {
-        Shared { wake: Arc::default(), breaker: Arc::default(), recent: Arc::new(Recent::new(crate::store::now_ms())) }
+        Shared { wake: Arc::default(), breaker: Arc::default(), recent: Arc::new(Recent::new(crate::text::now_ms())) }
     }
 }
 
@@ -83,6 +83,6 @@ impl Wakers {
             .load()
             .get(destination)
             .map(|s| s.recent.clone())
-            .unwrap_or_else(|| Arc::new(Recent::new(crate::store::now_ms())))
+            .unwrap_or_else(|| Arc::new(Recent::new(crate::text::now_ms())))
     }
 }

@@ -2,7 +2,6 @@
 //! callback, and what a destination has not got.
 
 use std::collections::HashMap;
-use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{Response, StatusCode};
@@ -11,23 +10,11 @@ use serde_json::{json, Value};
 
 use super::{json, Admin};
 use crate::store::{DeliveryState, Inspection, Listing, StoreError};
+use crate::text::{parse_time, rfc3339};
 
 /// Most messages one page lists.
 const MAX_PAGE: usize = 1000;
 
-pub(super) fn rfc3339(ms: u64) -> String {
-    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
-}
-
-/// `T` of `since`/`until`: RFC 3339, or unix milliseconds (the CLI checks
-/// its arguments with it too).
-pub(crate) fn parse_time(s: &str) -> Option<u64> {
-    if let Ok(ms) = s.parse::<u64>() {
-        return Some(ms);
-    }
-    let t = humantime::parse_rfc3339_weak(s).ok()?;
-    t.duration_since(UNIX_EPOCH).ok().map(|d| d.as_millis() as u64)
-}
 
 pub(super) fn store_error(e: &StoreError) -> Response<Full<Bytes>> {
     let status = match e {
@@ -253,7 +240,7 @@ impl Admin {
         match self.store.retention() {
             (0, _) => "delivered messages are not kept: store.retain_delivered = \"0s\"".to_string(),
             (ms, bytes) => {
-                let time = crate::config::duration::format(std::time::Duration::from_millis(ms));
+                let time = crate::text::duration(std::time::Duration::from_millis(ms));
                 match bytes {
                     Some(b) => format!("delivered messages are kept {time} (store.retain_delivered), at most {b} bytes of them (store.retain_max_bytes), the oldest go first"),
                     None => format!("delivered messages are kept {time} (store.retain_delivered)"),

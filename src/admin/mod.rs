@@ -402,7 +402,7 @@ impl Admin {
                         serde_json::json!({
                             "id": self.store.external_id(e.id),
                             "attempts": e.attempts,
-                            "dead_at": messages::rfc3339(e.dead_at_ms),
+                            "dead_at": crate::text::rfc3339(e.dead_at_ms),
                             "last_status": e.last_status,
                             "reason": e.reason,
                         })

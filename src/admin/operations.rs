@@ -87,11 +87,11 @@ impl Admin {
         }
         if let Some(t) = q.get("since") {
             sel.since_ms =
-                super::messages::parse_time(t).ok_or_else(|| bad("since: RFC 3339 time or unix milliseconds"))?;
+                crate::text::parse_time(t).ok_or_else(|| bad("since: RFC 3339 time or unix milliseconds"))?;
         }
         if let Some(t) = q.get("until") {
             sel.until_ms =
-                Some(super::messages::parse_time(t).ok_or_else(|| bad("until: RFC 3339 time or unix milliseconds"))?);
+                Some(crate::text::parse_time(t).ok_or_else(|| bad("until: RFC 3339 time or unix milliseconds"))?);
         }
         if sel.until_ms.is_some_and(|u| u < sel.since_ms) {
             return Err(bad("until is before since"));

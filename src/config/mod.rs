@@ -90,7 +90,7 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct Listener {
     pub addr: SocketAddr,
-    pub tls: Option<crate::server::tls::TlsFiles>,
+    pub tls: Option<crate::tls::TlsFiles>,
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub allow_ips: Vec<ipnet::IpNet>,
 }
@@ -99,7 +99,7 @@ pub struct Listener {
 pub struct AdminConfig {
     pub addr: SocketAddr,
     pub token: Option<Secret>,
-    pub tls: Option<crate::server::tls::TlsFiles>,
+    pub tls: Option<crate::tls::TlsFiles>,
     /// `allowed_hosts`, lower case, without a trailing dot.
     pub allowed_hosts: Vec<String>,
 }

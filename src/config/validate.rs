@@ -1,7 +1,7 @@
 //! Validation: [`RawConfig`] into the typed [`Config`], collecting every
 //! problem with its key; plus the warnings `switchboard check` prints.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -9,7 +9,7 @@ use std::sync::Arc;
 use super::*;
 
 mod destination;
-use self::destination::validate_destination;
+use self::destination::{validate_destination, IngressRules};
 mod store;
 pub(super) use self::store::store_kind;
 
@@ -55,8 +55,8 @@ impl RawConfig {
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             p.add("log.level", format!("invalid log filter {:?}", self.log.level));
         }
-        let destinations = self.validate_destinations(&mut p);
-        let routes = self.validate_routes(&mut p, &destinations);
+        let (destinations, rules) = self.validate_destinations(&mut p);
+        let routes = self.validate_routes(&mut p, &rules);
         if let Some(j) = jetstream.as_mut() {
             j.dedupe_retention = routes.iter().filter_map(|r| r.dedupe.as_ref().map(|d| d.window)).max();
         }
@@ -187,25 +187,27 @@ impl RawConfig {
         Some(AdminConfig { addr: admin?, token: admin_token, tls: admin_tls, allowed_hosts })
     }
 
-    fn validate_destinations(&self, p: &mut Problems) -> Vec<Arc<Destination>> {
+    fn validate_destinations(&self, p: &mut Problems) -> (Vec<Arc<Destination>>, HashMap<String, IngressRules>) {
         let mut destinations = Vec::new();
+        let mut rules = HashMap::new();
         for (name, d) in &self.destinations {
             let key = format!("destinations.{name}");
             if !valid_name(name) {
                 p.add(&key, "destination names use only letters, digits, '-' and '_' (at most 64)");
                 continue;
             }
-            if let Some(dest) = validate_destination(p, &key, name, d) {
+            if let Some((dest, r)) = validate_destination(p, &key, name, d) {
                 destinations.push(Arc::new(dest));
+                rules.insert(name.clone(), r);
             }
         }
         if self.destinations.is_empty() {
             p.add("destinations", "no destinations defined");
         }
-        destinations
+        (destinations, rules)
     }
 
-    fn validate_routes(&self, p: &mut Problems, dests: &[Arc<Destination>]) -> Vec<Route> {
+    fn validate_routes(&self, p: &mut Problems, rules: &HashMap<String, IngressRules>) -> Vec<Route> {
         let known: HashSet<&str> = self.destinations.keys().map(String::as_str).collect();
         let mut paths = HashSet::new();
         if self.routes.is_empty() {
@@ -216,7 +218,7 @@ impl RawConfig {
             if !paths.insert(r.path.as_str()) {
                 p.add(format!("routes[{i}].path"), format!("duplicate route path {:?}", r.path));
             }
-            routes.push(self.validate_route(p, i, r, &known, dests));
+            routes.push(self.validate_route(p, i, r, &known, rules));
         }
         routes
     }
@@ -227,7 +229,7 @@ impl RawConfig {
         i: usize,
         r: &RawRoute,
         known: &HashSet<&str>,
-        dests: &[Arc<Destination>],
+        rules: &HashMap<String, IngressRules>,
     ) -> Route {
         let key = format!("routes[{i}]");
         if !r.path.starts_with('/') {
@@ -342,12 +344,12 @@ impl RawConfig {
             filters: r
                 .destinations
                 .iter()
-                .map(|d| dests.iter().find(|x| &*x.name == d.as_str()).and_then(|x| x.filter.clone()))
+                .map(|d| rules.get(d).and_then(|x| x.filter.clone()))
                 .collect(),
             orders: r
                 .destinations
                 .iter()
-                .map(|d| dests.iter().find(|x| &*x.name == d.as_str()).and_then(|x| x.ordering.clone()))
+                .map(|d| rules.get(d).and_then(|x| x.ordering.clone()))
                 .collect(),
         }
     }
@@ -408,9 +410,9 @@ fn header_name(p: &mut Problems, key: &str, name: &str) -> Option<http::HeaderNa
     }
 }
 
-fn validate_tls(p: &mut Problems, key: &str, t: &RawTls) -> Option<crate::server::tls::TlsFiles> {
-    let files = crate::server::tls::TlsFiles { cert: t.cert.clone(), key: t.key.clone() };
-    match crate::server::tls::load(&files) {
+fn validate_tls(p: &mut Problems, key: &str, t: &RawTls) -> Option<crate::tls::TlsFiles> {
+    let files = crate::tls::TlsFiles { cert: t.cert.clone(), key: t.key.clone() };
+    match crate::tls::load(&files) {
         Ok(_) => Some(files),
         Err(e) => {
             p.add(key, e.to_string());

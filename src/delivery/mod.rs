@@ -62,20 +62,13 @@ pub struct Destination {
     /// Which sender headers go, which are added (`headers.rs`).
     pub headers: crate::headers::Policy,
     /// A client certificate to present (mTLS), reloaded like a listener's.
-    pub client_cert: Option<crate::server::tls::TlsFiles>,
+    pub client_cert: Option<crate::tls::TlsFiles>,
     /// Refuse TLS below 1.3 (`min_version = "1.3"`); 1.2 and 1.3 otherwise.
     pub tls13_only: bool,
     /// At most this many attempts a second (replays and retries included).
     pub rate_limit: Option<rate::RateLimit>,
     /// Stop attempting for a while after this many consecutive failures.
     pub breaker: Option<breaker::BreakerConfig>,
-    /// Only callbacks that match are queued for this destination (applied
-    /// by ingress; see `ingress/filter.rs`).
-    pub filter: Option<Arc<crate::ingress::filter::Filter>>,
-    /// What deliveries are ordered by (`ordering`, `order_key`), if they
-    /// are: the key is taken at ingress (`ingress/order.rs`), the store
-    /// leases one message of a key at a time.
-    pub ordering: Option<Arc<crate::ingress::order::OrderKey>>,
 }
 
 type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -91,7 +84,7 @@ const CONFIG_PAUSE: &str = "paused in the configuration";
 const STORE_ERROR_PAUSE: Duration = Duration::from_secs(1);
 
 /// Builds the HTTP(S) client for one destination.
-fn build_client(dest: &Destination, client_cert: Option<crate::server::tls::CertStore>) -> anyhow::Result<HttpClient> {
+fn build_client(dest: &Destination, client_cert: Option<crate::tls::CertStore>) -> anyhow::Result<HttpClient> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -137,7 +130,7 @@ pub struct Worker {
     /// so new connections (pooled ones would keep the old certificate)
     /// present the new certificate.
     client: arc_swap::ArcSwap<(u64, HttpClient)>,
-    client_cert: Option<crate::server::tls::CertStore>,
+    client_cert: Option<crate::tls::CertStore>,
     wake: Arc<Notify>,
     /// This destination's breaker state, as the admin API sees it.
     breaker_state: Arc<std::sync::atomic::AtomicU8>,
@@ -158,7 +151,7 @@ impl Worker {
     pub fn new(
         dest: Arc<Destination>,
         credentials: Credentials,
-        client_cert: Option<crate::server::tls::CertStore>,
+        client_cert: Option<crate::tls::CertStore>,
         store: Store,
         metrics: Arc<Metrics>,
         wakers: &Wakers,
@@ -358,7 +351,7 @@ impl Worker {
             }
             Action::RetryAfter(delay) => {
                 m.deliveries.with_label_values(&[name, "retried"]).inc();
-                tracing::info!(destination = name, id = %self.store.external_id(lease.id), request_id = request_id(&msg.body).as_deref(), attempt, reason = outcome.reason(), retry_in = %crate::config::duration::format(delay), "delivery failed; will retry");
+                tracing::info!(destination = name, id = %self.store.external_id(lease.id), request_id = request_id(&msg.body).as_deref(), attempt, reason = outcome.reason(), retry_in = %crate::text::duration(delay), "delivery failed; will retry");
                 Settle::Retry {
                     at_ms: now + delay.as_millis() as u64,
                     status: outcome.status(),
@@ -474,7 +467,7 @@ impl Worker {
             }
             Ok(Err(e)) => {
                 let kind = if e.is_connect() { TransportError::Connect } else { TransportError::Io };
-                return (Outcome::transport(kind, &error_chain(&e)), Vec::new());
+                return (Outcome::transport(kind, &crate::text::error_chain(&e)), Vec::new());
             }
             Ok(Ok(resp)) => resp,
         };
@@ -514,6 +507,20 @@ impl Worker {
     }
 }
 
+/// Creates, at 0, each destination's series whose label values are known
+/// before its first attempt: deliveries per outcome, attempts per result.
+pub fn preregister(metrics: &Metrics, destinations: &[Arc<Destination>]) {
+    for d in destinations {
+        let name: &str = &d.name;
+        for outcome in ["delivered", "retried", "dead_lettered", "filtered"] {
+            metrics.deliveries.with_label_values(&[name, outcome]);
+        }
+        for result in retry::Outcome::RESULT_LABELS {
+            metrics.delivery_attempts.with_label_values(&[name, result]);
+        }
+    }
+}
+
 /// The ThingSpace `requestId` of a JSON body, for log lines about a failed
 /// delivery (read only then: a delivered message is logged at debug level
 /// by its id alone).
@@ -524,25 +531,6 @@ fn request_id(body: &[u8]) -> Option<String> {
         request_id: Option<String>,
     }
     serde_json::from_slice::<Probe>(body).ok()?.request_id.filter(|r| r.len() <= 128)
-}
-
-/// The error and its causes on one line, bounded in length.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    if s.len() > 300 {
-        let mut end = 300;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-    }
-    s
 }
 
 /// The tokio instant corresponding to unix time `ms` (now, if in the past).

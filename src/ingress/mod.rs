@@ -468,3 +468,34 @@ fn close(mut resp: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
     resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     resp
 }
+
+/// Creates, at 0, the series of `routes` whose label values are known
+/// before the first callback: requests per route and the statuses ingress
+/// answers with, refusals per reason, duplicates, unparsable bodies, and
+/// missing ordering keys per destination.
+pub fn preregister(metrics: &Metrics, routes: &[Route]) {
+    /// The statuses ingress itself answers with.
+    const CODES: [&str; 8] = ["200", "400", "401", "403", "405", "408", "413", "503"];
+    for r in routes {
+        for code in CODES {
+            metrics.ingress_requests.with_label_values(&[&r.path, code]);
+        }
+        metrics.ingress_rejected.with_label_values(&[&r.path, "ip_not_allowed"]);
+        if r.auth.is_some() {
+            for reason in auth::REJECTION_LABELS {
+                metrics.ingress_rejected.with_label_values(&[&r.path, reason]);
+            }
+        }
+        if r.dedupe.is_some() {
+            metrics.ingress_duplicates.with_label_values(&[&r.path]);
+        }
+        if r.filters.iter().any(|f| f.as_ref().is_some_and(|f| f.reads_body())) {
+            metrics.filter_unparsable.with_label_values(&[&r.path]);
+        }
+        for (d, o) in r.destinations.iter().zip(&r.orders) {
+            if o.is_some() {
+                metrics.order_key_missing.with_label_values(&[d]);
+            }
+        }
+    }
+}

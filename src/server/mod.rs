@@ -55,7 +55,6 @@ use tokio_util::task::TaskTracker;
 
 use crate::metrics::Metrics;
 
-pub mod tls;
 
 /// Upper bound on the bytes of a request head (request line plus headers).
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -131,7 +130,7 @@ impl Drop for IpSlot {
 pub struct ServerConfig {
     /// "ingress" or "admin", for logs and metric labels.
     pub kind: &'static str,
-    pub tls: Option<crate::server::tls::CertStore>,
+    pub tls: Option<crate::tls::CertStore>,
     /// From accept to a complete first request head, TLS handshake included.
     pub head_timeout: Duration,
     pub max_headers: usize,
@@ -270,7 +269,7 @@ struct Connection<H> {
 fn too_many_resets(e: &(dyn std::error::Error + 'static)) -> bool {
     // h2's reason reads "detected excessive load generating behavior" or,
     // by its code's name, "enhance your calm".
-    let chain = crate::delivery::error_chain(e).to_ascii_lowercase();
+    let chain = crate::text::error_chain(e).to_ascii_lowercase();
     ["too_many_resets", "enhance your calm", "enhance_your_calm", "excessive load"].iter().any(|s| chain.contains(s))
 }
 

@@ -208,8 +208,8 @@ async fn rsa_pkcs1_and_ec_sec1_keys_load_and_bad_files_are_config_errors() {
 
     for (cert, key) in [("rsa.crt", "rsa1.pem"), ("rsa.crt", "rsa8.pem"), ("ec.crt", "ec1.pem"), ("ec.crt", "ec8.pem")]
     {
-        let files = switchboard::server::tls::TlsFiles { cert: dir.path().join(cert), key: dir.path().join(key) };
-        let loaded = switchboard::server::tls::load(&files).unwrap_or_else(|e| panic!("{cert} + {key}: {e}"));
+        let files = switchboard::tls::TlsFiles { cert: dir.path().join(cert), key: dir.path().join(key) };
+        let loaded = switchboard::tls::load(&files).unwrap_or_else(|e| panic!("{cert} + {key}: {e}"));
         assert!(loaded.not_after > 0);
     }
     // An RSA certificate serves real handshakes too.

@@ -3,7 +3,12 @@
 
 use super::*;
 
-pub(super) fn validate_destination(p: &mut Problems, key: &str, name: &str, d: &RawDestination) -> Option<Destination> {
+pub(super) fn validate_destination(
+    p: &mut Problems,
+    key: &str,
+    name: &str,
+    d: &RawDestination,
+) -> Option<(Destination, IngressRules)> {
     let before = p.0.len();
     let parsed = match url::Url::parse(&d.url) {
         Ok(u) => Some(u),
@@ -116,15 +121,14 @@ pub(super) fn validate_destination(p: &mut Problems, key: &str, name: &str, d: &
         (b.failures > 0 && !b.cool_down.is_zero())
             .then_some(crate::delivery::breaker::BreakerConfig { failures: b.failures, cool_down: b.cool_down })
     });
-    Some(Destination {
-        ordering,
+    let rules = IngressRules { filter, ordering };
+    let dest = Destination {
         breaker,
         rate_limit,
         signing,
         headers,
         client_cert,
         tls13_only,
-        filter,
         name: Arc::from(name),
         url: uri?,
         basic_auth,
@@ -145,7 +149,17 @@ pub(super) fn validate_destination(p: &mut Problems, key: &str, name: &str, d: &
             retry_after_cap: r.retry_after_cap,
             retry_on: d.retry_on.clone(),
         },
-    })
+    };
+    Some((dest, rules))
+}
+
+/// What ingress applies for a destination (`filter`, `ordering`): kept out
+/// of [`Destination`], which is what delivery runs on; each route gets its
+/// destinations' rules.
+#[derive(Clone, Default)]
+pub(super) struct IngressRules {
+    pub filter: Option<Arc<crate::ingress::filter::Filter>>,
+    pub ordering: Option<Arc<crate::ingress::order::OrderKey>>,
 }
 
 /// A destination's `ordering` and `order_key`; `None` for "none" (or with
@@ -285,7 +299,7 @@ fn validate_destination_tls(
     p: &mut Problems,
     key: &str,
     t: Option<&RawDestinationTls>,
-) -> (Option<crate::server::tls::TlsFiles>, bool) {
+) -> (Option<crate::tls::TlsFiles>, bool) {
     let Some(t) = t else { return (None, false) };
     let tls13_only = match t.min_version.as_deref() {
         None | Some("1.2") => false,
