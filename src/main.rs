@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use switchboard::cli::{AdminArgs, Cli, Command, DestinationAction, DlqAction, MessagesAction};
+use switchboard::client::ctl::{AdminClient, CtlError, Op, Target};
 use switchboard::config::{Config, LogFormat};
-use switchboard::ctl::{AdminClient, CtlError, Op, Target};
 use tokio_util::sync::CancellationToken;
 
 /// mimalloc instead of the system allocator: under load, glibc malloc's
@@ -94,13 +94,15 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Status { target } => {
-            ctl(&target, |c| async move { c.status().await }, |v| print!("{}", switchboard::ctl::status_table(&v)))
-        }
+        Command::Status { target } => ctl(
+            &target,
+            |c| async move { c.status().await },
+            |v| print!("{}", switchboard::client::ctl::status_table(&v)),
+        ),
         Command::Dlq { action: DlqAction::List { destination, limit, target } } => ctl(
             &target,
             |c| async move { c.dead_letters(&destination, limit).await },
-            |v| print!("{}", switchboard::ctl::dead_letter_table(&v)),
+            |v| print!("{}", switchboard::client::ctl::dead_letter_table(&v)),
         ),
         Command::Dlq { action: DlqAction::Replay { destination, select, target } } => ctl(
             &target,
@@ -126,12 +128,12 @@ fn main() -> ExitCode {
         Command::Messages { action: MessagesAction::Find { field, value, target } } => ctl(
             &target,
             |c| async move { c.find(&field, &value).await },
-            |v| print!("{}", switchboard::ctl::message_list_text(&v)),
+            |v| print!("{}", switchboard::client::ctl::message_list_text(&v)),
         ),
         Command::Messages { action: MessagesAction::Show { id, body, target } } => ctl(
             &target,
             |c| async move { c.message(&id, body).await },
-            |v| print!("{}", switchboard::ctl::message_text(&v)),
+            |v| print!("{}", switchboard::client::ctl::message_text(&v)),
         ),
         Command::Messages {
             action: MessagesAction::List { destination, state, since, until, limit, cursor, target },
@@ -146,7 +148,7 @@ fn main() -> ExitCode {
             ctl(
                 &target,
                 |c| async move { c.messages(&destination, &query).await },
-                |v| print!("{}", switchboard::ctl::message_list_text(&v)),
+                |v| print!("{}", switchboard::client::ctl::message_list_text(&v)),
             )
         }
         Command::Destinations { action } => {
@@ -172,7 +174,7 @@ fn main() -> ExitCode {
                 eprintln!("error: --fail-ratio is a share between 0.0 and 1.0");
                 return ExitCode::from(2);
             }
-            let opts = switchboard::tryout::SinkOptions { status, delay, fail_ratio, fail_status };
+            let opts = switchboard::client::tryout::SinkOptions { status, delay, fail_ratio, fail_status };
             let done =
                 tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(anyhow::Error::from).and_then(
                     |rt| {
@@ -187,7 +189,7 @@ fn main() -> ExitCode {
                                 let _ = tokio::signal::ctrl_c().await;
                                 stop.cancel();
                             });
-                            switchboard::tryout::sink(listener, opts, shutdown).await
+                            switchboard::client::tryout::sink(listener, opts, shutdown).await
                         })
                     },
                 );
@@ -211,7 +213,9 @@ fn main() -> ExitCode {
                 .enable_all()
                 .build()
                 .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(switchboard::tryout::send_test(&config, route.as_deref(), &sample, wait)));
+                .and_then(|rt| {
+                    rt.block_on(switchboard::client::tryout::send_test(&config, route.as_deref(), &sample, wait))
+                });
             match done {
                 Ok(report) => {
                     for l in &report.lines {
@@ -354,7 +358,7 @@ fn run(config: Config) -> anyhow::Result<()> {
         let listeners = switchboard::Listeners::bind(&config).await?;
         let shutdown = CancellationToken::new();
         let reload = std::sync::Arc::new(tokio::sync::Notify::new());
-        switchboard::shutdown::on_signals(shutdown.clone(), reload.clone())?;
+        switchboard::relay::shutdown::on_signals(shutdown.clone(), reload.clone())?;
         switchboard::run_with_reload(config, listeners, shutdown, reload).await
     })
 }

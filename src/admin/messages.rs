@@ -15,7 +15,6 @@ use crate::text::{parse_time, rfc3339};
 /// Most messages one page lists.
 const MAX_PAGE: usize = 1000;
 
-
 pub(super) fn store_error(e: &StoreError) -> Response<Full<Bytes>> {
     let status = match e {
         StoreError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,

@@ -69,9 +69,11 @@ use crate::metrics::Metrics;
 use crate::store::{now_ms, Capability, Store};
 use crate::wake::Wakers;
 
-pub(crate) mod messages;
+mod loaded;
+mod messages;
 mod operations;
 
+pub use self::loaded::Loaded;
 use self::operations::Kind;
 pub use self::operations::Operations;
 
@@ -87,7 +89,7 @@ pub struct Admin {
     /// Owns the background operations (the relay waits for them at shutdown).
     pub tracker: tokio_util::task::TaskTracker,
     /// The loaded configuration file and its reloads (`GET /api/config`).
-    pub loaded: Arc<crate::reload::Loaded>,
+    pub loaded: Arc<Loaded>,
 }
 
 /// The admin API's part of the configuration (replaced whole on reload).
@@ -107,24 +109,6 @@ pub struct View {
     pub sensitive: Vec<http::HeaderName>,
     /// Body fields routes index (`index = [...]`): lookups by them.
     pub indexed: Vec<String>,
-}
-
-impl View {
-    pub fn of(config: &crate::config::Config) -> View {
-        View {
-            destinations: config.destinations.iter().map(|d| d.name.to_string()).collect(),
-            ready_room: config.ingress.max_body,
-            token: config.admin.token.clone(),
-            allowed_hosts: config.admin.allowed_hosts.clone(),
-            routes: config
-                .routes
-                .iter()
-                .map(|r| (r.path.clone(), r.destinations.iter().map(|d| d.to_string()).collect()))
-                .collect(),
-            sensitive: config.routes.iter().flat_map(|r| r.credential_headers.iter().cloned()).collect(),
-            indexed: config.routes.iter().flat_map(|r| r.index.iter().map(|(name, _)| name.clone())).collect(),
-        }
-    }
 }
 
 impl crate::server::Handler for Admin {

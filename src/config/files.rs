@@ -80,3 +80,13 @@ fn walk(v: &toml::Value, path: String, found: &mut Vec<String>) {
         _ => {}
     }
 }
+
+/// A file's SHA-256 in hex (empty if it cannot be read): what `/api/config`
+/// shows and what a reload compares secret files by.
+pub fn sha256_hex(path: &std::path::Path) -> String {
+    use sha2::{Digest, Sha256};
+    match std::fs::read(path) {
+        Ok(bytes) => Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect(),
+        Err(_) => String::new(),
+    }
+}

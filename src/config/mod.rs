@@ -25,7 +25,7 @@ mod raw;
 mod validate;
 
 pub use self::check::retain_share_of_disk;
-pub use self::files::permission_warnings;
+pub use self::files::{permission_warnings, sha256_hex};
 pub use self::raw::*;
 
 use figment::providers::{Env, Format, Toml};

@@ -341,16 +341,8 @@ impl RawConfig {
                 }
                 (None, _) => None,
             },
-            filters: r
-                .destinations
-                .iter()
-                .map(|d| rules.get(d).and_then(|x| x.filter.clone()))
-                .collect(),
-            orders: r
-                .destinations
-                .iter()
-                .map(|d| rules.get(d).and_then(|x| x.ordering.clone()))
-                .collect(),
+            filters: r.destinations.iter().map(|d| rules.get(d).and_then(|x| x.filter.clone())).collect(),
+            orders: r.destinations.iter().map(|d| rules.get(d).and_then(|x| x.ordering.clone())).collect(),
         }
     }
 }

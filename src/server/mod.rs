@@ -55,7 +55,6 @@ use tokio_util::task::TaskTracker;
 
 use crate::metrics::Metrics;
 
-
 /// Upper bound on the bytes of a request head (request line plus headers).
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 

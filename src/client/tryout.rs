@@ -81,9 +81,9 @@ async fn answer(req: http::Request<Incoming>, peer: SocketAddr, opts: &SinkOptio
 
 /// The callbacks `send-test` can send (`--sample`).
 pub const SAMPLES: [(&str, &str); 3] = [
-    ("customfields", include_str!("../tests/samples/carrierservice-customfields.json")),
-    ("fault", include_str!("../tests/samples/carrierservice-fault.json")),
-    ("nidd", include_str!("../tests/samples/niddservice-uplink.json")),
+    ("customfields", include_str!("../../tests/samples/carrierservice-customfields.json")),
+    ("fault", include_str!("../../tests/samples/carrierservice-fault.json")),
+    ("nidd", include_str!("../../tests/samples/niddservice-uplink.json")),
 ];
 
 /// What `send-test` found.
@@ -169,16 +169,16 @@ pub async fn send_test(
 /// destination delivered it), every destination is done with it and one
 /// dead-lettered it, or `wait` is over.
 async fn follow(config: &Config, id: &str, wait: Duration, mut lines: Vec<String>) -> anyhow::Result<TestReport> {
-    let target = crate::ctl::Target {
+    let target = crate::client::ctl::Target {
         admin: Some(format!("http://{}", loopback(config.admin.addr))),
         token: config.admin.token.as_ref().map(|t| t.expose().to_string()),
         config: None,
     };
-    let admin = crate::ctl::AdminClient::new(&target)?;
+    let admin = crate::client::ctl::AdminClient::new(&target)?;
     let deadline = Instant::now() + wait;
     let last = loop {
         match admin.message(id, false).await {
-            Err(crate::ctl::CtlError::NoSuchMessage(..)) => {
+            Err(crate::client::ctl::CtlError::NoSuchMessage(..)) => {
                 lines.push("delivered to every destination of the route".into());
                 return Ok(TestReport { lines, delivered: true });
             }
@@ -200,7 +200,7 @@ async fn follow(config: &Config, id: &str, wait: Duration, mut lines: Vec<String
                 let ended = |s: &&str| matches!(*s, "delivered" | "filtered" | "dead" | "purged");
                 if !states.is_empty() && states.iter().all(ended) {
                     lines.push("dead-lettered at a destination (waiting longer would not change that):".into());
-                    lines.extend(crate::ctl::message_text(&v).lines().map(str::to_string));
+                    lines.extend(crate::client::ctl::message_text(&v).lines().map(str::to_string));
                     return Ok(TestReport { lines, delivered: false });
                 }
                 if Instant::now() >= deadline {
@@ -212,7 +212,7 @@ async fn follow(config: &Config, id: &str, wait: Duration, mut lines: Vec<String
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     lines.push(format!("not delivered everywhere within {}:", humantime::format_duration(wait)));
-    lines.extend(crate::ctl::message_text(&last).lines().map(str::to_string));
+    lines.extend(crate::client::ctl::message_text(&last).lines().map(str::to_string));
     Ok(TestReport { lines, delivered: false })
 }
 

@@ -28,10 +28,7 @@
 //! adds or removes destinations is refused (restart the relays one by one).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, UNIX_EPOCH};
+use std::sync::Arc;
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -40,53 +37,8 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::delivery::Worker;
 use crate::metrics::Metrics;
-use crate::store::{lock, Capability, Store};
+use crate::store::{Capability, Store};
 use crate::wake::Wakers;
-
-/// The configuration file loaded, for `GET /api/config`.
-pub struct Loaded {
-    file: PathBuf,
-    state: Mutex<LoadedState>,
-    ok: AtomicU64,
-    failed: AtomicU64,
-}
-
-struct LoadedState {
-    sha256: String,
-    loaded_ms: u64,
-    last_error: Option<String>,
-}
-
-impl Loaded {
-    pub fn new(file: PathBuf) -> Loaded {
-        let sha256 = file_hash(&file);
-        Loaded {
-            file,
-            state: Mutex::new(LoadedState { sha256, loaded_ms: crate::store::now_ms(), last_error: None }),
-            ok: AtomicU64::new(0),
-            failed: AtomicU64::new(0),
-        }
-    }
-
-    pub fn to_json(&self) -> serde_json::Value {
-        let s = lock(&self.state);
-        serde_json::json!({
-            "file": self.file.display().to_string(),
-            "sha256": s.sha256,
-            "loaded_at": humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(s.loaded_ms)).to_string(),
-            "reloads": { "ok": self.ok.load(Ordering::Relaxed), "error": self.failed.load(Ordering::Relaxed) },
-            "last_error": s.last_error,
-        })
-    }
-}
-
-fn file_hash(path: &std::path::Path) -> String {
-    use sha2::{Digest, Sha256};
-    match std::fs::read(path) {
-        Ok(bytes) => Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect(),
-        Err(_) => String::new(),
-    }
-}
 
 /// A destination's running worker.
 struct Running {
@@ -106,7 +58,7 @@ pub(crate) struct Reloader {
     pub(crate) shutdown: CancellationToken,
     pub(crate) ingress: Arc<crate::ingress::Ingress>,
     pub(crate) admin: Arc<crate::admin::Admin>,
-    pub(crate) loaded: Arc<Loaded>,
+    pub(crate) loaded: Arc<crate::admin::Loaded>,
     /// Client certificates of destinations, by name (as loaded at start).
     pub(crate) client_certs: HashMap<String, crate::tls::CertStore>,
     /// The senders' credential headers by route, shared by the workers.
@@ -146,7 +98,7 @@ fn fingerprints(path: &std::path::Path) -> HashMap<String, String> {
                     let mut print = v.to_string();
                     secret_files(v, &mut |file| {
                         print.push('\0');
-                        print.push_str(&file_hash(std::path::Path::new(file)));
+                        print.push_str(&crate::config::sha256_hex(std::path::Path::new(file)));
                     });
                     (k.clone(), print)
                 })
@@ -180,7 +132,7 @@ impl Reloader {
         shutdown: CancellationToken,
         ingress: Arc<crate::ingress::Ingress>,
         admin: Arc<crate::admin::Admin>,
-        loaded: Arc<Loaded>,
+        loaded: Arc<crate::admin::Loaded>,
         client_certs: HashMap<String, crate::tls::CertStore>,
     ) -> Reloader {
         let credentials = Arc::new(arc_swap::ArcSwap::from_pointee(credential_map(&HashMap::new(), &config.routes)));
@@ -254,19 +206,13 @@ impl Reloader {
             }
             match self.reload().await {
                 Ok(summary) => {
-                    self.loaded.ok.fetch_add(1, Ordering::Relaxed);
+                    self.loaded.reloaded(crate::config::sha256_hex(&self.config.source));
                     self.metrics.config_reloads.with_label_values(&["ok"]).inc();
-                    let mut s = lock(&self.loaded.state);
-                    s.sha256 = file_hash(&self.config.source);
-                    s.loaded_ms = crate::store::now_ms();
-                    s.last_error = None;
-                    drop(s);
                     tracing::info!(file = %self.config.source.display(), changes = %summary, "configuration reloaded");
                 }
                 Err(e) => {
-                    self.loaded.failed.fetch_add(1, Ordering::Relaxed);
+                    self.loaded.refused(format!("{e:#}"));
                     self.metrics.config_reloads.with_label_values(&["error"]).inc();
-                    lock(&self.loaded.state).last_error = Some(format!("{e:#}"));
                     tracing::error!(
                         error = format!("{e:#}"),
                         "configuration reload refused; the running configuration stays"
@@ -320,7 +266,7 @@ impl Reloader {
         crate::delivery::preregister(&self.metrics, &new.destinations);
         self.ingress.routes.store(Arc::new(crate::config::route_table(&new.routes)));
         // Masked in answers as long as they are withheld.
-        let mut view = crate::admin::View::of(&new);
+        let mut view = admin_view(&new);
         for h in self.credentials.load().values().flatten() {
             if !view.sensitive.contains(h) {
                 view.sensitive.push(h.clone());
@@ -353,5 +299,22 @@ fn restart_needed(old: &Config, new: &Config) {
     }
     if !keys.is_empty() {
         tracing::warn!(keys = %keys.join(", "), "these settings changed but take effect only after a restart");
+    }
+}
+
+/// The admin API's part of `config` (replaced whole on reload).
+pub(crate) fn admin_view(config: &Config) -> crate::admin::View {
+    crate::admin::View {
+        destinations: config.destinations.iter().map(|d| d.name.to_string()).collect(),
+        ready_room: config.ingress.max_body,
+        token: config.admin.token.clone(),
+        allowed_hosts: config.admin.allowed_hosts.clone(),
+        routes: config
+            .routes
+            .iter()
+            .map(|r| (r.path.clone(), r.destinations.iter().map(|d| d.to_string()).collect()))
+            .collect(),
+        sensitive: config.routes.iter().flat_map(|r| r.credential_headers.iter().cloned()).collect(),
+        indexed: config.routes.iter().flat_map(|r| r.index.iter().map(|(name, _)| name.clone())).collect(),
     }
 }
