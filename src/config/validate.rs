@@ -295,55 +295,53 @@ impl RawConfig {
             max_body: r.max_body.unwrap_or(self.ingress.max_body),
             allow_ips: r.allow_ips.clone(),
             auth,
-            dedupe: match (&r.dedupe, r.dedupe_window) {
-                (Some(_), Some(_)) => {
-                    p.add(format!("{key}.dedupe"), "set dedupe or dedupe_window, not both");
-                    None
-                }
-                (Some(d), None) if d.window.is_zero() => {
-                    p.add(format!("{key}.dedupe.window"), "must be greater than 0");
-                    None
-                }
-                (Some(d), None) if d.ignore.iter().any(String::is_empty) => {
-                    p.add(format!("{key}.dedupe.ignore"), "an empty field name names nothing");
-                    None
-                }
-                (Some(d), None) if !d.ignore.is_empty() && (!d.fields.is_empty() || !d.headers.is_empty()) => {
-                    p.add(
-                        format!("{key}.dedupe"),
-                        "ignore (the body without some fields) or fields/headers (only those), not both",
-                    );
-                    None
-                }
-                (Some(d), None) => {
-                    let mut fields = Vec::new();
-                    for (i, f) in d.fields.iter().enumerate() {
-                        match crate::ingress::filter::parse_path(f) {
-                            Ok(steps) => fields.push((f.clone(), steps)),
-                            Err(e) => p.add(format!("{key}.dedupe.fields[{i}]"), e),
-                        }
-                    }
-                    let headers = d
-                        .headers
-                        .iter()
-                        .enumerate()
-                        .filter_map(|(i, h)| header_name(p, &format!("{key}.dedupe.headers[{i}]"), h))
-                        .collect();
-                    Some(crate::ingress::dedupe::DedupeRule {
-                        window: d.window,
-                        ignore: d.ignore.clone(),
-                        fields,
-                        headers,
-                    })
-                }
-                (None, Some(w)) if !w.is_zero() => {
-                    Some(crate::ingress::dedupe::DedupeRule { window: w, ..Default::default() })
-                }
-                (None, _) => None,
-            },
+            dedupe: validate_dedupe(p, &key, r),
             filters: r.destinations.iter().map(|d| rules.get(d).and_then(|x| x.filter.clone())).collect(),
             orders: r.destinations.iter().map(|d| rules.get(d).and_then(|x| x.ordering.clone())).collect(),
         }
+    }
+}
+
+/// A route's `dedupe` (or the older `dedupe_window`).
+fn validate_dedupe(p: &mut Problems, key: &str, r: &RawRoute) -> Option<crate::ingress::dedupe::DedupeRule> {
+    match (&r.dedupe, r.dedupe_window) {
+        (Some(_), Some(_)) => {
+            p.add(format!("{key}.dedupe"), "set dedupe or dedupe_window, not both");
+            None
+        }
+        (Some(d), None) if d.window.is_zero() => {
+            p.add(format!("{key}.dedupe.window"), "must be greater than 0");
+            None
+        }
+        (Some(d), None) if d.ignore.iter().any(String::is_empty) => {
+            p.add(format!("{key}.dedupe.ignore"), "an empty field name names nothing");
+            None
+        }
+        (Some(d), None) if !d.ignore.is_empty() && (!d.fields.is_empty() || !d.headers.is_empty()) => {
+            p.add(
+                format!("{key}.dedupe"),
+                "ignore (the body without some fields) or fields/headers (only those), not both",
+            );
+            None
+        }
+        (Some(d), None) => {
+            let mut fields = Vec::new();
+            for (i, f) in d.fields.iter().enumerate() {
+                match crate::ingress::filter::parse_path(f) {
+                    Ok(steps) => fields.push((f.clone(), steps)),
+                    Err(e) => p.add(format!("{key}.dedupe.fields[{i}]"), e),
+                }
+            }
+            let headers = d
+                .headers
+                .iter()
+                .enumerate()
+                .filter_map(|(i, h)| header_name(p, &format!("{key}.dedupe.headers[{i}]"), h))
+                .collect();
+            Some(crate::ingress::dedupe::DedupeRule { window: d.window, ignore: d.ignore.clone(), fields, headers })
+        }
+        (None, Some(w)) if !w.is_zero() => Some(crate::ingress::dedupe::DedupeRule { window: w, ..Default::default() }),
+        (None, _) => None,
     }
 }
 

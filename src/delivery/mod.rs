@@ -167,6 +167,8 @@ impl Worker {
 
     /// Runs until `shutdown`, then waits up to `grace` for attempts in flight;
     /// any still running are abandoned (their entries stay pending).
+    /// Long on purpose: the scheduler, one loop whose state (in flight,
+    /// breaker, bucket, pause) every branch of its `select!` reads.
     pub async fn run(self, shutdown: CancellationToken, grace: Duration) {
         let this = Arc::new(self);
         let name = this.dest.name.clone();

@@ -12,6 +12,7 @@ mod flow;
 mod ha;
 mod hostile;
 mod jetstream;
+mod layout;
 mod messages;
 mod mtls;
 mod nats;

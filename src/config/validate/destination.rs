@@ -10,34 +10,7 @@ pub(super) fn validate_destination(
     d: &RawDestination,
 ) -> Option<(Destination, IngressRules)> {
     let before = p.0.len();
-    let parsed = match url::Url::parse(&d.url) {
-        Ok(u) => Some(u),
-        Err(e) => {
-            p.add(format!("{key}.url"), format!("invalid URL: {e}"));
-            None
-        }
-    };
-    let mut basic_auth = None;
-    let mut uri = None;
-    if let Some(mut u) = parsed {
-        if u.scheme() != "http" && u.scheme() != "https" {
-            p.add(format!("{key}.url"), format!("unsupported URL scheme {:?} (use http or https)", u.scheme()));
-        } else if u.host_str().is_none_or(str::is_empty) {
-            p.add(format!("{key}.url"), "URL has no host");
-        } else {
-            if !u.username().is_empty() || u.password().is_some() {
-                let user = percent_decode(u.username());
-                let pass = percent_decode(u.password().unwrap_or_default());
-                basic_auth = Some(Secret::new(format!("{user}:{pass}")));
-                let _ = u.set_username("");
-                let _ = u.set_password(None);
-            }
-            match u.as_str().parse::<http::Uri>() {
-                Ok(parsed) => uri = Some(parsed),
-                Err(e) => p.add(format!("{key}.url"), format!("invalid URL: {e}")),
-            }
-        }
-    }
+    let (uri, basic_auth) = validate_url(p, key, &d.url);
     if d.concurrency == 0 {
         p.add(format!("{key}.concurrency"), "must be greater than 0");
     }
@@ -47,36 +20,9 @@ pub(super) fn validate_destination(
     if d.connect_timeout.is_zero() {
         p.add(format!("{key}.connect_timeout"), "must be greater than 0");
     }
-    for (i, s) in d.retry_on.iter().enumerate() {
-        if !(400..500).contains(s) {
-            p.add(format!("{key}.retry_on[{i}]"), format!("{s} is not a 4xx status (5xx are always retried)"));
-        }
-    }
+    check_retry(p, key, d);
     let r = &d.retry;
-    if r.initial.is_zero() {
-        p.add(format!("{key}.retry.initial"), "must be greater than 0");
-    }
-    if r.max_interval < r.initial {
-        p.add(format!("{key}.retry.max_interval"), "must not be less than retry.initial");
-    }
-    if !(r.multiplier >= 1.0 && r.multiplier.is_finite()) {
-        p.add(format!("{key}.retry.multiplier"), "must be a number >= 1.0");
-    }
-    if !(0.0..1.0).contains(&r.jitter) {
-        p.add(format!("{key}.retry.jitter"), "must be in [0.0, 1.0)");
-    }
-    if r.max_age.is_zero() {
-        p.add(format!("{key}.retry.max_age"), "must be greater than 0");
-    }
-    let mut extra_roots = Vec::new();
-    if let Some(ca) = &d.ca_file {
-        use rustls::pki_types::pem::PemObject;
-        match rustls::pki_types::CertificateDer::pem_file_iter(ca).and_then(|it| it.collect::<Result<Vec<_>, _>>()) {
-            Ok(certs) if !certs.is_empty() => extra_roots = certs,
-            Ok(_) => p.add(format!("{key}.ca_file"), format!("no PEM certificate in {}", ca.display())),
-            Err(e) => p.add(format!("{key}.ca_file"), format!("cannot read {}: {e}", ca.display())),
-        }
-    }
+    let extra_roots = extra_roots(p, key, d);
     let headers = validate_header_policy(p, key, d);
     let rate_limit = d.rate_limit.as_ref().and_then(|r| {
         let k = format!("{key}.rate_limit");
@@ -151,6 +97,79 @@ pub(super) fn validate_destination(
         },
     };
     Some((dest, rules))
+}
+
+/// The destination's URL without userinfo, and the userinfo as Basic
+/// credentials (a secret from here on).
+fn validate_url(p: &mut Problems, key: &str, url: &str) -> (Option<http::Uri>, Option<Secret>) {
+    let parsed = match url::Url::parse(url) {
+        Ok(u) => Some(u),
+        Err(e) => {
+            p.add(format!("{key}.url"), format!("invalid URL: {e}"));
+            None
+        }
+    };
+    let mut basic_auth = None;
+    let mut uri = None;
+    if let Some(mut u) = parsed {
+        if u.scheme() != "http" && u.scheme() != "https" {
+            p.add(format!("{key}.url"), format!("unsupported URL scheme {:?} (use http or https)", u.scheme()));
+        } else if u.host_str().is_none_or(str::is_empty) {
+            p.add(format!("{key}.url"), "URL has no host");
+        } else {
+            if !u.username().is_empty() || u.password().is_some() {
+                let user = percent_decode(u.username());
+                let pass = percent_decode(u.password().unwrap_or_default());
+                basic_auth = Some(Secret::new(format!("{user}:{pass}")));
+                let _ = u.set_username("");
+                let _ = u.set_password(None);
+            }
+            match u.as_str().parse::<http::Uri>() {
+                Ok(parsed) => uri = Some(parsed),
+                Err(e) => p.add(format!("{key}.url"), format!("invalid URL: {e}")),
+            }
+        }
+    }
+    (uri, basic_auth)
+}
+
+/// `retry_on` and `[destinations.NAME.retry]`.
+fn check_retry(p: &mut Problems, key: &str, d: &RawDestination) {
+    for (i, s) in d.retry_on.iter().enumerate() {
+        if !(400..500).contains(s) {
+            p.add(format!("{key}.retry_on[{i}]"), format!("{s} is not a 4xx status (5xx are always retried)"));
+        }
+    }
+    let r = &d.retry;
+    if r.initial.is_zero() {
+        p.add(format!("{key}.retry.initial"), "must be greater than 0");
+    }
+    if r.max_interval < r.initial {
+        p.add(format!("{key}.retry.max_interval"), "must not be less than retry.initial");
+    }
+    if !(r.multiplier >= 1.0 && r.multiplier.is_finite()) {
+        p.add(format!("{key}.retry.multiplier"), "must be a number >= 1.0");
+    }
+    if !(0.0..1.0).contains(&r.jitter) {
+        p.add(format!("{key}.retry.jitter"), "must be in [0.0, 1.0)");
+    }
+    if r.max_age.is_zero() {
+        p.add(format!("{key}.retry.max_age"), "must be greater than 0");
+    }
+}
+
+/// `ca_file`: extra trusted roots, read now.
+fn extra_roots(p: &mut Problems, key: &str, d: &RawDestination) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    let mut extra_roots = Vec::new();
+    if let Some(ca) = &d.ca_file {
+        use rustls::pki_types::pem::PemObject;
+        match rustls::pki_types::CertificateDer::pem_file_iter(ca).and_then(|it| it.collect::<Result<Vec<_>, _>>()) {
+            Ok(certs) if !certs.is_empty() => extra_roots = certs,
+            Ok(_) => p.add(format!("{key}.ca_file"), format!("no PEM certificate in {}", ca.display())),
+            Err(e) => p.add(format!("{key}.ca_file"), format!("cannot read {}: {e}", ca.display())),
+        }
+    }
+    extra_roots
 }
 
 /// What ingress applies for a destination (`filter`, `ordering`): kept out

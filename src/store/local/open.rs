@@ -21,6 +21,8 @@ impl Local {
 
     /// Opens (or creates) the store at `path`. Must run inside a tokio runtime:
     /// it starts the flusher. `on_flush` observes each flush (duration, ok).
+    /// Long on purpose: one sequence (lock, check the format, rebuild, build
+    /// `Inner` field by field, start the threads), each step once.
     pub fn open(
         path: &Path,
         opts: StoreOptions,

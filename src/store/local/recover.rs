@@ -83,6 +83,11 @@ impl Builder {
     }
 }
 
+/// Rebuilds memory from disk: retained keys, done marks, kept copies,
+/// then the log, then the clean-ups recovery decides on.
+/// Long on purpose: one algorithm over one set of maps; its steps share
+/// them and their order is the point (a kept copy wins over its frame, a
+/// retained key holds only if nothing says otherwise).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn rebuild(
     disk: std::sync::Arc<dyn super::disk::Disk>,

@@ -250,6 +250,8 @@ impl SegmentLog {
 
     /// Writes and syncs everything pushed so far (flusher only). Seals the
     /// segment and starts the next one once it is full.
+    /// Long on purpose: the group commit, one algorithm whose failure paths
+    /// (cut the batch, poison the log) must sit next to the writes they undo.
     pub(crate) fn flush(&self) -> Result<Placed, LogError> {
         if self.broken.load(Ordering::SeqCst) {
             return Err(LogError::Broken);

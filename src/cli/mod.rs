@@ -1,12 +1,51 @@
-//! Command-line interface: `switchboard run`, `check`, `repair`, `keygen`;
-//! and, against a running relay's admin API (`ctl.rs`), `status`, `dlq`
-//! and `destinations`.
+//! Command-line interface: the clap definitions and [`dispatch`], which
+//! runs each command: `relay.rs` (`run`, `check`, `repair`, `keygen`) and
+//! `operate.rs` (against a running relay's admin API: `status`,
+//! `messages`, `dlq`, `destinations`; `sink` and `send-test`).
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 use crate::config::LogFormat;
+
+mod operate;
+mod relay;
+
+/// Exit status for an invalid configuration (sysexits' EX_CONFIG).
+pub const EXIT_CONFIG: u8 = 78;
+
+/// The configuration at `path`, or the exit status after saying why not.
+fn load(path: &std::path::Path) -> Result<crate::config::Config, ExitCode> {
+    crate::config::Config::load(path).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+/// Runs `f` to its end on a runtime of its own (`multi`: all cores, for
+/// the relay and receivers; otherwise one thread, for a client).
+fn block_on<T>(multi: bool, f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    let mut builder =
+        if multi { tokio::runtime::Builder::new_multi_thread() } else { tokio::runtime::Builder::new_current_thread() };
+    builder.enable_all().build()?.block_on(f)
+}
+
+/// Runs one command; its exit status.
+pub fn dispatch(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Check { config } => relay::check(config),
+        Command::Keygen { ed25519 } => relay::keygen(ed25519),
+        Command::Repair { config } => relay::repair(config),
+        Command::Run { config, log_format } => relay::run(config, log_format),
+        Command::Sink { addr, status, delay, fail_ratio, fail_status } => {
+            operate::sink(addr, status, delay, fail_ratio, fail_status)
+        }
+        Command::SendTest { config, route, sample, wait } => operate::send_test(config, route, sample, wait),
+        admin => operate::admin(admin),
+    }
+}
 
 /// Store-and-forward webhook fan-out relay: one callback URL in, durable
 /// at-least-once delivery to every configured destination out.

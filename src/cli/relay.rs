@@ -1,0 +1,153 @@
+//! The commands that run or look after the relay itself: `run`, `check`,
+//! `repair`, `keygen`; with the process set-up they need (logging, the
+//! umask, the runtime, signals).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use tokio_util::sync::CancellationToken;
+
+use super::{CliLogFormat, EXIT_CONFIG};
+use crate::config::{Config, LogFormat};
+
+/// `switchboard check`: validates, prints the configuration (secrets
+/// masked) and what it means, warns.
+pub fn check(config: PathBuf) -> ExitCode {
+    match Config::load_raw(&config).and_then(|raw| {
+        let printed = format!(
+            "# store encryption: {}\n# delivered messages: {}\n{}",
+            raw.encryption_summary(),
+            raw.retention_summary(),
+            raw.to_masked_toml()
+        );
+        let mut warnings = raw.warnings();
+        warnings.extend(crate::config::permission_warnings(&raw, &config));
+        raw.validate(&config).map(|_| (printed, warnings))
+    }) {
+        Ok((printed, warnings)) => {
+            for w in &warnings {
+                eprintln!("warning: {w}");
+            }
+            println!("# {}: valid", config.display());
+            print!("{printed}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+/// `switchboard keygen`.
+pub fn keygen(ed25519: bool) -> ExitCode {
+    if ed25519 {
+        let (secret, public) = crate::delivery::signing::new_ed25519_pair();
+        println!("# for the relay ([destinations.NAME.signing] secrets):\n{secret}");
+        println!("# for the receiver (verifies v1a signatures):\n{public}");
+    } else {
+        println!("{}", crate::delivery::signing::new_hmac_secret());
+    }
+    ExitCode::SUCCESS
+}
+
+/// `switchboard repair`.
+pub fn repair(config: PathBuf) -> ExitCode {
+    let config = match super::load(&config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    private_files();
+    init_logging(LogFormat::Human, "info");
+    let done = super::block_on(true, crate::repair(&config));
+    match done {
+        Ok(lines) => {
+            println!("# store {}: opens", config.store.path.display());
+            for l in lines {
+                println!("{l}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `switchboard run`.
+pub fn run(path: PathBuf, log_format: Option<CliLogFormat>) -> ExitCode {
+    let loaded = Config::load_raw(&path).and_then(|raw| {
+        let warnings = crate::config::permission_warnings(&raw, &path);
+        raw.validate(&path).map(|c| (c, warnings))
+    });
+    let (config, warnings) = match loaded {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    private_files();
+    init_logging(log_format.map(Into::into).unwrap_or(config.log.format), &config.log.level);
+    for w in warnings {
+        tracing::warn!(problem = %w, "file permissions");
+    }
+    match serve(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Logging is set up (to stderr): one line, not two. The
+            // error is the message itself, so the human format
+            // prints it as written (a field's value would be quoted
+            // and escaped).
+            tracing::error!("switchboard stopped: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Makes every file and directory the relay creates from here on private
+/// to its user (0600, 0700), whatever umask it was started with: the store
+/// holds callback bodies and the credentials in them. A stricter umask the
+/// operator chose is kept (077 is only added).
+fn private_files() {
+    use nix::sys::stat::{umask, Mode};
+    let old = umask(Mode::from_bits_truncate(0o077));
+    umask(old | Mode::from_bits_truncate(0o077));
+}
+
+fn init_logging(format: LogFormat, level: &str) {
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // h2 warns once per connection it closes for a rapid-reset flood; the
+    // server counts those and logs them once a second (`server/mod.rs`).
+    // A filter that names h2 itself is left as written.
+    let named = std::env::var("RUST_LOG").map_or_else(|_| level.contains("h2"), |v| v.contains("h2"));
+    if !named {
+        if let Ok(d) = "h2=error".parse() {
+            filter = filter.add_directive(d);
+        }
+    }
+    // Colour only for a person at a terminal: never in files or journals,
+    // and never when NO_COLOR is set (https://no-color.org).
+    use std::io::IsTerminal;
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(colour).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn serve(config: Config) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let listeners = crate::Listeners::bind(&config).await?;
+        let shutdown = CancellationToken::new();
+        let reload = std::sync::Arc::new(tokio::sync::Notify::new());
+        crate::relay::shutdown::on_signals(shutdown.clone(), reload.clone())?;
+        crate::run_with_reload(config, listeners, shutdown, reload).await
+    })
+}
