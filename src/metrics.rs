@@ -345,7 +345,7 @@ impl Metrics {
             let age = s.oldest_received_ms.map(|t| now.saturating_sub(t) as f64 / 1000.0).unwrap_or(0.0);
             self.queue_oldest_age.with_label_values(&[d]).set(age);
             self.dead_letters.with_label_values(&[d]).set(s.dead as f64);
-            let paused = if store.paused_reason(d).is_some() { 1.0 } else { 0.0 };
+            let paused = if store.paused(d).is_some() { 1.0 } else { 0.0 };
             self.destination_paused.with_label_values(&[d]).set(paused);
         }
         self.store_bytes.set(store.bytes() as i64);

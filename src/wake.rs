@@ -8,7 +8,7 @@
 //! each other.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU8;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::Notify;
@@ -18,7 +18,7 @@ use crate::recent::Recent;
 #[derive(Clone)]
 struct Shared {
     wake: Arc<Notify>,
-    breaker: Arc<AtomicU8>,
+    breaker: Arc<BreakerCell>,
     recent: Arc<Recent>,
 }
 
@@ -60,19 +60,14 @@ impl Wakers {
         self.0.load().get(destination).map(|s| s.wake.clone()).unwrap_or_default()
     }
 
-    /// The destination's breaker state by name: "closed", "open" or
-    /// "half_open" (the cell holds 0, 1 or 2; `delivery/breaker.rs` writes it).
-    pub fn breaker_state(&self, destination: &str) -> &'static str {
-        match self.breaker(destination).load(std::sync::atomic::Ordering::Relaxed) {
-            1 => "open",
-            2 => "half_open",
-            _ => "closed",
-        }
+    /// The destination's breaker state (closed for an unknown name).
+    pub fn breaker_state(&self, destination: &str) -> BreakerState {
+        self.breaker(destination).get()
     }
 
-    /// The cell holding the destination's breaker state (0 closed, 1 open,
-    /// 2 half-open).
-    pub fn breaker(&self, destination: &str) -> Arc<AtomicU8> {
+    /// The cell holding the destination's breaker state (the worker's
+    /// breaker writes it, the admin API reads it).
+    pub fn breaker(&self, destination: &str) -> Arc<BreakerCell> {
         self.0.load().get(destination).map(|s| s.breaker.clone()).unwrap_or_default()
     }
 
@@ -84,5 +79,48 @@ impl Wakers {
             .get(destination)
             .map(|s| s.recent.clone())
             .unwrap_or_else(|| Arc::new(Recent::new(crate::text::now_ms())))
+    }
+}
+
+/// A destination's circuit breaker state (`delivery/breaker.rs` moves it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BreakerState {
+    #[default]
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl BreakerState {
+    /// As the admin API and metrics name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+        }
+    }
+}
+
+/// A [`BreakerState`] shared between a worker and the admin API.
+#[derive(Debug, Default)]
+pub struct BreakerCell(AtomicU8);
+
+impl BreakerCell {
+    pub fn get(&self) -> BreakerState {
+        match self.0.load(Ordering::Relaxed) {
+            1 => BreakerState::Open,
+            2 => BreakerState::HalfOpen,
+            _ => BreakerState::Closed,
+        }
+    }
+
+    pub fn set(&self, s: BreakerState) {
+        let v = match s {
+            BreakerState::Closed => 0,
+            BreakerState::Open => 1,
+            BreakerState::HalfOpen => 2,
+        };
+        self.0.store(v, Ordering::Relaxed);
     }
 }

@@ -66,7 +66,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 
 use crate::metrics::Metrics;
-use crate::store::{now_ms, Capability, Store};
+use crate::store::{now_ms, Capability, Pause, Store};
 use crate::wake::Wakers;
 
 mod loaded;
@@ -340,9 +340,9 @@ impl Admin {
                     "pending": s.depth,
                     "oldest_age_seconds": s.oldest_received_ms.map(|t| now.saturating_sub(t) as f64 / 1000.0),
                     "dead_letters": s.dead,
-                    "state": if self.store.paused_reason(d).is_some() { "paused" } else { "active" },
-                    "breaker": self.wakers.breaker_state(d),
-                    "paused_reason": self.store.paused_reason(d),
+                    "state": if self.store.paused(d).is_some() { "paused" } else { "active" },
+                    "breaker": self.wakers.breaker_state(d).as_str(),
+                    "paused_reason": self.store.paused(d).map(Pause::reason),
                     "delivered_per_second": recent.delivered_per_second,
                     "recent": {
                         "bucket_seconds": recent.bucket_seconds,
@@ -421,8 +421,7 @@ impl Admin {
         if !self.view.load().destinations.iter().any(|d| d == dest) {
             return json(StatusCode::NOT_FOUND, serde_json::json!({ "error": "unknown destination" }));
         }
-        let reason = pause.then(|| "paused by an operator".to_string());
-        match self.store.set_paused(dest, reason).await {
+        match self.store.set_paused(dest, pause.then_some(Pause::Operator)).await {
             Ok(()) => {
                 if !pause {
                     // Resumed: retries that waited out the pause go now.

@@ -9,8 +9,9 @@
 //! message's attempt count is spent (`max_age` still applies as
 //! configured: it counts from receipt).
 
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
+
+use crate::wake::BreakerCell;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -24,31 +25,7 @@ pub struct BreakerConfig {
     pub cool_down: Duration,
 }
 
-/// A breaker's state, shared with the admin API and metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
-    Closed = 0,
-    Open = 1,
-    HalfOpen = 2,
-}
-
-impl State {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::Closed => "closed",
-            State::Open => "open",
-            State::HalfOpen => "half_open",
-        }
-    }
-
-    pub fn load(cell: &AtomicU8) -> State {
-        match cell.load(Ordering::Relaxed) {
-            1 => State::Open,
-            2 => State::HalfOpen,
-            _ => State::Closed,
-        }
-    }
-}
+pub use crate::wake::BreakerState as State;
 
 /// What the worker may lease now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,21 +46,21 @@ pub struct Breaker {
     cool: Duration,
     open_until: Option<Instant>,
     probing: bool,
-    shared: Arc<AtomicU8>,
+    shared: Arc<BreakerCell>,
 }
 
 impl Breaker {
-    pub fn new(cfg: BreakerConfig, shared: Arc<AtomicU8>) -> Breaker {
-        shared.store(State::Closed as u8, Ordering::Relaxed);
+    pub fn new(cfg: BreakerConfig, shared: Arc<BreakerCell>) -> Breaker {
+        shared.set(State::Closed);
         Breaker { cfg, consecutive: 0, cool: cfg.cool_down, open_until: None, probing: false, shared }
     }
 
     pub fn state(&self) -> State {
-        State::load(&self.shared)
+        self.shared.get()
     }
 
     fn set(&self, s: State) {
-        self.shared.store(s as u8, Ordering::Relaxed);
+        self.shared.set(s);
     }
 
     /// What may be leased now (turns open into half-open once cooled down).

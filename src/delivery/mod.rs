@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::retry::{Action, Outcome, TransportError};
 use crate::metrics::Metrics;
-use crate::store::{now_ms, Lease, Settle, Store};
+use crate::store::{now_ms, Lease, Pause, Settle, Store};
 use crate::wake::Wakers;
 
 pub mod breaker;
@@ -76,9 +76,6 @@ type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes
 /// How much of a destination's response body we read (and discard) so the
 /// connection can be reused; beyond this the connection is dropped.
 const MAX_RESPONSE_BODY: usize = 64 * 1024;
-
-/// The pause reason `paused = true` in the configuration sets.
-const CONFIG_PAUSE: &str = "paused in the configuration";
 
 /// How long a scheduler waits before leasing again after a store failure.
 const STORE_ERROR_PAUSE: Duration = Duration::from_secs(1);
@@ -133,7 +130,7 @@ pub struct Worker {
     client_cert: Option<crate::tls::CertStore>,
     wake: Arc<Notify>,
     /// This destination's breaker state, as the admin API sees it.
-    breaker_state: Arc<std::sync::atomic::AtomicU8>,
+    breaker_state: Arc<crate::wake::BreakerCell>,
     /// Its last 15 minutes of settled attempts, for the admin API.
     recent: Arc<crate::recent::Recent>,
 }
@@ -176,9 +173,9 @@ impl Worker {
         // configuration sets it at every start (and removing the key clears
         // that pause at the next start); a 410 or an operator sets it at run
         // time, and only the admin API's resume clears that.
-        let from_config = this.store.paused_reason(&name).as_deref() == Some(CONFIG_PAUSE);
-        let change = match (this.dest.paused, this.store.paused_reason(&name).is_some()) {
-            (true, false) => Some(Some(CONFIG_PAUSE.to_string())),
+        let from_config = this.store.paused(&name) == Some(Pause::Configuration);
+        let change = match (this.dest.paused, this.store.paused(&name).is_some()) {
+            (true, false) => Some(Some(Pause::Configuration)),
             (false, true) if from_config => Some(None),
             _ => None,
         };
@@ -187,8 +184,8 @@ impl Worker {
                 this.store_failed(&e);
             }
         }
-        if let Some(why) = this.store.paused_reason(&name) {
-            tracing::info!(destination = %name, reason = %why, "destination paused: messages are queued, not delivered");
+        if let Some(why) = this.store.paused(&name) {
+            tracing::info!(destination = %name, reason = why.reason(), "destination paused: messages are queued, not delivered");
         }
         let limit = this.dest.concurrency;
         let mut inflight: HashSet<u64> = HashSet::new();
@@ -210,7 +207,7 @@ impl Worker {
             }
             if let Some(p) = paused_until {
                 deadline = Some(p);
-            } else if this.store.paused_reason(&name).is_some() {
+            } else if this.store.paused(&name).is_some() {
                 // Paused: lease nothing until resumed (the resume wakes us).
             } else if inflight.len() < limit {
                 let mut room = limit - inflight.len();
@@ -381,7 +378,7 @@ impl Worker {
             let v = if s == state { 1.0 } else { 0.0 };
             self.metrics.breaker_state.with_label_values(&[name, s.as_str()]).set(v);
         }
-        self.breaker_state.store(state as u8, std::sync::atomic::Ordering::Relaxed);
+        self.breaker_state.set(state);
     }
 
     /// Publishes a change of the breaker's state and logs it once (a close
@@ -415,9 +412,9 @@ impl Worker {
             self.store_failed(&e);
             return false;
         }
-        if self.store.paused_reason(name).is_none() {
+        if self.store.paused(name).is_none() {
             tracing::warn!(destination = name, "destination answered 410 Gone: paused until an operator resumes it (POST /api/destinations/{name}/resume)");
-            if let Err(e) = self.store.set_paused(name, Some("the destination answered 410 Gone".into())).await {
+            if let Err(e) = self.store.set_paused(name, Some(Pause::Gone)).await {
                 self.store_failed(&e);
                 return false;
             }

@@ -14,7 +14,7 @@ use super::jetstream::{Jet, JetConfig};
 use super::local::Local;
 use super::{
     Appended, AppendedIn, Capabilities, Capability, DeadLetter, DestStats, Draft, Due, Inspection, Lease, Marks,
-    MessageQuery, MessageRecord, Page, Selection, Settle, Source, StoreError, StoreKind, StoreOptions,
+    MessageQuery, MessageRecord, Page, Pause, Selection, Settle, Source, StoreError, StoreKind, StoreOptions,
 };
 
 /// The durable store the relay runs on. Cheap to clone.
@@ -331,16 +331,18 @@ impl Store {
 
     // --- Destination state (admin, delivery) --------------------------------
 
-    /// Why `dest` is paused at run time (a 410 from it, or an operator), if it is.
-    pub fn paused_reason(&self, dest: &str) -> Option<String> {
-        match &self.0 {
+    /// Why `dest` is paused, if it is.
+    pub fn paused(&self, dest: &str) -> Option<Pause> {
+        let stored = match &self.0 {
             Backend::Local(s) => s.paused_reason(dest),
             Backend::Jet(s) => s.paused_reason(dest),
-        }
+        };
+        stored.as_deref().map(Pause::from_stored)
     }
 
     /// Pauses (`Some(why)`) or resumes (`None`) `dest`; persisted.
-    pub async fn set_paused(&self, dest: &str, reason: Option<String>) -> Result<(), StoreError> {
+    pub async fn set_paused(&self, dest: &str, pause: Option<Pause>) -> Result<(), StoreError> {
+        let reason = pause.map(|p| p.reason().to_string());
         match &self.0 {
             Backend::Local(s) => s.set_paused(dest, reason).await,
             Backend::Jet(s) => s.set_paused(dest, reason).await,

@@ -211,3 +211,45 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // that cannot panic midway, so a poisoned lock still guards consistent data.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+/// Why a destination is paused. Stored as its [`Pause::reason`] text (what
+/// the admin API shows), read back by [`Pause::from_stored`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pause {
+    /// `paused = true` in the configuration: set at every start, cleared
+    /// when the key goes.
+    Configuration,
+    /// The destination answered `410 Gone`: until an operator resumes it.
+    Gone,
+    /// An operator paused it (admin API, CLI, status page).
+    Operator,
+}
+
+impl Pause {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Pause::Configuration => "paused in the configuration",
+            Pause::Gone => "the destination answered 410 Gone",
+            Pause::Operator => "paused by an operator",
+        }
+    }
+
+    /// A stored reason; a text this build did not write counts as an
+    /// operator's pause (only an operator's resume clears it).
+    pub fn from_stored(reason: &str) -> Pause {
+        [Pause::Configuration, Pause::Gone].into_iter().find(|p| p.reason() == reason).unwrap_or(Pause::Operator)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pause;
+
+    #[test]
+    fn a_pause_reads_back_as_written_and_an_unknown_reason_as_an_operators() {
+        for p in [Pause::Configuration, Pause::Gone, Pause::Operator] {
+            assert_eq!(Pause::from_stored(p.reason()), p);
+        }
+        assert_eq!(Pause::from_stored("paused by hand in 2025"), Pause::Operator);
+    }
+}
