@@ -242,3 +242,21 @@ fn fn_len(lines: &[&str]) -> usize {
     }
     lines.len()
 }
+
+/// ARCHITECTURE.md's capability table is the code's (`store/capabilities.rs`).
+#[test]
+fn the_capability_table_in_architecture_md_is_the_codes() {
+    use switchboard::store::{Capability, StoreKind};
+    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("ARCHITECTURE.md")).expect("read");
+    for c in Capability::ALL {
+        let row = doc
+            .lines()
+            .find(|l| l.starts_with(&format!("| `{}`", c.name())))
+            .unwrap_or_else(|| panic!("ARCHITECTURE.md has no row for `{}`", c.name()));
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        for (kind, cell) in [(StoreKind::Local, cells[2]), (StoreKind::JetStream, cells[3])] {
+            let has = kind.capabilities().has(c);
+            assert_eq!(cell.starts_with("yes"), has, "{}: {kind} says {cell:?}, the code says {has}", c.name());
+        }
+    }
+}

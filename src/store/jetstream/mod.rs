@@ -41,8 +41,8 @@
 //! A relay killed mid-attempt stops renewing its leases, and the server
 //! redelivers them after `ack_wait`. A closing relay naks what it holds.
 //!
-//! **Not available on this backend** (the configuration check refuses
-//! them): ordering per key, encryption at rest.
+//! What this backend cannot do is its row in `store/capabilities.rs`
+//! (the configuration check refuses those keys; the admin API answers 501).
 
 mod dead;
 mod flow;
