@@ -2,7 +2,7 @@
 //! backend provides. [`Store`] dispatches to its backend with a `match`
 //! (enum dispatch): the async methods stay plain `async fn`s, with no boxed
 //! futures and no `dyn`, and a second backend (NATS JetStream) is one more
-//! variant. Measured: the match costs nothing the benchmark can see (README,
+//! variant. Measured: the match costs nothing the benchmark can see (docs/benchmarks.md,
 //! Benchmark: before and after the store restructuring).
 
 use std::collections::HashSet;

@@ -85,14 +85,11 @@ impl RelayProcess {
 
     /// Waits for the child to exit (polling; a child has no async handle here).
     pub async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "relay did not exit within {within:?}");
-            tokio::time::sleep(POLL).await;
-        }
+        eventually!(
+            within,
+            "the relay's exit",
+            self.child.try_wait().expect("try_wait").ok_or_else(|| "running".to_string())
+        )
     }
 
     pub fn child_running(&mut self) -> bool {
@@ -107,16 +104,14 @@ impl RelayProcess {
     /// returns the text that satisfied it.
     pub async fn wait_metrics(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
         let url = format!("http://{}/metrics", self.admin);
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let (_, _, m) = get(&url).await;
-            let text = String::from_utf8_lossy(&m).into_owned();
+        eventually!(WAIT, what, {
+            let text = String::from_utf8_lossy(&get(&url).await.2).into_owned();
             if pred(&text) {
-                return text;
+                Ok(text)
+            } else {
+                Err(text)
             }
-            assert!(tokio::time::Instant::now() < deadline, "{what}: not within {WAIT:?}:\n{text}");
-            tokio::time::sleep(POLL).await; // polling another process's metrics, bounded
-        }
+        })
     }
 }
 

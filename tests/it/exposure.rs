@@ -423,11 +423,14 @@ async fn readyz_is_503_while_callbacks_are_refused_and_recovers_by_itself() {
     assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
     assert!(String::from_utf8_lossy(&body).contains("store is full"), "{}", String::from_utf8_lossy(&body));
     up.store(true, Ordering::SeqCst);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while get(&relay.admin_url("/readyz")).await.0 != 200 {
-        assert!(tokio::time::Instant::now() < deadline, "readyz never turned 200 after the backlog drained");
-        tokio::time::sleep(POLL).await; // polling a probe endpoint, bounded
-    }
+    eventually!(WAIT, "readyz 200 after the backlog drained", {
+        let (s, _, b) = get(&relay.admin_url("/readyz")).await;
+        if s == 200 {
+            Ok(())
+        } else {
+            Err(format!("{s} {}", String::from_utf8_lossy(&b)))
+        }
+    });
     assert_eq!(post(&relay.url("/in"), "text/plain", "again").await.0, 200);
 }
 
@@ -435,13 +438,7 @@ async fn readyz_is_503_while_callbacks_are_refused_and_recovers_by_itself() {
 /// right after someone else filled the disk past the floor got 200.
 #[tokio::test]
 async fn free_space_is_checked_at_the_moment_of_accepting() {
-    let fs = match crate::promises::Tmpfs::mount("64m") {
-        Ok(fs) => fs,
-        Err(why) => {
-            eprintln!("SKIPPED free-space test: cannot mount a tmpfs here ({why})");
-            return;
-        }
-    };
+    let fs = crate::promises::Tmpfs::mount_or_fail("64m");
     let r = TestReceiver::ok().await;
     let store = fs.path().join("store");
     let toml = config(&[("a", &r.url("/a"), "")]).replace(
@@ -506,15 +503,14 @@ async fn human_logs_to_a_file_have_no_colour_codes() {
         .stderr(log)
         .spawn()
         .expect("spawn");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let text = loop {
+    let text = eventually!(WAIT, "the start line in the log file", {
         let text = std::fs::read_to_string(dir.path().join("relay.log")).unwrap_or_default();
         if text.contains("switchboard started") {
-            break text;
+            Ok(text)
+        } else {
+            Err(text)
         }
-        assert!(tokio::time::Instant::now() < deadline, "no start line: {text}");
-        tokio::time::sleep(POLL).await; // polling a file another process writes, bounded
-    };
+    });
     let _ = child.kill();
     let _ = child.wait();
     assert!(!text.contains('\u{1b}'), "colour codes in a file: {text:?}");
@@ -524,13 +520,7 @@ async fn human_logs_to_a_file_have_no_colour_codes() {
 /// (only a restart cures it) and, on SIGTERM, "store flushed and closed".
 #[tokio::test]
 async fn a_failed_store_logs_what_cures_it_and_does_not_claim_a_clean_close() {
-    let fs = match crate::promises::Tmpfs::mount("16m") {
-        Ok(fs) => fs,
-        Err(why) => {
-            eprintln!("SKIPPED failed-store log test: cannot mount a tmpfs here ({why})");
-            return;
-        }
-    };
+    let fs = crate::promises::Tmpfs::mount_or_fail("16m");
     let down = dead_addr().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let toml = config(&[("a", &format!("http://{down}/a"), "")]).replace(
@@ -748,15 +738,14 @@ async fn a_destination_answering_again_is_logged_once() {
     let relay = RelayProcess::start(&write(dir.path(), &toml)).await;
     assert_eq!(post(&relay.url("/in"), "application/json", "{}").await.0, 200);
     r.wait_for(4, WAIT).await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let logs = loop {
+    let logs = eventually!(WAIT, "the recovery line", {
         let logs = relay.logs();
         if logs.contains("destination answers again") {
-            break logs;
+            Ok(logs)
+        } else {
+            Err(logs)
         }
-        assert!(tokio::time::Instant::now() < deadline, "no recovery line:\n{logs}");
-        tokio::time::sleep(POLL).await; // polling another process's log, bounded
-    };
+    });
     let line = logs.lines().find(|l| l.contains("destination answers again")).unwrap_or_default();
     let v: serde_json::Value = serde_json::from_str(line).expect("json log line");
     assert_eq!(v["failed_attempts"], 3, "{line}");

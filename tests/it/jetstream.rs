@@ -185,11 +185,13 @@ async fn unreachable_at_start_then_ready_and_max_payload_is_413() {
     assert!(relay.logs().contains("NATS not reachable"), "{}", relay.logs());
 
     let _nats = NatsNode::single_with(dir.path(), port, "max_payload: 4096");
-    let deadline = std::time::Instant::now() + WAIT;
-    while get(&relay.admin_url("/readyz")).await.0 != 200 {
-        assert!(std::time::Instant::now() < deadline, "not ready after NATS came up: {}", relay.logs());
-        tokio::time::sleep(POLL).await;
-    }
+    eventually!(WAIT, "ready after NATS came up", {
+        if get(&relay.admin_url("/readyz")).await.0 == 200 {
+            Ok(())
+        } else {
+            Err(relay.logs())
+        }
+    });
     let (s, _, body) = post(&relay.url("/in"), "text/plain", "now").await;
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
     r.wait_for(1, WAIT).await;

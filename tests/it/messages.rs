@@ -228,16 +228,15 @@ async fn dead_letters_replay_and_purge_by_time_range_as_operations() {
     assert_eq!(s, 202, "{}", String::from_utf8_lossy(&body));
     let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
     let status = relay.admin_url(v["status"].as_str().expect("status url"));
-    let deadline = std::time::Instant::now() + WAIT;
-    let op = loop {
+    let op = eventually!(WAIT, "the operation's end", {
         let (_, _, b) = get(&status).await;
         let op: serde_json::Value = serde_json::from_slice(&b).expect("json");
         if op["finished"] == true {
-            break op;
+            Ok(op)
+        } else {
+            Err(op.to_string())
         }
-        assert!(std::time::Instant::now() < deadline, "{op}");
-        tokio::time::sleep(POLL).await;
-    };
+    });
     assert_eq!(
         (op["replayed"].as_u64(), op["total"].as_u64(), op["done"].as_u64()),
         (Some(2), Some(2), Some(2)),
@@ -325,18 +324,12 @@ async fn failure_log_lines_carry_the_message_id_and_request_id() {
     let (_, _, body) = post(&relay.url("/in"), "application/json", r#"{"requestId":"r-log-1","x":1}"#).await;
     let id = acked_id(&body);
     r.wait_for(1, WAIT).await;
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
+    let line = eventually!(WAIT, "the failure line", {
         let logs = relay.logs();
-        let line = logs.lines().find(|l| l.contains("delivery failed; will retry"));
-        if let Some(line) = line {
-            let v: serde_json::Value = serde_json::from_str(line).expect("json log line");
-            assert_eq!((v["id"].as_str(), v["request_id"].as_str()), (Some(id.as_str()), Some("r-log-1")), "{line}");
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{logs}");
-        tokio::time::sleep(POLL).await;
-    }
+        logs.lines().find(|l| l.contains("delivery failed; will retry")).map(str::to_string).ok_or(logs)
+    });
+    let v: serde_json::Value = serde_json::from_str(&line).expect("json log line");
+    assert_eq!((v["id"].as_str(), v["request_id"].as_str()), (Some(id.as_str()), Some("r-log-1")), "{line}");
 }
 
 async fn show(relay: &TestRelay, id: &str) -> (u16, serde_json::Value) {
@@ -429,16 +422,15 @@ async fn retained_delivered_messages_are_shown_listed_and_sent_again() {
     let (_, _, b) = get(&relay.admin_url("/api/messages?field=n&value=2")).await;
     let found: serde_json::Value = serde_json::from_slice(&b).expect("json");
     assert_eq!(found["messages"][0]["id"], ids[2].as_str(), "found by its indexed field: {found}");
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
+    let v = eventually!(WAIT, "the message forgotten past its time", {
         let (s, v) = show(&relay, &ids[2]).await;
         if s == 404 {
-            assert!(v["error"].as_str().is_some_and(|e| e.contains("retain_delivered")), "{v}");
-            break;
+            Ok(v)
+        } else {
+            Err(v.to_string())
         }
-        assert!(std::time::Instant::now() < deadline, "still there after {WAIT:?}: {v}");
-        tokio::time::sleep(POLL).await;
-    }
+    });
+    assert!(v["error"].as_str().is_some_and(|e| e.contains("retain_delivered")), "{v}");
     relay.stop().await.expect("stop");
 }
 

@@ -82,16 +82,15 @@ async fn the_openapi_description_matches_the_live_admin_api() {
         async move { request(method, &url, &[("authorization", auth.as_str())], "").await }
     };
     // A dead letter at `app`, and an operation to look at.
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
+    eventually!(WAIT, "a dead letter", {
         let (_, _, b) = call("GET", "/api/dead-letters/app".into()).await;
         let v: serde_json::Value = serde_json::from_slice(&b).expect("json");
         if v["dead_letters"].as_array().is_some_and(|a| !a.is_empty()) {
-            break;
+            Ok(())
+        } else {
+            Err(v.to_string())
         }
-        assert!(std::time::Instant::now() < deadline, "no dead letter");
-        tokio::time::sleep(POLL).await;
-    }
+    });
     let (_, _, b) = call("POST", "/api/dead-letters/app/replay?wait=0".into()).await;
     let op =
         serde_json::from_slice::<serde_json::Value>(&b).expect("json")["operation"].as_str().expect("op").to_string();

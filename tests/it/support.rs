@@ -2,8 +2,6 @@
 //! small HTTP client. Everything runs on loopback with real sockets and a
 //! real sled store in a temp dir.
 
-#![allow(dead_code)]
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -26,6 +24,36 @@ pub const WAIT: Duration = Duration::from_secs(20);
 
 /// Interval between polls of an endpoint that has no change notification.
 pub const POLL: Duration = Duration::from_millis(20);
+
+/// Evaluates `$probe` (an expression, `.await` allowed, giving
+/// `Result<T, String>`) every [`POLL`] until it is `Ok(value)`, for at
+/// most `$within`; then fails with `$what` and the last `Err` (the state it
+/// saw). For state with nothing to wait on (another process's metrics, a
+/// probe endpoint, logs); a receiver waits on its own signal instead.
+/// The one polling loop of the suite.
+macro_rules! eventually {
+    ($within:expr, $what:expr, $probe:expr) => {{
+        let within: std::time::Duration = $within;
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match $probe {
+                Ok(v) => break v,
+                Err(last) => {
+                    let last: String = last;
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "{}: not within {:?}; last seen: {}",
+                        $what,
+                        within,
+                        last
+                    );
+                }
+            }
+            tokio::time::sleep($crate::support::POLL).await;
+        }
+    }};
+}
+pub(crate) use eventually;
 
 /// One request a receiver got.
 #[derive(Debug, Clone)]
@@ -204,8 +232,8 @@ pub struct TestRelay {
     /// One per configured listener, in order (`ingress` is the first).
     pub ingress_all: Vec<SocketAddr>,
     pub admin: SocketAddr,
-    pub dir: Arc<tempfile::TempDir>,
-    pub config_path: PathBuf,
+    /// Holds the store's temp dir for as long as the relay runs.
+    _dir: Arc<tempfile::TempDir>,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -235,7 +263,7 @@ impl TestRelay {
 
     /// Starts with a reload trigger (what SIGHUP does in the binary).
     pub async fn start_with_reload(dir: Arc<tempfile::TempDir>, toml: &str, reload: Arc<Notify>) -> TestRelay {
-        let (config_path, config) = write_config(dir.path(), toml);
+        let (_, config) = write_config(dir.path(), toml);
         let mut ingress = Vec::new();
         for _ in &config.listeners {
             ingress.push(TcpListener::bind("127.0.0.1:0").await.expect("bind ingress"));
@@ -250,15 +278,7 @@ impl TestRelay {
             shutdown.clone(),
             reload,
         ));
-        TestRelay {
-            ingress: ingress_all[0],
-            ingress_all,
-            admin: admin_addr,
-            dir,
-            config_path,
-            shutdown,
-            task: Some(task),
-        }
+        TestRelay { ingress: ingress_all[0], ingress_all, admin: admin_addr, _dir: dir, shutdown, task: Some(task) }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -284,17 +304,14 @@ impl TestRelay {
 
     /// Waits until `/metrics` satisfies `pred`.
     pub async fn wait_metrics(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
+        eventually!(WAIT, format!("metrics showing {what}"), {
             let m = self.metrics().await;
             if pred(&m) {
-                return m;
+                Ok(m)
+            } else {
+                Err(m)
             }
-            assert!(Instant::now() < deadline, "metrics never showed {what}:\n{m}");
-            // Polling a scrape endpoint (there is nothing to subscribe to),
-            // bounded by the deadline above.
-            tokio::time::sleep(POLL).await;
-        }
+        })
     }
 }
 

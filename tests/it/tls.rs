@@ -275,16 +275,14 @@ async fn certificate_reload_on_signal_and_on_file_change_keeps_connections() {
 }
 
 async fn wait_for_serial(addr: SocketAddr, cfg: &Arc<rustls::ClientConfig>, serial: u64) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let tls = connect_tls(addr, cfg.clone()).await;
-        let got = served_serial(&tls);
+    eventually!(WAIT, format!("serial {serial} served"), {
+        let got = served_serial(&connect_tls(addr, cfg.clone()).await);
         if got == serial {
-            return;
+            Ok(())
+        } else {
+            Err(format!("still serving serial {got}"))
         }
-        assert!(tokio::time::Instant::now() < deadline, "still serving serial {got}, want {serial}");
-        tokio::time::sleep(POLL * 5).await;
-    }
+    })
 }
 
 #[tokio::test]

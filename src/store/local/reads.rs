@@ -13,7 +13,7 @@
 //! and one whose record an earlier read brought in is answered from the
 //! cache.
 //!
-//! Measured (README, Benchmark): with one blocking-pool hop per miss,
+//! Measured (docs/benchmarks.md): with one blocking-pool hop per miss,
 //! saturating fan-out ×3 delivered 0.69× of `89e2214`'s deliveries/s; with
 //! the same reads done on the runtime thread, 0.85×; with every record in
 //! memory, 0.95×.
