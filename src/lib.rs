@@ -16,7 +16,8 @@
 //! - **Leaves** the stages share, importing no stage: [`metrics`] (the
 //!   registry; stages register their own series), [`wake`] (per-destination
 //!   signals, breaker state and [`recent`] figures), [`headers`] (header
-//!   policy), [`tls`] (certificates, hot reload), [`trace`]
+//!   policy), [`fieldpath`] (a JSON body field by path), [`tls`]
+//!   (certificates, hot reload), [`trace`]
 //!   (`traceparent`), [`secret`] (values never printed), [`text`] (times,
 //!   durations, error chains), [`throttle`] (rate-limited logs).
 //! - **Configuration** ([`config`]: the file's shape, loading, validation
@@ -34,6 +35,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod delivery;
+pub mod fieldpath;
 pub mod headers;
 pub mod ingress;
 pub mod metrics;

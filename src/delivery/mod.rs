@@ -133,12 +133,18 @@ pub struct Worker {
     breaker_state: Arc<crate::wake::BreakerCell>,
     /// Its last 15 minutes of settled attempts, for the admin API.
     recent: Arc<crate::recent::Recent>,
+    indexed: Indexed,
 }
 
 /// Per route, the request headers that carry its senders' credentials:
 /// one map shared by every worker, swapped by a reload (so a header that
 /// becomes a credential is withheld by every destination at once).
 pub type Credentials = Arc<arc_swap::ArcSwap<HashMap<String, Vec<HeaderName>>>>;
+
+/// Per route, the body fields it indexes (`index = [...]`): a failed
+/// delivery's log line names them with their values (`requestId=...`), so
+/// an operator can find the callback the sender means. Swapped by a reload.
+pub type Indexed = Arc<arc_swap::ArcSwap<HashMap<String, Vec<(String, Vec<crate::fieldpath::Step>)>>>>;
 
 impl Worker {
     /// `credentials` maps each route to the headers that carry its senders'
@@ -148,6 +154,7 @@ impl Worker {
     pub fn new(
         dest: Arc<Destination>,
         credentials: Credentials,
+        indexed: Indexed,
         client_cert: Option<crate::tls::CertStore>,
         store: Store,
         metrics: Arc<Metrics>,
@@ -159,7 +166,7 @@ impl Worker {
         let breaker_state = wakers.breaker(&dest.name);
         let recent = wakers.recent(&dest.name);
         let withheld = (!dest.forward_sender_credentials).then_some(credentials);
-        Ok(Worker { dest, withheld, store, metrics, client, client_cert, wake, breaker_state, recent })
+        Ok(Worker { dest, withheld, store, metrics, client, client_cert, wake, breaker_state, recent, indexed })
     }
 
     /// Runs until `shutdown`, then waits up to `grace` for attempts in flight;
@@ -350,7 +357,7 @@ impl Worker {
             }
             Action::RetryAfter(delay) => {
                 m.deliveries.with_label_values(&[name, "retried"]).inc();
-                tracing::info!(destination = name, id = %self.store.external_id(lease.id), request_id = request_id(&msg.body).as_deref(), attempt, reason = outcome.reason(), retry_in = %crate::text::duration(delay), "delivery failed; will retry");
+                tracing::info!(destination = name, id = %self.store.external_id(lease.id), indexed = self.indexed_fields(&msg).as_deref(), attempt, reason = outcome.reason(), retry_in = %crate::text::duration(delay), "delivery failed; will retry");
                 Settle::Retry {
                     at_ms: now + delay.as_millis() as u64,
                     status: outcome.status(),
@@ -360,7 +367,7 @@ impl Worker {
             }
             Action::DeadLetter { reason } => {
                 m.deliveries.with_label_values(&[name, "dead_lettered"]).inc();
-                tracing::warn!(destination = name, id = %self.store.external_id(lease.id), request_id = request_id(&msg.body).as_deref(), attempt, reason = %reason, "delivery moved to the dead-letter store");
+                tracing::warn!(destination = name, id = %self.store.external_id(lease.id), indexed = self.indexed_fields(&msg).as_deref(), attempt, reason = %reason, "delivery moved to the dead-letter store");
                 Settle::Dead { status: outcome.status(), reason, attempt: record }
             }
         };
@@ -369,6 +376,27 @@ impl Worker {
             return (false, Some(healthy));
         }
         (true, Some(healthy))
+    }
+
+    /// `msg`'s route's indexed fields with their values (`requestId=r-1`),
+    /// for the log line of a failed delivery; `None` when the route indexes
+    /// nothing or the body is not JSON. Read only then: a delivered message
+    /// is logged by its id alone.
+    fn indexed_fields(&self, msg: &crate::store::MessageRecord) -> Option<String> {
+        let map = self.indexed.load();
+        let fields = map.get(&msg.route).filter(|f| !f.is_empty())?;
+        let body: serde_json::Value = serde_json::from_slice(&msg.body).ok()?;
+        let parts: Vec<String> = fields
+            .iter()
+            .filter_map(|(name, steps)| {
+                let text = match crate::fieldpath::lookup(&body, steps)? {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                Some(format!("{name}={}", text.chars().take(128).collect::<String>()))
+            })
+            .collect();
+        (!parts.is_empty()).then(|| parts.join(" "))
     }
 
     /// Publishes the breaker's state: the gauge and the admin API's view.
@@ -518,18 +546,6 @@ pub fn preregister(metrics: &Metrics, destinations: &[Arc<Destination>]) {
             metrics.delivery_attempts.with_label_values(&[name, result]);
         }
     }
-}
-
-/// The ThingSpace `requestId` of a JSON body, for log lines about a failed
-/// delivery (read only then: a delivered message is logged at debug level
-/// by its id alone).
-fn request_id(body: &[u8]) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Probe {
-        #[serde(rename = "requestId")]
-        request_id: Option<String>,
-    }
-    serde_json::from_slice::<Probe>(body).ok()?.request_id.filter(|r| r.len() <= 128)
 }
 
 /// The tokio instant corresponding to unix time `ms` (now, if in the past).

@@ -12,12 +12,7 @@
 use http::{HeaderMap, HeaderName};
 use serde_json::Value;
 
-/// One step of a body path.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Step {
-    Key(String),
-    Index(usize),
-}
+pub use crate::fieldpath::{lookup, parse_path, Step};
 
 /// What a condition looks at.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,39 +37,6 @@ pub enum Filter {
     Any(Vec<Filter>),
     Not(Box<Filter>),
     Cond { target: Target, test: Test, case_insensitive: bool },
-}
-
-/// Parses `a.b[0].c` (keys separated by dots, `[n]` indexes after a key;
-/// a numeric key, `a.b.0.c`, indexes an array too).
-pub fn parse_path(path: &str) -> Result<Vec<Step>, String> {
-    if path.is_empty() {
-        return Err("empty path".into());
-    }
-    let mut steps = Vec::new();
-    for part in path.split('.') {
-        let (key, mut rest) = match part.find('[') {
-            Some(i) => (&part[..i], &part[i..]),
-            None => (part, ""),
-        };
-        if key.is_empty() && (steps.is_empty() || rest.is_empty()) {
-            return Err(format!("empty key in path {path:?}"));
-        }
-        if !key.is_empty() {
-            steps.push(Step::Key(key.to_string()));
-        }
-        while !rest.is_empty() {
-            let close = rest.find(']').ok_or_else(|| format!("unclosed [ in path {path:?}"))?;
-            let index: usize = rest[1..close]
-                .parse()
-                .map_err(|_| format!("index {:?} in path {path:?} is not a number", &rest[1..close]))?;
-            steps.push(Step::Index(index));
-            rest = &rest[close + 1..];
-            if !rest.is_empty() && !rest.starts_with('[') {
-                return Err(format!("unexpected {rest:?} after an index in path {path:?}"));
-            }
-        }
-    }
-    Ok(steps)
 }
 
 /// The request a filter is evaluated on: headers, and the body parsed
@@ -115,22 +77,6 @@ impl Filter {
             }
         }
     }
-}
-
-/// The value at `steps` in `v`, if there is one.
-pub fn lookup<'a>(mut v: &'a Value, steps: &[Step]) -> Option<&'a Value> {
-    for step in steps {
-        v = match step {
-            // A numeric key indexes an array: `deviceIds.0.id` reads as
-            // `deviceIds[0].id`.
-            Step::Key(k) => match v {
-                Value::Array(items) => items.get(k.parse::<usize>().ok()?)?,
-                _ => v.as_object()?.get(k)?,
-            },
-            Step::Index(i) => v.as_array()?.get(*i)?,
-        };
-    }
-    Some(v)
 }
 
 fn same(a: &Value, b: &Value, ci: bool) -> bool {

@@ -63,6 +63,8 @@ pub(crate) struct Reloader {
     pub(crate) client_certs: HashMap<String, crate::tls::CertStore>,
     /// The senders' credential headers by route, shared by the workers.
     credentials: crate::delivery::Credentials,
+    /// The body fields each route indexes, shared by the workers.
+    indexed: crate::delivery::Indexed,
     workers: HashMap<String, Running>,
 }
 
@@ -83,6 +85,11 @@ fn credential_map(
         }
     }
     map
+}
+
+/// The body fields each route indexes, by route path.
+fn index_map(routes: &[crate::ingress::Route]) -> HashMap<String, Vec<(String, Vec<crate::fieldpath::Step>)>> {
+    routes.iter().map(|r| (r.path.clone(), r.index.clone())).collect()
 }
 
 /// Each destination's table in the file, as text, with the hash of every
@@ -136,8 +143,10 @@ impl Reloader {
         client_certs: HashMap<String, crate::tls::CertStore>,
     ) -> Reloader {
         let credentials = Arc::new(arc_swap::ArcSwap::from_pointee(credential_map(&HashMap::new(), &config.routes)));
+        let indexed = Arc::new(arc_swap::ArcSwap::from_pointee(index_map(&config.routes)));
         Reloader {
             credentials,
+            indexed,
             config,
             store,
             metrics,
@@ -179,9 +188,16 @@ impl Reloader {
                 }
             },
         };
-        let worker =
-            Worker::new(dest.clone(), credentials, cert, self.store.clone(), self.metrics.clone(), &self.wakers)
-                .with_context(|| format!("setting up destination {}", dest.name))?;
+        let worker = Worker::new(
+            dest.clone(),
+            credentials,
+            self.indexed.clone(),
+            cert,
+            self.store.clone(),
+            self.metrics.clone(),
+            &self.wakers,
+        )
+        .with_context(|| format!("setting up destination {}", dest.name))?;
         let stop = self.shutdown.child_token();
         let done = self.tracker.spawn(worker.run(stop.clone(), self.config.grace_period));
         self.workers.insert(dest.name.to_string(), Running { fingerprint, stop, done });
@@ -241,6 +257,7 @@ impl Reloader {
         // Credentials first: every worker withholds the new route's
         // credential headers before ingress accepts a callback under it.
         self.credentials.store(Arc::new(credential_map(&self.credentials.load(), &new.routes)));
+        self.indexed.store(Arc::new(index_map(&new.routes)));
         // Workers next: a route may name a destination only now added.
         let prints = fingerprints(&new.source);
         let mut changed = Vec::new();

@@ -313,15 +313,18 @@ async fn messages_are_found_by_an_indexed_field_across_a_restart() {
     relay.stop().await.expect("stop");
 }
 
-/// Log lines about a failed delivery carry the message id and the
-/// ThingSpace requestId.
+/// Log lines about a failed delivery carry the message id and the route's
+/// indexed fields with their values (no ThingSpace parsing in delivery).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failure_log_lines_carry_the_message_id_and_request_id() {
+async fn failure_log_lines_carry_the_message_id_and_the_routes_indexed_fields() {
     let r = TestReceiver::scripted(|_, _| Reply::Status(503)).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = crate::binary::write(dir.path(), &config(&[("app", &r.url("/a"), "")]));
+    let toml = config(&[("app", &r.url("/a"), "")])
+        .replace("path = \"/in\"\n", "path = \"/in\"\nindex = [\"requestId\", \"deviceIds[0].id\"]\n");
+    let path = crate::binary::write(dir.path(), &toml);
     let relay = crate::binary::RelayProcess::start(&path).await;
-    let (_, _, body) = post(&relay.url("/in"), "application/json", r#"{"requestId":"r-log-1","x":1}"#).await;
+    let (_, _, body) =
+        post(&relay.url("/in"), "application/json", r#"{"requestId":"r-log-1","deviceIds":[{"id":"d-7"}]}"#).await;
     let id = acked_id(&body);
     r.wait_for(1, WAIT).await;
     let line = eventually!(WAIT, "the failure line", {
@@ -329,7 +332,11 @@ async fn failure_log_lines_carry_the_message_id_and_request_id() {
         logs.lines().find(|l| l.contains("delivery failed; will retry")).map(str::to_string).ok_or(logs)
     });
     let v: serde_json::Value = serde_json::from_str(&line).expect("json log line");
-    assert_eq!((v["id"].as_str(), v["request_id"].as_str()), (Some(id.as_str()), Some("r-log-1")), "{line}");
+    assert_eq!(
+        (v["id"].as_str(), v["indexed"].as_str()),
+        (Some(id.as_str()), Some("requestId=r-log-1 deviceIds[0].id=d-7")),
+        "the route's indexed fields name the callback: {line}"
+    );
 }
 
 async fn show(relay: &TestRelay, id: &str) -> (u16, serde_json::Value) {
