@@ -78,6 +78,11 @@ fn store_options(config: &Config, cut_damaged_log: bool) -> anyhow::Result<Store
     if config.store.encryption.is_empty() {
         return Ok(opts);
     }
+    opts.encrypt_with(&encryption_keys(config)?).map_err(|e| anyhow::anyhow!("store.encryption: {e}"))
+}
+
+/// `[store.encryption]`'s keys, decoded (id, 32 bytes each).
+fn encryption_keys(config: &Config) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     use base64::Engine;
     let mut keys = Vec::new();
     for (id, key) in &config.store.encryption {
@@ -87,7 +92,7 @@ fn store_options(config: &Config, cut_damaged_log: bool) -> anyhow::Result<Store
             .map_err(|_| anyhow::anyhow!("store.encryption key {id:?} is not base64"))?;
         keys.push((id.clone(), bytes));
     }
-    opts.encrypt_with(&keys).map_err(|e| anyhow::anyhow!("store.encryption: {e}"))
+    Ok(keys)
 }
 
 /// `switchboard repair`: opens the store of `config`, cutting any damaged
@@ -237,6 +242,10 @@ impl Certificates {
 async fn open_store(config: &Config, metrics: &Arc<Metrics>, wakers: &Wakers) -> anyhow::Result<Store> {
     if let Some(jet) = &config.store.jetstream {
         let dests = config.destinations.iter().map(|d| (d.name.clone(), d.concurrency)).collect();
+        let mut jet = jet.clone();
+        if !config.store.encryption.is_empty() {
+            jet = jet.seal_with(&encryption_keys(config)?).map_err(|e| anyhow::anyhow!("store.encryption: {e}"))?;
+        }
         return Store::open_jetstream(jet.clone(), dests, wakers.clone())
             .await
             .with_context(|| format!("opening JetStream stream {:?} at {}", jet.stream, jet.servers.join(", ")));

@@ -36,7 +36,7 @@ mod inspect;
 mod jetstream;
 mod local;
 pub(crate) mod record;
-mod seal;
+pub(crate) mod seal;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -1,7 +1,10 @@
-//! Payloads encrypted at rest (`[store.encryption]`): message records in the
-//! log and dead-lettered copies in sled are sealed with AES-256-GCM (ring),
-//! a random 96-bit nonce per record and the message id as associated data
-//! (a sealed record moved to another id does not open).
+//! Payloads encrypted at rest (`[store.encryption]`), for both backends:
+//! the local store's records in the log and dead-lettered copies in sled,
+//! and what the JetStream backend publishes, are sealed with AES-256-GCM
+//! (ring), a random 96-bit nonce per record and a number as associated
+//! data (a sealed record moved elsewhere does not open): the message id
+//! locally; on JetStream, where the id exists only after the publish, a
+//! random number carried in the message's `Switchboard-Seal` header.
 //!
 //! Sealed record: `[0xE1][key id length u8][key id][nonce 12][ciphertext +
 //! tag 16]`. The first configured key seals; every configured key opens, by

@@ -328,3 +328,90 @@ async fn jetstream_over_tls_with_a_client_certificate_and_an_nkey() {
         assert!(err.contains("refused the credentials") || err.contains("TLS with NATS failed"), "{err}");
     }
 }
+
+/// Issue 25, point 4: with `[store.encryption]`, what a relay publishes is
+/// sealed (AES-256-GCM, the local store's keys and format): no body or
+/// header byte of a callback in NATS's files, pending, delivered or dead;
+/// destinations get the original; a dead letter replays. The control: the
+/// same without keys leaves the marker readable in the same files (NATS
+/// keeps stored messages as written), so the search would see it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_records_never_reach_nats_in_clear() {
+    const KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="; // 32 bytes
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats = NatsNode::single(dir.path());
+    let files_contain = |needle: &[u8]| {
+        let mut stack = vec![dir.path().to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).expect("read dir").flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if std::fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle)) {
+                    return true;
+                }
+            }
+        }
+        false
+    };
+    let hour = "retry = { initial = \"1h\", max_interval = \"1h\" }";
+
+    // Control: plain records are readable in NATS's files.
+    let later = TestReceiver::scripted(|_, _| Reply::Status(503)).await;
+    let plain = TestRelay::start(&jet_config(&[nats.url()], "plain", 1, &[("later", &later.url("/l"), hour)])).await;
+    assert_eq!(post(&plain.url("/in"), "application/json", r#"{"m":"PLAIN-MARKER-7f3a"}"#).await.0, 200);
+    later.wait_for(1, WAIT).await;
+    plain.stop().await.expect("stop");
+    assert!(files_contain(b"PLAIN-MARKER-7f3a"), "the control: a plain record is in NATS's files");
+
+    // Sealed: pending (later), delivered (ok), dead (refusing).
+    let ok = TestReceiver::ok().await;
+    let accept = Arc::new(AtomicBool::new(false));
+    let flag = accept.clone();
+    let refusing =
+        TestReceiver::scripted(move |_, _| Reply::Status(if flag.load(Ordering::SeqCst) { 200 } else { 400 })).await;
+    let toml = jet_config(
+        &[nats.url()],
+        "sealed",
+        1,
+        &[("ok", &ok.url("/o"), ""), ("later", &later.url("/l"), hour), ("refusing", &refusing.url("/r"), "")],
+    ) + &format!("\n[store.encryption]\nkeys = [{{ id = \"k1\", key = \"{KEY}\" }}]\n");
+    let relay = TestRelay::start(&toml).await;
+    let body = r#"{"secret":"SEALED-MARKER-91c2"}"#;
+    let (s, _, ack) = request(
+        "POST",
+        &relay.url("/in"),
+        &[("content-type", "application/json"), ("x-marker", "HDR-MARKER-55d1")],
+        body,
+    )
+    .await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&ack));
+    let got = ok.wait_for(1, WAIT).await;
+    assert_eq!((&got[0].body[..], got[0].header("x-marker").as_deref()), (body.as_bytes(), Some("HDR-MARKER-55d1")));
+    later.wait_for(2, WAIT).await;
+    let dead = eventually!(WAIT, "the dead letter at refusing", {
+        let (_, _, b) = get(&relay.admin_url("/api/dead-letters/refusing")).await;
+        let v: serde_json::Value = serde_json::from_slice(&b).expect("json");
+        if v["dead_letters"].as_array().is_some_and(|d| d.len() == 1) {
+            Ok(v)
+        } else {
+            Err(v.to_string())
+        }
+    });
+    assert_eq!(dead["dead_letters"][0]["last_status"], 400, "{dead}");
+    assert!(files_contain(b"Switchboard-Seal"), "sealed records were written (their seal header is)");
+    for marker in [&b"SEALED-MARKER-91c2"[..], b"HDR-MARKER-55d1"] {
+        assert!(!files_contain(marker), "{} in NATS's files", String::from_utf8_lossy(marker));
+    }
+    // The dead letter opens again on replay: the original reaches refusing.
+    accept.store(true, Ordering::SeqCst);
+    let (s, _, _) = request("POST", &relay.admin_url("/api/dead-letters/refusing/replay"), &[], "").await;
+    assert_eq!(s, 200);
+    let got = refusing.wait_for(2, WAIT).await;
+    assert_eq!(&got[1].body[..], body.as_bytes(), "replayed as received");
+    relay.stop().await.expect("stop");
+    // `check` no longer refuses encryption with JetStream.
+    let dir2 = tempfile::tempdir().expect("tempdir");
+    let out = crate::binary::check(&crate::binary::write(dir2.path(), &toml));
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -123,5 +123,6 @@ pub(super) fn validate_store_kind(p: &mut Problems, raw: &RawConfig) -> Option<J
         max_ack_pending: s.max_ack_pending,
         ack_wait: s.ack_wait,
         publish_timeout: s.publish_timeout,
+        sealer: None,
     })
 }

@@ -8,33 +8,43 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use super::{Jet, Names, H_ATTEMPTS, H_DEAD_AT, H_FOR, H_ID, H_REASON, H_STATUS};
+use super::{Jet, Names, H_ATTEMPTS, H_DEAD_AT, H_FOR, H_ID, H_REASON, H_SEAL, H_STATUS};
 use crate::store::record::id_received_ms;
 use crate::store::{lock, now_ms, DeadLetter, DestStats, Selection, StoreError};
 
 /// Most dead letters one replay or purge walks through.
 const MAX_WALK: usize = 1_000_000;
 
+/// What a dead letter records besides its record and reason.
+pub(super) struct Dead {
+    pub id: u64,
+    /// The delivered message's stream sequence.
+    pub seq: u64,
+    /// Its seal header (`H_SEAL`), if the record is sealed: it moves with it.
+    pub seal: Option<String>,
+    pub attempts: u32,
+    pub status: Option<u16>,
+}
+
 impl Jet {
-    /// Publishes a dead letter (the record; attempts, status, reason in
-    /// headers) and waits for its ack.
-    #[allow(clippy::too_many_arguments)]
+    /// Publishes a dead letter (the record as stored, sealed or not;
+    /// attempts, status, reason in headers) and waits for its ack.
     pub(super) async fn dead_letter(
         &self,
         dest: &str,
-        id: u64,
-        seq: u64,
+        d: &Dead,
         record: &Bytes,
-        attempts: u32,
-        status: Option<u16>,
         reason: &str,
     ) -> Result<(), StoreError> {
         let ready = self.ready()?;
         let mut h = HeaderMap::new();
-        h.insert(async_nats::header::NATS_MESSAGE_ID, format!("dead-{dest}-{seq}").as_str());
-        h.insert(H_ID, id.to_string().as_str());
-        h.insert(H_ATTEMPTS, attempts.to_string().as_str());
-        h.insert(H_STATUS, status.unwrap_or(0).to_string().as_str());
+        h.insert(async_nats::header::NATS_MESSAGE_ID, format!("dead-{dest}-{}", d.seq).as_str());
+        h.insert(H_ID, d.id.to_string().as_str());
+        if let Some(seal) = &d.seal {
+            h.insert(H_SEAL, seal.as_str());
+        }
+        h.insert(H_ATTEMPTS, d.attempts.to_string().as_str());
+        h.insert(H_STATUS, d.status.unwrap_or(0).to_string().as_str());
         h.insert(H_REASON, header_safe(reason).as_str());
         h.insert(H_DEAD_AT, now_ms().to_string().as_str());
         let subject = Names(&self.inner.config.stream).dead_subject(dest);
@@ -69,7 +79,7 @@ impl Jet {
         let all = self.walk_dead(dest, MAX_WALK).await?;
         let picked: Vec<(u64, StreamMessage)> = all
             .into_iter()
-            .filter(|(_, m)| sel.covers(dead_letter_of(m).id, record_received_ms(m).unwrap_or(0)))
+            .filter(|(_, m)| sel.covers(dead_letter_of(m).id, self.record_received_ms(m).unwrap_or(0)))
             .collect();
         sel.set_total(picked.len());
         Ok(picked)
@@ -93,6 +103,9 @@ impl Jet {
             h.insert(async_nats::header::NATS_MESSAGE_ID, format!("replay-{dest}-{dead_seq}").as_str());
             h.insert(H_ID, id.to_string().as_str());
             h.insert(H_FOR, dest);
+            if let Some(seal) = m.headers.get(H_SEAL) {
+                h.insert(H_SEAL, seal.as_str());
+            }
             let ack =
                 ready.js.publish_with_headers(names.inbound(), h, m.payload.clone()).await.map_err(unavailable)?;
             ack.await.map_err(unavailable)?;
@@ -164,7 +177,7 @@ impl Jet {
                     .next_by_subject(names.inbound())
                     .send()
                     .await;
-                first.ok().map(|m| record_received_ms(&m).unwrap_or_else(|| id_received_ms(0)))
+                first.ok().map(|m| self.record_received_ms(&m).unwrap_or_else(|| id_received_ms(0)))
             };
             stats.insert(
                 name.to_string(),
@@ -185,8 +198,12 @@ impl Jet {
 }
 
 /// The receive time a record carries.
-fn record_received_ms(m: &StreamMessage) -> Option<u64> {
-    crate::store::record::MessageRecord::decode(m.payload.clone()).ok().map(|r| r.received_ms)
+impl Jet {
+    /// When a dead letter's callback was received (from its record, opened).
+    fn record_received_ms(&self, m: &StreamMessage) -> Option<u64> {
+        let record = self.open_payload(Some(&m.headers), &m.payload).ok()?;
+        crate::store::record::MessageRecord::decode(record).ok().map(|r| r.received_ms)
+    }
 }
 
 fn dead_letter_of(m: &StreamMessage) -> DeadLetter {

@@ -9,7 +9,7 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use super::{Dest, Jet, Names, H_FOR, H_ID};
+use super::{Dest, Jet, Names, H_FOR, H_ID, H_SEAL};
 use crate::store::record::{record_destinations, Draft, MessageRecord, QueueRecord};
 use crate::store::{lock, now_ms, Due, Handle, Lease, Settle, StoreError};
 
@@ -57,13 +57,21 @@ impl Jet {
         let names = Names(&self.inner.config.stream);
         let mut headers = HeaderMap::new();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, format!("{:032x}", rand::random::<u128>()).as_str());
+        let payload = match &self.inner.config.sealer {
+            Some(sealer) => {
+                let seal = rand::random::<u64>();
+                headers.insert(H_SEAL, seal.to_string().as_str());
+                Bytes::from(sealer.seal(seal, &p.record)?)
+            }
+            None => p.record.clone(),
+        };
         let timeout = self.inner.config.publish_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
         let mut last = String::new();
         for _ in 0..2 {
             let sent = tokio::time::timeout_at(
                 deadline,
-                ready.js.publish_with_headers(names.inbound(), headers.clone(), p.record.clone()),
+                ready.js.publish_with_headers(names.inbound(), headers.clone(), payload.clone()),
             )
             .await;
             let ack = match sent {
@@ -139,10 +147,10 @@ impl Jet {
     pub async fn fetch(&self, lease: &Lease) -> Result<Option<MessageRecord>, StoreError> {
         let Handle::Jet(seq) = lease.handle else { return Ok(None) };
         let Some(d) = self.dest(&lease.dest) else { return Ok(None) };
-        let payload = lock(&d.held).get(&seq).map(|m| m.payload.clone());
-        match payload {
+        let held = lock(&d.held).get(&seq).map(|m| (m.headers.clone(), m.payload.clone()));
+        match held {
             None => Ok(None),
-            Some(p) => Ok(Some(MessageRecord::decode(p)?)),
+            Some((headers, p)) => Ok(Some(MessageRecord::decode(self.open_payload(headers.as_ref(), &p)?)?)),
         }
     }
 
@@ -160,7 +168,9 @@ impl Jet {
             }
             Settle::Dead { status, reason, .. } => {
                 let attempts = lease.record.attempts.saturating_add(1);
-                self.dead_letter(&lease.dest, lease.id, seq, &msg.payload, attempts, status, &reason).await?;
+                let seal = msg.headers.as_ref().and_then(|h| h.get(H_SEAL)).map(|v| v.as_str().to_string());
+                let dead = super::dead::Dead { id: lease.id, seq, seal, attempts, status };
+                self.dead_letter(&lease.dest, &dead, &msg.payload, &reason).await?;
                 msg.ack().await
             }
         };
@@ -231,7 +241,7 @@ impl Jet {
         let headers = msg.headers.clone().unwrap_or_default();
         let for_me = match headers.get(H_FOR) {
             Some(only) => only.as_str() == &*d.name,
-            None => match record_destinations(&msg.payload) {
+            None => match self.open_payload(Some(&headers), &msg.payload).and_then(|r| Ok(record_destinations(&r)?)) {
                 Ok(list) => list.iter().any(|n| n.as_str() == &*d.name),
                 Err(e) => {
                     tracing::error!(destination = %d.name, seq, error = %e, "a message in the stream is not a switchboard record; dropped it");

@@ -5,7 +5,8 @@
 //! **Layout** (all names derive from `store.stream`, here `S`):
 //! - stream `S`, subject `S.in`, **Interest** retention: every accepted
 //!   callback is one message (the same record bytes the local log writes:
-//!   route, sender address, destination list, headers, body). Its stream
+//!   route, sender address, destination list, headers, body; sealed with
+//!   `[store.encryption]`, see `H_SEAL`). Its stream
 //!   sequence is the message id (`msg_<uid><seq>`, `uid` from the stream's
 //!   metadata, the same for every relay). A message is removed once every
 //!   destination's consumer acknowledged it.
@@ -106,6 +107,18 @@ pub struct JetConfig {
     pub ack_wait: Duration,
     /// How long ingress waits for a PubAck before answering 503.
     pub publish_timeout: Duration,
+    /// Seals what is published (`[store.encryption]`): NATS and its disks
+    /// see no body or header of a callback (`seal.rs`).
+    pub(crate) sealer: Option<Arc<crate::store::seal::Sealer>>,
+}
+
+impl JetConfig {
+    /// Seals published records with `keys` (id and 32 key bytes each; the
+    /// first seals, all open).
+    pub fn seal_with(mut self, keys: &[(String, Vec<u8>)]) -> Result<JetConfig, String> {
+        self.sealer = Some(Arc::new(crate::store::seal::Sealer::new(keys)?));
+        Ok(self)
+    }
 }
 
 /// The JetStream backend. Cheap to clone.
@@ -202,6 +215,31 @@ const H_ATTEMPTS: &str = "Switchboard-Attempts";
 const H_STATUS: &str = "Switchboard-Status";
 const H_REASON: &str = "Switchboard-Reason";
 const H_DEAD_AT: &str = "Switchboard-Dead-At";
+/// On a sealed record: the number its seal is bound to (the associated
+/// data `seal.rs` binds a local record to its message id; a JetStream id
+/// is known only after the publish, so a random one is drawn and kept
+/// here, and copied with the record into dead letters and replays).
+const H_SEAL: &str = "Switchboard-Seal";
+
+impl Jet {
+    /// A pulled, dead-lettered or replayed payload as the record it holds:
+    /// opened if it was sealed (`H_SEAL`), as is if it is plain (published
+    /// before sealing was on). A sealed one without the key refuses.
+    fn open_payload(
+        &self,
+        headers: Option<&async_nats::HeaderMap>,
+        payload: &bytes::Bytes,
+    ) -> Result<bytes::Bytes, StoreError> {
+        let seal = headers.and_then(|h| h.get(H_SEAL)).and_then(|v| v.as_str().parse::<u64>().ok());
+        match seal {
+            None if self.inner.config.sealer.is_none() => Ok(payload.clone()),
+            id => {
+                Ok(crate::store::seal::Sealer::open(self.inner.config.sealer.as_deref(), id.unwrap_or(0), payload)?
+                    .into())
+            }
+        }
+    }
+}
 
 /// How long ingress refuses callbacks after a publish failed.
 const PUBLISH_COOL_OFF: Duration = Duration::from_secs(1);
