@@ -360,6 +360,11 @@ async fn bench(s: &Settings) -> AnyResult<()> {
     if s.wants("9") {
         nats::jetstream(s, &fresh_dir(), epoch).await?;
     }
+    // 9s. JetStream with sealing against without (eight setups: not in
+    // the `--quick` smoke run unless asked for).
+    if s.wants("9s") && (!s.quick || s.only.is_some()) {
+        nats::sealed(s, &fresh_dir(), epoch).await?;
+    }
     println!("done in {:.0} s", epoch.elapsed().as_secs_f64());
     Ok(())
 }

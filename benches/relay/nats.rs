@@ -206,6 +206,65 @@ fn report(name: &str, f: &Figures) {
     );
 }
 
+/// Run 9s: the JetStream store with `[store.encryption]` against the same
+/// setup without it (issue 25: at most 15 % less durable ingest and
+/// fan-out), R1 then R3 with one relay, each pair alternating which goes
+/// first over two rounds, fresh nodes each time.
+pub(crate) async fn sealed(s: &Settings, dir: &Path, epoch: Instant) -> AnyResult<()> {
+    let Some(bin) = nats_server() else {
+        row("9s. JetStream sealed", "skipped: no nats-server (set SWITCHBOARD_NATS_SERVER or run the tests once)");
+        return Ok(());
+    };
+    const KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    let jet = |servers: &[Node], replicas: usize, sealed: bool| {
+        let list: Vec<String> = servers.iter().map(|n| format!("\"nats://127.0.0.1:{}\"", n.port)).collect();
+        let mut t = format!(
+            "[store]\nkind = \"jetstream\"\nservers = [{}]\nstream = \"bench\"\nreplicas = {replicas}\n",
+            list.join(", ")
+        );
+        if sealed {
+            t.push_str(&format!("[store.encryption]\nkeys = [{{ id = \"k1\", key = \"{KEY}\" }}]\n"));
+        }
+        t
+    };
+    for (replicas, nodes_n) in [(1, 1), (3, 3)] {
+        let mut ratios = Vec::new();
+        for round in 0..2 {
+            let mut pair = [(false, None), (true, None)];
+            if round == 1 {
+                pair.reverse();
+            }
+            for (sealed, out) in pair.iter_mut() {
+                let tag = format!("r{replicas}-{round}-{}", u8::from(*sealed));
+                let ns = nodes(&bin, &dir.join(&tag), nodes_n, "")?;
+                let f =
+                    measure(s, &dir.join(format!("{tag}-run")), 1, &jet(&ns, replicas, *sealed), &ns, epoch).await?;
+                report(
+                    &format!(
+                        "9s. JetStream R{replicas}, round {}, {}",
+                        round + 1,
+                        if *sealed { "sealed" } else { "plain" }
+                    ),
+                    &f,
+                );
+                *out = Some(f);
+            }
+            let get = |want: bool| pair.iter().find(|(s, _)| *s == want).and_then(|(_, f)| f.as_ref());
+            if let (Some(plain), Some(sealed)) = (get(false), get(true)) {
+                ratios.push((sealed.ingest.rps() / plain.ingest.rps(), sealed.deliveries / plain.deliveries));
+            }
+        }
+        let list = |i: usize| {
+            ratios.iter().map(|r| format!("{:.2}", if i == 0 { r.0 } else { r.1 })).collect::<Vec<_>>().join(" / ")
+        };
+        row(
+            &format!("9s. R{replicas} sealed / plain"),
+            &format!("durable ingest {}, fan-out {} (per round)", list(0), list(1)),
+        );
+    }
+    Ok(())
+}
+
 /// Run 9.
 pub(crate) async fn jetstream(s: &Settings, dir: &Path, epoch: Instant) -> AnyResult<()> {
     let Some(bin) = nats_server() else {
