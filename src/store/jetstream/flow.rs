@@ -9,7 +9,7 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use super::{Dest, Jet, Names, H_FOR, H_ID, H_SEAL};
+use super::{Dest, Jet, Names, H_DESTS, H_FOR, H_ID, H_SEAL};
 use crate::store::record::{record_destinations, Draft, MessageRecord, QueueRecord};
 use crate::store::{lock, now_ms, Due, Handle, Lease, Settle, StoreError};
 
@@ -61,6 +61,7 @@ impl Jet {
             Some(sealer) => {
                 let seal = rand::random::<u64>();
                 headers.insert(H_SEAL, seal.to_string().as_str());
+                headers.insert(H_DESTS, record_destinations(&p.record)?.join(",").as_str());
                 Bytes::from(sealer.seal(seal, &p.record)?)
             }
             None => p.record.clone(),
@@ -239,16 +240,19 @@ impl Jet {
         let Ok(info) = msg.info() else { return };
         let (seq, delivered) = (info.stream_sequence, info.delivered);
         let headers = msg.headers.clone().unwrap_or_default();
-        let for_me = match headers.get(H_FOR) {
-            Some(only) => only.as_str() == &*d.name,
-            None => match self.open_payload(Some(&headers), &msg.payload).and_then(|r| Ok(record_destinations(&r)?)) {
-                Ok(list) => list.iter().any(|n| n.as_str() == &*d.name),
-                Err(e) => {
-                    tracing::error!(destination = %d.name, seq, error = %e, "a message in the stream is not a switchboard record; dropped it");
-                    let _ = msg.ack_with(AckKind::Term).await;
-                    return;
+        let for_me = match (headers.get(H_FOR), headers.get(H_DESTS)) {
+            (Some(only), _) => only.as_str() == &*d.name,
+            (None, Some(list)) => list.as_str().split(',').any(|n| n == &*d.name),
+            (None, None) => {
+                match self.open_payload(Some(&headers), &msg.payload).and_then(|r| Ok(record_destinations(&r)?)) {
+                    Ok(list) => list.iter().any(|n| n.as_str() == &*d.name),
+                    Err(e) => {
+                        tracing::error!(destination = %d.name, seq, error = %e, "a message in the stream is not a switchboard record; dropped it");
+                        let _ = msg.ack_with(AckKind::Term).await;
+                        return;
+                    }
                 }
-            },
+            }
         };
         if !for_me {
             let _ = msg.ack().await;

@@ -220,6 +220,10 @@ const H_DEAD_AT: &str = "Switchboard-Dead-At";
 /// is known only after the publish, so a random one is drawn and kept
 /// here, and copied with the record into dead letters and replays).
 const H_SEAL: &str = "Switchboard-Seal";
+/// On a sealed record: its destinations, comma-separated (names from the
+/// configuration, not secrets), so each destination's puller knows whether
+/// a message is its own without opening the record.
+const H_DESTS: &str = "Switchboard-Destinations";
 
 impl Jet {
     /// A pulled, dead-lettered or replayed payload as the record it holds:
