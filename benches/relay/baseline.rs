@@ -10,8 +10,10 @@
 //! `target/baseline/<sha>/tree`, with its own target directory beside it
 //! (`target/baseline/<sha>/target`), both kept between invocations, so a
 //! second invocation only re-runs the measurements. Rounds alternate the
-//! order (baseline first in odd rounds, this build first in even ones), so
-//! a drift within a round weighs on both sides alike.
+//! order (baseline first in odd rounds, this build first in even ones), and
+//! their number is even (4 by default; an odd `--rounds` is raised by one),
+//! so a drift within a round, or an advantage of going first, weighs on
+//! both sides alike.
 //!
 //! A run the baseline cannot do (its relay refuses the run's configuration,
 //! e.g. a key it does not know yet) is reported as skipped for the baseline,

@@ -66,9 +66,19 @@ fn main() -> AnyResult<()> {
     if let Some(unknown) = only.iter().flatten().find(|r| !baseline::RUNS.contains(&r.as_str())) {
         return Err(format!("--only: no run {unknown:?} (runs: {})", baseline::RUNS.join(", ")).into());
     }
+    // Even, so each build goes first in as many rounds as the other: on a
+    // 2-core VM the first run of a pair measured up to 20 % better (run 2,
+    // 2026-12-02), and with 3 rounds the baseline went first twice.
     let rounds = match value("--rounds") {
-        Some(n) => n.parse::<usize>().ok().filter(|n| *n > 0).ok_or("--rounds takes a positive number")?,
-        None => 3,
+        Some(n) => match n.parse::<usize>() {
+            Ok(n) if n > 0 && n % 2 == 0 => n,
+            Ok(n) if n > 0 => {
+                eprintln!("--rounds {n}: odd, so one build goes first once more than the other; taking {}", n + 1);
+                n + 1
+            }
+            _ => return Err("--rounds takes a positive number".into()),
+        },
+        None => 4,
     };
     let settings = Settings {
         quick,
