@@ -317,7 +317,7 @@ impl Store {
     pub async fn inspect(&self, id: u64) -> Result<Option<Inspection>, StoreError> {
         match &self.0 {
             Backend::Local(s) => s.inspect(id).await,
-            Backend::Jet(_) => self.unsupported(Capability::Inspection),
+            Backend::Jet(s) => s.inspect(id).await,
         }
     }
 

@@ -244,7 +244,7 @@ fn what_jetstream_cannot_do_is_a_config_error() {
     let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "{all}");
     // The capability table's row, every entry named.
-    assert!(all.contains("store.kind: \"jetstream\" does not provide message inspection, message listing"), "{all}");
+    assert!(all.contains("store.kind: \"jetstream\" does not provide message listing"), "{all}");
     assert!(all.contains("answers 501") && all.contains("ordering per key"), "{all}");
 }
 
@@ -414,4 +414,66 @@ async fn sealed_records_never_reach_nats_in_clear() {
     let dir2 = tempfile::tempdir().expect("tempdir");
     let out = crate::binary::check(&crate::binary::write(dir2.path(), &toml));
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Issue 25, point 1.1 (inspection and attempt history): `GET
+/// /api/messages/{id}` on the JetStream store shows each destination's
+/// state and attempts, as the local store does: delivered with its 200,
+/// pending with its 503 and the next attempt's time; the CLI too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_messages_show_each_deliverys_state_and_attempts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats = NatsNode::single(dir.path());
+    let ok = TestReceiver::ok().await;
+    let busy = TestReceiver::scripted(|_, _| Reply::Body(503, "busy now")).await;
+    let hour = "retry = { initial = \"1h\", max_interval = \"1h\" }";
+    let relay = TestRelay::start(&jet_config(
+        &[nats.url()],
+        "hist",
+        1,
+        &[("ok", &ok.url("/o"), ""), ("busy", &busy.url("/b"), hour)],
+    ))
+    .await;
+    let id = acked_id(&post(&relay.url("/in"), "application/json", r#"{"n":1}"#).await.2);
+    ok.wait_for(1, WAIT).await;
+    busy.wait_for(1, WAIT).await;
+    let v = eventually!(WAIT, "both deliveries' history", {
+        let (s, _, b) = get(&relay.admin_url(&format!("/api/messages/{id}"))).await;
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap_or_default();
+        let d = |name: &str| v["destinations"].as_array().and_then(|a| a.iter().find(|d| d["name"] == name)).cloned();
+        match (s, d("ok"), d("busy")) {
+            (200, Some(o), Some(b))
+                if o["state"] == "delivered" && b["attempts"].as_array().is_some_and(|a| !a.is_empty()) =>
+            {
+                Ok(v.clone())
+            }
+            _ => Err(format!("{s} {v}")),
+        }
+    });
+    let d = |name: &str| v["destinations"].as_array().and_then(|a| a.iter().find(|d| d["name"] == name)).cloned();
+    let (o, b) = (d("ok").expect("ok"), d("busy").expect("busy"));
+    assert_eq!(o["attempts"][0]["status"], 200, "{v}");
+    assert!(o["delivered_at"].is_string(), "{v}");
+    assert_eq!((b["state"].as_str(), b["attempts"][0]["status"].as_u64()), (Some("pending"), Some(503)), "{v}");
+    assert!(b["next_attempt_at"].is_string(), "{v}");
+    assert!(b["attempts"][0]["response"].as_str().is_some_and(|r| r.contains("busy now")), "{v}");
+    // The CLI shows it the same way; listing is still refused with its reason.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["messages", "show", &id, "--admin", &relay.admin_url("")])
+        .output()
+        .await
+        .expect("cli");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("busy") && text.contains("503"), "{text}");
+    let (s, _, b) = get(&relay.admin_url("/api/messages?destination=busy&state=pending")).await;
+    assert_eq!(s, 501, "{}", String::from_utf8_lossy(&b));
+    assert!(
+        String::from_utf8_lossy(&b).contains("message listing is not available"),
+        "{}",
+        String::from_utf8_lossy(&b)
+    );
+    // Unknown or gone: 404, as locally.
+    let gone = format!("{}{:016x}", &id[..id.len() - 16], 1_000_000u64);
+    assert_eq!(get(&relay.admin_url(&format!("/api/messages/{gone}"))).await.0, 404);
+    relay.stop().await.expect("stop");
 }

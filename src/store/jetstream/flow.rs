@@ -162,7 +162,7 @@ impl Jet {
         let Some(d) = self.dest(&lease.dest) else { return Ok(()) };
         let Some(msg) = lock(&d.held).remove(&seq) else { return Ok(()) };
         d.room.notify_one();
-        let acked = match outcome {
+        let acked = match &outcome {
             Settle::Delivered { .. } => msg.ack().await,
             Settle::Retry { at_ms, .. } => {
                 msg.ack_with(AckKind::Nak(Some(Duration::from_millis(at_ms.saturating_sub(now_ms()))))).await
@@ -170,12 +170,16 @@ impl Jet {
             Settle::Dead { status, reason, .. } => {
                 let attempts = lease.record.attempts.saturating_add(1);
                 let seal = msg.headers.as_ref().and_then(|h| h.get(H_SEAL)).map(|v| v.as_str().to_string());
-                let dead = super::dead::Dead { id: lease.id, seq, seal, attempts, status };
-                self.dead_letter(&lease.dest, &dead, &msg.payload, &reason).await?;
+                let dead = super::dead::Dead { id: lease.id, seq, seal, attempts, status: *status };
+                self.dead_letter(&lease.dest, &dead, &msg.payload, reason).await?;
                 msg.ack().await
             }
         };
-        acked.map_err(|e| StoreError::Unavailable(format!("JetStream: acknowledging a delivery: {e}")))
+        acked.map_err(|e| StoreError::Unavailable(format!("JetStream: acknowledging a delivery: {e}")))?;
+        // After the settle: a crash in between leaves the history behind,
+        // never ahead (`history.rs`).
+        self.record_history(&lease.dest, lease.id, &outcome).await;
+        Ok(())
     }
 
     /// Keeps up to `cap` messages of `dest` pulled and held.

@@ -23,6 +23,8 @@
 //!   only (header `Switchboard-For`) and keeps its id (`Switchboard-Id`).
 //! - key-value bucket `S-state`: `paused.<destination>` (paused
 //!   destinations, seen by every relay through a watch).
+//! - key-value bucket `S-history`: each delivery's state and last attempts
+//!   (`history.rs`), kept 7 days.
 //! - key-value bucket `S-dedupe` (only when a route de-duplicates): the
 //!   durable de-duplication keys, expiring after the longest window.
 //!
@@ -47,6 +49,7 @@
 
 mod dead;
 mod flow;
+mod history;
 mod setup;
 
 use std::collections::{HashMap, VecDeque};
@@ -156,6 +159,8 @@ struct Ready {
     stream: stream::Stream,
     dead: stream::Stream,
     state: kv::Store,
+    /// Each delivery's attempts and state (`history.rs`).
+    history: kv::Store,
     dedupe: Option<kv::Store>,
     /// The stream's id part of external ids (`msg_<uid><seq>`).
     uid: String,
@@ -199,6 +204,9 @@ impl Names<'_> {
     }
     fn state_bucket(&self) -> String {
         format!("{}-state", self.0)
+    }
+    fn history_bucket(&self) -> String {
+        format!("{}-history", self.0)
     }
     fn dedupe_bucket(&self) -> String {
         format!("{}-dedupe", self.0)

@@ -211,6 +211,17 @@ impl Jet {
             kv::Config { bucket: names.state_bucket(), history: 1, num_replicas: c.replicas, ..Default::default() },
         )
         .await?;
+        let history = ensure_bucket(
+            &js,
+            kv::Config {
+                bucket: names.history_bucket(),
+                history: 1,
+                max_age: super::history::HISTORY_MAX_AGE,
+                num_replicas: c.replicas,
+                ..Default::default()
+            },
+        )
+        .await?;
         let dedupe = match c.dedupe_retention {
             None => None,
             Some(window) => Some(
@@ -232,7 +243,7 @@ impl Jet {
             consumers.push((d.clone(), self.consumer(&stream, &d.name).await?));
         }
         let max_payload = client.server_info().max_payload;
-        let ready = Ready { client, js, stream, dead, state, dedupe, uid, max_payload };
+        let ready = Ready { client, js, stream, dead, state, history, dedupe, uid, max_payload };
         if self.inner.ready.set(ready).is_err() {
             return Ok(());
         }
