@@ -176,9 +176,10 @@ impl Jet {
             }
         };
         acked.map_err(|e| StoreError::Unavailable(format!("JetStream: acknowledging a delivery: {e}")))?;
-        // After the settle: a crash in between leaves the history behind,
-        // never ahead (`history.rs`).
-        self.record_history(&lease.dest, lease.id, &outcome).await;
+        // After the settle, off the attempt's slot: a crash in between
+        // leaves the history behind, never ahead (`history.rs`).
+        let (me, dest, id, first) = (self.clone(), lease.dest.clone(), lease.id, lease.attempts() == 0);
+        self.inner.tasks.spawn(async move { me.record_history(&dest, id, &outcome, first).await });
         Ok(())
     }
 
