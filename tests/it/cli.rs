@@ -10,7 +10,7 @@ use crate::support::*;
 const TOKEN: &str = "cli-test-token-123";
 
 /// Runs `switchboard ARGS`; returns exit code, stdout, stderr.
-async fn sb(args: &[&str]) -> (i32, String, String) {
+pub(crate) async fn sb(args: &[&str]) -> (i32, String, String) {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
         .args(args)
         .env_remove("SWITCHBOARD_ADMIN")

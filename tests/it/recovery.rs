@@ -34,18 +34,6 @@ fn bodies(got: &[Received], from: usize) -> Vec<String> {
     b
 }
 
-async fn ctl(args: &[&str]) -> (i32, String, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(args)
-        .env_remove("SWITCHBOARD_ADMIN")
-        .env_remove("SWITCHBOARD_ADMIN_TOKEN")
-        .output()
-        .await
-        .expect("run switchboard");
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_that_answers_again_gets_its_waiting_retries_at_once() {
     let up = Arc::new(AtomicBool::new(false));
@@ -90,7 +78,7 @@ async fn retry_now_and_resume_send_what_waits_for_a_retry() {
         })
         .await;
     up.store(true, Ordering::SeqCst);
-    let (code, out, err) = ctl(&[&["destinations", "retry-now", "d"], &a[..]].concat()).await;
+    let (code, out, err) = crate::cli::sb(&[&["destinations", "retry-now", "d"], &a[..]].concat()).await;
     assert_eq!((code, out.trim()), (0, "d: 2 waiting retries due now"), "{err}");
     let got = r.wait_for(4, WAIT).await;
     assert_eq!(bodies(&got, 2), ["first-0", "first-1"]);
@@ -103,10 +91,10 @@ async fn retry_now_and_resume_send_what_waits_for_a_retry() {
             metric(m, "switchboard_deliveries_total{destination=\"d\",outcome=\"retried\"}") == 4.0
         })
         .await;
-    let (code, _, err) = ctl(&[&["destinations", "pause", "d"], &a[..]].concat()).await;
+    let (code, _, err) = crate::cli::sb(&[&["destinations", "pause", "d"], &a[..]].concat()).await;
     assert_eq!(code, 0, "{err}");
     up.store(true, Ordering::SeqCst);
-    let (code, out, err) = ctl(&[&["destinations", "resume", "d"], &a[..]].concat()).await;
+    let (code, out, err) = crate::cli::sb(&[&["destinations", "resume", "d"], &a[..]].concat()).await;
     assert_eq!((code, out.trim()), (0, "d: active"), "{err}");
     let got = r.wait_for(8, WAIT).await;
     assert_eq!(bodies(&got, 6), ["second-0", "second-1"]);
