@@ -14,25 +14,25 @@ use tokio::sync::watch;
 use crate::binary::{write, RelayProcess};
 use crate::jetstream::jet_config;
 use crate::nats::*;
-use crate::promises::{flaky_receiver, seqs, Load};
+use crate::promises::{accepted, flaky_receiver, Load};
 use crate::support::*;
 
-const FAST: &str = "concurrency = 8\nretry = { initial = \"10ms\", max_interval = \"200ms\" }";
+pub(crate) const FAST: &str = "concurrency = 8\nretry = { initial = \"10ms\", max_interval = \"200ms\" }";
 
 /// Two relays, their receivers and the load.
-struct Ha {
-    relays: Vec<Option<RelayProcess>>,
+pub(crate) struct Ha {
+    pub(crate) relays: Vec<Option<RelayProcess>>,
     path: PathBuf,
     addrs: watch::Sender<Vec<SocketAddr>>,
-    load: Load,
-    healthy: TestReceiver,
-    flaky: TestReceiver,
+    pub(crate) load: Load,
+    pub(crate) healthy: TestReceiver,
+    pub(crate) flaky: TestReceiver,
     started: Instant,
     _dir: tempfile::TempDir,
 }
 
 impl Ha {
-    async fn start(servers: &[String], replicas: usize) -> Ha {
+    pub(crate) async fn start(servers: &[String], replicas: usize) -> Ha {
         let healthy = TestReceiver::ok().await;
         let flaky = flaky_receiver().await;
         let dir = tempfile::tempdir().expect("tempdir");
@@ -63,29 +63,29 @@ impl Ha {
     }
 
     /// Tells the senders which relays are up.
-    fn publish(&self) {
+    pub(crate) fn publish(&self) {
         self.addrs.send_replace(self.relays.iter().flatten().map(|r| r.ingress).collect());
     }
 
     /// Waits for `n` more acknowledged callbacks.
-    async fn more(&self, n: usize) {
+    pub(crate) async fn more(&self, n: usize) {
         self.load.wait_acked(self.load.acked_count() + n).await;
     }
 
-    fn kill9(&mut self, i: usize) {
+    pub(crate) fn kill9(&mut self, i: usize) {
         if let Some(mut r) = self.relays[i].take() {
             r.kill9();
         }
         self.publish();
     }
 
-    async fn restart(&mut self, i: usize) {
+    pub(crate) async fn restart(&mut self, i: usize) {
         self.relays[i] = Some(RelayProcess::start(&self.path).await);
         self.publish();
     }
 
     /// SIGTERM (a rolling restart's stop), waiting for the exit.
-    async fn stop(&mut self, i: usize) {
+    pub(crate) async fn stop(&mut self, i: usize) {
         if let Some(mut r) = self.relays[i].take() {
             self.addrs.send_replace(self.relays.iter().flatten().map(|r| r.ingress).collect());
             r.signal(nix::sys::signal::Signal::SIGTERM);
@@ -94,12 +94,49 @@ impl Ha {
         }
     }
 
+    /// After a scenario and its healing, with the load still running:
+    /// waits until both destinations have every callback acknowledged so
+    /// far, prints the scenario's figures (acknowledged, refused, lost,
+    /// duplicates since the previous checkpoint) and fails on any loss.
+    pub(crate) async fn checkpoint(&self, what: &str, tally: &mut Tally) {
+        let acked = self.load.acked();
+        let refused = self.load.refused_count();
+        let mut lost = 0;
+        let mut dups = [0usize; 2];
+        for (k, (name, r)) in [("healthy", &self.healthy), ("flaky", &self.flaky)].into_iter().enumerate() {
+            let got = r
+                .wait_until(
+                    Duration::from_secs(120),
+                    &format!("{what}: {name} has every acknowledged callback"),
+                    |got| {
+                        let s = accepted(name, got);
+                        acked.iter().all(|q| s.contains_key(q))
+                    },
+                )
+                .await;
+            let s = accepted(name, &got);
+            lost += acked.iter().filter(|q| !s.contains_key(q)).count();
+            dups[k] = s.values().map(|c| c - 1).sum();
+        }
+        println!(
+            "{what}: acked={} refused={} lost={lost} duplicates healthy={} flaky={} (totals: acked={} refused={refused}) at {:.1}s",
+            acked.len() - tally.acked,
+            refused - tally.refused,
+            dups[0] - tally.duplicates[0],
+            dups[1] - tally.duplicates[1],
+            acked.len(),
+            self.started.elapsed().as_secs_f64()
+        );
+        assert_eq!(lost, 0, "{what}: acknowledged callbacks lost");
+        *tally = Tally { acked: acked.len(), refused, duplicates: dups };
+    }
+
     /// Stops the load, waits for every acknowledged callback at both
     /// destinations, prints the figures and fails on any loss.
     /// `events`: disruptions (relay kills and restarts, NATS failures);
     /// each can repeat at most what the relays held (twice a destination's
     /// concurrency of 8, per relay) at the healthy destination.
-    async fn finish(self, what: &str, cycles: usize, events: usize) {
+    pub(crate) async fn finish(self, what: &str, cycles: usize, events: usize) {
         let (acked, refused) = self.load.finish().await;
         if std::env::var_os("SWITCHBOARD_HA_LOGS").is_some() {
             for r in self.relays.iter().flatten() {
@@ -113,11 +150,11 @@ impl Ha {
         for (name, r) in [("healthy", &self.healthy), ("flaky", &self.flaky)] {
             let got = r
                 .wait_until(drain, &format!("{name} has every acknowledged callback"), |got| {
-                    let s = seqs(got);
+                    let s = accepted(name, got);
                     acked.iter().all(|q| s.contains_key(q))
                 })
                 .await;
-            let s = seqs(&got);
+            let s = accepted(name, &got);
             lost += acked.iter().filter(|q| !s.contains_key(q)).count();
             let dups: usize = s.values().map(|c| c - 1).sum();
             if name == "healthy" {
@@ -137,6 +174,14 @@ impl Ha {
         assert!(acked.len() >= cycles * 100, "only {} acknowledged", acked.len());
         drop(self.relays);
     }
+}
+
+/// Figures at the previous checkpoint.
+#[derive(Default)]
+pub(crate) struct Tally {
+    pub(crate) acked: usize,
+    pub(crate) refused: usize,
+    pub(crate) duplicates: [usize; 2],
 }
 
 fn cycles() -> usize {

@@ -6,6 +6,7 @@ mod config;
 mod deploy;
 mod encryption;
 mod exposure;
+mod faults;
 mod files;
 mod filter;
 mod flow;

@@ -40,6 +40,11 @@ pub fn free_port() -> u16 {
 pub struct NatsNode {
     pub name: String,
     pub port: u16,
+    /// The client address (127.0.0.1, or the node's address in its own
+    /// network namespace).
+    pub host: String,
+    /// The network namespace the server runs in (`ip netns exec`), if any.
+    pub netns: Option<String>,
     config: PathBuf,
     child: Option<Child>,
     pub logs: Arc<Mutex<Vec<String>>>,
@@ -73,14 +78,72 @@ impl NatsNode {
         }
         let config = dir.join("nats.conf");
         std::fs::File::create(&config).and_then(|mut f| f.write_all(conf.as_bytes())).expect("write nats.conf");
-        let mut node = NatsNode { name: name.to_string(), port, config, child: None, logs: Arc::default() };
+        let mut node = NatsNode {
+            name: name.to_string(),
+            port,
+            host: "127.0.0.1".into(),
+            netns: None,
+            config,
+            child: None,
+            logs: Arc::default(),
+        };
         node.start();
         node
     }
 
+    /// A cluster node in the network namespace `netns` (tests/it/faults.rs):
+    /// clients on `client_ip:4222`, routes on `cluster_ip:6222` to each of
+    /// `peers` (their cluster addresses). The ports are fixed: the
+    /// addresses are the namespace's own.
+    pub fn in_namespace(
+        dir: &Path,
+        name: &str,
+        netns: &str,
+        client_ip: &str,
+        cluster_ip: &str,
+        peers: &[String],
+    ) -> Self {
+        let dir = dir.join(name);
+        std::fs::create_dir_all(&dir).expect("node dir");
+        let routes: Vec<String> = peers.iter().map(|p| format!("nats-route://{p}:6222")).collect();
+        let conf = format!(
+            "server_name: {name}\nlisten: {client_ip}:4222\njetstream {{ store_dir: {:?} }}\n\
+             cluster {{ name: sb, listen: {cluster_ip}:6222, routes: [{}] }}\n",
+            dir.join("js").display().to_string(),
+            routes.join(", ")
+        );
+        let config = dir.join("nats.conf");
+        std::fs::File::create(&config).and_then(|mut f| f.write_all(conf.as_bytes())).expect("write nats.conf");
+        let mut node = NatsNode {
+            name: name.to_string(),
+            port: 4222,
+            host: client_ip.to_string(),
+            netns: Some(netns.to_string()),
+            config,
+            child: None,
+            logs: Arc::default(),
+        };
+        node.start();
+        node
+    }
+
+    /// The server's process id (for SIGSTOP/SIGCONT).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Starts (or restarts) the server and waits until it accepts clients.
     pub fn start(&mut self) {
-        let mut child = Command::new(nats_server())
+        let mut cmd = match &self.netns {
+            // `ip netns exec` execs the server: the child is the server.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(nats_server());
+                c
+            }
+            None => Command::new(nats_server()),
+        };
+        let mut child = cmd
             .arg("-c")
             .arg(&self.config)
             .stdin(Stdio::null())
@@ -124,7 +187,7 @@ impl NatsNode {
     }
 
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        format!("nats://{}:{}", self.host, self.port)
     }
 }
 
