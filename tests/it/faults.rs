@@ -29,7 +29,7 @@
 
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -153,6 +153,14 @@ async fn stream_leader(servers: &[String]) -> usize {
     })
 }
 
+/// How many relays are connected to `node` (its monitoring endpoint).
+async fn relay_connections(node: &NatsNode) -> usize {
+    let (status, _, body) = get(&format!("http://{}:8222/connz", node.host)).await;
+    assert_eq!(status, 200, "connz of {}", node.name);
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("connz json");
+    v["connections"].as_array().map_or(0, |c| c.iter().filter(|c| c["name"] == "switchboard").count())
+}
+
 fn fault_length() -> Duration {
     let secs = std::env::var("SWITCHBOARD_FAULT_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
     Duration::from_secs(secs)
@@ -193,6 +201,40 @@ async fn jetstream_relays_lose_nothing_through_partitions_pauses_and_a_crash_dur
     net.cut_node(follower, false);
     ha.more(100).await;
     ha.checkpoint(&format!("follower n{} cut off from the cluster for {length:?}", follower + 1), &mut tally).await;
+
+    // 1b: the node a relay is connected to, cut off from the cluster. Its
+    // client link stays up and answers pings: only the relay's own
+    // judgement (publishes taken but never acknowledged) makes it leave,
+    // and it must, while the partition lasts.
+    let busy = eventually!(WAIT, "a node with a relay's connection", {
+        let mut found = Err("no node has a relay's connection".to_string());
+        for i in 0..3 {
+            if relay_connections(&nodes[i]).await > 0 {
+                found = Ok(i);
+                break;
+            }
+        }
+        found
+    });
+    net.cut_node(busy, true);
+    let cut = Instant::now();
+    eventually!(Duration::from_secs(30), "the relays leave the node cut off from its cluster", {
+        match relay_connections(&nodes[busy]).await {
+            0 => Ok(()),
+            n => Err(format!("{n} relay connections still on n{}", busy + 1)),
+        }
+    });
+    let left_after = cut.elapsed();
+    ha.more(100).await;
+    net.cut_node(busy, false);
+    ha.checkpoint(
+        &format!(
+            "n{} (a relay's server) cut off from the cluster; the relays left it after {left_after:.1?}",
+            busy + 1
+        ),
+        &mut tally,
+    )
+    .await;
 
     let leader = stream_leader(&servers).await;
     net.cut_node(leader, true);
@@ -256,7 +298,7 @@ async fn jetstream_relays_lose_nothing_through_partitions_pauses_and_a_crash_dur
     .await;
     assert!(during <= 8, "{during} callbacks acknowledged with no quorum");
 
-    ha.finish("jetstream faults: partitions, pauses, a crash during a partition", 6, 6).await;
+    ha.finish("jetstream faults: partitions, pauses, a crash during a partition", 7, 7).await;
     drop(nodes);
     drop(net);
 }

@@ -92,7 +92,7 @@ impl NatsNode {
     }
 
     /// A cluster node in the network namespace `netns` (tests/it/faults.rs):
-    /// clients on `client_ip:4222`, routes on `cluster_ip:6222` to each of
+    /// clients on `client_ip:4222` (monitoring on 8222), routes on `cluster_ip:6222` to each of
     /// `peers` (their cluster addresses). The ports are fixed: the
     /// addresses are the namespace's own.
     pub fn in_namespace(
@@ -107,7 +107,7 @@ impl NatsNode {
         std::fs::create_dir_all(&dir).expect("node dir");
         let routes: Vec<String> = peers.iter().map(|p| format!("nats-route://{p}:6222")).collect();
         let conf = format!(
-            "server_name: {name}\nlisten: {client_ip}:4222\njetstream {{ store_dir: {:?} }}\n\
+            "server_name: {name}\nlisten: {client_ip}:4222\nhttp: {client_ip}:8222\njetstream {{ store_dir: {:?} }}\n\
              cluster {{ name: sb, listen: {cluster_ip}:6222, routes: [{}] }}\n",
             dir.join("js").display().to_string(),
             routes.join(", ")

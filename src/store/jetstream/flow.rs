@@ -105,10 +105,45 @@ impl Jet {
         }
         let failed = self.inner.publish_failures.fetch_add(1, Ordering::Relaxed);
         self.inner.last_publish_failure_ms.store(now_ms(), Ordering::Relaxed);
+        self.leave_a_silent_server(&ready.client, failed + 1);
         if failed == 0 {
             tracing::warn!(error = %last, "JetStream publish failed: callbacks are refused (503) until publishes succeed");
         }
         Err(StoreError::Unavailable(format!("JetStream publish failed: {last}")))
+    }
+
+    /// Publishes failing in a row while the connection stands: the server
+    /// takes them but no quorum answers (a node cut off from its cluster
+    /// by a partition, or one whose stream peers are gone). Its clients'
+    /// pings still succeed, so the client would stay for the partition's
+    /// whole length, refusing every callback while the rest of the cluster
+    /// may have a quorum. After three failures in a row, at most once per
+    /// two `publish_timeout`s, reconnect to another server
+    /// (`setup::another_server`).
+    fn leave_a_silent_server(&self, client: &async_nats::Client, in_a_row: u64) {
+        if in_a_row < 3 || client.connection_state() != async_nats::connection::State::Connected {
+            return;
+        }
+        let now = now_ms();
+        let gap = 2 * self.inner.config.publish_timeout.as_millis() as u64;
+        let last = self.inner.last_switch_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < gap
+            || self.inner.last_switch_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_err()
+        {
+            return;
+        }
+        let info = client.server_info();
+        tracing::warn!(
+            server = %format!("{}:{}", info.host, info.port),
+            failed_in_a_row = in_a_row,
+            "NATS server takes publishes but does not acknowledge them; reconnecting to another server"
+        );
+        let client = client.clone();
+        self.inner.tasks.spawn(async move {
+            if let Err(e) = client.force_reconnect().await {
+                tracing::debug!(error = %e, "forced reconnect not sent");
+            }
+        });
     }
 
     /// Stores a de-duplication key with the message it belongs to.

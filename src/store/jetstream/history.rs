@@ -113,7 +113,9 @@ impl Jet {
             }
         };
         if let Err(e) = ready.history.put(k, Bytes::from(kept.encode())).await {
-            tracing::warn!(destination = dest, error = %e, "JetStream: could not record a delivery attempt's history");
+            if let Some(also) = self.inner.history_failures_logged.admit() {
+                tracing::warn!(destination = dest, error = %e, also_failed_since_last_line = also, "JetStream: could not record a delivery attempt's history");
+            }
         }
     }
 

@@ -144,6 +144,11 @@ struct Inner {
     /// Publishes that failed in a row (for `/readyz` and the log), and
     /// when the last one failed (unix ms).
     publish_failures: AtomicU64,
+    /// When the relay last left a server that took publishes but did not
+    /// acknowledge them (unix ms; `flow.rs`).
+    last_switch_ms: AtomicU64,
+    /// History writes fail in floods while NATS is in trouble.
+    history_failures_logged: crate::throttle::LogThrottle,
     last_publish_failure_ms: AtomicU64,
     /// Why the backend cannot work at all (a stream that contradicts the
     /// configuration, found after a late connection), if it cannot.

@@ -61,6 +61,8 @@ impl Jet {
                 paused: Mutex::default(),
                 figures: Mutex::default(),
                 publish_failures: AtomicU64::new(0),
+                last_switch_ms: AtomicU64::new(0),
+                history_failures_logged: Default::default(),
                 last_publish_failure_ms: AtomicU64::new(0),
                 broken: Mutex::new(None),
                 closed: AtomicBool::new(false),
@@ -127,6 +129,7 @@ impl Jet {
             .name("switchboard")
             .connection_timeout(Duration::from_secs(5))
             .max_reconnects(None)
+            .reconnect_to_server_callback(|servers, left| async move { another_server(servers, &left) })
             .event_callback(|event| async move {
                 match event {
                     async_nats::Event::Disconnected => {
@@ -464,4 +467,22 @@ fn tls_refusal(e: &(dyn std::error::Error + 'static)) -> Option<String> {
         cur = err.source();
     }
     None
+}
+
+/// Where to reconnect: a server other than the one just left, the least
+/// failing first (at random among equals). The server left may be alive
+/// and reachable but cut off from its cluster (it takes publishes and never
+/// acknowledges them: `flow.rs` leaves it); the default choice, at random
+/// among all, would come back to it one time in three. `None` (the
+/// client's own choice) when the pool has no other server.
+fn another_server(
+    servers: Vec<async_nats::Server>,
+    left: &async_nats::ServerInfo,
+) -> Option<async_nats::ReconnectToServer> {
+    let others: Vec<async_nats::Server> =
+        servers.into_iter().filter(|s| !(s.addr.host() == left.host && s.addr.port() == left.port)).collect();
+    let least = others.iter().map(|s| s.failed_attempts).min()?;
+    let best: Vec<&async_nats::Server> = others.iter().filter(|s| s.failed_attempts == least).collect();
+    let pick = best.get(rand::random::<usize>() % best.len().max(1))?;
+    Some(async_nats::ReconnectToServer { addr: pick.addr.clone(), delay: None })
 }
