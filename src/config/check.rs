@@ -31,11 +31,24 @@ impl RawConfig {
             None if !caps.has(crate::store::Capability::Retention) => {
                 return format!("not kept ({})", caps.refusal(crate::store::Capability::Retention).unwrap_or_default())
             }
+            None if caps.kind() != crate::store::StoreKind::Local => {
+                return format!(
+                "not kept (the default on JetStream: set store.retain_delivered to keep them in the stream {}-kept)",
+                self.store.stream
+            )
+            }
             None => format!(
                 "kept {} (store.retain_delivered, the default)",
                 crate::config::duration::format(super::DEFAULT_RETAIN_DELIVERED)
             ),
         };
+        if caps.kind() != crate::store::StoreKind::Local {
+            let bytes = match self.store.retain_max_bytes {
+                Some(n) if n > 0 => format!("at most {n} bytes (store.retain_max_bytes)"),
+                _ => "no byte bound".to_string(),
+            };
+            return format!("{time} in the stream {}-kept, {bytes}; NATS expires the oldest first", self.store.stream);
+        }
         let bytes = match self.store.retain_max_bytes {
             Some(0) => "no byte bound (store.retain_max_bytes = 0)".to_string(),
             Some(n) => format!("at most {n} bytes (store.retain_max_bytes)"),

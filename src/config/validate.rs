@@ -72,7 +72,9 @@ impl RawConfig {
                 dedupe_max_keys: self.store.dedupe_max_keys,
                 retain_delivered: match self.store.retain_delivered {
                     Some(d) => (!d.is_zero()).then_some(d),
-                    None if store::store_kind(&self).capabilities().has(crate::store::Capability::Retention) => {
+                    // The default applies to the local store; on JetStream
+                    // keeping is opt-in (it doubles what NATS stores).
+                    None if store::store_kind(&self) == crate::store::StoreKind::Local => {
                         Some(super::DEFAULT_RETAIN_DELIVERED)
                     }
                     None => None,

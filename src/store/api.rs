@@ -253,12 +253,11 @@ impl Store {
 
     /// Sends the stored messages `dest` got that `sel` covers to it again
     /// (due now, through its queue); durable before it returns. Returns
-    /// how many. JetStream: not available (messages are not kept there
-    /// after delivery).
+    /// how many. JetStream: from the kept stream (`jetstream/kept.rs`).
     pub async fn replay_delivered(&self, dest: &str, sel: &Selection) -> Result<usize, StoreError> {
         match &self.0 {
             Backend::Local(s) => s.replay_delivered(dest, sel).await,
-            Backend::Jet(_) => self.unsupported(Capability::ReplayDelivered),
+            Backend::Jet(s) => s.replay_delivered(dest, sel).await,
         }
     }
 
@@ -281,7 +280,7 @@ impl Store {
                 .iter()
                 .filter(|d| sel.covers(d.id, super::id_received_ms(d.id)))
                 .count()),
-            (Backend::Jet(_), Source::Delivered) => self.unsupported(Capability::ReplayDelivered),
+            (Backend::Jet(s), Source::Delivered) => s.delivered_covered(dest, &sel).await.map(|v| v.len()),
         }
     }
 
@@ -290,7 +289,7 @@ impl Store {
     pub fn retention(&self) -> (u64, Option<u64>) {
         match &self.0 {
             Backend::Local(s) => s.retention(),
-            Backend::Jet(_) => (0, None),
+            Backend::Jet(s) => s.retention(),
         }
     }
 
@@ -298,7 +297,7 @@ impl Store {
     pub fn retained(&self) -> u64 {
         match &self.0 {
             Backend::Local(s) => s.retained(),
-            Backend::Jet(_) => 0,
+            Backend::Jet(s) => s.kept_figures().0,
         }
     }
 
@@ -306,7 +305,7 @@ impl Store {
     pub fn retained_bytes(&self) -> u64 {
         match &self.0 {
             Backend::Local(s) => s.retained_bytes(),
-            Backend::Jet(_) => 0,
+            Backend::Jet(s) => s.kept_figures().1,
         }
     }
 

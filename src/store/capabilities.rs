@@ -117,15 +117,17 @@ impl Capabilities {
             StoreKind::Local => None,
             StoreKind::JetStream => match c {
                 // Sealed before the publish (`jetstream/flow.rs`); inspection
-                // from the work stream and the history bucket (`history.rs`).
-                Capability::EncryptionAtRest | Capability::Inspection => None,
+                // from the work stream and the history bucket (`history.rs`);
+                // delivered messages kept and replayed from a stream the
+                // server copies into (`kept.rs`).
+                Capability::EncryptionAtRest
+                | Capability::Inspection
+                | Capability::Retention
+                | Capability::ReplayDelivered => None,
                 Capability::Listing => {
                     Some("the history bucket is keyed by delivery; listing by state and time needs an index it does not have yet")
                 }
                 Capability::Lookup => Some("the streams keep no index of messages by body field"),
-                Capability::Retention | Capability::ReplayDelivered => {
-                    Some("the stream deletes a message once every destination acknowledged it")
-                }
                 Capability::Ordering => Some("any relay may deliver any message"),
                 Capability::RetryNow => {
                     Some("a retry is a nak the server holds until its delay is over; it cannot be asked for sooner")

@@ -208,8 +208,8 @@ async fn jetstream_relays_lose_nothing_through_partitions_pauses_and_a_crash_dur
     // and it must, while the partition lasts.
     let busy = eventually!(WAIT, "a node with a relay's connection", {
         let mut found = Err("no node has a relay's connection".to_string());
-        for i in 0..3 {
-            if relay_connections(&nodes[i]).await > 0 {
+        for (i, node) in nodes.iter().enumerate() {
+            if relay_connections(node).await > 0 {
                 found = Ok(i);
                 break;
             }

@@ -212,7 +212,6 @@ fn what_jetstream_cannot_do_is_a_config_error() {
     for (toml, key, why) in [
         (jet("ordering = \"fifo\"", ""), "destinations.a.ordering", "not available"),
         (jet("", "replicas = 2\n"), "", ""),
-        (jet("", "retain_delivered = \"1h\"\n"), "store.retain_delivered", "not available"),
         (jet("", "token = \"t\"\nnkey = \"SUx\"\n"), "store", "one way to authenticate"),
         (jet("", "").replace("ack_wait = \"3s\"", "ack_wait = \"1s\""), "store.ack_wait", "at least 3s"),
         (
@@ -476,4 +475,89 @@ async fn jetstream_messages_show_each_deliverys_state_and_attempts() {
     let gone = format!("{}{:016x}", &id[..id.len() - 16], 1_000_000u64);
     assert_eq!(get(&relay.admin_url(&format!("/api/messages/{gone}"))).await.0, 404);
     relay.stop().await.expect("stop");
+}
+
+/// `store.retain_delivered` on JetStream: a delivered message stays
+/// inspectable after it left the work stream (from the kept stream, with
+/// its history and when it expires), and `messages replay D --since T`
+/// sends what D got to D alone again, keeping the ids; a message D did not
+/// get (dead-lettered) is not sent as delivered; sealed records stay
+/// sealed in the copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_keeps_delivered_messages_and_sends_them_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats = NatsNode::single(dir.path());
+    let billing = TestReceiver::scripted(|_, got| {
+        Reply::Status(if String::from_utf8_lossy(&got.body).contains("refused") { 400 } else { 200 })
+    })
+    .await;
+    let audit = TestReceiver::ok().await;
+    let toml =
+        jet_config(&[nats.url()], "kept", 1, &[("billing", &billing.url("/b"), ""), ("audit", &audit.url("/a"), "")])
+            .replace("[store]\n", "[store]\nretain_delivered = \"1h\"\n");
+    let relay = TestRelay::start(&toml).await;
+    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(acked_id(&post(&relay.url("/in"), "application/json", format!("{{\"n\":{i}}}")).await.2));
+    }
+    let refused = acked_id(&post(&relay.url("/in"), "application/json", r#"{"n":"refused"}"#).await.2);
+    audit.wait_for(4, WAIT).await;
+    billing.wait_for(4, WAIT).await;
+    // Delivered everywhere, gone from the work stream (Interest retention),
+    // still shown with its history.
+    let v = eventually!(WAIT, "a delivered message shown from the kept stream", {
+        let (s, _, b) = get(&relay.admin_url(&format!("/api/messages/{}", ids[0]))).await;
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap_or_default();
+        let states: Vec<&str> = v["destinations"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|d| d["state"].as_str()).collect())
+            .unwrap_or_default();
+        if s == 200 && states == ["delivered", "delivered"] && v["retained_until"].is_string() {
+            Ok(v.clone())
+        } else {
+            Err(format!("{s} {v}"))
+        }
+    });
+    assert_eq!(v["id"], ids[0].as_str(), "{v}");
+    let relay_metrics = relay.wait_metrics("4 kept", |m| metric(m, "switchboard_store_retained_messages") == 4.0).await;
+    assert!(metric(&relay_metrics, "switchboard_store_retained_bytes") > 0.0);
+
+    // Sent again to billing alone, by time through the CLI; the refused
+    // (dead-lettered) one is not among them.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["messages", "replay", "billing", "--since", &before.to_string(), "--admin", &relay.admin_url("")])
+        .output()
+        .await
+        .expect("cli");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("sending 3 message(s) again"), "{out:?}");
+    let got = billing.wait_for(7, WAIT).await;
+    let again: std::collections::BTreeSet<String> =
+        got[4..].iter().filter_map(|g| g.header("x-switchboard-id")).collect();
+    assert_eq!(again, ids.iter().cloned().collect(), "the same ids, the refused one not among them");
+    assert!(!again.contains(&refused));
+    assert_eq!(audit.count(), 4, "audit was not asked");
+    // By id through the API.
+    let (s, _, body) = request(
+        "POST",
+        &relay.admin_url(&format!("/api/destinations/billing/replay?state=delivered&id={}", ids[1])),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+    let got = billing.wait_for(8, WAIT).await;
+    assert_eq!(got[7].header("x-switchboard-id").as_deref(), Some(ids[1].as_str()));
+    // `check` says where they are kept.
+    let path = crate::binary::write(dir.path(), &toml);
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .await
+        .expect("check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("kept 1h (store.retain_delivered) in the stream kept-kept"), "{text}");
+    assert_eq!(billing.count(), 8, "nothing else sent");
 }

@@ -123,6 +123,8 @@ pub(super) fn validate_store_kind(p: &mut Problems, raw: &RawConfig) -> Option<J
         max_ack_pending: s.max_ack_pending,
         ack_wait: s.ack_wait,
         publish_timeout: s.publish_timeout,
+        // Off unless set: the copy doubles what NATS stores (kept.rs).
+        retain: s.retain_delivered.filter(|d| !d.is_zero()).map(|d| (d, s.retain_max_bytes.filter(|b| *b > 0))),
         sealer: None,
     })
 }

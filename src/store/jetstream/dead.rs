@@ -188,7 +188,14 @@ impl Jet {
             stats.entry(d.clone()).or_insert(DestStats { depth: 0, oldest_received_ms: None, dead: *n });
         }
         let bytes = ready.stream.get_info().await.map(|i| i.state.bytes).ok();
+        let kept = match &ready.kept {
+            Some(k) => k.get_info().await.map(|i| (i.state.messages, i.state.bytes)).ok(),
+            None => None,
+        };
         let mut f = lock(&self.inner.figures);
+        if let Some(k) = kept {
+            f.kept = k;
+        }
         f.stats = stats;
         f.dead_dests = dead.into_keys().collect();
         if let Some(b) = bytes {

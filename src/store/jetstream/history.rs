@@ -119,14 +119,30 @@ impl Jet {
         }
     }
 
+    /// Whether the history says `dest` got message `id`.
+    pub(super) async fn delivered_to(&self, dest: &str, id: u64) -> Result<bool, StoreError> {
+        let kept = self
+            .ready()?
+            .history
+            .get(key(dest, id))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("JetStream: reading a delivery's history: {e}")))?;
+        Ok(kept.as_deref().map(Kept::decode).is_some_and(|k| k.is_ok_and(|k| k.state == DELIVERED)))
+    }
+
     /// Message `id` with each destination's delivery, while it is in the
-    /// work stream.
+    /// work stream, or kept (`kept.rs`).
     pub async fn inspect(&self, id: u64) -> Result<Option<Inspection>, StoreError> {
         let ready = self.ready()?;
-        let msg = match ready.stream.get_raw_message(id).await {
-            Ok(m) => m,
+        let (msg, retained_until_ms) = match ready.stream.get_raw_message(id).await {
+            Ok(m) => (m, None),
             Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
-                return Ok(None)
+                // Every destination is done with it: its kept copy, if
+                // retention is on (`kept.rs`).
+                match self.kept_message(id).await? {
+                    Some((m, until)) => (m, Some(until)),
+                    None => return Ok(None),
+                }
             }
             Err(e) => return Err(StoreError::Unavailable(format!("JetStream: reading message {id}: {e}"))),
         };
@@ -150,7 +166,7 @@ impl Jet {
             };
             deliveries.push(view);
         }
-        Ok(Some(Inspection { id, record, deliveries, retained_until_ms: None }))
+        Ok(Some(Inspection { id, record, deliveries, retained_until_ms }))
     }
 }
 

@@ -50,6 +50,7 @@
 mod dead;
 mod flow;
 mod history;
+mod kept;
 mod setup;
 
 use std::collections::{HashMap, VecDeque};
@@ -110,6 +111,10 @@ pub struct JetConfig {
     pub ack_wait: Duration,
     /// How long ingress waits for a PubAck before answering 503.
     pub publish_timeout: Duration,
+    /// `store.retain_delivered` (and `retain_max_bytes`, if set): every
+    /// message is copied by the server into the stream `S-kept`, kept
+    /// that long (`kept.rs`); `None`: not kept.
+    pub retain: Option<(Duration, Option<u64>)>,
     /// Seals what is published (`[store.encryption]`): NATS and its disks
     /// see no body or header of a callback (`seal.rs`).
     pub(crate) sealer: Option<Arc<crate::store::seal::Sealer>>,
@@ -166,6 +171,8 @@ struct Ready {
     state: kv::Store,
     /// Each delivery's attempts and state (`history.rs`).
     history: kv::Store,
+    /// The copies kept for `retain_delivered` (`kept.rs`).
+    kept: Option<stream::Stream>,
     dedupe: Option<kv::Store>,
     /// The stream's id part of external ids (`msg_<uid><seq>`).
     uid: String,
@@ -178,6 +185,8 @@ struct Figures {
     /// Destinations with dead letters (configured or not).
     dead_dests: Vec<String>,
     stream_bytes: u64,
+    /// The kept stream's messages and bytes (`kept.rs`).
+    kept: (u64, u64),
 }
 
 /// One destination's leases on this relay.
@@ -209,6 +218,9 @@ impl Names<'_> {
     }
     fn state_bucket(&self) -> String {
         format!("{}-state", self.0)
+    }
+    fn kept_stream(&self) -> String {
+        format!("{}-kept", self.0)
     }
     fn history_bucket(&self) -> String {
         format!("{}-history", self.0)
@@ -334,6 +346,17 @@ impl Jet {
 
     pub fn bytes(&self) -> u64 {
         lock(&self.inner.figures).stream_bytes
+    }
+
+    /// Messages and bytes kept after delivery (`kept.rs`), as last read.
+    pub fn kept_figures(&self) -> (u64, u64) {
+        lock(&self.inner.figures).kept
+    }
+
+    /// How long delivered messages are kept (ms; 0: not kept) and the
+    /// byte bound, if any.
+    pub fn retention(&self) -> (u64, Option<u64>) {
+        self.inner.config.retain.map_or((0, None), |(age, bytes)| (age.as_millis() as u64, bytes))
     }
 
     pub fn max_bytes(&self) -> Option<u64> {

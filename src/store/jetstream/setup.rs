@@ -241,12 +241,24 @@ impl Jet {
                 .await?,
             ),
         };
+        let kept = match c.retain {
+            Some((age, bytes)) => Some(super::kept::ensure_kept(&js, &names, c.replicas, age, bytes).await?),
+            None => {
+                if js.get_stream(names.kept_stream()).await.is_ok() {
+                    tracing::warn!(
+                        stream = %names.kept_stream(),
+                        "store.retain_delivered is off but the kept stream exists: NATS goes on copying callbacks into it until it is deleted (nats stream rm)"
+                    );
+                }
+                None
+            }
+        };
         let mut consumers = Vec::new();
         for d in self.inner.dests.values() {
             consumers.push((d.clone(), self.consumer(&stream, &d.name).await?));
         }
         let max_payload = client.server_info().max_payload;
-        let ready = Ready { client, js, stream, dead, state, history, dedupe, uid, max_payload };
+        let ready = Ready { client, js, stream, dead, state, history, kept, dedupe, uid, max_payload };
         if self.inner.ready.set(ready).is_err() {
             return Ok(());
         }
@@ -448,7 +460,7 @@ async fn ensure_bucket(js: &jetstream::Context, want: kv::Config) -> Result<kv::
     }
 }
 
-fn setup_error(what: &str, e: impl std::fmt::Display) -> StoreError {
+pub(super) fn setup_error(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("JetStream: {what}: {e}"))
 }
 
