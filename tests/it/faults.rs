@@ -133,11 +133,14 @@ impl Drop for Net {
     }
 }
 
-/// The index of the node leading the stream `ha`, as the cluster reports
-/// it.
+/// The index of the node leading the stream `ha`, once the cluster is
+/// whole again: a leader, and both other replicas current (a node back
+/// from a partition catches up first). Each fault starts from there, as
+/// Jepsen's do: a second fault on a cluster still healing from the first
+/// tests NATS's catch-up, not the relay.
 async fn stream_leader(servers: &[String]) -> usize {
     let addrs: Vec<async_nats::ServerAddr> = servers.iter().map(|s| s.parse().expect("server address")).collect();
-    eventually!(WAIT, "the stream's leader", {
+    eventually!(Duration::from_secs(90), "the stream's leader, with both followers current", {
         let probe = async {
             let client = async_nats::ConnectOptions::new()
                 .connection_timeout(Duration::from_secs(2))
@@ -146,7 +149,12 @@ async fn stream_leader(servers: &[String]) -> usize {
                 .map_err(|e| e.to_string())?;
             let mut stream = async_nats::jetstream::new(client).get_stream("ha").await.map_err(|e| e.to_string())?;
             let info = stream.info().await.map_err(|e| e.to_string())?;
-            let leader = info.cluster.as_ref().and_then(|c| c.leader.clone()).ok_or("no leader yet")?;
+            let cluster = info.cluster.as_ref().ok_or("no cluster information")?;
+            let leader = cluster.leader.clone().ok_or("no leader yet")?;
+            let current = cluster.replicas.iter().filter(|p| p.current && !p.offline).count();
+            if current < 2 {
+                return Err(format!("{current} of 2 followers current: {:?}", cluster.replicas));
+            }
             leader.trim_start_matches('n').parse::<usize>().map(|n| n - 1).map_err(|e| e.to_string())
         };
         tokio::time::timeout(Duration::from_secs(5), probe).await.unwrap_or_else(|_| Err("timed out".into()))
@@ -206,6 +214,7 @@ async fn jetstream_relays_lose_nothing_through_partitions_pauses_and_a_crash_dur
     // client link stays up and answers pings: only the relay's own
     // judgement (publishes taken but never acknowledged) makes it leave,
     // and it must, while the partition lasts.
+    stream_leader(&servers).await;
     let busy = eventually!(WAIT, "a node with a relay's connection", {
         let mut found = Err("no node has a relay's connection".to_string());
         for (i, node) in nodes.iter().enumerate() {
@@ -245,6 +254,7 @@ async fn jetstream_relays_lose_nothing_through_partitions_pauses_and_a_crash_dur
 
     // 3: the relays cut off from NATS: nothing acknowledged meanwhile but
     // the answers already on their way (one per sender).
+    stream_leader(&servers).await;
     net.cut_clients(true);
     // Counted from the moment the cut is in place (`ip` has returned).
     let before = ha.load.acked_count();
@@ -257,6 +267,7 @@ async fn jetstream_relays_lose_nothing_through_partitions_pauses_and_a_crash_dur
         .await;
 
     // 4: a relay paused for longer than ack_wait (3 s): the other goes on.
+    stream_leader(&servers).await;
     let paused = ha.relays[0].as_ref().map(|r| r.child.id()).expect("relay 0 runs");
     signal(paused, Signal::SIGSTOP);
     ha.more(50).await;

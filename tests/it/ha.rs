@@ -68,8 +68,16 @@ impl Ha {
     }
 
     /// Waits for `n` more acknowledged callbacks.
+    /// (A stall fails the test with the relays' warnings and errors.)
     pub(crate) async fn more(&self, n: usize) {
-        self.load.wait_acked(self.load.acked_count() + n).await;
+        if let Err(e) = self.load.try_wait_acked(self.load.acked_count() + n).await {
+            for r in self.relays.iter().flatten() {
+                for l in r.logs().lines().filter(|l| !l.contains("\"INFO\"") && !l.contains("\"DEBUG\"")) {
+                    println!("relay {}: {l}", r.ingress);
+                }
+            }
+            panic!("{e}");
+        }
     }
 
     pub(crate) fn kill9(&mut self, i: usize) {

@@ -166,16 +166,23 @@ impl Load {
     }
 
     pub(crate) async fn wait_acked(&self, n: usize) {
+        if let Err(e) = self.try_wait_acked(n).await {
+            panic!("{e}");
+        }
+    }
+
+    /// Waits up to `WAIT` for `n` acknowledged callbacks.
+    pub(crate) async fn try_wait_acked(&self, n: usize) -> Result<(), String> {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let notified = self.progress.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             if self.acked_count() >= n {
-                return;
+                return Ok(());
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                panic!("load stalled at {} acked, waiting for {n}", self.acked_count());
+                return Err(format!("load stalled at {} acked, waiting for {n}", self.acked_count()));
             }
         }
     }
