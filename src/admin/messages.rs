@@ -211,11 +211,10 @@ impl Admin {
                 let messages: Vec<Value> = page
                     .ids
                     .iter()
-                    .map(|id| {
-                        json!({
-                            "id": self.store.external_id(*id),
-                            "received_at": rfc3339(crate::store::id_received_ms(*id)),
-                        })
+                    .enumerate()
+                    .map(|(i, id)| {
+                        let received = page.received_ms.get(i).copied().unwrap_or(crate::store::id_received_ms(*id));
+                        json!({ "id": self.store.external_id(*id), "received_at": rfc3339(received) })
                     })
                     .collect();
                 let next = page.next.map(|id| format!("{}.{query}", self.store.external_id(id)));

@@ -170,7 +170,10 @@ impl RawConfig {
                 ));
             }
         }
-        if self.store.retain_delivered.is_some_and(|d| !d.is_zero()) && self.store.min_free_bytes == 0 {
+        if self.store.retain_delivered.is_some_and(|d| !d.is_zero())
+            && self.store.min_free_bytes == 0
+            && super::validate::store_kind(self) == crate::store::StoreKind::Local
+        {
             w.push("store.retain_delivered with store.min_free_bytes = 0: nothing stops retained messages from filling the disk (retention yields to new callbacks only below twice min_free_bytes)".to_string());
         }
         let caps = super::validate::store_kind(self).capabilities();

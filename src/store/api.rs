@@ -324,7 +324,7 @@ impl Store {
     pub async fn list_messages(&self, q: &MessageQuery) -> Result<Page, StoreError> {
         match &self.0 {
             Backend::Local(s) => s.list_messages(q).await,
-            Backend::Jet(_) => self.unsupported(Capability::Listing),
+            Backend::Jet(s) => s.list_messages(q).await,
         }
     }
 

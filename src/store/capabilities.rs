@@ -120,13 +120,13 @@ impl Capabilities {
                 // from the work stream and the history bucket (`history.rs`);
                 // delivered messages kept and replayed from a stream the
                 // server copies into (`kept.rs`).
+                // Listing walks the stream that holds the state asked for
+                // (`listing.rs`).
                 Capability::EncryptionAtRest
                 | Capability::Inspection
+                | Capability::Listing
                 | Capability::Retention
                 | Capability::ReplayDelivered => None,
-                Capability::Listing => {
-                    Some("the history bucket is keyed by delivery; listing by state and time needs an index it does not have yet")
-                }
                 Capability::Lookup => Some("the streams keep no index of messages by body field"),
                 Capability::Ordering => Some("any relay may deliver any message"),
                 Capability::RetryNow => {
@@ -158,10 +158,15 @@ mod tests {
         let local = StoreKind::Local.capabilities();
         assert!(Capability::ALL.iter().all(|c| local.has(*c)));
         let jet = StoreKind::JetStream.capabilities();
-        assert!(jet.has(Capability::EncryptionAtRest) && jet.has(Capability::Inspection));
-        for c in
-            Capability::ALL.into_iter().filter(|c| !matches!(c, Capability::EncryptionAtRest | Capability::Inspection))
-        {
+        let jet_has = [
+            Capability::EncryptionAtRest,
+            Capability::Inspection,
+            Capability::Listing,
+            Capability::Retention,
+            Capability::ReplayDelivered,
+        ];
+        assert!(jet_has.iter().all(|c| jet.has(*c)));
+        for c in Capability::ALL.into_iter().filter(|c| !jet_has.contains(c)) {
             let refusal = jet.refusal(c).expect("JetStream lacks it today (issue 25 closes these)");
             assert!(refusal.starts_with(c.what()) && refusal.contains("store.kind = \"jetstream\""), "{refusal}");
         }

@@ -74,5 +74,10 @@ pub struct MessageQuery {
 #[derive(Debug, Clone, Default)]
 pub struct Page {
     pub ids: Vec<u64>,
+    /// The cursor to pass as `after` for the next page.
     pub next: Option<u64>,
+    /// When each of `ids` was received (unix ms), for a backend whose ids
+    /// do not carry it (JetStream's are stream sequences); empty when they
+    /// do (`id_received_ms`).
+    pub received_ms: Vec<u64>,
 }

@@ -62,6 +62,13 @@ async fn jetstream_delivers_retries_dead_letters_and_replays() {
     let list: serde_json::Value = serde_json::from_slice(&list).expect("json");
     assert_eq!(list["dead_letters"][0]["id"].as_str(), Some(bad_id.as_str()), "{list}");
     assert_eq!(list["dead_letters"][0]["last_status"].as_u64(), Some(400), "{list}");
+    // Listed as dead too, with its receive time.
+    let (s, _, b) = get(&relay.admin_url("/api/messages?destination=picky&state=dead")).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    let v: serde_json::Value = serde_json::from_slice(&b).expect("json");
+    assert_eq!(v["messages"][0]["id"].as_str(), Some(bad_id.as_str()), "{v}");
+    assert!(v["messages"][0]["received_at"].as_str().is_some_and(|t| t.starts_with("20")), "{v}");
+    assert_eq!(v["messages"].as_array().map(Vec::len), Some(1), "{v}");
 
     accept_bad.store(true, Ordering::SeqCst);
     let (s, _, _) = request("POST", &relay.admin_url("/api/dead-letters/picky/replay"), &[], "").await;
@@ -243,7 +250,8 @@ fn what_jetstream_cannot_do_is_a_config_error() {
     let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "{all}");
     // The capability table's row, every entry named.
-    assert!(all.contains("store.kind: \"jetstream\" does not provide message listing"), "{all}");
+    assert!(all.contains("store.kind: \"jetstream\" does not provide "), "{all}");
+    assert!(!all.contains("message listing"), "JetStream lists: {all}");
     assert!(all.contains("answers 501") && all.contains("ordering per key"), "{all}");
 }
 
@@ -464,13 +472,26 @@ async fn jetstream_messages_show_each_deliverys_state_and_attempts() {
         .expect("cli");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("busy") && text.contains("503"), "{text}");
-    let (s, _, b) = get(&relay.admin_url("/api/messages?destination=busy&state=pending")).await;
-    assert_eq!(s, 501, "{}", String::from_utf8_lossy(&b));
-    assert!(
-        String::from_utf8_lossy(&b).contains("message listing is not available"),
-        "{}",
-        String::from_utf8_lossy(&b)
-    );
+    // Listed by destination and state: pending at busy, delivered at ok
+    // (still in the work stream: busy holds it), nothing before it.
+    let listed = |q: &'static str| {
+        let url = relay.admin_url(&format!("/api/messages?{q}"));
+        async move {
+            let (s, _, b) = get(&url).await;
+            assert_eq!(s, 200, "{q}: {}", String::from_utf8_lossy(&b));
+            let v: serde_json::Value = serde_json::from_slice(&b).expect("json");
+            v["messages"]
+                .as_array()
+                .expect("messages")
+                .iter()
+                .filter_map(|m| m["id"].as_str().map(str::to_owned))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(listed("destination=busy&state=pending").await, [id.clone()]);
+    assert_eq!(listed("destination=ok&state=delivered").await, [id.clone()]);
+    assert!(listed("destination=ok&state=pending").await.is_empty());
+    assert!(listed("destination=busy&state=delivered").await.is_empty());
     // Unknown or gone: 404, as locally.
     let gone = format!("{}{:016x}", &id[..id.len() - 16], 1_000_000u64);
     assert_eq!(get(&relay.admin_url(&format!("/api/messages/{gone}"))).await.0, 404);

@@ -55,7 +55,7 @@ impl Jet {
 
     /// Dead letters of `dest` in stream order, with their sequence in the
     /// dead-letter stream; up to `limit`.
-    async fn walk_dead(&self, dest: &str, limit: usize) -> Result<Vec<(u64, StreamMessage)>, StoreError> {
+    pub(super) async fn walk_dead(&self, dest: &str, limit: usize) -> Result<Vec<(u64, StreamMessage)>, StoreError> {
         let ready = self.ready()?;
         let subject = Names(&self.inner.config.stream).dead_subject(dest);
         let mut out = Vec::new();
@@ -207,7 +207,7 @@ impl Jet {
 /// The receive time a record carries.
 impl Jet {
     /// When a dead letter's callback was received (from its record, opened).
-    fn record_received_ms(&self, m: &StreamMessage) -> Option<u64> {
+    pub(super) fn record_received_ms(&self, m: &StreamMessage) -> Option<u64> {
         let record = self.open_payload(Some(&m.headers), &m.payload).ok()?;
         crate::store::record::MessageRecord::decode(record).ok().map(|r| r.received_ms)
     }

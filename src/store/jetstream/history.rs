@@ -34,6 +34,14 @@ const PENDING: u8 = 1;
 const DELIVERED: u8 = 2;
 const DEAD: u8 = 3;
 
+/// A delivery's state as the history has it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Recorded {
+    Pending,
+    Delivered,
+    Dead,
+}
+
 /// One delivery's state as the bucket keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Kept {
@@ -121,13 +129,23 @@ impl Jet {
 
     /// Whether the history says `dest` got message `id`.
     pub(super) async fn delivered_to(&self, dest: &str, id: u64) -> Result<bool, StoreError> {
+        Ok(self.recorded(dest, id).await? == Some(Recorded::Delivered))
+    }
+
+    /// What the history says of `dest`'s delivery of `id` (`None`: no
+    /// attempt recorded yet).
+    pub(super) async fn recorded(&self, dest: &str, id: u64) -> Result<Option<Recorded>, StoreError> {
         let kept = self
             .ready()?
             .history
             .get(key(dest, id))
             .await
             .map_err(|e| StoreError::Unavailable(format!("JetStream: reading a delivery's history: {e}")))?;
-        Ok(kept.as_deref().map(Kept::decode).is_some_and(|k| k.is_ok_and(|k| k.state == DELIVERED)))
+        Ok(kept.as_deref().and_then(|v| Kept::decode(v).ok()).map(|k| match k.state {
+            DELIVERED => Recorded::Delivered,
+            DEAD => Recorded::Dead,
+            _ => Recorded::Pending,
+        }))
     }
 
     /// Message `id` with each destination's delivery, while it is in the

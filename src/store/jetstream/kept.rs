@@ -93,7 +93,7 @@ pub(super) async fn ensure_kept(
 }
 
 /// The work-stream sequence (the id) a kept copy was copied from.
-fn source_seq(m: &StreamMessage) -> Option<u64> {
+pub(super) fn source_seq(m: &StreamMessage) -> Option<u64> {
     let v = m.headers.get("Nats-Stream-Source")?;
     v.as_str().split_whitespace().nth(1)?.parse().ok()
 }

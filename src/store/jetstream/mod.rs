@@ -51,6 +51,7 @@ mod dead;
 mod flow;
 mod history;
 mod kept;
+mod listing;
 mod setup;
 
 use std::collections::{HashMap, VecDeque};

@@ -249,7 +249,7 @@ impl Local {
         // Kept copies' marks, any id.
         let delivered = |v: &[u8]| Ok(matches!(StateRecord::decode(v)?, StateRecord::Done { .. }));
         self.take_stored(inner.state.range(range), delivered, limit, &mut found)?;
-        let mut page = Page { ids: found.into_iter().take(limit + 1).collect(), next: None };
+        let mut page = Page { ids: found.into_iter().take(limit + 1).collect(), ..Page::default() };
         if page.ids.len() > limit {
             page.ids.truncate(limit);
             page.next = page.ids.last().copied();
