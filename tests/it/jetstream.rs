@@ -488,8 +488,8 @@ async fn jetstream_messages_show_each_deliverys_state_and_attempts() {
                 .collect::<Vec<_>>()
         }
     };
-    assert_eq!(listed("destination=busy&state=pending").await, [id.clone()]);
-    assert_eq!(listed("destination=ok&state=delivered").await, [id.clone()]);
+    assert_eq!(listed("destination=busy&state=pending").await, vec![id.clone()]);
+    assert_eq!(listed("destination=ok&state=delivered").await, vec![id.clone()]);
     assert!(listed("destination=ok&state=pending").await.is_empty());
     assert!(listed("destination=busy&state=delivered").await.is_empty());
     // Unknown or gone: 404, as locally.
