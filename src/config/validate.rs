@@ -326,6 +326,25 @@ fn validate_dedupe(p: &mut Problems, key: &str, r: &RawRoute) -> Option<crate::i
             );
             None
         }
+        (Some(d), None)
+            if d.ignore.is_empty() && d.fields.is_empty() && d.headers.is_empty() && sender_id(r).is_some() =>
+        {
+            // A named sender's own delivery id is the key, unless the route
+            // names one (`ingress/providers.rs`).
+            let mut rule = crate::ingress::dedupe::DedupeRule { window: d.window, ..Default::default() };
+            match sender_id(r) {
+                Some(crate::ingress::providers::DeliveryId::Header(h)) => {
+                    rule.headers.push(http::HeaderName::from_static(h))
+                }
+                Some(crate::ingress::providers::DeliveryId::Field(f)) => {
+                    if let Ok(steps) = crate::ingress::filter::parse_path(f) {
+                        rule.fields.push((f.to_string(), steps));
+                    }
+                }
+                None => {}
+            }
+            Some(rule)
+        }
         (Some(d), None) => {
             let mut fields = Vec::new();
             for (i, f) in d.fields.iter().enumerate() {
@@ -345,6 +364,14 @@ fn validate_dedupe(p: &mut Problems, key: &str, r: &RawRoute) -> Option<crate::i
         (None, Some(w)) if !w.is_zero() => Some(crate::ingress::dedupe::DedupeRule { window: w, ..Default::default() }),
         (None, _) => None,
     }
+}
+
+/// The delivery id of the named sender a route verifies, if any.
+fn sender_id(r: &RawRoute) -> Option<crate::ingress::providers::DeliveryId> {
+    let auth = r.auth.as_ref()?;
+    let providers = auth.providers();
+    let (_, provider, _) = providers.first()?;
+    provider.delivery_id()
 }
 
 /// `[store.encryption]`: ids unique and short, keys 32 bytes of base64.
@@ -416,12 +443,61 @@ fn validate_tls(p: &mut Problems, key: &str, t: &RawTls) -> Option<crate::tls::T
 fn validate_auth(p: &mut Problems, key: &str, a: &RawAuth) -> Option<crate::ingress::auth::Auth> {
     use crate::ingress::auth::{Auth, HmacAuth, HmacScheme};
     let set = [a.body_fields.is_some(), a.basic.is_some(), a.header.is_some(), a.hmac.is_some()];
-    if set.iter().filter(|x| **x).count() != 1 {
-        p.add(key, "set exactly one of body_fields, basic, header, hmac");
+    let providers = a.providers();
+    if set.iter().filter(|x| **x).count() + providers.len() != 1 {
+        p.add(
+            key,
+            "set exactly one of body_fields, basic, header, hmac, github, stripe, shopify, slack, twilio, standard-webhooks, svix",
+        );
         return None;
     }
     let before = p.0.len();
-    let auth = if let Some(b) = &a.body_fields {
+    let auth = if let Some((name, provider, raw)) = providers.first() {
+        let k = format!("{key}.{name}");
+        if raw.secrets.is_empty() {
+            p.add(format!("{k}.secrets"), "at least one secret");
+        }
+        if raw.tolerance.is_some() && !provider.signs_time() {
+            p.add(format!("{k}.tolerance"), format!("{name} signs no timestamp"));
+        }
+        let public_url = match (&raw.public_url, provider) {
+            (Some(u), crate::ingress::providers::Provider::Twilio) => match url::Url::parse(u) {
+                Ok(parsed) if parsed.query().is_none() && matches!(parsed.scheme(), "http" | "https") => {
+                    Some(u.clone())
+                }
+                _ => {
+                    p.add(format!("{k}.public_url"), "the http(s) URL Twilio calls for this route, without a query");
+                    None
+                }
+            },
+            (None, crate::ingress::providers::Provider::Twilio) => {
+                p.add(
+                    format!("{k}.public_url"),
+                    "twilio signs the URL it calls: give it (the relay sits behind proxies)",
+                );
+                None
+            }
+            (Some(_), _) => {
+                p.add(format!("{k}.public_url"), "only used by twilio");
+                None
+            }
+            (None, _) => None,
+        };
+        let mut secrets = Vec::new();
+        for (i, s) in resolve_all(p, &format!("{k}.secrets"), &raw.secrets).into_iter().enumerate() {
+            let text = s.expose();
+            if provider.base64_keys() {
+                use base64::Engine;
+                match base64::engine::general_purpose::STANDARD.decode(text.strip_prefix("whsec_").unwrap_or(text)) {
+                    Ok(b) => secrets.push(b),
+                    Err(_) => p.add(format!("{k}.secrets[{i}]"), "not a base64 webhook secret (whsec_...)"),
+                }
+            } else {
+                secrets.push(text.as_bytes().to_vec());
+            }
+        }
+        Auth::Hmac(provider.auth(secrets, raw.tolerance, public_url))
+    } else if let Some(b) = &a.body_fields {
         Auth::BodyFields {
             username_field: b.username_field.clone(),
             password_field: b.password_field.clone(),
@@ -443,6 +519,7 @@ fn validate_auth(p: &mut Problems, key: &str, a: &RawAuth) -> Option<crate::ingr
             HmacScheme::Plain => None,
             HmacScheme::Stripe => Some("stripe-signature"),
             HmacScheme::StandardWebhooks => Some("webhook-signature"),
+            HmacScheme::Slack | HmacScheme::Twilio => None,
         };
         let Some(header) = h.header.as_deref().or(default_header) else {
             p.add(format!("{k}.header"), "the plain scheme needs the signature header name");
@@ -472,6 +549,8 @@ fn validate_auth(p: &mut Problems, key: &str, a: &RawAuth) -> Option<crate::ingr
             timestamp_header,
             tolerance: h.tolerance,
             secrets,
+            id_header: None,
+            public_url: None,
         })
     } else {
         return None;

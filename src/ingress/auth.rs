@@ -8,7 +8,10 @@
 //! - `header`: a named header carrying a shared secret;
 //! - `hmac`: HMAC-SHA256 of the raw body, in the `plain` (GitHub-style
 //!   `prefix + hex|base64`, optionally over `timestamp.body`), `stripe` or
-//!   `standard-webhooks` layout.
+//!   `standard-webhooks` layout;
+//! - a named sender (`github`, `stripe`, `shopify`, `slack`, `twilio`,
+//!   `standard-webhooks`, `svix`): the `hmac` check with that sender's
+//!   exact layout (`providers.rs`).
 //!
 //! Secrets are compared in constant time ([`subtle`]). A rejection carries a
 //! short reason for the sender and a bounded label for metrics; neither ever
@@ -38,7 +41,7 @@ pub struct Rejection {
 pub const REJECTION_LABELS: [&str; 5] =
     ["not_json", "missing_credentials", "bad_credentials", "bad_signature", "stale_timestamp"];
 
-const fn reject(label: &'static str, reason: &'static str) -> Rejection {
+pub(super) const fn reject(label: &'static str, reason: &'static str) -> Rejection {
     Rejection { label, reason }
 }
 
@@ -55,6 +58,15 @@ pub enum HmacScheme {
     Plain,
     Stripe,
     StandardWebhooks,
+    /// Slack: `v0=` and hex over `v0:<timestamp>:<body>` (named sender
+    /// `slack` only).
+    #[serde(skip)]
+    Slack,
+    /// Twilio: base64 HMAC-SHA1 over the public URL and the sorted form
+    /// parameters, or over the URL with `bodySHA256` for other bodies
+    /// (named sender `twilio` only).
+    #[serde(skip)]
+    Twilio,
 }
 
 #[derive(Debug, Clone)]
@@ -75,9 +87,14 @@ pub struct HmacAuth {
     pub tolerance: Duration,
     /// Raw key bytes (Standard Webhooks `whsec_` secrets already decoded).
     pub secrets: Vec<Vec<u8>>,
+    /// Standard Webhooks' id header (`webhook-id`; Svix: `svix-id`).
+    pub id_header: Option<HeaderName>,
+    /// Twilio: the URL the sender was given for this route (the request's
+    /// query string is appended), since the relay sits behind proxies.
+    pub public_url: Option<String>,
 }
 
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+pub(super) fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.ct_eq(b).into()
 }
 
@@ -86,7 +103,7 @@ fn any_matches(candidates: &[Secret], given: &[u8]) -> bool {
     candidates.iter().fold(false, |acc, c| acc | ct_eq(c.expose().as_bytes(), given))
 }
 
-fn header_str<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
+pub(super) fn header_str<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
@@ -106,7 +123,7 @@ impl Auth {
             Auth::Hmac(h) => {
                 let mut v = vec![h.header.clone()];
                 v.extend(h.timestamp_header.clone());
-                if h.scheme == HmacScheme::StandardWebhooks {
+                if h.scheme == HmacScheme::StandardWebhooks && h.timestamp_header.is_none() {
                     v.push(HeaderName::from_static("webhook-timestamp"));
                 }
                 v
@@ -114,7 +131,14 @@ impl Auth {
         }
     }
 
-    pub fn check(&self, headers: &HeaderMap, body: &[u8], now: SystemTime) -> Result<(), Rejection> {
+    /// `query`: the request's query string (Twilio signs the URL).
+    pub fn check(
+        &self,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        body: &[u8],
+        now: SystemTime,
+    ) -> Result<(), Rejection> {
         match self {
             Auth::BodyFields { username_field, password_field, username, passwords } => {
                 let map = match serde_json::from_slice::<serde_json::Value>(body) {
@@ -167,12 +191,22 @@ impl Auth {
                 Some(v) if any_matches(values, v.as_bytes()) => Ok(()),
                 Some(_) => Err(reject("bad_credentials", "wrong shared secret")),
             },
-            Auth::Hmac(h) => h.check(headers, body, now),
+            Auth::Hmac(h) => h.check(headers, query, body, now),
+        }
+    }
+
+    /// A handshake the sender expects answered, not forwarded: Slack's
+    /// `url_verification` (after its signature was checked). The answer's
+    /// JSON body.
+    pub fn handshake(&self, body: &[u8]) -> Option<serde_json::Value> {
+        match self {
+            Auth::Hmac(h) if h.scheme == HmacScheme::Slack => super::providers::slack_handshake(body),
+            _ => None,
         }
     }
 }
 
-fn mac(key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
+pub(super) fn mac(key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
     // HMAC accepts keys of any length; `new_from_slice` cannot fail for it.
     let Ok(mut m) = <Hmac<Sha256> as Mac>::new_from_slice(key) else { return Vec::new() };
     for p in parts {
@@ -181,7 +215,7 @@ fn mac(key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
     m.finalize().into_bytes().to_vec()
 }
 
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
+pub(super) fn decode_hex(s: &str) -> Option<Vec<u8>> {
     if s.len() % 2 != 0 {
         return None;
     }
@@ -189,7 +223,7 @@ fn decode_hex(s: &str) -> Option<Vec<u8>> {
 }
 
 impl HmacAuth {
-    fn fresh(&self, ts: &str, now: SystemTime) -> Result<(), Rejection> {
+    pub(super) fn fresh(&self, ts: &str, now: SystemTime) -> Result<(), Rejection> {
         let ts: u64 = ts.trim().parse().map_err(|_| reject("bad_signature", "invalid signature timestamp"))?;
         let now = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         if now.abs_diff(ts) > self.tolerance.as_secs() {
@@ -199,11 +233,11 @@ impl HmacAuth {
     }
 
     /// True if `sig` equals the MAC of `parts` under any secret.
-    fn verify(&self, parts: &[&[u8]], sig: &[u8]) -> bool {
+    pub(super) fn verify(&self, parts: &[&[u8]], sig: &[u8]) -> bool {
         self.secrets.iter().fold(false, |acc, k| acc | ct_eq(&mac(k, parts), sig))
     }
 
-    fn check(&self, headers: &HeaderMap, body: &[u8], now: SystemTime) -> Result<(), Rejection> {
+    fn check(&self, headers: &HeaderMap, query: Option<&str>, body: &[u8], now: SystemTime) -> Result<(), Rejection> {
         let missing = reject("missing_credentials", "signature header missing");
         let bad = reject("bad_signature", "signature does not match");
         match self.scheme {
@@ -242,9 +276,13 @@ impl HmacAuth {
                 let ok = sigs.iter().fold(false, |acc, s| acc | self.verify(&[ts.as_bytes(), b".", body], s));
                 ok.then_some(()).ok_or(bad)
             }
+            HmacScheme::Slack => self.check_slack(headers, body, now),
+            HmacScheme::Twilio => self.check_twilio(headers, query, body),
             HmacScheme::StandardWebhooks => {
-                let id = header_str(headers, &HeaderName::from_static("webhook-id")).ok_or(missing.clone())?;
-                let ts = header_str(headers, &HeaderName::from_static("webhook-timestamp")).ok_or(missing.clone())?;
+                let id_header = self.id_header.clone().unwrap_or(HeaderName::from_static("webhook-id"));
+                let ts_header = self.timestamp_header.clone().unwrap_or(HeaderName::from_static("webhook-timestamp"));
+                let id = header_str(headers, &id_header).ok_or(missing.clone())?;
+                let ts = header_str(headers, &ts_header).ok_or(missing.clone())?;
                 let value = header_str(headers, &self.header).ok_or(missing)?;
                 self.fresh(ts, now)?;
                 let ok = value
@@ -370,12 +408,14 @@ mod tests {
             timestamp_header: None,
             tolerance: Duration::from_secs(300),
             secrets: vec![b"old".to_vec(), key.clone()],
+            id_header: None,
+            public_url: None,
         };
         let hex: String = mac(&key, &[body]).iter().map(|b| format!("{b:02x}")).collect();
         let good = headers(&[("x-hub-signature-256", &format!("sha256={hex}"))]);
-        assert_eq!(plain.check(&good, body, now), Ok(()));
-        assert_eq!(plain.check(&good, b"{\"a\":2}", now).map_err(|r| r.label), Err("bad_signature"));
-        assert_eq!(plain.check(&HeaderMap::new(), body, now).map_err(|r| r.label), Err("missing_credentials"));
+        assert_eq!(plain.check(&good, None, body, now), Ok(()));
+        assert_eq!(plain.check(&good, None, b"{\"a\":2}", now).map_err(|r| r.label), Err("bad_signature"));
+        assert_eq!(plain.check(&HeaderMap::new(), None, body, now).map_err(|r| r.label), Err("missing_credentials"));
 
         let stripe = HmacAuth {
             scheme: HmacScheme::Stripe,
@@ -384,9 +424,9 @@ mod tests {
         };
         let sig: String = mac(&key, &[b"1700000000", b".", body]).iter().map(|b| format!("{b:02x}")).collect();
         let h = headers(&[("stripe-signature", &format!("t=1700000000,v1={sig}"))]);
-        assert_eq!(stripe.check(&h, body, now), Ok(()));
+        assert_eq!(stripe.check(&h, None, body, now), Ok(()));
         let late = now + Duration::from_secs(3600);
-        assert_eq!(stripe.check(&h, body, late).map_err(|r| r.label), Err("stale_timestamp"));
+        assert_eq!(stripe.check(&h, None, body, late).map_err(|r| r.label), Err("stale_timestamp"));
 
         let sw = HmacAuth {
             scheme: HmacScheme::StandardWebhooks,
@@ -400,6 +440,6 @@ mod tests {
             ("webhook-timestamp", "1700000000"),
             ("webhook-signature", &format!("v1,bm9wZQ== v1,{sig}")),
         ]);
-        assert_eq!(sw.check(&h, body, now), Ok(()));
+        assert_eq!(sw.check(&h, None, body, now), Ok(()));
     }
 }

@@ -55,6 +55,7 @@ pub mod budget;
 pub mod dedupe;
 pub mod filter;
 pub mod order;
+pub mod providers;
 use crate::metrics::Metrics;
 use crate::store::{now_ms, Draft, Store};
 use crate::wake::Wakers;
@@ -196,7 +197,7 @@ impl Ingress {
         }
         // Header-only checks run before reading a byte of the body.
         if let Some(a) = route.auth.as_deref().filter(|a| !a.needs_body()) {
-            if let Err(r) = a.check(req.headers(), &[], SystemTime::now()) {
+            if let Err(r) = a.check(req.headers(), req.uri().query(), &[], SystemTime::now()) {
                 return close(self.unauthorized(route, &r));
             }
         }
@@ -225,8 +226,13 @@ impl Ingress {
             Err(resp) => return resp,
         };
         if let Some(a) = route.auth.as_deref().filter(|a| a.needs_body()) {
-            if let Err(r) = a.check(&parts.headers, draft.body(), SystemTime::now()) {
+            if let Err(r) = a.check(&parts.headers, parts.uri.query(), draft.body(), SystemTime::now()) {
                 return self.unauthorized(route, &r);
+            }
+            // A handshake (Slack's url_verification) is answered here:
+            // neither stored nor forwarded.
+            if let Some(answer) = a.handshake(draft.body()) {
+                return json_response(StatusCode::OK, answer);
             }
         }
 

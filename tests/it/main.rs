@@ -30,6 +30,7 @@ mod status_page;
 mod support;
 mod tls;
 mod tryout;
+mod verifiers;
 
 /// A time a minute from now, as unix milliseconds.
 pub fn store_time_after_now() -> u64 {

@@ -82,6 +82,47 @@ pub struct RawAuth {
     pub header: Option<RawHeaderAuth>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hmac: Option<RawHmac>,
+    // Named senders (`ingress/providers.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub github: Option<RawProvider>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stripe: Option<RawProvider>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shopify: Option<RawProvider>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slack: Option<RawProvider>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub twilio: Option<RawProvider>,
+    #[serde(default, rename = "standard-webhooks", skip_serializing_if = "Option::is_none")]
+    pub standard_webhooks: Option<RawProvider>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub svix: Option<RawProvider>,
+}
+
+impl RawAuth {
+    /// The named senders set, with their keys.
+    pub fn providers(&self) -> Vec<(&'static str, crate::ingress::providers::Provider, &RawProvider)> {
+        use crate::ingress::providers::Provider;
+        let slots =
+            [&self.github, &self.stripe, &self.shopify, &self.slack, &self.twilio, &self.standard_webhooks, &self.svix];
+        Provider::ALL
+            .iter()
+            .zip(slots)
+            .filter_map(|((name, p), slot)| slot.as_ref().map(|raw| (*name, *p, raw)))
+            .collect()
+    }
+}
+
+/// `[routes.auth.<sender>]`: secrets (several while rotating), the
+/// tolerance for senders that sign a timestamp, Twilio's public URL.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProvider {
+    pub secrets: Vec<SecretString>,
+    #[serde(default, with = "crate::config::duration::option", skip_serializing_if = "Option::is_none")]
+    pub tolerance: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
