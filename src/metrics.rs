@@ -30,6 +30,7 @@ pub struct Metrics {
     pub ingress_requests: IntCounterVec,
     pub ingress_persist: Histogram,
     pub ingress_connections: IntGauge,
+    pub transform_failures: IntCounterVec,
     pub ingress_rejected: IntCounterVec,
     pub ingress_duplicates: IntCounterVec,
     pub connections_refused: IntCounterVec,
@@ -135,6 +136,12 @@ impl Metrics {
                 LATENCY_BUCKETS,
             ),
             ingress_connections: int_gauge(&r, "switchboard_ingress_connections", "Open ingress connections"),
+            transform_failures: counter_vec(
+                &r,
+                "switchboard_transform_failures_total",
+                "Deliveries dead-lettered because the destination's transform failed (threw, ran past its timeout or memory)",
+                &["destination"],
+            ),
             ingress_rejected: counter_vec(
                 &r,
                 "switchboard_ingress_rejected_total",

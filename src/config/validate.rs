@@ -453,50 +453,7 @@ fn validate_auth(p: &mut Problems, key: &str, a: &RawAuth) -> Option<crate::ingr
     }
     let before = p.0.len();
     let auth = if let Some((name, provider, raw)) = providers.first() {
-        let k = format!("{key}.{name}");
-        if raw.secrets.is_empty() {
-            p.add(format!("{k}.secrets"), "at least one secret");
-        }
-        if raw.tolerance.is_some() && !provider.signs_time() {
-            p.add(format!("{k}.tolerance"), format!("{name} signs no timestamp"));
-        }
-        let public_url = match (&raw.public_url, provider) {
-            (Some(u), crate::ingress::providers::Provider::Twilio) => match url::Url::parse(u) {
-                Ok(parsed) if parsed.query().is_none() && matches!(parsed.scheme(), "http" | "https") => {
-                    Some(u.clone())
-                }
-                _ => {
-                    p.add(format!("{k}.public_url"), "the http(s) URL Twilio calls for this route, without a query");
-                    None
-                }
-            },
-            (None, crate::ingress::providers::Provider::Twilio) => {
-                p.add(
-                    format!("{k}.public_url"),
-                    "twilio signs the URL it calls: give it (the relay sits behind proxies)",
-                );
-                None
-            }
-            (Some(_), _) => {
-                p.add(format!("{k}.public_url"), "only used by twilio");
-                None
-            }
-            (None, _) => None,
-        };
-        let mut secrets = Vec::new();
-        for (i, s) in resolve_all(p, &format!("{k}.secrets"), &raw.secrets).into_iter().enumerate() {
-            let text = s.expose();
-            if provider.base64_keys() {
-                use base64::Engine;
-                match base64::engine::general_purpose::STANDARD.decode(text.strip_prefix("whsec_").unwrap_or(text)) {
-                    Ok(b) => secrets.push(b),
-                    Err(_) => p.add(format!("{k}.secrets[{i}]"), "not a base64 webhook secret (whsec_...)"),
-                }
-            } else {
-                secrets.push(text.as_bytes().to_vec());
-            }
-        }
-        Auth::Hmac(provider.auth(secrets, raw.tolerance, public_url))
+        validate_provider(p, key, name, *provider, raw)?
     } else if let Some(b) = &a.body_fields {
         Auth::BodyFields {
             username_field: b.username_field.clone(),
@@ -556,6 +513,55 @@ fn validate_auth(p: &mut Problems, key: &str, a: &RawAuth) -> Option<crate::ingr
         return None;
     };
     (p.0.len() == before).then_some(auth)
+}
+
+/// `[routes.auth.<sender>]` (`ingress/providers.rs`).
+fn validate_provider(
+    p: &mut Problems,
+    key: &str,
+    name: &str,
+    provider: crate::ingress::providers::Provider,
+    raw: &crate::config::raw::RawProvider,
+) -> Option<crate::ingress::auth::Auth> {
+    let k = format!("{key}.{name}");
+    if raw.secrets.is_empty() {
+        p.add(format!("{k}.secrets"), "at least one secret");
+    }
+    if raw.tolerance.is_some() && !provider.signs_time() {
+        p.add(format!("{k}.tolerance"), format!("{name} signs no timestamp"));
+    }
+    let public_url = match (&raw.public_url, provider) {
+        (Some(u), crate::ingress::providers::Provider::Twilio) => match url::Url::parse(u) {
+            Ok(parsed) if parsed.query().is_none() && matches!(parsed.scheme(), "http" | "https") => Some(u.clone()),
+            _ => {
+                p.add(format!("{k}.public_url"), "the http(s) URL Twilio calls for this route, without a query");
+                None
+            }
+        },
+        (None, crate::ingress::providers::Provider::Twilio) => {
+            p.add(format!("{k}.public_url"), "twilio signs the URL it calls: give it (the relay sits behind proxies)");
+            None
+        }
+        (Some(_), _) => {
+            p.add(format!("{k}.public_url"), "only used by twilio");
+            None
+        }
+        (None, _) => None,
+    };
+    let mut secrets = Vec::new();
+    for (i, s) in resolve_all(p, &format!("{k}.secrets"), &raw.secrets).into_iter().enumerate() {
+        let text = s.expose();
+        if provider.base64_keys() {
+            use base64::Engine;
+            match base64::engine::general_purpose::STANDARD.decode(text.strip_prefix("whsec_").unwrap_or(text)) {
+                Ok(b) => secrets.push(b),
+                Err(_) => p.add(format!("{k}.secrets[{i}]"), "not a base64 webhook secret (whsec_...)"),
+            }
+        } else {
+            secrets.push(text.as_bytes().to_vec());
+        }
+    }
+    Some(crate::ingress::auth::Auth::Hmac(provider.auth(secrets, raw.tolerance, public_url)))
 }
 
 fn percent_decode(s: &str) -> String {

@@ -39,6 +39,7 @@ pub mod rate;
 mod request;
 pub mod retry;
 pub mod signing;
+pub mod transform;
 
 /// One destination (`[destinations.NAME]`, validated).
 #[derive(Debug, Clone)]
@@ -69,6 +70,8 @@ pub struct Destination {
     pub rate_limit: Option<rate::RateLimit>,
     /// Stop attempting for a while after this many consecutive failures.
     pub breaker: Option<breaker::BreakerConfig>,
+    /// Reshapes what this destination gets (`transform.rs`).
+    pub transform: Option<Arc<transform::Transform>>,
 }
 
 type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -321,9 +324,17 @@ impl Worker {
             Ok(body) => body,
             Err(reason) => return (self.unsendable(&lease, attempt, reason).await, None),
         };
+        let (body, extra) = match self.reshape(&msg, lease.id, body).await {
+            Ok(Some(reshaped)) => reshaped,
+            Ok(None) => return (self.skipped(&lease, attempt).await, None),
+            Err(reason) => {
+                self.metrics.transform_failures.with_label_values(&[name]).inc();
+                return (self.unsendable(&lease, attempt, format!("transform failed: {reason}")).await, None);
+            }
+        };
         let started = Instant::now();
         let started_ms = now_ms();
-        let (outcome, snippet) = self.send(&msg, body, lease.id, attempt).await;
+        let (outcome, snippet) = self.send(&msg, body, &extra, lease.id, attempt).await;
         let record = crate::store::Attempt {
             at_ms: started_ms,
             duration_ms: started.elapsed().as_millis().min(u128::from(u32::MAX)) as u32,
@@ -478,8 +489,15 @@ impl Worker {
     /// Sends one attempt and classifies its result; with the first bytes
     /// of the response body. Never logs the URL (it may carry a token in
     /// its path or query).
-    async fn send(&self, msg: &crate::store::MessageRecord, body: Bytes, id: u64, attempt: u32) -> (Outcome, Vec<u8>) {
-        let req = match self.build_request(msg, body, id, attempt) {
+    async fn send(
+        &self,
+        msg: &crate::store::MessageRecord,
+        body: Bytes,
+        extra: &[(http::HeaderName, http::HeaderValue)],
+        id: u64,
+        attempt: u32,
+    ) -> (Outcome, Vec<u8>) {
+        let req = match self.build_request(msg, body, extra, id, attempt) {
             Ok(r) => r,
             Err(e) => {
                 return (Outcome::Permanent { status: 0, reason: format!("cannot build request: {e}") }, Vec::new())
@@ -519,6 +537,48 @@ impl Worker {
     /// made what the destination asked for): a dead letter at once, with
     /// the reason, never retried (the same bytes give the same result).
     /// Returns whether the store took the change.
+    /// The destination's transform on `body` (on the blocking pool: a
+    /// script may take its whole timeout): what to send and the headers it
+    /// adds, `None` if the script said not to send, or why it failed.
+    async fn reshape(
+        &self,
+        msg: &crate::store::MessageRecord,
+        id: u64,
+        body: Bytes,
+    ) -> Result<Option<(Bytes, Vec<(http::HeaderName, http::HeaderValue)>)>, String> {
+        let Some(t) = self.dest.transform.clone() else { return Ok(Some((body, Vec::new()))) };
+        let ext = self.store.external_id(id);
+        let (route, received_ms, headers) = (msg.route.clone(), msg.received_ms, msg.headers.clone());
+        let run = tokio::task::spawn_blocking(move || {
+            let input = transform::Input { id: &ext, route: &route, received_ms, headers: &headers, body: &body };
+            t.run(&input)
+        });
+        match run.await {
+            Ok(Ok(transform::Reshaped::Send { body, headers })) => Ok(Some((body, headers))),
+            Ok(Ok(transform::Reshaped::Skip)) => Ok(None),
+            Ok(Err(why)) => Err(why),
+            Err(e) => Err(format!("the script engine failed: {e}")),
+        }
+    }
+
+    /// The transform said not to deliver: done for this destination,
+    /// counted as filtered.
+    async fn skipped(&self, lease: &Lease, attempt: u32) -> bool {
+        let name: &str = &self.dest.name;
+        self.metrics.deliveries.with_label_values(&[name, "filtered"]).inc();
+        let _ = attempt;
+        let record = crate::store::Attempt {
+            at_ms: now_ms(),
+            error: "not sent: the transform returned null".into(),
+            ..Default::default()
+        };
+        if let Err(e) = self.store.settle(lease, Settle::Delivered { attempt: record }).await {
+            self.store_failed(&e);
+            return false;
+        }
+        true
+    }
+
     async fn unsendable(&self, lease: &Lease, attempt: u32, reason: String) -> bool {
         let name: &str = &self.dest.name;
         self.metrics.deliveries.with_label_values(&[name, "dead_lettered"]).inc();
@@ -544,6 +604,9 @@ pub fn preregister(metrics: &Metrics, destinations: &[Arc<Destination>]) {
         }
         for result in retry::Outcome::RESULT_LABELS {
             metrics.delivery_attempts.with_label_values(&[name, result]);
+        }
+        if d.transform.is_some() {
+            metrics.transform_failures.with_label_values(&[name]);
         }
     }
 }

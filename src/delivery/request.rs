@@ -57,6 +57,7 @@ impl Worker {
         &self,
         msg: &crate::store::MessageRecord,
         body: Bytes,
+        extra: &[(HeaderName, HeaderValue)],
         id: u64,
         attempt: u32,
     ) -> Result<http::Request<Full<Bytes>>, http::Error> {
@@ -113,6 +114,11 @@ impl Worker {
             headers.insert(http::header::FORWARDED, HeaderValue::from_str(&value)?);
         }
         for (name, value) in &policy.add {
+            headers.insert(name.clone(), value.clone());
+        }
+        // A transform's headers add or replace (`transform.rs`); what
+        // follows (ids, signature, trace, attempt) is the relay's.
+        for (name, value) in extra {
             headers.insert(name.clone(), value.clone());
         }
         let ext_id = self.store.external_id(id);

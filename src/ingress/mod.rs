@@ -225,15 +225,8 @@ impl Ingress {
             Ok(read) => read,
             Err(resp) => return resp,
         };
-        if let Some(a) = route.auth.as_deref().filter(|a| a.needs_body()) {
-            if let Err(r) = a.check(&parts.headers, parts.uri.query(), draft.body(), SystemTime::now()) {
-                return self.unauthorized(route, &r);
-            }
-            // A handshake (Slack's url_verification) is answered here:
-            // neither stored nor forwarded.
-            if let Some(answer) = a.handshake(draft.body()) {
-                return json_response(StatusCode::OK, answer);
-            }
+        if let Some(answer) = self.body_auth(route, &parts, draft.body()) {
+            return answer;
         }
 
         let dedupe_key = route.dedupe.as_ref().map(|d| d.key(&route.path, draft.body(), &parts.headers));
@@ -293,6 +286,17 @@ impl Ingress {
         let mut resp = Response::new(Full::new(Bytes::from(format!("{{\"id\":\"{id}\"}}"))));
         resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         resp
+    }
+
+    /// The route's checks that need the body: a refusal, or the answer to
+    /// a handshake (Slack's `url_verification`), which is neither stored
+    /// nor forwarded; `None` to go on.
+    fn body_auth(&self, route: &Route, parts: &http::request::Parts, body: &[u8]) -> Option<Response<Full<Bytes>>> {
+        let a = route.auth.as_deref().filter(|a| a.needs_body())?;
+        if let Err(r) = a.check(&parts.headers, parts.uri.query(), body, SystemTime::now()) {
+            return Some(self.unauthorized(route, &r));
+        }
+        a.handshake(body).map(|answer| json_response(StatusCode::OK, answer))
     }
 
     /// The body as JSON, parsed once, and only if a filter, an ordering key

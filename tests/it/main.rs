@@ -29,6 +29,7 @@ mod signing;
 mod status_page;
 mod support;
 mod tls;
+mod transform;
 mod tryout;
 mod verifiers;
 

@@ -50,6 +50,10 @@ pub struct RawDestination {
     /// Only callbacks that match are queued for this destination.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<RawFilter>,
+    /// A script that reshapes what this destination gets
+    /// (`delivery/transform.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transform: Option<RawTransform>,
     /// "none" (the default), "per_key" (with `order_key`: messages with the
     /// same key are attempted one at a time, in arrival order) or "fifo"
     /// (one key for all).
@@ -265,4 +269,56 @@ fn default_max_age() -> Duration {
 }
 fn default_retry_after_cap() -> Duration {
     retry_default().retry_after_cap
+}
+
+/// `[destinations.NAME.transform]`: `script = "file:PATH"` or inline
+/// `source`; `timeout` per call; `memory`: bytes, or with `KiB`/`MiB`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTransform {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub script: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(default = "default_transform_timeout", with = "crate::config::duration")]
+    pub timeout: Duration,
+    #[serde(default = "default_transform_memory")]
+    pub memory: RawBytes,
+}
+
+fn default_transform_timeout() -> Duration {
+    Duration::from_millis(100)
+}
+
+fn default_transform_memory() -> RawBytes {
+    RawBytes::Text("16MiB".into())
+}
+
+/// A size: a number of bytes, or text with a `KiB`, `MiB` or `GiB` suffix.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum RawBytes {
+    Number(u64),
+    Text(String),
+}
+
+impl RawBytes {
+    pub fn bytes(&self) -> Option<u64> {
+        match self {
+            RawBytes::Number(n) => Some(*n),
+            RawBytes::Text(t) => {
+                let t = t.trim();
+                let (digits, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+                let n: u64 = digits.parse().ok()?;
+                let mult = match unit.trim() {
+                    "" | "B" => 1,
+                    "KiB" | "KB" | "K" => 1 << 10,
+                    "MiB" | "MB" | "M" => 1 << 20,
+                    "GiB" | "GB" | "G" => 1 << 30,
+                    _ => return None,
+                };
+                n.checked_mul(mult)
+            }
+        }
+    }
 }

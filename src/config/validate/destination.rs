@@ -54,6 +54,7 @@ pub(super) fn validate_destination(
             }
         }
     });
+    let transform = d.transform.as_ref().and_then(|t| validate_transform(p, &format!("{key}.transform"), t));
     if p.0.len() != before {
         return None;
     }
@@ -69,6 +70,7 @@ pub(super) fn validate_destination(
     });
     let rules = IngressRules { filter, ordering };
     let dest = Destination {
+        transform,
         breaker,
         rate_limit,
         signing,
@@ -340,4 +342,51 @@ fn validate_destination_tls(
         }
     };
     (files, tls13_only)
+}
+
+/// `[destinations.NAME.transform]`: the script read and compiled now, so
+/// `check` names a syntax error's file and line.
+fn validate_transform(
+    p: &mut Problems,
+    key: &str,
+    t: &crate::config::raw::RawTransform,
+) -> Option<Arc<crate::delivery::transform::Transform>> {
+    let (origin, source) = match (&t.script, &t.source) {
+        (Some(script), None) => {
+            let Some(path) = script.strip_prefix("file:") else {
+                p.add(format!("{key}.script"), "file:PATH (or put the script inline in source)");
+                return None;
+            };
+            match std::fs::read_to_string(path) {
+                Ok(text) => (path.to_string(), text),
+                Err(e) => {
+                    p.add(format!("{key}.script"), format!("cannot read {path}: {e}"));
+                    return None;
+                }
+            }
+        }
+        (None, Some(source)) => ("inline".to_string(), source.clone()),
+        _ => {
+            p.add(key.to_string(), "set script (file:PATH) or source, one of them");
+            return None;
+        }
+    };
+    if t.timeout.is_zero() || t.timeout > Duration::from_secs(10) {
+        p.add(format!("{key}.timeout"), "between 1ms and 10s");
+        return None;
+    }
+    let memory = match t.memory.bytes() {
+        Some(m) if (1 << 20..=1 << 30).contains(&m) => m as usize,
+        _ => {
+            p.add(format!("{key}.memory"), "between 1MiB and 1GiB (bytes, or with KiB/MiB/GiB)");
+            return None;
+        }
+    };
+    match crate::delivery::transform::Transform::new(origin.clone(), source, t.timeout, memory) {
+        Ok(t) => Some(Arc::new(t)),
+        Err(e) => {
+            p.add(key.to_string(), format!("{origin}: {e}"));
+            None
+        }
+    }
 }

@@ -1,0 +1,521 @@
+//! Transformations (`[destinations.NAME.transform]`): a JavaScript function
+//! `transform(req)` reshapes what one destination gets, at delivery time,
+//! on QuickJS (`rquickjs`), bounded the way Svix Bridge bounds it: a memory
+//! limit on the runtime and an interrupt handler that stops a call at its
+//! deadline.
+//!
+//! - **Input** `req`: `id`, `route`, `received_at` (RFC 3339), `headers`
+//!   (the stored ones, lower-case names), `body` (parsed JSON, or `null`),
+//!   `text` (the body as a string when it is UTF-8, else `null`), `base64`.
+//!   The body is the one the destination would otherwise get (after
+//!   `strip_body_fields`: removed credentials never reach a script).
+//! - **Output**: `{ body, headers }` (a `body` object or array is sent as
+//!   JSON, a string as is, absent: the input body; `headers` added or
+//!   replaced, hop-by-hop names refused), or `null`: not delivered to this
+//!   destination (counted as filtered).
+//! - **Bounded and stateless**: each call evaluates the script afresh in a
+//!   context whose globals and built-in prototypes are frozen (no state
+//!   survives a call); no I/O exists in the engine; `Date` without
+//!   arguments and `Date.now` throw (no clock but `received_at`). A call
+//!   that runs past `timeout`, allocates past `memory` or throws fails,
+//!   deterministically: the caller dead-letters the delivery with the
+//!   reason and its line.
+//! - **XML**: `xml(text)` turns an XML document (ThingSpace's SOAP
+//!   callbacks) into an object: an element is an object of its children
+//!   by local name (repeated names become arrays), attributes as `@name`,
+//!   text as `#text`, or the text itself for an element with only text.
+//!
+//! Calls run on the blocking pool (a script may take its whole timeout);
+//! each thread keeps one engine per transform and drops it after a
+//! failure.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue};
+use rquickjs::{Context, Function, Runtime};
+
+/// One destination's transformation, compiled once at load (`check`).
+#[derive(Debug)]
+pub struct Transform {
+    /// Unique per load: engines are cached by it.
+    id: u64,
+    /// Where the script came from (`file:...` or `inline`), for errors.
+    pub origin: String,
+    source: Arc<str>,
+    pub timeout: Duration,
+    pub memory: usize,
+}
+
+/// What a destination gets instead of the stored request.
+#[derive(Debug, PartialEq)]
+pub enum Reshaped {
+    Send {
+        body: Bytes,
+        headers: Vec<(HeaderName, HeaderValue)>,
+    },
+    /// `null`: not delivered to this destination.
+    Skip,
+}
+
+/// What the script sees of a message.
+pub struct Input<'a> {
+    pub id: &'a str,
+    pub route: &'a str,
+    pub received_ms: u64,
+    pub headers: &'a [(String, Bytes)],
+    pub body: &'a [u8],
+}
+
+const HOP_BY_HOP: [&str; 10] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+];
+
+/// Freezes what a script could use to keep state between calls or read
+/// the clock. Runs once per engine, before any script.
+const LOCKDOWN: &str = r#"
+(function () {
+  const RealDate = Date;
+  // Frames of these functions (named __sb_) are not the script's: an
+  // error's line is taken from the first frame that is.
+  function __sb_Date(...args) {
+    if (args.length === 0) throw new Error("no clock in transforms: use req.received_at");
+    return new RealDate(...args);
+  }
+  __sb_Date.prototype = RealDate.prototype;
+  __sb_Date.parse = RealDate.parse;
+  __sb_Date.UTC = RealDate.UTC;
+  __sb_Date.now = function __sb_now() { throw new Error("no clock in transforms: use req.received_at"); };
+  globalThis.Date = __sb_Date;
+  const xmlNative = globalThis.__xml;
+  globalThis.xml = function __sb_xml(text) { return JSON.parse(xmlNative(String(text))); };
+  delete globalThis.__xml;
+  for (const name of Object.getOwnPropertyNames(globalThis)) {
+    const v = globalThis[name];
+    if ((typeof v === "object" || typeof v === "function") && v !== null) {
+      Object.freeze(v);
+      if (v.prototype) Object.freeze(v.prototype);
+    }
+  }
+  Object.freeze(Object.getPrototypeOf(function* () {}));
+  Object.freeze(globalThis);
+})();
+"#;
+
+fn next_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The script wrapped so each call starts from nothing: the script's own
+/// declarations live in the function, the input comes as an argument.
+/// The prefix has no newline, so line numbers are the script's.
+fn wrapped_body(source: &str) -> String {
+    format!(
+        "{source}\n;if (typeof transform !== \"function\") throw new Error(\"the script defines no function transform(req)\");\nconst __out = transform(JSON.parse(__input));\nreturn __out === null ? null : JSON.stringify(__out === undefined ? {{}} : __out);"
+    )
+}
+
+/// A deadline the interrupt handler reads (nanoseconds since `base()`).
+fn base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+/// Fields drop in order: the context before the runtime it lives in.
+struct Engine {
+    context: Context,
+    runtime: Runtime,
+    deadline: Arc<AtomicU64>,
+}
+
+impl Engine {
+    fn new(memory: usize) -> Result<Engine, String> {
+        let runtime = Runtime::new().map_err(|e| format!("cannot start the script engine: {e}"))?;
+        runtime.set_memory_limit(memory);
+        runtime.set_max_stack_size(256 * 1024);
+        let deadline = Arc::new(AtomicU64::new(u64::MAX));
+        let d = deadline.clone();
+        runtime.set_interrupt_handler(Some(Box::new(move || {
+            base().elapsed().as_nanos() as u64 > d.load(Ordering::Relaxed)
+        })));
+        let context = Context::full(&runtime).map_err(|e| format!("cannot start the script engine: {e}"))?;
+        context.with(|ctx| -> Result<(), String> {
+            let native = Function::new(ctx.clone(), |text: String| -> String { xml_to_json(&text) })
+                .map_err(|e| format!("script engine: {e}"))?;
+            ctx.globals().set("__xml", native).map_err(|e| format!("script engine: {e}"))?;
+            ctx.eval::<(), _>(LOCKDOWN).map_err(|e| format!("script engine: {e}"))
+        })?;
+        Ok(Engine { context, runtime, deadline })
+    }
+
+    /// Runs `source`'s transform on `input` (JSON) within `timeout`.
+    fn call(&self, source: &str, input: &str, timeout: Duration) -> Result<Option<String>, String> {
+        self.run_function(&wrapped_body(source), input, timeout)
+    }
+
+    /// Evaluates `(function (__input) { body })` and calls it with
+    /// `input`, within `timeout`.
+    fn run_function(&self, body: &str, input: &str, timeout: Duration) -> Result<Option<String>, String> {
+        let deadline = base().elapsed() + timeout;
+        self.deadline.store(deadline.as_nanos() as u64, Ordering::Relaxed);
+        let result = self.context.with(|ctx| {
+            let f: Function = match ctx.eval(format!("(function (__input) {{{body}\n}})")) {
+                Ok(f) => f,
+                Err(e) => return Err(describe(&ctx, e)),
+            };
+            f.call::<_, Option<String>>((input.to_string(),)).map_err(|e| describe(&ctx, e))
+        });
+        self.deadline.store(u64::MAX, Ordering::Relaxed);
+        let _ = &self.runtime;
+        match result {
+            Err(e) if base().elapsed() >= deadline => {
+                Err(format!("stopped after {} (transform timeout): {e}", humantime::format_duration(timeout)))
+            }
+            other => other,
+        }
+    }
+}
+
+/// An exception as `message at line L` (the script's own line numbers:
+/// exact for a `throw` and a syntax error; an error the engine raises
+/// inside an expression, such as reading a property of `undefined`, is
+/// placed by this QuickJS at the start of the function it happened in).
+fn describe(ctx: &rquickjs::Ctx<'_>, e: rquickjs::Error) -> String {
+    if !matches!(e, rquickjs::Error::Exception) {
+        return match e {
+            rquickjs::Error::Allocation => "out of memory (transform memory limit)".to_string(),
+            other => other.to_string(),
+        };
+    }
+    let caught = ctx.catch();
+    let Some(obj) = caught.as_object() else {
+        return match caught.as_string().and_then(|s| s.to_string().ok()) {
+            Some(s) => format!("uncaught {s}"),
+            // QuickJS has no memory left to make an error object of.
+            None if caught.is_null() || caught.is_undefined() => {
+                "out of memory (the transform's memory limit)".to_string()
+            }
+            None => format!("uncaught {caught:?}"),
+        };
+    };
+    let message: String = obj.get("message").unwrap_or_default();
+    let name: String = obj.get("name").unwrap_or_default();
+    let stack: String = obj.get("stack").unwrap_or_default();
+    // QuickJS stacks read "    at transform (eval_script:3:7)" (or
+    // "<eval>:3"); the first line number is where it was thrown.
+    let line = stack
+        .lines()
+        .filter(|l| !l.contains("__sb_"))
+        .find_map(|l| {
+            let inner = l.rsplit_once('(').map_or(l, |(_, r)| r).trim_end_matches(')');
+            let mut parts = inner.rsplit(':');
+            let a = parts.next()?.trim().parse::<u32>().ok();
+            let b = parts.next().and_then(|p| p.trim().parse::<u32>().ok());
+            b.or(a)
+        })
+        .or_else(|| obj.get::<_, u32>("lineNumber").ok());
+    let what = if message.is_empty() {
+        if name.is_empty() {
+            "out of memory (transform memory limit)".to_string()
+        } else {
+            name
+        }
+    } else if name.is_empty() {
+        message
+    } else {
+        format!("{name}: {message}")
+    };
+    match line {
+        Some(l) => format!("{what} at line {l}"),
+        None => what,
+    }
+}
+
+thread_local! {
+    static ENGINES: RefCell<HashMap<u64, Engine>> = RefCell::new(HashMap::new());
+}
+
+impl Transform {
+    /// Loads `source` and checks that it compiles and defines
+    /// `transform`; the error names the line.
+    pub fn new(origin: String, source: String, timeout: Duration, memory: usize) -> Result<Transform, String> {
+        let t = Transform { id: next_id(), origin, source: source.into(), timeout, memory };
+        // Compiles it and runs its top level (bounded like a call) to see
+        // that it defines `transform`, without calling it.
+        let engine = Engine::new(memory)?;
+        let probe = format!("{}\n;return typeof transform;", t.source);
+        match engine.run_function(&probe, "", timeout)? {
+            Some(kind) if kind == "function" => Ok(t),
+            _ => Err("the script defines no function transform(req)".to_string()),
+        }
+    }
+
+    /// Runs the transformation on `input` (blocking: call it on the
+    /// blocking pool).
+    pub fn run(&self, input: &Input<'_>) -> Result<Reshaped, String> {
+        let json = input_json(input).to_string();
+        let out = ENGINES.with(|cell| -> Result<Option<String>, String> {
+            let mut engines = cell.borrow_mut();
+            let engine = match engines.entry(self.id) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(Engine::new(self.memory)?),
+            };
+            let result = engine.call(&self.source, &json, self.timeout);
+            if result.is_err() {
+                // A runtime that hit its limits is not reused.
+                engines.remove(&self.id);
+            }
+            result
+        })?;
+        match out {
+            None => Ok(Reshaped::Skip),
+            Some(text) => reshaped(&text, input.body),
+        }
+    }
+}
+
+fn input_json(input: &Input<'_>) -> serde_json::Value {
+    let headers: serde_json::Map<String, serde_json::Value> = input
+        .headers
+        .iter()
+        .map(|(n, v)| (n.to_ascii_lowercase(), serde_json::Value::String(String::from_utf8_lossy(v).into_owned())))
+        .collect();
+    let text = std::str::from_utf8(input.body).ok();
+    serde_json::json!({
+        "id": input.id,
+        "route": input.route,
+        "received_at": crate::text::rfc3339(input.received_ms),
+        "headers": headers,
+        "body": serde_json::from_slice::<serde_json::Value>(input.body).unwrap_or(serde_json::Value::Null),
+        "text": text,
+        "base64": base64::engine::general_purpose::STANDARD.encode(input.body),
+    })
+}
+
+/// The script's answer (`JSON.stringify`'d) as what to send.
+fn reshaped(text: &str, original: &[u8]) -> Result<Reshaped, String> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("the result is not JSON: {e}"))?;
+    let Some(obj) = v.as_object() else {
+        return Err("transform must return { body, headers } or null".to_string());
+    };
+    let mut headers = Vec::new();
+    let body = match obj.get("body") {
+        None => Bytes::copy_from_slice(original),
+        Some(serde_json::Value::String(s)) => Bytes::from(s.clone()),
+        Some(other) => {
+            // Sent as JSON, and said so unless the script says otherwise.
+            headers.push((http::header::CONTENT_TYPE, HeaderValue::from_static("application/json")));
+            Bytes::from(serde_json::to_vec(other).map_err(|e| format!("cannot encode the body: {e}"))?)
+        }
+    };
+    if let Some(h) = obj.get("headers") {
+        let Some(map) = h.as_object() else { return Err("headers must be an object of strings".to_string()) };
+        for (name, value) in map {
+            let lower = name.to_ascii_lowercase();
+            if HOP_BY_HOP.contains(&lower.as_str()) {
+                return Err(format!("header {lower:?} is hop-by-hop: a transform cannot set it"));
+            }
+            let value = match value {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            let name =
+                HeaderName::from_bytes(lower.as_bytes()).map_err(|_| format!("{lower:?} is not a header name"))?;
+            let value = HeaderValue::from_str(&value).map_err(|_| format!("header {lower:?}: not a valid value"))?;
+            headers.retain(|(n, _)| *n != name);
+            headers.push((name, value));
+        }
+    }
+    Ok(Reshaped::Send { body, headers })
+}
+
+/// XML to the object `xml(text)` returns, as JSON text (an error as
+/// `{"error": ...}`: the script sees it and decides).
+fn xml_to_json(text: &str) -> String {
+    match xml_value(text) {
+        Ok(v) => v.to_string(),
+        Err(e) => serde_json::json!({ "error": e }).to_string(),
+    }
+}
+
+fn xml_value(text: &str) -> Result<serde_json::Value, String> {
+    use quick_xml::events::Event;
+    let mut reader = quick_xml::Reader::from_str(text);
+    reader.config_mut().trim_text(true);
+    // A stack of (local name, object, text) for open elements.
+    let mut stack: Vec<(String, serde_json::Map<String, serde_json::Value>, String)> =
+        vec![(String::new(), serde_json::Map::new(), String::new())];
+    let mut depth = 0usize;
+    loop {
+        match reader.read_event().map_err(|e| format!("not XML: {e}"))? {
+            Event::Start(e) => {
+                depth += 1;
+                if depth > 256 {
+                    return Err("XML nested deeper than 256 levels".to_string());
+                }
+                let (name, attrs) = element(&e)?;
+                stack.push((name, attrs, String::new()));
+            }
+            Event::Empty(e) => {
+                let (name, attrs) = element(&e)?;
+                let parent = stack.last_mut().ok_or("unbalanced XML")?;
+                insert(&mut parent.1, name, finish(attrs, String::new()));
+            }
+            Event::Text(t) => {
+                let s = t.unescape().map_err(|e| format!("not XML: {e}"))?;
+                if let Some(top) = stack.last_mut() {
+                    top.2.push_str(&s);
+                }
+            }
+            Event::CData(t) => {
+                if let Some(top) = stack.last_mut() {
+                    top.2.push_str(&String::from_utf8_lossy(&t));
+                }
+            }
+            Event::End(_) => {
+                depth = depth.saturating_sub(1);
+                let (name, obj, text) = stack.pop().ok_or("unbalanced XML")?;
+                let parent = stack.last_mut().ok_or("unbalanced XML")?;
+                insert(&mut parent.1, name, finish(obj, text));
+            }
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    let (_, root, _) = stack.pop().ok_or("empty XML")?;
+    if !stack.is_empty() {
+        return Err("unbalanced XML".to_string());
+    }
+    Ok(serde_json::Value::Object(root))
+}
+
+fn element(
+    e: &quick_xml::events::BytesStart<'_>,
+) -> Result<(String, serde_json::Map<String, serde_json::Value>), String> {
+    let name = String::from_utf8_lossy(e.local_name().as_ref()).into_owned();
+    let mut attrs = serde_json::Map::new();
+    for a in e.attributes() {
+        let a = a.map_err(|e| format!("not XML: {e}"))?;
+        let key = format!("@{}", String::from_utf8_lossy(a.key.local_name().as_ref()));
+        let value = a.unescape_value().map_err(|e| format!("not XML: {e}"))?.into_owned();
+        attrs.insert(key, serde_json::Value::String(value));
+    }
+    Ok((name, attrs))
+}
+
+fn finish(mut obj: serde_json::Map<String, serde_json::Value>, text: String) -> serde_json::Value {
+    if obj.is_empty() {
+        return serde_json::Value::String(text);
+    }
+    if !text.is_empty() {
+        obj.insert("#text".into(), serde_json::Value::String(text));
+    }
+    serde_json::Value::Object(obj)
+}
+
+fn insert(obj: &mut serde_json::Map<String, serde_json::Value>, name: String, value: serde_json::Value) {
+    match obj.get_mut(&name) {
+        None => {
+            obj.insert(name, value);
+        }
+        Some(serde_json::Value::Array(items)) => items.push(value),
+        Some(existing) => {
+            let first = existing.take();
+            *existing = serde_json::Value::Array(vec![first, value]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input(body: &[u8]) -> Input<'_> {
+        Input { id: "msg_1", route: "/in", received_ms: 1_700_000_000_000, headers: &[], body }
+    }
+
+    fn t(source: &str) -> Transform {
+        Transform::new("inline".into(), source.into(), Duration::from_millis(100), 16 << 20).expect("compiles")
+    }
+
+    #[test]
+    fn reshapes_skips_and_keeps_no_state() {
+        let body = br#"{"requestId":"r1","status":"Success"}"#;
+        let got = t("function transform(req) { return { body: { text: req.body.requestId + ' ' + req.route }, headers: { 'X-A': 1 } }; }")
+            .run(&input(body))
+            .expect("runs");
+        let Reshaped::Send { body: sent, headers } = got else { panic!("sent") };
+        assert_eq!(&sent[..], br#"{"text":"r1 /in"}"#);
+        assert!(headers.iter().any(|(n, v)| n == "x-a" && v == "1"), "{headers:?}");
+        assert!(headers.iter().any(|(n, v)| n == "content-type" && v == "application/json"), "{headers:?}");
+        assert_eq!(t("function transform(req) { return null; }").run(&input(body)), Ok(Reshaped::Skip));
+        let counter =
+            t("let n = 0; function transform(req) { n += 1; globalThis.leak = n; return { body: String(n) }; }");
+        for _ in 0..3 {
+            match counter.run(&input(body)) {
+                Ok(Reshaped::Send { body, .. }) => assert_eq!(&body[..], b"1", "fresh each call"),
+                other => assert!(other.is_err(), "a frozen global refuses the leak: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn loops_allocations_throws_and_clocks_are_stopped_with_the_line() {
+        let looping = t("function transform(req) {\n  while (true) {}\n}");
+        let err = looping.run(&input(b"{}")).expect_err("stopped");
+        assert!(err.contains("timeout"), "{err}");
+        let hungry = t("function transform(req) {\n  const a = [];\n  while (true) a.push('x'.repeat(1000));\n}");
+        let err = hungry.run(&input(b"{}")).expect_err("stopped");
+        assert!(err.contains("memory"), "{err}");
+        let throws = t("function transform(req) {\n  // a comment\n  throw new Error('no way');\n}");
+        let err = throws.run(&input(b"{}")).expect_err("thrown");
+        assert!(err.contains("no way") && err.contains("line 3"), "{err}");
+        let clock = t("function transform(req) { return { body: String(Date.now()) }; }");
+        assert!(clock.run(&input(b"{}")).expect_err("no clock").contains("no clock"));
+        let hop = t("function transform(req) { return { headers: { Connection: 'close' } }; }");
+        assert!(hop.run(&input(b"{}")).expect_err("refused").contains("hop-by-hop"));
+        // The engine that failed is not reused: the next call works.
+        assert!(t("function transform(req) { return {}; }").run(&input(b"{}")).is_ok());
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line_and_a_missing_function_is_named() {
+        let err = Transform::new(
+            "inline".into(),
+            "function transform(req) {\n  return {;\n}".into(),
+            Duration::from_millis(100),
+            16 << 20,
+        )
+        .expect_err("syntax");
+        assert!(err.contains("line 2"), "{err}");
+        let err = Transform::new("inline".into(), "function other() {}".into(), Duration::from_millis(100), 16 << 20)
+            .expect_err("no transform");
+        assert!(err.contains("transform(req)"), "{err}");
+    }
+
+    #[test]
+    fn xml_becomes_an_object() {
+        let soap = r#"<?xml version="1.0"?><soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/"><soap:Body><CallbackRequest><requestId>r-9</requestId><device kind="4G"><id>A1</id></device><device><id>A2</id></device></CallbackRequest></soap:Body></soap:Envelope>"#;
+        let v: serde_json::Value = serde_json::from_str(&xml_to_json(soap)).expect("json");
+        let req = &v["Envelope"]["Body"]["CallbackRequest"];
+        assert_eq!(req["requestId"], "r-9");
+        assert_eq!(req["device"][0]["@kind"], "4G");
+        assert_eq!(req["device"][1]["id"], "A2");
+        assert!(xml_to_json("<a><b></a>").contains("error"));
+    }
+}
