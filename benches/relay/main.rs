@@ -286,7 +286,7 @@ async fn bench(s: &Settings) -> AnyResult<()> {
     let (mut fan_peak, mut iso_peak) = (0.0, 0.0);
     let (mut fan_rate, mut fan_lag) = (0.0, 0.0);
     let mut fan_all = 0.0;
-    if s.wants("4") || s.wants("5") || s.wants("5b") || s.wants("4r") {
+    if s.wants("4") || s.wants("5") || s.wants("5b") || s.wants("4r") || s.wants("4t") {
         let (fan, peak) = fan_out(s, &fresh_dir(), Third::Healthy, epoch).await?;
         fan_rate = fan.healthy_rate;
         fan_all = fan.all_rate;
@@ -298,6 +298,13 @@ async fn bench(s: &Settings) -> AnyResult<()> {
         if fan_all > 0.0 {
             row("4r. vs run 4", &format!("deliveries {:.0} % of run 4's", kept.all_rate / fan_all * 100.0));
         }
+    }
+    if s.wants("4t") {
+        let (shaped, _) = fan_out(s, &fresh_dir(), Third::Transforming, epoch).await?;
+        if fan_all > 0.0 {
+            row("4t. vs run 4", &format!("deliveries {:.0} % of run 4's", shaped.all_rate / fan_all * 100.0));
+        }
+        transform_call_cost();
     }
     if s.wants("4b") {
         fan_out_fixed(s, &fresh_dir(), 6000, Third::Healthy, epoch).await?;
@@ -377,4 +384,29 @@ async fn bench(s: &Settings) -> AnyResult<()> {
     }
     println!("done in {:.0} s", epoch.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// One transform call, measured in process (run 4t): the trivial script on
+/// a ThingSpace-sized JSON body, 20,000 calls on one thread.
+fn transform_call_cost() {
+    use switchboard::delivery::transform::{Input, Transform};
+    let script = "function transform(req) { return { headers: { 'x-shaped': '1' } }; }";
+    let Ok(t) = Transform::new("inline".into(), script.into(), Duration::from_millis(100), 16 << 20) else {
+        row("4t. one call", "the transform did not compile");
+        return;
+    };
+    let body = format!("{{\"requestId\":\"076f7ea9\",\"status\":\"Success\",\"pad\":\"{}\"}}", "p".repeat(900));
+    let headers = vec![("content-type".to_string(), Bytes::from_static(b"application/json"))];
+    let input =
+        Input { id: "msg_1", route: "/in", received_ms: 1_700_000_000_000, headers: &headers, body: body.as_bytes() };
+    let n = 20_000;
+    let started = Instant::now();
+    let mut failed = 0;
+    for _ in 0..n {
+        if t.run(&input).is_err() {
+            failed += 1;
+        }
+    }
+    let us = started.elapsed().as_secs_f64() * 1e6 / f64::from(n);
+    row("4t. one call", &format!("{us:.1} us per call (1 KiB JSON body, {n} calls, {failed} failed)"));
 }

@@ -26,7 +26,13 @@ pub(crate) enum Third {
     /// Healthy, and the relay keeps delivered messages for an hour
     /// (`store.retain_delivered`, run 4r).
     Retaining,
+    /// Healthy, with a trivial transform on every destination (run 4t).
+    Transforming,
 }
+
+/// Run 4t's transform: adds a header, leaves the body.
+const TRIVIAL_TRANSFORM: &str =
+    "[destinations.NAME.transform]\nsource = \"function transform(req) { return { headers: { 'x-shaped': '1' } }; }\"";
 
 /// What run 5b turns on for every destination.
 const FLOW_CONTROL: &str =
@@ -36,7 +42,7 @@ pub(crate) async fn fan_out(s: &Settings, dir: &Path, third: Third, epoch: Insta
     let a = Receiver::start(Mode::Ok, epoch).await?;
     let b = Receiver::start(Mode::Ok, epoch).await?;
     let c_mode = match third {
-        Third::Healthy | Third::Retaining => Mode::Ok,
+        Third::Healthy | Third::Retaining | Third::Transforming => Mode::Ok,
         Third::BlackHole => Mode::BlackHole,
         Third::Flaky => Mode::Flaky,
     };
@@ -48,10 +54,18 @@ pub(crate) async fn fan_out(s: &Settings, dir: &Path, third: Third, epoch: Insta
     let c_extra =
         if third == Third::BlackHole { "concurrency = 32\ntimeout = \"5s\"".to_string() } else { extra.clone() };
     let store_extra = if third == Third::Retaining { "retain_delivered = \"1h\"" } else { "" };
+    let shaped = |name: &str, extra: &str| {
+        if third == Third::Transforming {
+            format!("{extra}\n{}", TRIVIAL_TRANSFORM.replace("NAME", name))
+        } else {
+            extra.to_string()
+        }
+    };
+    let (ea, eb, ec) = (shaped("a", &extra), shaped("b", &extra), shaped("c", &c_extra));
     let relay = Relay::start_with_store(
         s,
         dir,
-        &[("a", a.url(), extra.as_str()), ("b", b.url(), extra.as_str()), ("c", c.url(), c_extra.as_str())],
+        &[("a", a.url(), ea.as_str()), ("b", b.url(), eb.as_str()), ("c", c.url(), ec.as_str())],
         store_extra,
     )
     .await?;
@@ -69,7 +83,7 @@ pub(crate) async fn fan_out(s: &Settings, dir: &Path, third: Third, epoch: Insta
     let mut lags: Vec<u32> = a.lags_us.lock().map(|v| v.clone()).unwrap_or_default();
     lags.extend(b.lags_us.lock().map(|v| v.clone()).unwrap_or_default());
     let healthy_lag_p99 = percentile(&mut lags.clone(), 0.99);
-    if matches!(third, Third::Healthy | Third::Retaining) {
+    if matches!(third, Third::Healthy | Third::Retaining | Third::Transforming) {
         lags.extend(c.lags_us.lock().map(|v| v.clone()).unwrap_or_default());
     }
     let all_delivered = delivered_during + if third == Third::BlackHole { 0 } else { c.count.load(Ordering::Relaxed) };
@@ -97,6 +111,20 @@ pub(crate) async fn fan_out(s: &Settings, dir: &Path, third: Third, epoch: Insta
                     caught_up,
                     percentile(&mut lags, 0.99),
                     retained,
+                ),
+            )
+        }
+        Third::Transforming => {
+            s.figure("4t deliveries/s", result.all_rate, Higher);
+            s.figure("4t relay CPU us/request", cpu_us, Lower);
+            row(
+                "4t. fan-out x3, a trivial transform on each",
+                &format!(
+                    "ingest {:.0} msg/s, deliveries {:.0}/s during the run, caught up {}, lag p99 {:.1} ms, relay CPU {cpu_us:.1} us per request",
+                    load.rps(),
+                    all_delivered as f64 / secs,
+                    caught_up,
+                    percentile(&mut lags, 0.99),
                 ),
             )
         }
