@@ -38,6 +38,9 @@ pub fn dispatch(cli: Cli) -> ExitCode {
         Command::Check { config } => relay::check(config),
         Command::Keygen { ed25519 } => relay::keygen(ed25519),
         Command::Repair { config } => relay::repair(config),
+        Command::Transform { config, destination, file, content_type } => {
+            relay::transform(config, &destination, file, &content_type)
+        }
         Command::Run { config, log_format } => relay::run(config, log_format),
         Command::Sink { addr, status, delay, fail_ratio, fail_status } => {
             operate::sink(addr, status, delay, fail_ratio, fail_status)
@@ -83,6 +86,23 @@ pub enum Command {
         /// Configuration file (TOML); `SWITCHBOARD_*` variables override it.
         #[arg(short, long, env = "SWITCHBOARD_CONFIG", value_name = "PATH")]
         config: PathBuf,
+    },
+    /// Print what a destination would receive for a body: its transform
+    /// (`[destinations.NAME.transform]`) run on the file, or the error.
+    /// Exits 1 if the transform fails, 78 for a configuration error.
+    Transform {
+        /// Configuration file (TOML); `SWITCHBOARD_*` variables override it.
+        #[arg(short, long, env = "SWITCHBOARD_CONFIG", value_name = "PATH")]
+        config: PathBuf,
+        /// The destination whose transform runs.
+        #[arg(short, long)]
+        destination: String,
+        /// The callback body.
+        #[arg(short, long, value_name = "BODY")]
+        file: PathBuf,
+        /// The callback's Content-Type, as the script sees it in headers.
+        #[arg(long, default_value = "application/json")]
+        content_type: String,
     },
     /// Print a new Standard Webhooks signing key for
     /// `[destinations.NAME.signing] secrets`: a `whsec_` secret (HMAC, v1;

@@ -151,3 +151,55 @@ fn serve(config: Config) -> anyhow::Result<()> {
         crate::run_with_reload(config, listeners, shutdown, reload).await
     })
 }
+
+/// `switchboard transform`: a destination's transform on a body from a
+/// file, printed as the destination would get it.
+pub fn transform(config: PathBuf, destination: &str, file: PathBuf, content_type: &str) -> ExitCode {
+    let cfg = match super::load(&config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let Some(dest) = cfg.destinations.iter().find(|d| &*d.name == destination) else {
+        eprintln!("error: no destination {destination:?} in {}", config.display());
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let Some(t) = dest.transform.clone() else {
+        eprintln!("error: destinations.{destination} has no transform: it gets the callback as received");
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let body = match std::fs::read(&file) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: cannot read {}: {e}", file.display());
+            return ExitCode::from(66);
+        }
+    };
+    let route = cfg.routes.iter().find(|r| r.destinations.iter().any(|d| &**d == destination)).map_or("/", |r| &r.path);
+    let headers = vec![("content-type".to_string(), bytes::Bytes::from(content_type.to_string()))];
+    let input = crate::delivery::transform::Input {
+        id: "msg_tryout",
+        route,
+        received_ms: crate::text::now_ms(),
+        headers: &headers,
+        body: &body,
+    };
+    match t.run(&input) {
+        Ok(crate::delivery::transform::Reshaped::Skip) => {
+            println!("# {destination}: not sent (the transform returned null; counted as filtered)");
+            ExitCode::SUCCESS
+        }
+        Ok(crate::delivery::transform::Reshaped::Send { body, headers }) => {
+            println!("# {destination} would receive (besides the relay's own headers):");
+            for (name, value) in &headers {
+                println!("{name}: {}", value.to_str().unwrap_or("<binary>"));
+            }
+            println!();
+            println!("{}", String::from_utf8_lossy(&body));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("transform failed ({}): {e}", t.origin);
+            ExitCode::FAILURE
+        }
+    }
+}

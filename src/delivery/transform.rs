@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
-use rquickjs::{Context, Function, Runtime};
+use rquickjs::{Context, Function, Persistent, Runtime};
 
 /// One destination's transformation, compiled once at load (`check`).
 #[derive(Debug)]
@@ -136,8 +136,13 @@ fn base() -> Instant {
     *BASE.get_or_init(Instant::now)
 }
 
-/// Fields drop in order: the context before the runtime it lives in.
+/// Fields drop in order: the compiled function, then the context, then
+/// the runtime they live in (the other order crashed).
 struct Engine {
+    /// The script wrapped in `(function (__input) {...})`, compiled once:
+    /// each call runs its body afresh (its declarations are the call's own),
+    /// without parsing it again.
+    compiled: Option<Persistent<Function<'static>>>,
     context: Context,
     runtime: Runtime,
     deadline: Arc<AtomicU64>,
@@ -160,12 +165,38 @@ impl Engine {
             ctx.globals().set("__xml", native).map_err(|e| format!("script engine: {e}"))?;
             ctx.eval::<(), _>(LOCKDOWN).map_err(|e| format!("script engine: {e}"))
         })?;
-        Ok(Engine { context, runtime, deadline })
+        Ok(Engine { compiled: None, context, runtime, deadline })
     }
 
-    /// Runs `source`'s transform on `input` (JSON) within `timeout`.
-    fn call(&self, source: &str, input: &str, timeout: Duration) -> Result<Option<String>, String> {
-        self.run_function(&wrapped_body(source), input, timeout)
+    /// An engine with `source`'s transform compiled.
+    fn compiled(source: &str, memory: usize) -> Result<Engine, String> {
+        let mut engine = Engine::new(memory)?;
+        let compiled = engine.context.with(|ctx| -> Result<Persistent<Function<'static>>, String> {
+            let f: Function = ctx
+                .eval(format!("(function (__input) {{{}\n}})", wrapped_body(source)))
+                .map_err(|e| describe(&ctx, e))?;
+            Ok(Persistent::save(&ctx, f))
+        })?;
+        engine.compiled = Some(compiled);
+        Ok(engine)
+    }
+
+    /// Runs the compiled transform on `input` (JSON) within `timeout`.
+    fn call(&self, input: &str, timeout: Duration) -> Result<Option<String>, String> {
+        let Some(compiled) = self.compiled.clone() else { return Err("no script compiled".to_string()) };
+        let deadline = base().elapsed() + timeout;
+        self.deadline.store(deadline.as_nanos() as u64, Ordering::Relaxed);
+        let result = self.context.with(|ctx| {
+            let f = compiled.restore(&ctx).map_err(|e| format!("script engine: {e}"))?;
+            f.call::<_, Option<String>>((input.to_string(),)).map_err(|e| describe(&ctx, e))
+        });
+        self.deadline.store(u64::MAX, Ordering::Relaxed);
+        match result {
+            Err(e) if base().elapsed() >= deadline => {
+                Err(format!("stopped after {} (transform timeout): {e}", humantime::format_duration(timeout)))
+            }
+            other => other,
+        }
     }
 
     /// Evaluates `(function (__input) { body })` and calls it with
@@ -273,9 +304,9 @@ impl Transform {
             let mut engines = cell.borrow_mut();
             let engine = match engines.entry(self.id) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => e.insert(Engine::new(self.memory)?),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(Engine::compiled(&self.source, self.memory)?),
             };
-            let result = engine.call(&self.source, &json, self.timeout);
+            let result = engine.call(&json, self.timeout);
             if result.is_err() {
                 // A runtime that hit its limits is not reused.
                 engines.remove(&self.id);

@@ -193,3 +193,34 @@ fn check_names_a_scripts_file_and_line() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no function transform(req)"));
     assert_eq!(out.status.code(), Some(78));
 }
+
+/// `switchboard transform` prints what a destination would get, or the
+/// error with exit 1.
+#[test]
+fn the_cli_prints_what_a_destination_would_receive() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let body = dir.path().join("fault.json");
+    std::fs::write(&body, sample("carrierservice-fault.json")).expect("body");
+    let toml = config(&[
+        ("slack", "http://127.0.0.1:1/s", &format!("[destinations.slack.transform]\nscript = \"{}\"\n", script("thingspace-to-slack.js"))),
+        ("strict", "http://127.0.0.1:1/t", "[destinations.strict.transform]\nsource = \"function transform(req) {\\n  throw new Error('nope');\\n}\"\n"),
+    ]);
+    let path = crate::binary::write(dir.path(), &toml);
+    let run = |dest: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["transform", "--config"])
+            .arg(&path)
+            .args(["--destination", dest, "--file"])
+            .arg(&body)
+            .output()
+            .expect("cli")
+    };
+    let out = run("slack");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("content-type: application/json") && text.contains("Device is already active"), "{text}");
+    let out = run("strict");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("transform failed") && err.contains("nope") && err.contains("line 2"), "{err}");
+}
