@@ -299,7 +299,7 @@ impl Transform {
     /// Runs the transformation on `input` (blocking: call it on the
     /// blocking pool).
     pub fn run(&self, input: &Input<'_>) -> Result<Reshaped, String> {
-        let json = input_json(input).to_string();
+        let json = input_json(input);
         let out = ENGINES.with(|cell| -> Result<Option<String>, String> {
             let mut engines = cell.borrow_mut();
             let engine = match engines.entry(self.id) {
@@ -320,22 +320,30 @@ impl Transform {
     }
 }
 
-fn input_json(input: &Input<'_>) -> serde_json::Value {
-    let headers: serde_json::Map<String, serde_json::Value> = input
-        .headers
-        .iter()
-        .map(|(n, v)| (n.to_ascii_lowercase(), serde_json::Value::String(String::from_utf8_lossy(v).into_owned())))
-        .collect();
+/// `req` as JSON text. A JSON body is embedded as it is (validated, not
+/// parsed into a tree and written out again).
+fn input_json(input: &Input<'_>) -> String {
+    #[derive(serde::Serialize)]
+    struct Doc<'a> {
+        id: &'a str,
+        route: &'a str,
+        received_at: String,
+        headers: std::collections::BTreeMap<String, std::borrow::Cow<'a, str>>,
+        body: Option<&'a serde_json::value::RawValue>,
+        text: Option<&'a str>,
+        base64: String,
+    }
     let text = std::str::from_utf8(input.body).ok();
-    serde_json::json!({
-        "id": input.id,
-        "route": input.route,
-        "received_at": crate::text::rfc3339(input.received_ms),
-        "headers": headers,
-        "body": serde_json::from_slice::<serde_json::Value>(input.body).unwrap_or(serde_json::Value::Null),
-        "text": text,
-        "base64": base64::engine::general_purpose::STANDARD.encode(input.body),
-    })
+    let doc = Doc {
+        id: input.id,
+        route: input.route,
+        received_at: crate::text::rfc3339(input.received_ms),
+        headers: input.headers.iter().map(|(n, v)| (n.to_ascii_lowercase(), String::from_utf8_lossy(v))).collect(),
+        body: text.and_then(|t| serde_json::from_str::<&serde_json::value::RawValue>(t).ok()),
+        text,
+        base64: base64::engine::general_purpose::STANDARD.encode(input.body),
+    };
+    serde_json::to_string(&doc).unwrap_or_else(|_| "{}".to_string())
 }
 
 /// The script's answer (`JSON.stringify`'d) as what to send.
