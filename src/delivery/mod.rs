@@ -35,6 +35,7 @@ use crate::store::{now_ms, Lease, Pause, Settle, Store};
 use crate::wake::Wakers;
 
 pub mod breaker;
+pub mod nats;
 pub mod rate;
 mod request;
 pub mod retry;
@@ -72,6 +73,8 @@ pub struct Destination {
     pub breaker: Option<breaker::BreakerConfig>,
     /// Reshapes what this destination gets (`transform.rs`).
     pub transform: Option<Arc<transform::Transform>>,
+    /// A NATS subject instead of an HTTP URL (`nats.rs`).
+    pub nats: Option<Arc<nats::NatsTarget>>,
 }
 
 type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -503,6 +506,9 @@ impl Worker {
                 return (Outcome::Permanent { status: 0, reason: format!("cannot build request: {e}") }, Vec::new())
             }
         };
+        if let Some(target) = &self.dest.nats {
+            return self.send_nats(target, req).await;
+        }
         let deadline = tokio::time::Instant::now() + self.dest.timeout;
         let client = self.current_client();
         let resp = match tokio::time::timeout_at(deadline, client.request(req)).await {

@@ -17,6 +17,7 @@ mod layout;
 mod messages;
 mod mtls;
 mod nats;
+mod nats_destination;
 mod openapi;
 mod order;
 mod policy;

@@ -50,6 +50,13 @@ pub struct RawDestination {
     /// Only callbacks that match are queued for this destination.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<RawFilter>,
+    /// For a `nats://` (or `tls://`) URL: the subject to publish to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// For a NATS URL: publish to JetStream and wait for its ack (the
+    /// default), or core NATS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jetstream: Option<bool>,
     /// A script that reshapes what this destination gets
     /// (`delivery/transform.rs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]

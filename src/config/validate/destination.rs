@@ -10,7 +10,18 @@ pub(super) fn validate_destination(
     d: &RawDestination,
 ) -> Option<(Destination, IngressRules)> {
     let before = p.0.len();
-    let (uri, basic_auth) = validate_url(p, key, &d.url);
+    let nats = validate_nats(p, key, d);
+    let (uri, basic_auth) = match &nats {
+        // The server URL (no credentials): the HTTP side never uses it.
+        Some(t) => match t.server.parse::<http::Uri>() {
+            Ok(u) => (Some(u), None),
+            Err(e) => {
+                p.add(format!("{key}.url"), format!("invalid URL: {e}"));
+                (None, None)
+            }
+        },
+        None => validate_url(p, key, &d.url),
+    };
     if d.concurrency == 0 {
         p.add(format!("{key}.concurrency"), "must be greater than 0");
     }
@@ -70,6 +81,7 @@ pub(super) fn validate_destination(
     });
     let rules = IngressRules { filter, ordering };
     let dest = Destination {
+        nats,
         transform,
         breaker,
         rate_limit,
@@ -389,4 +401,50 @@ fn validate_transform(
             None
         }
     }
+}
+
+/// A `nats://` or `tls://` destination: its server, credentials (from the
+/// URL), subject and mode; `None` for an HTTP one (whose `subject` and
+/// `jetstream` must be unset).
+fn validate_nats(p: &mut Problems, key: &str, d: &RawDestination) -> Option<Arc<crate::delivery::nats::NatsTarget>> {
+    let parsed = url::Url::parse(&d.url).ok();
+    let scheme = parsed.as_ref().map(|u| u.scheme().to_string()).unwrap_or_default();
+    if scheme != "nats" && scheme != "tls" {
+        if d.subject.is_some() {
+            p.add(format!("{key}.subject"), "only for a nats:// destination");
+        }
+        if d.jetstream.is_some() {
+            p.add(format!("{key}.jetstream"), "only for a nats:// destination");
+        }
+        return None;
+    }
+    let mut u = parsed?;
+    if u.host_str().is_none_or(str::is_empty) {
+        p.add(format!("{key}.url"), "URL has no host");
+        return None;
+    }
+    let credentials = (!u.username().is_empty()).then(|| {
+        let user = percent_decode(u.username());
+        let pass = percent_decode(u.password().unwrap_or_default());
+        (user, Secret::new(pass))
+    });
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    let subject = match &d.subject {
+        Some(s) if !s.is_empty() && !s.contains(|c: char| c.is_whitespace() || c == '*' || c == '>') => s.clone(),
+        Some(_) => {
+            p.add(format!("{key}.subject"), "a NATS subject without spaces or wildcards (* >)");
+            return None;
+        }
+        None => {
+            p.add(format!("{key}.subject"), "a nats:// destination needs the subject to publish to");
+            return None;
+        }
+    };
+    Some(Arc::new(crate::delivery::nats::NatsTarget::new(
+        u.as_str().trim_end_matches('/').to_string(),
+        credentials,
+        subject,
+        d.jetstream.unwrap_or(true),
+    )))
 }
