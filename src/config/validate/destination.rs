@@ -35,19 +35,7 @@ pub(super) fn validate_destination(
     let r = &d.retry;
     let extra_roots = extra_roots(p, key, d);
     let headers = validate_header_policy(p, key, d);
-    let rate_limit = d.rate_limit.as_ref().and_then(|r| {
-        let k = format!("{key}.rate_limit");
-        if !(r.per_second.is_finite() && r.per_second > 0.0) {
-            p.add(format!("{k}.per_second"), "must be a number greater than 0");
-            return None;
-        }
-        let burst = r.burst.unwrap_or(r.per_second.ceil() as i64);
-        if burst < 1 || burst > i64::from(u32::MAX) {
-            p.add(format!("{k}.burst"), "must be at least 1");
-            return None;
-        }
-        Some(crate::delivery::rate::RateLimit { per_second: r.per_second, burst: burst as u32 })
-    });
+    let rate_limit = validate_rate_limit(p, key, d);
     let (client_cert, tls13_only) = validate_destination_tls(p, &format!("{key}.tls"), d.tls.as_ref());
     let filter = d.filter.as_ref().and_then(|f| validate_filter(p, &format!("{key}.filter"), f)).map(Arc::new);
     let ordering = validate_ordering(p, key, d).map(Arc::new);
@@ -447,4 +435,20 @@ fn validate_nats(p: &mut Problems, key: &str, d: &RawDestination) -> Option<Arc<
         subject,
         d.jetstream.unwrap_or(true),
     )))
+}
+
+/// `[destinations.NAME.rate_limit]`.
+fn validate_rate_limit(p: &mut Problems, key: &str, d: &RawDestination) -> Option<crate::delivery::rate::RateLimit> {
+    let r = d.rate_limit.as_ref()?;
+    let k = format!("{key}.rate_limit");
+    if !(r.per_second.is_finite() && r.per_second > 0.0) {
+        p.add(format!("{k}.per_second"), "must be a number greater than 0");
+        return None;
+    }
+    let burst = r.burst.unwrap_or(r.per_second.ceil() as i64);
+    if burst < 1 || burst > i64::from(u32::MAX) {
+        p.add(format!("{k}.burst"), "must be at least 1");
+        return None;
+    }
+    Some(crate::delivery::rate::RateLimit { per_second: r.per_second, burst: burst as u32 })
 }
