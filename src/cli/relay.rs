@@ -183,7 +183,7 @@ pub fn transform(config: PathBuf, destination: &str, file: PathBuf, content_type
         headers: &headers,
         body: &body,
     };
-    match t.run(&input) {
+    match t.run_blocking(&input) {
         Ok(crate::delivery::transform::Reshaped::Skip) => {
             println!("# {destination}: not sent (the transform returned null; counted as filtered)");
             ExitCode::SUCCESS

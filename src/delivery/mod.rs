@@ -543,27 +543,27 @@ impl Worker {
     /// made what the destination asked for): a dead letter at once, with
     /// the reason, never retried (the same bytes give the same result).
     /// Returns whether the store took the change.
-    /// The destination's transform on `body` (on the blocking pool: a
-    /// script may take its whole timeout): what to send and the headers it
-    /// adds, `None` if the script said not to send, or why it failed.
+    /// The destination's transform on `body` (on its own threads: a script
+    /// may take its whole timeout): what to send and the headers it adds,
+    /// `None` if the script said not to send, or why it failed.
     async fn reshape(
         &self,
         msg: &crate::store::MessageRecord,
         id: u64,
         body: Bytes,
     ) -> Result<Option<(Bytes, Vec<(http::HeaderName, http::HeaderValue)>)>, String> {
-        let Some(t) = self.dest.transform.clone() else { return Ok(Some((body, Vec::new()))) };
+        let Some(t) = &self.dest.transform else { return Ok(Some((body, Vec::new()))) };
         let ext = self.store.external_id(id);
-        let (route, received_ms, headers) = (msg.route.clone(), msg.received_ms, msg.headers.clone());
-        let run = tokio::task::spawn_blocking(move || {
-            let input = transform::Input { id: &ext, route: &route, received_ms, headers: &headers, body: &body };
-            t.run(&input)
-        });
-        match run.await {
-            Ok(Ok(transform::Reshaped::Send { body, headers })) => Ok(Some((body, headers))),
-            Ok(Ok(transform::Reshaped::Skip)) => Ok(None),
-            Ok(Err(why)) => Err(why),
-            Err(e) => Err(format!("the script engine failed: {e}")),
+        let input = transform::Input {
+            id: &ext,
+            route: &msg.route,
+            received_ms: msg.received_ms,
+            headers: &msg.headers,
+            body: &body,
+        };
+        match t.run(&input).await? {
+            transform::Reshaped::Send { body, headers } => Ok(Some((body, headers))),
+            transform::Reshaped::Skip => Ok(None),
         }
     }
 

@@ -25,12 +25,10 @@
 //!   by local name (repeated names become arrays), attributes as `@name`,
 //!   text as `#text`, or the text itself for an element with only text.
 //!
-//! Calls run on the blocking pool (a script may take its whole timeout);
-//! each thread keeps one engine per transform and drops it after a
-//! failure.
+//! Calls run on the transform's own two threads (a script may take its
+//! whole timeout; a slow script delays only its own destination), each
+//! with one engine kept warm and replaced after a failure.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -41,15 +39,96 @@ use http::{HeaderName, HeaderValue};
 use rquickjs::{Context, Function, Persistent, Runtime};
 
 /// One destination's transformation, compiled once at load (`check`).
-#[derive(Debug)]
 pub struct Transform {
-    /// Unique per load: engines are cached by it.
-    id: u64,
     /// Where the script came from (`file:...` or `inline`), for errors.
     pub origin: String,
     source: Arc<str>,
     pub timeout: Duration,
     pub memory: usize,
+    /// Its threads, started at the first call.
+    pool: OnceLock<Pool>,
+}
+
+impl std::fmt::Debug for Transform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transform")
+            .field("origin", &self.origin)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How many threads run one transform's calls (each with its engine).
+const THREADS: usize = 2;
+
+type Answer = Result<Option<String>, String>;
+
+/// Where a call's answer goes.
+enum Reply {
+    Async(tokio::sync::oneshot::Sender<Answer>),
+    Blocking(std::sync::mpsc::Sender<Answer>),
+}
+
+struct Job {
+    input: String,
+    reply: Reply,
+}
+
+/// A transform's threads: each owns one engine (kept warm between calls,
+/// replaced after a failure) and takes calls from one queue. They end, and
+/// drop their engines on their own thread, when the transform is dropped
+/// (a reload, shutdown). Engines are never dropped by thread-local
+/// destructors: that crashed (QuickJS's own state may be gone by then).
+struct Pool {
+    jobs: std::sync::Mutex<std::sync::mpsc::Sender<Job>>,
+}
+
+impl Pool {
+    fn start(source: Arc<str>, timeout: Duration, memory: usize) -> Pool {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        for i in 0..THREADS {
+            let (rx, source) = (rx.clone(), source.clone());
+            let spawned = std::thread::Builder::new().name(format!("transform-{i}")).spawn(move || {
+                let mut engine: Option<Engine> = None;
+                loop {
+                    let job = match rx.lock() {
+                        Ok(r) => r.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok(job) = job else { return };
+                    let answer = match engine.take().map_or_else(|| Engine::compiled(&source, memory), Ok) {
+                        Ok(e) => {
+                            let answer = e.call(&job.input, timeout);
+                            // A runtime that hit its limits is not reused.
+                            if answer.is_ok() {
+                                engine = Some(e);
+                            }
+                            answer
+                        }
+                        Err(e) => Err(e),
+                    };
+                    match job.reply {
+                        Reply::Async(tx) => {
+                            let _ = tx.send(answer);
+                        }
+                        Reply::Blocking(tx) => {
+                            let _ = tx.send(answer);
+                        }
+                    }
+                }
+            });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start a transform thread");
+            }
+        }
+        Pool { jobs: std::sync::Mutex::new(tx) }
+    }
+
+    fn submit(&self, job: Job) -> Result<(), String> {
+        let jobs = self.jobs.lock().map_err(|_| "transform queue poisoned".to_string())?;
+        jobs.send(job).map_err(|_| "the transform's threads are gone".to_string())
+    }
 }
 
 /// What a destination gets instead of the stored request.
@@ -115,11 +194,6 @@ const LOCKDOWN: &str = r#"
   Object.freeze(globalThis);
 })();
 "#;
-
-fn next_id() -> u64 {
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    NEXT.fetch_add(1, Ordering::Relaxed)
-}
 
 /// The script wrapped so each call starts from nothing: the script's own
 /// declarations live in the function, the input comes as an argument.
@@ -192,7 +266,7 @@ impl Engine {
         });
         self.deadline.store(u64::MAX, Ordering::Relaxed);
         match result {
-            Err(e) if base().elapsed() >= deadline => {
+            Err(e) if base().elapsed() >= deadline && e.contains("interrupted") => {
                 Err(format!("stopped after {} (transform timeout): {e}", humantime::format_duration(timeout)))
             }
             other => other,
@@ -214,7 +288,7 @@ impl Engine {
         self.deadline.store(u64::MAX, Ordering::Relaxed);
         let _ = &self.runtime;
         match result {
-            Err(e) if base().elapsed() >= deadline => {
+            Err(e) if base().elapsed() >= deadline && e.contains("interrupted") => {
                 Err(format!("stopped after {} (transform timeout): {e}", humantime::format_duration(timeout)))
             }
             other => other,
@@ -277,15 +351,11 @@ fn describe(ctx: &rquickjs::Ctx<'_>, e: rquickjs::Error) -> String {
     }
 }
 
-thread_local! {
-    static ENGINES: RefCell<HashMap<u64, Engine>> = RefCell::new(HashMap::new());
-}
-
 impl Transform {
     /// Loads `source` and checks that it compiles and defines
     /// `transform`; the error names the line.
     pub fn new(origin: String, source: String, timeout: Duration, memory: usize) -> Result<Transform, String> {
-        let t = Transform { id: next_id(), origin, source: source.into(), timeout, memory };
+        let t = Transform { origin, source: source.into(), timeout, memory, pool: OnceLock::new() };
         // Compiles it and runs its top level (bounded like a call) to see
         // that it defines `transform`, without calling it.
         let engine = Engine::new(memory)?;
@@ -296,27 +366,32 @@ impl Transform {
         }
     }
 
-    /// Runs the transformation on `input` (blocking: call it on the
-    /// blocking pool).
-    pub fn run(&self, input: &Input<'_>) -> Result<Reshaped, String> {
-        let json = input_json(input);
-        let out = ENGINES.with(|cell| -> Result<Option<String>, String> {
-            let mut engines = cell.borrow_mut();
-            let engine = match engines.entry(self.id) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => e.insert(Engine::compiled(&self.source, self.memory)?),
-            };
-            let result = engine.call(&json, self.timeout);
-            if result.is_err() {
-                // A runtime that hit its limits is not reused.
-                engines.remove(&self.id);
-            }
-            result
-        })?;
-        match out {
-            None => Ok(Reshaped::Skip),
-            Some(text) => reshaped(&text, input.body),
-        }
+    fn pool(&self) -> &Pool {
+        self.pool.get_or_init(|| Pool::start(self.source.clone(), self.timeout, self.memory))
+    }
+
+    /// Runs the transformation on `input`, on the transform's own threads.
+    pub async fn run(&self, input: &Input<'_>) -> Result<Reshaped, String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.pool().submit(Job { input: input_json(input), reply: Reply::Async(tx) })?;
+        let out = rx.await.map_err(|_| "the transform's thread ended".to_string())??;
+        answer_to_reshaped(out, input.body)
+    }
+
+    /// [`Transform::run`] for a caller outside an async runtime (the CLI,
+    /// the benchmark).
+    pub fn run_blocking(&self, input: &Input<'_>) -> Result<Reshaped, String> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.pool().submit(Job { input: input_json(input), reply: Reply::Blocking(tx) })?;
+        let out = rx.recv().map_err(|_| "the transform's thread ended".to_string())??;
+        answer_to_reshaped(out, input.body)
+    }
+}
+
+fn answer_to_reshaped(out: Option<String>, original: &[u8]) -> Result<Reshaped, String> {
+    match out {
+        None => Ok(Reshaped::Skip),
+        Some(text) => reshaped(&text, original),
     }
 }
 
@@ -496,17 +571,17 @@ mod tests {
     fn reshapes_skips_and_keeps_no_state() {
         let body = br#"{"requestId":"r1","status":"Success"}"#;
         let got = t("function transform(req) { return { body: { text: req.body.requestId + ' ' + req.route }, headers: { 'X-A': 1 } }; }")
-            .run(&input(body))
+            .run_blocking(&input(body))
             .expect("runs");
         let Reshaped::Send { body: sent, headers } = got else { panic!("sent") };
         assert_eq!(&sent[..], br#"{"text":"r1 /in"}"#);
         assert!(headers.iter().any(|(n, v)| n == "x-a" && v == "1"), "{headers:?}");
         assert!(headers.iter().any(|(n, v)| n == "content-type" && v == "application/json"), "{headers:?}");
-        assert_eq!(t("function transform(req) { return null; }").run(&input(body)), Ok(Reshaped::Skip));
+        assert_eq!(t("function transform(req) { return null; }").run_blocking(&input(body)), Ok(Reshaped::Skip));
         let counter =
             t("let n = 0; function transform(req) { n += 1; globalThis.leak = n; return { body: String(n) }; }");
         for _ in 0..3 {
-            match counter.run(&input(body)) {
+            match counter.run_blocking(&input(body)) {
                 Ok(Reshaped::Send { body, .. }) => assert_eq!(&body[..], b"1", "fresh each call"),
                 other => assert!(other.is_err(), "a frozen global refuses the leak: {other:?}"),
             }
@@ -516,20 +591,20 @@ mod tests {
     #[test]
     fn loops_allocations_throws_and_clocks_are_stopped_with_the_line() {
         let looping = t("function transform(req) {\n  while (true) {}\n}");
-        let err = looping.run(&input(b"{}")).expect_err("stopped");
+        let err = looping.run_blocking(&input(b"{}")).expect_err("stopped");
         assert!(err.contains("timeout"), "{err}");
         let hungry = t("function transform(req) {\n  const a = [];\n  while (true) a.push('x'.repeat(1000));\n}");
-        let err = hungry.run(&input(b"{}")).expect_err("stopped");
+        let err = hungry.run_blocking(&input(b"{}")).expect_err("stopped");
         assert!(err.contains("memory"), "{err}");
         let throws = t("function transform(req) {\n  // a comment\n  throw new Error('no way');\n}");
-        let err = throws.run(&input(b"{}")).expect_err("thrown");
+        let err = throws.run_blocking(&input(b"{}")).expect_err("thrown");
         assert!(err.contains("no way") && err.contains("line 3"), "{err}");
         let clock = t("function transform(req) { return { body: String(Date.now()) }; }");
-        assert!(clock.run(&input(b"{}")).expect_err("no clock").contains("no clock"));
+        assert!(clock.run_blocking(&input(b"{}")).expect_err("no clock").contains("no clock"));
         let hop = t("function transform(req) { return { headers: { Connection: 'close' } }; }");
-        assert!(hop.run(&input(b"{}")).expect_err("refused").contains("hop-by-hop"));
+        assert!(hop.run_blocking(&input(b"{}")).expect_err("refused").contains("hop-by-hop"));
         // The engine that failed is not reused: the next call works.
-        assert!(t("function transform(req) { return {}; }").run(&input(b"{}")).is_ok());
+        assert!(t("function transform(req) { return {}; }").run_blocking(&input(b"{}")).is_ok());
     }
 
     #[test]
