@@ -196,7 +196,10 @@ async fn jetstream_relays_lose_nothing_through_partitions_pauses_and_a_crash_dur
         })
         .collect();
     let servers: Vec<String> = nodes.iter().map(NatsNode::url).collect();
-    let ha = Ha::start(&servers, 3).await;
+    // At most ~400 callbacks a second (8 senders, 20 ms apart): the load
+    // is there for every fault, and the suite's checks (every delivery
+    // re-counted at each wait) stay cheap however fast the relays are.
+    let ha = Ha::start_paced(&servers, 3, Duration::from_millis(20)).await;
     let mut tally = Tally::default();
     ha.more(200).await;
     ha.checkpoint("warm-up", &mut tally).await;

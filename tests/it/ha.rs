@@ -33,6 +33,12 @@ pub(crate) struct Ha {
 
 impl Ha {
     pub(crate) async fn start(servers: &[String], replicas: usize) -> Ha {
+        Self::start_paced(servers, replicas, Duration::ZERO).await
+    }
+
+    /// Like [`Ha::start`] with each of the 8 senders pausing `pause`
+    /// after each request.
+    pub(crate) async fn start_paced(servers: &[String], replicas: usize, pause: Duration) -> Ha {
         let healthy = TestReceiver::ok().await;
         let flaky = flaky_receiver().await;
         let dir = tempfile::tempdir().expect("tempdir");
@@ -52,7 +58,7 @@ impl Ha {
             relays,
             path,
             addrs,
-            load: Load::start(8, 100_000, rx),
+            load: Load::start_paced(8, 100_000, rx, pause),
             healthy,
             flaky,
             started: Instant::now(),

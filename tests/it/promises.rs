@@ -100,6 +100,18 @@ pub(crate) struct Load {
 
 impl Load {
     pub(crate) fn start(senders: u64, max_per_sender: u64, addr: watch::Receiver<Vec<SocketAddr>>) -> Load {
+        Self::start_paced(senders, max_per_sender, addr, Duration::ZERO)
+    }
+
+    /// Like [`Load::start`], each sender waiting `pause` after each
+    /// request: a bounded rate for long runs (the receivers keep every
+    /// request, and each wait re-counts them all).
+    pub(crate) fn start_paced(
+        senders: u64,
+        max_per_sender: u64,
+        addr: watch::Receiver<Vec<SocketAddr>>,
+        pause: Duration,
+    ) -> Load {
         let acked: Arc<Mutex<HashSet<u64>>> = Arc::default();
         let refused = Arc::new(AtomicUsize::new(0));
         let progress = Arc::new(Notify::new());
@@ -135,6 +147,9 @@ impl Load {
                         Ok(Ok(resp)) => resp.status().is_success(),
                         _ => false,
                     };
+                    if !pause.is_zero() {
+                        tokio::time::sleep(pause).await;
+                    }
                     if ok {
                         acked.lock().expect("lock").insert(seq);
                         progress.notify_waiters();
