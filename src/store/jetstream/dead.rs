@@ -94,26 +94,40 @@ impl Jet {
     /// them from the dead-letter stream. Returns how many.
     pub async fn replay_dead(&self, dest: &str, sel: &Selection) -> Result<usize, StoreError> {
         let ready = self.ready()?;
-        let names = Names(&self.inner.config.stream);
         let mut moved = 0;
         for (dead_seq, m) in self.covered(dest, sel).await? {
             sel.step();
             let id = dead_letter_of(&m).id;
-            let mut h = HeaderMap::new();
-            h.insert(async_nats::header::NATS_MESSAGE_ID, format!("replay-{dest}-{dead_seq}").as_str());
-            h.insert(H_ID, id.to_string().as_str());
-            h.insert(H_FOR, dest);
-            if let Some(seal) = m.headers.get(H_SEAL) {
-                h.insert(H_SEAL, seal.as_str());
-            }
-            let ack =
-                ready.js.publish_with_headers(names.inbound(), h, m.payload.clone()).await.map_err(unavailable)?;
-            ack.await.map_err(unavailable)?;
+            self.republish_for(dest, id, &format!("replay-{dest}-{dead_seq}"), &m).await?;
             ready.dead.delete_message(dead_seq).await.map_err(unavailable)?;
             moved += 1;
         }
         self.inner.wakers.wake(dest);
         Ok(moved)
+    }
+
+    /// Publishes `m`'s record (sealed as it is) into the work stream for
+    /// `dest` alone, as message `id`, and waits for the ack (`msg_id`: the
+    /// publish's de-duplication id). Dead-letter and delivered replays.
+    pub(super) async fn republish_for(
+        &self,
+        dest: &str,
+        id: u64,
+        msg_id: &str,
+        m: &StreamMessage,
+    ) -> Result<(), StoreError> {
+        let ready = self.ready()?;
+        let mut h = HeaderMap::new();
+        h.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
+        h.insert(H_ID, id.to_string().as_str());
+        h.insert(H_FOR, dest);
+        if let Some(seal) = m.headers.get(H_SEAL) {
+            h.insert(H_SEAL, seal.as_str());
+        }
+        let inbound = Names(&self.inner.config.stream).inbound();
+        let ack = ready.js.publish_with_headers(inbound, h, m.payload.clone()).await.map_err(unavailable)?;
+        ack.await.map_err(unavailable)?;
+        Ok(())
     }
 
     /// Deletes dead letters of `dest` (all, or the one `only` names).

@@ -21,10 +21,9 @@ use std::time::Duration;
 
 use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::{self, stream};
-use async_nats::HeaderMap;
 
 use super::setup::setup_error;
-use super::{Jet, Names, H_DESTS, H_FOR, H_ID, H_SEAL};
+use super::{Jet, Names, H_DESTS, H_FOR};
 use crate::store::record::record_destinations;
 use crate::store::{now_ms, MessageRecord, Selection, StoreError};
 
@@ -76,6 +75,8 @@ pub(super) async fn ensure_kept(
     // when it is published (Interest retention): until the server has
     // started the source's consumer, callbacks would be delivered and
     // dropped without a copy. So the relay is ready only once it has.
+    // NATS sends no event for it: its stream info is polled every 100 ms,
+    // for 30 s at most (then set-up fails and is retried).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let info = kept.info().await.map_err(|e| setup_error("reading the kept stream", e))?;
@@ -190,26 +191,15 @@ impl Jet {
     /// each republished into the work stream for `dest` alone, keeping its
     /// id. Returns how many.
     pub async fn replay_delivered(&self, dest: &str, sel: &Selection) -> Result<usize, StoreError> {
-        let ready = self.ready()?;
-        let names = Names(&self.inner.config.stream);
         let started = now_ms();
         let mut sent = 0;
         for m in self.delivered_covered(dest, sel).await? {
             sel.step();
             let Some(id) = source_seq(&m) else { continue };
-            let mut h = HeaderMap::new();
             // One replay of a message per destination per call: a publish
             // retried after a lost ack is stored once; a later replay is
             // a new one.
-            h.insert(async_nats::header::NATS_MESSAGE_ID, format!("again-{dest}-{id}-{started}").as_str());
-            h.insert(H_ID, id.to_string().as_str());
-            h.insert(H_FOR, dest);
-            if let Some(seal) = m.headers.get(H_SEAL) {
-                h.insert(H_SEAL, seal.as_str());
-            }
-            let ack =
-                ready.js.publish_with_headers(names.inbound(), h, m.payload.clone()).await.map_err(unavailable)?;
-            ack.await.map_err(unavailable)?;
+            self.republish_for(dest, id, &format!("again-{dest}-{id}-{started}"), &m).await?;
             sent += 1;
         }
         self.inner.wakers.wake(dest);
