@@ -95,6 +95,7 @@ pub(crate) struct Load {
     refused: Arc<AtomicUsize>,
     progress: Arc<Notify>,
     stop: Arc<AtomicBool>,
+    held: watch::Sender<bool>,
     tasks: tokio::task::JoinSet<()>,
 }
 
@@ -116,16 +117,23 @@ impl Load {
         let refused = Arc::new(AtomicUsize::new(0));
         let progress = Arc::new(Notify::new());
         let stop = Arc::new(AtomicBool::new(false));
+        let (held, held_rx) = watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
         for s in 0..senders {
-            let (acked, refused, progress, stop, mut addr) =
-                (acked.clone(), refused.clone(), progress.clone(), stop.clone(), addr.clone());
+            let (acked, refused, progress, stop, mut addr, mut held) =
+                (acked.clone(), refused.clone(), progress.clone(), stop.clone(), addr.clone(), held_rx.clone());
             tasks.spawn(async move {
                 let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                     .build_http::<http_body_util::Full<bytes::Bytes>>();
                 for i in 0..max_per_sender {
                     if stop.load(Ordering::SeqCst) {
                         return;
+                    }
+                    if *held.borrow_and_update() {
+                        // Held (see `Load::hold`): wait for the release,
+                        // looking at `stop` every 50 ms.
+                        let _ = tokio::time::timeout(Duration::from_millis(50), held.wait_for(|h| !*h)).await;
+                        continue;
                     }
                     let current = addr.borrow_and_update().clone();
                     let Some(&target) = current.get(s as usize % current.len().max(1)) else {
@@ -164,7 +172,13 @@ impl Load {
                 }
             });
         }
-        Load { acked, refused, progress, stop, tasks }
+        Load { acked, refused, progress, stop, held, tasks }
+    }
+
+    /// Holds the senders (true) after the requests in flight, or lets
+    /// them go on (false).
+    pub(crate) fn hold(&self, hold: bool) {
+        self.held.send_replace(hold);
     }
 
     pub(crate) fn acked_count(&self) -> usize {
