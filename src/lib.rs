@@ -35,6 +35,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod delivery;
+pub mod events;
 pub mod fieldpath;
 pub mod headers;
 pub mod ingress;

@@ -2,7 +2,8 @@
 //! wake-up signal (ingress, on a new message, and admin, on a replay or a
 //! resume, wake it; otherwise it sleeps until its next due time) and its
 //! circuit breaker's state (read by the admin API), and its recent
-//! deliveries (`recent.rs`, written by the worker, read by the admin API).
+//! deliveries (`recent.rs`, written by the worker, read by the admin API),
+//! and the handle every stage emits operational events through (`events.rs`).
 //! A module of its own so
 //! that ingress, delivery and admin, peers over the store, need not import
 //! each other.
@@ -13,6 +14,7 @@ use std::sync::Arc;
 
 use tokio::sync::Notify;
 
+use crate::events::Events;
 use crate::recent::Recent;
 
 #[derive(Clone)]
@@ -28,15 +30,25 @@ impl Default for Shared {
     }
 }
 
-/// One entry per configured destination (a reload adds new ones); cheap
-/// to clone.
+/// One entry per configured destination (a reload adds new ones), and
+/// the operational events' handle; cheap to clone.
 #[derive(Clone, Default)]
-pub struct Wakers(Arc<arc_swap::ArcSwap<HashMap<Arc<str>, Shared>>>);
+pub struct Wakers(Arc<arc_swap::ArcSwap<HashMap<Arc<str>, Shared>>>, Events);
 
 impl Wakers {
     pub fn new<'a>(destinations: impl IntoIterator<Item = &'a Arc<str>>) -> Wakers {
         let map: HashMap<Arc<str>, Shared> = destinations.into_iter().map(|d| (d.clone(), Shared::default())).collect();
-        Wakers(Arc::new(arc_swap::ArcSwap::from_pointee(map)))
+        Wakers(Arc::new(arc_swap::ArcSwap::from_pointee(map)), Events::default())
+    }
+
+    /// These wakers, emitting operational events through `events`.
+    pub fn with_events(self, events: Events) -> Wakers {
+        Wakers(self.0, events)
+    }
+
+    /// Where stages emit operational events (`events.rs`).
+    pub fn events(&self) -> &Events {
+        &self.1
     }
 
     /// Adds `destination` (a reload added it); a no-op if it is there.

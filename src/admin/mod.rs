@@ -421,8 +421,18 @@ impl Admin {
         if !self.view.load().destinations.iter().any(|d| d == dest) {
             return json(StatusCode::NOT_FOUND, serde_json::json!({ "error": "unknown destination" }));
         }
+        let was = self.store.paused(dest);
         match self.store.set_paused(dest, pause.then_some(Pause::Operator)).await {
             Ok(()) => {
+                let destination: std::sync::Arc<str> = dest.into();
+                match (pause, was) {
+                    (true, None) => {
+                        let reason = Pause::Operator.reason();
+                        self.wakers.events().emit(crate::events::Event::Paused { destination, reason })
+                    }
+                    (false, Some(_)) => self.wakers.events().emit(crate::events::Event::Resumed { destination }),
+                    _ => {}
+                }
                 if !pause {
                     // Resumed: retries that waited out the pause go now.
                     // (JetStream cannot bring them forward; they keep their delay.)

@@ -85,6 +85,8 @@ pub struct Config {
     pub grace_period: Duration,
     pub routes: Vec<Route>,
     pub destinations: Vec<Arc<Destination>>,
+    /// `[notifications]`, if configured.
+    pub notifications: Option<crate::events::Settings>,
 }
 
 #[derive(Debug, Clone)]

@@ -21,20 +21,19 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::HeaderName;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use http_body_util::{BodyExt, Limited};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use self::retry::{Action, Outcome, TransportError};
+use crate::events::{Event, Events};
 use crate::metrics::Metrics;
 use crate::store::{now_ms, Lease, Pause, Settle, Store};
 use crate::wake::Wakers;
 
 pub mod breaker;
+mod client;
 pub mod nats;
 pub mod rate;
 mod request;
@@ -77,7 +76,7 @@ pub struct Destination {
     pub nats: Option<Arc<nats::NatsTarget>>,
 }
 
-type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+use self::client::{build_client, HttpClient};
 
 /// How much of a destination's response body we read (and discard) so the
 /// connection can be reused; beyond this the connection is dropped.
@@ -85,39 +84,6 @@ const MAX_RESPONSE_BODY: usize = 64 * 1024;
 
 /// How long a scheduler waits before leasing again after a store failure.
 const STORE_ERROR_PAUSE: Duration = Duration::from_secs(1);
-
-/// Builds the HTTP(S) client for one destination.
-fn build_client(dest: &Destination, client_cert: Option<crate::tls::CertStore>) -> anyhow::Result<HttpClient> {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(dest.connect_timeout));
-    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-    for cert in &dest.extra_roots {
-        roots.add(cert.clone())?;
-    }
-    let versions: &[&rustls::SupportedProtocolVersion] =
-        if dest.tls13_only { &[&rustls::version::TLS13] } else { &[&rustls::version::TLS13, &rustls::version::TLS12] };
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_protocol_versions(versions)?
-        .with_root_certificates(roots);
-    let tls = match client_cert {
-        Some(store) => builder.with_client_cert_resolver(Arc::new(store)),
-        None => builder.with_no_client_auth(),
-    };
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(dest.concurrency)
-        .build(https))
-}
 
 /// One destination's scheduler and its attempts.
 pub struct Worker {
@@ -140,6 +106,11 @@ pub struct Worker {
     /// Its last 15 minutes of settled attempts, for the admin API.
     recent: Arc<crate::recent::Recent>,
     indexed: Indexed,
+    /// Operational events (`[notifications]`): failing, recovered,
+    /// paused, dead letters.
+    events: Events,
+    /// The last retryable failure's reason, for `destination.failing`.
+    last_error: std::sync::Mutex<String>,
 }
 
 /// Per route, the request headers that carry its senders' credentials:
@@ -172,7 +143,21 @@ impl Worker {
         let breaker_state = wakers.breaker(&dest.name);
         let recent = wakers.recent(&dest.name);
         let withheld = (!dest.forward_sender_credentials).then_some(credentials);
-        Ok(Worker { dest, withheld, store, metrics, client, client_cert, wake, breaker_state, recent, indexed })
+        let events = wakers.events().clone();
+        Ok(Worker {
+            dest,
+            withheld,
+            store,
+            metrics,
+            client,
+            client_cert,
+            wake,
+            breaker_state,
+            recent,
+            indexed,
+            events,
+            last_error: Default::default(),
+        })
     }
 
     /// Runs until `shutdown`, then waits up to `grace` for attempts in flight;
@@ -209,6 +194,9 @@ impl Worker {
         // Failed attempts in a row, to say so once the destination answers
         // again (at the default log level only failures were visible).
         let mut failed_in_a_row: u64 = 0;
+        // Whether `destination.failing` was told (and `recovered` is due).
+        let mut failing = false;
+        let failing_after = this.events.failing_after();
         // After a store failure, leasing pauses: the failed entries are still
         // due, and re-sending them at full speed would only repeat the failure.
         let mut paused_until: Option<tokio::time::Instant> = None;
@@ -266,14 +254,26 @@ impl Worker {
                 _ = this.wake.notified() => {}
                 Some(done) = tasks.join_next_with_id() => {
                     let task = match &done { Ok((task, _)) => *task, Err(e) => e.id() };
+                    let mut opened = false;
                     if let (Ok((_, (_, Some(ok)))), Some(b)) = (&done, breaker.as_mut()) {
                         if let Some(state) = b.record(*ok, tokio::time::Instant::now()) {
+                            opened = state == breaker::State::Open;
                             this.export_breaker(state);
                         }
                     }
                     match &done {
-                        Ok((_, (_, Some(false)))) => failed_in_a_row += 1,
+                        Ok((_, (_, Some(false)))) => {
+                            failed_in_a_row += 1;
+                            if !failing && (opened || failed_in_a_row >= failing_after) {
+                                failing = true;
+                                this.tell_failing(opened, failed_in_a_row);
+                            }
+                        }
                         Ok((_, (_, Some(true)))) if failed_in_a_row > 0 => {
+                            if std::mem::take(&mut failing) {
+                                let failed_attempts = failed_in_a_row;
+                                this.events.emit(Event::Recovered { destination: name.clone(), failed_attempts });
+                            }
                             // Whatever waits for a retry is due now: the
                             // receiver is back, and its timers may be minutes
                             // out. The lease below stays within the
@@ -362,6 +362,11 @@ impl Worker {
         // message says nothing about its health); only retryable failures
         // (5xx, 408, 429, connection errors, timeouts, resets) count.
         let healthy = !matches!(outcome, Outcome::Retryable { .. });
+        if !healthy && self.events.wants("destination.failing") {
+            if let Ok(mut last) = self.last_error.lock() {
+                outcome.reason().clone_into(&mut last);
+            }
+        }
         let settle = match self.dest.retry.decide(attempt, &outcome, age) {
             Action::Done => {
                 m.deliveries.with_label_values(&[name, "delivered"]).inc();
@@ -382,6 +387,7 @@ impl Worker {
             Action::DeadLetter { reason } => {
                 m.deliveries.with_label_values(&[name, "dead_lettered"]).inc();
                 tracing::warn!(destination = name, id = %self.store.external_id(lease.id), indexed = self.indexed_fields(&msg).as_deref(), attempt, reason = %reason, "delivery moved to the dead-letter store");
+                self.tell_dead(lease.id, &reason);
                 Settle::Dead { status: outcome.status(), reason, attempt: record }
             }
         };
@@ -460,8 +466,35 @@ impl Worker {
                 self.store_failed(&e);
                 return false;
             }
+            self.events.emit(Event::Paused { destination: self.dest.name.clone(), reason: Pause::Gone.reason() });
         }
         true
+    }
+
+    /// `destination.failing`, with the last attempt's error.
+    fn tell_failing(&self, breaker_opened: bool, failed_attempts: u64) {
+        if !self.events.wants("destination.failing") {
+            return;
+        }
+        let why = if breaker_opened { "circuit breaker opened" } else { "attempts failed in a row" };
+        let last_error = self.last_error.lock().map(|e| e.clone()).unwrap_or_default();
+        self.events.emit(Event::Failing {
+            destination: self.dest.name.clone(),
+            why: why.to_string(),
+            failed_attempts,
+            last_error,
+        });
+    }
+
+    fn tell_dead(&self, id: u64, reason: &str) {
+        if self.events.wants("message.dead_lettered") {
+            let destination = self.dest.name.clone();
+            self.events.emit(Event::DeadLettered {
+                destination,
+                id: self.store.external_id(id),
+                reason: reason.into(),
+            });
+        }
     }
 
     fn store_failed(&self, e: &crate::store::StoreError) {
@@ -591,6 +624,7 @@ impl Worker {
         self.recent.record(now_ms(), false);
         tracing::warn!(destination = name, id = %self.store.external_id(lease.id), attempt, reason = %reason, "delivery moved to the dead-letter store");
         let record = crate::store::Attempt { at_ms: now_ms(), error: reason.clone(), ..Default::default() };
+        self.tell_dead(lease.id, &reason);
         let dead = Settle::Dead { status: None, reason, attempt: record };
         if let Err(e) = self.store.settle(lease, dead).await {
             self.store_failed(&e);

@@ -267,7 +267,7 @@ impl Ingress {
             })
             .collect();
         drop(parsed);
-        let marks = crate::store::Marks { dedupe: dedupe_key, order: &order, index: &index };
+        let marks = crate::store::Marks { dedupe: dedupe_key, order: &order, index: &index, reserve: false };
         let appended = match self.store.append_draft(draft, &targets, marks) {
             Ok(a) => a,
             Err(e) => return self.unavailable(&e),

@@ -5,6 +5,7 @@
 //! requests). The only module that names every stage; the stages name
 //! none of it.
 
+mod notify;
 pub mod reload;
 pub mod shutdown;
 
@@ -140,9 +141,19 @@ pub async fn run_with_reload(
     crate::delivery::preregister(&metrics, &config.destinations);
     // Certificates first: a listener that cannot serve TLS must stop start-up.
     let certs = Certificates::load(&config)?;
-    let wakers = Wakers::new(config.destinations.iter().map(|d| &d.name));
+    let mut wakers = Wakers::new(config.destinations.iter().map(|d| &d.name));
+    let notifications = config.notifications.clone().map(|settings| {
+        let (events, rx) = crate::events::Events::new(&settings);
+        wakers = wakers.clone().with_events(events.clone());
+        (settings, events, rx)
+    });
     let store = open_store(&config, &metrics, &wakers).await?;
     let relay = Parts { config: &config, wakers, store, metrics, tracker: TaskTracker::new(), shutdown };
+    if let Some((settings, events, rx)) = notifications {
+        let notifier =
+            notify::Notifier::new(settings, events, relay.store.clone(), relay.wakers.clone(), config.ingress.max_body);
+        relay.tracker.spawn(notifier.run(rx, relay.shutdown.clone()));
+    }
     certs.export(&relay.metrics);
     let ingress = relay.start_ingress(listeners.ingress, certs.ingress);
     let certificates = Arc::new(Notify::new());

@@ -228,6 +228,8 @@ impl Reloader {
                 }
                 Err(e) => {
                     self.loaded.refused(format!("{e:#}"));
+                    let error = format!("{e:#}");
+                    self.wakers.events().emit(crate::events::Event::ReloadFailed { error });
                     self.metrics.config_reloads.with_label_values(&["error"]).inc();
                     tracing::error!(
                         error = format!("{e:#}"),
@@ -313,6 +315,9 @@ fn restart_needed(old: &Config, new: &Config) {
     }
     if old.store.retain_delivered != new.store.retain_delivered {
         keys.push("store.retain_delivered");
+    }
+    if format!("{:?}", old.notifications) != format!("{:?}", new.notifications) {
+        keys.push("notifications");
     }
     if !keys.is_empty() {
         tracing::warn!(keys = %keys.join(", "), "these settings changed but take effect only after a restart");

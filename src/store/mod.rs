@@ -89,6 +89,11 @@ pub struct Marks<'a> {
     pub dedupe: Option<[u8; 16]>,
     pub order: &'a [(Arc<str>, u64)],
     pub index: &'a [u64],
+    /// The relay's own operational event (`[notifications]`): the local
+    /// store takes it even below `min_free_bytes` or past `max_bytes`
+    /// (that margin is what lets "the store is refusing" be told; events
+    /// are few and small), never when closed or broken.
+    pub reserve: bool,
 }
 
 /// A message handed to [`Store::append_draft`], to be made durable by

@@ -18,6 +18,7 @@ mod messages;
 mod mtls;
 mod nats;
 mod nats_destination;
+mod notifications;
 mod openapi;
 mod order;
 mod policy;

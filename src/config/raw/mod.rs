@@ -39,6 +39,36 @@ pub struct RawConfig {
     pub destinations: BTreeMap<String, RawDestination>,
     #[serde(default)]
     pub check: RawCheck,
+    /// Operational events sent to one of the destinations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notifications: Option<RawNotifications>,
+}
+
+/// `[notifications]`: events about the relay itself (`events.rs`), sent
+/// through its own queue to an ordinary destination.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNotifications {
+    /// The name of a `[destinations.NAME]` that receives the events.
+    pub destination: String,
+    /// The event types to send; all of them by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<Vec<String>>,
+    /// Attempts failed in a row that make a destination `failing` (its
+    /// breaker opening does too).
+    #[serde(default = "default_failing_after")]
+    pub failing_after: u64,
+    /// A destination's dead letters are sent as one event per window.
+    #[serde(default = "default_dead_letter_window", with = "crate::config::duration")]
+    pub dead_letter_window: Duration,
+}
+
+fn default_failing_after() -> u64 {
+    10
+}
+
+fn default_dead_letter_window() -> Duration {
+    Duration::from_secs(60)
 }
 
 /// Settings used only by `switchboard check`.

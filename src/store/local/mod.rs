@@ -378,7 +378,11 @@ impl Local {
         }
         let record = draft.into_record();
         let len = recover::record_len(record.len())?;
-        self.accepting(u64::from(len))?;
+        if marks.reserve {
+            self.writable()?;
+        } else {
+            self.accepting(u64::from(len))?;
+        }
         let count = destinations.len() as u32;
         // The id is taken under the log's lock (ids in log order); the message
         // is registered before anything can lease it.
@@ -444,14 +448,8 @@ impl Local {
     /// [`FREE_SPACE_MAX_AGE`] old, so a disk filled by someone else is
     /// noticed by the next request after that).
     pub fn accepting(&self, room: u64) -> Result<(), StoreError> {
+        self.writable()?;
         let inner = &self.inner;
-        if inner.closed.load(Ordering::SeqCst) {
-            return Err(StoreError::Closed);
-        }
-        if inner.log.is_broken() {
-            inner.commit.note_failure();
-            return Err(StoreError::FlushFailed);
-        }
         if let Some(min) = inner.min_free_bytes {
             let free = self.free_bytes();
             if free < min {
@@ -463,6 +461,19 @@ impl Local {
             if used.saturating_add(room) > limit {
                 return Err(StoreError::Full { used, limit });
             }
+        }
+        Ok(())
+    }
+
+    /// Open and its log not broken.
+    fn writable(&self) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        if inner.closed.load(Ordering::SeqCst) {
+            return Err(StoreError::Closed);
+        }
+        if inner.log.is_broken() {
+            inner.commit.note_failure();
+            return Err(StoreError::FlushFailed);
         }
         Ok(())
     }

@@ -1,0 +1,168 @@
+//! Operational events (`[notifications]`), with the real binary: what an
+//! ops receiver gets when a destination fails and recovers, is paused and
+//! resumed, dead-letters a burst, when the store fills up and when a reload
+//! is refused.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::binary::{write, RelayProcess};
+use crate::support::*;
+
+/// The events an ops receiver got, in order: (type, data).
+fn events(got: &[Received]) -> Vec<(String, serde_json::Value)> {
+    got.iter()
+        .filter_map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).ok())
+        .map(|v| (v["type"].as_str().unwrap_or_default().to_string(), v["data"].clone()))
+        .collect()
+}
+
+fn types(got: &[Received]) -> Vec<String> {
+    events(got).into_iter().map(|(t, _)| t).collect()
+}
+
+/// `config(destinations)` plus an `ops` destination (on no route) and
+/// `[notifications]` with `extra`.
+fn with_ops(toml: String, ops: &TestReceiver, extra: &str) -> String {
+    format!(
+        "{toml}[destinations.ops]\nurl = \"{}\"\n[notifications]\ndestination = \"ops\"\n{extra}\n",
+        ops.url("/ops")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_destination_is_told_once_then_its_recovery_pause_resume_and_a_refused_reload() {
+    let down = Arc::new(AtomicBool::new(true));
+    let flag = down.clone();
+    let flaky =
+        TestReceiver::scripted(move |_, _| Reply::Status(if flag.load(Ordering::SeqCst) { 503 } else { 200 })).await;
+    let ops = TestReceiver::ok().await;
+    let toml = with_ops(
+        config(&[(
+            "flaky",
+            &flaky.url("/f"),
+            "concurrency = 1\nbreaker = { failures = 3, cool_down = \"200ms\" }\n[destinations.flaky.retry]\ninitial = \"10ms\"\nmax_interval = \"20ms\"\njitter = 0.0",
+        )]),
+        &ops,
+        "",
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(dir.path(), &toml);
+    let relay = RelayProcess::start(&path).await;
+    for i in 0..5 {
+        let (status, _, _) = post(&relay.url("/in"), "application/json", format!("{{\"n\":{i}}}")).await;
+        assert_eq!(status, 200);
+    }
+    let got = ops.wait_until(WAIT, "destination.failing", |g| types(g).contains(&"destination.failing".into())).await;
+    let (_, data) = events(&got).into_iter().find(|(t, _)| t == "destination.failing").expect("failing");
+    assert_eq!(data["destination"], "flaky");
+    assert_eq!(data["why"], "circuit breaker opened");
+    assert!(data["last_error"].as_str().unwrap_or_default().contains("503"), "{data}");
+    // The breaker probes and fails again meanwhile: told once.
+    flaky.wait_until(WAIT, "two probes after the breaker opened", |g| g.len() >= 5).await;
+    down.store(false, Ordering::SeqCst);
+    let got =
+        ops.wait_until(WAIT, "destination.recovered", |g| types(g).contains(&"destination.recovered".into())).await;
+    let t = types(&got);
+    assert_eq!(t.iter().filter(|t| *t == "destination.failing").count(), 1, "{t:?}");
+    let failing = t.iter().position(|t| t == "destination.failing");
+    assert!(failing < t.iter().position(|t| t == "destination.recovered"), "{t:?}");
+    for r in &got {
+        assert_eq!(r.header("content-type").as_deref(), Some("application/json"));
+        let v: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+        assert!(v["timestamp"].as_str().is_some_and(|s| s.ends_with('Z')), "{v}");
+    }
+
+    // Paused and resumed by an operator.
+    for action in ["pause", "resume"] {
+        let (status, _, _) =
+            request("POST", &relay.admin_url(&format!("/api/destinations/flaky/{action}")), &[], "").await;
+        assert_eq!(status, 200);
+    }
+    let got = ops.wait_until(WAIT, "paused, resumed", |g| types(g).contains(&"destination.resumed".into())).await;
+    let (_, paused) = events(&got).into_iter().find(|(t, _)| t == "destination.paused").expect("paused");
+    assert_eq!(paused["reason"], "paused by an operator");
+
+    // A reload refused (a typo in the file).
+    write(dir.path(), &toml.replace("[notifications]", "[notifications]\nfailing_aftr = 3"));
+    relay.signal(nix::sys::signal::Signal::SIGHUP);
+    let got = ops.wait_until(WAIT, "config.reload_failed", |g| types(g).contains(&"config.reload_failed".into())).await;
+    let (_, data) = events(&got).into_iter().find(|(t, _)| t == "config.reload_failed").expect("reload");
+    assert!(data["error"].as_str().unwrap_or_default().contains("failing_aftr"), "{data}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_a_hundred_dead_letters_is_one_event() {
+    let strict = TestReceiver::scripted(|_, _| Reply::Status(400)).await;
+    let ops = TestReceiver::ok().await;
+    let toml = with_ops(
+        config(&[("strict", &strict.url("/s"), "paused = true\nconcurrency = 8")]),
+        &ops,
+        "dead_letter_window = \"5s\"\nevents = [\"message.dead_lettered\"]",
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = RelayProcess::start(&write(dir.path(), &toml)).await;
+    let mut ids = Vec::new();
+    for i in 0..100 {
+        let (status, _, body) = post(&relay.url("/in"), "application/json", format!("{{\"n\":{i}}}")).await;
+        assert_eq!(status, 200);
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        ids.push(v["id"].as_str().expect("id").to_string());
+    }
+    // Queued while paused; resumed, all 100 are refused (400) at once.
+    let (status, _, _) = request("POST", &relay.admin_url("/api/destinations/strict/resume"), &[], "").await;
+    assert_eq!(status, 200);
+    let got = ops.wait_until(WAIT, "a dead-letter event", |g| !g.is_empty()).await;
+    let all = events(&got);
+    assert_eq!(all.len(), 1, "{all:?}");
+    let (kind, data) = &all[0];
+    assert_eq!(kind, "message.dead_lettered");
+    assert_eq!(data["destination"], "strict");
+    assert_eq!(data["count"], 100, "{data}");
+    let first: Vec<&str> = data["first_ids"].as_array().expect("ids").iter().filter_map(|v| v.as_str()).collect();
+    assert_eq!(first.len(), 10);
+    assert!(first.iter().all(|id| ids.iter().any(|i| i == id)), "{first:?}");
+    assert!(data["last_reason"].as_str().unwrap_or_default().contains("400"), "{data}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_store_is_told_while_it_is_full() {
+    let r = TestReceiver::ok().await;
+    let ops = TestReceiver::ok().await;
+    let toml = with_ops(config(&[("a", &r.url("/a"), "paused = true")]), &ops, "events = [\"store.refusing\"]")
+        .replace("[store]\n", "[store]\nmax_bytes = 4000\n")
+        .replace("[admin]", "[ingress]\nmax_body = 1100\n[admin]");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = RelayProcess::start(&write(dir.path(), &toml)).await;
+    let mut refused = false;
+    for i in 0..20 {
+        let (status, _, _) = post(&relay.url("/in"), "text/plain", format!("{i:>1000}")).await;
+        if status == 503 {
+            refused = true;
+            break;
+        }
+        assert_eq!(status, 200);
+    }
+    assert!(refused, "max_bytes was never reached");
+    let got = ops.wait_until(WAIT, "store.refusing", |g| types(g).contains(&"store.refusing".into())).await;
+    let (_, data) = events(&got).into_iter().find(|(t, _)| t == "store.refusing").expect("refusing");
+    assert!(data["reason"].as_str().unwrap_or_default().contains("store is full"), "{data}");
+    // Still refusing callbacks: the event used the store's margin, not room.
+    assert_eq!(post(&relay.url("/in"), "text/plain", format!("{:>1000}", 0)).await.0, 503);
+}
+
+#[test]
+fn notification_settings_are_config_errors_naming_the_key() {
+    for (extra, key) in [
+        ("destination = \"nope\"", "notifications.destination"),
+        ("destination = \"a\"\nevents = [\"destination.exploded\"]", "notifications.events"),
+        ("destination = \"a\"\nfailing_after = 0", "notifications.failing_after"),
+        ("destination = \"a\"\ndead_letter_window = \"0s\"", "notifications.dead_letter_window"),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let toml = format!("{}[notifications]\n{extra}\n", config(&[("a", "http://127.0.0.1:1/", "")]));
+        let path = write(dir.path(), &toml);
+        let err = switchboard::config::Config::load(&path).expect_err(extra).to_string();
+        assert!(err.contains(key), "{extra}: {err}");
+    }
+}
