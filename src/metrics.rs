@@ -31,6 +31,8 @@ pub struct Metrics {
     pub ingress_persist: Histogram,
     pub ingress_connections: IntGauge,
     pub transform_failures: IntCounterVec,
+    pub notifications_waiting: IntGauge,
+    pub notifications: IntCounterVec,
     pub ingress_rejected: IntCounterVec,
     pub ingress_duplicates: IntCounterVec,
     pub connections_refused: IntCounterVec,
@@ -136,6 +138,17 @@ impl Metrics {
                 LATENCY_BUCKETS,
             ),
             ingress_connections: int_gauge(&r, "switchboard_ingress_connections", "Open ingress connections"),
+            notifications_waiting: int_gauge(
+                &r,
+                "switchboard_notifications_waiting",
+                "Operational events held in memory because the store cannot take them right now",
+            ),
+            notifications: counter_vec(
+                &r,
+                "switchboard_notifications_total",
+                "Operational events by type: stored for the notification destination, or dropped (type=\"dropped\")",
+                &["type"],
+            ),
             transform_failures: counter_vec(
                 &r,
                 "switchboard_transform_failures_total",

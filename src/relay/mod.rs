@@ -150,8 +150,14 @@ pub async fn run_with_reload(
     let store = open_store(&config, &metrics, &wakers).await?;
     let relay = Parts { config: &config, wakers, store, metrics, tracker: TaskTracker::new(), shutdown };
     if let Some((settings, events, rx)) = notifications {
-        let notifier =
-            notify::Notifier::new(settings, events, relay.store.clone(), relay.wakers.clone(), config.ingress.max_body);
+        let notifier = notify::Notifier::new(
+            settings,
+            events,
+            relay.store.clone(),
+            relay.wakers.clone(),
+            relay.metrics.clone(),
+            config.ingress.max_body,
+        );
         relay.tracker.spawn(notifier.run(rx, relay.shutdown.clone()));
     }
     certs.export(&relay.metrics);

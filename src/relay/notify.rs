@@ -28,6 +28,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::events::{Event, Events, Settings};
+use crate::metrics::Metrics;
 use crate::store::{now_ms, Draft, Marks, Store};
 use crate::wake::Wakers;
 
@@ -52,17 +53,25 @@ pub(crate) struct Notifier {
     store: Store,
     wakers: Wakers,
     dead: BTreeMap<Arc<str>, DeadWindow>,
-    waiting: VecDeque<Vec<u8>>,
+    waiting: VecDeque<(&'static str, Vec<u8>)>,
     dropped: u64,
     /// The store's last reported state: `None` accepting.
     refusing: Option<String>,
     /// What the store must have room for to count as accepting: the
     /// largest callback (`ingress.max_body`), as `/readyz` asks.
     room: u64,
+    metrics: Arc<Metrics>,
 }
 
 impl Notifier {
-    pub(crate) fn new(settings: Settings, events: Events, store: Store, wakers: Wakers, room: u64) -> Notifier {
+    pub(crate) fn new(
+        settings: Settings,
+        events: Events,
+        store: Store,
+        wakers: Wakers,
+        metrics: Arc<Metrics>,
+        room: u64,
+    ) -> Notifier {
         Notifier {
             settings,
             events,
@@ -73,6 +82,7 @@ impl Notifier {
             dropped: 0,
             refusing: None,
             room,
+            metrics,
         }
     }
 
@@ -112,7 +122,7 @@ impl Notifier {
             }
             other => {
                 let body = crate::events::body(other.kind(), SystemTime::now(), other.data());
-                self.send(body).await;
+                self.send(other.kind(), body).await;
             }
         }
     }
@@ -126,16 +136,18 @@ impl Notifier {
             };
             self.refusing = state;
             if self.events.wants(event.kind()) {
-                self.send(crate::events::body(event.kind(), SystemTime::now(), event.data())).await;
+                self.send(event.kind(), crate::events::body(event.kind(), SystemTime::now(), event.data())).await;
             }
         }
         self.close_windows(false).await;
-        self.dropped += self.events.take_dropped();
+        let dropped = self.events.take_dropped();
+        self.metrics.notifications.with_label_values(&["dropped"]).inc_by(dropped);
+        self.dropped += dropped;
         if self.dropped > 0 && self.events.wants("notifications.dropped") && self.waiting.len() < PENDING {
             let data = serde_json::json!({ "dropped": self.dropped });
             let body = crate::events::body("notifications.dropped", SystemTime::now(), data);
             self.dropped = 0;
-            self.send(body).await;
+            self.send("notifications.dropped", body).await;
         }
         self.flush().await;
     }
@@ -154,34 +166,38 @@ impl Notifier {
                 "last_reason": w.last_reason,
                 "window_seconds": window.as_secs_f64(),
             });
-            self.send(crate::events::body("message.dead_lettered", SystemTime::now(), data)).await;
+            self.send("message.dead_lettered", crate::events::body("message.dead_lettered", SystemTime::now(), data))
+                .await;
         }
     }
 
     /// Stores `body` for the notification destination (after any waiting
     /// before it), or keeps it waiting.
-    async fn send(&mut self, body: Vec<u8>) {
+    async fn send(&mut self, kind: &'static str, body: Vec<u8>) {
         if self.waiting.len() >= PENDING {
             self.dropped += 1;
+            self.metrics.notifications.with_label_values(&["dropped"]).inc();
             return;
         }
-        self.waiting.push_back(body);
+        self.waiting.push_back((kind, body));
         self.flush().await;
     }
 
     /// Stores the waiting events, oldest first, until the store refuses one.
     async fn flush(&mut self) {
-        while let Some(body) = self.waiting.front() {
+        while let Some((kind, body)) = self.waiting.front() {
             match self.store_one(body).await {
                 Ok(()) => {
+                    self.metrics.notifications.with_label_values(&[kind]).inc();
                     self.waiting.pop_front();
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, waiting = self.waiting.len(), "operational event waits for the store");
-                    return;
+                    break;
                 }
             }
         }
+        self.metrics.notifications_waiting.set(self.waiting.len() as i64);
     }
 
     async fn store_one(&self, body: &[u8]) -> Result<(), crate::store::StoreError> {

@@ -166,3 +166,61 @@ fn notification_settings_are_config_errors_naming_the_key() {
         assert!(err.contains(key), "{extra}: {err}");
     }
 }
+
+/// The same events on the JetStream store: dead letters aggregated, and
+/// NATS gone then back: `store.refusing` waits in the relay (nothing can be
+/// stored meanwhile) and arrives, then `store.accepting`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_jetstream_dead_letters_and_an_outage_of_nats_are_told() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut nats = crate::nats::NatsNode::single(dir.path());
+    let strict = TestReceiver::scripted(|_, _| Reply::Status(400)).await;
+    let ops = TestReceiver::ok().await;
+    let toml = with_ops(
+        crate::jetstream::jet_config(&[nats.url()], "ev", 1, &[("strict", &strict.url("/s"), "")]),
+        &ops,
+        "dead_letter_window = \"2s\"",
+    );
+    let relay = RelayProcess::start(&write(dir.path(), &toml)).await;
+    for i in 0..20 {
+        assert_eq!(post(&relay.url("/in"), "application/json", format!("{{\"n\":{i}}}")).await.0, 200);
+    }
+    ops.wait_until(WAIT, "dead letters", |g| types(g).contains(&"message.dead_lettered".into())).await;
+    let dead = |g: &[Received]| -> Vec<serde_json::Value> {
+        events(g).into_iter().filter(|(t, _)| t == "message.dead_lettered").map(|(_, d)| d).collect()
+    };
+    let count = |d: &[serde_json::Value]| d.iter().map(|d| d["count"].as_u64().unwrap_or(0)).sum::<u64>();
+    let got = ops.wait_until(WAIT, "20 dead letters told", |g| count(&dead(g)) >= 20).await;
+    // One window, or two if the burst straddled its end.
+    assert!(dead(&got).len() <= 2 && count(&dead(&got)) == 20, "{:?}", dead(&got));
+
+    nats.kill9();
+    // NATS stays down until the relay holds the `store.refusing` event
+    // it cannot store.
+    eventually!(WAIT, "an event waiting for the store", {
+        let (_, _, body) = get(&relay.admin_url("/metrics")).await;
+        match metric(&String::from_utf8_lossy(&body), "switchboard_notifications_waiting") {
+            n if n >= 1.0 => Ok(()),
+            n => Err(format!("{n} waiting")),
+        }
+    });
+    nats.start();
+    // Both told, refusing first (by their timestamps: the ops destination
+    // delivers with its concurrency, so arrival order may differ).
+    let got = ops
+        .wait_until(WAIT, "refusing and accepting", |g| {
+            let t = types(g);
+            t.contains(&"store.refusing".into()) && t.contains(&"store.accepting".into())
+        })
+        .await;
+    let at = |kind: &str| -> (String, serde_json::Value) {
+        got.iter()
+            .filter_map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).ok())
+            .find(|v| v["type"] == kind)
+            .map(|v| (v["timestamp"].as_str().unwrap_or_default().to_string(), v["data"].clone()))
+            .unwrap_or_default()
+    };
+    let (refusing_at, data) = at("store.refusing");
+    assert!(refusing_at < at("store.accepting").0, "{refusing_at} {:?}", at("store.accepting"));
+    assert!(data["reason"].as_str().unwrap_or_default().contains("NATS"), "{data}");
+}
