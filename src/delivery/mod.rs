@@ -36,6 +36,7 @@ pub mod breaker;
 mod client;
 pub mod nats;
 pub mod rate;
+mod report;
 mod request;
 pub mod retry;
 pub mod signing;
@@ -398,55 +399,6 @@ impl Worker {
         (true, Some(healthy))
     }
 
-    /// `msg`'s route's indexed fields with their values (`requestId=r-1`),
-    /// for the log line of a failed delivery; `None` when the route indexes
-    /// nothing or the body is not JSON. Read only then: a delivered message
-    /// is logged by its id alone.
-    fn indexed_fields(&self, msg: &crate::store::MessageRecord) -> Option<String> {
-        let map = self.indexed.load();
-        let fields = map.get(&msg.route).filter(|f| !f.is_empty())?;
-        let body: serde_json::Value = serde_json::from_slice(&msg.body).ok()?;
-        let parts: Vec<String> = fields
-            .iter()
-            .filter_map(|(name, steps)| {
-                let text = match crate::fieldpath::lookup(&body, steps)? {
-                    serde_json::Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                Some(format!("{name}={}", text.chars().take(128).collect::<String>()))
-            })
-            .collect();
-        (!parts.is_empty()).then(|| parts.join(" "))
-    }
-
-    /// Publishes the breaker's state: the gauge and the admin API's view.
-    fn publish_breaker(&self, state: breaker::State) {
-        let name: &str = &self.dest.name;
-        for s in [breaker::State::Closed, breaker::State::Open, breaker::State::HalfOpen] {
-            let v = if s == state { 1.0 } else { 0.0 };
-            self.metrics.breaker_state.with_label_values(&[name, s.as_str()]).set(v);
-        }
-        self.breaker_state.set(state);
-    }
-
-    /// Publishes a change of the breaker's state and logs it once (a close
-    /// with how many deliveries are waiting).
-    fn export_breaker(&self, state: breaker::State) {
-        let name: &str = &self.dest.name;
-        self.publish_breaker(state);
-        match state {
-            breaker::State::Open => {
-                tracing::warn!(destination = name, "circuit breaker open: no attempts until the cool-down ends")
-            }
-            breaker::State::HalfOpen => tracing::info!(destination = name, "circuit breaker half-open: one probe"),
-            breaker::State::Closed if self.dest.breaker.is_some() => {
-                let waiting = self.store.stats(name).depth;
-                tracing::info!(destination = name, waiting, "circuit breaker closed")
-            }
-            breaker::State::Closed => {}
-        }
-    }
-
     /// A `410 Gone`: the destination is paused (persisted, until an
     /// operator resumes it), and this delivery stays queued, due at once,
     /// for when it is resumed (Standard Webhooks: stop sending to an
@@ -469,37 +421,6 @@ impl Worker {
             self.events.emit(Event::Paused { destination: self.dest.name.clone(), reason: Pause::Gone.reason() });
         }
         true
-    }
-
-    /// `destination.failing`, with the last attempt's error.
-    fn tell_failing(&self, breaker_opened: bool, failed_attempts: u64) {
-        if !self.events.wants("destination.failing") {
-            return;
-        }
-        let why = if breaker_opened { "circuit breaker opened" } else { "attempts failed in a row" };
-        let last_error = self.last_error.lock().map(|e| e.clone()).unwrap_or_default();
-        self.events.emit(Event::Failing {
-            destination: self.dest.name.clone(),
-            why: why.to_string(),
-            failed_attempts,
-            last_error,
-        });
-    }
-
-    fn tell_dead(&self, id: u64, reason: &str) {
-        if self.events.wants("message.dead_lettered") {
-            let destination = self.dest.name.clone();
-            self.events.emit(Event::DeadLettered {
-                destination,
-                id: self.store.external_id(id),
-                reason: reason.into(),
-            });
-        }
-    }
-
-    fn store_failed(&self, e: &crate::store::StoreError) {
-        self.metrics.store_errors.inc();
-        tracing::error!(destination = %self.dest.name, error = %e, "store update after a delivery attempt failed; the delivery will be repeated");
     }
 
     /// The client to send with: rebuilt (with a fresh connection pool) when
