@@ -129,9 +129,13 @@ async fn a_burst_of_a_hundred_dead_letters_is_one_event() {
 async fn a_full_store_is_told_while_it_is_full() {
     let r = TestReceiver::ok().await;
     let ops = TestReceiver::ok().await;
+    // The ops destination reshapes events into Slack messages with the
+    // shipped script.
+    let slack = format!("file:{}/deploy/transforms/slack.js", env!("CARGO_MANIFEST_DIR"));
     let toml = with_ops(config(&[("a", &r.url("/a"), "paused = true")]), &ops, "events = [\"store.refusing\"]")
         .replace("[store]\n", "[store]\nmax_bytes = 4000\n")
-        .replace("[admin]", "[ingress]\nmax_body = 1100\n[admin]");
+        .replace("[admin]", "[ingress]\nmax_body = 1100\n[admin]")
+        .replace("[notifications]", &format!("[destinations.ops.transform]\nscript = \"{slack}\"\n[notifications]"));
     let dir = tempfile::tempdir().expect("tempdir");
     let relay = RelayProcess::start(&write(dir.path(), &toml)).await;
     let mut refused = false;
@@ -144,9 +148,14 @@ async fn a_full_store_is_told_while_it_is_full() {
         assert_eq!(status, 200);
     }
     assert!(refused, "max_bytes was never reached");
-    let got = ops.wait_until(WAIT, "store.refusing", |g| types(g).contains(&"store.refusing".into())).await;
-    let (_, data) = events(&got).into_iter().find(|(t, _)| t == "store.refusing").expect("refusing");
-    assert!(data["reason"].as_str().unwrap_or_default().contains("store is full"), "{data}");
+    let got = ops.wait_until(WAIT, "a Slack message", |g| !g.is_empty()).await;
+    let v: serde_json::Value = serde_json::from_slice(&got[0].body).expect("json");
+    let text = v["text"].as_str().unwrap_or_default();
+    assert!(text.contains("the relay refuses callbacks: store is full"), "{v}");
+    assert!(
+        v["blocks"][1]["elements"][0]["text"].as_str().unwrap_or_default().starts_with("store.refusing at "),
+        "{v}"
+    );
     // Still refusing callbacks: the event used the store's margin, not room.
     assert_eq!(post(&relay.url("/in"), "text/plain", format!("{:>1000}", 0)).await.0, 503);
 }
