@@ -40,6 +40,7 @@ pub mod fieldpath;
 pub mod headers;
 pub mod ingress;
 pub mod metrics;
+pub mod otel;
 pub mod recent;
 pub mod relay;
 pub mod secret;

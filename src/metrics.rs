@@ -32,6 +32,7 @@ pub struct Metrics {
     pub ingress_connections: IntGauge,
     pub transform_failures: IntCounterVec,
     pub notifications_waiting: IntGauge,
+    pub otlp_dropped_spans: IntCounter,
     pub notifications: IntCounterVec,
     pub ingress_rejected: IntCounterVec,
     pub ingress_duplicates: IntCounterVec,
@@ -124,6 +125,12 @@ impl Metrics {
         )
         .expect("static metric");
         r.register(Box::new(store_errors.clone())).expect("metric names are unique");
+        let otlp_dropped_spans = IntCounter::new(
+            "switchboard_otlp_dropped_spans_total",
+            "Spans not exported: the export queue was full, or the collector did not take a batch",
+        )
+        .expect("static metric");
+        r.register(Box::new(otlp_dropped_spans.clone())).expect("metric names are unique");
         Metrics {
             ingress_requests: counter_vec(
                 &r,
@@ -339,6 +346,7 @@ impl Metrics {
             ),
             up,
             store_errors,
+            otlp_dropped_spans,
             registry: r,
         }
     }

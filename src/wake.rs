@@ -3,7 +3,8 @@
 //! resume, wake it; otherwise it sleeps until its next due time) and its
 //! circuit breaker's state (read by the admin API), and its recent
 //! deliveries (`recent.rs`, written by the worker, read by the admin API),
-//! and the handle every stage emits operational events through (`events.rs`).
+//! and the handles every stage emits operational events (`events.rs`) and
+//! records spans (`otel.rs`) through.
 //! A module of its own so
 //! that ingress, delivery and admin, peers over the store, need not import
 //! each other.
@@ -15,6 +16,7 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 
 use crate::events::Events;
+use crate::otel::Tracer;
 use crate::recent::Recent;
 
 #[derive(Clone)]
@@ -33,17 +35,27 @@ impl Default for Shared {
 /// One entry per configured destination (a reload adds new ones), and
 /// the operational events' handle; cheap to clone.
 #[derive(Clone, Default)]
-pub struct Wakers(Arc<arc_swap::ArcSwap<HashMap<Arc<str>, Shared>>>, Events);
+pub struct Wakers(Arc<arc_swap::ArcSwap<HashMap<Arc<str>, Shared>>>, Events, Tracer);
 
 impl Wakers {
     pub fn new<'a>(destinations: impl IntoIterator<Item = &'a Arc<str>>) -> Wakers {
         let map: HashMap<Arc<str>, Shared> = destinations.into_iter().map(|d| (d.clone(), Shared::default())).collect();
-        Wakers(Arc::new(arc_swap::ArcSwap::from_pointee(map)), Events::default())
+        Wakers(Arc::new(arc_swap::ArcSwap::from_pointee(map)), Events::default(), Tracer::default())
     }
 
     /// These wakers, emitting operational events through `events`.
     pub fn with_events(self, events: Events) -> Wakers {
-        Wakers(self.0, events)
+        Wakers(self.0, events, self.2)
+    }
+
+    /// These wakers, recording spans through `tracer`.
+    pub fn with_tracer(self, tracer: Tracer) -> Wakers {
+        Wakers(self.0, self.1, tracer)
+    }
+
+    /// Where stages record spans (`otel.rs`).
+    pub fn tracer(&self) -> &Tracer {
+        &self.2
     }
 
     /// Where stages emit operational events (`events.rs`).

@@ -87,6 +87,8 @@ pub struct Config {
     pub destinations: Vec<Arc<Destination>>,
     /// `[notifications]`, if configured.
     pub notifications: Option<crate::events::Settings>,
+    /// `[telemetry.otlp]`, if configured.
+    pub otlp: Option<crate::otel::OtlpSettings>,
 }
 
 #[derive(Debug, Clone)]

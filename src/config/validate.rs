@@ -11,6 +11,7 @@ use super::*;
 mod destination;
 use self::destination::{validate_destination, IngressRules};
 mod store;
+mod telemetry;
 pub(super) use self::store::store_kind;
 
 /// Collects problems during validation.
@@ -57,7 +58,8 @@ impl RawConfig {
         }
         let (destinations, rules) = self.validate_destinations(&mut p);
         let routes = self.validate_routes(&mut p, &rules);
-        let notifications = self.validate_notifications(&mut p);
+        let notifications = telemetry::validate_notifications(&mut p, &self);
+        let otlp = telemetry::validate_otlp(&mut p, &self);
         if let Some(j) = jetstream.as_mut() {
             j.dedupe_retention = routes.iter().filter_map(|r| r.dedupe.as_ref().map(|d| d.window)).max();
         }
@@ -108,37 +110,7 @@ impl RawConfig {
             routes,
             destinations,
             notifications,
-        })
-    }
-
-    fn validate_notifications(&self, p: &mut Problems) -> Option<crate::events::Settings> {
-        let n = self.notifications.as_ref()?;
-        if !self.destinations.contains_key(&n.destination) {
-            p.add("notifications.destination", format!("no destination named {:?} in [destinations]", n.destination));
-        }
-        let events = match &n.events {
-            None => crate::events::TYPES.iter().map(|t| t.to_string()).collect(),
-            Some(list) => {
-                for e in list.iter().filter(|e| !crate::events::TYPES.contains(&e.as_str())) {
-                    p.add(
-                        "notifications.events",
-                        format!("unknown event type {e:?}; known: {}", crate::events::TYPES.join(", ")),
-                    );
-                }
-                list.clone()
-            }
-        };
-        if n.failing_after == 0 {
-            p.add("notifications.failing_after", "must be greater than 0");
-        }
-        if n.dead_letter_window.is_zero() {
-            p.add("notifications.dead_letter_window", "must be greater than 0");
-        }
-        Some(crate::events::Settings {
-            destination: n.destination.as_str().into(),
-            events,
-            failing_after: n.failing_after,
-            dead_letter_window: n.dead_letter_window,
+            otlp,
         })
     }
 

@@ -110,6 +110,8 @@ pub struct Worker {
     /// Operational events (`[notifications]`): failing, recovered,
     /// paused, dead letters.
     events: Events,
+    /// Spans of attempts (`[telemetry.otlp]`).
+    tracer: crate::otel::Tracer,
     /// The last retryable failure's reason, for `destination.failing`.
     last_error: std::sync::Mutex<String>,
 }
@@ -145,6 +147,7 @@ impl Worker {
         let recent = wakers.recent(&dest.name);
         let withheld = (!dest.forward_sender_credentials).then_some(credentials);
         let events = wakers.events().clone();
+        let tracer = wakers.tracer().clone();
         Ok(Worker {
             dest,
             withheld,
@@ -157,6 +160,7 @@ impl Worker {
             recent,
             indexed,
             events,
+            tracer,
             last_error: Default::default(),
         })
     }
@@ -338,7 +342,12 @@ impl Worker {
         };
         let started = Instant::now();
         let started_ms = now_ms();
-        let (outcome, snippet) = self.send(&msg, body, &extra, lease.id, attempt).await;
+        let started_at = SystemTime::now();
+        let mut span = None;
+        let (outcome, snippet) = self.send(&msg, body, &extra, lease.id, attempt, &mut span).await;
+        if let Some(span_id) = span {
+            self.trace_attempt(&msg, lease.id, attempt, span_id, started_at, &outcome);
+        }
         let record = crate::store::Attempt {
             at_ms: started_ms,
             duration_ms: started.elapsed().as_millis().min(u128::from(u32::MAX)) as u32,
@@ -453,6 +462,7 @@ impl Worker {
         extra: &[(http::HeaderName, http::HeaderValue)],
         id: u64,
         attempt: u32,
+        span: &mut Option<[u8; 8]>,
     ) -> (Outcome, Vec<u8>) {
         let req = match self.build_request(msg, body, extra, id, attempt) {
             Ok(r) => r,
@@ -460,6 +470,10 @@ impl Worker {
                 return (Outcome::Permanent { status: 0, reason: format!("cannot build request: {e}") }, Vec::new())
             }
         };
+        if self.tracer.enabled() {
+            // The attempt's span id is the one its `traceparent` carries.
+            *span = req.headers().get(crate::trace::HEADER).and_then(|v| crate::otel::ids(v.as_bytes())).map(|i| i.1);
+        }
         if let Some(target) = &self.dest.nats {
             return self.send_nats(target, req).await;
         }

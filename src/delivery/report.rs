@@ -85,4 +85,44 @@ impl Worker {
         self.metrics.store_errors.inc();
         tracing::error!(destination = %self.dest.name, error = %e, "store update after a delivery attempt failed; the delivery will be repeated");
     }
+
+    /// The span of one attempt, a child of the stored `traceparent` (the
+    /// ingress span), with the span id the destination received.
+    pub(super) fn trace_attempt(
+        &self,
+        msg: &crate::store::MessageRecord,
+        id: u64,
+        attempt: u32,
+        span_id: [u8; 8],
+        start: std::time::SystemTime,
+        outcome: &super::retry::Outcome,
+    ) {
+        use crate::otel::Value;
+        let stored = msg.headers.iter().find(|(n, _)| n == crate::trace::HEADER);
+        let Some((trace_id, parent)) = stored.and_then(|(_, v)| crate::otel::ids(v)) else { return };
+        let delivered = matches!(outcome, super::retry::Outcome::Delivered { .. });
+        let mut attributes: Vec<(&'static str, Value)> = vec![
+            ("switchboard.destination", (*self.dest.name).into()),
+            ("switchboard.attempt", i64::from(attempt).into()),
+            ("switchboard.message_id", self.store.external_id(id).into()),
+            ("switchboard.result", outcome.result_label().into()),
+        ];
+        if let Some(status) = outcome.status() {
+            attributes.push(("http.response.status_code", i64::from(status).into()));
+        }
+        if !delivered {
+            attributes.push(("error.type", outcome.result_label().into()));
+        }
+        self.tracer.record(crate::otel::Span {
+            trace_id,
+            span_id,
+            parent: Some(parent),
+            name: format!("deliver {}", self.dest.name),
+            kind: crate::otel::Kind::Client,
+            start,
+            end: std::time::SystemTime::now(),
+            attributes,
+            error: (!delivered).then(|| outcome.reason().to_string()),
+        });
+    }
 }

@@ -56,6 +56,7 @@ pub mod dedupe;
 pub mod filter;
 pub mod order;
 pub mod providers;
+mod span;
 use crate::metrics::Metrics;
 use crate::store::{now_ms, Draft, Store};
 use crate::wake::Wakers;
@@ -174,13 +175,18 @@ impl Ingress {
             return error(StatusCode::NOT_FOUND, "no route for this path");
         };
         let client = auth::client_ip(peer.ip().to_canonical(), req.headers(), &ctx.trusted_proxies);
+        let tracer = self.wakers.tracer();
+        let mut span = tracer.enabled().then(|| span::IngressSpan::start(req.headers()));
         let resp = if !allowed(client, &ctx.allow_ips) || !allowed(client, &route.allow_ips) {
             self.metrics.ingress_rejected.with_label_values(&[&route.path, "ip_not_allowed"]).inc();
             error(StatusCode::FORBIDDEN, "source address not allowed")
         } else {
-            self.accept(req, client, &route).await
+            self.accept(req, client, &route, &mut span).await
         };
         self.metrics.ingress_requests.with_label_values(&[&route.path, resp.status().as_str()]).inc();
+        if let Some(span) = span {
+            span.finish(tracer, &route.path, resp.status());
+        }
         resp
     }
 
@@ -189,7 +195,15 @@ impl Ingress {
         error(StatusCode::UNAUTHORIZED, r.reason)
     }
 
-    async fn accept(&self, req: Request<Incoming>, client: IpAddr, route: &Route) -> Response<Full<Bytes>> {
+    /// Long on purpose: the steps in order, each one's refusal an early
+    /// return (the order is the promise: nothing stored before every check).
+    async fn accept(
+        &self,
+        req: Request<Incoming>,
+        client: IpAddr,
+        route: &Route,
+        span: &mut Option<span::IngressSpan>,
+    ) -> Response<Full<Bytes>> {
         if req.method() != Method::POST {
             let mut resp = error(StatusCode::METHOD_NOT_ALLOWED, "only POST is accepted on this route");
             resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
@@ -215,7 +229,11 @@ impl Ingress {
         let withheld: &[http::HeaderName] = if route.store_credentials { &[] } else { &route.credential_headers };
         let mut headers = crate::headers::stored(&parts.headers, withheld);
         // Every message has a trace: the sender's, or one started here.
-        if !headers.iter().any(|(n, v)| n == crate::trace::HEADER && crate::trace::parse(v).is_some()) {
+        if let Some(span) = span.as_ref() {
+            // Exported: the stored parent is the ingress span.
+            headers.retain(|(n, _)| n != crate::trace::HEADER);
+            headers.push((crate::trace::HEADER.to_string(), Bytes::from(span.traceparent())));
+        } else if !headers.iter().any(|(n, v)| n == crate::trace::HEADER && crate::trace::parse(v).is_some()) {
             headers.retain(|(n, _)| n != crate::trace::HEADER);
             headers.push((crate::trace::HEADER.to_string(), Bytes::from(crate::trace::new_traceparent())));
         }
@@ -227,6 +245,9 @@ impl Ingress {
         };
         if let Some(answer) = self.body_auth(route, &parts, draft.body()) {
             return answer;
+        }
+        if let Some(span) = span.as_mut() {
+            span.size = Some(draft.body().len() as u64);
         }
 
         let dedupe_key = route.dedupe.as_ref().map(|d| d.key(&route.path, draft.body(), &parts.headers));
@@ -243,6 +264,9 @@ impl Ingress {
                 }
                 self.metrics.ingress_duplicates.with_label_values(&[&route.path]).inc();
                 let id = self.store.external_id(first);
+                if let Some(span) = span.as_mut() {
+                    (span.outcome, span.message_id) = (Some("duplicate"), Some(id.clone()));
+                }
                 return json_response(StatusCode::OK, serde_json::json!({ "id": id, "duplicate": true }));
             }
         }
@@ -250,6 +274,9 @@ impl Ingress {
         let parsed = self.parse_body(route, draft.body());
         let targets = self.targets(route, &parts.headers, parsed.as_ref());
         if targets.is_empty() {
+            if let Some(span) = span.as_mut() {
+                span.outcome = Some("filtered");
+            }
             // Accepted (the sender must not resend it), needed by nobody.
             return json_response(StatusCode::OK, serde_json::json!({ "id": null, "filtered": true }));
         }
@@ -282,6 +309,9 @@ impl Ingress {
         };
         self.metrics.ingress_persist.observe(started.elapsed().as_secs_f64());
         let id = self.store.external_id(id);
+        if let Some(span) = span.as_mut() {
+            span.message_id = Some(id.clone());
+        }
         // The id is `msg_` and hex digits: nothing to escape.
         let mut resp = Response::new(Full::new(Bytes::from(format!("{{\"id\":\"{id}\"}}"))));
         resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -147,8 +147,18 @@ pub async fn run_with_reload(
         wakers = wakers.clone().with_events(events.clone());
         (settings, events, rx)
     });
+    let mut exporter = None;
+    if let Some(otlp) = config.otlp.clone() {
+        let (tracer, export) =
+            crate::otel::Tracer::new(otlp, metrics.otlp_dropped_spans.clone(), shutdown.child_token())?;
+        wakers = wakers.clone().with_tracer(tracer);
+        exporter = Some(export);
+    }
     let store = open_store(&config, &metrics, &wakers).await?;
     let relay = Parts { config: &config, wakers, store, metrics, tracker: TaskTracker::new(), shutdown };
+    if let Some(export) = exporter {
+        relay.tracker.spawn(export);
+    }
     if let Some((settings, events, rx)) = notifications {
         let notifier = notify::Notifier::new(
             settings,

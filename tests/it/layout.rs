@@ -11,8 +11,20 @@ const PEERS: [&str; 3] = ["ingress", "delivery", "admin"];
 /// root or the operator's client.
 const RELAY_SIDE: [&str; 5] = ["ingress", "delivery", "admin", "server", "store"];
 /// Shared leaves: they import no stage but the store.
-const LEAVES: [&str; 11] =
-    ["metrics", "wake", "recent", "headers", "tls", "trace", "secret", "text", "throttle", "fieldpath", "events"];
+const LEAVES: [&str; 12] = [
+    "metrics",
+    "wake",
+    "recent",
+    "headers",
+    "tls",
+    "trace",
+    "secret",
+    "text",
+    "throttle",
+    "fieldpath",
+    "events",
+    "otel",
+];
 /// What only the binary's side imports.
 const TOP: [&str; 4] = ["config", "relay", "client", "cli"];
 

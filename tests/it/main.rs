@@ -30,6 +30,7 @@ mod security;
 mod signing;
 mod status_page;
 mod support;
+mod telemetry;
 mod tls;
 mod transform;
 mod tryout;

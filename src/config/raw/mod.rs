@@ -42,6 +42,70 @@ pub struct RawConfig {
     /// Operational events sent to one of the destinations.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notifications: Option<RawNotifications>,
+    /// Where traces go (`[telemetry.otlp]`).
+    #[serde(default)]
+    pub telemetry: RawTelemetry,
+}
+
+/// `[telemetry]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTelemetry {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp: Option<RawOtlp>,
+}
+
+/// `[telemetry.otlp]`: OpenTelemetry spans over OTLP/HTTP (`otel.rs`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOtlp {
+    /// The collector, e.g. "http://collector:4318" (`/v1/traces` is added).
+    pub endpoint: String,
+    /// Only "http/protobuf".
+    #[serde(default = "default_otlp_protocol")]
+    pub protocol: String,
+    /// The share of traces exported, 0.0 to 1.0 (by trace id).
+    #[serde(default = "default_sample_ratio")]
+    pub sample_ratio: f64,
+    /// Sent with each export (e.g. an API key: "env:OTLP_TOKEN").
+    #[serde(default)]
+    pub headers: BTreeMap<String, SecretString>,
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// Spans held for export at most; beyond, dropped and counted.
+    #[serde(default = "default_otlp_queue")]
+    pub queue: usize,
+    /// Spans per export request at most.
+    #[serde(default = "default_otlp_batch")]
+    pub batch: usize,
+    /// How often a partial batch is sent.
+    #[serde(default = "default_otlp_interval", with = "crate::config::duration")]
+    pub interval: Duration,
+    /// One export request's deadline.
+    #[serde(default = "default_otlp_timeout", with = "crate::config::duration")]
+    pub timeout: Duration,
+}
+
+fn default_otlp_protocol() -> String {
+    "http/protobuf".into()
+}
+fn default_sample_ratio() -> f64 {
+    1.0
+}
+fn default_service_name() -> String {
+    "switchboard".into()
+}
+fn default_otlp_queue() -> usize {
+    8192
+}
+fn default_otlp_batch() -> usize {
+    512
+}
+fn default_otlp_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_otlp_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// `[notifications]`: events about the relay itself (`events.rs`), sent
