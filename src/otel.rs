@@ -80,7 +80,7 @@ pub struct Span {
     pub trace_id: [u8; 16],
     pub span_id: [u8; 8],
     pub parent: Option<[u8; 8]>,
-    pub name: String,
+    pub name: Arc<str>,
     pub kind: Kind,
     pub start: SystemTime,
     pub end: SystemTime,
@@ -259,10 +259,24 @@ fn bytes_field(out: &mut Vec<u8>, field: u32, b: &[u8]) {
     out.extend_from_slice(b);
 }
 
+/// A nested message, encoded in place: one byte is kept for its length
+/// and, if it turns out longer than 127 bytes, the rest of the varint is
+/// inserted (a move of the message's bytes instead of a buffer per
+/// message: most of ours, the attributes, are short).
 fn message(out: &mut Vec<u8>, field: u32, build: impl FnOnce(&mut Vec<u8>)) {
-    let mut inner = Vec::new();
-    build(&mut inner);
-    bytes_field(out, field, &inner);
+    tag(out, field, 2);
+    let at = out.len();
+    out.push(0);
+    build(out);
+    let len = out.len() - at - 1;
+    if len < 0x80 {
+        out[at] = len as u8;
+        return;
+    }
+    let mut prefix = Vec::with_capacity(10);
+    varint(&mut prefix, len as u64);
+    out[at] = prefix[0];
+    out.splice(at + 1..at + 1, prefix[1..].iter().copied());
 }
 
 fn fixed64(out: &mut Vec<u8>, field: u32, v: u64) {
@@ -346,6 +360,18 @@ mod tests {
         assert_eq!(trace[0], 0x4b);
         assert_eq!(parent, [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]);
         assert_eq!(ids(b"nonsense"), None);
+    }
+
+    #[test]
+    fn nested_lengths_past_one_byte_are_varints() {
+        for n in [0usize, 127, 128, 300, 20_000] {
+            let mut out = Vec::new();
+            message(&mut out, 1, |m| m.extend(std::iter::repeat_n(7u8, n)));
+            let mut expected = vec![0x0a];
+            varint(&mut expected, n as u64);
+            expected.extend(std::iter::repeat_n(7u8, n));
+            assert_eq!(out, expected, "{n}");
+        }
     }
 
     #[test]

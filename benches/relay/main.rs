@@ -286,7 +286,7 @@ async fn bench(s: &Settings) -> AnyResult<()> {
     let (mut fan_peak, mut iso_peak) = (0.0, 0.0);
     let (mut fan_rate, mut fan_lag) = (0.0, 0.0);
     let mut fan_all = 0.0;
-    if s.wants("4") || s.wants("5") || s.wants("5b") || s.wants("4r") || s.wants("4t") {
+    if s.wants("4") || s.wants("5") || s.wants("5b") || s.wants("4r") || s.wants("4t") || s.wants("4o") {
         let (fan, peak) = fan_out(s, &fresh_dir(), Third::Healthy, epoch).await?;
         fan_rate = fan.healthy_rate;
         fan_all = fan.all_rate;
@@ -305,6 +305,12 @@ async fn bench(s: &Settings) -> AnyResult<()> {
             row("4t. vs run 4", &format!("deliveries {:.0} % of run 4's", shaped.all_rate / fan_all * 100.0));
         }
         transform_call_cost();
+    }
+    if s.wants("4o") {
+        let (traced, _) = fan_out(s, &fresh_dir(), Third::Traced, epoch).await?;
+        if fan_all > 0.0 {
+            row("4o. vs run 4", &format!("deliveries {:.0} % of run 4's", traced.all_rate / fan_all * 100.0));
+        }
     }
     if s.wants("4b") {
         fan_out_fixed(s, &fresh_dir(), 6000, Third::Healthy, epoch).await?;

@@ -28,6 +28,9 @@ pub(crate) enum Third {
     Retaining,
     /// Healthy, with a trivial transform on every destination (run 4t).
     Transforming,
+    /// Healthy, every span exported over OTLP/HTTP at sample ratio 1.0 to
+    /// a collector that answers 200 (run 4o).
+    Traced,
 }
 
 /// Run 4t's transform: adds a header, leaves the body.
@@ -42,7 +45,7 @@ pub(crate) async fn fan_out(s: &Settings, dir: &Path, third: Third, epoch: Insta
     let a = Receiver::start(Mode::Ok, epoch).await?;
     let b = Receiver::start(Mode::Ok, epoch).await?;
     let c_mode = match third {
-        Third::Healthy | Third::Retaining | Third::Transforming => Mode::Ok,
+        Third::Healthy | Third::Retaining | Third::Transforming | Third::Traced => Mode::Ok,
         Third::BlackHole => Mode::BlackHole,
         Third::Flaky => Mode::Flaky,
     };
@@ -53,7 +56,12 @@ pub(crate) async fn fan_out(s: &Settings, dir: &Path, third: Third, epoch: Insta
     };
     let c_extra =
         if third == Third::BlackHole { "concurrency = 32\ntimeout = \"5s\"".to_string() } else { extra.clone() };
-    let store_extra = if third == Third::Retaining { "retain_delivered = \"1h\"" } else { "" };
+    let collector = Receiver::start(Mode::Ok, epoch).await?;
+    let store_extra = match third {
+        Third::Retaining => "retain_delivered = \"1h\"".to_string(),
+        Third::Traced => format!("[telemetry.otlp]\nendpoint = \"{}\"\nsample_ratio = 1.0", collector.url()),
+        _ => String::new(),
+    };
     let shaped = |name: &str, extra: &str| {
         if third == Third::Transforming {
             format!("{extra}\n{}", TRIVIAL_TRANSFORM.replace("NAME", name))
@@ -66,7 +74,7 @@ pub(crate) async fn fan_out(s: &Settings, dir: &Path, third: Third, epoch: Insta
         s,
         dir,
         &[("a", a.url(), ea.as_str()), ("b", b.url(), eb.as_str()), ("c", c.url(), ec.as_str())],
-        store_extra,
+        &store_extra,
     )
     .await?;
     let cpu0 = relay.cpu_secs();
@@ -83,7 +91,7 @@ pub(crate) async fn fan_out(s: &Settings, dir: &Path, third: Third, epoch: Insta
     let mut lags: Vec<u32> = a.lags_us.lock().map(|v| v.clone()).unwrap_or_default();
     lags.extend(b.lags_us.lock().map(|v| v.clone()).unwrap_or_default());
     let healthy_lag_p99 = percentile(&mut lags.clone(), 0.99);
-    if matches!(third, Third::Healthy | Third::Retaining | Third::Transforming) {
+    if matches!(third, Third::Healthy | Third::Retaining | Third::Transforming | Third::Traced) {
         lags.extend(c.lags_us.lock().map(|v| v.clone()).unwrap_or_default());
     }
     let all_delivered = delivered_during + if third == Third::BlackHole { 0 } else { c.count.load(Ordering::Relaxed) };
@@ -111,6 +119,22 @@ pub(crate) async fn fan_out(s: &Settings, dir: &Path, third: Third, epoch: Insta
                     caught_up,
                     percentile(&mut lags, 0.99),
                     retained,
+                ),
+            )
+        }
+        Third::Traced => {
+            s.figure("4o deliveries/s", result.all_rate, Higher);
+            s.figure("4o relay CPU us/request", cpu_us, Lower);
+            let dropped = relay.metric("switchboard_otlp_dropped_spans_total").await;
+            row(
+                "4o. fan-out x3, every span exported (OTLP, ratio 1.0)",
+                &format!(
+                    "ingest {:.0} msg/s, deliveries {:.0}/s during the run, caught up {}, lag p99 {:.1} ms, relay CPU {cpu_us:.1} us per request, {} exports taken by the collector, {dropped:.0} spans dropped",
+                    load.rps(),
+                    all_delivered as f64 / secs,
+                    caught_up,
+                    percentile(&mut lags, 0.99),
+                    collector.count.load(Ordering::Relaxed),
                 ),
             )
         }

@@ -110,8 +110,9 @@ pub struct Worker {
     /// Operational events (`[notifications]`): failing, recovered,
     /// paused, dead letters.
     events: Events,
-    /// Spans of attempts (`[telemetry.otlp]`).
+    /// Spans of attempts (`[telemetry.otlp]`), named `deliver NAME`.
     tracer: crate::otel::Tracer,
+    span_name: Arc<str>,
     /// The last retryable failure's reason, for `destination.failing`.
     last_error: std::sync::Mutex<String>,
 }
@@ -148,6 +149,7 @@ impl Worker {
         let withheld = (!dest.forward_sender_credentials).then_some(credentials);
         let events = wakers.events().clone();
         let tracer = wakers.tracer().clone();
+        let span_name = format!("deliver {}", dest.name).into();
         Ok(Worker {
             dest,
             withheld,
@@ -160,6 +162,7 @@ impl Worker {
             recent,
             indexed,
             events,
+            span_name,
             tracer,
             last_error: Default::default(),
         })

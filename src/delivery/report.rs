@@ -117,7 +117,7 @@ impl Worker {
             trace_id,
             span_id,
             parent: Some(parent),
-            name: format!("deliver {}", self.dest.name),
+            name: self.span_name.clone(),
             kind: crate::otel::Kind::Client,
             start,
             end: std::time::SystemTime::now(),

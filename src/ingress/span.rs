@@ -72,7 +72,7 @@ impl IngressSpan {
             trace_id: self.trace_id,
             span_id: self.span_id,
             parent: self.parent,
-            name: format!("POST {route}"),
+            name: format!("POST {route}").into(),
             kind: Kind::Server,
             start: self.start,
             end: SystemTime::now(),
