@@ -13,8 +13,10 @@
 //! - `jetstream = false`: core NATS; delivered means the server took it
 //!   (the client flushed it); there is no acknowledgement from a receiver.
 //!
-//! Credentials in the URL (`nats://user:password@host`) are used to
-//! connect and never sent as headers; `tls://` connects with TLS. One
+//! Credentials in the URL (`nats://user:password@host`), or a token, NKey
+//! or `.creds` file (`[destinations.NAME.nats]`), are used to connect and
+//! never sent as headers; `tls://`, `ca_file` or a client certificate
+//! connect with TLS. One
 //! connection per destination, made at its first attempt and kept (the
 //! client reconnects by itself).
 //!
@@ -29,13 +31,22 @@ use http_body_util::{BodyExt, Full};
 
 use super::retry::{Outcome, TransportError};
 use super::Worker;
-use crate::secret::Secret;
+
+/// How a NATS destination connects: its authentication (as `[store]`
+/// takes it for JetStream) and TLS (the destination's `ca_file` and
+/// `tls.client_cert`/`client_key`; `tls://` or either of them requires TLS).
+#[derive(Default)]
+pub struct NatsAccess {
+    pub auth: crate::store::JetAuth,
+    pub ca_file: Option<std::path::PathBuf>,
+    pub client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
 
 /// Where a NATS destination publishes.
 pub struct NatsTarget {
     /// The server URL without credentials.
     pub server: String,
-    pub credentials: Option<(String, Secret)>,
+    access: NatsAccess,
     pub subject: String,
     pub jetstream: bool,
     client: tokio::sync::OnceCell<async_nats::Client>,
@@ -52,18 +63,34 @@ impl std::fmt::Debug for NatsTarget {
 }
 
 impl NatsTarget {
-    pub fn new(server: String, credentials: Option<(String, Secret)>, subject: String, jetstream: bool) -> NatsTarget {
-        NatsTarget { server, credentials, subject, jetstream, client: tokio::sync::OnceCell::new() }
+    pub fn new(server: String, access: NatsAccess, subject: String, jetstream: bool) -> NatsTarget {
+        NatsTarget { server, access, subject, jetstream, client: tokio::sync::OnceCell::new() }
     }
 
     async fn client(&self, within: Duration) -> Result<async_nats::Client, String> {
+        use crate::store::JetAuth;
         let connect = || async {
             let mut opts = async_nats::ConnectOptions::new()
                 .name("switchboard-destination")
                 .connection_timeout(within)
                 .max_reconnects(None);
-            if let Some((user, password)) = &self.credentials {
-                opts = opts.user_and_password(user.clone(), password.expose().to_string());
+            opts = match &self.access.auth {
+                JetAuth::None => opts,
+                JetAuth::UserPassword { user, password } => {
+                    opts.user_and_password(user.clone(), password.expose().to_string())
+                }
+                JetAuth::Token(t) => opts.token(t.expose().to_string()),
+                JetAuth::NKey(seed) => opts.nkey(seed.expose().to_string()),
+                JetAuth::CredsFile(path) => opts
+                    .credentials_file(path)
+                    .await
+                    .map_err(|e| format!("cannot read nats.creds_file {}: {e}", path.display()))?,
+            };
+            if let Some(ca) = &self.access.ca_file {
+                opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+            }
+            if let Some((cert, key)) = &self.access.client_cert {
+                opts = opts.add_client_certificate(cert.clone(), key.clone()).require_tls(true);
             }
             opts.connect(self.server.as_str()).await.map_err(|e| e.to_string())
         };

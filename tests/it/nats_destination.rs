@@ -138,6 +138,69 @@ async fn core_nats_reaches_a_subscriber_with_the_relays_headers() {
     relay.stop().await.expect("stop");
 }
 
+/// TLS with the destination's own CA (`ca_file`) and client certificate
+/// (`tls.client_cert`), and an NKey (`[destinations.NAME.nats]`), as the
+/// JetStream store connects; a wrong NKey is refused by the server: the
+/// delivery is retried with the server's reason, never reported delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_with_a_client_certificate_and_an_nkey() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = crate::tls::Ca::new();
+    let (server_cert, server_key) = crate::tls::write_pair(dir.path(), "nats", &ca.leaf(1, None));
+    let (client_cert, client_key) = crate::tls::write_pair(dir.path(), "relay", &ca.leaf(2, None));
+    let ca_file = dir.path().join("ca.crt");
+    std::fs::write(&ca_file, ca.cert.pem()).expect("write ca");
+    let user = nkeys::KeyPair::new_user();
+    let seed = user.seed().expect("seed");
+    let nats = NatsNode::single_with(
+        dir.path(),
+        crate::nats::free_port(),
+        &format!(
+            "tls {{ cert_file: {:?}, key_file: {:?}, ca_file: {:?}, verify: true }}\nauthorization {{ users = [ {{ nkey: {:?} }} ] }}",
+            server_cert.display().to_string(),
+            server_key.display().to_string(),
+            ca_file.display().to_string(),
+            user.public_key()
+        ),
+    );
+    let url = format!("tls://127.0.0.1:{}", nats.port);
+    let tls = format!(
+        "ca_file = {:?}\n[destinations.DEST.tls]\nclient_cert = {:?}\nclient_key = {:?}\n",
+        ca_file.display().to_string(),
+        client_cert.display().to_string(),
+        client_key.display().to_string()
+    );
+    let wrong = nkeys::KeyPair::new_user().seed().expect("seed");
+    let dest = |name: &str, nkey: &str| {
+        format!(
+            "subject = \"alerts.{name}\"\njetstream = false\nconnect_timeout = \"1s\"\nretry = {{ initial = \"50ms\", max_interval = \"100ms\" }}\n{}[destinations.{name}.nats]\nnkey = {nkey:?}\n",
+            tls.replace("DEST", name)
+        )
+    };
+    let toml = config(&[("good", &url, &dest("good", &seed)), ("bad", &url, &dest("bad", &wrong))]);
+    // The test's own subscriber, over TLS with the same credentials.
+    let client = async_nats::ConnectOptions::new()
+        .add_root_certificates(ca_file.clone())
+        .add_client_certificate(client_cert.clone(), client_key.clone())
+        .require_tls(true)
+        .nkey(seed.clone())
+        .connect(&url)
+        .await
+        .expect("connect");
+    let mut sub = client.subscribe("alerts.>").await.expect("subscribe");
+    client.flush().await.expect("flush");
+    let relay = TestRelay::start(&toml).await;
+    let (s, _, _) = post(&relay.url("/in"), "application/json", r#"{"n":1}"#).await;
+    assert_eq!(s, 200);
+    let m = tokio::time::timeout(WAIT, sub.next()).await.expect("in time").expect("a message");
+    assert_eq!(m.subject.as_str(), "alerts.good");
+    assert_eq!(&m.payload[..], br#"{"n":1}"#);
+    let failed = "switchboard_delivery_attempts_total{destination=\"bad\",result=\"connect\"}";
+    let metrics = relay.wait_metrics("the wrong NKey refused, retried", |m| metric(m, failed) >= 2.0).await;
+    assert_eq!(metric(&metrics, "switchboard_deliveries_total{destination=\"bad\",outcome=\"delivered\"}"), 0.0);
+    relay.stop().await.expect("stop");
+}
+
 /// A NATS destination's settings are checked like the rest of the file
 /// (`check` only: nothing connects to the address).
 #[test]
@@ -147,6 +210,25 @@ fn nats_destination_settings_are_config_errors_naming_the_key() {
         (("a", "nats://127.0.0.1:1", ""), "destinations.a.subject", "needs the subject"),
         (("a", "nats://127.0.0.1:1", "subject = \"a.*\""), "destinations.a.subject", "wildcards"),
         (("a", "http://127.0.0.1:1/a", "subject = \"a.b\""), "destinations.a.subject", "only for a nats://"),
+        (
+            ("a", "http://127.0.0.1:1/a", "[destinations.a.nats]\ntoken = \"t\""),
+            "destinations.a.nats",
+            "only for a nats://",
+        ),
+        (
+            ("a", "nats://u:p@127.0.0.1:1", "subject = \"a.b\"\n[destinations.a.nats]\ntoken = \"t\""),
+            "destinations.a.nats",
+            "one way to authenticate",
+        ),
+        (
+            (
+                "a",
+                "nats://127.0.0.1:1",
+                "subject = \"a.b\"\n[destinations.a.nats]\nnkey = \"env:SWITCHBOARD_NOT_SET_EVER\"",
+            ),
+            "destinations.a.nats.nkey",
+            "not set",
+        ),
     ] {
         let toml = config(&[dest]);
         let out = crate::binary::check(&crate::binary::write(dir.path(), &toml));

@@ -37,12 +37,16 @@ async fn a_failing_destination_is_told_once_then_its_recovery_pause_resume_and_a
     let flaky =
         TestReceiver::scripted(move |_, _| Reply::Status(if flag.load(Ordering::SeqCst) { 503 } else { 200 })).await;
     let ops = TestReceiver::ok().await;
+    let gone = TestReceiver::scripted(|_, _| Reply::Status(410)).await;
     let toml = with_ops(
-        config(&[(
-            "flaky",
-            &flaky.url("/f"),
-            "concurrency = 1\nbreaker = { failures = 3, cool_down = \"200ms\" }\n[destinations.flaky.retry]\ninitial = \"10ms\"\nmax_interval = \"20ms\"\njitter = 0.0",
-        )]),
+        config(&[
+            (
+                "flaky",
+                &flaky.url("/f"),
+                "concurrency = 1\nbreaker = { failures = 3, cool_down = \"200ms\" }\n[destinations.flaky.retry]\ninitial = \"10ms\"\nmax_interval = \"20ms\"\njitter = 0.0",
+            ),
+            ("gone", &gone.url("/g"), ""),
+        ]),
         &ops,
         "",
     );
@@ -80,8 +84,12 @@ async fn a_failing_destination_is_told_once_then_its_recovery_pause_resume_and_a
         assert_eq!(status, 200);
     }
     let got = ops.wait_until(WAIT, "paused, resumed", |g| types(g).contains(&"destination.resumed".into())).await;
-    let (_, paused) = events(&got).into_iter().find(|(t, _)| t == "destination.paused").expect("paused");
-    assert_eq!(paused["reason"], "paused by an operator");
+    let paused: Vec<serde_json::Value> =
+        events(&got).into_iter().filter(|(t, _)| t == "destination.paused").map(|(_, d)| d).collect();
+    let reason = |d: &str| paused.iter().find(|p| p["destination"] == d).map(|p| p["reason"].clone());
+    assert_eq!(reason("flaky"), Some("paused by an operator".into()), "{paused:?}");
+    // The 410 paused `gone` at its first callback.
+    assert_eq!(reason("gone"), Some("the destination answered 410 Gone".into()), "{paused:?}");
 
     // A reload refused (a typo in the file).
     write(dir.path(), &toml.replace("[notifications]", "[notifications]\nfailing_aftr = 3"));

@@ -57,6 +57,10 @@ pub struct RawDestination {
     /// default), or core NATS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jetstream: Option<bool>,
+    /// For a NATS URL: how to authenticate other than `user:password@` in
+    /// the URL (TLS: `ca_file` and `tls.client_cert`/`client_key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats: Option<RawNatsAuth>,
     /// A script that reshapes what this destination gets
     /// (`delivery/transform.rs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -200,6 +204,20 @@ pub struct RawDestinationTls {
     /// "1.2" (default) or "1.3".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_version: Option<String>,
+}
+
+/// `[destinations.NAME.nats]`: one of a token, an NKey seed or a
+/// `.creds` file, as `[store]` takes them for JetStream.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNatsAuth {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<SecretString>,
+    /// An NKey seed (`SU...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nkey: Option<SecretString>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creds_file: Option<PathBuf>,
 }
 
 /// `[destinations.NAME.signing]`.

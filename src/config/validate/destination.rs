@@ -404,6 +404,9 @@ fn validate_nats(p: &mut Problems, key: &str, d: &RawDestination) -> Option<Arc<
         if d.jetstream.is_some() {
             p.add(format!("{key}.jetstream"), "only for a nats:// destination");
         }
+        if d.nats.is_some() {
+            p.add(format!("{key}.nats"), "only for a nats:// destination");
+        }
         return None;
     }
     let mut u = parsed?;
@@ -429,9 +432,30 @@ fn validate_nats(p: &mut Problems, key: &str, d: &RawDestination) -> Option<Arc<
             return None;
         }
     };
+    use crate::store::JetAuth;
+    let n = d.nats.clone().unwrap_or_default();
+    let auth = match (credentials, &n.token, &n.nkey, &n.creds_file) {
+        (None, None, None, None) => JetAuth::None,
+        (Some((user, password)), None, None, None) => JetAuth::UserPassword { user, password },
+        (None, Some(t), None, None) => JetAuth::Token(resolve(p, &format!("{key}.nats.token"), t)?),
+        (None, None, Some(k), None) => JetAuth::NKey(resolve(p, &format!("{key}.nats.nkey"), k)?),
+        (None, None, None, Some(f)) => JetAuth::CredsFile(f.clone()),
+        _ => {
+            p.add(
+                format!("{key}.nats"),
+                "one way to authenticate: user:password in the URL, token, nkey or creds_file",
+            );
+            return None;
+        }
+    };
+    let tls = d.tls.as_ref();
+    let client_cert = match tls.map(|t| (&t.client_cert, &t.client_key)) {
+        Some((Some(c), Some(k))) => Some((c.clone(), k.clone())),
+        _ => None, // both or neither: validate_destination_tls says so
+    };
     Some(Arc::new(crate::delivery::nats::NatsTarget::new(
         u.as_str().trim_end_matches('/').to_string(),
-        credentials,
+        crate::delivery::nats::NatsAccess { auth, ca_file: d.ca_file.clone(), client_cert },
         subject,
         d.jetstream.unwrap_or(true),
     )))
