@@ -70,8 +70,18 @@ enum Reply {
 }
 
 struct Job {
-    input: String,
+    input: Input3,
     reply: Reply,
+}
+
+/// A call's arguments: `req` without its body (JSON), the body as text
+/// (`None`: not UTF-8) and, only for a body that is not UTF-8, its base64.
+/// The script's `req.body` and `req.base64` are made from them on first
+/// use (a transform that only sets headers parses nothing).
+struct Input3 {
+    meta: String,
+    text: Option<String>,
+    base64: Option<String>,
 }
 
 /// A transform's threads: each owns one engine (kept warm between calls,
@@ -183,6 +193,9 @@ const LOCKDOWN: &str = r#"
   const xmlNative = globalThis.__xml;
   globalThis.xml = function __sb_xml(text) { return JSON.parse(xmlNative(String(text))); };
   delete globalThis.__xml;
+  const b64Native = globalThis.__b64;
+  globalThis.__sb_b64 = function __sb_b64(text) { return b64Native(String(text)); };
+  delete globalThis.__b64;
   for (const name of Object.getOwnPropertyNames(globalThis)) {
     const v = globalThis[name];
     if ((typeof v === "object" || typeof v === "function") && v !== null) {
@@ -200,9 +213,22 @@ const LOCKDOWN: &str = r#"
 /// The prefix has no newline, so line numbers are the script's.
 fn wrapped_body(source: &str) -> String {
     format!(
-        "{source}\n;if (typeof transform !== \"function\") throw new Error(\"the script defines no function transform(req)\");\nconst __out = transform(JSON.parse(__input));\nreturn __out === null ? null : JSON.stringify(__out === undefined ? {{}} : __out);"
+        "{source}\n;if (typeof transform !== \"function\") throw new Error(\"the script defines no function transform(req)\");\n{REQ}\nconst __out = transform(__req);\nreturn __out === null ? null : JSON.stringify(__out === undefined ? {{}} : __out);"
     )
 }
+
+/// `req` from the call's arguments: `body` parsed and `base64` encoded on
+/// first read (and assignable), `text` as is.
+const REQ: &str = r#"const __req = JSON.parse(__input);
+let __body, __parsed = false, __b64v = __bytes == null ? null : __bytes;
+const __txt = __text == null ? null : __text;
+Object.defineProperty(__req, "body", { enumerable: true, configurable: true,
+  get() { if (!__parsed) { __parsed = true; try { __body = __txt === null ? null : JSON.parse(__txt); } catch (_) { __body = null; } } return __body; },
+  set(v) { __parsed = true; __body = v; } });
+Object.defineProperty(__req, "text", { enumerable: true, configurable: true, writable: true, value: __txt });
+Object.defineProperty(__req, "base64", { enumerable: true, configurable: true,
+  get() { if (__b64v === null) __b64v = __sb_b64(__txt); return __b64v; },
+  set(v) { __b64v = v; } });"#;
 
 /// A deadline the interrupt handler reads (nanoseconds since `base()`).
 fn base() -> Instant {
@@ -237,6 +263,11 @@ impl Engine {
             let native = Function::new(ctx.clone(), |text: String| -> String { xml_to_json(&text) })
                 .map_err(|e| format!("script engine: {e}"))?;
             ctx.globals().set("__xml", native).map_err(|e| format!("script engine: {e}"))?;
+            let b64 = Function::new(ctx.clone(), |text: String| -> String {
+                base64::engine::general_purpose::STANDARD.encode(text.as_bytes())
+            })
+            .map_err(|e| format!("script engine: {e}"))?;
+            ctx.globals().set("__b64", b64).map_err(|e| format!("script engine: {e}"))?;
             ctx.eval::<(), _>(LOCKDOWN).map_err(|e| format!("script engine: {e}"))
         })?;
         Ok(Engine { compiled: None, context, runtime, deadline })
@@ -247,7 +278,7 @@ impl Engine {
         let mut engine = Engine::new(memory)?;
         let compiled = engine.context.with(|ctx| -> Result<Persistent<Function<'static>>, String> {
             let f: Function = ctx
-                .eval(format!("(function (__input) {{{}\n}})", wrapped_body(source)))
+                .eval(format!("(function (__input, __text, __bytes) {{{}\n}})", wrapped_body(source)))
                 .map_err(|e| describe(&ctx, e))?;
             Ok(Persistent::save(&ctx, f))
         })?;
@@ -256,13 +287,14 @@ impl Engine {
     }
 
     /// Runs the compiled transform on `input` (JSON) within `timeout`.
-    fn call(&self, input: &str, timeout: Duration) -> Result<Option<String>, String> {
+    fn call(&self, input: &Input3, timeout: Duration) -> Result<Option<String>, String> {
         let Some(compiled) = self.compiled.clone() else { return Err("no script compiled".to_string()) };
         let deadline = base().elapsed() + timeout;
         self.deadline.store(deadline.as_nanos() as u64, Ordering::Relaxed);
         let result = self.context.with(|ctx| {
             let f = compiled.restore(&ctx).map_err(|e| format!("script engine: {e}"))?;
-            f.call::<_, Option<String>>((input.to_string(),)).map_err(|e| describe(&ctx, e))
+            f.call::<_, Option<String>>((input.meta.as_str(), input.text.as_deref(), input.base64.as_deref()))
+                .map_err(|e| describe(&ctx, e))
         });
         self.deadline.store(u64::MAX, Ordering::Relaxed);
         match result {
@@ -373,7 +405,7 @@ impl Transform {
     /// Runs the transformation on `input`, on the transform's own threads.
     pub async fn run(&self, input: &Input<'_>) -> Result<Reshaped, String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.pool().submit(Job { input: input_json(input), reply: Reply::Async(tx) })?;
+        self.pool().submit(Job { input: input3(input), reply: Reply::Async(tx) })?;
         let out = rx.await.map_err(|_| "the transform's thread ended".to_string())??;
         answer_to_reshaped(out, input.body)
     }
@@ -382,7 +414,7 @@ impl Transform {
     /// the benchmark).
     pub fn run_blocking(&self, input: &Input<'_>) -> Result<Reshaped, String> {
         let (tx, rx) = std::sync::mpsc::channel();
-        self.pool().submit(Job { input: input_json(input), reply: Reply::Blocking(tx) })?;
+        self.pool().submit(Job { input: input3(input), reply: Reply::Blocking(tx) })?;
         let out = rx.recv().map_err(|_| "the transform's thread ended".to_string())??;
         answer_to_reshaped(out, input.body)
     }
@@ -395,30 +427,26 @@ fn answer_to_reshaped(out: Option<String>, original: &[u8]) -> Result<Reshaped, 
     }
 }
 
-/// `req` as JSON text. A JSON body is embedded as it is (validated, not
-/// parsed into a tree and written out again).
-fn input_json(input: &Input<'_>) -> String {
+/// A call's arguments for `input`: `req`'s small fields as JSON, the
+/// body as text, and its base64 only when it is not UTF-8 (else the script
+/// encodes the text on first read of `req.base64`).
+fn input3(input: &Input<'_>) -> Input3 {
     #[derive(serde::Serialize)]
-    struct Doc<'a> {
+    struct Meta<'a> {
         id: &'a str,
         route: &'a str,
         received_at: String,
         headers: std::collections::BTreeMap<String, std::borrow::Cow<'a, str>>,
-        body: Option<&'a serde_json::value::RawValue>,
-        text: Option<&'a str>,
-        base64: String,
     }
-    let text = std::str::from_utf8(input.body).ok();
-    let doc = Doc {
+    let meta = Meta {
         id: input.id,
         route: input.route,
         received_at: crate::text::rfc3339(input.received_ms),
         headers: input.headers.iter().map(|(n, v)| (n.to_ascii_lowercase(), String::from_utf8_lossy(v))).collect(),
-        body: text.and_then(|t| serde_json::from_str::<&serde_json::value::RawValue>(t).ok()),
-        text,
-        base64: base64::engine::general_purpose::STANDARD.encode(input.body),
     };
-    serde_json::to_string(&doc).unwrap_or_else(|_| "{}".to_string())
+    let text = std::str::from_utf8(input.body).ok().map(str::to_string);
+    let base64 = text.is_none().then(|| base64::engine::general_purpose::STANDARD.encode(input.body));
+    Input3 { meta: serde_json::to_string(&meta).unwrap_or_else(|_| "{}".to_string()), text, base64 }
 }
 
 /// The script's answer (`JSON.stringify`'d) as what to send.
@@ -586,6 +614,28 @@ mod tests {
                 other => assert!(other.is_err(), "a frozen global refuses the leak: {other:?}"),
             }
         }
+    }
+
+    /// `body`, `text` and `base64` as the script sees them (made on first
+    /// read): for JSON, text that is not JSON, and bytes that are not UTF-8;
+    /// `body` assignable; all three in `JSON.stringify(req)`.
+    #[test]
+    fn the_body_in_its_three_forms() {
+        let show = t("function transform(req) { return { body: JSON.stringify([req.body, req.text, req.base64]) }; }");
+        let sent = |body: &[u8]| match show.run_blocking(&input(body)) {
+            Ok(Reshaped::Send { body, .. }) => String::from_utf8_lossy(&body).into_owned(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(sent(br#"{"a":1}"#), r#"[{"a":1},"{\"a\":1}","eyJhIjoxfQ=="]"#);
+        assert_eq!(sent(b"plain"), r#"[null,"plain","cGxhaW4="]"#);
+        assert_eq!(sent(&[0xff, 0x00, 0x41]), r#"[null,null,"/wBB"]"#);
+        let whole = t("function transform(req) { req.body = { b: 2 }; return { body: JSON.stringify(req) }; }");
+        let Ok(Reshaped::Send { body, .. }) = whole.run_blocking(&input(br#"{"a":1}"#)) else { panic!("sent") };
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(v["body"], serde_json::json!({ "b": 2 }));
+        assert_eq!(v["text"], r#"{"a":1}"#);
+        assert_eq!(v["base64"], "eyJhIjoxfQ==");
+        assert_eq!(v["route"], "/in");
     }
 
     #[test]

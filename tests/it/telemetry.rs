@@ -83,19 +83,38 @@ fn attr<'a>(span: &'a serde_json::Value, key: &str) -> &'a serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_callback_and_its_attempts_are_one_span_tree_in_the_senders_trace() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    span_tree(dir.path(), None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_span_tree_on_the_jetstream_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats = crate::nats::NatsNode::single(dir.path());
+    span_tree(dir.path(), Some(&nats.url())).await;
+}
+
+/// The span tree of one callback with a `traceparent`, delivered to `a`
+/// at once and to `b` after a 503; on the local store, or on JetStream at
+/// `nats`.
+async fn span_tree(dir: &Path, nats: Option<&str>) {
     let collector = Collector::start();
     let a = TestReceiver::ok().await;
     let b = TestReceiver::scripted(|n, _| Reply::Status(if n == 0 { 503 } else { 200 })).await;
+    let dests = [
+        ("a", a.url("/a"), ""),
+        ("b", b.url("/b"), "[destinations.b.retry]\ninitial = \"10ms\"\nmax_interval = \"20ms\""),
+    ];
+    let dests: Vec<(&str, &str, &str)> = dests.iter().map(|(n, u, e)| (*n, u.as_str(), *e)).collect();
+    let base = match nats {
+        None => config(&dests),
+        Some(url) => crate::jetstream::jet_config(&[url.to_string()], "traced", 1, &dests),
+    };
     let toml = format!(
-        "{}[telemetry.otlp]\nendpoint = \"http://127.0.0.1:{}\"\nheaders = {{ x-api-key = \"env:OTLP_KEY\" }}\ninterval = \"100ms\"\n",
-        config(&[
-            ("a", &a.url("/a"), ""),
-            ("b", &b.url("/b"), "[destinations.b.retry]\ninitial = \"10ms\"\nmax_interval = \"20ms\""),
-        ]),
+        "{base}[telemetry.otlp]\nendpoint = \"http://127.0.0.1:{}\"\nheaders = {{ x-api-key = \"env:OTLP_KEY\" }}\ninterval = \"100ms\"\n",
         collector.port
     );
-    let dir = tempfile::tempdir().expect("tempdir");
-    let relay = RelayProcess::start_with_env(&write(dir.path(), &toml), &[("OTLP_KEY", "k-4f1c9e")]).await;
+    let relay = RelayProcess::start_with_env(&write(dir, &toml), &[("OTLP_KEY", "k-4f1c9e")]).await;
     let (trace, sender_span) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
     let traceparent = format!("00-{trace}-{sender_span}-01");
     let (status, _, body) = request(
