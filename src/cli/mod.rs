@@ -38,8 +38,13 @@ pub fn dispatch(cli: Cli) -> ExitCode {
         Command::Check { config } => relay::check(config),
         Command::Keygen { ed25519 } => relay::keygen(ed25519),
         Command::Repair { config } => relay::repair(config),
-        Command::Transform { config, destination, file, content_type } => {
-            relay::transform(config, &destination, file, &content_type)
+        Command::Transform { config, destination, file, message, admin, token, content_type } => {
+            let source = match (file, message) {
+                (Some(file), _) => relay::Tried::File { file, content_type },
+                (None, Some(id)) => relay::Tried::Message { id, admin, token },
+                (None, None) => unreachable!("clap requires --file or --message"),
+            };
+            relay::transform(config, &destination, source)
         }
         Command::Run { config, log_format } => relay::run(config, log_format),
         Command::Sink { addr, status, delay, fail_ratio, fail_status } => {
@@ -98,9 +103,21 @@ pub enum Command {
         #[arg(short, long)]
         destination: String,
         /// The callback body.
-        #[arg(short, long, value_name = "BODY")]
-        file: PathBuf,
-        /// The callback's Content-Type, as the script sees it in headers.
+        #[arg(short, long, value_name = "BODY", required_unless_present = "message", conflicts_with = "message")]
+        file: Option<PathBuf>,
+        /// A stored message instead (its body, headers, route and time),
+        /// read from the running relay's admin API (`--admin`, or the
+        /// configuration's admin address).
+        #[arg(long, value_name = "ID")]
+        message: Option<String>,
+        /// The admin API, e.g. http://127.0.0.1:9090 (with `--message`).
+        #[arg(long, env = "SWITCHBOARD_ADMIN", value_name = "URL")]
+        admin: Option<String>,
+        /// Bearer token (`admin.token`), with `--message`.
+        #[arg(long, env = "SWITCHBOARD_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// The callback's Content-Type, as the script sees it in headers
+        /// (with `--file`).
         #[arg(long, default_value = "application/json")]
         content_type: String,
     },

@@ -154,7 +154,86 @@ fn serve(config: Config) -> anyhow::Result<()> {
 
 /// `switchboard transform`: a destination's transform on a body from a
 /// file, printed as the destination would get it.
-pub fn transform(config: PathBuf, destination: &str, file: PathBuf, content_type: &str) -> ExitCode {
+/// What `transform` runs the script on.
+pub enum Tried {
+    File { file: PathBuf, content_type: String },
+    Message { id: String, admin: Option<String>, token: Option<String> },
+}
+
+/// A callback to try a transform on: id, route, time, headers, body.
+struct Callback {
+    id: String,
+    route: String,
+    received_ms: u64,
+    headers: Vec<(String, bytes::Bytes)>,
+    body: Vec<u8>,
+}
+
+/// The stored message `id`, from the admin API.
+fn fetch_message(
+    config: &std::path::Path,
+    id: &str,
+    admin: Option<String>,
+    token: Option<String>,
+) -> Result<Callback, ExitCode> {
+    let target = crate::client::ctl::Target { admin, token, config: Some(config.to_path_buf()) };
+    let fetched = crate::client::ctl::AdminClient::new(&target).and_then(|client| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| crate::client::ctl::CtlError::Failed(format!("cannot start: {e}")))?;
+        rt.block_on(client.message(id, true))
+    });
+    let v = fetched.map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(e.exit_code())
+    })?;
+    let body = match (v["body"].as_str(), v["body_base64"].as_str()) {
+        (Some(text), _) => text.as_bytes().to_vec(),
+        (None, Some(b64)) => {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.decode(b64).unwrap_or_default()
+        }
+        (None, None) => Vec::new(),
+    };
+    let headers = v["headers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|h| Some((h["name"].as_str()?.to_string(), bytes::Bytes::from(h["value"].as_str()?.to_string()))))
+        .collect();
+    let received_ms = v["received_at"]
+        .as_str()
+        .and_then(|t| humantime::parse_rfc3339(t).ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or_else(crate::text::now_ms, |d| d.as_millis() as u64);
+    Ok(Callback {
+        id: v["id"].as_str().unwrap_or(id).to_string(),
+        route: v["route"].as_str().unwrap_or("/").to_string(),
+        received_ms,
+        headers,
+        body,
+    })
+}
+
+/// `body` without the destination's `strip_body_fields` (a JSON object's
+/// top-level fields), as delivery gives it to the transform.
+fn stripped(body: Vec<u8>, fields: &[String]) -> Vec<u8> {
+    if fields.is_empty() {
+        return body;
+    }
+    match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&body) {
+        Ok(mut map) => {
+            for f in fields {
+                map.shift_remove(f);
+            }
+            serde_json::to_vec(&map).unwrap_or(body)
+        }
+        Err(_) => body,
+    }
+}
+
+pub fn transform(config: PathBuf, destination: &str, tried: Tried) -> ExitCode {
     let cfg = match super::load(&config) {
         Ok(c) => c,
         Err(code) => return code,
@@ -167,20 +246,35 @@ pub fn transform(config: PathBuf, destination: &str, file: PathBuf, content_type
         eprintln!("error: destinations.{destination} has no transform: it gets the callback as received");
         return ExitCode::from(EXIT_CONFIG);
     };
-    let body = match std::fs::read(&file) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("error: cannot read {}: {e}", file.display());
-            return ExitCode::from(66);
+    let callback = match tried {
+        Tried::File { file, content_type } => {
+            let body = match std::fs::read(&file) {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("error: cannot read {}: {e}", file.display());
+                    return ExitCode::from(66);
+                }
+            };
+            let route = cfg.routes.iter().find(|r| r.destinations.iter().any(|d| &**d == destination));
+            Callback {
+                id: "msg_tryout".to_string(),
+                route: route.map_or("/", |r| &r.path).to_string(),
+                received_ms: crate::text::now_ms(),
+                headers: vec![("content-type".to_string(), bytes::Bytes::from(content_type))],
+                body,
+            }
         }
+        Tried::Message { id, admin, token } => match fetch_message(&config, &id, admin, token) {
+            Ok(c) => c,
+            Err(code) => return code,
+        },
     };
-    let route = cfg.routes.iter().find(|r| r.destinations.iter().any(|d| &**d == destination)).map_or("/", |r| &r.path);
-    let headers = vec![("content-type".to_string(), bytes::Bytes::from(content_type.to_string()))];
+    let body = stripped(callback.body, &dest.strip_body_fields);
     let input = crate::delivery::transform::Input {
-        id: "msg_tryout",
-        route,
-        received_ms: crate::text::now_ms(),
-        headers: &headers,
+        id: &callback.id,
+        route: &callback.route,
+        received_ms: callback.received_ms,
+        headers: &callback.headers,
         body: &body,
     };
     match t.run_blocking(&input) {

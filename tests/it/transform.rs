@@ -224,3 +224,58 @@ fn the_cli_prints_what_a_destination_would_receive() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("transform failed") && err.contains("nope") && err.contains("line 2"), "{err}");
 }
+
+/// `--message ID`: the stored callback, read from a running relay's admin
+/// API, through the destination's transform (after its
+/// `strip_body_fields`, as delivery does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_runs_a_transform_on_a_stored_message() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = "function transform(req) {\n  return { body: { seen: req.body, id: req.id, route: req.route } };\n}";
+    let toml = config(&[(
+        "shaped",
+        "http://127.0.0.1:1/s",
+        &format!(
+            "paused = true\nstrip_body_fields = [\"password\"]\n[destinations.shaped.transform]\nsource = {source:?}\n"
+        ),
+    )]);
+    let relay = TestRelay::start(&toml).await;
+    let (status, _, body) =
+        post(&relay.url("/in"), "application/json", r#"{"requestId":"r-9","password":"hunter2"}"#).await;
+    assert_eq!(status, 200);
+    let id = acked_id(&body);
+    let path = crate::binary::write(dir.path(), &toml);
+    let admin = relay.admin_url("");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["transform", "--config"])
+            .arg(&path)
+            .args(["--destination", "shaped", "--message", &id, "--admin", &admin])
+            .output()
+            .expect("cli")
+    })
+    .await
+    .expect("join");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains(r#""seen":{"requestId":"r-9"}"#), "the stored body, stripped: {text}");
+    assert!(text.contains(&format!(r#""id":"{}""#, acked_id(&body))) && text.contains(r#""route":"/in""#), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+    // An id of this store that names no message: the admin API's 404, exit 5.
+    let mut unknown = acked_id(&body);
+    let last = if unknown.ends_with('f') { "e" } else { "f" };
+    unknown.replace_range(unknown.len() - 1.., last);
+    let path = crate::binary::write(dir.path(), &toml);
+    let admin = relay.admin_url("");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["transform", "--config"])
+            .arg(&path)
+            .args(["--destination", "shaped", "--message", &unknown, "--admin", &admin])
+            .output()
+            .expect("cli")
+    })
+    .await
+    .expect("join");
+    assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
+}
