@@ -43,6 +43,11 @@ async fn the_status_page_shows_failures_and_replays_and_resumes_in_a_browser() {
         ),
         ("audit", &audit.url("/a"), "paused = true"),
         ("xss", &xss.url("/x"), "retry = { initial = \"1h\", max_interval = \"1h\" }"),
+        (
+            "shaped",
+            "http://127.0.0.1:1/never",
+            "[destinations.shaped.transform]\nsource = \"function transform(req) { throw new Error('bad shape'); }\"",
+        ),
     ])
     .replace("[admin]\naddr = \"127.0.0.1:0\"\n", "[admin]\naddr = \"127.0.0.1:0\"\ntoken = \"page-token-1\"\n");
     let relay = TestRelay::start(&toml).await;
@@ -53,7 +58,10 @@ async fn the_status_page_shows_failures_and_replays_and_resumes_in_a_browser() {
     eventually!(WAIT, "the setup's dead letters and attempts", {
         let (_, _, m) = request("GET", &relay.admin_url("/metrics"), &auth, "").await;
         let m = String::from_utf8_lossy(&m).into_owned();
-        if metric(&m, "switchboard_dead_letters{destination=\"billing\"}") == 2.0 && xss.count() >= 2 {
+        if metric(&m, "switchboard_dead_letters{destination=\"billing\"}") == 2.0
+            && metric(&m, "switchboard_transform_failures_total{destination=\"shaped\"}") == 2.0
+            && xss.count() >= 2
+        {
             Ok(())
         } else {
             Err(m)

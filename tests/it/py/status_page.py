@@ -41,6 +41,8 @@ try:
     driver.find_element(By.CSS_SELECTOR, "#login button").click()
     dests = lambda d: d.find_element(By.ID, "dests").text
     wait.until(lambda d: "billing" in dests(d) and "<script>" in dests(d) and "retrying" in dests(d))
+    # Dead letters a transform made are told apart (issue 26).
+    wait.until(lambda d: "2 (2 transform failed)" in dests(d))
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#dead button[data-id]"))
     assert driver.execute_script("return window.pwned") is None, "a destination's answer ran as script"
     # Issue 23, point 8: the dead-letter table has column headers, and the
@@ -67,7 +69,7 @@ try:
     assert drawn[0], "xss's failed attempts are not drawn on the first load"
     driver.save_screenshot(f"{shots}/1-failing.png")
     wait.until(lambda d: click(d, "button[data-retry-now='xss']"))
-    wait.until(lambda d: click(d, "#dead button[data-id]"))
+    wait.until(lambda d: click(d, "#dead button[data-id][data-destination='billing']"))
     wait.until(lambda d: click(d, "button[data-destination='audit']"))
 
     def resumed(d):
