@@ -131,15 +131,15 @@ impl Admin {
     }
 
     /// The stored messages with `value` in the indexed body field `field`.
-    fn found_by_field(&self, field: &str, value: &str) -> Response<Full<Bytes>> {
+    async fn found_by_field(&self, field: &str, value: &str) -> Response<Full<Bytes>> {
         if !self.view.load().indexed.iter().any(|f| f == field) {
             return bad_request("no route indexes that field (index = [...] on a route)");
         }
-        match self.store.lookup(crate::store::lookup_key(field, &json!(value))) {
+        match self.store.lookup(crate::store::lookup_key(field, &json!(value))).await {
             Ok(ids) => {
                 let messages: Vec<Value> = ids
                     .iter()
-                    .map(|id| json!({ "id": self.store.external_id(*id), "received_at": rfc3339(crate::store::id_received_ms(*id)) }))
+                    .map(|(id, at)| json!({ "id": self.store.external_id(*id), "received_at": rfc3339(*at) }))
                     .collect();
                 json(StatusCode::OK, json!({ "field": field, "value": value, "messages": messages }))
             }
@@ -149,7 +149,7 @@ impl Admin {
 
     pub(super) async fn message_list(&self, q: &HashMap<String, String>) -> Response<Full<Bytes>> {
         if let (Some(field), Some(value)) = (q.get("field"), q.get("value")) {
-            return self.found_by_field(field, value);
+            return self.found_by_field(field, value).await;
         }
         let Some(dest) = q.get("destination") else {
             return bad_request("destination=NAME (or field=F&value=V) is required");

@@ -120,11 +120,12 @@ impl Store {
     }
 
     /// Stored messages whose route indexes a body field with this key
-    /// ([`crate::store::lookup_key`]), oldest first. JetStream: not available.
-    pub fn lookup(&self, key: u64) -> Result<Vec<u64>, StoreError> {
+    /// ([`crate::store::lookup_key`]), oldest first: (id, received at).
+    /// JetStream: from its index stream (`jetstream/lookup.rs`).
+    pub async fn lookup(&self, key: u64) -> Result<Vec<(u64, u64)>, StoreError> {
         match &self.0 {
-            Backend::Local(s) => Ok(s.lookup(key)),
-            Backend::Jet(_) => self.unsupported(Capability::Lookup),
+            Backend::Local(s) => Ok(s.lookup(key).into_iter().map(|id| (id, super::id_received_ms(id))).collect()),
+            Backend::Jet(s) => s.lookup(key).await,
         }
     }
 

@@ -121,13 +121,13 @@ impl Capabilities {
                 // delivered messages kept and replayed from a stream the
                 // server copies into (`kept.rs`).
                 // Listing walks the stream that holds the state asked for
-                // (`listing.rs`).
+                // (`listing.rs`); lookups read an index stream (`lookup.rs`).
                 Capability::EncryptionAtRest
                 | Capability::Inspection
                 | Capability::Listing
+                | Capability::Lookup
                 | Capability::Retention
                 | Capability::ReplayDelivered => None,
-                Capability::Lookup => Some("the streams keep no index of messages by body field"),
                 Capability::Ordering => Some("any relay may deliver any message"),
                 Capability::RetryNow => {
                     Some("a retry is a nak the server holds until its delay is over; it cannot be asked for sooner")
@@ -162,6 +162,7 @@ mod tests {
             Capability::EncryptionAtRest,
             Capability::Inspection,
             Capability::Listing,
+            Capability::Lookup,
             Capability::Retention,
             Capability::ReplayDelivered,
         ];

@@ -582,3 +582,69 @@ async fn jetstream_keeps_delivered_messages_and_sends_them_again() {
     assert!(text.contains("kept 1h (store.retain_delivered) in the stream kept-kept"), "{text}");
     assert_eq!(billing.count(), 8, "nothing else sent");
 }
+
+/// `routes[].index` on JetStream: callbacks are found by an indexed body
+/// field from either of two relays (the index is a stream both read), in
+/// the order received, with their receive times; each found id can be
+/// inspected; the CLI's `messages find` says the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_finds_callbacks_by_an_indexed_field_from_any_relay() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats = NatsNode::single(dir.path());
+    let r = TestReceiver::ok().await;
+    // Paused: the callbacks stay in the work stream, to be inspected.
+    let toml = jet_config(&[nats.url()], "found", 1, &[("app", &r.url("/app"), "paused = true")])
+        .replace("destinations = [\"app\"]\n", "destinations = [\"app\"]\nindex = [\"requestId\"]\n");
+    let one = TestRelay::start(&toml).await;
+    let two = TestRelay::start(&toml).await;
+    for relay in [&one, &two] {
+        eventually!(WAIT, "the relay ready", {
+            match get(&relay.admin_url("/readyz")).await.0 {
+                200 => Ok(()),
+                s => Err(format!("readyz {s}")),
+            }
+        });
+    }
+    let mut r1 = Vec::new();
+    for (relay, dev) in [(&one, "d1"), (&two, "d2")] {
+        let body = format!(r#"{{"requestId":"r-1","deviceIds":[{{"id":"{dev}"}}]}}"#);
+        let (s, _, b) = post(&relay.url("/in"), "application/json", body).await;
+        assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+        r1.push(acked_id(&b));
+    }
+    assert_eq!(post(&one.url("/in"), "application/json", r#"{"requestId":"r-2"}"#).await.0, 200);
+    let find = |relay: &TestRelay, value: &str| {
+        let url = relay.admin_url(&format!("/api/messages?field=requestId&value={value}"));
+        async move {
+            let (s, _, b) = get(&url).await;
+            assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+            serde_json::from_slice::<serde_json::Value>(&b).expect("json")["messages"].clone()
+        }
+    };
+    for relay in [&one, &two] {
+        let found = eventually!(WAIT, "both r-1 callbacks indexed", {
+            let v = find(relay, "r-1").await;
+            let ids: Vec<String> =
+                v.as_array().into_iter().flatten().filter_map(|m| m["id"].as_str().map(str::to_string)).collect();
+            if ids == r1 {
+                Ok(v)
+            } else {
+                Err(format!("{ids:?} (want {r1:?})"))
+            }
+        });
+        assert!(found[0]["received_at"].as_str().is_some_and(|t| t.starts_with("20")), "{found}");
+        assert_eq!(find(relay, "r-3").await.as_array().map(Vec::len), Some(0));
+    }
+    for id in &r1 {
+        assert_eq!(get(&two.admin_url(&format!("/api/messages/{id}"))).await.0, 200, "{id} can be inspected");
+    }
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["messages", "find", "requestId", "r-1", "--admin", &two.admin_url("")])
+        .output()
+        .await
+        .expect("cli");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && r1.iter().all(|id| text.contains(id.as_str())), "{text}");
+    one.stop().await.expect("stop");
+    two.stop().await.expect("stop");
+}

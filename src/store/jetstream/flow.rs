@@ -27,6 +27,9 @@ pub(crate) struct Publish {
     record: Bytes,
     /// The callback's de-duplication key, if its route has one.
     dedupe: Option<[u8; 16]>,
+    /// Its lookup keys (`lookup.rs`) and when it was received.
+    index: Vec<u64>,
+    received_ms: u64,
 }
 
 impl Jet {
@@ -42,9 +45,10 @@ impl Jet {
             // Refused by the configuration check; never silently unordered.
             return Err(StoreError::Setup("ordering per key is not available with store.kind = \"jetstream\"".into()));
         }
+        let received_ms = draft.received_ms();
         let record = draft.into_record();
         self.accepting(record.len() as u64 + HEADER_ROOM)?;
-        Ok(Publish { record, dedupe })
+        Ok(Publish { record, dedupe, index: marks.index.to_vec(), received_ms })
     }
 
     /// Publishes and waits for the stream's acknowledgement (on a quorum
@@ -95,6 +99,9 @@ impl Jet {
                     }
                     if let Some(key) = p.dedupe {
                         self.remember(&key, ack.sequence).await?;
+                    }
+                    if !p.index.is_empty() {
+                        self.index(ack.sequence, p.received_ms, &p.index).await;
                     }
                     return Ok(ack.sequence);
                 }

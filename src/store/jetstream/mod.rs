@@ -52,6 +52,7 @@ mod flow;
 mod history;
 mod kept;
 mod listing;
+mod lookup;
 mod setup;
 
 use std::collections::{HashMap, VecDeque};
@@ -175,6 +176,8 @@ struct Ready {
     /// The copies kept for `retain_delivered` (`kept.rs`).
     kept: Option<stream::Stream>,
     dedupe: Option<kv::Store>,
+    /// Lookup entries by indexed field (`lookup.rs`).
+    index: stream::Stream,
     /// The stream's id part of external ids (`msg_<uid><seq>`).
     uid: String,
     max_payload: usize,

@@ -253,12 +253,14 @@ impl Jet {
                 None
             }
         };
+        let index_age = c.retain.map_or(super::lookup::INDEX_MAX_AGE, |(age, _)| age);
+        let index = super::lookup::ensure_index(&js, &names, c.replicas, index_age).await?;
         let mut consumers = Vec::new();
         for d in self.inner.dests.values() {
             consumers.push((d.clone(), self.consumer(&stream, &d.name).await?));
         }
         let max_payload = client.server_info().max_payload;
-        let ready = Ready { client, js, stream, dead, state, history, kept, dedupe, uid, max_payload };
+        let ready = Ready { client, js, stream, dead, state, history, kept, dedupe, index, uid, max_payload };
         if self.inner.ready.set(ready).is_err() {
             return Ok(());
         }
