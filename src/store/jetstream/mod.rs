@@ -27,6 +27,10 @@
 //!   (`history.rs`), kept 7 days.
 //! - key-value bucket `S-dedupe` (only when a route de-duplicates): the
 //!   durable de-duplication keys, expiring after the longest window.
+//! - stream `S-kept` (only with `retain_delivered`): copies of the work
+//!   stream's messages the server makes and expires (`kept.rs`).
+//! - stream `S-index`, subjects `S.index.<lookup key>`: one entry per
+//!   indexed field value and callback, for lookups (`lookup.rs`).
 //!
 //! **Acknowledgement**: ingress answers 2xx only after the stream's
 //! PubAck (for `replicas = 3`: stored on a quorum). Publishes carry a
