@@ -41,6 +41,7 @@ mod request;
 pub mod retry;
 pub mod signing;
 pub mod transform;
+mod xml;
 
 /// One destination (`[destinations.NAME]`, validated).
 #[derive(Debug, Clone)]

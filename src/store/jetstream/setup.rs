@@ -241,20 +241,7 @@ impl Jet {
                 .await?,
             ),
         };
-        let kept = match c.retain {
-            Some((age, bytes)) => Some(super::kept::ensure_kept(&js, &names, c.replicas, age, bytes).await?),
-            None => {
-                if js.get_stream(names.kept_stream()).await.is_ok() {
-                    tracing::warn!(
-                        stream = %names.kept_stream(),
-                        "store.retain_delivered is off but the kept stream exists: NATS goes on copying callbacks into it until it is deleted (nats stream rm)"
-                    );
-                }
-                None
-            }
-        };
-        let index_age = c.retain.map_or(super::lookup::INDEX_MAX_AGE, |(age, _)| age);
-        let index = super::lookup::ensure_index(&js, &names, c.replicas, index_age).await?;
+        let (kept, index) = copies(&js, &names, c).await?;
         let mut consumers = Vec::new();
         for d in self.inner.dests.values() {
             consumers.push((d.clone(), self.consumer(&stream, &d.name).await?));
@@ -499,4 +486,28 @@ fn another_server(
     let best: Vec<&async_nats::Server> = others.iter().filter(|s| s.failed_attempts == least).collect();
     let pick = best.get(rand::random::<usize>() % best.len().max(1))?;
     Some(async_nats::ReconnectToServer { addr: pick.addr.clone(), delay: None })
+}
+
+/// The streams the server fills beside the work stream: `S-kept` (with
+/// `retain_delivered`; a leftover one is warned about) and `S-index`.
+async fn copies(
+    js: &jetstream::Context,
+    names: &Names<'_>,
+    c: &JetConfig,
+) -> Result<(Option<stream::Stream>, stream::Stream), StoreError> {
+    let kept = match c.retain {
+        Some((age, bytes)) => Some(super::kept::ensure_kept(js, names, c.replicas, age, bytes).await?),
+        None => {
+            if js.get_stream(names.kept_stream()).await.is_ok() {
+                tracing::warn!(
+                    stream = %names.kept_stream(),
+                    "store.retain_delivered is off but the kept stream exists: NATS goes on copying callbacks into it until it is deleted (nats stream rm)"
+                );
+            }
+            None
+        }
+    };
+    let index_age = c.retain.map_or(super::lookup::INDEX_MAX_AGE, |(age, _)| age);
+    let index = super::lookup::ensure_index(js, names, c.replicas, index_age).await?;
+    Ok((kept, index))
 }
