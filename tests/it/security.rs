@@ -204,6 +204,12 @@ async fn secrets_never_reach_logs_or_check_output() {
     let toml = config(&[("a", &r.url("/a"), "strip_body_fields = [\"password\"]")])
         .replace("destinations = [\"a\"]\n", "destinations = [\"a\"]\n[routes.auth.body_fields]\nusername = \"user\"\npasswords = [\"env:SB_TEST_SECRET_PW\", \"inline-old-Secret-77\"]\n")
         .replace("[admin]\naddr = \"127.0.0.1:0\"\n", "[admin]\naddr = \"0.0.0.0:0\"\ntoken = \"admin-Token-55\"\n");
+    // An OTLP collector's key, sent with exports that fail (nothing listens
+    // on port 1): neither the check nor the failures' log lines show it.
+    let down = dead_addr().await;
+    let toml = format!(
+        "{toml}[telemetry.otlp]\nendpoint = \"http://{down}\"\ninterval = \"50ms\"\nheaders = {{ x-api-key = \"otlp-Key-31\" }}\n"
+    );
     let path = write(dir.path(), &toml);
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
@@ -214,7 +220,7 @@ async fn secrets_never_reach_logs_or_check_output() {
         .expect("check");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{text}");
-    for secret in ["env-Secret-99", "inline-old-Secret-77", "admin-Token-55"] {
+    for secret in ["env-Secret-99", "inline-old-Secret-77", "admin-Token-55", "otlp-Key-31"] {
         assert!(!text.contains(secret), "check printed {secret}: {text}");
     }
     assert!(text.contains("env:SB_TEST_SECRET_PW"), "references are shown as written: {text}");
@@ -237,9 +243,16 @@ async fn secrets_never_reach_logs_or_check_output() {
     let (status, _, metrics) =
         request("GET", &relay.admin_url("/metrics"), &[("authorization", "Bearer admin-Token-55")], "").await;
     assert_eq!(status, 200);
+    eventually!(WAIT, "an OTLP export failed and was logged", {
+        if relay.logs().contains("OTLP export failed") {
+            Ok(())
+        } else {
+            Err("not yet".to_string())
+        }
+    });
     let logs = relay.logs();
     assert!(logs.len() > 100, "debug logs were captured");
-    for secret in ["env-Secret-99", "inline-old-Secret-77", "admin-Token-55", "wrong-Guess-11"] {
+    for secret in ["env-Secret-99", "inline-old-Secret-77", "admin-Token-55", "wrong-Guess-11", "otlp-Key-31"] {
         assert!(!logs.contains(secret), "logs contain {secret}");
         assert!(!String::from_utf8_lossy(&metrics).contains(secret), "metrics contain {secret}");
     }
