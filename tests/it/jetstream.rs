@@ -189,7 +189,14 @@ async fn unreachable_at_start_then_ready_and_max_payload_is_413() {
     let (s, headers, _) = post(&relay.url("/in"), "text/plain", "too early").await;
     assert_eq!(s, 503);
     assert!(headers.contains_key("retry-after"));
-    assert!(relay.logs().contains("NATS not reachable"), "{}", relay.logs());
+    eventually!(WAIT, "NATS not reachable logged", {
+        let logs = relay.logs();
+        if logs.contains("NATS not reachable") {
+            Ok(())
+        } else {
+            Err(logs)
+        }
+    });
 
     let _nats = NatsNode::single_with(dir.path(), port, "max_payload: 4096");
     eventually!(WAIT, "ready after NATS came up", {

@@ -54,9 +54,13 @@ async fn a_destination_that_answers_again_gets_its_waiting_retries_at_once() {
     post_n(&relay, "late", 1).await;
     let got = r.wait_for(7, WAIT).await;
     assert_eq!(bodies(&got, 3), ["early-0", "early-1", "early-2", "late-0"]);
-    let logs = relay.logs();
-    let line = logs.lines().find(|l| l.contains("destination answers again")).unwrap_or_else(|| panic!("{logs}"));
-    let v: serde_json::Value = serde_json::from_str(line).expect("json log line");
+    // The relay's stderr is read by a thread of the test: the line may
+    // come a moment after the requests it preceded.
+    let line = eventually!(WAIT, "the line saying the destination answers again", {
+        let logs = relay.logs();
+        logs.lines().find(|l| l.contains("destination answers again")).map(str::to_string).ok_or(logs)
+    });
+    let v: serde_json::Value = serde_json::from_str(&line).expect("json log line");
     assert_eq!(v["brought_forward"], 3, "{line}");
 }
 
