@@ -85,28 +85,44 @@ struct Input3 {
 }
 
 /// A transform's threads: each owns one engine (kept warm between calls,
-/// replaced after a failure) and takes calls from one queue. They end, and
-/// drop their engines on their own thread, when the transform is dropped
-/// (a reload, shutdown). Engines are never dropped by thread-local
-/// destructors: that crashed (QuickJS's own state may be gone by then).
+/// replaced after a failure) and a queue of its own; a call goes to the
+/// thread with the fewest calls queued or running, so a slow call delays
+/// only what is queued behind it on its thread. They end, and drop their
+/// engines on their own thread, when the transform is dropped (a reload,
+/// shutdown). Engines are never dropped by thread-local destructors: that
+/// crashed (QuickJS's own state may be gone by then).
 struct Pool {
-    jobs: std::sync::Mutex<std::sync::mpsc::Sender<Job>>,
+    threads: Vec<(std::sync::mpsc::Sender<Job>, Arc<std::sync::atomic::AtomicUsize>)>,
+}
+
+/// How long a thread that finished a call looks for the next one before
+/// it sleeps: under load the next call is usually there by then, and
+/// waking a sleeping thread costs more than the call.
+const LINGER: Duration = Duration::from_micros(50);
+
+/// The next call for a thread (`None`: the transform was dropped).
+fn next_job(rx: &std::sync::mpsc::Receiver<Job>) -> Option<Job> {
+    let until = Instant::now() + LINGER;
+    loop {
+        match rx.try_recv() {
+            Ok(job) => return Some(job),
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => return None,
+            Err(std::sync::mpsc::TryRecvError::Empty) if Instant::now() < until => std::thread::yield_now(),
+            Err(std::sync::mpsc::TryRecvError::Empty) => return rx.recv().ok(),
+        }
+    }
 }
 
 impl Pool {
     fn start(source: Arc<str>, timeout: Duration, memory: usize) -> Pool {
-        let (tx, rx) = std::sync::mpsc::channel::<Job>();
-        let rx = Arc::new(std::sync::Mutex::new(rx));
+        let mut threads = Vec::new();
         for i in 0..THREADS {
-            let (rx, source) = (rx.clone(), source.clone());
+            let (tx, rx) = std::sync::mpsc::channel::<Job>();
+            let load = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let (mine, source) = (load.clone(), source.clone());
             let spawned = std::thread::Builder::new().name(format!("transform-{i}")).spawn(move || {
                 let mut engine: Option<Engine> = None;
-                loop {
-                    let job = match rx.lock() {
-                        Ok(r) => r.recv(),
-                        Err(_) => return,
-                    };
-                    let Ok(job) = job else { return };
+                while let Some(job) = next_job(&rx) {
                     let answer = match engine.take().map_or_else(|| Engine::compiled(&source, memory), Ok) {
                         Ok(e) => {
                             let answer = e.call(&job.input, timeout);
@@ -118,6 +134,7 @@ impl Pool {
                         }
                         Err(e) => Err(e),
                     };
+                    mine.fetch_sub(1, Ordering::Relaxed);
                     match job.reply {
                         Reply::Async(tx) => {
                             let _ = tx.send(answer);
@@ -128,16 +145,22 @@ impl Pool {
                     }
                 }
             });
-            if let Err(e) = spawned {
-                tracing::error!(error = %e, "cannot start a transform thread");
+            match spawned {
+                Ok(_) => threads.push((tx, load)),
+                Err(e) => tracing::error!(error = %e, "cannot start a transform thread"),
             }
         }
-        Pool { jobs: std::sync::Mutex::new(tx) }
+        Pool { threads }
     }
 
     fn submit(&self, job: Job) -> Result<(), String> {
-        let jobs = self.jobs.lock().map_err(|_| "transform queue poisoned".to_string())?;
-        jobs.send(job).map_err(|_| "the transform's threads are gone".to_string())
+        let (tx, load) = self
+            .threads
+            .iter()
+            .min_by_key(|(_, load)| load.load(Ordering::Relaxed))
+            .ok_or_else(|| "the transform has no thread".to_string())?;
+        load.fetch_add(1, Ordering::Relaxed);
+        tx.send(job).map_err(|_| "the transform's threads are gone".to_string())
     }
 }
 
