@@ -279,3 +279,61 @@ async fn the_cli_runs_a_transform_on_a_stored_message() {
     .expect("join");
     assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// On the JetStream store: a destination gets the reshaped callback while
+/// the stored one stays as received (inspection shows the original body),
+/// and a script that throws dead-letters at once with its reason and line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transforms_on_the_jetstream_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats = crate::nats::NatsNode::single(dir.path());
+    let shaped = TestReceiver::ok().await;
+    let plain = TestReceiver::scripted(|_, _| Reply::Status(503)).await;
+    let broken = TestReceiver::ok().await;
+    let toml = crate::jetstream::jet_config(
+        &[nats.url()],
+        "shapes",
+        1,
+        &[
+            (
+                "shaped",
+                &shaped.url("/s"),
+                "[destinations.shaped.transform]\nsource = \"function transform(req) { return { body: { id: req.body.requestId } }; }\"",
+            ),
+            ("plain", &plain.url("/p"), "retry = { initial = \"1h\", max_interval = \"1h\" }"),
+            (
+                "broken",
+                &broken.url("/b"),
+                "[destinations.broken.transform]\nsource = \"function transform(req) {\\n  throw new Error('no shape');\\n}\"",
+            ),
+        ],
+    );
+    let relay = TestRelay::start(&toml).await;
+    eventually!(WAIT, "the relay ready", {
+        match get(&relay.admin_url("/readyz")).await.0 {
+            200 => Ok(()),
+            s => Err(format!("readyz {s}")),
+        }
+    });
+    let original = r#"{"requestId":"r-7","status":"Success"}"#;
+    let (s, _, b) = post(&relay.url("/in"), "application/json", original).await;
+    assert_eq!(s, 200);
+    let id = acked_id(&b);
+    let got = shaped.wait_for(1, WAIT).await;
+    assert_eq!(&got[0].body[..], br#"{"id":"r-7"}"#);
+    let m = relay
+        .wait_metrics("broken dead-lettered", |m| metric(m, "switchboard_dead_letters{destination=\"broken\"}") == 1.0)
+        .await;
+    assert_eq!(metric(&m, "switchboard_transform_failures_total{destination=\"broken\"}"), 1.0);
+    assert_eq!(broken.count(), 0);
+    let (_, _, list) = get(&relay.admin_url("/api/dead-letters/broken")).await;
+    let list: serde_json::Value = serde_json::from_slice(&list).expect("json");
+    let reason = list["dead_letters"][0]["reason"].as_str().unwrap_or_default().to_string();
+    assert!(reason.starts_with("transform failed: Error: no shape") && reason.ends_with("at line 2"), "{list}");
+    // `plain` still holds the message: the stored body is the original.
+    let (s, _, b) = get(&relay.admin_url(&format!("/api/messages/{id}?body=1"))).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    let v: serde_json::Value = serde_json::from_slice(&b).expect("json");
+    assert_eq!(v["body"], original, "{v}");
+    relay.stop().await.expect("stop");
+}
