@@ -7,7 +7,19 @@ use std::time::{Duration, UNIX_EPOCH};
 
 /// Now, in unix milliseconds (0 if the clock is before 1970).
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    let real = std::time::SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    real.saturating_add_signed(clock_offset_ms())
+}
+
+/// For tests only: `SWITCHBOARD_TEST_CLOCK_OFFSET_MS` (signed milliseconds)
+/// steps this process's clock as [`now_ms`] reads it, so the fault suite
+/// can run a relay whose clock is wrong without touching the host's. The
+/// relay warns at start when it is set.
+pub fn clock_offset_ms() -> i64 {
+    static OFFSET: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *OFFSET.get_or_init(|| {
+        std::env::var("SWITCHBOARD_TEST_CLOCK_OFFSET_MS").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+    })
 }
 
 /// Unix milliseconds as RFC 3339 UTC with milliseconds: every time in the

@@ -61,7 +61,11 @@ impl RawConfig {
         let notifications = telemetry::validate_notifications(&mut p, &self);
         let otlp = telemetry::validate_otlp(&mut p, &self);
         if let Some(j) = jetstream.as_mut() {
-            j.dedupe_retention = routes.iter().filter_map(|r| r.dedupe.as_ref().map(|d| d.window)).max();
+            let mut windows: Vec<Duration> =
+                routes.iter().filter_map(|r| r.dedupe.as_ref().map(|d| d.window)).collect();
+            windows.sort();
+            windows.dedup();
+            j.dedupe_windows = windows;
         }
         if !p.0.is_empty() {
             return Err(ConfigError { file: file.to_path_buf(), problems: p.0 });

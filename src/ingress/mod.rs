@@ -294,7 +294,13 @@ impl Ingress {
             })
             .collect();
         drop(parsed);
-        let marks = crate::store::Marks { dedupe: dedupe_key, order: &order, index: &index, reserve: false };
+        let marks = crate::store::Marks {
+            dedupe: dedupe_key,
+            dedupe_window: route.dedupe.as_ref().map_or(Duration::ZERO, |d| d.window),
+            order: &order,
+            index: &index,
+            reserve: false,
+        };
         let appended = match self.store.append_draft(draft, &targets, marks) {
             Ok(a) => a,
             Err(e) => return self.unavailable(&e),

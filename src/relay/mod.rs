@@ -135,6 +135,12 @@ pub async fn run_with_reload(
         listeners.ingress.len(),
         config.listeners.len()
     );
+    if crate::text::clock_offset_ms() != 0 {
+        tracing::warn!(
+            offset_ms = crate::text::clock_offset_ms(),
+            "SWITCHBOARD_TEST_CLOCK_OFFSET_MS is set: this relay's clock is stepped on purpose (tests only)"
+        );
+    }
     let metrics = Arc::new(Metrics::new());
     metrics.preregister();
     crate::ingress::preregister(&metrics, &config.routes);

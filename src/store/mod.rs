@@ -87,6 +87,8 @@ enum Handle {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Marks<'a> {
     pub dedupe: Option<[u8; 16]>,
+    /// The route's de-duplication window (with `dedupe`).
+    pub dedupe_window: std::time::Duration,
     pub order: &'a [(Arc<str>, u64)],
     pub index: &'a [u64],
     /// The relay's own operational event (`[notifications]`): the local

@@ -2,6 +2,7 @@
 
 mod binary;
 mod cli;
+mod clock;
 mod config;
 mod deploy;
 mod encryption;

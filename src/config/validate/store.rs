@@ -119,7 +119,7 @@ pub(super) fn validate_store_kind(p: &mut Problems, raw: &RawConfig) -> Option<J
         ca_file: s.ca_file.clone(),
         client_cert,
         max_bytes: (s.max_bytes > 0).then_some(s.max_bytes),
-        dedupe_retention: None,
+        dedupe_windows: Vec::new(),
         max_ack_pending: s.max_ack_pending,
         ack_wait: s.ack_wait,
         publish_timeout: s.publish_timeout,

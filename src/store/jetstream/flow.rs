@@ -26,7 +26,7 @@ pub(super) const HEADER_ROOM: u64 = 512;
 pub(crate) struct Publish {
     record: Bytes,
     /// The callback's de-duplication key, if its route has one.
-    dedupe: Option<[u8; 16]>,
+    dedupe: Option<([u8; 16], Duration)>,
     /// Its lookup keys (`lookup.rs`) and when it was received.
     index: Vec<u64>,
     received_ms: u64,
@@ -40,7 +40,7 @@ impl Jet {
         _destinations: &[Arc<str>],
         marks: crate::store::Marks<'_>,
     ) -> Result<Publish, StoreError> {
-        let dedupe = marks.dedupe;
+        let dedupe = marks.dedupe.map(|key| (key, marks.dedupe_window));
         if !marks.order.is_empty() {
             // Refused by the configuration check; never silently unordered.
             return Err(StoreError::Setup("ordering per key is not available with store.kind = \"jetstream\"".into()));
@@ -97,8 +97,8 @@ impl Jet {
                     if self.inner.publish_failures.swap(0, Ordering::Relaxed) > 0 {
                         tracing::info!("JetStream publishes succeed again");
                     }
-                    if let Some(key) = p.dedupe {
-                        self.remember(&key, ack.sequence).await?;
+                    if let Some((key, window)) = p.dedupe {
+                        self.remember(&key, window, ack.sequence).await?;
                     }
                     if !p.index.is_empty() {
                         self.index(ack.sequence, p.received_ms, &p.index).await;
@@ -153,28 +153,33 @@ impl Jet {
         });
     }
 
-    /// Stores a de-duplication key with the message it belongs to.
-    async fn remember(&self, key: &[u8; 16], seq: u64) -> Result<(), StoreError> {
-        let Some(bucket) = &self.ready()?.dedupe else { return Ok(()) };
-        let mut v = seq.to_be_bytes().to_vec();
-        v.extend_from_slice(&now_ms().to_be_bytes());
+    /// The bucket of a route's de-duplication `window`.
+    fn dedupe_bucket(&self, window: Duration) -> Result<Option<&async_nats::jetstream::kv::Store>, StoreError> {
+        Ok(self.ready()?.dedupe.iter().find(|(w, _)| *w == window).map(|(_, b)| b))
+    }
+
+    /// Stores a de-duplication key with the message it belongs to, in its
+    /// window's bucket (the server forgets it when the window is over).
+    async fn remember(&self, key: &[u8; 16], window: Duration, seq: u64) -> Result<(), StoreError> {
+        let Some(bucket) = self.dedupe_bucket(window)? else { return Ok(()) };
         bucket
-            .put(hex(key), Bytes::from(v))
+            .put(hex(key), Bytes::from(seq.to_be_bytes().to_vec()))
             .await
             .map(|_| ())
             .map_err(|e| StoreError::Unavailable(format!("JetStream: storing the de-duplication key: {e}")))
     }
 
-    /// The message a de-duplication key was stored with within `window`.
+    /// The message a de-duplication key was stored with within `window`:
+    /// whatever its window's bucket still holds (no clock is compared here:
+    /// a relay an hour behind or ahead of the one that stored the key
+    /// answers the same).
     pub async fn duplicate(&self, key: &[u8; 16], window: Duration) -> Result<Option<u64>, StoreError> {
-        let Some(bucket) = &self.ready()?.dedupe else { return Ok(None) };
+        let Some(bucket) = self.dedupe_bucket(window)? else { return Ok(None) };
         let found = bucket
             .get(hex(key))
             .await
             .map_err(|e| StoreError::Unavailable(format!("JetStream: reading a de-duplication key: {e}")))?;
-        let Some(v) = found.filter(|v| v.len() == 16) else { return Ok(None) };
-        let (seq, at) = (be_u64(&v[..8]), be_u64(&v[8..]));
-        Ok((now_ms().saturating_sub(at) < window.as_millis() as u64).then_some(seq))
+        Ok(found.filter(|v| v.len() >= 8).map(|v| be_u64(&v[..8])))
     }
 
     /// Up to `limit` pulled messages of `dest` for its worker.

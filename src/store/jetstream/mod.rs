@@ -25,8 +25,10 @@
 //!   destinations, seen by every relay through a watch).
 //! - key-value bucket `S-history`: each delivery's state and last attempts
 //!   (`history.rs`), kept 7 days.
-//! - key-value bucket `S-dedupe` (only when a route de-duplicates): the
-//!   durable de-duplication keys, expiring after the longest window.
+//! - key-value buckets `S-dedupe-<window>ms` (one per distinct route
+//!   window): the durable de-duplication keys, expired by the server at
+//!   their window, so relays whose clocks disagree still agree on what is
+//!   a duplicate.
 //! - stream `S-kept` (only with `retain_delivered`): copies of the work
 //!   stream's messages the server makes and expires (`kept.rs`).
 //! - stream `S-index`, subjects `S.index.<lookup key>`: one entry per
@@ -107,9 +109,10 @@ pub struct JetConfig {
     pub client_cert: Option<(PathBuf, PathBuf)>,
     /// The stream's `max_bytes` (new callbacks refused above it); `None`: no limit.
     pub max_bytes: Option<u64>,
-    /// How long de-duplication keys are kept (the longest route window);
-    /// `None`: no route de-duplicates.
-    pub dedupe_retention: Option<Duration>,
+    /// The routes' de-duplication windows, each distinct one a bucket
+    /// whose keys the server expires at that window (no relay's clock is
+    /// read to decide what is within a window); empty: none de-duplicates.
+    pub dedupe_windows: Vec<Duration>,
     /// A consumer's `max_ack_pending`: leased and retrying messages, all
     /// relays together.
     pub max_ack_pending: usize,
@@ -179,7 +182,8 @@ struct Ready {
     history: kv::Store,
     /// The copies kept for `retain_delivered` (`kept.rs`).
     kept: Option<stream::Stream>,
-    dedupe: Option<kv::Store>,
+    /// De-duplication keys: one bucket per route window (`flow.rs`).
+    dedupe: Vec<(Duration, kv::Store)>,
     /// Lookup entries by indexed field (`lookup.rs`).
     index: stream::Stream,
     /// The stream's id part of external ids (`msg_<uid><seq>`).
@@ -233,8 +237,8 @@ impl Names<'_> {
     fn history_bucket(&self) -> String {
         format!("{}-history", self.0)
     }
-    fn dedupe_bucket(&self) -> String {
-        format!("{}-dedupe", self.0)
+    fn dedupe_bucket(&self, window: Duration) -> String {
+        format!("{}-dedupe-{}ms", self.0, window.as_millis())
     }
     fn consumer(dest: &str) -> String {
         format!("d-{dest}")

@@ -225,22 +225,17 @@ impl Jet {
             },
         )
         .await?;
-        let dedupe = match c.dedupe_retention {
-            None => None,
-            Some(window) => Some(
-                ensure_bucket(
-                    &js,
-                    kv::Config {
-                        bucket: names.dedupe_bucket(),
-                        history: 1,
-                        max_age: window,
-                        num_replicas: c.replicas,
-                        ..Default::default()
-                    },
-                )
-                .await?,
-            ),
-        };
+        let mut dedupe = Vec::new();
+        for window in &c.dedupe_windows {
+            let config = kv::Config {
+                bucket: names.dedupe_bucket(*window),
+                history: 1,
+                max_age: *window,
+                num_replicas: c.replicas,
+                ..Default::default()
+            };
+            dedupe.push((*window, ensure_bucket(&js, config).await?));
+        }
         let (kept, index) = copies(&js, &names, c).await?;
         let mut consumers = Vec::new();
         for d in self.inner.dests.values() {
