@@ -244,6 +244,9 @@ impl Ingress {
             Err(resp) => return resp,
         };
         if let Some(answer) = self.body_auth(route, &parts, draft.body()) {
+            if let (Some(span), true) = (span.as_mut(), answer.status().is_success()) {
+                span.outcome = Some("handshake"); // answered, neither stored nor forwarded
+            }
             return answer;
         }
         if let Some(span) = span.as_mut() {

@@ -17,7 +17,7 @@ pub(super) struct IngressSpan {
     pub(super) size: Option<u64>,
     pub(super) message_id: Option<String>,
     /// What became of it when the status alone does not say (a
-    /// duplicate, filtered).
+    /// duplicate, filtered, a sender's handshake).
     pub(super) outcome: Option<&'static str>,
 }
 
