@@ -11,7 +11,8 @@
 //!   state changes.
 //! - `store.refusing` / `store.accepting` come from here: once a second,
 //!   whether the store has room for the largest callback (`/readyz`'s
-//!   question).
+//!   question); told when that changes (not when only the reason's text
+//!   does), and at start only a refusal that outlasts 10 s.
 //! - An event the store cannot take (NATS unreachable, the local log
 //!   broken) waits here, at most [`PENDING`] of them, and is stored when the
 //!   store takes it again; the local store takes events below
@@ -36,6 +37,8 @@ use crate::wake::Wakers;
 const PENDING: usize = 1000;
 /// The first ids listed in an aggregated dead-letter event.
 const FIRST_IDS: usize = 10;
+/// How long a store refusing at start is given before it is told.
+const START_GRACE: Duration = Duration::from_secs(10);
 /// The route name stored with events (shown by inspection).
 pub const ROUTE: &str = "switchboard:notifications";
 
@@ -55,8 +58,10 @@ pub(crate) struct Notifier {
     dead: BTreeMap<Arc<str>, DeadWindow>,
     waiting: VecDeque<(&'static str, Vec<u8>)>,
     dropped: u64,
-    /// The store's last reported state: `None` accepting.
-    refusing: Option<String>,
+    /// What was last told of the store: `Some(true)` refusing, `None`
+    /// nothing yet (the relay is starting).
+    told_refusing: Option<bool>,
+    started: tokio::time::Instant,
     /// What the store must have room for to count as accepting: the
     /// largest callback (`ingress.max_body`), as `/readyz` asks.
     room: u64,
@@ -80,7 +85,8 @@ impl Notifier {
             dead: BTreeMap::new(),
             waiting: VecDeque::new(),
             dropped: 0,
-            refusing: None,
+            told_refusing: None,
+            started: tokio::time::Instant::now(),
             room,
             metrics,
         }
@@ -129,12 +135,26 @@ impl Notifier {
 
     async fn every_second(&mut self) {
         let state = self.store.accepting(self.room).err().map(|e| e.to_string());
-        if state != self.refusing {
-            let event = match &state {
-                Some(reason) => Event::StoreRefusing { reason: reason.clone() },
+        let refusing = state.is_some();
+        // Told on a change of refusing or accepting, not of the reason's
+        // text (a full disk's free bytes change every second). At start,
+        // accepting is the normal state and told by nothing; refusing is
+        // told once it outlasts the start (a JetStream relay connects
+        // after it starts).
+        let tell = match self.told_refusing {
+            Some(before) => before != refusing,
+            None if !refusing => {
+                self.told_refusing = Some(false);
+                false
+            }
+            None => self.started.elapsed() >= START_GRACE,
+        };
+        if tell {
+            self.told_refusing = Some(refusing);
+            let event = match state {
+                Some(reason) => Event::StoreRefusing { reason },
                 None => Event::StoreAccepting,
             };
-            self.refusing = state;
             if self.events.wants(event.kind()) {
                 self.send(event.kind(), crate::events::body(event.kind(), SystemTime::now(), event.data())).await;
             }
