@@ -68,30 +68,15 @@ impl NatsTarget {
     }
 
     async fn client(&self, within: Duration) -> Result<async_nats::Client, String> {
-        use crate::store::JetAuth;
         let connect = || async {
-            let mut opts = async_nats::ConnectOptions::new()
+            let opts = async_nats::ConnectOptions::new()
                 .name("switchboard-destination")
                 .connection_timeout(within)
                 .max_reconnects(None);
-            opts = match &self.access.auth {
-                JetAuth::None => opts,
-                JetAuth::UserPassword { user, password } => {
-                    opts.user_and_password(user.clone(), password.expose().to_string())
-                }
-                JetAuth::Token(t) => opts.token(t.expose().to_string()),
-                JetAuth::NKey(seed) => opts.nkey(seed.expose().to_string()),
-                JetAuth::CredsFile(path) => opts
-                    .credentials_file(path)
-                    .await
-                    .map_err(|e| format!("cannot read nats.creds_file {}: {e}", path.display()))?,
-            };
-            if let Some(ca) = &self.access.ca_file {
-                opts = opts.add_root_certificates(ca.clone()).require_tls(true);
-            }
-            if let Some((cert, key)) = &self.access.client_cert {
-                opts = opts.add_client_certificate(cert.clone(), key.clone()).require_tls(true);
-            }
+            let a = &self.access;
+            let opts =
+                crate::store::with_access(opts, &a.auth, a.ca_file.as_ref(), a.client_cert.as_ref(), "nats.creds_file")
+                    .await?;
             opts.connect(self.server.as_str()).await.map_err(|e| e.to_string())
         };
         self.client.get_or_try_init(connect).await.cloned()

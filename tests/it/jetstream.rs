@@ -292,24 +292,7 @@ async fn a_long_attempt_keeps_its_lease() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_over_tls_with_a_client_certificate_and_an_nkey() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let ca = crate::tls::Ca::new();
-    let (server_cert, server_key) = crate::tls::write_pair(dir.path(), "nats", &ca.leaf(1, None));
-    let (client_cert, client_key) = crate::tls::write_pair(dir.path(), "relay", &ca.leaf(2, None));
-    let ca_file = dir.path().join("ca.crt");
-    std::fs::write(&ca_file, ca.cert.pem()).expect("write ca");
-    let user = nkeys::KeyPair::new_user();
-    let seed = user.seed().expect("seed");
-    let nats = NatsNode::single_with(
-        dir.path(),
-        free_port(),
-        &format!(
-            "tls {{ cert_file: {:?}, key_file: {:?}, ca_file: {:?}, verify: true }}\nauthorization {{ users = [ {{ nkey: {:?} }} ] }}",
-            server_cert.display().to_string(),
-            server_key.display().to_string(),
-            ca_file.display().to_string(),
-            user.public_key()
-        ),
-    );
+    let TlsNkeyNode { nats, ca_file, client_cert, client_key, seed } = TlsNkeyNode::start(dir.path());
     let r = TestReceiver::ok().await;
     let url = format!("tls://127.0.0.1:{}", nats.port);
     let toml = |store_extra: &str| {

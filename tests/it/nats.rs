@@ -219,3 +219,38 @@ pub fn jet_store(servers: &[String], stream: &str, replicas: usize) -> String {
         list.join(", ")
     )
 }
+
+/// A `nats-server` that requires TLS with a client certificate from a CA of
+/// the test's and an NKey user; what a client needs to connect to it.
+pub struct TlsNkeyNode {
+    pub nats: NatsNode,
+    pub ca_file: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    /// The NKey user's seed (`SU...`).
+    pub seed: String,
+}
+
+impl TlsNkeyNode {
+    pub fn start(dir: &Path) -> TlsNkeyNode {
+        let ca = crate::tls::Ca::new();
+        let (server_cert, server_key) = crate::tls::write_pair(dir, "nats", &ca.leaf(1, None));
+        let (client_cert, client_key) = crate::tls::write_pair(dir, "relay", &ca.leaf(2, None));
+        let ca_file = dir.join("ca.crt");
+        std::fs::write(&ca_file, ca.cert.pem()).expect("write ca");
+        let user = nkeys::KeyPair::new_user();
+        let seed = user.seed().expect("seed");
+        let nats = NatsNode::single_with(
+            dir,
+            free_port(),
+            &format!(
+                "tls {{ cert_file: {:?}, key_file: {:?}, ca_file: {:?}, verify: true }}\nauthorization {{ users = [ {{ nkey: {:?} }} ] }}",
+                server_cert.display().to_string(),
+                server_key.display().to_string(),
+                ca_file.display().to_string(),
+                user.public_key()
+            ),
+        );
+        TlsNkeyNode { nats, ca_file, client_cert, client_key, seed }
+    }
+}

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use futures_util::StreamExt;
 
-use crate::nats::NatsNode;
+use crate::nats::{NatsNode, TlsNkeyNode};
 use crate::support::*;
 
 /// Every message in stream `name`: (Nats-Msg-Id, x-switchboard-attempt, body).
@@ -145,24 +145,7 @@ async fn core_nats_reaches_a_subscriber_with_the_relays_headers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_tls_with_a_client_certificate_and_an_nkey() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let ca = crate::tls::Ca::new();
-    let (server_cert, server_key) = crate::tls::write_pair(dir.path(), "nats", &ca.leaf(1, None));
-    let (client_cert, client_key) = crate::tls::write_pair(dir.path(), "relay", &ca.leaf(2, None));
-    let ca_file = dir.path().join("ca.crt");
-    std::fs::write(&ca_file, ca.cert.pem()).expect("write ca");
-    let user = nkeys::KeyPair::new_user();
-    let seed = user.seed().expect("seed");
-    let nats = NatsNode::single_with(
-        dir.path(),
-        crate::nats::free_port(),
-        &format!(
-            "tls {{ cert_file: {:?}, key_file: {:?}, ca_file: {:?}, verify: true }}\nauthorization {{ users = [ {{ nkey: {:?} }} ] }}",
-            server_cert.display().to_string(),
-            server_key.display().to_string(),
-            ca_file.display().to_string(),
-            user.public_key()
-        ),
-    );
+    let TlsNkeyNode { nats, ca_file, client_cert, client_key, seed } = TlsNkeyNode::start(dir.path());
     let url = format!("tls://127.0.0.1:{}", nats.port);
     let tls = format!(
         "ca_file = {:?}\n[destinations.DEST.tls]\nclient_cert = {:?}\nclient_key = {:?}\n",

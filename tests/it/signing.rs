@@ -10,29 +10,10 @@ use base64::Engine;
 
 use crate::support::*;
 
-/// A Python with `standardwebhooks` and `cryptography`: `$SWITCHBOARD_TEST_PYTHON`
-/// (what `.ci/run` sets up), else a virtual environment made once under
-/// `target/` (PyPI is reachable from this project's machines).
+/// A Python with `standardwebhooks` and `cryptography` (`test_python`).
 fn python() -> &'static Path {
     static PYTHON: OnceLock<PathBuf> = OnceLock::new();
-    PYTHON.get_or_init(|| {
-        if let Some(p) = std::env::var_os("SWITCHBOARD_TEST_PYTHON") {
-            return PathBuf::from(p);
-        }
-        let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-venv");
-        let python = venv.join("bin/python");
-        let ready = venv.join(".switchboard-ready");
-        if !ready.exists() {
-            let ok = std::process::Command::new("python3").arg("-m").arg("venv").arg(&venv).status();
-            assert!(ok.is_ok_and(|s| s.success()), "cannot create a Python virtual environment at {}", venv.display());
-            let ok = std::process::Command::new(&python)
-                .args(["-m", "pip", "install", "-q", "standardwebhooks", "cryptography"])
-                .status();
-            assert!(ok.is_ok_and(|s| s.success()), "cannot install standardwebhooks and cryptography from PyPI");
-            std::fs::write(&ready, b"").expect("mark the venv ready");
-        }
-        python
-    })
+    PYTHON.get_or_init(|| test_python("signing", &["standardwebhooks", "cryptography"]))
 }
 
 /// One request to verify: which key, and what the receiver got.

@@ -397,3 +397,24 @@ pub fn counts_by_header(received: &[Received], header: &str) -> HashMap<String, 
     }
     m
 }
+
+/// A Python for the tests that use PyPI packages: `$SWITCHBOARD_TEST_PYTHON`
+/// (the virtual environment `.ci/run` fills), else `target/test-venv`, made
+/// here if missing and given `packages` once (marked by
+/// `.switchboard-ready-<marker>`; PyPI is reachable from these machines).
+pub fn test_python(marker: &str, packages: &[&str]) -> PathBuf {
+    if let Some(p) = std::env::var_os("SWITCHBOARD_TEST_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-venv");
+    let python = venv.join("bin/python");
+    let ready = venv.join(format!(".switchboard-ready-{marker}"));
+    if !ready.exists() {
+        let ok = std::process::Command::new("python3").arg("-m").arg("venv").arg(&venv).status();
+        assert!(ok.is_ok_and(|s| s.success()), "cannot create a Python virtual environment at {}", venv.display());
+        let ok = std::process::Command::new(&python).args(["-m", "pip", "install", "-q"]).args(packages).status();
+        assert!(ok.is_ok_and(|s| s.success()), "cannot install {} from PyPI", packages.join(", "));
+        std::fs::write(&ready, b"").expect("mark the venv ready");
+    }
+    python
+}

@@ -12,26 +12,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use crate::binary::{write, RelayProcess};
 use crate::support::*;
 
-/// A Python with `opentelemetry-proto`: `$SWITCHBOARD_TEST_PYTHON`, else
-/// `target/test-venv`, filled once.
+/// A Python with `opentelemetry-proto` (`test_python`).
 fn python() -> &'static Path {
     static PYTHON: OnceLock<PathBuf> = OnceLock::new();
-    PYTHON.get_or_init(|| {
-        if let Some(p) = std::env::var_os("SWITCHBOARD_TEST_PYTHON") {
-            return PathBuf::from(p);
-        }
-        let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-venv");
-        let python = venv.join("bin/python");
-        let ready = venv.join(".switchboard-ready-otlp");
-        if !ready.exists() {
-            let ok = Command::new("python3").arg("-m").arg("venv").arg(&venv).status();
-            assert!(ok.is_ok_and(|s| s.success()), "cannot create a virtual environment at {}", venv.display());
-            let ok = Command::new(&python).args(["-m", "pip", "install", "-q", "opentelemetry-proto"]).status();
-            assert!(ok.is_ok_and(|s| s.success()), "cannot install opentelemetry-proto");
-            std::fs::write(&ready, b"").expect("marker");
-        }
-        python
-    })
+    PYTHON.get_or_init(|| test_python("otlp", &["opentelemetry-proto"]))
 }
 
 /// The receiver process and the spans it printed.

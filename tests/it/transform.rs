@@ -245,17 +245,19 @@ async fn the_cli_runs_a_transform_on_a_stored_message() {
     assert_eq!(status, 200);
     let id = acked_id(&body);
     let path = crate::binary::write(dir.path(), &toml);
-    let admin = relay.admin_url("");
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
-            .args(["transform", "--config"])
-            .arg(&path)
-            .args(["--destination", "shaped", "--message", &id, "--admin", &admin])
-            .output()
-            .expect("cli")
-    })
-    .await
-    .expect("join");
+    // `switchboard transform` on a stored message, run off the runtime.
+    let try_message = |id: String| {
+        let (path, admin) = (path.clone(), relay.admin_url(""));
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+                .args(["transform", "--config"])
+                .arg(&path)
+                .args(["--destination", "shaped", "--message", &id, "--admin", &admin])
+                .output()
+                .expect("cli")
+        })
+    };
+    let out = try_message(id).await.expect("join");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains(r#""seen":{"requestId":"r-9"}"#), "the stored body, stripped: {text}");
@@ -265,18 +267,7 @@ async fn the_cli_runs_a_transform_on_a_stored_message() {
     let mut unknown = acked_id(&body);
     let last = if unknown.ends_with('f') { "e" } else { "f" };
     unknown.replace_range(unknown.len() - 1.., last);
-    let path = crate::binary::write(dir.path(), &toml);
-    let admin = relay.admin_url("");
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
-            .args(["transform", "--config"])
-            .arg(&path)
-            .args(["--destination", "shaped", "--message", &unknown, "--admin", &admin])
-            .output()
-            .expect("cli")
-    })
-    .await
-    .expect("join");
+    let out = try_message(unknown).await.expect("join");
     assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
 }
 

@@ -22,28 +22,10 @@ fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A Python with the senders' libraries: `$SWITCHBOARD_TEST_PYTHON`, else
-/// `target/test-venv`, made and filled once.
+/// A Python with the senders' libraries (`test_python`).
 fn python() -> &'static Path {
     static PYTHON: OnceLock<PathBuf> = OnceLock::new();
-    PYTHON.get_or_init(|| {
-        if let Some(p) = std::env::var_os("SWITCHBOARD_TEST_PYTHON") {
-            return PathBuf::from(p);
-        }
-        let venv = root().join("target/test-venv");
-        let python = venv.join("bin/python");
-        let ready = venv.join(".switchboard-ready-signers");
-        if !ready.exists() {
-            let ok = Command::new("python3").arg("-m").arg("venv").arg(&venv).status();
-            assert!(ok.is_ok_and(|s| s.success()), "cannot create a virtual environment at {}", venv.display());
-            let ok = Command::new(&python)
-                .args(["-m", "pip", "install", "-q", "slack_sdk", "twilio", "svix", "standardwebhooks"])
-                .status();
-            assert!(ok.is_ok_and(|s| s.success()), "cannot install the senders' Python libraries");
-            std::fs::write(&ready, b"").expect("marker");
-        }
-        python
-    })
+    PYTHON.get_or_init(|| test_python("signers", &["slack_sdk", "twilio", "svix", "standardwebhooks"]))
 }
 
 /// An npm prefix with `stripe` and `@octokit/webhooks-methods`:

@@ -93,6 +93,35 @@ pub enum JetAuth {
     CredsFile(PathBuf),
 }
 
+/// `opts` with the way to authenticate (`auth`) and TLS (a CA file and a
+/// client certificate, either of which requires TLS): how the store and a
+/// NATS destination (`delivery/nats.rs`) both connect. `creds_key` names the
+/// `.creds` file's setting in the error if it cannot be read.
+pub async fn with_access(
+    mut opts: async_nats::ConnectOptions,
+    auth: &JetAuth,
+    ca_file: Option<&PathBuf>,
+    client_cert: Option<&(PathBuf, PathBuf)>,
+    creds_key: &str,
+) -> Result<async_nats::ConnectOptions, String> {
+    opts = match auth {
+        JetAuth::None => opts,
+        JetAuth::UserPassword { user, password } => opts.user_and_password(user.clone(), password.expose().to_string()),
+        JetAuth::Token(t) => opts.token(t.expose().to_string()),
+        JetAuth::NKey(seed) => opts.nkey(seed.expose().to_string()),
+        JetAuth::CredsFile(path) => {
+            opts.credentials_file(path).await.map_err(|e| format!("cannot read {creds_key} {}: {e}", path.display()))?
+        }
+    };
+    if let Some(ca) = ca_file {
+        opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let Some((cert, key)) = client_cert {
+        opts = opts.add_client_certificate(cert.clone(), key.clone()).require_tls(true);
+    }
+    Ok(opts)
+}
+
 /// `[store]` with `kind = "jetstream"`, validated.
 #[derive(Debug, Clone)]
 pub struct JetConfig {

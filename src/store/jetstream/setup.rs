@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::{Dest, Inner, Jet, JetAuth, JetConfig, Names, Ready, UID_KEY};
+use super::{Dest, Inner, Jet, JetConfig, Names, Ready, UID_KEY};
 use crate::store::{lock, StoreError};
 use crate::wake::Wakers;
 
@@ -125,7 +125,7 @@ impl Jet {
 
     async fn connect(&self) -> Result<async_nats::Client, Refused> {
         let c = &self.inner.config;
-        let mut opts = async_nats::ConnectOptions::new()
+        let opts = async_nats::ConnectOptions::new()
             .name("switchboard")
             .connection_timeout(Duration::from_secs(5))
             .max_reconnects(None)
@@ -139,24 +139,9 @@ impl Jet {
                     other => tracing::debug!(event = %other, "NATS client event"),
                 }
             });
-        opts = match &c.auth {
-            JetAuth::None => opts,
-            JetAuth::UserPassword { user, password } => {
-                opts.user_and_password(user.clone(), password.expose().to_string())
-            }
-            JetAuth::Token(t) => opts.token(t.expose().to_string()),
-            JetAuth::NKey(seed) => opts.nkey(seed.expose().to_string()),
-            JetAuth::CredsFile(path) => opts
-                .credentials_file(path)
-                .await
-                .map_err(|e| Refused::Fatal(format!("cannot read store.creds_file {}: {e}", path.display())))?,
-        };
-        if let Some(ca) = &c.ca_file {
-            opts = opts.add_root_certificates(ca.clone()).require_tls(true);
-        }
-        if let Some((cert, key)) = &c.client_cert {
-            opts = opts.add_client_certificate(cert.clone(), key.clone()).require_tls(true);
-        }
+        let opts = super::with_access(opts, &c.auth, c.ca_file.as_ref(), c.client_cert.as_ref(), "store.creds_file")
+            .await
+            .map_err(Refused::Fatal)?;
         let mut addrs = Vec::new();
         for s in &c.servers {
             let addr = s
