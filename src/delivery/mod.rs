@@ -22,8 +22,9 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use http::header::HeaderName;
 use http_body_util::{BodyExt, Limited};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
 use tokio::sync::Notify;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use self::retry::{Action, Outcome, TransportError};
@@ -196,10 +197,13 @@ impl Worker {
         }
         let limit = this.dest.concurrency;
         let mut inflight: HashSet<u64> = HashSet::new();
-        let mut tasks: JoinSet<(bool, Option<bool>)> = JoinSet::new();
+        // The attempts in flight run inside this task, not as tasks of their
+        // own: no spawn, no join hand-off (and its wake-up) per delivery.
+        // Each ends with its lease's id and what `attempt` returned, or a
+        // panic caught (an attempt's panic must not end the scheduler).
+        let mut tasks = FuturesUnordered::new();
         let mut breaker = this.dest.breaker.map(|c| breaker::Breaker::new(c, this.breaker_state.clone()));
         this.publish_breaker(breaker::State::Closed);
-        let mut task_ids: HashMap<tokio::task::Id, u64> = HashMap::new();
         // Failed attempts in a row, to say so once the destination answers
         // again (at the default log level only failures were visible).
         let mut failed_in_a_row: u64 = 0;
@@ -245,8 +249,8 @@ impl Worker {
                     inflight.insert(lease.id);
                     let id = lease.id;
                     let w = this.clone();
-                    let handle = tasks.spawn(async move { w.attempt(lease).await });
-                    task_ids.insert(handle.id(), id);
+                    let attempt = async move { w.attempt(lease).await };
+                    tasks.push(std::panic::AssertUnwindSafe(attempt).catch_unwind().map(move |r| (id, r)));
                 }
                 if let Some(t) = breaker_wait {
                     deadline = Some(t);
@@ -261,24 +265,24 @@ impl Worker {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = this.wake.notified() => {}
-                Some(done) = tasks.join_next_with_id() => {
-                    let task = match &done { Ok((task, _)) => *task, Err(e) => e.id() };
+                Some((id, done)) = tasks.next() => {
+                    inflight.remove(&id);
                     let mut opened = false;
-                    if let (Ok((_, (_, Some(ok)))), Some(b)) = (&done, breaker.as_mut()) {
+                    if let (Ok((_, Some(ok))), Some(b)) = (&done, breaker.as_mut()) {
                         if let Some(state) = b.record(*ok, tokio::time::Instant::now()) {
                             opened = state == breaker::State::Open;
                             this.export_breaker(state);
                         }
                     }
                     match &done {
-                        Ok((_, (_, Some(false)))) => {
+                        Ok((_, Some(false))) => {
                             failed_in_a_row += 1;
                             if !failing && (opened || failed_in_a_row >= failing_after) {
                                 failing = true;
                                 this.tell_failing(opened, failed_in_a_row);
                             }
                         }
-                        Ok((_, (_, Some(true)))) if failed_in_a_row > 0 => {
+                        Ok((_, Some(true))) if failed_in_a_row > 0 => {
                             if std::mem::take(&mut failing) {
                                 let failed_attempts = failed_in_a_row;
                                 this.events.emit(Event::Recovered { destination: name.clone(), failed_attempts });
@@ -295,12 +299,9 @@ impl Worker {
                         _ => {}
                     }
                     match done {
-                        Ok((_, (true, _))) => {}
-                        Ok((_, (false, _))) => paused_until = Some(tokio::time::Instant::now() + STORE_ERROR_PAUSE),
-                        Err(e) => tracing::error!(destination = %name, error = %e, "delivery attempt task failed"),
-                    }
-                    if let Some(id) = task_ids.remove(&task) {
-                        inflight.remove(&id);
+                        Ok((true, _)) => {}
+                        Ok((false, _)) => paused_until = Some(tokio::time::Instant::now() + STORE_ERROR_PAUSE),
+                        Err(_) => tracing::error!(destination = %name, "delivery attempt panicked; its entry stays pending"),
                     }
                 }
                 _ = sleep_until(deadline), if deadline.is_some() => {}
@@ -308,9 +309,8 @@ impl Worker {
         }
         if !tasks.is_empty() {
             tracing::info!(destination = %name, in_flight = tasks.len(), "waiting for deliveries in flight");
-            if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await.is_err() {
+            if tokio::time::timeout(grace, async { while tasks.next().await.is_some() {} }).await.is_err() {
                 tracing::warn!(destination = %name, abandoned = tasks.len(), "grace period over; abandoned attempts stay pending");
-                tasks.shutdown().await;
             }
         }
     }
