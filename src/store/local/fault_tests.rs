@@ -207,7 +207,7 @@ proptest! {
                         disk.fail_next(op, kind)
                     }
                     Step::PowerLoss => {
-                        store.inner.db.flush().expect("flush sled");
+                        store.inner.flush_sled().expect("flush sled");
                         store.crash().await;
                         drop(store);
                         disk.power_loss();

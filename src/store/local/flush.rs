@@ -63,6 +63,7 @@ impl Inner {
     /// One group commit of sled (its flusher thread only), if it has writes.
     pub(super) fn flush_state(&self, durability: &mut commit::Durability) -> Result<(), StoreError> {
         if self.sled_dirty.swap(false, Ordering::SeqCst) {
+            self.write_marks()?;
             self.db.flush()?;
             durability.sync().map_err(|source| StoreError::Io { what: "fdatasync of sled's files", source })?;
         }

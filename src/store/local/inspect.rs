@@ -31,7 +31,7 @@ impl Local {
                 Some(v) => Some(StateRecord::decode(&v)?),
                 None => None,
             };
-            let mark = match self.done_mark(place, &key)? {
+            let mark = match self.done_mark(place, &d, id)? {
                 Some(m) => Some(DoneMark::decode(&m)?),
                 None => None,
             };
@@ -64,7 +64,7 @@ impl Local {
     /// The `Done` mark for `key` in the done tree(s) a message at `place`
     /// uses, if there is one (trees there are only: inspecting creates
     /// nothing).
-    pub(super) fn done_mark(&self, place: Place, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+    pub(super) fn done_mark(&self, place: Place, dest: &str, id: u64) -> Result<Option<Vec<u8>>, StoreError> {
         let segments: Vec<u64> = match place {
             Place::Log(loc) => vec![loc.seg],
             Place::Unplaced => {
@@ -74,11 +74,8 @@ impl Local {
             Place::Kept(_) => vec![],
         };
         for seq in segments {
-            let tree = lock(&self.inner.done_trees).get(&seq).cloned();
-            if let Some(t) = tree {
-                if let Some(v) = t.get(key)? {
-                    return Ok(Some(v.to_vec()));
-                }
+            if let Some(v) = self.inner.find_mark(seq, dest, id)? {
+                return Ok(Some(v));
             }
         }
         Ok(None)

@@ -32,7 +32,7 @@
 //! **Lock order** (never taken the other way): the log's queue
 //! (`segments.pending`) → a message's stripe (`msgs[id % 64]`) → the index
 //! or the record cache (never both at once) → `live`, `unneeded`, `retained_unplaced`,
-//! `done_trees` (leaves). The read queue (`reads`) is taken with no other
+//! `marks` → `done_trees` (leaves). The read queue (`reads`) is taken with no other
 //! lock held. The log's `writer` is taken by the flusher alone,
 //! before `files`. A stripe serializes everything done to one message: a
 //! settling change starts by locking it (`Store::leased`).
@@ -61,6 +61,7 @@ mod format;
 mod index;
 mod inspect;
 mod lookup;
+mod marks;
 mod open;
 mod reads;
 mod reclaim;
@@ -259,6 +260,10 @@ struct Inner {
     live: Mutex<BTreeMap<u64, u32>>,
     /// Open done trees by segment.
     done_trees: Mutex<BTreeMap<u64, sled::Tree>>,
+    /// `Done` marks waiting for the next sled flush (`marks.rs`).
+    marks: Mutex<marks::PendingMarks>,
+    /// The number of the next batch of marks written.
+    mark_batches: AtomicU64,
     /// Sealed segments no live message needs, waiting to be deleted.
     unneeded: Mutex<BTreeSet<u64>>,
     /// Sparse sealed segments seen at the last evacuation check.

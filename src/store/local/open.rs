@@ -56,6 +56,7 @@ impl Local {
             retained: retained_count,
             retained_bytes,
             done_trees,
+            mark_batches,
         } = recover::rebuild(
             opts.disk.0.clone(),
             opts.sealer.clone(),
@@ -113,6 +114,8 @@ impl Local {
             reads: Mutex::new(Default::default()),
             live: Mutex::new(live),
             done_trees: Mutex::new(done_trees),
+            marks: Mutex::new(Default::default()),
+            mark_batches: AtomicU64::new(mark_batches),
             unneeded: Mutex::new(BTreeSet::new()),
             evacuate_candidates: Mutex::new(BTreeSet::new()),
             paused: Mutex::new(paused),
@@ -260,10 +263,13 @@ impl Local {
                 let _ = inner.meta.insert(CLEAN_END, v);
             }
         }
-        // The flusher's last flush covered everything, but be explicit: this
-        // is the one flush a clean shutdown must not miss.
+        // The flusher's last flush may have started before the last settles
+        // (their marks wait in memory): this is the one flush a clean
+        // shutdown must not miss.
+        let written = inner.write_marks();
         let db = inner.db.clone();
         tokio::task::spawn_blocking(move || db.flush()).await.map_err(|_| StoreError::FlushFailed)??;
+        written?;
         saved?;
         Ok(())
     }

@@ -65,8 +65,7 @@ impl Inner {
             return Ok(());
         }
         self.log.remove(seq)?;
-        lock(&self.done_trees).remove(&seq);
-        self.db.drop_tree(done_tree_name(seq))?;
+        self.drop_done_tree(seq)?;
         self.sled_written();
         Ok(())
     }

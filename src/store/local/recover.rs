@@ -34,6 +34,8 @@ pub(super) struct Rebuilt {
     pub retained_bytes: u64,
     /// The done trees of the segments there are.
     pub done_trees: BTreeMap<u64, sled::Tree>,
+    /// The number of the next batch of `Done` marks (`marks.rs`).
+    pub mark_batches: u64,
 }
 
 struct Builder {
@@ -130,20 +132,21 @@ pub(super) fn rebuild(
     // A `Done` mark ends a delivery whatever `state` says.
     let mut done_trees = BTreeMap::new();
     let mut retained_marks: HashMap<u64, u32> = HashMap::new();
+    let mut highest_batch = 0;
     for name in db.tree_names() {
         let Some(seq) = parse_done_tree_name(&name) else { continue };
         let tree = db.open_tree(&name)?;
-        for k in tree.iter().keys() {
-            let k = k?;
-            let (dest, id) = parse_state_key(&k)?;
+        let highest = super::marks::for_each_mark(&tree, |dest, id, _| {
             // A retained message's marks are only counted (there may be
             // millions): the log scan checks it has them all.
             if retained.get(&id).is_some_and(|r| matches!(r.place, RetainedPlace::Log(loc) if loc.seg == seq)) {
                 *retained_marks.entry(id).or_default() += 1;
-                continue;
+                return Ok(());
             }
             b.states.insert((dest.to_string(), id), StateRecord::Done { history: Vec::new() });
-        }
+            Ok(())
+        })?;
+        highest_batch = highest_batch.max(highest);
         done_trees.insert(seq, tree);
     }
     // Retained keys that no longer hold (a crash while a message was sent
@@ -209,7 +212,7 @@ pub(super) fn rebuild(
                 // its marks as any message's.
                 if let Some(tree) = done_trees.get(&r.loc.seg) {
                     for d in record_destinations(r.record)? {
-                        if tree.get(state_key(&d, r.id))?.is_some() {
+                        if super::marks::find_in_tree(tree, &d, r.id)?.is_some() {
                             b.states.insert((d, r.id), StateRecord::Done { history: Vec::new() });
                         }
                     }
@@ -287,6 +290,7 @@ pub(super) fn rebuild(
             })
             .sum(),
         done_trees,
+        mark_batches: highest_batch + 1,
     })
 }
 

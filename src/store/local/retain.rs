@@ -215,7 +215,7 @@ impl Local {
     /// How `dest`'s delivery of message `id` (at `place`) ended, if it did.
     pub(super) fn ending(&self, dest: &str, id: u64, place: Place) -> Result<Option<DoneMark>, StoreError> {
         let key = state_key(dest, id);
-        if let Some(mark) = self.done_mark(place, &key)? {
+        if let Some(mark) = self.done_mark(place, dest, id)? {
             return Ok(Some(DoneMark::decode(&mark)?));
         }
         Ok(match self.inner.state.get(&key)? {
@@ -236,6 +236,8 @@ impl Local {
         let inner = &self.inner;
         let range = state_key(dest, from)..state_key(dest, to);
         let mut found: BTreeSet<u64> = BTreeSet::new();
+        // The marks waiting for a flush are read with the rest.
+        inner.write_marks()?;
         // Segments hold ids in order (ids are taken in log order): once a
         // page is full, later segments cannot add to it.
         let trees: Vec<sled::Tree> = lock(&inner.done_trees).values().cloned().collect();
@@ -244,11 +246,16 @@ impl Local {
                 break;
             }
             let delivered = |v: &[u8]| Ok(matches!(DoneMark::decode(v)?, DoneMark::Delivered(_)));
-            self.take_stored(tree.range(range.clone()), delivered, limit, &mut found)?;
+            let marks = inner.marks_in(&tree, dest, from, to)?;
+            self.take_stored(marks.into_iter().map(Ok), delivered, limit, &mut found)?;
         }
         // Kept copies' marks, any id.
         let delivered = |v: &[u8]| Ok(matches!(StateRecord::decode(v)?, StateRecord::Done { .. }));
-        self.take_stored(inner.state.range(range), delivered, limit, &mut found)?;
+        let kept = inner.state.range(range).map(|item| -> Result<(u64, Vec<u8>), StoreError> {
+            let (k, v) = item?;
+            Ok((parse_state_key(&k)?.1, v.to_vec()))
+        });
+        self.take_stored(kept, delivered, limit, &mut found)?;
         let mut page = Page { ids: found.into_iter().take(limit + 1).collect(), ..Page::default() };
         if page.ids.len() > limit {
             page.ids.truncate(limit);
@@ -262,18 +269,17 @@ impl Local {
     /// a page can take from that source).
     fn take_stored(
         &self,
-        marks: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+        marks: impl Iterator<Item = Result<(u64, Vec<u8>), StoreError>>,
         delivered: impl Fn(&[u8]) -> Result<bool, StoreError>,
         limit: usize,
         found: &mut BTreeSet<u64>,
     ) -> Result<(), StoreError> {
         let mut n = 0;
         for item in marks {
-            let (k, v) = item?;
+            let (id, v) = item?;
             if !delivered(&v)? {
                 continue;
             }
-            let (_, id) = parse_state_key(&k)?;
             if self.place_of(id)?.is_none() {
                 continue; // done everywhere, not retained: its segment is not deleted yet
             }
@@ -350,7 +356,7 @@ impl Local {
             Place::Kept(_) => vec![],
         };
         for seq in trees {
-            inner.done_tree(seq)?.remove(&key)?;
+            inner.remove_mark(seq, dest, id)?;
         }
         // 3. No longer retained.
         let ((), written) = Written::by(match retained {

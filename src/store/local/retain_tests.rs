@@ -251,9 +251,9 @@ fn recovery_settles_a_send_again_cut_by_a_crash() {
         };
         let retry = StateRecord::Retry { due_ms: 0, record: QueueRecord::default(), history: vec![] }.encode();
         store.inner.state.insert(state_key("a", x), retry.as_slice()).expect("retry state");
-        store.inner.done_tree(loc.seg).expect("tree").remove(state_key("a", x)).expect("mark gone");
+        store.inner.remove_mark(loc.seg, "a", x).expect("mark gone");
         store.inner.state.insert(state_key("a", y), retry.as_slice()).expect("retry state only");
-        store.inner.db.flush().expect("flush");
+        store.inner.flush_sled().expect("flush");
         store.crash().await;
         drop(store);
         let store = open_retaining(dir.path());

@@ -131,15 +131,14 @@ impl Local {
         let retain = finished && inner.retain_ms > 0;
         let key = state_key(dest, id);
         match m.place {
-            Place::Log(loc) => {
-                inner.done_tree(loc.seg)?.insert(&key, ending.encode())?;
-            }
+            // Written with the next sled flush (`marks.rs`).
+            Place::Log(loc) => inner.mark_done(loc.seg, key, ending.encode()),
             // Its frame lands in the segment being written or the next one.
             Place::Unplaced => {
                 let current = inner.log.current();
                 let mark = ending.encode();
-                inner.done_tree(current)?.insert(&key, mark.as_slice())?;
-                inner.done_tree(current + 1)?.insert(&key, mark)?;
+                inner.mark_done(current, key.clone(), mark.clone());
+                inner.mark_done(current + 1, key, mark);
             }
             Place::Kept(_) if !finished || retain => {
                 inner.state.insert(&key, ending.into_state().encode())?;
@@ -193,9 +192,8 @@ impl Local {
         let v = seal::Sealer::open(inner.sealer.as_deref(), id, &v)?;
         let dests = record_destinations(&v)?;
         if let Some(origin) = origin.filter(|s| *s != 0 && inner.log.has(*s)) {
-            let done = inner.done_tree(origin)?;
             for d in &dests {
-                done.insert(state_key(d, id), &[])?;
+                inner.mark_done(origin, state_key(d, id), Vec::new());
             }
         }
         inner.kept.remove(id_key(id))?;
@@ -312,10 +310,9 @@ impl Local {
                 _ => vec![inner.log.current(), inner.log.current() + 1],
             };
             for d in record_destinations(&raw)? {
-                let key = state_key(&d, id);
                 for seq in &trees {
-                    if let Some(mark) = inner.done_tree(*seq)?.get(&key)? {
-                        inner.state.insert(&key, DoneMark::decode(&mark)?.into_state().encode())?;
+                    if let Some(mark) = inner.find_mark(*seq, &d, id)? {
+                        inner.state.insert(state_key(&d, id), DoneMark::decode(&mark)?.into_state().encode())?;
                         break;
                     }
                 }

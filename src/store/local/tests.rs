@@ -570,7 +570,7 @@ proptest! {
                     Op::TornReopen(bytes) => {
                         store.close().await.expect("close");
                         store.inner.meta.remove(CLEAN_END).expect("forget the clean close");
-                        store.inner.db.flush().expect("flush");
+                        store.inner.flush_sled().expect("flush");
                         drop(store);
                         if let Some(last) = last_segment_with_data(dir.path()) {
                             let mut f = std::fs::OpenOptions::new().append(true).open(&last).expect("segment");
