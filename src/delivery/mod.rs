@@ -20,10 +20,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http::header::HeaderName;
-use http_body_util::{BodyExt, Limited};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
+use http::header::HeaderName;
+use http_body_util::{BodyExt, Limited};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 

@@ -270,7 +270,8 @@ mod tests {
         let mut v = Vec::new();
         push_entry(&mut v, 7, b"mark");
         push_entry(&mut v, 9, b"");
-        let got: Vec<(u64, Vec<u8>)> = entries(&v).map(|e| e.map(|(i, m)| (i, m.to_vec()))).collect::<Result<_, _>>().expect("entries");
+        let got: Vec<(u64, Vec<u8>)> =
+            entries(&v).map(|e| e.map(|(i, m)| (i, m.to_vec()))).collect::<Result<_, _>>().expect("entries");
         assert_eq!(got, vec![(7, b"mark".to_vec()), (9, Vec::new())]);
         assert!(entries(&v[..v.len() - 3]).any(|e| e.is_err()), "a batch cut short");
     }
