@@ -64,6 +64,7 @@ impl Inner {
     pub(super) fn flush_state(&self, durability: &mut commit::Durability) -> Result<(), StoreError> {
         if self.sled_dirty.swap(false, Ordering::SeqCst) {
             self.write_marks()?;
+            self.write_retained()?;
             self.db.flush()?;
             durability.sync().map_err(|source| StoreError::Io { what: "fdatasync of sled's files", source })?;
         }

@@ -16,8 +16,8 @@
 //! | `meta`  | `last_id`                            | u64 BE                             |
 //! | `state` | destination, 0x00, message id u64 BE | [`StateRecord`]: retry, done or dead |
 //! | `kept`  | message id, u64 BE                   | [`MessageRecord`] of a message with a dead letter |
-//! | `done-<seq>` | destination, 0x00, message id u64 BE | [`DoneMark`]: delivered (with its attempts) or purged (message in segment `seq`) |
-//! | `retained` | message id, u64 BE | [`RetainedRecord`]: kept after delivery until then, and where its record is |
+//! | `done-<seq>` | destination, 0x00, message id u64 BE; or destination, 0x00, 0xff, block u64 BE, batch u64 BE (`marks.rs`) | [`DoneMark`]: delivered (with its attempts) or purged (message in segment `seq`); a batch: (id, length, mark) repeated |
+//! | `retained` | message id, u64 BE; or 0xff, block u64 BE (`retained_blocks.rs`) | [`RetainedRecord`]: kept after delivery until then, and where its record is; a block: (id, length, record) repeated |
 //!
 //! A message's deliveries are its record's destination list: one frame,
 //! written and synced by one group commit, so a message and its pending

@@ -31,6 +31,12 @@ impl Written {
     pub(super) fn pushed() -> Written {
         Written(())
     }
+
+    /// A change queued for the next sled flush, which writes it before it
+    /// flushes (`marks.rs`, `retained_blocks.rs`).
+    pub(super) fn queued() -> Written {
+        Written(())
+    }
 }
 
 /// One destination's deliveries.

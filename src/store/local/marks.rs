@@ -70,7 +70,7 @@ fn array8(b: &[u8]) -> Result<[u8; 8], StoreError> {
 }
 
 /// The (id, mark) entries of a batch's value.
-fn entries(v: &[u8]) -> impl Iterator<Item = Result<(u64, &[u8]), StoreError>> {
+pub(super) fn entries(v: &[u8]) -> impl Iterator<Item = Result<(u64, &[u8]), StoreError>> {
     let mut rest = v;
     std::iter::from_fn(move || {
         if rest.is_empty() {
@@ -91,7 +91,7 @@ fn entries(v: &[u8]) -> impl Iterator<Item = Result<(u64, &[u8]), StoreError>> {
     })
 }
 
-fn push_entry(v: &mut Vec<u8>, id: u64, mark: &[u8]) {
+pub(super) fn push_entry(v: &mut Vec<u8>, id: u64, mark: &[u8]) {
     v.extend_from_slice(&id.to_be_bytes());
     v.extend_from_slice(&(mark.len() as u32).to_be_bytes());
     v.extend_from_slice(mark);
@@ -247,6 +247,7 @@ impl Inner {
     #[cfg(test)]
     pub(super) fn flush_sled(&self) -> Result<(), StoreError> {
         self.write_marks()?;
+        self.write_retained()?;
         self.db.flush()?;
         Ok(())
     }

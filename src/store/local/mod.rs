@@ -31,7 +31,7 @@
 //!
 //! **Lock order** (never taken the other way): the log's queue
 //! (`segments.pending`) → a message's stripe (`msgs[id % 64]`) → the index
-//! or the record cache (never both at once) → `live`, `unneeded`, `retained_unplaced`,
+//! or the record cache (never both at once) → `live`, `unneeded`, `retained_unplaced`, `retained_waiting`,
 //! `marks` → `done_trees` (leaves). The read queue (`reads`) is taken with no other
 //! lock held. The log's `writer` is taken by the flusher alone,
 //! before `files`. A stripe serializes everything done to one message: a
@@ -68,6 +68,7 @@ mod reclaim;
 mod recover;
 mod remembered;
 mod retain;
+mod retained_blocks;
 mod segments;
 mod settle;
 
@@ -264,6 +265,9 @@ struct Inner {
     marks: Mutex<marks::PendingMarks>,
     /// The number of the next batch of marks written.
     mark_batches: AtomicU64,
+    /// Changes to `retained` waiting for the next sled flush
+    /// (`retained_blocks.rs`).
+    retained_waiting: Mutex<retained_blocks::Waiting>,
     /// Sealed segments no live message needs, waiting to be deleted.
     unneeded: Mutex<BTreeSet<u64>>,
     /// Sparse sealed segments seen at the last evacuation check.

@@ -116,6 +116,7 @@ impl Local {
             done_trees: Mutex::new(done_trees),
             marks: Mutex::new(Default::default()),
             mark_batches: AtomicU64::new(mark_batches),
+            retained_waiting: Mutex::new(Default::default()),
             unneeded: Mutex::new(BTreeSet::new()),
             evacuate_candidates: Mutex::new(BTreeSet::new()),
             paused: Mutex::new(paused),
@@ -266,7 +267,7 @@ impl Local {
         // The flusher's last flush may have started before the last settles
         // (their marks wait in memory): this is the one flush a clean
         // shutdown must not miss.
-        let written = inner.write_marks();
+        let written = inner.write_marks().and_then(|()| inner.write_retained());
         let db = inner.db.clone();
         tokio::task::spawn_blocking(move || db.flush()).await.map_err(|_| StoreError::FlushFailed)??;
         written?;

@@ -117,10 +117,11 @@ pub(super) fn rebuild(
         lookup: Default::default(),
     };
     let mut retained: BTreeMap<u64, RetainedRecord> = BTreeMap::new();
-    for item in retained_tree.iter() {
-        let (k, v) = item?;
-        retained.insert(parse_id_key(&k)?, RetainedRecord::decode(&v)?);
+    for (id, v) in super::retained_blocks::oldest(retained_tree, u64::MAX, usize::MAX)? {
+        retained.insert(id, RetainedRecord::decode(&v)?);
     }
+    // Changes recovery makes to `retained`, written at the end.
+    let mut retained_changes = super::retained_blocks::Waiting::new();
     let mut state_keys = Vec::new();
     for item in state.iter() {
         let (k, v) = item?;
@@ -230,7 +231,7 @@ pub(super) fn rebuild(
                 b.lookup.add(r.id, &record_marks(r.record)?.index);
                 if kept.place != RetainedPlace::Log(r.loc) {
                     kept.place = RetainedPlace::Log(r.loc);
-                    retained_tree.insert(id_key(r.id), kept.encode())?;
+                    retained_changes.insert(r.id, Some(kept.encode()));
                 }
             }
         }
@@ -253,9 +254,10 @@ pub(super) fn rebuild(
         }
     }
     for id in &stale {
-        retained_tree.remove(id_key(*id))?;
+        retained_changes.insert(*id, None);
         retained.remove(id);
     }
+    super::retained_blocks::apply(retained_tree, &retained_changes)?;
     // `state` keys of messages that are no longer live: left by a crash in
     // the middle of a last settle (their `Done` marks are in place).
     let live_ids: HashSet<u64> = b.msgs.iter().flat_map(|m| m.keys().copied()).collect();

@@ -33,8 +33,7 @@ impl Local {
             Place::Unplaced => RetainedPlace::Unplaced,
         };
         let record = RetainedRecord { finished_ms: now_ms(), place, len: m.len };
-        inner.retained.insert(id_key(id), record.encode())?;
-        inner.sled_written();
+        inner.put_retained(id, Some(&record));
         if place == RetainedPlace::Unplaced {
             lock(&inner.retained_unplaced).insert(id);
         }
@@ -64,10 +63,7 @@ impl Local {
 
     /// The retained record of message `id`, if it is retained.
     pub(super) fn retained_record(&self, id: u64) -> Result<Option<RetainedRecord>, StoreError> {
-        match self.inner.retained.get(id_key(id))? {
-            Some(v) => Ok(Some(RetainedRecord::decode(&v)?)),
-            None => Ok(None),
-        }
+        self.inner.get_retained(id)
     }
 
     /// Forgets the retained messages past their time at `now`. Returns how
@@ -81,13 +77,11 @@ impl Local {
         // A message finishes after it is received: none received after the
         // horizon can be due.
         let horizon = now.saturating_sub(retain);
-        let end = id_key(horizon.saturating_add(1).saturating_mul(1 << ID_SEQ_BITS));
+        let end = horizon.saturating_add(1).saturating_mul(1 << ID_SEQ_BITS);
         let mut due = Vec::new();
-        for item in inner.retained.range(..end) {
-            let (k, v) = item?;
-            let r = RetainedRecord::decode(&v)?;
+        for (id, r) in inner.oldest_retained(end, usize::MAX)? {
             if r.finished_ms.saturating_add(retain) <= now {
-                due.push((parse_id_key(&k)?, r));
+                due.push((id, r));
             }
         }
         for (id, r) in &due {
@@ -113,11 +107,10 @@ impl Local {
             if before > max {
                 let mut oldest = Vec::new();
                 let mut over = before - max;
-                for item in inner.retained.iter() {
-                    let (k, v) = item?;
-                    let r = RetainedRecord::decode(&v)?;
+                let count = inner.retained_count.load(Ordering::Relaxed) as usize;
+                for (id, r) in inner.oldest_retained(u64::MAX, count.max(1))? {
                     over = over.saturating_sub(u64::from(r.len).max(1));
-                    oldest.push((parse_id_key(&k)?, r));
+                    oldest.push((id, r));
                     if over == 0 {
                         break;
                     }
@@ -141,10 +134,7 @@ impl Local {
         }
         let batch = (inner.retained_count.load(Ordering::Relaxed) / 10).max(1000) as usize;
         let mut oldest = Vec::with_capacity(batch.min(100_000));
-        for item in inner.retained.iter().take(batch) {
-            let (k, v) = item?;
-            oldest.push((parse_id_key(&k)?, RetainedRecord::decode(&v)?));
-        }
+        oldest.extend(inner.oldest_retained(u64::MAX, batch)?);
         for (id, r) in &oldest {
             self.forget(*id, r)?;
         }
@@ -173,8 +163,7 @@ impl Local {
                 lock(&inner.retained_unplaced).remove(&id);
             }
         }
-        inner.retained.remove(id_key(id))?;
-        inner.sled_written();
+        inner.put_retained(id, None);
         if let RetainedPlace::Log(loc) = r.place {
             inner.segment_released(loc.seg);
         }
@@ -359,10 +348,10 @@ impl Local {
             inner.remove_mark(seq, dest, id)?;
         }
         // 3. No longer retained.
-        let ((), written) = Written::by(match retained {
-            Some(_) => inner.retained.remove(id_key(id)).map(|_| ()),
-            None => Ok(()),
-        })?;
+        if retained.is_some() {
+            inner.put_retained(id, None);
+        }
+        let written = Written::queued();
         inner.sled_written();
         match msgs.get_mut(&id) {
             Some(m) => {
@@ -402,11 +391,9 @@ impl Inner {
             return false;
         }
         let placed = || -> Result<bool, StoreError> {
-            let Some(v) = self.retained.get(id_key(id))? else { return Ok(false) };
-            let mut r = RetainedRecord::decode(&v)?;
+            let Some(mut r) = self.get_retained(id)? else { return Ok(false) };
             r.place = RetainedPlace::Log(loc);
-            self.retained.insert(id_key(id), r.encode())?;
-            self.sled_written();
+            self.put_retained(id, Some(&r));
             Ok(true)
         };
         match placed() {
