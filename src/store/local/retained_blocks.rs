@@ -50,7 +50,8 @@ fn encode_block(records: &BTreeMap<u64, Vec<u8>>) -> Vec<u8> {
 /// Applies `changes` to `tree` now: a read and a write (or removal) of each
 /// block touched; records under their own id are removed when changed.
 pub(super) fn apply(tree: &sled::Tree, changes: &Waiting) -> Result<(), StoreError> {
-    let mut by_block: BTreeMap<[u8; 9], Vec<(u64, &Option<Vec<u8>>)>> = BTreeMap::new();
+    type Change<'a> = (u64, &'a Option<Vec<u8>>);
+    let mut by_block: BTreeMap<[u8; 9], Vec<Change<'_>>> = BTreeMap::new();
     for (id, change) in changes {
         by_block.entry(block_key(*id)).or_default().push((*id, change));
     }
