@@ -117,6 +117,28 @@ pub struct Worker {
     span_name: Arc<str>,
     /// The last retryable failure's reason, for `destination.failing`.
     last_error: std::sync::Mutex<String>,
+    /// This destination's series of what every delivered attempt counts,
+    /// looked up once (a look-up by label hashes and locks).
+    hot: Hot,
+}
+
+/// A destination's metric series for a delivered attempt.
+struct Hot {
+    duration: prometheus::Histogram,
+    lag: prometheus::Histogram,
+    delivered: prometheus::IntCounter,
+    attempts_2xx: prometheus::IntCounter,
+}
+
+impl Hot {
+    fn new(metrics: &Metrics, name: &str) -> Hot {
+        Hot {
+            duration: metrics.delivery_duration.with_label_values(&[name]),
+            lag: metrics.delivery_lag.with_label_values(&[name]),
+            delivered: metrics.deliveries.with_label_values(&[name, "delivered"]),
+            attempts_2xx: metrics.delivery_attempts.with_label_values(&[name, "2xx"]),
+        }
+    }
 }
 
 /// Per route, the request headers that carry its senders' credentials:
@@ -152,7 +174,9 @@ impl Worker {
         let events = wakers.events().clone();
         let tracer = wakers.tracer().clone();
         let span_name = format!("deliver {}", dest.name).into();
+        let hot = Hot::new(&metrics, &dest.name);
         Ok(Worker {
+            hot,
             dest,
             withheld,
             store,
@@ -363,8 +387,11 @@ impl Worker {
             snippet,
         };
         let m = &self.metrics;
-        m.delivery_duration.with_label_values(&[name]).observe(started.elapsed().as_secs_f64());
-        m.delivery_attempts.with_label_values(&[name, outcome.result_label()]).inc();
+        self.hot.duration.observe(started.elapsed().as_secs_f64());
+        match outcome.result_label() {
+            "2xx" => self.hot.attempts_2xx.inc(),
+            label => m.delivery_attempts.with_label_values(&[name, label]).inc(),
+        }
 
         let now = now_ms();
         self.recent.record(now, matches!(outcome, Outcome::Delivered { .. }));
@@ -383,8 +410,8 @@ impl Worker {
         }
         let settle = match self.dest.retry.decide(attempt, &outcome, age) {
             Action::Done => {
-                m.deliveries.with_label_values(&[name, "delivered"]).inc();
-                m.delivery_lag.with_label_values(&[name]).observe(age.as_secs_f64());
+                self.hot.delivered.inc();
+                self.hot.lag.observe(age.as_secs_f64());
                 tracing::debug!(destination = name, id = %self.store.external_id(lease.id), attempt, "delivered");
                 Settle::Delivered { attempt: record }
             }
