@@ -8,7 +8,8 @@
 //! The scheduler wakes when ingress signals new work ([`Wakers`]), when the
 //! earliest pending entry falls due, or when an attempt finishes. It leases due
 //! entries from the store (in memory only: a crash simply makes them due again)
-//! and runs each attempt as a task bounded by the destination's timeout. The
+//! and runs each attempt, bounded by the destination's timeout, inside its own
+//! task (up to `concurrency` at once, none spawned: see `Worker::run`). The
 //! attempt's result is classified and decided on by [`retry`]; the
 //! decision is written back to the store (one state change). A retry is a queue entry
 //! with a later due time, never a task sleeping with the message in memory.
