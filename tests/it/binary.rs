@@ -100,6 +100,20 @@ impl RelayProcess {
         self.logs.lock().expect("lock").join("\n")
     }
 
+    /// Waits (bounded by WAIT) until the relay has logged `text`; returns
+    /// its logs. The relay's stderr is read by a thread, so a line may lag
+    /// the event that caused it: never read the logs once right after.
+    pub async fn wait_log(&self, text: &str) -> String {
+        eventually!(WAIT, format!("{text:?} logged"), {
+            let logs = self.logs();
+            if logs.contains(text) {
+                Ok(logs)
+            } else {
+                Err(logs)
+            }
+        })
+    }
+
     /// Polls the relay's `/metrics` until `pred` holds (bounded by WAIT);
     /// returns the text that satisfied it.
     pub async fn wait_metrics(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {

@@ -738,14 +738,7 @@ async fn a_destination_answering_again_is_logged_once() {
     let relay = RelayProcess::start(&write(dir.path(), &toml)).await;
     assert_eq!(post(&relay.url("/in"), "application/json", "{}").await.0, 200);
     r.wait_for(4, WAIT).await;
-    let logs = eventually!(WAIT, "the recovery line", {
-        let logs = relay.logs();
-        if logs.contains("destination answers again") {
-            Ok(logs)
-        } else {
-            Err(logs)
-        }
-    });
+    let logs = relay.wait_log("destination answers again").await;
     let line = logs.lines().find(|l| l.contains("destination answers again")).unwrap_or_default();
     let v: serde_json::Value = serde_json::from_str(line).expect("json log line");
     assert_eq!(v["failed_attempts"], 3, "{line}");

@@ -189,14 +189,7 @@ async fn unreachable_at_start_then_ready_and_max_payload_is_413() {
     let (s, headers, _) = post(&relay.url("/in"), "text/plain", "too early").await;
     assert_eq!(s, 503);
     assert!(headers.contains_key("retry-after"));
-    eventually!(WAIT, "NATS not reachable logged", {
-        let logs = relay.logs();
-        if logs.contains("NATS not reachable") {
-            Ok(())
-        } else {
-            Err(logs)
-        }
-    });
+    relay.wait_log("NATS not reachable").await;
 
     let _nats = NatsNode::single_with(dir.path(), port, "max_payload: 4096");
     eventually!(WAIT, "ready after NATS came up", {
