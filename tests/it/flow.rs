@@ -199,6 +199,30 @@ async fn refusals_do_not_open_the_breaker() {
     assert_eq!(r.count(), 5);
 }
 
+/// A store's id prefix (`msg_<uid>...`) is made at its first start: it must
+/// be on disk before the first callback is acknowledged, or a kill -9 before
+/// any settle (nothing else writes sled then) gives the store a new one and
+/// every acknowledged id a new name (CI saw the resend test below fail so).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledged_id_names_the_message_after_a_kill9_right_after_the_first_start() {
+    use crate::binary::{write, RelayProcess};
+    // A destination that accepts connections and never answers: no attempt
+    // settles, so nothing but the start itself writes sled.
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}/hole", hole.local_addr().expect("addr"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(dir.path(), &config(&[("app", &url, "")]));
+    let mut relay = RelayProcess::start(&path).await;
+    let (s, _, body) = post(&relay.url("/in"), "application/json", "{}").await;
+    assert_eq!(s, 200);
+    let id = acked_id(&body);
+    relay.kill9();
+    let relay = RelayProcess::start(&path).await;
+    let (s, _, b) = get(&relay.admin_url(&format!("/api/messages/{id}"))).await;
+    assert_eq!(s, 200, "{id} after the restart: {}", String::from_utf8_lossy(&b));
+    drop(hole);
+}
+
 /// De-duplication survives kill -9: a ThingSpace resend (callbackCount 2)
 /// after a crash is answered with the first id and delivered once; with the
 /// window shortened below the callback's age (a restart with another

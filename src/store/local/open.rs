@@ -37,6 +37,7 @@ impl Local {
             refuse_links(&log_dir)?;
         }
         check_format(path, &db, &meta, &log_dir)?;
+        let new_store = meta.get("uid")?.is_none();
         let uid = store_uid(&meta)?;
         let paused = paused_destinations(&meta)?;
         let state = db.open_tree("state")?;
@@ -124,6 +125,10 @@ impl Local {
             reclaiming: tokio::sync::Mutex::new(()),
         });
         *lock(&inner.flushers) = start_flushers(&inner, path, stop, Arc::new(on_flush))?;
+        if new_store {
+            // The uid's sync (see `store_uid`).
+            inner.sled_written();
+        }
         let evacuate_every = opts.evacuate_every.unwrap_or(EVACUATE_EVERY);
         let sweep_every = opts.sweep_every.unwrap_or_else(|| {
             (opts.retain_delivered.unwrap_or_default() / 10).clamp(Duration::from_secs(1), Duration::from_secs(60))
@@ -423,6 +428,10 @@ pub(super) fn store_uid(meta: &sled::Tree) -> Result<String, StoreError> {
         None => {
             let bytes: [u8; 4] = rand::random();
             meta.insert("uid", &bytes)?;
+            // Every id this store acknowledges carries it: written out now
+            // (a process crash keeps it; the flusher's first flush, asked
+            // for at open, syncs it), not at the first settle's flush.
+            meta.flush()?;
             bytes.iter().map(|b| format!("{b:02x}")).collect()
         }
     })
