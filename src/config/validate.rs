@@ -66,6 +66,7 @@ impl RawConfig {
             windows.sort();
             windows.dedup();
             j.dedupe_windows = windows;
+            store::validate_jet_ordering(&mut p, j, &rules);
         }
         if !p.0.is_empty() {
             return Err(ConfigError { file: file.to_path_buf(), problems: p.0 });

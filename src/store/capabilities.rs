@@ -122,13 +122,15 @@ impl Capabilities {
                 // server copies into (`kept.rs`).
                 // Listing walks the stream that holds the state asked for
                 // (`listing.rs`); lookups read an index stream (`lookup.rs`).
+                // Ordering: partitions of the subjects, one message of each
+                // pending at a time (`lanes.rs`).
                 Capability::EncryptionAtRest
+                | Capability::Ordering
                 | Capability::Inspection
                 | Capability::Listing
                 | Capability::Lookup
                 | Capability::Retention
                 | Capability::ReplayDelivered => None,
-                Capability::Ordering => Some("any relay may deliver any message"),
                 Capability::RetryNow => {
                     Some("a retry is a nak the server holds until its delay is over; it cannot be asked for sooner")
                 }
@@ -165,6 +167,7 @@ mod tests {
             Capability::Lookup,
             Capability::Retention,
             Capability::ReplayDelivered,
+            Capability::Ordering,
         ];
         assert!(jet_has.iter().all(|c| jet.has(*c)));
         for c in Capability::ALL.into_iter().filter(|c| !jet_has.contains(c)) {

@@ -45,7 +45,7 @@ pub use self::api::Store;
 pub use self::capabilities::{Capabilities, Capability, StoreKind};
 pub use self::error::{EngineError, StoreError};
 pub use self::inspect::{DeliveryState, DeliveryView, Inspection, Listing, MessageQuery, Page};
-pub use self::jetstream::{with_access, JetAuth, JetConfig};
+pub use self::jetstream::{with_access, JetAuth, JetConfig, JetOrder};
 pub use self::local::StoreOptions;
 pub use self::local::FREE_SPACE_MAX_AGE;
 use self::record::QueueRecord;

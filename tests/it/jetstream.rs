@@ -217,7 +217,25 @@ fn what_jetstream_cannot_do_is_a_config_error() {
             .replace("replicas = 1\n", &format!("replicas = 1\n{store_extra}"))
     };
     for (toml, key, why) in [
-        (jet("ordering = \"fifo\"", ""), "destinations.a.ordering", "not available"),
+        (
+            jet_config(
+                &["nats://127.0.0.1:4222".into()],
+                "s",
+                1,
+                &[
+                    ("a", "http://127.0.0.1:1/a", "ordering = \"per_key\"\norder_key = \"id\""),
+                    ("b", "http://127.0.0.1:1/b", "ordering = \"per_key\"\norder_key = \"header:x-id\""),
+                ],
+            ),
+            "destinations.b.order_key",
+            "the same order_key as destinations.a",
+        ),
+        (jet("", "order_partitions = 0\n"), "store.order_partitions", "must be 1 to 256"),
+        (
+            config(&[("a", "http://127.0.0.1:1/a", "")]).replace("[store]\n", "[store]\norder_partitions = 4\n"),
+            "store.order_partitions",
+            "only used with",
+        ),
         (jet("", "replicas = 2\n"), "", ""),
         (jet("", "token = \"t\"\nnkey = \"SUx\"\n"), "store", "one way to authenticate"),
         (jet("", "").replace("ack_wait = \"3s\"", "ack_wait = \"1s\""), "store.ack_wait", "at least 3s"),
@@ -252,7 +270,10 @@ fn what_jetstream_cannot_do_is_a_config_error() {
     // The capability table's row, every entry named.
     assert!(all.contains("store.kind: \"jetstream\" does not provide "), "{all}");
     assert!(!all.contains("message listing"), "JetStream lists: {all}");
-    assert!(all.contains("answers 501") && all.contains("ordering per key"), "{all}");
+    assert!(all.contains("answers 501") && all.contains("bringing retries forward"), "{all}");
+    assert!(!all.contains("ordering per key"), "JetStream orders: {all}");
+    let out = crate::binary::check(&crate::binary::write(dir.path(), &jet("ordering = \"fifo\"", "")));
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// An attempt longer than the consumer's ack_wait (3 s here) keeps its

@@ -13,6 +13,7 @@ mod filter;
 mod flow;
 mod ha;
 mod hostile;
+mod jet_order;
 mod jetstream;
 mod layout;
 mod messages;

@@ -351,6 +351,11 @@ pub struct RawStore {
     /// before answering 503.
     #[serde(default = "default_publish_timeout", with = "crate::config::duration")]
     pub publish_timeout: Duration,
+    /// JetStream: how many partitions the keys of ordered destinations
+    /// hash into (each partition delivered one message at a time, in
+    /// order, by whichever relay holds it); default 16.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_partitions: Option<usize>,
 }
 
 /// `store.kind`.
@@ -428,6 +433,7 @@ impl Default for RawStore {
             max_ack_pending: default_max_ack_pending(),
             ack_wait: default_ack_wait(),
             publish_timeout: default_publish_timeout(),
+            order_partitions: None,
         }
     }
 }

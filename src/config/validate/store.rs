@@ -4,6 +4,12 @@ use super::*;
 use crate::config::raw::RawStoreKind;
 use crate::store::{Capability, JetAuth, JetConfig, StoreKind};
 
+/// `store.order_partitions` unless set: a failing head holds one
+/// sixteenth of the keys; sixteen lanes per ordered destination.
+const DEFAULT_ORDER_PARTITIONS: usize = 16;
+/// Each partition is a consumer per ordered destination on the server.
+const MAX_ORDER_PARTITIONS: usize = 256;
+
 /// The kind of store the file asks for.
 pub(in crate::config) fn store_kind(raw: &RawConfig) -> StoreKind {
     match raw.store.kind {
@@ -39,6 +45,36 @@ pub(super) fn validate_capabilities(p: &mut Problems, raw: &RawConfig) {
     }
 }
 
+/// Ordering on JetStream (`jetstream/lanes.rs`): a callback's partition is
+/// in the subject it is published to, so every `per_key` destination
+/// orders by the same `order_key` (one subject per callback); `fifo` ones
+/// take every partition.
+pub(super) fn validate_jet_ordering(p: &mut Problems, j: &mut JetConfig, rules: &HashMap<String, IngressRules>) {
+    use crate::ingress::order::OrderKey;
+    use crate::store::JetOrder;
+    let mut names: Vec<&String> = rules.keys().collect();
+    names.sort();
+    let mut shared: Option<(&str, &OrderKey)> = None;
+    for name in names {
+        let Some(key) = rules[name].ordering.as_deref() else { continue };
+        if *key == OrderKey::Fifo {
+            j.ordered.insert(name.clone(), JetOrder::Fifo);
+            continue;
+        }
+        match shared {
+            Some((first, k)) if k != key => p.add(
+                format!("destinations.{name}.order_key"),
+                format!(
+                    "with store.kind = \"jetstream\" every per_key destination orders by the same order_key as destinations.{first} (a callback's partition is in the subject it is published to)"
+                ),
+            ),
+            Some(_) => {}
+            None => shared = Some((name, key)),
+        }
+        j.ordered.insert(name.clone(), JetOrder::PerKey);
+    }
+}
+
 /// The JetStream settings, `None` for the local store (or with problems
 /// recorded). Keys of the other kind are refused, so a file never says
 /// something the relay ignores.
@@ -54,6 +90,7 @@ pub(super) fn validate_store_kind(p: &mut Problems, raw: &RawConfig) -> Option<J
         ("ca_file", s.ca_file.is_some()),
         ("client_cert", s.client_cert.is_some()),
         ("client_key", s.client_key.is_some()),
+        ("order_partitions", s.order_partitions.is_some()),
     ];
     if s.kind == RawStoreKind::Local {
         for (key, set) in jet_keys {
@@ -82,6 +119,9 @@ pub(super) fn validate_store_kind(p: &mut Problems, raw: &RawConfig) -> Option<J
     }
     if s.publish_timeout.is_zero() {
         p.add("store.publish_timeout", "must be greater than 0");
+    }
+    if s.order_partitions.is_some_and(|n| !(1..=MAX_ORDER_PARTITIONS).contains(&n)) {
+        p.add("store.order_partitions", format!("must be 1 to {MAX_ORDER_PARTITIONS}"));
     }
     if s.max_ack_pending == 0 {
         p.add("store.max_ack_pending", "must be greater than 0");
@@ -123,6 +163,8 @@ pub(super) fn validate_store_kind(p: &mut Problems, raw: &RawConfig) -> Option<J
         max_ack_pending: s.max_ack_pending,
         ack_wait: s.ack_wait,
         publish_timeout: s.publish_timeout,
+        order_partitions: s.order_partitions.unwrap_or(DEFAULT_ORDER_PARTITIONS) as u64,
+        ordered: HashMap::new(),
         // Off unless set: the copy doubles what NATS stores (kept.rs).
         retain: s.retain_delivered.filter(|d| !d.is_zero()).map(|d| (d, s.retain_max_bytes.filter(|b| *b > 0))),
         sealer: None,

@@ -8,7 +8,7 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use super::{Jet, Names, H_ATTEMPTS, H_DEAD_AT, H_FOR, H_ID, H_REASON, H_SEAL, H_STATUS};
+use super::{Jet, Names, H_ATTEMPTS, H_DEAD_AT, H_FOR, H_ID, H_REASON, H_SEAL, H_STATUS, H_SUBJECT};
 use crate::store::record::id_received_ms;
 use crate::store::{lock, now_ms, DeadLetter, DestStats, Selection, StoreError};
 
@@ -24,6 +24,9 @@ pub(super) struct Dead {
     pub seal: Option<String>,
     pub attempts: u32,
     pub status: Option<u16>,
+    /// The subject it was delivered from (`S.in` or a partition's): a
+    /// replay goes back there (`lanes.rs`).
+    pub subject: String,
 }
 
 impl Jet {
@@ -47,6 +50,7 @@ impl Jet {
         h.insert(H_STATUS, d.status.unwrap_or(0).to_string().as_str());
         h.insert(H_REASON, header_safe(reason).as_str());
         h.insert(H_DEAD_AT, now_ms().to_string().as_str());
+        h.insert(H_SUBJECT, d.subject.as_str());
         let subject = Names(&self.inner.config.stream).dead_subject(dest);
         let ack = ready.js.publish_with_headers(subject, h, record.clone()).await.map_err(unavailable)?;
         ack.await.map_err(unavailable)?;
@@ -124,7 +128,16 @@ impl Jet {
         if let Some(seal) = m.headers.get(H_SEAL) {
             h.insert(H_SEAL, seal.as_str());
         }
-        let inbound = Names(&self.inner.config.stream).inbound();
+        // Back to the subject (partition) it came from: a kept copy has it
+        // as its own, a dead letter in a header.
+        let names = Names(&self.inner.config.stream);
+        let from = if m.subject.starts_with(&names.inbound()) {
+            Some(m.subject.to_string())
+        } else {
+            m.headers.get(H_SUBJECT).map(|v| v.as_str().to_string())
+        };
+        let inbound = from.filter(|s| *s == names.inbound() || s.starts_with(&format!("{}.", names.inbound())));
+        let inbound = inbound.unwrap_or_else(|| names.inbound());
         let ack = ready.js.publish_with_headers(inbound, h, m.payload.clone()).await.map_err(unavailable)?;
         ack.await.map_err(unavailable)?;
         Ok(())
@@ -179,16 +192,15 @@ impl Jet {
         }
         let mut stats = HashMap::new();
         for name in self.inner.dests.keys() {
-            let Ok(info) = ready.stream.consumer_info(Names::consumer(name)).await else { continue };
-            let depth = info.num_pending as usize + info.num_ack_pending;
+            let Ok((depth, floor)) = self.queue_of(name).await else { continue };
             let oldest = if depth == 0 {
                 None
             } else {
                 let first = ready
                     .stream
                     .raw_message_builder()
-                    .sequence(info.ack_floor.stream_sequence + 1)
-                    .next_by_subject(names.inbound())
+                    .sequence(floor + 1)
+                    .next_by_subject(names.every_inbound())
                     .send()
                     .await;
                 first.ok().map(|m| self.record_received_ms(&m).unwrap_or_else(|| id_received_ms(0)))
@@ -220,6 +232,24 @@ impl Jet {
 
 /// The receive time a record carries.
 impl Jet {
+    /// `dest`'s queue over its lanes (`lanes.rs`): messages not yet
+    /// acknowledged, and the lowest ack floor (a stream sequence).
+    pub(super) async fn queue_of(&self, dest: &str) -> Result<(usize, u64), StoreError> {
+        let ready = self.ready()?;
+        let lanes = match self.dest(dest) {
+            Some(d) => lock(&d.lanes).clone(),
+            None => Vec::new(),
+        };
+        let lanes = if lanes.is_empty() { vec![Names::consumer(dest)] } else { lanes };
+        let (mut depth, mut floor) = (0, u64::MAX);
+        for lane in lanes {
+            let info = ready.stream.consumer_info(lane).await.map_err(unavailable)?;
+            depth += info.num_pending as usize + info.num_ack_pending;
+            floor = floor.min(info.ack_floor.stream_sequence);
+        }
+        Ok((depth, floor))
+    }
+
     /// When a dead letter's callback was received (from its record, opened).
     pub(super) fn record_received_ms(&self, m: &StreamMessage) -> Option<u64> {
         let record = self.open_payload(Some(&m.headers), &m.payload).ok()?;

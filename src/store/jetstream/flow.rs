@@ -30,6 +30,8 @@ pub(crate) struct Publish {
     /// Its lookup keys (`lookup.rs`) and when it was received.
     index: Vec<u64>,
     received_ms: u64,
+    /// Its ordering partition (`lanes.rs`), if it has a key.
+    partition: Option<u64>,
 }
 
 impl Jet {
@@ -41,14 +43,11 @@ impl Jet {
         marks: crate::store::Marks<'_>,
     ) -> Result<Publish, StoreError> {
         let dedupe = marks.dedupe.map(|key| (key, marks.dedupe_window));
-        if !marks.order.is_empty() {
-            // Refused by the configuration check; never silently unordered.
-            return Err(StoreError::Setup("ordering per key is not available with store.kind = \"jetstream\"".into()));
-        }
+        let partition = self.partition(marks.order);
         let received_ms = draft.received_ms();
         let record = draft.into_record();
         self.accepting(record.len() as u64 + HEADER_ROOM)?;
-        Ok(Publish { record, dedupe, index: marks.index.to_vec(), received_ms })
+        Ok(Publish { record, dedupe, index: marks.index.to_vec(), received_ms, partition })
     }
 
     /// Publishes and waits for the stream's acknowledgement (on a quorum
@@ -70,13 +69,17 @@ impl Jet {
             }
             None => p.record.clone(),
         };
+        let subject = match p.partition {
+            Some(n) => names.lane_subject(n),
+            None => names.inbound(),
+        };
         let timeout = self.inner.config.publish_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
         let mut last = String::new();
         for _ in 0..2 {
             let sent = tokio::time::timeout_at(
                 deadline,
-                ready.js.publish_with_headers(names.inbound(), headers.clone(), payload.clone()),
+                ready.js.publish_with_headers(subject.clone(), headers.clone(), payload.clone()),
             )
             .await;
             let ack = match sent {
@@ -217,7 +220,8 @@ impl Jet {
             Settle::Dead { status, reason, .. } => {
                 let attempts = lease.record.attempts.saturating_add(1);
                 let seal = msg.headers.as_ref().and_then(|h| h.get(H_SEAL)).map(|v| v.as_str().to_string());
-                let dead = super::dead::Dead { id: lease.id, seq, seal, attempts, status: *status };
+                let subject = msg.subject.to_string();
+                let dead = super::dead::Dead { id: lease.id, seq, seal, attempts, status: *status, subject };
                 self.dead_letter(&lease.dest, &dead, &msg.payload, reason).await?;
                 msg.ack().await
             }
@@ -230,27 +234,31 @@ impl Jet {
         Ok(())
     }
 
-    /// Keeps up to `cap` messages of `dest` pulled and held.
-    pub(super) async fn pull(&self, d: Arc<Dest>, consumer: jetstream::consumer::PullConsumer) {
+    /// Keeps up to `cap` messages of `dest` pulled and held from `lane`
+    /// (a lane of one message at a time asks for one: the server holds
+    /// the rest of its partition until that one is acknowledged).
+    pub(super) async fn pull(&self, d: Arc<Dest>, lane: super::lanes::Lane) {
         let stop = &self.inner.stop;
+        let consumer = lane.consumer;
         let mut failing = false;
         loop {
             let room = d.room.notified();
             tokio::pin!(room);
             room.as_mut().enable();
             let held = lock(&d.held).len();
-            if held >= d.cap {
+            if held >= d.cap && !lane.single {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = room => continue,
                 }
             }
-            let batch = consumer.batch().max_messages(d.cap - held).expires(PULL_EXPIRES).messages().await;
+            let most = if lane.single { 1 } else { d.cap - held };
+            let batch = consumer.batch().max_messages(most).expires(PULL_EXPIRES).messages().await;
             let mut batch = match batch {
                 Ok(b) => b,
                 Err(e) => {
                     if !failing {
-                        tracing::warn!(destination = %d.name, error = %e, "pulling from JetStream failed; retrying");
+                        tracing::warn!(destination = %d.name, consumer = %lane.name, error = %e, "pulling from JetStream failed; retrying");
                         failing = true;
                     }
                     tokio::select! {

@@ -151,7 +151,7 @@ impl Jet {
     ) -> Result<Vec<StreamMessage>, StoreError> {
         let ready = self.ready()?;
         let Some(kept) = &ready.kept else { return Ok(Vec::new()) };
-        let subject = Names(&self.inner.config.stream).inbound();
+        let subject = Names(&self.inner.config.stream).every_inbound();
         let mut picked = Vec::new();
         let mut from = 1;
         for _ in 0..MAX_WALK {

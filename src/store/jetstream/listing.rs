@@ -51,8 +51,9 @@ impl Jet {
         match q.state {
             Listing::Dead => self.dead_page(q).await,
             Listing::Pending => {
-                let info = ready.stream.consumer_info(Names::consumer(&q.destination)).await.map_err(unavailable)?;
-                self.walk_page(&ready.stream, Walked::Work, info.ack_floor.stream_sequence + 1, q).await
+                // Below every lane's ack floor everything is settled.
+                let (_, floor) = self.queue_of(&q.destination).await.map_err(unavailable)?;
+                self.walk_page(&ready.stream, Walked::Work, floor + 1, q).await
             }
             Listing::Delivered => match &ready.kept {
                 Some(kept) => self.walk_page(kept, Walked::Kept, 1, q).await,
@@ -70,7 +71,7 @@ impl Jet {
         from: u64,
         q: &MessageQuery,
     ) -> Result<Page, StoreError> {
-        let subject = Names(&self.inner.config.stream).inbound();
+        let subject = Names(&self.inner.config.stream).every_inbound();
         let mut page = Page::default();
         let mut from = from.max(q.after.map_or(0, |a| a.saturating_add(1)));
         // Where the last listed message is: the next page goes on after it.

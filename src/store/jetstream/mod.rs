@@ -11,7 +11,8 @@
 //!   metadata, the same for every relay). A message is removed once every
 //!   destination's consumer acknowledged it.
 //! - one durable pull consumer per destination, `d-<name>`, filtering
-//!   `S.in`. Why one subject and Interest retention, not a subject per
+//!   `S.in` and `S.in.*` (a destination with `ordering` has other ones:
+//!   `lanes.rs`, where `S.in.<p>` is explained). Why one subject and Interest retention, not a subject per
 //!   destination: ingress publishes once per callback (one PubAck to wait
 //!   for, and a callback is stored for all its destinations or for none);
 //!   a consumer acknowledges at once the messages whose destination list
@@ -57,6 +58,7 @@ mod dead;
 mod flow;
 mod history;
 mod kept;
+mod lanes;
 mod listing;
 mod lookup;
 mod setup;
@@ -76,6 +78,7 @@ use crate::secret::Secret;
 use crate::wake::Wakers;
 
 pub(crate) use self::flow::Publish;
+pub use self::lanes::JetOrder;
 
 /// How a relay proves who it is to NATS.
 #[derive(Debug, Clone, Default)]
@@ -156,6 +159,10 @@ pub struct JetConfig {
     /// Seals what is published (`[store.encryption]`): NATS and its disks
     /// see no body or header of a callback (`seal.rs`).
     pub(crate) sealer: Option<Arc<crate::store::seal::Sealer>>,
+    /// Destinations with `ordering`, and how (`lanes.rs`).
+    pub ordered: HashMap<String, JetOrder>,
+    /// How many partitions the ordering keys hash into.
+    pub order_partitions: u64,
 }
 
 impl JetConfig {
@@ -242,6 +249,8 @@ struct Dest {
     held: Mutex<HashMap<u64, jetstream::Message>>,
     /// A settle made room for the puller.
     room: Notify,
+    /// Its consumers' names (`lanes.rs`), once set up.
+    lanes: Mutex<Vec<String>>,
 }
 
 /// Subjects and names under the stream's name.
@@ -281,6 +290,8 @@ const H_ATTEMPTS: &str = "Switchboard-Attempts";
 const H_STATUS: &str = "Switchboard-Status";
 const H_REASON: &str = "Switchboard-Reason";
 const H_DEAD_AT: &str = "Switchboard-Dead-At";
+/// On a dead letter: the subject it was delivered from (`lanes.rs`).
+const H_SUBJECT: &str = "Switchboard-Subject";
 /// On a sealed record: the number its seal is bound to (the associated
 /// data `seal.rs` binds a local record to its message id; a JetStream id
 /// is known only after the publish, so a random one is drawn and kept

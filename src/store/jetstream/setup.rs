@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::pull, kv, stream};
+use async_nats::jetstream::{self, kv, stream};
 use async_nats::ConnectErrorKind;
 use futures_util::StreamExt;
 use tokio::sync::Notify;
@@ -48,6 +48,7 @@ impl Jet {
                     waiting: Mutex::default(),
                     held: Mutex::default(),
                     room: Notify::new(),
+                    lanes: Mutex::default(),
                 };
                 (name, Arc::new(d))
             })
@@ -222,9 +223,12 @@ impl Jet {
             dedupe.push((*window, ensure_bucket(&js, config).await?));
         }
         let (kept, index) = copies(&js, &names, c).await?;
+        let existing = Self::consumers_of(&stream).await?;
         let mut consumers = Vec::new();
         for d in self.inner.dests.values() {
-            consumers.push((d.clone(), self.consumer(&stream, &d.name).await?));
+            let lanes = self.lanes(&stream, &d.name, &existing).await?;
+            *lock(&d.lanes) = lanes.iter().map(|l| l.name.clone()).collect();
+            consumers.extend(lanes.into_iter().map(|l| (d.clone(), l)));
         }
         let max_payload = client.server_info().max_payload;
         let ready = Ready { client, js, stream, dead, state, history, kept, dedupe, index, uid, max_payload };
@@ -260,7 +264,7 @@ impl Jet {
         let names = Names(&c.stream);
         let want = stream::Config {
             name: c.stream.clone(),
-            subjects: vec![names.inbound()],
+            subjects: vec![names.inbound(), names.lane_subjects()],
             retention: stream::RetentionPolicy::Interest,
             storage: stream::StorageType::File,
             num_replicas: c.replicas,
@@ -270,63 +274,34 @@ impl Jet {
             metadata: HashMap::from([(UID_KEY.to_string(), format!("{:08x}", rand::random::<u32>()))]),
             ..Default::default()
         };
-        match js.get_stream(&c.stream).await {
-            Ok(mut existing) => {
-                let info = existing.info().await.map_err(|e| setup_error("reading the stream", e))?;
-                check_stream(&info.config, &want)?;
-                Ok(existing)
-            }
-            Err(e) if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(_)) => {
-                js.create_stream(want).await.map_err(|e| setup_error(&format!("creating stream {:?}", c.stream), e))
-            }
-            Err(e) => Err(setup_error(&format!("looking up stream {:?}", c.stream), e)),
-        }
-    }
-
-    /// The durable consumer of `dest`: created, or its lease settings
-    /// brought to the configuration's (they change no retention).
-    async fn consumer(
-        &self,
-        stream: &stream::Stream,
-        dest: &str,
-    ) -> Result<jetstream::consumer::PullConsumer, StoreError> {
-        let c = &self.inner.config;
-        let name = Names::consumer(dest);
-        let want = pull::Config {
-            durable_name: Some(name.clone()),
-            filter_subject: Names(&c.stream).inbound(),
-            ack_policy: jetstream::consumer::AckPolicy::Explicit,
-            ack_wait: c.ack_wait,
-            // Retries are ours (nak with the policy's delay); the server
-            // redelivers without end, and the retry policy dead-letters.
-            max_deliver: -1,
-            max_ack_pending: c.max_ack_pending as i64,
-            // A destination added later gets what arrives from then on,
-            // as with the local store.
-            deliver_policy: jetstream::consumer::DeliverPolicy::New,
-            ..Default::default()
-        };
-        match stream.consumer_info(&name).await {
-            Ok(info) => {
-                let have = &info.config;
-                if have.ack_wait != want.ack_wait || have.max_ack_pending != want.max_ack_pending {
-                    tracing::info!(
-                        destination = dest,
-                        "updating the consumer's ack_wait and max_ack_pending to the configuration's"
-                    );
-                    let update = pull::Config { deliver_policy: have.deliver_policy, ..want };
-                    stream
-                        .update_consumer(update)
-                        .await
-                        .map_err(|e| setup_error(&format!("updating consumer {name}"), e))
-                } else {
-                    stream.get_consumer(&name).await.map_err(|e| setup_error(&format!("opening consumer {name}"), e))
+        // Twice: relays starting together race to create it; the loser
+        // reads the winner's.
+        for last in [false, true] {
+            match js.get_stream(&c.stream).await {
+                Ok(mut existing) => {
+                    let info = existing.info().await.map_err(|e| setup_error("reading the stream", e))?;
+                    check_stream(&info.config, &want)?;
+                    if info.config.subjects.contains(&names.lane_subjects()) {
+                        return Ok(existing);
+                    }
+                    // Made by a build without ordering: add the partitions'
+                    // subjects (nothing else changes).
+                    let mut config = info.config.clone();
+                    config.subjects.push(names.lane_subjects());
+                    js.update_stream(config).await.map_err(|e| setup_error("adding the partitions' subjects", e))?;
+                    return js.get_stream(&c.stream).await.map_err(|e| setup_error("reading the stream", e));
                 }
-            }
-            Err(_) => {
-                stream.create_consumer(want).await.map_err(|e| setup_error(&format!("creating consumer {name}"), e))
+                Err(e) if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(_)) => {
+                    match js.create_stream(want.clone()).await {
+                        Ok(made) => return Ok(made),
+                        Err(e) if last => return Err(setup_error(&format!("creating stream {:?}", c.stream), e)),
+                        Err(_) => continue,
+                    }
+                }
+                Err(e) => return Err(setup_error(&format!("looking up stream {:?}", c.stream), e)),
             }
         }
+        unreachable!("the second round returns")
     }
 
     /// Reads the paused destinations.
