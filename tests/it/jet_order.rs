@@ -150,3 +150,87 @@ async fn a_relay_killed_with_a_head_in_flight_hands_it_over_before_the_rest() {
     assert_eq!(got[1].header("x-switchboard-attempt").as_deref(), Some("2"), "the server's second delivery");
     drop(second);
 }
+
+/// A dead-lettered head releases the rest of its key; replayed, it goes
+/// back to its partition (after what came meanwhile) and is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_lettered_head_releases_its_key_and_its_replay_is_delivered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats = NatsNode::single(dir.path());
+    let accept_bad = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = accept_bad.clone();
+    let r = TestReceiver::scripted(move |_, got| {
+        let bad = String::from_utf8_lossy(&got.body).contains("\"seq\":0");
+        Reply::Status(if bad && !flag.load(std::sync::atomic::Ordering::SeqCst) { 400 } else { 200 })
+    })
+    .await;
+    let relay = TestRelay::start(&ordered_config(&[nats.url()], &r.url("/o"))).await;
+    for seq in 0..4 {
+        assert_eq!(post(&relay.url("/in"), "application/json", callback("k", seq)).await.0, 200);
+    }
+    let got = r.wait_until(WAIT, "the refused head and the three after it", |g| g.len() >= 4).await;
+    let order: Vec<usize> = got.iter().filter_map(|g| key_seq(&g.body)).map(|(_, s)| s).collect();
+    assert_eq!(order, vec![0, 1, 2, 3], "the dead-lettered head, then the rest");
+    accept_bad.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (s, _, b) = request("POST", &relay.admin_url("/api/dead-letters/ordered/replay"), &[], "").await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    let got = r.wait_until(WAIT, "the replayed head", |g| g.len() >= 5).await;
+    assert_eq!(key_seq(&got[4].body).map(|(_, s)| s), Some(0));
+    relay.stop().await.expect("stop");
+}
+
+/// `ordering` changed between restarts with callbacks queued (the
+/// destination refusing): none, then per_key, then fifo, then none again.
+/// Each change makes the new consumers from the old ones' ack floor and
+/// deletes the old ones; every callback is delivered once the destination
+/// takes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changing_ordering_with_callbacks_queued_loses_none() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats = NatsNode::single(dir.path());
+    let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let taken: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
+    let (flag, t) = (up.clone(), taken.clone());
+    let r = TestReceiver::scripted(move |_, got| {
+        if !flag.load(std::sync::atomic::Ordering::SeqCst) {
+            return Reply::Status(503);
+        }
+        t.lock().expect("lock").extend(got.header("x-switchboard-id"));
+        Reply::Status(200)
+    })
+    .await;
+    let retry = "retry = { initial = \"10ms\", max_interval = \"50ms\", max_attempts = 100000 }";
+    let settings = [
+        String::new(),
+        "ordering = \"per_key\"\norder_key = \"deviceIds.0.id\"".to_string(),
+        "ordering = \"fifo\"".to_string(),
+        String::new(),
+    ];
+    let mut posted = 0;
+    for (round, ordering) in settings.iter().enumerate() {
+        let toml = jet_config(&[nats.url()], "chg", 1, &[("d", &r.url("/d"), &format!("{ordering}\n{retry}"))])
+            .replace("replicas = 1\n", "replicas = 1\norder_partitions = 4\n");
+        let relay = TestRelay::start(&toml).await;
+        if round + 1 == settings.len() {
+            up.store(true, std::sync::atomic::Ordering::SeqCst);
+            let want = posted;
+            let got = r.wait_until(WAIT, "every queued callback", |_| taken.lock().expect("lock").len() >= want).await;
+            println!(
+                "{want} callbacks queued across three changes of ordering: all delivered ({} requests)",
+                got.len()
+            );
+            relay.stop().await.expect("stop");
+            break;
+        }
+        for seq in 0..10 {
+            let body = callback(&format!("k{}", seq % 3), round * 10 + seq);
+            assert_eq!(post(&relay.url("/in"), "application/json", body).await.0, 200);
+            posted += 1;
+        }
+        // Attempts go on under the new consumers (under fifo, the oldest
+        // callback first: this round's wait behind it).
+        let before = r.count();
+        r.wait_until(WAIT, &format!("attempts in round {round}"), |g| g.len() > before + 5).await;
+        relay.stop().await.expect("stop");
+    }
+}
