@@ -157,6 +157,7 @@ async fn measure(
     dir: &Path,
     n_relays: usize,
     store: &str,
+    dest_extra: &str,
     nats: &[Node],
     epoch: Instant,
 ) -> AnyResult<Figures> {
@@ -175,8 +176,9 @@ async fn measure(
         Receiver::start(Mode::Ok, epoch).await?,
         Receiver::start(Mode::Ok, epoch).await?,
     ];
+    let settings = format!("concurrency = 32{dest_extra}");
     let dests: Vec<(&str, String, &str)> =
-        ["a", "b", "c"].iter().zip(&recv).map(|(n, r)| (*n, r.url(), "concurrency = 32")).collect();
+        ["a", "b", "c"].iter().zip(&recv).map(|(n, r)| (*n, r.url(), settings.as_str())).collect();
     // Another stream for the fan-out: the ingest run's messages stay behind
     // the paused destination's consumer.
     let store = store.replace("stream = \"bench\"", "stream = \"fanout\"").replace("local-store", "local-fanout");
@@ -211,21 +213,55 @@ fn report(name: &str, f: &Figures) {
 /// fan-out), R1 then R3 with one relay, each pair alternating which goes
 /// first over two rounds, fresh nodes each time.
 pub(crate) async fn sealed(s: &Settings, dir: &Path, epoch: Instant) -> AnyResult<()> {
+    const KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    let with = |on: bool| {
+        let store = if on {
+            format!("[store.encryption]\nkeys = [{{ id = \"k1\", key = \"{KEY}\" }}]\n")
+        } else {
+            String::new()
+        };
+        (store, String::new())
+    };
+    paired(s, dir, epoch, "9s", ("sealed", "plain"), with).await
+}
+
+/// Run 9o: ordering per key (`deviceIds.0.id`, 1,000 devices, 16
+/// partitions) on the three fan-out destinations against none, as 9s.
+pub(crate) async fn ordered(s: &Settings, dir: &Path, epoch: Instant) -> AnyResult<()> {
+    let with = |on: bool| {
+        let dest = if on { "\nordering = \"per_key\"\norder_key = \"deviceIds.0.id\"" } else { "" };
+        (String::new(), dest.to_string())
+    };
+    paired(s, dir, epoch, "9o", ("ordered", "unordered"), with).await
+}
+
+/// Runs `name`'s setup with (`with(true)`: what it adds to `[store]` and
+/// to each fan-out destination) and without, R1 then R3 with one relay,
+/// alternating which goes first over two rounds, fresh nodes each time;
+/// prints each and the ratios.
+async fn paired(
+    s: &Settings,
+    dir: &Path,
+    epoch: Instant,
+    name: &str,
+    labels: (&str, &str),
+    with: impl Fn(bool) -> (String, String),
+) -> AnyResult<()> {
     let Some(bin) = nats_server() else {
-        row("9s. JetStream sealed", "skipped: no nats-server (set SWITCHBOARD_NATS_SERVER or run the tests once)");
+        row(
+            &format!("{name}. JetStream"),
+            "skipped: no nats-server (set SWITCHBOARD_NATS_SERVER or run the tests once)",
+        );
         return Ok(());
     };
-    const KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
-    let jet = |servers: &[Node], replicas: usize, sealed: bool| {
+    let jet = |servers: &[Node], replicas: usize, on: bool| {
         let list: Vec<String> = servers.iter().map(|n| format!("\"nats://127.0.0.1:{}\"", n.port)).collect();
-        let mut t = format!(
-            "[store]\nkind = \"jetstream\"\nservers = [{}]\nstream = \"bench\"\nreplicas = {replicas}\n",
-            list.join(", ")
+        let store = format!(
+            "[store]\nkind = \"jetstream\"\nservers = [{}]\nstream = \"bench\"\nreplicas = {replicas}\n{}",
+            list.join(", "),
+            with(on).0
         );
-        if sealed {
-            t.push_str(&format!("[store.encryption]\nkeys = [{{ id = \"k1\", key = \"{KEY}\" }}]\n"));
-        }
-        t
+        (store, with(on).1)
     };
     for (replicas, nodes_n) in [(1, 1), (3, 3)] {
         let mut ratios = Vec::new();
@@ -234,31 +270,25 @@ pub(crate) async fn sealed(s: &Settings, dir: &Path, epoch: Instant) -> AnyResul
             if round == 1 {
                 pair.reverse();
             }
-            for (sealed, out) in pair.iter_mut() {
-                let tag = format!("r{replicas}-{round}-{}", u8::from(*sealed));
+            for (on, out) in pair.iter_mut() {
+                let tag = format!("{name}-r{replicas}-{round}-{}", u8::from(*on));
                 let ns = nodes(&bin, &dir.join(&tag), nodes_n, "")?;
-                let f =
-                    measure(s, &dir.join(format!("{tag}-run")), 1, &jet(&ns, replicas, *sealed), &ns, epoch).await?;
-                report(
-                    &format!(
-                        "9s. JetStream R{replicas}, round {}, {}",
-                        round + 1,
-                        if *sealed { "sealed" } else { "plain" }
-                    ),
-                    &f,
-                );
+                let (store, dest) = jet(&ns, replicas, *on);
+                let f = measure(s, &dir.join(format!("{tag}-run")), 1, &store, &dest, &ns, epoch).await?;
+                let label = if *on { labels.0 } else { labels.1 };
+                report(&format!("{name}. JetStream R{replicas}, round {}, {label}", round + 1), &f);
                 *out = Some(f);
             }
-            let get = |want: bool| pair.iter().find(|(s, _)| *s == want).and_then(|(_, f)| f.as_ref());
-            if let (Some(plain), Some(sealed)) = (get(false), get(true)) {
-                ratios.push((sealed.ingest.rps() / plain.ingest.rps(), sealed.deliveries / plain.deliveries));
+            let get = |want: bool| pair.iter().find(|(o, _)| *o == want).and_then(|(_, f)| f.as_ref());
+            if let (Some(off), Some(on)) = (get(false), get(true)) {
+                ratios.push((on.ingest.rps() / off.ingest.rps(), on.deliveries / off.deliveries));
             }
         }
         let list = |i: usize| {
             ratios.iter().map(|r| format!("{:.2}", if i == 0 { r.0 } else { r.1 })).collect::<Vec<_>>().join(" / ")
         };
         row(
-            &format!("9s. R{replicas} sealed / plain"),
+            &format!("{name}. R{replicas} {} / {}", labels.0, labels.1),
             &format!("durable ingest {}, fan-out {} (per round)", list(0), list(1)),
         );
     }
@@ -272,7 +302,7 @@ pub(crate) async fn jetstream(s: &Settings, dir: &Path, epoch: Instant) -> AnyRe
         return Ok(());
     };
     let local = format!("[store]\npath = \"{}\"\nmin_free_bytes = 0\n", dir.join("local-store").display());
-    let f = measure(s, &dir.join("local"), 1, &local, &[], epoch).await?;
+    let f = measure(s, &dir.join("local"), 1, &local, "", &[], epoch).await?;
     report("9. local store, 1 relay", &f);
     let jet = |servers: &[Node], replicas: usize| {
         let list: Vec<String> = servers.iter().map(|n| format!("\"nats://127.0.0.1:{}\"", n.port)).collect();
@@ -286,13 +316,13 @@ pub(crate) async fn jetstream(s: &Settings, dir: &Path, epoch: Instant) -> AnyRe
     // store does before its 2xx.
     for (sync, name) in [("", "default sync"), ("sync_interval: always", "sync_interval always")] {
         let one = nodes(&bin, &dir.join(format!("r1-{}", sync.len())), 1, sync)?;
-        let f = measure(s, &dir.join(format!("r1-run-{}", sync.len())), 1, &jet(&one, 1), &one, epoch).await?;
+        let f = measure(s, &dir.join(format!("r1-run-{}", sync.len())), 1, &jet(&one, 1), "", &one, epoch).await?;
         report(&format!("9. JetStream R1, 1 node, {name}"), &f);
     }
     for n in 1..=3 {
         // A fresh cluster per relay count: each measures an empty stream.
         let three = nodes(&bin, &dir.join(format!("r3-{n}")), 3, "")?;
-        let f = measure(s, &dir.join(format!("r3-{n}-run")), n, &jet(&three, 3), &three, epoch).await?;
+        let f = measure(s, &dir.join(format!("r3-{n}-run")), n, &jet(&three, 3), "", &three, epoch).await?;
         report(&format!("9. JetStream R3, 3 nodes, {n} relay{}", if n > 1 { "s" } else { "" }), &f);
     }
     Ok(())

@@ -3,7 +3,8 @@
 //! `replicas = 3`) is a point of failure.
 //!
 //! **Layout** (all names derive from `store.stream`, here `S`):
-//! - stream `S`, subject `S.in`, **Interest** retention: every accepted
+//! - stream `S`, subjects `S.in` and `S.in.*` (`S.in.<p>`: a callback
+//!   with an ordering key, `lanes.rs`), **Interest** retention: every accepted
 //!   callback is one message (the same record bytes the local log writes:
 //!   route, sender address, destination list, headers, body; sealed with
 //!   `[store.encryption]`, see `H_SEAL`). Its stream
@@ -11,8 +12,8 @@
 //!   metadata, the same for every relay). A message is removed once every
 //!   destination's consumer acknowledged it.
 //! - one durable pull consumer per destination, `d-<name>`, filtering
-//!   `S.in` and `S.in.*` (a destination with `ordering` has other ones:
-//!   `lanes.rs`, where `S.in.<p>` is explained). Why one subject and Interest retention, not a subject per
+//!   both subjects (a destination with `ordering` has other ones:
+//!   `lanes.rs`). Why one subject and Interest retention, not a subject per
 //!   destination: ingress publishes once per callback (one PubAck to wait
 //!   for, and a callback is stored for all its destinations or for none);
 //!   a consumer acknowledges at once the messages whose destination list
