@@ -396,7 +396,7 @@ impl Worker {
 
         let now = now_ms();
         self.recent.record(now, matches!(outcome, Outcome::Delivered { .. }));
-        let age = Duration::from_millis(now.saturating_sub(msg.received_ms));
+        let age = Duration::from_millis(self.store.age_ms(&lease, msg.received_ms, now));
         if outcome.status() == Some(410) {
             return (self.gone(&lease, now, record).await, Some(false));
         }

@@ -24,8 +24,10 @@
 //! A destination restarts when its table's text changes or a secret file
 //! it names (`file:`) does: a secret rotated on disk is picked up by the
 //! next reload. `env:` values cannot change under a running process.
-//! The JetStream store's consumers are made at start: there, a reload that
-//! adds or removes destinations is refused (restart the relays one by one).
+//! On JetStream an added destination's consumers are made by the reload
+//! (`Store::add_destination`), a removed one stops being pulled and its
+//! consumers stay (what it had not acknowledged waits for it); a changed
+//! `ordering` of a destination that stays needs a restart there (logged).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -272,11 +274,19 @@ impl Reloader {
                     changed.push(d.name.to_string());
                     self.start(d.clone(), print)?;
                 }
-                None => self.start(d.clone(), print)?,
+                None => {
+                    let order = new.store.jetstream.as_ref().and_then(|j| j.ordered.get(&*d.name).copied());
+                    self.store
+                        .add_destination(&d.name, d.concurrency, order)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("destination {}: {e}", d.name))?;
+                    self.start(d.clone(), print)?;
+                }
             }
         }
         for name in &removed {
             self.stop(name).await;
+            self.store.remove_destination(name).await;
             let s = self.store.stats(name);
             tracing::warn!(destination = %name, pending = s.depth, dead_letters = s.dead,
                 "destination removed from the configuration: its deliveries are kept, not delivered, until it comes back or they are purged");
@@ -315,6 +325,27 @@ fn restart_needed(old: &Config, new: &Config) {
     }
     if old.store.retain_delivered != new.store.retain_delivered {
         keys.push("store.retain_delivered");
+    }
+    // On JetStream a destination's consumers follow its ordering, made at
+    // start (one added by a reload gets its own at once).
+    if let (Some(o), Some(n)) = (&old.store.jetstream, &new.store.jetstream) {
+        // Destinations in both files (an added one gets its ordering).
+        let kept = |j: &crate::store::JetConfig| {
+            let mut v: Vec<(String, crate::store::JetOrder)> = j
+                .ordered
+                .iter()
+                .filter(|(d, _)| {
+                    let named = |c: &Config| c.destinations.iter().any(|x| &*x.name == d.as_str());
+                    named(old) && named(new)
+                })
+                .map(|(d, o)| (d.clone(), *o))
+                .collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            (v, j.order_partitions)
+        };
+        if kept(o) != kept(n) {
+            keys.push("destinations.*.ordering, store.order_partitions (JetStream)");
+        }
     }
     if format!("{:?}", old.notifications) != format!("{:?}", new.notifications) {
         keys.push("notifications");

@@ -216,6 +216,39 @@ impl Store {
         }
     }
 
+    /// A destination a reload added: the JetStream store makes its
+    /// consumers (with its `ordering`) and pulls them; the local store
+    /// needs nothing.
+    pub async fn add_destination(
+        &self,
+        name: &Arc<str>,
+        concurrency: usize,
+        order: Option<crate::store::JetOrder>,
+    ) -> Result<(), StoreError> {
+        match &self.0 {
+            Backend::Local(_) => Ok(()),
+            Backend::Jet(s) => s.add_destination(name.clone(), concurrency, order).await,
+        }
+    }
+
+    /// A destination a reload removed (its worker stopped): JetStream
+    /// stops pulling for it; its deliveries are kept by both backends.
+    pub async fn remove_destination(&self, name: &str) {
+        if let Backend::Jet(s) = &self.0 {
+            s.remove_destination(name).await;
+        }
+    }
+
+    /// How old `lease`'s message (received at `received_ms` by the relay
+    /// that took it) is at `now`, for `max_age`: JetStream goes by the
+    /// server's clock, so another relay's skewed clock does not count.
+    pub fn age_ms(&self, lease: &Lease, received_ms: u64, now: u64) -> u64 {
+        match &self.0 {
+            Backend::Local(_) => now.saturating_sub(received_ms),
+            Backend::Jet(s) => s.age_ms(lease, received_ms, now),
+        }
+    }
+
     /// Records what became of `lease`'s attempt.
     pub async fn settle(&self, lease: &Lease, outcome: Settle) -> Result<(), StoreError> {
         match &self.0 {

@@ -124,7 +124,10 @@ impl Capabilities {
                 // (`listing.rs`); lookups read an index stream (`lookup.rs`).
                 // Ordering: partitions of the subjects, one message of each
                 // pending at a time (`lanes.rs`).
+                // Destinations on reload: an added one's consumers are made
+                // then, a removed one's stay (its deliveries kept).
                 Capability::EncryptionAtRest
+                | Capability::DestinationsOnReload
                 | Capability::Ordering
                 | Capability::Inspection
                 | Capability::Listing
@@ -134,7 +137,6 @@ impl Capabilities {
                 Capability::RetryNow => {
                     Some("a retry is a nak the server holds until its delay is over; it cannot be asked for sooner")
                 }
-                Capability::DestinationsOnReload => Some("each destination's consumer is made at start: restart"),
             },
         }
     }
@@ -168,6 +170,7 @@ mod tests {
             Capability::Retention,
             Capability::ReplayDelivered,
             Capability::Ordering,
+            Capability::DestinationsOnReload,
         ];
         assert!(jet_has.iter().all(|c| jet.has(*c)));
         for c in Capability::ALL.into_iter().filter(|c| !jet_has.contains(c)) {

@@ -72,3 +72,49 @@ async fn relays_an_hour_apart_agree_on_duplicates_and_retry_on_time() {
         })
         .await;
 }
+
+/// `max_age` by the server's clock (`store/jetstream/clock.rs`): callbacks
+/// taken by a relay an hour behind, then attempted (and refused) by a
+/// relay an hour ahead, are two hours old by the two relays' clocks and a
+/// few seconds by the truth. With `max_age = 30m` they are retried and
+/// delivered, not dead-lettered at their first failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_age_counts_by_the_servers_clock_not_the_relays() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats = crate::nats::NatsNode::single(dir.path());
+    let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let taken: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>> = Default::default();
+    let (flag, t) = (up.clone(), taken.clone());
+    let r = TestReceiver::scripted(move |_, got| {
+        if !flag.load(std::sync::atomic::Ordering::SeqCst) {
+            return Reply::Status(503);
+        }
+        t.lock().expect("lock").extend(got.header("x-switchboard-id"));
+        Reply::Status(200)
+    })
+    .await;
+    let retry = "retry = { initial = \"50ms\", max_interval = \"100ms\", max_age = \"30m\" }";
+    let path = write(dir.path(), &crate::jetstream::jet_config(&[nats.url()], "age", 1, &[("d", &r.url("/d"), retry)]));
+    let hour = 3_600_000i64;
+    let mut behind =
+        RelayProcess::start_with_env(&path, &[("SWITCHBOARD_TEST_CLOCK_OFFSET_MS", &(-hour).to_string())]).await;
+    let n = 5;
+    for i in 0..n {
+        let (s, _, b) = post(&behind.url("/in"), "application/json", format!(r#"{{"n":{i}}}"#)).await;
+        assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    }
+    r.wait_for(n, WAIT).await;
+    // A clean stop gives back what it holds.
+    behind.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(behind.wait_exit(WAIT).await.success());
+    let ahead = RelayProcess::start_with_env(&path, &[("SWITCHBOARD_TEST_CLOCK_OFFSET_MS", &hour.to_string())]).await;
+    // The relay ahead refused at least once per callback, then the
+    // destination takes them.
+    let before = r.count();
+    r.wait_until(WAIT, "attempts by the relay ahead", |g| g.len() >= before + 2 * n).await;
+    up.store(true, std::sync::atomic::Ordering::SeqCst);
+    r.wait_until(WAIT, "every callback delivered, none dead-lettered", |_| taken.lock().expect("lock").len() >= n)
+        .await;
+    let m = String::from_utf8_lossy(&get(&ahead.admin_url("/metrics")).await.2).into_owned();
+    assert_eq!(metric(&m, "switchboard_dead_letters{destination=\"d\"}"), 0.0);
+}

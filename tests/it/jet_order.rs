@@ -71,6 +71,14 @@ async fn jetstream_orders_each_key_across_relays_and_a_refused_key_holds_only_it
     .await;
     let toml = ordered_config(&[nats.url()], &r.url("/o"));
     let relays = [TestRelay::start(&toml).await, TestRelay::start(&toml).await];
+    for relay in &relays {
+        eventually!(WAIT, "the relay ready", {
+            match get(&relay.admin_url("/readyz")).await.0 {
+                200 => Ok(()),
+                s => Err(format!("readyz {s}")),
+            }
+        });
+    }
     let (s, _, b) = post(&relays[0].url("/in"), "application/json", callback("stuck", 0)).await;
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
     assert_eq!(post(&relays[1].url("/in"), "application/json", callback("stuck", 1)).await.0, 200);

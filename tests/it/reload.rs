@@ -190,3 +190,71 @@ async fn a_reload_picks_up_a_destination_secret_rotated_in_its_file() {
     assert_eq!(got[1].header("x-token").as_deref(), Some("second-token"), "the rotated value");
     relay.stop().await.expect("stop");
 }
+
+/// On JetStream, destinations added and removed by reloads (issue 25): an
+/// added one (ordered per key) gets what arrives after it, a removed one's
+/// undelivered callbacks wait in the stream, and when it is added again
+/// it gets them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_destinations_come_and_go_with_reloads() {
+    let dir = std::sync::Arc::new(tempfile::tempdir().expect("tempdir"));
+    let nats = crate::nats::NatsNode::single(dir.path());
+    let a = TestReceiver::ok().await;
+    let b_up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let taken: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+    let (flag, t) = (b_up.clone(), taken.clone());
+    let b = TestReceiver::scripted(move |_, got| {
+        if !flag.load(std::sync::atomic::Ordering::SeqCst) {
+            return Reply::Status(503);
+        }
+        t.lock().expect("lock").push(String::from_utf8_lossy(&got.body).into_owned());
+        Reply::Status(200)
+    })
+    .await;
+    let retry = "retry = { initial = \"10ms\", max_interval = \"50ms\" }";
+    let ordered = format!("ordering = \"per_key\"\norder_key = \"n\"\n{retry}");
+    let only_a = crate::jetstream::jet_config(&[nats.url()], "rl", 1, &[("a", &a.url("/a"), "")]);
+    let both =
+        crate::jetstream::jet_config(&[nats.url()], "rl", 1, &[("a", &a.url("/a"), ""), ("b", &b.url("/b"), &ordered)]);
+    let reload = std::sync::Arc::new(tokio::sync::Notify::new());
+    let relay = TestRelay::start_with_reload(dir.clone(), &only_a, reload.clone()).await;
+    let reloads = |n: f64| {
+        let relay = &relay;
+        async move {
+            relay.wait_metrics("reloaded", |m| metric(m, "switchboard_config_reloads_total{result=\"ok\"}") == n).await;
+        }
+    };
+    let url = relay.url("/in");
+    let send = |n: usize| post(&url, "application/json", format!("{{\"n\":{n}}}"));
+    assert_eq!(send(0).await.0, 200);
+    a.wait_for(1, WAIT).await;
+
+    // b added: it gets what arrives from now on.
+    write_config(dir.path(), &both);
+    reload.notify_one();
+    reloads(1.0).await;
+    assert_eq!(send(1).await.0, 200);
+    let got = b.wait_for(1, WAIT).await;
+    assert_eq!(String::from_utf8_lossy(&got[0].body), "{\"n\":1}");
+
+    // b refuses, then is removed with a callback undelivered.
+    b_up.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(send(2).await.0, 200);
+    b.wait_for(2, WAIT).await;
+    write_config(dir.path(), &only_a);
+    reload.notify_one();
+    reloads(2.0).await;
+    assert_eq!(send(3).await.0, 200);
+    a.wait_for(4, WAIT).await;
+
+    // Back, and up: the kept callback reaches it (and nothing routed while
+    // it was gone).
+    b_up.store(true, std::sync::atomic::Ordering::SeqCst);
+    write_config(dir.path(), &both);
+    reload.notify_one();
+    reloads(3.0).await;
+    b.wait_until(WAIT, "the callback kept while b was removed", |_| taken.lock().expect("lock").len() >= 2).await;
+    let taken = taken.lock().expect("lock").clone();
+    assert_eq!(taken, ["{\"n\":1}", "{\"n\":2}"], "n=2 kept for b; n=3 was not routed to it");
+    relay.stop().await.expect("stop");
+}

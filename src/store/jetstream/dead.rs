@@ -191,7 +191,8 @@ impl Jet {
             }
         }
         let mut stats = HashMap::new();
-        for name in self.inner.dests.keys() {
+        for d in self.dests() {
+            let name = &d.name;
             let Ok((depth, floor)) = self.queue_of(name).await else { continue };
             let oldest = if depth == 0 {
                 None

@@ -205,6 +205,24 @@ impl Jet {
         }
     }
 
+    /// How old `lease`'s message is (for `max_age`): by the server's clock
+    /// (`clock.rs`), so the clock of the relay that took it does not
+    /// count; a replay (stored again, keeping its id) by `received_ms`.
+    pub fn age_ms(&self, lease: &Lease, received_ms: u64, now: u64) -> u64 {
+        let by_record = now.saturating_sub(received_ms);
+        let Handle::Jet(seq) = lease.handle else { return by_record };
+        let Some(d) = self.dest(&lease.dest) else { return by_record };
+        let held = lock(&d.held);
+        let Some(m) = held.get(&seq) else { return by_record };
+        if m.headers.as_ref().is_some_and(|h| h.get(H_ID).is_some()) {
+            return by_record;
+        }
+        match m.info() {
+            Ok(info) => self.inner.server_clock.age_ms(now, super::clock::stored_ms(&info)),
+            Err(_) => by_record,
+        }
+    }
+
     /// Delivered: ack. Retry: nak with the delay until `at_ms`. Dead: the
     /// record into the dead-letter stream (its ack awaited), then ack.
     pub async fn settle(&self, lease: &Lease, outcome: Settle) -> Result<(), StoreError> {
@@ -238,7 +256,7 @@ impl Jet {
     /// (a lane of one message at a time asks for one: the server holds
     /// the rest of its partition until that one is acknowledged).
     pub(super) async fn pull(&self, d: Arc<Dest>, lane: super::lanes::Lane) {
-        let stop = &self.inner.stop;
+        let stop = &d.stop;
         let consumer = lane.consumer;
         let mut failing = false;
         loop {
@@ -299,6 +317,9 @@ impl Jet {
     async fn take(&self, d: &Dest, msg: jetstream::Message) {
         let Ok(info) = msg.info() else { return };
         let (seq, delivered) = (info.stream_sequence, info.delivered);
+        if delivered == 1 {
+            self.inner.server_clock.observe(now_ms(), super::clock::stored_ms(&info));
+        }
         let headers = msg.headers.clone().unwrap_or_default();
         let for_me = match (headers.get(H_FOR), headers.get(H_DESTS)) {
             (Some(only), _) => only.as_str() == &*d.name,
@@ -337,7 +358,7 @@ impl Jet {
                 _ = self.inner.stop.cancelled() => return,
                 _ = tokio::time::sleep(every) => {}
             }
-            for d in self.inner.dests.values() {
+            for d in self.dests() {
                 let held: Vec<jetstream::Message> = lock(&d.held).values().cloned().collect();
                 for m in held {
                     let _ = m.ack_with(AckKind::Progress).await;

@@ -34,6 +34,7 @@
 //! make its lanes again).
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
@@ -41,8 +42,8 @@ use async_nats::jetstream::{self, stream};
 use futures_util::StreamExt;
 
 use super::setup::setup_error;
-use super::{Jet, Names};
-use crate::store::StoreError;
+use super::{Dest, Jet, Names};
+use crate::store::{lock, StoreError};
 
 /// A destination's ordering on JetStream (validated configuration).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,10 +94,13 @@ impl Jet {
     /// The partition of a callback with ordering `keys` (per destination),
     /// if a `per_key` destination of it has its key.
     pub(super) fn partition(&self, keys: &[(Arc<str>, u64)]) -> Option<u64> {
-        let c = &self.inner.config;
+        if keys.is_empty() {
+            return None;
+        }
+        let ordered = lock(&self.inner.ordered);
         keys.iter()
-            .find(|(dest, _)| c.ordered.get(&**dest) == Some(&JetOrder::PerKey))
-            .map(|(_, key)| key % c.order_partitions.max(1))
+            .find(|(dest, _)| ordered.get(&**dest) == Some(&JetOrder::PerKey))
+            .map(|(_, key)| key % self.inner.config.order_partitions.max(1))
     }
 
     /// The lanes `dest` should have.
@@ -104,7 +108,8 @@ impl Jet {
         let c = &self.inner.config;
         let names = Names(&c.stream);
         let both = vec![names.inbound(), names.lane_subjects()];
-        match c.ordered.get(dest) {
+        let order = lock(&self.inner.ordered).get(dest).copied();
+        match order {
             None => vec![Want { name: Names::consumer(dest), subjects: both, single: false }],
             Some(JetOrder::Fifo) => vec![Want { name: format!("f-{dest}"), subjects: both, single: true }],
             Some(JetOrder::PerKey) => {
@@ -192,10 +197,14 @@ impl Jet {
             ..Default::default()
         };
         let Some(have) = have else {
-            return stream
-                .create_consumer(want)
-                .await
-                .map_err(|e| setup_error(&format!("creating consumer {name}"), e));
+            return match stream.create_consumer(want).await {
+                Ok(c) => Ok(c),
+                // Relays starting together race to create it: the loser
+                // takes the winner's.
+                Err(e) => {
+                    stream.get_consumer(name).await.map_err(|_| setup_error(&format!("creating consumer {name}"), e))
+                }
+            };
         };
         let h = &have.config;
         let subjects =
@@ -210,6 +219,64 @@ impl Jet {
         tracing::info!(destination = dest, consumer = %name, "bringing the consumer's settings to the configuration's");
         let update = pull::Config { deliver_policy: h.deliver_policy, ..want };
         stream.update_consumer(update).await.map_err(|e| setup_error(&format!("updating consumer {name}"), e))
+    }
+
+    /// Starts pulling `lanes` for `d`, unless its pullers run already.
+    pub(super) fn spawn_pullers(&self, d: &Arc<Dest>, lanes: Vec<Lane>) {
+        if d.started.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        *lock(&d.lanes) = lanes.iter().map(|l| l.name.clone()).collect();
+        for lane in lanes {
+            let (me, d) = (self.clone(), d.clone());
+            self.inner.tasks.spawn(async move { me.pull(d, lane).await });
+        }
+    }
+
+    /// Makes (or opens) `d`'s lanes and starts pulling them, if not yet.
+    pub(super) async fn start_destination(&self, d: &Arc<Dest>) -> Result<(), StoreError> {
+        if d.started.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let stream = &self.ready()?.stream;
+        let existing = Self::consumers_of(stream).await?;
+        let lanes = self.lanes(stream, &d.name, &existing).await?;
+        self.spawn_pullers(d, lanes);
+        Ok(())
+    }
+
+    /// A destination added by a reload: its lanes made and pulled now (or
+    /// when the relay connects). A destination removed and added again
+    /// finds its consumers as it left them: what it had not acknowledged
+    /// waited for it in the stream.
+    pub async fn add_destination(
+        &self,
+        name: Arc<str>,
+        concurrency: usize,
+        order: Option<JetOrder>,
+    ) -> Result<(), StoreError> {
+        if let Some(o) = order {
+            lock(&self.inner.ordered).insert(name.to_string(), o);
+        }
+        let d = Dest::new(name.clone(), concurrency, &self.inner.stop);
+        lock(&self.inner.dests).insert(name, d.clone());
+        match self.ready() {
+            Ok(_) => self.start_destination(&d).await,
+            // Not connected yet: `set_up` starts it.
+            Err(StoreError::Unavailable(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A destination removed by a reload: its pullers stop, what this
+    /// relay held goes back to the server; its consumers stay, so the
+    /// stream keeps what it has not acknowledged (as the local store
+    /// keeps a removed destination's deliveries) until it comes back or
+    /// its consumers are deleted.
+    pub async fn remove_destination(&self, name: &str) {
+        let Some(d) = lock(&self.inner.dests).remove(name) else { return };
+        d.stop.cancel();
+        super::give_back(&d).await;
     }
 
     /// The stream's consumers that are destinations' lanes, by name (by

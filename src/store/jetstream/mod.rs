@@ -55,6 +55,7 @@
 //! What this backend cannot do is its row in `store/capabilities.rs`
 //! (the configuration check refuses those keys; the admin API answers 501).
 
+mod clock;
 mod dead;
 mod flow;
 mod history;
@@ -185,8 +186,11 @@ struct Inner {
     config: JetConfig,
     /// Set once connected and the streams and consumers are in place.
     ready: OnceLock<Ready>,
-    /// Configured destinations (fixed at open).
-    dests: HashMap<Arc<str>, Arc<Dest>>,
+    /// Configured destinations (added and removed by reloads).
+    dests: Mutex<HashMap<Arc<str>, Arc<Dest>>>,
+    /// Destinations with `ordering` (the configuration's at open, and
+    /// destinations added by a reload with theirs; `lanes.rs`).
+    ordered: Mutex<HashMap<String, JetOrder>>,
     wakers: Wakers,
     /// Paused destinations with why, as the `S-state` bucket says.
     paused: Mutex<HashMap<String, String>>,
@@ -205,6 +209,8 @@ struct Inner {
     /// configuration, found after a late connection), if it cannot.
     broken: Mutex<Option<String>>,
     closed: AtomicBool,
+    /// This relay's clock against the server's, for ages (`clock.rs`).
+    server_clock: clock::ServerClock,
     stop: CancellationToken,
     tasks: tokio_util::task::TaskTracker,
 }
@@ -252,6 +258,25 @@ struct Dest {
     room: Notify,
     /// Its consumers' names (`lanes.rs`), once set up.
     lanes: Mutex<Vec<String>>,
+    /// Its pullers were started (once).
+    started: AtomicBool,
+    /// Stops its pullers (removed by a reload, or the store closing).
+    stop: CancellationToken,
+}
+
+impl Dest {
+    fn new(name: Arc<str>, concurrency: usize, stop: &CancellationToken) -> Arc<Dest> {
+        Arc::new(Dest {
+            name,
+            cap: (concurrency * 2).max(8),
+            waiting: Mutex::default(),
+            held: Mutex::default(),
+            room: Notify::new(),
+            lanes: Mutex::default(),
+            started: AtomicBool::new(false),
+            stop: stop.child_token(),
+        })
+    }
 }
 
 /// Subjects and names under the stream's name.
@@ -323,6 +348,15 @@ impl Jet {
     }
 }
 
+/// Naks what `d` holds, so another relay takes it at once.
+async fn give_back(d: &Dest) {
+    let held: Vec<jetstream::Message> = lock(&d.held).drain().map(|(_, m)| m).collect();
+    lock(&d.waiting).clear();
+    for m in held {
+        let _ = m.ack_with(jetstream::AckKind::Nak(None)).await;
+    }
+}
+
 /// How long ingress refuses callbacks after a publish failed.
 const PUBLISH_COOL_OFF: Duration = Duration::from_secs(1);
 
@@ -340,8 +374,13 @@ impl Jet {
         self.inner.ready.get().ok_or_else(|| StoreError::Unavailable("not connected to NATS yet".into()))
     }
 
-    fn dest(&self, name: &str) -> Option<&Arc<Dest>> {
-        self.inner.dests.get(name)
+    fn dest(&self, name: &str) -> Option<Arc<Dest>> {
+        lock(&self.inner.dests).get(name).cloned()
+    }
+
+    /// Every configured destination.
+    fn dests(&self) -> Vec<Arc<Dest>> {
+        lock(&self.inner.dests).values().cloned().collect()
     }
 
     pub fn external_id(&self, id: u64) -> String {
@@ -388,7 +427,7 @@ impl Jet {
 
     /// Configured destinations, and any with dead letters.
     pub fn known_destinations(&self) -> Vec<String> {
-        let mut out: Vec<String> = self.inner.dests.keys().map(|d| d.to_string()).collect();
+        let mut out: Vec<String> = lock(&self.inner.dests).keys().map(|d| d.to_string()).collect();
         for d in &lock(&self.inner.figures).dead_dests {
             if !out.contains(d) {
                 out.push(d.clone());
@@ -462,12 +501,8 @@ impl Jet {
         inner.stop.cancel();
         inner.tasks.close();
         inner.tasks.wait().await;
-        for d in inner.dests.values() {
-            let held: Vec<jetstream::Message> = lock(&d.held).drain().map(|(_, m)| m).collect();
-            lock(&d.waiting).clear();
-            for m in held {
-                let _ = m.ack_with(jetstream::AckKind::Nak(None)).await;
-            }
+        for d in self.dests() {
+            give_back(&d).await;
         }
         if let Some(r) = inner.ready.get() {
             let _ = tokio::time::timeout(Duration::from_secs(2), r.client.flush()).await;

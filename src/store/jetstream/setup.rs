@@ -9,7 +9,6 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv, stream};
 use async_nats::ConnectErrorKind;
 use futures_util::StreamExt;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{Dest, Inner, Jet, JetConfig, Names, Ready, UID_KEY};
@@ -39,25 +38,18 @@ impl Jet {
         destinations: Vec<(Arc<str>, usize)>,
         wakers: Wakers,
     ) -> Result<Jet, StoreError> {
+        let stop = CancellationToken::new();
         let dests = destinations
             .into_iter()
-            .map(|(name, concurrency)| {
-                let d = Dest {
-                    name: name.clone(),
-                    cap: (concurrency * 2).max(8),
-                    waiting: Mutex::default(),
-                    held: Mutex::default(),
-                    room: Notify::new(),
-                    lanes: Mutex::default(),
-                };
-                (name, Arc::new(d))
-            })
+            .map(|(name, concurrency)| (name.clone(), Dest::new(name, concurrency, &stop)))
             .collect();
+        let ordered = config.ordered.clone();
         let jet = Jet {
             inner: Arc::new(Inner {
                 config,
                 ready: OnceLock::new(),
-                dests,
+                dests: Mutex::new(dests),
+                ordered: Mutex::new(ordered),
                 wakers,
                 paused: Mutex::default(),
                 figures: Mutex::default(),
@@ -67,7 +59,8 @@ impl Jet {
                 last_publish_failure_ms: AtomicU64::new(0),
                 broken: Mutex::new(None),
                 closed: AtomicBool::new(false),
-                stop: CancellationToken::new(),
+                server_clock: Default::default(),
+                stop,
                 tasks: tokio_util::task::TaskTracker::new(),
             }),
         };
@@ -225,10 +218,9 @@ impl Jet {
         let (kept, index) = copies(&js, &names, c).await?;
         let existing = Self::consumers_of(&stream).await?;
         let mut consumers = Vec::new();
-        for d in self.inner.dests.values() {
+        for d in self.dests() {
             let lanes = self.lanes(&stream, &d.name, &existing).await?;
-            *lock(&d.lanes) = lanes.iter().map(|l| l.name.clone()).collect();
-            consumers.extend(lanes.into_iter().map(|l| (d.clone(), l)));
+            consumers.push((d, lanes));
         }
         let max_payload = client.server_info().max_payload;
         let ready = Ready { client, js, stream, dead, state, history, kept, dedupe, index, uid, max_payload };
@@ -237,9 +229,14 @@ impl Jet {
         }
         self.load_paused().await?;
         self.refresh_figures().await;
-        for (d, consumer) in consumers {
-            let me = self.clone();
-            self.inner.tasks.spawn(async move { me.pull(d, consumer).await });
+        for (d, lanes) in consumers {
+            self.spawn_pullers(&d, lanes);
+        }
+        // Destinations a reload added while this relay was connecting.
+        for d in self.dests() {
+            if let Err(e) = self.start_destination(&d).await {
+                tracing::warn!(destination = %d.name, error = %e, "could not set up an added destination's consumers");
+            }
         }
         let me = self.clone();
         self.inner.tasks.spawn(async move { me.renew_leases().await });
@@ -254,6 +251,16 @@ impl Jet {
         });
         let me = self.clone();
         self.inner.tasks.spawn(async move { me.watch_paused().await });
+        let me = self.clone();
+        self.inner.tasks.spawn(async move {
+            loop {
+                me.probe_clock().await;
+                tokio::select! {
+                    _ = me.inner.stop.cancelled() => return,
+                    _ = tokio::time::sleep(super::clock::PROBE_EVERY) => {}
+                }
+            }
+        });
         tracing::info!(stream = %c.stream, replicas = c.replicas, "JetStream store ready");
         Ok(())
     }
