@@ -210,7 +210,7 @@ fn report(name: &str, f: &Figures) {
 
 /// Run 9s: the JetStream store with `[store.encryption]` against the same
 /// setup without it (issue 25: at most 15 % less durable ingest and
-/// fan-out), R1 then R3 with one relay, each pair alternating which goes
+/// fan-out), R1 with one relay and R3 with one to three, each pair alternating which goes
 /// first over two rounds, fresh nodes each time.
 pub(crate) async fn sealed(s: &Settings, dir: &Path, epoch: Instant) -> AnyResult<()> {
     const KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
@@ -236,7 +236,8 @@ pub(crate) async fn ordered(s: &Settings, dir: &Path, epoch: Instant) -> AnyResu
 }
 
 /// Runs `name`'s setup with (`with(true)`: what it adds to `[store]` and
-/// to each fan-out destination) and without, R1 then R3 with one relay,
+/// to each fan-out destination) and without, R1 with one relay, then R3
+/// with one, two and three relays,
 /// alternating which goes first over two rounds, fresh nodes each time;
 /// prints each and the ratios.
 async fn paired(
@@ -263,7 +264,8 @@ async fn paired(
         );
         (store, with(on).1)
     };
-    for (replicas, nodes_n) in [(1, 1), (3, 3)] {
+    // R1 with one relay; R3 with one, two and three (issue 25's figures).
+    for (replicas, nodes_n, relays) in [(1, 1, 1), (3, 3, 1), (3, 3, 2), (3, 3, 3)] {
         let mut ratios = Vec::new();
         for round in 0..2 {
             let mut pair = [(false, None), (true, None)];
@@ -271,12 +273,12 @@ async fn paired(
                 pair.reverse();
             }
             for (on, out) in pair.iter_mut() {
-                let tag = format!("{name}-r{replicas}-{round}-{}", u8::from(*on));
+                let tag = format!("{name}-r{replicas}-{relays}-{round}-{}", u8::from(*on));
                 let ns = nodes(&bin, &dir.join(&tag), nodes_n, "")?;
                 let (store, dest) = jet(&ns, replicas, *on);
-                let f = measure(s, &dir.join(format!("{tag}-run")), 1, &store, &dest, &ns, epoch).await?;
+                let f = measure(s, &dir.join(format!("{tag}-run")), relays, &store, &dest, &ns, epoch).await?;
                 let label = if *on { labels.0 } else { labels.1 };
-                report(&format!("{name}. JetStream R{replicas}, round {}, {label}", round + 1), &f);
+                report(&format!("{name}. JetStream R{replicas}, {relays} relay(s), round {}, {label}", round + 1), &f);
                 *out = Some(f);
             }
             let get = |want: bool| pair.iter().find(|(o, _)| *o == want).and_then(|(_, f)| f.as_ref());
@@ -288,7 +290,7 @@ async fn paired(
             ratios.iter().map(|r| format!("{:.2}", if i == 0 { r.0 } else { r.1 })).collect::<Vec<_>>().join(" / ")
         };
         row(
-            &format!("{name}. R{replicas} {} / {}", labels.0, labels.1),
+            &format!("{name}. R{replicas}, {relays} relay(s), {} / {}", labels.0, labels.1),
             &format!("durable ingest {}, fan-out {} (per round)", list(0), list(1)),
         );
     }
