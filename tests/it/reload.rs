@@ -193,8 +193,8 @@ async fn a_reload_picks_up_a_destination_secret_rotated_in_its_file() {
 
 /// On JetStream, destinations added and removed by reloads (issue 25): an
 /// added one (ordered per key) gets what arrives after it, a removed one's
-/// undelivered callbacks wait in the stream, and when it is added again
-/// it gets them.
+/// undelivered callbacks wait in the stream (and it is listed, not
+/// configured, with them), and when it is added again it gets them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_destinations_come_and_go_with_reloads() {
     let dir = std::sync::Arc::new(tempfile::tempdir().expect("tempdir"));
@@ -246,6 +246,17 @@ async fn jetstream_destinations_come_and_go_with_reloads() {
     reloads(2.0).await;
     assert_eq!(send(3).await.0, 200);
     a.wait_for(4, WAIT).await;
+    // Reported as locally: not configured, its callback waiting.
+    let v = eventually!(WAIT, "b listed with what waits for it", {
+        let (_, _, body) = get(&relay.admin_url("/api/destinations")).await;
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let b = v["destinations"].as_array().and_then(|a| a.iter().find(|d| d["name"] == "b")).cloned();
+        match b {
+            Some(b) if b["pending"].as_u64().is_some_and(|n| n >= 1) => Ok(b),
+            _ => Err(v.to_string()),
+        }
+    });
+    assert_eq!(v["configured"], false, "{v}");
 
     // Back, and up: the kept callback reaches it (and nothing routed while
     // it was gone).

@@ -191,7 +191,7 @@ impl Jet {
             }
         }
         let mut stats = HashMap::new();
-        for d in self.dests() {
+        for d in self.all_known() {
             let name = &d.name;
             let Ok((depth, floor)) = self.queue_of(name).await else { continue };
             let oldest = if depth == 0 {
@@ -237,7 +237,7 @@ impl Jet {
     /// acknowledged, and the lowest ack floor (a stream sequence).
     pub(super) async fn queue_of(&self, dest: &str) -> Result<(usize, u64), StoreError> {
         let ready = self.ready()?;
-        let lanes = match self.dest(dest) {
+        let lanes = match self.known(dest) {
             Some(d) => lock(&d.lanes).clone(),
             None => Vec::new(),
         };

@@ -212,15 +212,18 @@ impl Jet {
         let by_record = now.saturating_sub(received_ms);
         let Handle::Jet(seq) = lease.handle else { return by_record };
         let Some(d) = self.dest(&lease.dest) else { return by_record };
-        let held = lock(&d.held);
-        let Some(m) = held.get(&seq) else { return by_record };
-        if m.headers.as_ref().is_some_and(|h| h.get(H_ID).is_some()) {
-            return by_record;
-        }
-        match m.info() {
-            Ok(info) => self.inner.server_clock.age_ms(now, super::clock::stored_ms(&info)),
-            Err(_) => by_record,
-        }
+        let stored = {
+            let held = lock(&d.held);
+            let Some(m) = held.get(&seq) else { return by_record };
+            if m.headers.as_ref().is_some_and(|h| h.get(H_ID).is_some()) {
+                return by_record;
+            }
+            match m.info() {
+                Ok(info) => super::clock::stored_ms(&info),
+                Err(_) => return by_record,
+            }
+        };
+        self.inner.server_clock.age_ms(now, stored)
     }
 
     /// Delivered: ack. Retry: nak with the delay until `at_ms`. Dead: the

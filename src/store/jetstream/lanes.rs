@@ -258,6 +258,7 @@ impl Jet {
         if let Some(o) = order {
             lock(&self.inner.ordered).insert(name.to_string(), o);
         }
+        lock(&self.inner.removed).remove(&name);
         let d = Dest::new(name.clone(), concurrency, &self.inner.stop);
         lock(&self.inner.dests).insert(name, d.clone());
         match self.ready() {
@@ -272,11 +273,14 @@ impl Jet {
     /// relay held goes back to the server; its consumers stay, so the
     /// stream keeps what it has not acknowledged (as the local store
     /// keeps a removed destination's deliveries) until it comes back or
-    /// its consumers are deleted.
+    /// its consumers are deleted; `/api/destinations` goes on showing it
+    /// (not configured, with what waits for it).
     pub async fn remove_destination(&self, name: &str) {
         let Some(d) = lock(&self.inner.dests).remove(name) else { return };
         d.stop.cancel();
         super::give_back(&d).await;
+        // Still reported (depth, oldest) from its consumers.
+        lock(&self.inner.removed).insert(d.name.clone(), d);
     }
 
     /// The stream's consumers that are destinations' lanes, by name (by

@@ -188,6 +188,9 @@ struct Inner {
     ready: OnceLock<Ready>,
     /// Configured destinations (added and removed by reloads).
     dests: Mutex<HashMap<Arc<str>, Arc<Dest>>>,
+    /// Destinations a reload removed: not pulled, their consumers (and
+    /// what they had not acknowledged) kept, still reported.
+    removed: Mutex<HashMap<Arc<str>, Arc<Dest>>>,
     /// Destinations with `ordering` (the configuration's at open, and
     /// destinations added by a reload with theirs; `lanes.rs`).
     ordered: Mutex<HashMap<String, JetOrder>>,
@@ -383,6 +386,18 @@ impl Jet {
         lock(&self.inner.dests).values().cloned().collect()
     }
 
+    /// A configured destination, or one a reload removed.
+    fn known(&self, name: &str) -> Option<Arc<Dest>> {
+        self.dest(name).or_else(|| lock(&self.inner.removed).get(name).cloned())
+    }
+
+    /// Configured destinations and those a reload removed.
+    fn all_known(&self) -> Vec<Arc<Dest>> {
+        let mut all = self.dests();
+        all.extend(lock(&self.inner.removed).values().cloned());
+        all
+    }
+
     pub fn external_id(&self, id: u64) -> String {
         let uid = self.inner.ready.get().map_or("00000000", |r| r.uid.as_str());
         format!("msg_{uid}{id:016x}")
@@ -427,7 +442,7 @@ impl Jet {
 
     /// Configured destinations, and any with dead letters.
     pub fn known_destinations(&self) -> Vec<String> {
-        let mut out: Vec<String> = lock(&self.inner.dests).keys().map(|d| d.to_string()).collect();
+        let mut out: Vec<String> = self.all_known().iter().map(|d| d.name.to_string()).collect();
         for d in &lock(&self.inner.figures).dead_dests {
             if !out.contains(d) {
                 out.push(d.clone());

@@ -49,6 +49,7 @@ impl Jet {
                 config,
                 ready: OnceLock::new(),
                 dests: Mutex::new(dests),
+                removed: Mutex::default(),
                 ordered: Mutex::new(ordered),
                 wakers,
                 paused: Mutex::default(),
