@@ -47,6 +47,8 @@ struct Settings {
     bin: PathBuf,
     /// The figures the runs recorded, for `--baseline`'s comparison.
     figures: Mutex<Vec<baseline::Figure>>,
+    /// Rounds of runs 9s and 9o's with/without pairs (`--rounds`, else 2).
+    pair_rounds: usize,
 }
 
 fn main() -> AnyResult<()> {
@@ -88,6 +90,7 @@ fn main() -> AnyResult<()> {
         backlog: if quick { 2_000 } else { 200_000 },
         bin: PathBuf::from(env!("CARGO_BIN_EXE_switchboard")),
         figures: Mutex::new(Vec::new()),
+        pair_rounds: if value("--rounds").is_some() { rounds } else { 2 },
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     match value("--baseline") {
@@ -114,6 +117,7 @@ impl Settings {
             backlog: self.backlog,
             bin,
             figures: Mutex::new(Vec::new()),
+            pair_rounds: self.pair_rounds,
         }
     }
 

@@ -238,8 +238,8 @@ pub(crate) async fn ordered(s: &Settings, dir: &Path, epoch: Instant) -> AnyResu
 /// Runs `name`'s setup with (`with(true)`: what it adds to `[store]` and
 /// to each fan-out destination) and without, R1 with one relay, then R3
 /// with one, two and three relays,
-/// alternating which goes first over two rounds, fresh nodes each time;
-/// prints each and the ratios.
+/// alternating which goes first over two rounds (`--rounds N`: N), fresh
+/// nodes each time; prints each and the ratios.
 async fn paired(
     s: &Settings,
     dir: &Path,
@@ -267,9 +267,9 @@ async fn paired(
     // R1 with one relay; R3 with one, two and three (issue 25's figures).
     for (replicas, nodes_n, relays) in [(1, 1, 1), (3, 3, 1), (3, 3, 2), (3, 3, 3)] {
         let mut ratios = Vec::new();
-        for round in 0..2 {
+        for round in 0..s.pair_rounds {
             let mut pair = [(false, None), (true, None)];
-            if round == 1 {
+            if round % 2 == 1 {
                 pair.reverse();
             }
             for (on, out) in pair.iter_mut() {
@@ -289,9 +289,24 @@ async fn paired(
         let list = |i: usize| {
             ratios.iter().map(|r| format!("{:.2}", if i == 0 { r.0 } else { r.1 })).collect::<Vec<_>>().join(" / ")
         };
+        let median = |i: usize| {
+            let mut v: Vec<f64> = ratios.iter().map(|r| if i == 0 { r.0 } else { r.1 }).collect();
+            v.sort_by(f64::total_cmp);
+            match v.len() {
+                0 => f64::NAN,
+                n if n % 2 == 1 => v[n / 2],
+                n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+            }
+        };
         row(
             &format!("{name}. R{replicas}, {relays} relay(s), {} / {}", labels.0, labels.1),
-            &format!("durable ingest {}, fan-out {} (per round)", list(0), list(1)),
+            &format!(
+                "durable ingest {} (median {:.2}), fan-out {} (median {:.2}) (per round)",
+                list(0),
+                median(0),
+                list(1),
+                median(1)
+            ),
         );
     }
     Ok(())
