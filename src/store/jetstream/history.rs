@@ -7,12 +7,9 @@
 //! first), by a task of its own so the write does not hold the attempt's
 //! slot: a relay that dies between the two leaves the history one attempt
 //! behind (it says pending, or shows the previous failure), never
-//! "delivered" for a delivery that was not. A write that fails (NATS in
-//! trouble: a node killed, a partition) is tried again for about half a
-//! minute; each try replaces the key only if it is still what it read
-//! (the key's revision), so a late write never undoes a later attempt's.
-//! Cost per settle: one write (`create`) for a first attempt, one read and
-//! one write (`update`) from the second on.
+//! "delivered" for a delivery that was not; a retry's write that overtakes
+//! the previous one's may drop that attempt from the list. Cost per
+//! settle: one key write, plus one read from the second attempt on.
 //! Awaiting them on the attempt's task halved JetStream fan-out (run 9).
 //! Kept 7 days (the bucket's `max_age`).
 //!
@@ -29,30 +26,6 @@ use crate::store::record::{put_history, put_str16, read_history, record_destinat
 use crate::store::{
     now_ms, Attempt, DecodeError, DeliveryState, DeliveryView, Inspection, MessageRecord, Settle, StoreError,
 };
-
-/// How often a history write is tried (waits of 0.25 s doubling to 8 s
-/// between: about half a minute).
-const HISTORY_TRIES: usize = 8;
-
-/// The record of a delivery after `outcome`, its earlier attempts
-/// `history`.
-fn kept(outcome: &Settle, mut history: Vec<Attempt>) -> Kept {
-    match outcome {
-        Settle::Delivered { attempt } => {
-            history.push(attempt.clone());
-            let ended = attempt.at_ms.saturating_add(u64::from(attempt.duration_ms));
-            Kept { state: DELIVERED, at_ms: ended, status: attempt.status, reason: String::new(), history }
-        }
-        Settle::Retry { at_ms, status, error, attempt } => {
-            history.push(attempt.clone());
-            Kept { state: PENDING, at_ms: *at_ms, status: status.unwrap_or(0), reason: error.clone(), history }
-        }
-        Settle::Dead { status, reason, attempt } => {
-            history.push(attempt.clone());
-            Kept { state: DEAD, at_ms: now_ms(), status: status.unwrap_or(0), reason: reason.clone(), history }
-        }
-    }
-}
 
 /// How long history keys are kept.
 pub(super) const HISTORY_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
@@ -116,64 +89,41 @@ fn key(dest: &str, id: u64) -> String {
 }
 
 impl Jet {
-    /// Records a settled attempt in `dest`'s history of `id` after the
-    /// settle (see the module doc), retrying for
-    /// about half a minute while NATS is in trouble (a write that failed
-    /// was dropped before: the history of a delivered callback could stay
-    /// "pending" for good). Each write reads the key and replaces it only
-    /// if it is still what was read (the key's revision), so a retried
-    /// write never undoes a later one: an attempt already there is not
-    /// added again, and one older than the last recorded goes in its place
-    /// in time without changing the recorded state.
+    /// Records what `outcome` made of `dest`'s delivery of `id`, after the
+    /// settle (see the module doc). A failure to write is logged, not
+    /// returned: the delivery itself is settled.
+    /// `first`: the delivery's first attempt, so there is no earlier
+    /// history to read (most settles: one write, no read).
     pub(super) async fn record_history(&self, dest: &str, id: u64, outcome: &Settle, first: bool) {
-        let mut wait = std::time::Duration::from_millis(250);
-        let mut last = String::new();
-        for _ in 0..HISTORY_TRIES {
-            match self.write_history(dest, id, outcome, first).await {
-                Ok(()) => return,
-                Err(e) => last = e,
-            }
-            tokio::select! {
-                _ = self.inner.stop.cancelled() => break,
-                _ = tokio::time::sleep(wait) => {}
-            }
-            wait = (wait * 2).min(std::time::Duration::from_secs(8));
-        }
-        if let Some(also) = self.inner.history_failures_logged.admit() {
-            tracing::warn!(destination = dest, error = %last, also_failed_since_last_line = also, "JetStream: could not record a delivery attempt's history");
-        }
-    }
-
-    /// One try of [`Jet::record_history`].
-    async fn write_history(&self, dest: &str, id: u64, outcome: &Settle, first: bool) -> Result<(), String> {
-        let ready = self.ready().map_err(|e| e.to_string())?;
+        let Ok(ready) = self.ready() else { return };
         let k = key(dest, id);
-        let attempt = match outcome {
-            Settle::Delivered { attempt } | Settle::Retry { attempt, .. } | Settle::Dead { attempt, .. } => attempt,
-        };
-        // A first attempt creates the key without reading it (one write
-        // per settle); the key there already (a replay, a retried write)
-        // takes the reading path.
-        if first && ready.history.create(&k, Bytes::from(kept(outcome, Vec::new()).encode())).await.is_ok() {
-            return Ok(());
-        }
-        let entry = ready.history.entry(k.clone()).await.map_err(|e| e.to_string())?;
-        let current = entry.as_ref().and_then(|e| Kept::decode(&e.value).ok());
-        let mut record = match current {
-            Some(c) if c.history.contains(attempt) => return Ok(()),
-            Some(mut c) if c.history.last().is_some_and(|l| l.at_ms > attempt.at_ms) => {
-                let at = c.history.partition_point(|a| a.at_ms <= attempt.at_ms);
-                c.history.insert(at, attempt.clone());
-                c
+        let mut history = if first {
+            Vec::new()
+        } else {
+            match ready.history.get(k.clone()).await {
+                Ok(Some(v)) => Kept::decode(&v).map(|k| k.history).unwrap_or_default(),
+                _ => Vec::new(),
             }
-            Some(c) => kept(outcome, c.history),
-            None => kept(outcome, Vec::new()),
         };
-        record.history.sort_by_key(|a| a.at_ms);
-        let value = Bytes::from(record.encode());
-        match entry {
-            Some(e) => ready.history.update(&k, value, e.revision).await.map(|_| ()).map_err(|e| e.to_string()),
-            None => ready.history.create(&k, value).await.map(|_| ()).map_err(|e| e.to_string()),
+        let kept = match outcome {
+            Settle::Delivered { attempt } => {
+                history.push(attempt.clone());
+                let ended = attempt.at_ms.saturating_add(u64::from(attempt.duration_ms));
+                Kept { state: DELIVERED, at_ms: ended, status: attempt.status, reason: String::new(), history }
+            }
+            Settle::Retry { at_ms, status, error, attempt } => {
+                history.push(attempt.clone());
+                Kept { state: PENDING, at_ms: *at_ms, status: status.unwrap_or(0), reason: error.clone(), history }
+            }
+            Settle::Dead { status, reason, attempt } => {
+                history.push(attempt.clone());
+                Kept { state: DEAD, at_ms: now_ms(), status: status.unwrap_or(0), reason: reason.clone(), history }
+            }
+        };
+        if let Err(e) = ready.history.put(k, Bytes::from(kept.encode())).await {
+            if let Some(also) = self.inner.history_failures_logged.admit() {
+                tracing::warn!(destination = dest, error = %e, also_failed_since_last_line = also, "JetStream: could not record a delivery attempt's history");
+            }
         }
     }
 
