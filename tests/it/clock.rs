@@ -82,17 +82,7 @@ async fn relays_an_hour_apart_agree_on_duplicates_and_retry_on_time() {
 async fn max_age_counts_by_the_servers_clock_not_the_relays() {
     let dir = tempfile::tempdir().expect("tempdir");
     let nats = crate::nats::NatsNode::single(dir.path());
-    let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let taken: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>> = Default::default();
-    let (flag, t) = (up.clone(), taken.clone());
-    let r = TestReceiver::scripted(move |_, got| {
-        if !flag.load(std::sync::atomic::Ordering::SeqCst) {
-            return Reply::Status(503);
-        }
-        t.lock().expect("lock").extend(got.header("x-switchboard-id"));
-        Reply::Status(200)
-    })
-    .await;
+    let (r, up, taken) = crate::jet_order::gated_receiver().await;
     let retry = "retry = { initial = \"50ms\", max_interval = \"100ms\", max_age = \"30m\" }";
     let path = write(dir.path(), &crate::jetstream::jet_config(&[nats.url()], "age", 1, &[("d", &r.url("/d"), retry)]));
     let hour = 3_600_000i64;

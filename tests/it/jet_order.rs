@@ -4,28 +4,17 @@
 //! failing holds only its partition; a relay killed with a key's head in
 //! flight hands that head to another relay before anything after it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 
 use crate::jetstream::jet_config;
 use crate::nats::*;
+use crate::order::{callback, fails_first, key_seq, ORDERED};
 use crate::support::*;
 
 const PARTITIONS: u64 = 8;
-
-const ORDERED: &str = "concurrency = 16\nordering = \"per_key\"\norder_key = \"deviceIds.0.id\"\n\
-retry = { initial = \"10ms\", max_interval = \"40ms\", max_attempts = 1000 }";
-
-fn callback(key: &str, seq: usize) -> String {
-    format!(r#"{{"requestId":"r","deviceIds":[{{"id":"{key}","kind":"imei"}}],"seq":{seq},"callbackCount":1}}"#)
-}
-
-fn key_seq(body: &[u8]) -> Option<(String, usize)> {
-    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    Some((v["deviceIds"][0]["id"].as_str()?.to_string(), v["seq"].as_u64()? as usize))
-}
 
 /// The partition the relay puts `key` in: the first 8 bytes of its
 /// SHA-256, big-endian, modulo the partitions (`ingress/order.rs`).
@@ -36,15 +25,27 @@ fn partition(key: &str) -> u64 {
     u64::from_be_bytes(first) % PARTITIONS
 }
 
-/// A deterministic 30 % of (key, seq) pairs: their first attempt fails.
-fn fails_first(key: &str, seq: usize) -> bool {
-    let h = key.bytes().fold(seq as u64 * 7919, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
-    h % 10 < 3
-}
-
 fn ordered_config(servers: &[String], url: &str) -> String {
     jet_config(servers, "ord", 1, &[("ordered", url, ORDERED)])
         .replace("replicas = 1\n", &format!("replicas = 1\norder_partitions = {PARTITIONS}\n"))
+}
+
+/// A receiver that refuses (503) until `up` is set, then takes every
+/// request and records its message id in `taken`.
+pub(crate) async fn gated_receiver() -> (TestReceiver, Arc<std::sync::atomic::AtomicBool>, Arc<Mutex<HashSet<String>>>)
+{
+    let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let taken: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let (flag, t) = (up.clone(), taken.clone());
+    let r = TestReceiver::scripted(move |_, got| {
+        if !flag.load(std::sync::atomic::Ordering::SeqCst) {
+            return Reply::Status(503);
+        }
+        t.lock().expect("lock").extend(got.header("x-switchboard-id"));
+        Reply::Status(200)
+    })
+    .await;
+    (r, up, taken)
 }
 
 /// Two relays on one stream; each key's callbacks posted one after the
@@ -196,17 +197,7 @@ async fn a_dead_lettered_head_releases_its_key_and_its_replay_is_delivered() {
 async fn changing_ordering_with_callbacks_queued_loses_none() {
     let dir = tempfile::tempdir().expect("tempdir");
     let nats = NatsNode::single(dir.path());
-    let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let taken: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
-    let (flag, t) = (up.clone(), taken.clone());
-    let r = TestReceiver::scripted(move |_, got| {
-        if !flag.load(std::sync::atomic::Ordering::SeqCst) {
-            return Reply::Status(503);
-        }
-        t.lock().expect("lock").extend(got.header("x-switchboard-id"));
-        Reply::Status(200)
-    })
-    .await;
+    let (r, up, taken) = gated_receiver().await;
     let retry = "retry = { initial = \"10ms\", max_interval = \"50ms\", max_attempts = 100000 }";
     let settings = [
         String::new(),

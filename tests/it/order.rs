@@ -9,21 +9,21 @@ use std::time::Instant;
 
 use crate::support::*;
 
-const ORDERED: &str = "concurrency = 16\nordering = \"per_key\"\norder_key = \"deviceIds.0.id\"\n\
+pub(crate) const ORDERED: &str = "concurrency = 16\nordering = \"per_key\"\norder_key = \"deviceIds.0.id\"\n\
 retry = { initial = \"10ms\", max_interval = \"40ms\", max_attempts = 1000 }";
 
-fn callback(key: &str, seq: usize) -> String {
+pub(crate) fn callback(key: &str, seq: usize) -> String {
     format!(r#"{{"requestId":"r","deviceIds":[{{"id":"{key}","kind":"imei"}}],"seq":{seq},"callbackCount":1}}"#)
 }
 
 /// The (key, seq) a request carries.
-fn key_seq(body: &[u8]) -> Option<(String, usize)> {
+pub(crate) fn key_seq(body: &[u8]) -> Option<(String, usize)> {
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
     Some((v["deviceIds"][0]["id"].as_str()?.to_string(), v["seq"].as_u64()? as usize))
 }
 
 /// A deterministic 30 % of (key, seq) pairs: their first attempt fails.
-fn fails_first(key: &str, seq: usize) -> bool {
+pub(crate) fn fails_first(key: &str, seq: usize) -> bool {
     let h = key.bytes().fold(seq as u64 * 7919, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
     h % 10 < 3
 }
