@@ -87,49 +87,6 @@ pub(crate) fn accepted(name: &str, received: &[Received]) -> HashMap<u64, usize>
     }
 }
 
-/// Each sender's ordering key (its bodies' `key`): on JetStream the keys
-/// of different senders fall in different partitions of 16 (`lanes.rs`),
-/// so one sender's stalled head never holds another's.
-fn sender_keys(senders: u64) -> Vec<String> {
-    use sha2::{Digest, Sha256};
-    let partition = |k: &str| {
-        let d = Sha256::digest(k.as_bytes());
-        let mut first = [0u8; 8];
-        first.copy_from_slice(&d[..8]);
-        u64::from_be_bytes(first) % 16
-    };
-    let mut used = std::collections::HashSet::new();
-    (0..senders)
-        .map(|s| {
-            let key = (0..).map(|j| format!("k{s}.{j}")).find(|k| senders > 16 || used.insert(partition(k)));
-            key.unwrap_or_default()
-        })
-        .collect()
-}
-
-/// Per sender (a sender's sequence numbers are `s * 1_000_000 + i`), the
-/// acknowledged callbacks' first deliveries must come in the order they
-/// were acknowledged (a sender posts the next only after the answer to
-/// the one before); repeats of a delivered callback are duplicates, not
-/// disorder. Returns the violations (sender, a later seq delivered before
-/// an earlier one).
-pub(crate) fn out_of_order(received: &[Received], acked: &std::collections::HashSet<u64>) -> Vec<(u64, u64, u64)> {
-    let mut seen = std::collections::HashSet::new();
-    let mut last: HashMap<u64, u64> = HashMap::new();
-    let mut bad = Vec::new();
-    for seq in received.iter().filter_map(|r| seqs_of(std::iter::once(r)).into_keys().next()) {
-        if !acked.contains(&seq) || !seen.insert(seq) {
-            continue;
-        }
-        let sender = seq / 1_000_000;
-        match last.insert(sender, seq) {
-            Some(before) if before > seq => bad.push((sender, before, seq)),
-            _ => {}
-        }
-    }
-    bad
-}
-
 /// Concurrent senders posting `{"seq": N}` bodies to the relay addresses
 /// that are current (sender `s` to the `s % n`th of `n`), recording which
 /// sequence numbers got a 2xx.
@@ -162,11 +119,9 @@ impl Load {
         let stop = Arc::new(AtomicBool::new(false));
         let (held, held_rx) = watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
-        let keys = sender_keys(senders);
         for s in 0..senders {
             let (acked, refused, progress, stop, mut addr, mut held) =
                 (acked.clone(), refused.clone(), progress.clone(), stop.clone(), addr.clone(), held_rx.clone());
-            let key = keys[s as usize].clone();
             tasks.spawn(async move {
                 let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                     .build_http::<http_body_util::Full<bytes::Bytes>>();
@@ -191,7 +146,7 @@ impl Load {
                         }
                     };
                     let seq = s * 1_000_000 + i;
-                    let body = format!("{{\"seq\":{seq},\"key\":\"{key}\",\"pad\":\"{}\"}}", "p".repeat(200));
+                    let body = format!("{{\"seq\":{seq},\"pad\":\"{}\"}}", "p".repeat(200));
                     let req = http::Request::post(format!("http://{target}/in"))
                         .header("content-type", "application/json")
                         .body(http_body_util::Full::new(bytes::Bytes::from(body)))
