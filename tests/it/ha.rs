@@ -3,8 +3,11 @@
 //! (kill -9) and restarted one by one, NATS nodes are killed (the stream
 //! leader among them) and come back, and NATS is stopped for 10 s. In every
 //! case every acknowledged callback reaches every destination; duplicates
-//! are counted. `SWITCHBOARD_HA_CYCLES` (default 3) sets the relay kills.
+//! are counted; a third destination orders per key (each sender's
+//! callbacks one key) and gets each sender's acknowledged callbacks in
+//! order. `SWITCHBOARD_HA_CYCLES` (default 3) sets the relay kills.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -14,7 +17,7 @@ use tokio::sync::watch;
 use crate::binary::{write, RelayProcess};
 use crate::jetstream::jet_config;
 use crate::nats::*;
-use crate::promises::{accepted, flaky_receiver, Load};
+use crate::promises::{accepted, flaky_receiver, out_of_order, try_wait_accepted, Load};
 use crate::support::*;
 
 pub(crate) const FAST: &str = "concurrency = 8\nretry = { initial = \"10ms\", max_interval = \"200ms\" }";
@@ -27,7 +30,10 @@ pub(crate) struct Ha {
     pub(crate) load: Load,
     pub(crate) healthy: TestReceiver,
     pub(crate) flaky: TestReceiver,
+    /// Ordered per key (`key`: one per sender), healthy.
+    pub(crate) ordered: TestReceiver,
     started: Instant,
+    servers: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -41,12 +47,18 @@ impl Ha {
     pub(crate) async fn start_paced(servers: &[String], replicas: usize, pause: Duration) -> Ha {
         let healthy = TestReceiver::ok().await;
         let flaky = flaky_receiver().await;
+        let ordered = TestReceiver::ok().await;
         let dir = tempfile::tempdir().expect("tempdir");
+        let by_key = format!("{FAST}\nordering = \"per_key\"\norder_key = \"key\"");
         let toml = jet_config(
             servers,
             "ha",
             replicas,
-            &[("healthy", &healthy.url("/h"), FAST), ("flaky", &flaky.url("/f"), FAST)],
+            &[
+                ("healthy", &healthy.url("/h"), FAST),
+                ("flaky", &flaky.url("/f"), FAST),
+                ("ordered", &ordered.url("/o"), &by_key),
+            ],
         );
         let path = write(dir.path(), &toml);
         let mut relays = Vec::new();
@@ -61,7 +73,9 @@ impl Ha {
             load: Load::start_paced(8, 100_000, rx, pause),
             healthy,
             flaky,
+            ordered,
             started: Instant::now(),
+            servers: servers.to_vec(),
             _dir: dir,
         };
         ha.publish();
@@ -116,28 +130,32 @@ impl Ha {
         let acked = self.load.acked();
         let refused = self.load.refused_count();
         let mut lost = 0;
-        let mut dups = [0usize; 2];
-        for (k, (name, r)) in [("healthy", &self.healthy), ("flaky", &self.flaky)].into_iter().enumerate() {
-            let got = r
-                .wait_until(
-                    Duration::from_secs(120),
-                    &format!("{what}: {name} has every acknowledged callback"),
-                    |got| {
-                        let s = accepted(name, got);
-                        acked.iter().all(|q| s.contains_key(q))
-                    },
-                )
-                .await;
+        let mut dups = [0usize; 3];
+        for (k, (name, r)) in self.destinations().into_iter().enumerate() {
+            let got = Self::all_arrive(
+                &self.servers,
+                &self.relays,
+                name,
+                r,
+                &acked,
+                &format!("{what}: {name} has every acknowledged callback"),
+            )
+            .await;
             let s = accepted(name, &got);
             lost += acked.iter().filter(|q| !s.contains_key(q)).count();
             dups[k] = s.values().map(|c| c - 1).sum();
+            if name == "ordered" {
+                let bad = out_of_order(&got, &acked);
+                assert!(bad.is_empty(), "{what}: out of order (sender, delivered before, after): {bad:?}");
+            }
         }
         println!(
-            "{what}: acked={} refused={} lost={lost} duplicates healthy={} flaky={} (totals: acked={} refused={refused}) at {:.1}s",
+            "{what}: acked={} refused={} lost={lost} duplicates healthy={} flaky={} ordered={} (in order) (totals: acked={} refused={refused}) at {:.1}s",
             acked.len() - tally.acked,
             refused - tally.refused,
             dups[0] - tally.duplicates[0],
             dups[1] - tally.duplicates[1],
+            dups[2] - tally.duplicates[2],
             acked.len(),
             self.started.elapsed().as_secs_f64()
         );
@@ -159,21 +177,27 @@ impl Ha {
                 }
             }
         }
-        let drain = Duration::from_secs(120);
         let (mut lost, mut duplicates, mut per) = (0, 0, Vec::new());
-        for (name, r) in [("healthy", &self.healthy), ("flaky", &self.flaky)] {
-            let got = r
-                .wait_until(drain, &format!("{name} has every acknowledged callback"), |got| {
-                    let s = accepted(name, got);
-                    acked.iter().all(|q| s.contains_key(q))
-                })
-                .await;
+        for (name, r) in [("healthy", &self.healthy), ("flaky", &self.flaky), ("ordered", &self.ordered)] {
+            let got = Self::all_arrive(
+                &self.servers,
+                &self.relays,
+                name,
+                r,
+                &acked,
+                &format!("{name} has every acknowledged callback"),
+            )
+            .await;
             let s = accepted(name, &got);
             lost += acked.iter().filter(|q| !s.contains_key(q)).count();
             let dups: usize = s.values().map(|c| c - 1).sum();
             if name == "healthy" {
                 let bound = events * 2 * 16;
                 assert!(dups <= bound, "{dups} duplicates at the healthy destination, more than held ({bound})");
+            }
+            if name == "ordered" {
+                let bad = out_of_order(&got, &acked);
+                assert!(bad.is_empty(), "{what}: out of order (sender, delivered before, after): {bad:?}");
             }
             duplicates += dups;
             per.push(format!("{name}={dups}"));
@@ -190,12 +214,49 @@ impl Ha {
     }
 }
 
+impl Ha {
+    /// Waits up to 120 s for every callback of `acked` at `r`; on failure
+    /// prints what is missing, what NATS says about the stream and its
+    /// consumers, and the relays' warnings, then fails.
+    async fn all_arrive(
+        servers: &[String],
+        relays: &[Option<RelayProcess>],
+        name: &str,
+        r: &TestReceiver,
+        acked: &HashSet<u64>,
+        what: &str,
+    ) -> Vec<Received> {
+        let waited = try_wait_accepted(r, name, Duration::from_secs(120), what, acked).await;
+        match waited {
+            Ok(()) => r.received(),
+            Err(e) => {
+                let s = accepted(name, &r.received());
+                let mut missing: Vec<u64> = acked.iter().filter(|q| !s.contains_key(q)).copied().collect();
+                missing.sort_unstable();
+                println!("{name}: {} missing, first {:?}", missing.len(), &missing[..missing.len().min(20)]);
+                println!("{}", crate::nats::jet_state(servers, "ha").await);
+                for r in relays.iter().flatten() {
+                    for l in r.logs().lines().filter(|l| !l.contains("\"INFO\"") && !l.contains("\"DEBUG\"")) {
+                        println!("relay {}: {l}", r.ingress);
+                    }
+                }
+                panic!("{e}");
+            }
+        }
+    }
+
+    /// The destinations and their receivers, by name.
+    fn destinations(&self) -> [(&'static str, &TestReceiver); 3] {
+        [("healthy", &self.healthy), ("flaky", &self.flaky), ("ordered", &self.ordered)]
+    }
+}
+
 /// Figures at the previous checkpoint.
 #[derive(Default)]
 pub(crate) struct Tally {
     pub(crate) acked: usize,
     pub(crate) refused: usize,
-    pub(crate) duplicates: [usize; 2],
+    pub(crate) duplicates: [usize; 3],
 }
 
 fn cycles() -> usize {

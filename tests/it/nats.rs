@@ -254,3 +254,45 @@ impl TlsNkeyNode {
         TlsNkeyNode { nats, ca_file, client_cert, client_key, seed }
     }
 }
+
+/// What the servers say about stream `stream` and its consumers, for a
+/// failure's message (a stalled consumer shows as pending with nothing
+/// delivered or waiting).
+pub async fn jet_state(servers: &[String], stream: &str) -> String {
+    use futures_util::StreamExt;
+    let probe = async {
+        let addrs: Vec<async_nats::ServerAddr> = servers.iter().filter_map(|s| s.parse().ok()).collect();
+        let client = async_nats::connect(addrs).await.map_err(|e| e.to_string())?;
+        let js = async_nats::jetstream::new(client);
+        let mut out = String::new();
+        let mut s = js.get_stream(stream).await.map_err(|e| e.to_string())?;
+        let info = s.info().await.map_err(|e| e.to_string())?.clone();
+        out += &format!(
+            "stream {stream}: {} messages, seq {}..{}, leader {:?}\n",
+            info.state.messages,
+            info.state.first_sequence,
+            info.state.last_sequence,
+            info.cluster.as_ref().and_then(|c| c.leader.clone())
+        );
+        let mut consumers = s.consumers();
+        while let Some(c) = consumers.next().await {
+            let c = c.map_err(|e| e.to_string())?;
+            out += &format!(
+                "  consumer {}: pending {} ack-pending {} waiting {} delivered {} ack-floor {} leader {:?}\n",
+                c.name,
+                c.num_pending,
+                c.num_ack_pending,
+                c.num_waiting,
+                c.delivered.stream_sequence,
+                c.ack_floor.stream_sequence,
+                c.cluster.as_ref().and_then(|c| c.leader.clone())
+            );
+        }
+        Ok::<_, String>(out)
+    };
+    match tokio::time::timeout(Duration::from_secs(10), probe).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => format!("stream {stream}: not readable: {e}"),
+        Err(_) => format!("stream {stream}: not readable within 10s"),
+    }
+}

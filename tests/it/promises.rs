@@ -50,12 +50,29 @@ async fn wait_for_seqs<'a>(
     receiver: &TestReceiver,
     within: Duration,
     what: &str,
-    acked: impl IntoIterator<Item = &'a u64> + Clone,
+    acked: impl IntoIterator<Item = &'a u64>,
 ) -> Vec<Received> {
+    try_wait_accepted(receiver, "", within, what, acked).await.unwrap_or_else(|e| panic!("{e}"));
+    receiver.received()
+}
+
+/// Waits until destination `name`'s receiver accepted (as [`accepted`]
+/// counts) every sequence number in `acked`, looking at each request
+/// once however long the wait.
+pub(crate) async fn try_wait_accepted<'a>(
+    receiver: &TestReceiver,
+    name: &str,
+    within: Duration,
+    what: &str,
+    acked: impl IntoIterator<Item = &'a u64>,
+) -> Result<(), String> {
+    let mut missing: HashSet<u64> = acked.into_iter().copied().collect();
     receiver
-        .wait_until(within, what, |got| {
-            let s = seqs(got);
-            acked.clone().into_iter().all(|q| s.contains_key(q))
+        .try_wait_folding(within, what, |start, tail| {
+            for seq in accepted_from(name, start, tail).into_keys() {
+                missing.remove(&seq);
+            }
+            missing.is_empty()
         })
         .await
 }
@@ -71,20 +88,63 @@ pub(crate) async fn flaky_receiver() -> TestReceiver {
     .await
 }
 
-/// What the flaky receiver accepted (answered 200), with counts: a
-/// request it refused is neither a delivery nor a duplicate.
-pub(crate) fn flaky_seqs(received: &[Received]) -> HashMap<u64, usize> {
-    seqs_of(received.iter().enumerate().filter(|(n, _)| (n * 7919) % 10 >= 3).map(|(_, r)| r))
-}
-
 /// What a destination of these tests accepted: every request but the
 /// flaky receiver's refusals.
 pub(crate) fn accepted(name: &str, received: &[Received]) -> HashMap<u64, usize> {
+    accepted_from(name, 0, received)
+}
+
+/// [`accepted`] of requests `start..` of a receiver's list (the flaky
+/// receiver's answers go by the request's index).
+pub(crate) fn accepted_from(name: &str, start: usize, received: &[Received]) -> HashMap<u64, usize> {
     if name == "flaky" {
-        flaky_seqs(received)
+        seqs_of(received.iter().enumerate().filter(|(n, _)| ((start + n) * 7919) % 10 >= 3).map(|(_, r)| r))
     } else {
         seqs(received)
     }
+}
+
+/// Each sender's ordering key (its bodies' `key`): on JetStream the keys
+/// of different senders fall in different partitions of 16 (`lanes.rs`),
+/// so one sender's stalled head never holds another's.
+fn sender_keys(senders: u64) -> Vec<String> {
+    use sha2::{Digest, Sha256};
+    let partition = |k: &str| {
+        let d = Sha256::digest(k.as_bytes());
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&d[..8]);
+        u64::from_be_bytes(first) % 16
+    };
+    let mut used = std::collections::HashSet::new();
+    (0..senders)
+        .map(|s| {
+            let key = (0..).map(|j| format!("k{s}.{j}")).find(|k| senders > 16 || used.insert(partition(k)));
+            key.unwrap_or_default()
+        })
+        .collect()
+}
+
+/// Per sender (a sender's sequence numbers are `s * 1_000_000 + i`), the
+/// acknowledged callbacks' first deliveries must come in the order they
+/// were acknowledged (a sender posts the next only after the answer to
+/// the one before); repeats of a delivered callback are duplicates, not
+/// disorder. Returns the violations (sender, a later seq delivered before
+/// an earlier one).
+pub(crate) fn out_of_order(received: &[Received], acked: &std::collections::HashSet<u64>) -> Vec<(u64, u64, u64)> {
+    let mut seen = std::collections::HashSet::new();
+    let mut last: HashMap<u64, u64> = HashMap::new();
+    let mut bad = Vec::new();
+    for seq in received.iter().filter_map(|r| seqs_of(std::iter::once(r)).into_keys().next()) {
+        if !acked.contains(&seq) || !seen.insert(seq) {
+            continue;
+        }
+        let sender = seq / 1_000_000;
+        match last.insert(sender, seq) {
+            Some(before) if before > seq => bad.push((sender, before, seq)),
+            _ => {}
+        }
+    }
+    bad
 }
 
 /// Concurrent senders posting `{"seq": N}` bodies to the relay addresses
@@ -119,9 +179,11 @@ impl Load {
         let stop = Arc::new(AtomicBool::new(false));
         let (held, held_rx) = watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
+        let keys = sender_keys(senders);
         for s in 0..senders {
             let (acked, refused, progress, stop, mut addr, mut held) =
                 (acked.clone(), refused.clone(), progress.clone(), stop.clone(), addr.clone(), held_rx.clone());
+            let key = keys[s as usize].clone();
             tasks.spawn(async move {
                 let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                     .build_http::<http_body_util::Full<bytes::Bytes>>();
@@ -146,7 +208,7 @@ impl Load {
                         }
                     };
                     let seq = s * 1_000_000 + i;
-                    let body = format!("{{\"seq\":{seq},\"pad\":\"{}\"}}", "p".repeat(200));
+                    let body = format!("{{\"seq\":{seq},\"key\":\"{key}\",\"pad\":\"{}\"}}", "p".repeat(200));
                     let req = http::Request::post(format!("http://{target}/in"))
                         .header("content-type", "application/json")
                         .body(http_body_util::Full::new(bytes::Bytes::from(body)))
@@ -285,12 +347,10 @@ async fn kill9_under_load(retain: bool) {
     let mut per_destination = Vec::new();
     let mut lost = 0;
     for (name, r) in [("healthy", &healthy), ("flaky", &flaky), ("late", &late)] {
-        let got = r
-            .wait_until(drain, &format!("{name} has all acked"), |got| {
-                let s = accepted(name, got);
-                acked.iter().all(|q| s.contains_key(q))
-            })
-            .await;
+        try_wait_accepted(r, name, drain, &format!("{name} has all acked"), &acked)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let got = r.received();
         let s = accepted(name, &got);
         lost += acked.iter().filter(|q| !s.contains_key(q)).count();
         let dups = s.values().map(|c| c - 1).sum::<usize>();
