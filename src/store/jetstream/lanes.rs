@@ -149,8 +149,19 @@ impl Jet {
             old.iter().map(|i| i.name.as_str()).filter(|n| !wanted.iter().any(|w| w.name == *n)).collect();
         // New lanes start where the oldest unacknowledged message of the
         // old ones is; with no old lanes, at what arrives from now on (a
-        // destination added later gets what arrives after, as locally).
-        let start = old.iter().map(|i| i.ack_floor.stream_sequence + 1).min();
+        // destination added later gets what arrives after, as locally):
+        // the stream's next sequence, read now. Not `DeliverPolicy::New`:
+        // the server picks that start when the consumer's leader is
+        // elected, which on a busy R3 cluster came seconds after the
+        // create was answered and a relay had acknowledged callbacks that
+        // the consumer then never saw (the HA test lost them this way).
+        let start = match old.iter().map(|i| i.ack_floor.stream_sequence + 1).min() {
+            Some(s) => s,
+            None => {
+                let info = stream.get_info().await.map_err(|e| setup_error("reading the stream", e))?;
+                info.state.last_sequence + 1
+            }
+        };
         let mut lanes = Vec::new();
         for w in &wanted {
             let consumer = self.lane(stream, dest, w, existing.get(&w.name), start).await?;
@@ -176,7 +187,7 @@ impl Jet {
         dest: &str,
         w: &Want,
         have: Option<&jetstream::consumer::Info>,
-        start: Option<u64>,
+        start: u64,
     ) -> Result<jetstream::consumer::PullConsumer, StoreError> {
         let c = &self.inner.config;
         let name = &w.name;
@@ -190,10 +201,7 @@ impl Jet {
             // redelivers without end, and the retry policy dead-letters.
             max_deliver: -1,
             max_ack_pending: if w.single { 1 } else { c.max_ack_pending as i64 },
-            deliver_policy: match start {
-                Some(s) => DeliverPolicy::ByStartSequence { start_sequence: s },
-                None => DeliverPolicy::New,
-            },
+            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: start },
             ..Default::default()
         };
         let Some(have) = have else {
