@@ -207,6 +207,8 @@ struct Inner {
     last_switch_ms: AtomicU64,
     /// History writes fail in floods while NATS is in trouble.
     history_failures_logged: crate::throttle::LogThrottle,
+    /// History writes that failed, to try again (`history.rs`).
+    redo: history::Redo,
     last_publish_failure_ms: AtomicU64,
     /// Why the backend cannot work at all (a stream that contradicts the
     /// configuration, found after a late connection), if it cannot.
@@ -516,6 +518,7 @@ impl Jet {
         inner.stop.cancel();
         inner.tasks.close();
         inner.tasks.wait().await;
+        self.finish_history(Duration::from_secs(5)).await;
         for d in self.dests() {
             give_back(&d).await;
         }

@@ -57,6 +57,7 @@ impl Jet {
                 publish_failures: AtomicU64::new(0),
                 last_switch_ms: AtomicU64::new(0),
                 history_failures_logged: Default::default(),
+                redo: Default::default(),
                 last_publish_failure_ms: AtomicU64::new(0),
                 broken: Mutex::new(None),
                 closed: AtomicBool::new(false),
@@ -252,6 +253,8 @@ impl Jet {
         });
         let me = self.clone();
         self.inner.tasks.spawn(async move { me.watch_paused().await });
+        let me = self.clone();
+        self.inner.tasks.spawn(async move { me.redo_history().await });
         let me = self.clone();
         self.inner.tasks.spawn(async move {
             loop {
