@@ -104,21 +104,28 @@ pub(crate) fn accepted_from(name: &str, start: usize, received: &[Received]) -> 
     }
 }
 
+/// The HA tests' `store.order_partitions`: 8, not the default 16, as each
+/// partition of an ordered destination is a consumer, and each consumer
+/// of an R3 stream a Raft group of its own that NATS elects a leader for
+/// after every fault (on two cores, 16 more groups slowed the recovery
+/// after a node kill past the tests' 20 s).
+pub(crate) const HA_PARTITIONS: u64 = 8;
+
 /// Each sender's ordering key (its bodies' `key`): on JetStream the keys
-/// of different senders fall in different partitions of 16 (`lanes.rs`),
-/// so one sender's stalled head never holds another's.
+/// of different senders fall in different partitions of [`HA_PARTITIONS`]
+/// (`lanes.rs`), so one sender's stalled head never holds another's.
 fn sender_keys(senders: u64) -> Vec<String> {
     use sha2::{Digest, Sha256};
     let partition = |k: &str| {
         let d = Sha256::digest(k.as_bytes());
         let mut first = [0u8; 8];
         first.copy_from_slice(&d[..8]);
-        u64::from_be_bytes(first) % 16
+        u64::from_be_bytes(first) % HA_PARTITIONS
     };
     let mut used = std::collections::HashSet::new();
     (0..senders)
         .map(|s| {
-            let key = (0..).map(|j| format!("k{s}.{j}")).find(|k| senders > 16 || used.insert(partition(k)));
+            let key = (0..).map(|j| format!("k{s}.{j}")).find(|k| senders > HA_PARTITIONS || used.insert(partition(k)));
             key.unwrap_or_default()
         })
         .collect()
