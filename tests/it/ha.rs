@@ -150,6 +150,7 @@ impl Ha {
             let got = Self::all_arrive(
                 &self.servers,
                 &self.relays,
+                [("healthy", &self.healthy), ("flaky", &self.flaky), ("ordered", &self.ordered)],
                 name,
                 r,
                 &acked,
@@ -197,6 +198,7 @@ impl Ha {
             let got = Self::all_arrive(
                 &self.servers,
                 &self.relays,
+                [("healthy", &self.healthy), ("flaky", &self.flaky), ("ordered", &self.ordered)],
                 name,
                 r,
                 &acked,
@@ -239,6 +241,7 @@ impl Ha {
     async fn all_arrive(
         servers: &[String],
         relays: &[Option<RelayProcess>],
+        all: [(&str, &TestReceiver); 3],
         name: &str,
         r: &TestReceiver,
         acked: &HashSet<u64>,
@@ -253,6 +256,7 @@ impl Ha {
                 missing.sort_unstable();
                 println!("{name}: {} missing, first {:?}", missing.len(), &missing[..missing.len().min(20)]);
                 println!("{}", crate::nats::jet_state(servers, "ha").await);
+                explain_missing(relays, all, &missing[..missing.len().min(5)]).await;
                 for r in relays.iter().flatten() {
                     for l in r.logs().lines().filter(|l| !l.contains("\"INFO\"") && !l.contains("\"DEBUG\"")) {
                         println!("relay {}: {l}", r.ingress);
@@ -266,6 +270,29 @@ impl Ha {
     /// The destinations and their receivers, by name.
     fn destinations(&self) -> [(&'static str, &TestReceiver); 3] {
         [("healthy", &self.healthy), ("flaky", &self.flaky), ("ordered", &self.ordered)]
+    }
+}
+
+/// For a failure's message: where else each of `missing` arrived, with
+/// which id, and what inspection on a relay says of it.
+async fn explain_missing(relays: &[Option<RelayProcess>], all: [(&str, &TestReceiver); 3], missing: &[u64]) {
+    let relay = relays.iter().flatten().next();
+    for seq in missing {
+        let mut id = None;
+        for (name, r) in all {
+            let hits: Vec<String> = r
+                .received()
+                .iter()
+                .filter(|g| crate::promises::seqs(std::slice::from_ref(*g)).contains_key(seq))
+                .map(|g| g.header("x-switchboard-id").unwrap_or_default())
+                .collect();
+            println!("  {seq} at {name}: {} requests, ids {hits:?}", hits.len());
+            id = id.or(hits.into_iter().next());
+        }
+        if let (Some(id), Some(relay)) = (id, relay) {
+            let (status, _, body) = get(&relay.admin_url(&format!("/api/messages/{id}"))).await;
+            println!("  {seq}: GET /api/messages/{id}: {status} {}", String::from_utf8_lossy(&body));
+        }
     }
 }
 

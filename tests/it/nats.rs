@@ -274,9 +274,21 @@ pub async fn jet_state(servers: &[String], stream: &str) -> String {
             info.state.last_sequence,
             info.cluster.as_ref().and_then(|c| c.leader.clone())
         );
-        let mut consumers = s.consumers();
-        while let Some(c) = consumers.next().await {
-            let c = c.map_err(|e| e.to_string())?;
+        // By name, then each one's info: the server's own consumers (a
+        // sourcing stream's) do not parse as a listing in this client.
+        let mut names = Vec::new();
+        let mut listed = s.consumer_names();
+        while let Some(name) = listed.next().await {
+            names.push(name.map_err(|e| e.to_string())?);
+        }
+        for name in names {
+            let c = match s.consumer_info(&name).await {
+                Ok(c) => c,
+                Err(e) => {
+                    out += &format!("  consumer {name}: {e}\n");
+                    continue;
+                }
+            };
             out += &format!(
                 "  consumer {}: pending {} ack-pending {} waiting {} delivered {} ack-floor {} leader {:?}\n",
                 c.name,

@@ -51,6 +51,10 @@ pub(super) async fn ensure_kept(
         sources: Some(vec![stream::Source { name: names.0.to_string(), ..Default::default() }]),
         ..Default::default()
     };
+    tracing::warn!(
+        stream = %want.name,
+        "store.retain_delivered on JetStream: a relay killed with kill -9 made NATS drop acknowledged callbacks for other destinations in our crash test (docs/jetstream.md, known problems); do not use it where a relay can crash"
+    );
     let mut kept = match js.get_stream(&want.name).await {
         Ok(mut existing) => {
             let have = existing.info().await.map_err(|e| setup_error("reading the kept stream", e))?.config.clone();
