@@ -106,6 +106,7 @@ impl Jet {
                     if !p.index.is_empty() {
                         self.index(ack.sequence, p.received_ms, &p.index).await;
                     }
+                    self.keep(ack.sequence, &subject, &headers, &payload);
                     return Ok(ack.sequence);
                 }
             }

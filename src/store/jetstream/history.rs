@@ -57,10 +57,13 @@ pub(super) struct Redo {
     dropped: AtomicU64,
 }
 
-struct Rewrite {
-    dest: String,
-    id: u64,
-    outcome: Settle,
+/// A write to try again.
+#[derive(Clone)]
+pub(super) enum Rewrite {
+    /// A delivery's history.
+    History { dest: String, id: u64, outcome: Settle },
+    /// A callback's kept copy (`kept.rs`).
+    Copy(super::kept::Copy),
 }
 
 /// The record of a delivery after `outcome`, its earlier attempts
@@ -178,14 +181,28 @@ impl Jet {
             if let Some(also) = self.inner.history_failures_logged.admit() {
                 tracing::warn!(destination = dest, error = %e, also_failed_since_last_line = also, "JetStream: could not record a delivery attempt's history; it is queued and tried again");
             }
-            let redo = &self.inner.redo;
-            let mut queue = lock(&redo.queue);
-            if queue.len() >= REDO_MAX {
-                redo.dropped.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            queue.push_back(Rewrite { dest: dest.to_string(), id, outcome: outcome.clone() });
-            redo.wake.notify_one();
+            self.redo_later(Rewrite::History { dest: dest.to_string(), id, outcome: outcome.clone() });
+        }
+    }
+
+    /// Queues `w` for [`Jet::redo_history`] (dropped and counted if the
+    /// queue is full).
+    pub(super) fn redo_later(&self, w: Rewrite) {
+        let redo = &self.inner.redo;
+        let mut queue = lock(&redo.queue);
+        if queue.len() >= REDO_MAX {
+            redo.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        queue.push_back(w);
+        redo.wake.notify_one();
+    }
+
+    /// One try of a queued write.
+    async fn rewrite(&self, w: &Rewrite) -> Result<(), String> {
+        match w {
+            Rewrite::History { dest, id, outcome } => self.write_history(dest, *id, outcome, false).await,
+            Rewrite::Copy(c) => self.publish_copy(c).await,
         }
     }
 
@@ -214,18 +231,18 @@ impl Jet {
         let redo = &self.inner.redo;
         let mut wait = Duration::from_millis(250);
         loop {
-            let head = lock(&redo.queue).front().map(|r| (r.dest.clone(), r.id, r.outcome.clone()));
-            let Some((dest, id, outcome)) = head else {
+            let head = lock(&redo.queue).front().cloned();
+            let Some(w) = head else {
                 let dropped = redo.dropped.swap(0, Ordering::Relaxed);
                 if dropped > 0 {
-                    tracing::warn!(dropped, "JetStream: history writes dropped, the queue of writes to try again was full: those deliveries' history lags");
+                    tracing::warn!(dropped, "JetStream: history writes and kept copies dropped, the queue of writes to try again was full: those deliveries' history lags, those callbacks are not kept");
                 }
                 tokio::select! {
                     _ = self.inner.stop.cancelled() => return,
                     _ = redo.wake.notified() => continue,
                 }
             };
-            match self.write_history(&dest, id, &outcome, false).await {
+            match self.rewrite(&w).await {
                 Ok(()) => {
                     lock(&redo.queue).pop_front();
                     wait = Duration::from_millis(250);
@@ -248,14 +265,14 @@ impl Jet {
     pub(super) async fn finish_history(&self, within: Duration) {
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            let head = lock(&self.inner.redo.queue).front().map(|r| (r.dest.clone(), r.id, r.outcome.clone()));
-            let Some((dest, id, outcome)) = head else { return };
-            let tried = tokio::time::timeout_at(deadline, self.write_history(&dest, id, &outcome, false)).await;
+            let head = lock(&self.inner.redo.queue).front().cloned();
+            let Some(w) = head else { return };
+            let tried = tokio::time::timeout_at(deadline, self.rewrite(&w)).await;
             if !matches!(tried, Ok(Ok(()))) {
                 let left = lock(&self.inner.redo.queue).len();
                 tracing::warn!(
                     left,
-                    "JetStream: stopping with history writes not made: those deliveries' history lags"
+                    "JetStream: stopping with history writes or kept copies not made: those deliveries' history lags, those callbacks are not kept"
                 );
                 return;
             }

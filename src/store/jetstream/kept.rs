@@ -1,21 +1,41 @@
-//! Keeping delivered messages on JetStream (`store.retain_delivered`): the
-//! stream `S-kept` sources the work stream, so the server copies every
-//! message published there (sealed as it was published) as it arrives,
-//! and expires copies after `retain_delivered` (`max_age`; `max_bytes`
-//! from `retain_max_bytes` if set, oldest discarded first). The relay
-//! writes nothing for it: the copy costs NATS a second stored message per
-//! callback, not the relay a publish.
+//! Keeping delivered messages on JetStream (`store.retain_delivered`):
+//! after a callback's publish is acknowledged, the relay publishes a copy
+//! (sealed as the original, headers and all) to `S.kept.<id>` in the
+//! limits stream `S-kept`, which expires copies after `retain_delivered`
+//! (`max_age`; `max_bytes` from `retain_max_bytes` if set, oldest
+//! discarded first). The copy's acknowledgement is awaited off the
+//! callback's path (the callback is answered when the original is
+//! stored); a copy that fails goes to the relay's queue of writes to try
+//! again (`history.rs`). Cost: one more publish per callback, and NATS
+//! stores each callback twice. A relay killed between a callback's
+//! acknowledgement and its copy leaves that callback out of inspection
+//! (404 once delivered) and out of `replay --since`; its delivery is not
+//! affected.
 //!
-//! A copy carries the server's `Nats-Stream-Source` header, whose second
-//! field is the message's sequence in the work stream, its id. Copies are
-//! in work-stream order, so a copy is found by id with a binary search over
-//! the kept stream's sequences (expiry removes from the front only).
+//! **Not a source, not a republish** (as up to 2026-12-03): a stream
+//! sourcing the work stream does it through a consumer of the server's
+//! own that acknowledges what it is sent at once, and with it NATS
+//! (2.15.1) dropped callbacks from the work stream (Interest retention)
+//! that other destinations had not been sent, when a relay holding some
+//! was killed (`tests/it/ha.rs` with retention: 6-18 lost per run, five
+//! runs of five). The stream's own republish needs no consumer but is a
+//! core publish at most once: copies were lost whenever a node died (the
+//! R3 and fault tests found delivered callbacks inspection did not know).
+//! A kept stream made by an older build (a source) is turned into this on
+//! start; its copies are still found.
+//!
+//! A copy carries its id in `Switchboard-Id` (older copies, sourced: the
+//! server's `Nats-Stream-Source`, whose second field is the sequence) and
+//! the subject it was published to (its partition) in
+//! `Switchboard-Subject`. Found by id by its subject; older copies, which
+//! are in work-stream order, with a binary search over the kept stream's
+//! sequences (expiry removes from the front only).
 //!
 //! Inspection falls back to the copy once the work stream has let the
 //! message go; `messages replay D --since T` republishes the copies of
 //! messages whose history (`history.rs`) says D got them, for D alone, as a
-//! dead letter's replay does (`dead.rs`). Copies of replays (`H_FOR`) are
-//! skipped: their original is kept too.
+//! dead letter's replay does (`dead.rs`). Replays are not copied: their
+//! original is kept.
 
 use std::time::Duration;
 
@@ -23,16 +43,28 @@ use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::{self, stream};
 
 use super::setup::setup_error;
-use super::{Jet, Names, H_DESTS, H_FOR};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+
+use super::{Jet, Names, H_DESTS, H_FOR, H_ID, H_SUBJECT};
 use crate::store::record::record_destinations;
 use crate::store::{now_ms, MessageRecord, Selection, StoreError};
 
 /// Most copies one replay walks through.
 const MAX_WALK: usize = 1_000_000;
 
-/// Creates `S-kept`, or brings an existing one's `max_age` and
-/// `max_bytes` to the configuration's (its other settings are the
-/// relay's own).
+/// A callback's copy for the kept stream.
+#[derive(Clone)]
+pub(super) struct Copy {
+    pub(super) id: u64,
+    pub(super) subject: String,
+    pub(super) headers: HeaderMap,
+    pub(super) payload: Bytes,
+}
+
+/// Creates `S-kept`, or brings an existing one's subjects, `max_age` and
+/// `max_bytes` to the configuration's (a source of an older build is
+/// removed; its other settings are the relay's own).
 pub(super) async fn ensure_kept(
     js: &jetstream::Context,
     names: &Names<'_>,
@@ -42,20 +74,16 @@ pub(super) async fn ensure_kept(
 ) -> Result<stream::Stream, StoreError> {
     let want = stream::Config {
         name: names.kept_stream(),
+        subjects: vec![names.kept_subjects()],
         retention: stream::RetentionPolicy::Limits,
         storage: stream::StorageType::File,
         num_replicas: replicas,
         max_age,
         max_bytes: max_bytes.map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX)),
         discard: stream::DiscardPolicy::Old,
-        sources: Some(vec![stream::Source { name: names.0.to_string(), ..Default::default() }]),
         ..Default::default()
     };
-    tracing::warn!(
-        stream = %want.name,
-        "store.retain_delivered on JetStream: a relay killed with kill -9 made NATS drop acknowledged callbacks for other destinations in our crash test (docs/jetstream.md, known problems); do not use it where a relay can crash"
-    );
-    let mut kept = match js.get_stream(&want.name).await {
+    match js.get_stream(&want.name).await {
         Ok(mut existing) => {
             let have = existing.info().await.map_err(|e| setup_error("reading the kept stream", e))?.config.clone();
             if have.num_replicas != want.num_replicas {
@@ -64,41 +92,31 @@ pub(super) async fn ensure_kept(
                     want.name, have.num_replicas, want.num_replicas
                 )));
             }
-            if have.max_age != want.max_age || have.max_bytes != want.max_bytes {
+            let sourced = have.sources.as_ref().is_some_and(|s| !s.is_empty());
+            if sourced
+                || have.subjects != want.subjects
+                || have.max_age != want.max_age
+                || have.max_bytes != want.max_bytes
+            {
                 tracing::info!(
                     stream = %want.name,
-                    "updating the kept stream's max_age and max_bytes to store.retain_delivered and retain_max_bytes"
+                    sourced,
+                    "updating the kept stream to the configuration's: subjects, retain_delivered, retain_max_bytes (a source of an older build removed)"
                 );
-                js.update_stream(&want).await.map_err(|e| setup_error("updating the kept stream", e))?;
+                let update = stream::Config { sources: None, ..want };
+                js.update_stream(&update).await.map_err(|e| setup_error("updating the kept stream", e))?;
             }
-            existing
+            Ok(existing)
         }
-        Err(_) => js.create_stream(want).await.map_err(|e| setup_error("creating the kept stream", e))?,
-    };
-    // The work stream keeps a message only for the consumers that exist
-    // when it is published (Interest retention): until the server has
-    // started the source's consumer, callbacks would be delivered and
-    // dropped without a copy. So the relay is ready only once it has.
-    // NATS sends no event for it: its stream info is polled every 100 ms,
-    // for 30 s at most (then set-up fails and is retried).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let info = kept.info().await.map_err(|e| setup_error("reading the kept stream", e))?;
-        if info.sources.iter().any(|s| s.active.is_some()) {
-            return Ok(kept);
-        }
-        if tokio::time::Instant::now() > deadline {
-            return Err(setup_error(
-                "the kept stream",
-                "the server did not start copying from the work stream within 30s",
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        Err(_) => js.create_stream(want).await.map_err(|e| setup_error("creating the kept stream", e)),
     }
 }
 
 /// The work-stream sequence (the id) a kept copy was copied from.
 pub(super) fn source_seq(m: &StreamMessage) -> Option<u64> {
+    if let Some(v) = m.headers.get(H_ID) {
+        return v.as_str().parse().ok();
+    }
     let v = m.headers.get("Nats-Stream-Source")?;
     v.as_str().split_whitespace().nth(1)?.parse().ok()
 }
@@ -112,11 +130,57 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 }
 
 impl Jet {
+    /// Keeps a copy of callback `id`, just stored on `subject` with
+    /// `headers` and `payload`, if retention is on (see the module doc).
+    pub(super) fn keep(&self, id: u64, subject: &str, headers: &HeaderMap, payload: &Bytes) {
+        if self.inner.config.retain.is_none() {
+            return;
+        }
+        let mut headers = headers.clone();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, format!("kept-{id}").as_str());
+        headers.insert(H_ID, id.to_string().as_str());
+        headers.insert(H_SUBJECT, subject);
+        let names = Names(&self.inner.config.stream);
+        let copy = Copy { id, subject: names.kept_subject(id), headers, payload: payload.clone() };
+        let me = self.clone();
+        self.inner.tasks.spawn(async move {
+            if let Err(e) = me.publish_copy(&copy).await {
+                tracing::debug!(id = copy.id, error = %e, "kept copy not stored; queued to try again");
+                me.redo_later(super::history::Rewrite::Copy(copy));
+            }
+        });
+    }
+
+    /// One try of storing a kept copy, its acknowledgement awaited.
+    pub(super) async fn publish_copy(&self, c: &Copy) -> Result<(), String> {
+        let ready = self.ready().map_err(|e| e.to_string())?;
+        let timeout = self.inner.config.publish_timeout;
+        let sent = async {
+            let ack = ready
+                .js
+                .publish_with_headers(c.subject.clone(), c.headers.clone(), c.payload.clone())
+                .await
+                .map_err(|e| e.to_string())?;
+            ack.await.map(|_| ()).map_err(|e| e.to_string())
+        };
+        tokio::time::timeout(timeout, sent).await.unwrap_or_else(|_| Err("no acknowledgement in time".into()))
+    }
+
     /// The kept copy of message `id`, with when it expires (unix ms);
     /// `None` if retention is off or the copy is gone.
     pub(super) async fn kept_message(&self, id: u64) -> Result<Option<(StreamMessage, u64)>, StoreError> {
         let ready = self.ready()?;
         let Some(kept) = &ready.kept else { return Ok(None) };
+        let names = Names(&self.inner.config.stream);
+        match kept.get_last_raw_message_by_subject(&names.kept_subject(id)).await {
+            Ok(m) => {
+                let until = time_ms(&m).saturating_add(self.retained_for_ms());
+                return Ok(Some((m, until)));
+            }
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {}
+            Err(e) => return Err(unavailable(e)),
+        }
+        // A copy sourced by an older build: in work-stream order.
         let state = kept.clone().info().await.map_err(unavailable)?.state.clone();
         let (mut lo, mut hi) = (state.first_sequence, state.last_sequence);
         while lo <= hi && hi > 0 {

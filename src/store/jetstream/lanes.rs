@@ -88,6 +88,14 @@ impl Names<'_> {
     pub(super) fn lane_subjects(&self) -> String {
         format!("{}.in.*", self.0)
     }
+    /// The kept stream's subjects (`kept.rs`).
+    pub(super) fn kept_subjects(&self) -> String {
+        format!("{}.kept.>", self.0)
+    }
+    /// Where callback `id`'s kept copy is.
+    pub(super) fn kept_subject(&self, id: u64) -> String {
+        format!("{}.kept.{id}", self.0)
+    }
 }
 
 impl Jet {
