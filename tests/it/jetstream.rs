@@ -652,3 +652,42 @@ async fn jetstream_finds_callbacks_by_an_indexed_field_from_any_relay() {
     one.stop().await.expect("stop");
     two.stop().await.expect("stop");
 }
+
+/// A kept stream made by an older build (sourcing the work stream, with
+/// which NATS dropped callbacks when a relay was killed: docs/jetstream.md)
+/// is turned into the relay's own copies at start: its source removed, its
+/// subject set; a callback after that is kept once and shown from its copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sourced_kept_stream_of_an_older_build_is_converted_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats = NatsNode::single(dir.path());
+    let r = TestReceiver::ok().await;
+    let toml = jet_config(&[nats.url()], "old", 1, &[("app", &r.url("/a"), "")])
+        .replace("[store]\n", "[store]\nretain_delivered = \"1h\"\n");
+    TestRelay::start(&toml).await.stop().await.expect("stop");
+    // What an older build made: a source, no subjects.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("connect"));
+    let mut kept = js.get_stream("old-kept").await.expect("kept stream");
+    let mut config = kept.info().await.expect("info").config.clone();
+    config.subjects = Vec::new();
+    config.sources = Some(vec![async_nats::jetstream::stream::Source { name: "old".into(), ..Default::default() }]);
+    js.update_stream(&config).await.expect("make it sourced");
+
+    let relay = TestRelay::start(&toml).await;
+    let id = acked_id(&post(&relay.url("/in"), "application/json", "{\"n\":1}").await.2);
+    r.wait_for(1, WAIT).await;
+    eventually!(WAIT, "the delivered callback shown from its copy", {
+        let (s, _, b) = get(&relay.admin_url(&format!("/api/messages/{id}"))).await;
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap_or_default();
+        let delivered = v["destinations"][0]["state"] == "delivered";
+        if s == 200 && delivered && v["retained_until"].is_string() {
+            Ok(())
+        } else {
+            Err(format!("{s} {v}"))
+        }
+    });
+    let info = kept.info().await.expect("info").clone();
+    assert!(info.config.sources.as_ref().is_none_or(|s| s.is_empty()), "source removed: {:?}", info.config.sources);
+    assert_eq!(info.config.subjects, vec!["old.kept.>".to_string()]);
+    assert_eq!(info.state.messages, 1, "one copy, none from a source");
+}

@@ -103,7 +103,7 @@ pub(super) async fn ensure_kept(
                     sourced,
                     "updating the kept stream to the configuration's: subjects, retain_delivered, retain_max_bytes (a source of an older build removed)"
                 );
-                let update = stream::Config { sources: None, ..want };
+                let update = stream::Config { sources: Some(Vec::new()), ..want };
                 js.update_stream(&update).await.map_err(|e| setup_error("updating the kept stream", e))?;
             }
             Ok(existing)

@@ -240,6 +240,15 @@ impl Jet {
                 tracing::warn!(destination = %d.name, error = %e, "could not set up an added destination's consumers");
             }
         }
+        self.spawn_background();
+        tracing::info!(stream = %c.stream, replicas = c.replicas, "JetStream store ready");
+        Ok(())
+    }
+
+    /// The relay's background tasks once set up: lease renewal, the
+    /// figures, the paused destinations, the queue of writes to try again
+    /// (`history.rs`) and the server clock's probe (`clock.rs`).
+    fn spawn_background(&self) {
         let me = self.clone();
         self.inner.tasks.spawn(async move { me.renew_leases().await });
         let me = self.clone();
@@ -265,8 +274,6 @@ impl Jet {
                 }
             }
         });
-        tracing::info!(stream = %c.stream, replicas = c.replicas, "JetStream store ready");
-        Ok(())
     }
 
     /// The message stream: created with Interest retention, or checked.
