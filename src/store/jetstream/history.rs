@@ -22,7 +22,9 @@
 //! already recorded is not added twice, and one older than the last
 //! recorded goes in its place in time without changing the state. The
 //! queue holds [`REDO_MAX`] writes; past that (a NATS outage of many
-//! minutes under load) writes are dropped and counted in the log. A relay
+//! minutes under load) writes are dropped and counted in the log; one
+//! that keeps failing for about ten minutes ([`REDO_TRIES`]) is given up
+//! and logged, so it cannot hold the rest. A relay
 //! stopped or killed with writes queued loses them (the history lags).
 //!
 //! **Inspection** reads the message from the work stream by its id (its
@@ -47,6 +49,10 @@ use crate::store::{
 
 /// Most history writes waiting to be tried again (see the module doc).
 pub(super) const REDO_MAX: usize = 20_000;
+
+/// How often the queue's head is tried again before it is given up (the
+/// waits reach 8 s: about ten minutes).
+const REDO_TRIES: u32 = 80;
 
 /// History writes that failed, tried again in order by one task.
 #[derive(Default)]
@@ -230,6 +236,7 @@ impl Jet {
     pub(super) async fn redo_history(&self) {
         let redo = &self.inner.redo;
         let mut wait = Duration::from_millis(250);
+        let mut tries = 0;
         loop {
             let head = lock(&redo.queue).front().cloned();
             let Some(w) = head else {
@@ -246,8 +253,17 @@ impl Jet {
                 Ok(()) => {
                     lock(&redo.queue).pop_front();
                     wait = Duration::from_millis(250);
+                    tries = 0;
+                }
+                // One that never succeeds (NATS refuses it for good) must
+                // not hold the rest: given up after about ten minutes.
+                Err(e) if tries >= REDO_TRIES => {
+                    tracing::warn!(error = %e, "JetStream: a history write or kept copy given up after {REDO_TRIES} tries");
+                    lock(&redo.queue).pop_front();
+                    tries = 0;
                 }
                 Err(_) => {
+                    tries += 1;
                     tokio::select! {
                         _ = self.inner.stop.cancelled() => return,
                         // A pause before trying again, not a synchronisation.
