@@ -69,7 +69,7 @@ fn git(repo: &Path, args: &[&str]) -> AnyResult<String> {
 
 /// The runs `--only` may name, in the order the harness runs them.
 pub(crate) const RUNS: &[&str] =
-    &["1", "2", "2e", "2f", "3", "4", "4r", "4t", "4o", "4b", "5", "5b", "5c", "6", "7", "8", "9", "9s", "9o"];
+    &["1", "2", "2e", "2f", "3", "4", "4r", "4t", "4o", "4b", "5", "5b", "5c", "6", "7", "8", "9", "9s", "9k", "9o"];
 
 /// Runs each selected run `rounds` times against each binary, alternating,
 /// then prints the comparison.

@@ -392,6 +392,10 @@ async fn bench(s: &Settings) -> AnyResult<()> {
     if s.wants("9s") && (!s.quick || s.only.is_some()) {
         nats::sealed(s, &fresh_dir(), epoch).await?;
     }
+    // 9k. JetStream with retain_delivered against without (as 9s).
+    if s.wants("9k") && (!s.quick || s.only.is_some()) {
+        nats::kept(s, &fresh_dir(), epoch).await?;
+    }
     // 9o. JetStream with ordering per key against without (as 9s).
     if s.wants("9o") && (!s.quick || s.only.is_some()) {
         nats::ordered(s, &fresh_dir(), epoch).await?;

@@ -235,6 +235,16 @@ pub(crate) async fn ordered(s: &Settings, dir: &Path, epoch: Instant) -> AnyResu
     paired(s, dir, epoch, "9o", ("ordered", "unordered"), with).await
 }
 
+/// Run 9k: `retain_delivered` (each callback's copy published by the
+/// relay to the kept stream, `jetstream/kept.rs`) against none, as 9s.
+pub(crate) async fn kept(s: &Settings, dir: &Path, epoch: Instant) -> AnyResult<()> {
+    let with = |on: bool| {
+        let store = if on { "retain_delivered = \"1h\"\n" } else { "" };
+        (store.to_string(), String::new())
+    };
+    paired(s, dir, epoch, "9k", ("kept", "not kept"), with).await
+}
+
 /// Runs `name`'s setup with (`with(true)`: what it adds to `[store]` and
 /// to each fan-out destination) and without, R1 with one relay, then R3
 /// with one, two and three relays,
