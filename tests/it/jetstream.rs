@@ -691,3 +691,38 @@ async fn a_sourced_kept_stream_of_an_older_build_is_converted_at_start() {
     assert_eq!(info.config.subjects, vec!["old.kept.>".to_string()]);
     assert_eq!(info.state.messages, 1, "one copy, none from a source");
 }
+
+/// A destination's first consumer starts at the stream's next sequence as
+/// read when it is made, not at `DeliverPolicy::New`: NATS picks New's
+/// start when the consumer's leader is elected, which on a busy R3
+/// cluster came after callbacks had been acknowledged (they were never
+/// sent to that destination).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_destination_starts_at_the_streams_next_sequence() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats = NatsNode::single(dir.path());
+    let (a, b) = (TestReceiver::ok().await, TestReceiver::ok().await);
+    let one = jet_config(&[nats.url()], "starts", 1, &[("a", &a.url("/a"), "")]);
+    let relay = TestRelay::start(&one).await;
+    for i in 0..3 {
+        acked_id(&post(&relay.url("/in"), "application/json", format!("{{\"n\":{i}}}")).await.2);
+    }
+    a.wait_for(3, WAIT).await;
+    relay.stop().await.expect("stop");
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("connect"));
+    let mut stream = js.get_stream("starts").await.expect("stream");
+    let last = stream.info().await.expect("info").state.last_sequence;
+    assert!(last >= 3, "three callbacks stored: {last}");
+
+    let two = jet_config(&[nats.url()], "starts", 1, &[("a", &a.url("/a"), ""), ("b", &b.url("/b"), "")]);
+    let relay = TestRelay::start(&two).await;
+    acked_id(&post(&relay.url("/in"), "application/json", "{\"n\":3}").await.2);
+    b.wait_for(1, WAIT).await;
+    let info = stream.consumer_info("d-b").await.expect("b's consumer");
+    assert_eq!(
+        info.config.deliver_policy,
+        async_nats::jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: last + 1 },
+        "b starts after what was stored before it existed"
+    );
+    assert_eq!(b.count(), 1, "b got only what arrived after it was added");
+}

@@ -100,13 +100,14 @@ impl Jet {
                     if self.inner.publish_failures.swap(0, Ordering::Relaxed) > 0 {
                         tracing::info!("JetStream publishes succeed again");
                     }
+                    // Stored: its copy is kept whatever happens next.
+                    self.keep(ack.sequence, &subject, &headers, &payload);
                     if let Some((key, window)) = p.dedupe {
                         self.remember(&key, window, ack.sequence).await?;
                     }
                     if !p.index.is_empty() {
                         self.index(ack.sequence, p.received_ms, &p.index).await;
                     }
-                    self.keep(ack.sequence, &subject, &headers, &payload);
                     return Ok(ack.sequence);
                 }
             }
