@@ -149,16 +149,8 @@ impl Ha {
         let mut lost = 0;
         let mut dups = [0usize; 3];
         for (k, (name, r)) in self.destinations().into_iter().enumerate() {
-            let got = Self::all_arrive(
-                &self.servers,
-                &self.relays,
-                [("healthy", &self.healthy), ("flaky", &self.flaky), ("ordered", &self.ordered)],
-                name,
-                r,
-                &acked,
-                &format!("{what}: {name} has every acknowledged callback"),
-            )
-            .await;
+            let got =
+                self.all_arrive(name, r, &acked, &format!("{what}: {name} has every acknowledged callback")).await;
             let s = accepted(name, &got);
             lost += acked.iter().filter(|q| !s.contains_key(q)).count();
             dups[k] = s.values().map(|c| c - 1).sum();
@@ -186,7 +178,7 @@ impl Ha {
     /// `events`: disruptions (relay kills and restarts, NATS failures);
     /// each can repeat at most what the relays held (twice a destination's
     /// concurrency of 8, per relay) at the healthy destination.
-    pub(crate) async fn finish(self, what: &str, cycles: usize, events: usize) {
+    pub(crate) async fn finish(mut self, what: &str, cycles: usize, events: usize) {
         let (acked, refused) = self.load.finish().await;
         if std::env::var_os("SWITCHBOARD_HA_LOGS").is_some() {
             for r in self.relays.iter().flatten() {
@@ -196,17 +188,8 @@ impl Ha {
             }
         }
         let (mut lost, mut duplicates, mut per) = (0, 0, Vec::new());
-        for (name, r) in [("healthy", &self.healthy), ("flaky", &self.flaky), ("ordered", &self.ordered)] {
-            let got = Self::all_arrive(
-                &self.servers,
-                &self.relays,
-                [("healthy", &self.healthy), ("flaky", &self.flaky), ("ordered", &self.ordered)],
-                name,
-                r,
-                &acked,
-                &format!("{name} has every acknowledged callback"),
-            )
-            .await;
+        for (name, r) in self.destinations() {
+            let got = self.all_arrive(name, r, &acked, &format!("{name} has every acknowledged callback")).await;
             let s = accepted(name, &got);
             lost += acked.iter().filter(|q| !s.contains_key(q)).count();
             let dups: usize = s.values().map(|c| c - 1).sum();
@@ -240,15 +223,7 @@ impl Ha {
     /// Waits up to 120 s for every callback of `acked` at `r`; on failure
     /// prints what is missing, what NATS says about the stream and its
     /// consumers, and the relays' warnings, then fails.
-    async fn all_arrive(
-        servers: &[String],
-        relays: &[Option<RelayProcess>],
-        all: [(&str, &TestReceiver); 3],
-        name: &str,
-        r: &TestReceiver,
-        acked: &HashSet<u64>,
-        what: &str,
-    ) -> Vec<Received> {
+    async fn all_arrive(&self, name: &str, r: &TestReceiver, acked: &HashSet<u64>, what: &str) -> Vec<Received> {
         let waited = try_wait_accepted(r, name, Duration::from_secs(120), what, acked).await;
         match waited {
             Ok(()) => r.received(),
@@ -257,9 +232,9 @@ impl Ha {
                 let mut missing: Vec<u64> = acked.iter().filter(|q| !s.contains_key(q)).copied().collect();
                 missing.sort_unstable();
                 println!("{name}: {} missing, first {:?}", missing.len(), &missing[..missing.len().min(20)]);
-                println!("{}", crate::nats::jet_state(servers, "ha").await);
-                explain_missing(relays, all, &missing[..missing.len().min(5)]).await;
-                for r in relays.iter().flatten() {
+                println!("{}", crate::nats::jet_state(&self.servers, "ha").await);
+                explain_missing(&self.relays, self.destinations(), &missing[..missing.len().min(5)]).await;
+                for r in self.relays.iter().flatten() {
                     for l in r.logs().lines().filter(|l| !l.contains("\"INFO\"") && !l.contains("\"DEBUG\"")) {
                         println!("relay {}: {l}", r.ingress);
                     }

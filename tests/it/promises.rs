@@ -285,7 +285,9 @@ impl Load {
         }
     }
 
-    pub(crate) async fn finish(mut self) -> (HashSet<u64>, usize) {
+    /// Stops the senders and waits for them; what was acknowledged and
+    /// how many were refused.
+    pub(crate) async fn finish(&mut self) -> (HashSet<u64>, usize) {
         self.stop.store(true, Ordering::SeqCst);
         while self.tasks.join_next().await.is_some() {}
         let acked = self.acked.lock().expect("lock").clone();
@@ -321,7 +323,7 @@ async fn kill9_under_load(retain: bool) {
     let path = write(dir.path(), &toml);
 
     let (addr_tx, addr_rx) = watch::channel(Vec::new());
-    let load = Load::start(16, 100_000, addr_rx);
+    let mut load = Load::start(16, 100_000, addr_rx);
     let mut late = None;
     let mut rng = rand::thread_rng();
     let started = Instant::now();
@@ -562,7 +564,7 @@ async fn sigterm_under_load_finishes_in_flight_and_restart_delivers_all() {
     let path = write(dir.path(), &config(&[("d", &format!("http://{down}/d"), &fast("d"))]));
     let mut relay = RelayProcess::start(&path).await;
     let (addr_tx, addr_rx) = watch::channel(vec![relay.ingress]);
-    let load = Load::start(16, 100_000, addr_rx);
+    let mut load = Load::start(16, 100_000, addr_rx);
     load.wait_acked(300).await;
     let signalled = Instant::now();
     relay.signal(nix::sys::signal::Signal::SIGTERM);

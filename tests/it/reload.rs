@@ -30,7 +30,7 @@ async fn reloads_under_load_lose_nothing_and_take_effect() {
     let path = write(dir.path(), &base);
     let relay = RelayProcess::start(&path).await;
     let (tx, rx) = watch::channel(vec![relay.ingress]);
-    let load = Load::start(8, 100_000, rx);
+    let mut load = Load::start(8, 100_000, rx);
     let metric_of = |relay: &RelayProcess, series: &'static str| {
         let url = relay.admin_url("/metrics");
         async move { metric(&String::from_utf8_lossy(&get(&url).await.2), series) }

@@ -128,14 +128,14 @@ impl Jet {
         if let Some(seal) = m.headers.get(H_SEAL) {
             h.insert(H_SEAL, seal.as_str());
         }
-        // Back to the subject (partition) it came from: a kept copy has it
-        // in the server's `Nats-Subject` (or as its own, if sourced by an
-        // older build), a dead letter in a header of ours.
+        // Back to the subject (partition) it came from: a copy sourced by
+        // an older build has it as its own, a kept copy and a dead letter
+        // in a header of ours.
         let names = Names(&self.inner.config.stream);
         let from = if m.subject.starts_with(&names.inbound()) {
             Some(m.subject.to_string())
         } else {
-            m.headers.get(H_SUBJECT).or_else(|| m.headers.get("Nats-Subject")).map(|v| v.as_str().to_string())
+            m.headers.get(H_SUBJECT).map(|v| v.as_str().to_string())
         };
         let inbound = from.filter(|s| *s == names.inbound() || s.starts_with(&format!("{}.", names.inbound())));
         let inbound = inbound.unwrap_or_else(|| names.inbound());

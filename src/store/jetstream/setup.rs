@@ -299,19 +299,14 @@ impl Jet {
                 Ok(mut existing) => {
                     let info = existing.info().await.map_err(|e| setup_error("reading the stream", e))?;
                     check_stream(&info.config, &want)?;
-                    let mut config = info.config.clone();
-                    // Made by a build without ordering: add the partitions'
-                    // subjects.
-                    if !config.subjects.contains(&names.lane_subjects()) {
-                        config.subjects.push(names.lane_subjects());
-                    }
-                    // A republish set by a build of 2026-12-03 (`kept.rs`).
-                    config.republish = None;
-                    if config.subjects == info.config.subjects && config.republish == info.config.republish {
+                    if info.config.subjects.contains(&names.lane_subjects()) {
                         return Ok(existing);
                     }
-                    tracing::info!(stream = %c.stream, "updating the stream's subjects and republishing to the configuration's (nothing else changes)");
-                    js.update_stream(config).await.map_err(|e| setup_error("updating the stream", e))?;
+                    // Made by a build without ordering: add the partitions'
+                    // subjects (nothing else changes).
+                    let mut config = info.config.clone();
+                    config.subjects.push(names.lane_subjects());
+                    js.update_stream(config).await.map_err(|e| setup_error("adding the partitions' subjects", e))?;
                     return js.get_stream(&c.stream).await.map_err(|e| setup_error("reading the stream", e));
                 }
                 Err(e) if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(_)) => {
@@ -479,7 +474,7 @@ async fn copies(
             if js.get_stream(names.kept_stream()).await.is_ok() {
                 tracing::warn!(
                     stream = %names.kept_stream(),
-                    "store.retain_delivered is off but the kept stream exists: it is no longer filled (the work stream stops republishing); delete it to free its space (nats stream rm)"
+                    "store.retain_delivered is off but the kept stream exists: it is no longer filled; delete it to free its space (nats stream rm)"
                 );
             }
             None
