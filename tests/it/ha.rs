@@ -213,7 +213,7 @@ impl Ha {
         assert_eq!(lost, 0);
         assert!(acked.len() >= cycles * 100, "only {} acknowledged", acked.len());
         if self.history {
-            history_agrees(&self.relays, &self.healthy, what, &acked).await;
+            history_agrees(&self, what, &acked).await;
         }
         drop(self.relays);
     }
@@ -279,9 +279,10 @@ async fn explain_missing(relays: &[Option<RelayProcess>], all: [(&str, &TestRece
 /// destinations (kept by `retain_delivered`). The history is written
 /// after each settle, and a write that failed is tried again later, so it
 /// may lag: waited for, a minute at most.
-async fn history_agrees(relays: &[Option<RelayProcess>], healthy: &TestReceiver, what: &str, acked: &HashSet<u64>) {
-    let Some(relay) = relays.iter().flatten().next() else { return };
-    let ids: std::collections::HashMap<u64, String> = healthy
+async fn history_agrees(ha: &Ha, what: &str, acked: &HashSet<u64>) {
+    let Some(relay) = ha.relays.iter().flatten().next() else { return };
+    let ids: std::collections::HashMap<u64, String> = ha
+        .healthy
         .received()
         .iter()
         .filter_map(|r| {
@@ -291,25 +292,58 @@ async fn history_agrees(relays: &[Option<RelayProcess>], healthy: &TestReceiver,
     let mut sample: Vec<u64> = acked.iter().copied().collect();
     sample.sort_unstable();
     let sample: Vec<u64> = sample.into_iter().step_by(23).take(500).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     for seq in &sample {
         let id = ids.get(seq).unwrap_or_else(|| panic!("{what}: callback {seq} has no id at the healthy destination"));
         let url = relay.admin_url(&format!("/api/messages/{id}"));
-        eventually!(Duration::from_secs(60), format!("{what}: the history of {id} says delivered everywhere"), {
+        loop {
             let (status, _, body) = get(&url).await;
-            let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-            let delivered = |name: &str| {
-                v["destinations"]
-                    .as_array()
-                    .is_some_and(|a| a.iter().any(|d| d["name"] == name && d["state"] == "delivered"))
-            };
-            if status == 200 && ["flaky", "healthy", "ordered"].into_iter().all(delivered) {
-                Ok(())
-            } else {
-                Err(format!("{status} {v}"))
+            if status == 200 && delivered_everywhere(&body) {
+                break;
             }
-        });
+            if tokio::time::Instant::now() >= deadline {
+                history_disagrees(ha, what, *seq, id).await;
+            }
+            tokio::time::sleep(crate::support::POLL).await;
+        }
     }
     println!("{what}: history and inspection agree for {} sampled callbacks", sample.len());
+}
+
+/// Whether an inspection (`GET /api/messages/{id}`) says delivered at the
+/// three destinations.
+fn delivered_everywhere(body: &[u8]) -> bool {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let delivered = |name: &str| {
+        v["destinations"].as_array().is_some_and(|a| a.iter().any(|d| d["name"] == name && d["state"] == "delivered"))
+    };
+    ["flaky", "healthy", "ordered"].into_iter().all(delivered)
+}
+
+/// Fails [`history_agrees`] for callback `seq` (message `id`), printing
+/// what each relay answers for it, where it arrived, what NATS says and
+/// the relays' warnings.
+async fn history_disagrees(ha: &Ha, what: &str, seq: u64, id: &str) -> ! {
+    for r in ha.relays.iter().flatten() {
+        let (status, _, body) = get(&r.admin_url(&format!("/api/messages/{id}"))).await;
+        println!("relay {}: GET /api/messages/{id}: {status} {}", r.ingress, String::from_utf8_lossy(&body));
+    }
+    for (name, r) in ha.destinations() {
+        let at: Vec<String> = r
+            .received()
+            .iter()
+            .filter(|x| x.header("x-switchboard-id").as_deref() == Some(id))
+            .map(|x| format!("{:?} ago", x.at.elapsed()))
+            .collect();
+        println!("{name} got {id}: {at:?}");
+    }
+    println!("{}", crate::nats::jet_state(&ha.servers, "ha").await);
+    for r in ha.relays.iter().flatten() {
+        for l in r.logs().lines().filter(|l| !l.contains("\"INFO\"") && !l.contains("\"DEBUG\"")) {
+            println!("relay {}: {l}", r.ingress);
+        }
+    }
+    panic!("{what}: the history of callback {seq} ({id}) does not say delivered everywhere within 60 s (above: what each relay says)");
 }
 
 /// Figures at the previous checkpoint.
