@@ -14,18 +14,25 @@
 //!
 //! **A write that fails** (NATS in trouble: a node killed, a partition) is
 //! queued, not dropped (it was dropped before, so a delivered callback's
-//! history could say pending for good): one task per relay tries the queue
-//! in order, one write at a time, waiting 0.25 s doubling to 8 s after a
+//! history could say pending for good): one task per relay tries the
+//! queue, one write at a time, waiting 0.25 s doubling to 8 s after a
 //! failure, so a relay adds at most one request per wait to a NATS that is
-//! struggling. Each write reads the key and replaces it only at the
-//! revision it read, so a late write never undoes a later one: an attempt
-//! already recorded is not added twice, and one older than the last
-//! recorded goes in its place in time without changing the state. The
-//! queue holds [`REDO_MAX`] writes; past that (a NATS outage of many
-//! minutes under load) writes are dropped and counted in the log; one
-//! that keeps failing for about ten minutes ([`REDO_TRIES`]) is given up
-//! and logged, so it cannot hold the rest. A relay
-//! stopped or killed with writes queued loses them (the history lags).
+//! struggling. A write that fails goes to the back of the queue: one that
+//! keeps failing (a kept copy the kept stream refuses, a key whose stream
+//! has no leader yet) does not hold the others, as it did up to
+//! 2026-12-03. Each write reads the key and replaces it only at the
+//! revision it read, so their order does not matter and a late write
+//! never undoes a later one: an attempt already recorded is not added
+//! twice, and one older than the last recorded goes in its place in time
+//! without changing the state. The queue holds [`REDO_MAX`] writes; past
+//! that (a NATS outage of many minutes under load) writes are dropped and
+//! counted in the log; one that fails [`REDO_TRIES`] times is given up and
+//! logged. A relay stopped or killed with writes queued loses them (the
+//! history lags).
+//!
+//! **Read from the leader**: a write's read and inspection's read go to
+//! the bucket stream's leader (`leader_read`), not to the replica that
+//! answers a direct get first (see there).
 //!
 //! **Inspection** reads the message from the work stream by its id (its
 //! sequence) and each destination's key: a message every destination is
@@ -38,6 +45,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use async_nats::jetstream::kv;
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use bytes::Bytes;
 use tokio::sync::Notify;
 
@@ -50,17 +59,73 @@ use crate::store::{
 /// Most history writes waiting to be tried again (see the module doc).
 pub(super) const REDO_MAX: usize = 20_000;
 
-/// How often the queue's head is tried again before it is given up (the
-/// waits reach 8 s: about ten minutes).
+/// How often a queued write is tried before it is given up (with one
+/// write failing alone, the waits reach 8 s: about ten minutes).
 const REDO_TRIES: u32 = 80;
 
-/// History writes that failed, tried again in order by one task.
+/// History writes that failed, tried again by one task.
 #[derive(Default)]
 pub(super) struct Redo {
-    queue: Mutex<VecDeque<Rewrite>>,
+    queue: Mutex<VecDeque<Queued>>,
+    /// The number the next queued write gets.
+    next: AtomicU64,
     wake: Notify,
     /// Writes dropped because the queue was full.
     dropped: AtomicU64,
+}
+
+/// A queued write, its number and how often it failed.
+struct Queued {
+    n: u64,
+    write: Rewrite,
+    tries: u32,
+}
+
+impl Redo {
+    /// Queues `w` (dropped and counted if the queue is full).
+    fn push(&self, w: Rewrite) {
+        let mut queue = lock(&self.queue);
+        if queue.len() >= REDO_MAX {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        queue.push_back(Queued { n, write: w, tries: 0 });
+        self.wake.notify_one();
+    }
+
+    /// The write to try next, and its number.
+    fn head(&self) -> Option<(u64, Rewrite)> {
+        lock(&self.queue).front().map(|q| (q.n, q.write.clone()))
+    }
+
+    /// Write `n` is made: out of the queue.
+    fn made(&self, n: u64) {
+        let mut queue = lock(&self.queue);
+        if let Some(at) = queue.iter().position(|q| q.n == n) {
+            queue.remove(at);
+        }
+    }
+
+    /// Write `n` failed: to the back of the queue, so one that keeps
+    /// failing does not hold the others (each write reads before it
+    /// replaces, so their order does not matter); given up (returned) at
+    /// its [`REDO_TRIES`]th failure.
+    fn failed(&self, n: u64) -> Option<Rewrite> {
+        let mut queue = lock(&self.queue);
+        let at = queue.iter().position(|q| q.n == n)?;
+        let mut q = queue.remove(at)?;
+        q.tries += 1;
+        if q.tries >= REDO_TRIES {
+            return Some(q.write);
+        }
+        queue.push_back(q);
+        None
+    }
+
+    fn len(&self) -> usize {
+        lock(&self.queue).len()
+    }
 }
 
 /// A write to try again.
@@ -115,6 +180,9 @@ fn merged(current: Option<Kept>, outcome: &Settle) -> Option<Kept> {
     record.history.drain(..extra);
     Some(record)
 }
+
+/// The header a KV delete or purge marker carries.
+const KV_OPERATION: &str = "KV-Operation";
 
 /// How long history keys are kept.
 pub(super) const HISTORY_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
@@ -177,6 +245,26 @@ fn key(dest: &str, id: u64) -> String {
     format!("{dest}.{id}")
 }
 
+/// `key`'s value and revision in `bucket`, as the bucket's stream leader
+/// has it (`None`: no such key). Not the bucket's own `get`: the bucket
+/// allows direct gets, which every replica answers, and NATS hands a
+/// request to a replica on the relay's own server first; a replica still
+/// catching up after a partition answers with what it has, so a relay
+/// read a delivery's history as it was before (pending, or no attempt),
+/// and its update at that revision failed for as long as the replica
+/// lagged. The leader answers what is stored.
+async fn leader_read(bucket: &kv::Store, key: &str) -> Result<Option<(Bytes, u64)>, String> {
+    let subject = format!("{}{key}", bucket.prefix);
+    match bucket.stream.get_last_raw_message_by_subject(&subject).await {
+        // A key this bucket never deletes; a delete or purge marker (an
+        // operator's) reads as no history.
+        Ok(m) if m.headers.get(KV_OPERATION).is_some() => Ok(None),
+        Ok(m) => Ok(Some((m.payload, m.sequence))),
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(format!("JetStream: reading a delivery's history: {e}")),
+    }
+}
+
 impl Jet {
     /// Records what `outcome` made of `dest`'s delivery of `id`, after the
     /// settle; a write that fails is queued for [`Jet::redo_history`] (see
@@ -194,14 +282,7 @@ impl Jet {
     /// Queues `w` for [`Jet::redo_history`] (dropped and counted if the
     /// queue is full).
     pub(super) fn redo_later(&self, w: Rewrite) {
-        let redo = &self.inner.redo;
-        let mut queue = lock(&redo.queue);
-        if queue.len() >= REDO_MAX {
-            redo.dropped.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        queue.push_back(w);
-        redo.wake.notify_one();
+        self.inner.redo.push(w);
     }
 
     /// One try of a queued write.
@@ -221,25 +302,26 @@ impl Jet {
         if first && ready.history.create(&k, Bytes::from(kept(outcome, Vec::new()).encode())).await.is_ok() {
             return Ok(());
         }
-        let entry = ready.history.entry(k.clone()).await.map_err(|e| e.to_string())?;
-        let current = entry.as_ref().and_then(|e| Kept::decode(&e.value).ok());
+        let entry = leader_read(&ready.history, &k).await?;
+        let current = entry.as_ref().and_then(|(value, _)| Kept::decode(value).ok());
         let Some(record) = merged(current, outcome) else { return Ok(()) };
         let value = Bytes::from(record.encode());
         match entry {
-            Some(e) => ready.history.update(&k, value, e.revision).await.map(|_| ()).map_err(|e| e.to_string()),
+            Some((_, revision)) => {
+                ready.history.update(&k, value, revision).await.map(|_| ()).map_err(|e| e.to_string())
+            }
             None => ready.history.create(&k, value).await.map(|_| ()).map_err(|e| e.to_string()),
         }
     }
 
-    /// Tries the queued history writes again, in order, one at a time,
-    /// until the relay stops (one task per relay; see the module doc).
+    /// Tries the queued history writes again, one at a time, a failed one
+    /// to the back of the queue, until the relay stops (one task per
+    /// relay; see the module doc).
     pub(super) async fn redo_history(&self) {
         let redo = &self.inner.redo;
         let mut wait = Duration::from_millis(250);
-        let mut tries = 0;
         loop {
-            let head = lock(&redo.queue).front().cloned();
-            let Some(w) = head else {
+            let Some((n, w)) = redo.head() else {
                 let dropped = redo.dropped.swap(0, Ordering::Relaxed);
                 if dropped > 0 {
                     tracing::warn!(dropped, "JetStream: history writes and kept copies dropped, the queue of writes to try again was full: those deliveries' history lags, those callbacks are not kept");
@@ -251,19 +333,15 @@ impl Jet {
             };
             match self.rewrite(&w).await {
                 Ok(()) => {
-                    lock(&redo.queue).pop_front();
+                    redo.made(n);
                     wait = Duration::from_millis(250);
-                    tries = 0;
                 }
-                // One that never succeeds (NATS refuses it for good) must
-                // not hold the rest: given up after about ten minutes.
-                Err(e) if tries >= REDO_TRIES => {
-                    tracing::warn!(error = %e, "JetStream: a history write or kept copy given up after {REDO_TRIES} tries");
-                    lock(&redo.queue).pop_front();
-                    tries = 0;
-                }
-                Err(_) => {
-                    tries += 1;
+                Err(e) => {
+                    // One that never succeeds (NATS refuses it for good)
+                    // is given up after about ten minutes.
+                    if redo.failed(n).is_some() {
+                        tracing::warn!(error = %e, "JetStream: a history write or kept copy given up after {REDO_TRIES} tries");
+                    }
                     tokio::select! {
                         _ = self.inner.stop.cancelled() => return,
                         // A pause before trying again, not a synchronisation.
@@ -280,19 +358,17 @@ impl Jet {
     /// (those deliveries' history lags).
     pub(super) async fn finish_history(&self, within: Duration) {
         let deadline = tokio::time::Instant::now() + within;
-        loop {
-            let head = lock(&self.inner.redo.queue).front().cloned();
-            let Some(w) = head else { return };
+        let redo = &self.inner.redo;
+        while let Some((n, w)) = redo.head() {
             let tried = tokio::time::timeout_at(deadline, self.rewrite(&w)).await;
             if !matches!(tried, Ok(Ok(()))) {
-                let left = lock(&self.inner.redo.queue).len();
                 tracing::warn!(
-                    left,
+                    left = redo.len(),
                     "JetStream: stopping with history writes or kept copies not made: those deliveries' history lags, those callbacks are not kept"
                 );
                 return;
             }
-            lock(&self.inner.redo.queue).pop_front();
+            redo.made(n);
         }
     }
 
@@ -304,13 +380,8 @@ impl Jet {
     /// What the history says of `dest`'s delivery of `id` (`None`: no
     /// attempt recorded yet).
     pub(super) async fn recorded(&self, dest: &str, id: u64) -> Result<Option<Recorded>, StoreError> {
-        let kept = self
-            .ready()?
-            .history
-            .get(key(dest, id))
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("JetStream: reading a delivery's history: {e}")))?;
-        Ok(kept.as_deref().and_then(|v| Kept::decode(v).ok()).map(|k| match k.state {
+        let kept = leader_read(&self.ready()?.history, &key(dest, id)).await.map_err(StoreError::Unavailable)?;
+        Ok(kept.and_then(|(v, _)| Kept::decode(&v).ok()).map(|k| match k.state {
             DELIVERED => Recorded::Delivered,
             DEAD => Recorded::Dead,
             _ => Recorded::Pending,
@@ -337,12 +408,8 @@ impl Jet {
         let record = MessageRecord::decode(raw.clone())?;
         let mut deliveries = Vec::new();
         for dest in record_destinations(&raw)? {
-            let kept = ready
-                .history
-                .get(key(&dest, id))
-                .await
-                .map_err(|e| StoreError::Unavailable(format!("JetStream: reading a delivery's history: {e}")))?;
-            let view = match kept.as_deref().map(Kept::decode) {
+            let kept = leader_read(&ready.history, &key(&dest, id)).await.map_err(StoreError::Unavailable)?;
+            let view = match kept.map(|(v, _)| Kept::decode(&v)) {
                 Some(Ok(k)) => k.view(dest),
                 // Not attempted yet: due since it was received.
                 _ => DeliveryView {
@@ -401,6 +468,53 @@ mod tests {
         let late = merged(Some(only_second), &retry(10)).expect("the missing attempt is added");
         assert_eq!(late.state, DELIVERED);
         assert_eq!(late.history.iter().map(|a| a.at_ms).collect::<Vec<_>>(), vec![10, 20]);
+    }
+
+    fn queued(id: u64) -> Rewrite {
+        Rewrite::History { dest: "d".into(), id, outcome: retry(id) }
+    }
+
+    fn id_of(w: &Rewrite) -> u64 {
+        match w {
+            Rewrite::History { id, .. } => *id,
+            Rewrite::Copy(c) => c.id,
+        }
+    }
+
+    #[test]
+    fn a_queued_write_that_keeps_failing_does_not_hold_the_others_and_is_given_up() {
+        let redo = Redo::default();
+        redo.push(queued(1));
+        redo.push(queued(2));
+        let (n1, w) = redo.head().expect("queued");
+        assert_eq!(id_of(&w), 1);
+        assert!(redo.failed(n1).is_none(), "tried again later");
+        // Write 2 is tried next and made; 1 is still there.
+        let (n2, w) = redo.head().expect("queued");
+        assert_eq!(id_of(&w), 2, "a failed write goes to the back");
+        redo.made(n2);
+        assert_eq!(redo.len(), 1);
+        for _ in 1..REDO_TRIES - 1 {
+            assert!(redo.failed(n1).is_none());
+        }
+        let given_up = redo.failed(n1).expect("given up at its last try");
+        assert_eq!(id_of(&given_up), 1);
+        assert!(redo.head().is_none());
+    }
+
+    #[test]
+    fn a_write_made_or_failed_is_found_by_its_number_wherever_it_is() {
+        let redo = Redo::default();
+        for id in 1..=3 {
+            redo.push(queued(id));
+        }
+        let (n1, _) = redo.head().expect("queued");
+        // A write made while it is not at the front (a stop's last try
+        // and the task's, at once) takes out that write, not the front.
+        redo.made(n1 + 1);
+        let left: Vec<u64> = lock(&redo.queue).iter().map(|q| id_of(&q.write)).collect();
+        assert_eq!(left, vec![1, 3]);
+        assert!(redo.failed(n1 + 1).is_none(), "already out: nothing to do");
     }
 
     #[test]
