@@ -292,10 +292,10 @@ async fn history_agrees(ha: &Ha, what: &str, acked: &HashSet<u64>) {
     let mut sample: Vec<u64> = acked.iter().copied().collect();
     sample.sort_unstable();
     let sample: Vec<u64> = sample.into_iter().step_by(23).take(500).collect();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     for seq in &sample {
         let id = ids.get(seq).unwrap_or_else(|| panic!("{what}: callback {seq} has no id at the healthy destination"));
         let url = relay.admin_url(&format!("/api/messages/{id}"));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             let (status, _, body) = get(&url).await;
             if status == 200 && delivered_everywhere(&body) {
