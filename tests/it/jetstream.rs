@@ -726,3 +726,64 @@ async fn a_new_destination_starts_at_the_streams_next_sequence() {
     );
     assert_eq!(b.count(), 1, "b got only what arrived after it was added");
 }
+
+/// Delivery history is read from the bucket stream's leader, not by
+/// direct get: every replica answers a direct get (and so does a mirror
+/// with `mirror_direct`), and one that lags behind answers an older state
+/// (the CI failure of 2026-12-03: a delivered callback whose history
+/// showed no attempt). Here a mirror of the history bucket whose copies
+/// have expired stands for a replica without the key: NATS hands it about
+/// half the direct gets, and it answers "no such key", so 40 inspections
+/// in a row by direct get would each have about one chance in two of
+/// showing "pending, no attempt".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_is_read_from_the_leader_not_from_a_replica_that_lags() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats = NatsNode::single(dir.path());
+    let r = TestReceiver::ok().await;
+    // Kept after delivery, so the callback stays inspectable.
+    let toml = jet_config(&[nats.url()], "lag", 1, &[("app", &r.url("/a"), "")])
+        .replace("[store]\n", "[store]\nretain_delivered = \"1h\"\n");
+    let relay = TestRelay::start(&toml).await;
+    let id = acked_id(&post(&relay.url("/in"), "application/json", "{\"n\":1}").await.2);
+    r.wait_for(1, WAIT).await;
+    let url = relay.admin_url(&format!("/api/messages/{id}"));
+    let delivered = |s: u16, b: &[u8]| {
+        let v: serde_json::Value = serde_json::from_slice(b).unwrap_or_default();
+        (s == 200 && v["destinations"][0]["state"] == "delivered", format!("{s} {v}"))
+    };
+    eventually!(WAIT, "the delivery's history says delivered", {
+        let (s, _, b) = get(&url).await;
+        match delivered(s, &b) {
+            (true, _) => Ok(()),
+            (false, seen) => Err(seen),
+        }
+    });
+
+    // The replica without the key: a mirror of the bucket's stream that
+    // answers its direct gets, once its copies have expired.
+    use async_nats::jetstream::stream;
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("connect"));
+    let mut mirror = js
+        .create_stream(stream::Config {
+            name: "lag-history-behind".into(),
+            mirror: Some(stream::Source { name: "KV_lag-history".into(), ..Default::default() }),
+            mirror_direct: true,
+            max_age: std::time::Duration::from_secs(1),
+            ..Default::default()
+        })
+        .await
+        .expect("a mirror of the history bucket");
+    eventually!(WAIT, "the mirror copied the history, then let it expire", {
+        match mirror.info().await.map(|i| i.state.clone()) {
+            Ok(state) if state.last_sequence >= 1 && state.messages == 0 => Ok(()),
+            Ok(state) => Err(format!("{state:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    });
+    for n in 0..40 {
+        let (s, _, b) = get(&url).await;
+        let (ok, seen) = delivered(s, &b);
+        assert!(ok, "inspection {n} read another state than the leader's: {seen}");
+    }
+}
