@@ -208,6 +208,14 @@ fn report(name: &str, f: &Figures) {
     );
 }
 
+/// Records run 9's figures for `setup` (for `--baseline`'s table).
+fn record(s: &Settings, setup: &str, f: &Figures) {
+    use crate::baseline::Better::*;
+    s.figure(&format!("9 {setup}: ingest req/s"), f.ingest.rps(), Higher);
+    s.figure(&format!("9 {setup}: fan-out deliveries/s"), f.deliveries, Higher);
+    s.figure(&format!("9 {setup}: relay CPU us/request"), f.relay_cpu_us, Lower);
+}
+
 /// Run 9s: the JetStream store with `[store.encryption]` against the same
 /// setup without it (issue 25: at most 15 % less durable ingest and
 /// fan-out), R1 with one relay and R3 with one to three, each pair alternating which goes
@@ -331,6 +339,7 @@ pub(crate) async fn jetstream(s: &Settings, dir: &Path, epoch: Instant) -> AnyRe
     let local = format!("[store]\npath = \"{}\"\nmin_free_bytes = 0\n", dir.join("local-store").display());
     let f = measure(s, &dir.join("local"), 1, &local, "", &[], epoch).await?;
     report("9. local store, 1 relay", &f);
+    record(s, "local", &f);
     let jet = |servers: &[Node], replicas: usize| {
         let list: Vec<String> = servers.iter().map(|n| format!("\"nats://127.0.0.1:{}\"", n.port)).collect();
         format!(
@@ -345,12 +354,14 @@ pub(crate) async fn jetstream(s: &Settings, dir: &Path, epoch: Instant) -> AnyRe
         let one = nodes(&bin, &dir.join(format!("r1-{}", sync.len())), 1, sync)?;
         let f = measure(s, &dir.join(format!("r1-run-{}", sync.len())), 1, &jet(&one, 1), "", &one, epoch).await?;
         report(&format!("9. JetStream R1, 1 node, {name}"), &f);
+        record(s, &format!("R1 {name}"), &f);
     }
     for n in 1..=3 {
         // A fresh cluster per relay count: each measures an empty stream.
         let three = nodes(&bin, &dir.join(format!("r3-{n}")), 3, "")?;
         let f = measure(s, &dir.join(format!("r3-{n}-run")), n, &jet(&three, 3), "", &three, epoch).await?;
         report(&format!("9. JetStream R3, 3 nodes, {n} relay{}", if n > 1 { "s" } else { "" }), &f);
+        record(s, &format!("R3 x{n}"), &f);
     }
     Ok(())
 }
